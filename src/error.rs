@@ -1,0 +1,304 @@
+//! One error type for everything the gateway itself answers, and its mapping
+//! to a status and OpenAI's error JSON:
+//! `{"error":{"message","type","param","code","metadata"?}}`.
+//!
+//! An error also says where the fault came from ([`Origin`]), which the
+//! proxy uses to decide whether another upstream may be tried and the
+//! metrics use to count rejections by reason.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::Body;
+
+/// Where a fault came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The client sent something we refuse (bad key, bad JSON, over a limit).
+    Client,
+    /// The upstream failed or could not be reached.
+    Upstream,
+    /// Tollgate itself failed (store error, a bug).
+    Internal,
+}
+
+/// An error answered to a client in OpenAI's shape.
+#[derive(Clone, Debug)]
+pub struct ApiError {
+    /// HTTP status of the answer.
+    pub status: StatusCode,
+    /// OpenAI's `type` (`invalid_request_error`, `permission_error`, …).
+    pub kind: &'static str,
+    /// OpenAI's machine-readable `code` (`invalid_api_key`, …).
+    pub code: &'static str,
+    /// Human-readable explanation; never contains a key.
+    pub message: Cow<'static, str>,
+    /// The request field at fault, when there is one.
+    pub param: Option<Cow<'static, str>>,
+    /// Extra facts for the client (`limit_source`, an existing key's hash).
+    pub metadata: Option<Value>,
+    /// Seconds after which a retry may succeed (429, 503).
+    pub retry_after: Option<u64>,
+    /// Extra headers (rate-limit headers) to send with the error.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Who is at fault.
+    pub origin: Origin,
+}
+
+impl ApiError {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> ApiError {
+        let origin = if status.is_server_error() {
+            Origin::Internal
+        } else {
+            Origin::Client
+        };
+        ApiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            param: None,
+            metadata: None,
+            retry_after: None,
+            headers: Vec::new(),
+            origin,
+        }
+    }
+
+    pub fn with_param(mut self, param: impl Into<Cow<'static, str>>) -> ApiError {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn with_metadata(mut self, metadata: Value) -> ApiError {
+        self.metadata = Some(metadata);
+        self
+    }
+
+    pub fn with_retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds.max(1));
+        self
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn with_origin(mut self, origin: Origin) -> ApiError {
+        self.origin = origin;
+        self
+    }
+
+    // ---- the errors of DESIGN.md's table ----
+
+    pub fn invalid_api_key(message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            message,
+        )
+    }
+
+    pub fn permission(code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "permission_error", code, message)
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
+    }
+
+    pub fn invalid_json(message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::bad_request("invalid_json", message)
+    }
+
+    pub fn model_not_found(model: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "The model `{}` does not exist or you do not have access to it.",
+                truncate(model, 128)
+            ),
+        )
+        .with_param("model")
+    }
+
+    pub fn not_found(message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            message,
+        )
+    }
+
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            "This method is not allowed on this path.",
+        )
+    }
+
+    pub fn body_too_large(max: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            format!("The request body is larger than the maximum of {max} bytes."),
+        )
+    }
+
+    pub fn insufficient_quota(
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+        limit_source: &str,
+    ) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            code,
+            message,
+        )
+        .with_metadata(json!({ "limit_source": limit_source }))
+    }
+
+    pub fn rate_limited(message: impl Into<Cow<'static, str>>, retry_after_secs: u64) -> ApiError {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "rate_limit_exceeded",
+            message,
+        )
+        .with_retry_after(retry_after_secs)
+    }
+
+    pub fn conflict(code: &'static str, message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "invalid_request_error", code, message)
+    }
+
+    pub fn upstream(status: StatusCode, message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(status, "upstream_error", "upstream_error", message)
+            .with_origin(Origin::Upstream)
+    }
+
+    pub fn internal(message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            message,
+        )
+        .with_origin(Origin::Internal)
+    }
+
+    pub fn unavailable(message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "unavailable",
+            message,
+        )
+    }
+
+    /// The JSON body, as bytes.
+    pub fn to_json(&self) -> Bytes {
+        let mut error = json!({
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        });
+        if let Some(m) = &self.metadata {
+            error["metadata"] = m.clone();
+        }
+        Bytes::from(
+            serde_json::to_vec(&json!({ "error": error })).expect("a Value always serializes"),
+        )
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let body = self.to_json();
+        let mut res = Response::new(crate::full_body(body));
+        *res.status_mut() = self.status;
+        let h = res.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = self.retry_after {
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        for (name, value) in self.headers {
+            h.append(name, value);
+        }
+        res
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// Cuts client-controlled text echoed in messages to a sane length, on a
+/// character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_shape() {
+        let e = ApiError::insufficient_quota("insufficient_quota", "no credit", "key");
+        let v: Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v["error"]["type"], "insufficient_quota");
+        assert_eq!(v["error"]["code"], "insufficient_quota");
+        assert_eq!(v["error"]["message"], "no credit");
+        assert_eq!(v["error"]["param"], Value::Null);
+        assert_eq!(v["error"]["metadata"]["limit_source"], "key");
+        let r = ApiError::rate_limited("slow down", 0).into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn truncates_on_char_boundary() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}
