@@ -59,6 +59,81 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
+/// How often what counts against a key's limit starts again from zero (UTC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Daily,
+    Weekly,
+    Monthly,
+}
+
+impl Period {
+    /// The number of the period that contains `at_ms`: days since the epoch,
+    /// ISO weeks (starting Monday) since the epoch, or `year * 12 + month0`.
+    /// Two instants are in the same period exactly when their ids are equal.
+    pub fn id(self, at_ms: i64) -> i64 {
+        let day = at_ms.div_euclid(DAY_MS);
+        match self {
+            Period::Daily => day,
+            // 1970-01-01 was a Thursday: shift so that weeks start on Monday.
+            Period::Weekly => (day + 3).div_euclid(7),
+            Period::Monthly => {
+                let (y, m, _) = civil_from_days(day);
+                y * 12 + (m as i64 - 1)
+            }
+        }
+    }
+
+    /// Unix ms at which the period after the one containing `at_ms` starts.
+    pub fn next_start_ms(self, at_ms: i64) -> i64 {
+        let day = at_ms.div_euclid(DAY_MS);
+        match self {
+            Period::Daily => (day + 1) * DAY_MS,
+            Period::Weekly => ((day + 3).div_euclid(7) * 7 - 3 + 7) * DAY_MS,
+            Period::Monthly => {
+                let (y, m, _) = civil_from_days(day);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                days_from_civil(ny, nm, 1) * DAY_MS
+            }
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+        }
+    }
+}
+
+/// (year, month 1–12, day 1–31) of a day number since 1970-01-01
+/// (Howard Hinnant's civil-from-days).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Day number since 1970-01-01 of a civil date.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = m as i64;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +156,33 @@ mod tests {
             Some(1_795_392_000_000)
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn periods() {
+        // 2026-11-23 is a Monday.
+        let monday = parse_rfc3339("2026-11-23T00:00:00Z").unwrap();
+        let sunday_late = parse_rfc3339("2026-11-22T23:59:59Z").unwrap();
+        assert_ne!(Period::Weekly.id(monday), Period::Weekly.id(sunday_late));
+        assert_eq!(
+            Period::Weekly.id(monday),
+            Period::Weekly.id(monday + 6 * DAY_MS + 1)
+        );
+        assert_eq!(Period::Weekly.next_start_ms(sunday_late), monday);
+        assert_eq!(Period::Weekly.next_start_ms(monday), monday + 7 * DAY_MS);
+        assert_eq!(Period::Daily.next_start_ms(sunday_late), monday);
+        let nov30 = parse_rfc3339("2026-11-30T12:00:00Z").unwrap();
+        let dec1 = parse_rfc3339("2026-12-01T00:00:00Z").unwrap();
+        assert_eq!(Period::Monthly.id(nov30) + 1, Period::Monthly.id(dec1));
+        assert_eq!(Period::Monthly.next_start_ms(nov30), dec1);
+        let dec31 = parse_rfc3339("2026-12-31T23:00:00Z").unwrap();
+        assert_eq!(
+            Period::Monthly.next_start_ms(dec31),
+            parse_rfc3339("2027-01-01T00:00:00Z").unwrap()
+        );
+        for day in [-1000, 0, 59, 60, 20_000, 20_779] {
+            let (y, m, d) = civil_from_days(day);
+            assert_eq!(days_from_civil(y, m, d), day);
+        }
     }
 }
