@@ -11,9 +11,11 @@
 //! - [`money`]: `Pico` (i64 picoUSD) and exact decimal parsing/formatting.
 //! - [`error`]: the one error type, mapped to status and OpenAI error JSON.
 //! - [`clock`]: Unix time with a test offset.
+//! - [`config`]: `config.toml` schema, defaults, validation.
 #![forbid(unsafe_code)]
 
 pub mod clock;
+pub mod config;
 pub mod error;
 pub mod money;
 

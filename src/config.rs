@@ -1,0 +1,839 @@
+//! `config.toml`: the schema, its defaults, and its validation.
+//!
+//! The file is parsed once into typed values; nothing reads raw config
+//! later. Unknown keys and bad values are errors that name the key and the
+//! line (toml's own errors carry the span; our cross-field checks find the
+//! line of the table or key they are about).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::clock::Period;
+use crate::money::Pico;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub billing: BillingConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub cors: CorsConfig,
+    /// Where requests go; a request's model picks the group.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// The models served and their prices (USD per 1M tokens).
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Prices of routes that carry no tokens (`/v1/images/generations`, …).
+    #[serde(default)]
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// Templates for new keys.
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the gateway listens on.
+    pub listen: SocketAddr,
+    /// PEM files to terminate TLS with; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+    /// Larger request bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line and headers) accepted.
+    pub max_header_bytes: usize,
+    /// Connections beyond this are closed at accept.
+    pub max_connections: usize,
+    /// A client that has not sent its whole request head by then is cut off.
+    pub header_read_timeout: Dur,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout: Dur,
+    /// On SIGINT/SIGTERM, in-flight requests get this long to finish.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".parse().expect("a valid address literal"),
+            tls: None,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            header_read_timeout: Dur::secs(10),
+            idle_timeout: Dur::secs(120),
+            shutdown_grace: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeMode {
+    /// One thread per worker, each with its own `current_thread` runtime,
+    /// `SO_REUSEPORT` listener and upstream pool.
+    PerCore,
+    /// One multi-thread runtime shared by all connections.
+    Shared,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    pub mode: RuntimeMode,
+    /// Worker threads; 0 = one per core.
+    pub workers: usize,
+    /// Pin worker `i` to core `i` (per-core mode).
+    pub pin_cores: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            mode: RuntimeMode::PerCore,
+            workers: 0,
+            pin_cores: false,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Workers actually started.
+    pub fn worker_count(&self) -> usize {
+        if self.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.workers
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory of the embedded database (created if missing).
+    pub path: PathBuf,
+    /// Usage and counters are durable at most this many ms after a request
+    /// ends: what a crash can lose.
+    pub flush_ms: u64,
+    /// Usage records older than this are pruned (rollups stay); 0 = keep.
+    pub usage_retention_days: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("./data"),
+            flush_ms: 50,
+            usage_retention_days: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Env var holding the admin token; when unset, a token is generated on
+    /// first start and saved under `storage.path` (mode 0600).
+    pub token_env: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token_env: "TOLLGATE_ADMIN_TOKEN".to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Upstreams tried for one request (first try included), only while no
+    /// byte has reached the client.
+    pub max_attempts: u32,
+    /// Consecutive failures after which an upstream is skipped…
+    pub failure_threshold: u32,
+    /// …for this long.
+    pub cooldown: Dur,
+    /// Default TCP (+TLS) connect timeout per upstream.
+    pub connect_timeout: Dur,
+    /// Default time to wait for the upstream's response head.
+    pub first_byte_timeout: Dur,
+    /// Idle pooled upstream connections are closed after this.
+    pub pool_idle_timeout: Dur,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            max_attempts: 3,
+            failure_threshold: 3,
+            cooldown: Dur::secs(30),
+            connect_timeout: Dur::secs(5),
+            first_byte_timeout: Dur::secs(120),
+            pool_idle_timeout: Dur::secs(90),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnInsufficient {
+    /// Lower `max_tokens` to what the key can still pay for (≥ 1 token).
+    Cap,
+    /// Refuse with 402.
+    Reject,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnClientDisconnect {
+    /// Drop the upstream request at once; charge what was delivered.
+    Cancel,
+    /// Keep reading the upstream (bounded by `drain_timeout`) for exact usage.
+    Drain,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    pub on_insufficient: OnInsufficient,
+    pub on_client_disconnect: OnClientDisconnect,
+    pub drain_timeout: Dur,
+    /// A model served by an upstream but absent from `[models]` is refused
+    /// (404) unless this names the `[models]` entry whose price applies.
+    pub default_price: Option<String>,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            on_insufficient: OnInsufficient::Cap,
+            on_client_disconnect: OnClientDisconnect::Cancel,
+            drain_timeout: Dur::secs(30),
+            default_price: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Unknown-key attempts per minute from one IP before 429 (brute force).
+    pub unknown_key_per_minute: u32,
+    /// Failed admin-token attempts per minute from one IP before 429.
+    pub admin_failures_per_minute: u32,
+    /// How often the sweeper marks expired keys and prunes limiter state.
+    pub sweep_interval: Dur,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            unknown_key_per_minute: 60,
+            admin_failures_per_minute: 10,
+            sweep_interval: Dur::secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Imported keys must start with this…
+    pub import_prefix: String,
+    /// …followed by exactly this many characters of `[0-9A-Za-z]`.
+    pub import_length: usize,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            import_prefix: "sk-".to_owned(),
+            import_length: 48,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to call the consumption API from a browser; `*` = any.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Name shown in usage records and metrics.
+    pub name: String,
+    /// e.g. `https://api.openai.com/v1`; absent for `mock = true`.
+    pub base_url: Option<String>,
+    /// Env var holding this upstream's API key (sent as `Authorization: Bearer`).
+    pub api_key_env: Option<String>,
+    /// Glob patterns of the models this upstream serves.
+    #[serde(default = "all_models")]
+    pub models: Vec<String>,
+    /// Share of requests among healthy upstreams of the same group.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Serve this upstream with the built-in mock, started in-process.
+    #[serde(default)]
+    pub mock: bool,
+    /// Extra root CA (PEM) trusted for this upstream, besides webpki roots.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Option<Dur>,
+    pub first_byte_timeout: Option<Dur>,
+}
+
+fn all_models() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// USD per 1M prompt tokens.
+    pub input: Pico,
+    /// USD per 1M cached prompt tokens (defaults to `input`).
+    pub cached_input: Option<Pico>,
+    /// USD per 1M completion tokens (reasoning included).
+    pub output: Pico,
+    /// USD per request, on top of tokens.
+    #[serde(default)]
+    pub request: Pico,
+    /// Completion bound used for reservation (and injected as `max_tokens`
+    /// when the client sends none).
+    #[serde(default = "default_max_output")]
+    pub max_output_tokens: u64,
+}
+
+fn default_max_output() -> u64 {
+    4096
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Flat USD per request on this route.
+    #[serde(default)]
+    pub request: Pico,
+    /// Charge nothing on this route.
+    #[serde(default)]
+    pub free: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    pub limit: Option<Pico>,
+    pub limit_reset: Option<Period>,
+    pub expires_in: Option<Dur>,
+    pub max_requests: Option<u64>,
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub concurrency: Option<u32>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub allowed_ips: Vec<IpNet>,
+    pub max_devices: Option<u32>,
+    pub daily_fee: Option<Pico>,
+    /// At most one active key of this plan per owner.
+    #[serde(default)]
+    pub one_per_owner: bool,
+}
+
+/// A duration written as text: `500ms`, `10s`, `5m`, `2h`, `7d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+
+    pub fn parse(text: &str) -> Result<Dur, String> {
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (num, unit) = text.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration {text:?}: expected e.g. \"500ms\", \"10s\", \"5m\", \"2h\", \"7d\""))?;
+        let ms = match unit {
+            "ms" => Some(n),
+            "s" => n.checked_mul(1_000),
+            "m" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            "d" => n.checked_mul(86_400_000),
+            _ => {
+                return Err(format!(
+                    "invalid duration {text:?}: the unit must be one of ms, s, m, h, d"
+                ));
+            }
+        };
+        // Ten years is far beyond any sensible timeout or expiry.
+        match ms {
+            Some(ms) if ms <= 10 * 366 * 86_400_000 => Ok(Dur(Duration::from_millis(ms))),
+            _ => Err(format!("duration {text:?} is too long (at most ten years)")),
+        }
+    }
+
+    pub fn as_millis(self) -> u64 {
+        self.0.as_millis() as u64
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.as_millis();
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ] {
+            if ms != 0 && ms % size == 0 {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Dur::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A configuration that could not be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        };
+        let config: Config =
+            toml::from_str(text).map_err(|e| invalid(e.to_string().trim_end().to_owned()))?;
+        config.validate(text).map_err(invalid)?;
+        Ok(config)
+    }
+
+    fn validate(&self, text: &str) -> Result<(), String> {
+        let at = |needle: &str| match line_of(text, needle) {
+            Some(line) => format!(" (line {line})"),
+            None => String::new(),
+        };
+        if self.server.max_body_bytes == 0 {
+            return Err(format!(
+                "server.max_body_bytes must be at least 1{}",
+                at("max_body_bytes")
+            ));
+        }
+        if self.server.max_header_bytes < 1024 {
+            return Err(format!(
+                "server.max_header_bytes must be at least 1024{}",
+                at("max_header_bytes")
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(format!(
+                "server.max_connections must be at least 1{}",
+                at("max_connections")
+            ));
+        }
+        if self.runtime.workers > 1024 {
+            return Err(format!(
+                "runtime.workers must be at most 1024{}",
+                at("workers")
+            ));
+        }
+        if !(1..=10_000).contains(&self.storage.flush_ms) {
+            return Err(format!(
+                "storage.flush_ms must be between 1 and 10000{}",
+                at("flush_ms")
+            ));
+        }
+        if self.admin.token_env.is_empty() {
+            return Err(format!(
+                "admin.token_env must name an environment variable{}",
+                at("token_env")
+            ));
+        }
+        if self.proxy.max_attempts == 0 || self.proxy.max_attempts > 10 {
+            return Err(format!(
+                "proxy.max_attempts must be between 1 and 10{}",
+                at("max_attempts")
+            ));
+        }
+        if self.proxy.failure_threshold == 0 {
+            return Err(format!(
+                "proxy.failure_threshold must be at least 1{}",
+                at("failure_threshold")
+            ));
+        }
+        if self.keys.import_length == 0 || self.keys.import_length > 256 {
+            return Err(format!(
+                "keys.import_length must be between 1 and 256{}",
+                at("import_length")
+            ));
+        }
+        if self.upstreams.is_empty() {
+            return Err("at least one [[upstreams]] entry is required".to_owned());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let here = at(&format!("\"{}\"", up.name));
+            if up.name.is_empty() {
+                return Err(format!("upstreams[{i}].name must not be empty"));
+            }
+            if !names.insert(up.name.as_str()) {
+                return Err(format!(
+                    "upstreams[{i}].name {:?} is used twice{here}",
+                    up.name
+                ));
+            }
+            if up.weight == 0 {
+                return Err(format!("upstreams[{i}].weight must be at least 1{here}"));
+            }
+            match (&up.base_url, up.mock) {
+                (Some(_), true) => {
+                    return Err(format!(
+                        "upstreams[{i}] ({}): give base_url or mock = true, not both{here}",
+                        up.name
+                    ));
+                }
+                (None, false) => {
+                    return Err(format!(
+                        "upstreams[{i}] ({}): base_url is required{here}",
+                        up.name
+                    ));
+                }
+                (Some(url), false) => {
+                    let uri: http::Uri = url.parse().map_err(|_| {
+                        format!("upstreams[{i}].base_url {url:?} is not a URL{here}")
+                    })?;
+                    if !matches!(uri.scheme_str(), Some("http") | Some("https"))
+                        || uri.host().is_none()
+                    {
+                        return Err(format!(
+                            "upstreams[{i}].base_url {url:?} must be an http:// or https:// URL{here}"
+                        ));
+                    }
+                }
+                (None, true) => {}
+            }
+            for pattern in &up.models {
+                globset::Glob::new(pattern).map_err(|e| {
+                    format!("upstreams[{i}].models: bad pattern {pattern:?}: {e}{here}")
+                })?;
+            }
+            if let Some(env) = &up.api_key_env
+                && env.is_empty()
+            {
+                return Err(format!(
+                    "upstreams[{i}].api_key_env must not be empty{here}"
+                ));
+            }
+        }
+        for (name, model) in &self.models {
+            let here =
+                at(&format!("[models.\"{name}\"]")).to_string() + &at(&format!("[models.{name}]"));
+            for (field, price) in [
+                ("input", Some(model.input)),
+                ("output", Some(model.output)),
+                ("cached_input", model.cached_input),
+                ("request", Some(model.request)),
+            ] {
+                if let Some(p) = price
+                    && p.0 < 0
+                {
+                    return Err(format!(
+                        "models.\"{name}\".{field} must not be negative{here}"
+                    ));
+                }
+            }
+            if model.max_output_tokens == 0 {
+                return Err(format!(
+                    "models.\"{name}\".max_output_tokens must be at least 1{here}"
+                ));
+            }
+            if !self.upstreams.iter().any(|u| glob_matches(&u.models, name)) {
+                return Err(format!(
+                    "models.\"{name}\": no upstream serves this model (check the upstreams' `models` patterns){here}"
+                ));
+            }
+        }
+        if let Some(default) = &self.billing.default_price
+            && !self.models.contains_key(default)
+        {
+            return Err(format!(
+                "billing.default_price {default:?} is not a [models] entry{}",
+                at("default_price")
+            ));
+        }
+        for (route, rule) in &self.routes {
+            if !route.starts_with("/v1/") {
+                return Err(format!(
+                    "routes.\"{route}\": a route must start with /v1/{}",
+                    at(route)
+                ));
+            }
+            if rule.request.0 < 0 {
+                return Err(format!(
+                    "routes.\"{route}\".request must not be negative{}",
+                    at(route)
+                ));
+            }
+        }
+        for (name, plan) in &self.plans {
+            let here = at(&format!("[plans.{name}]"));
+            for (field, amount) in [("limit", plan.limit), ("daily_fee", plan.daily_fee)] {
+                if let Some(a) = amount
+                    && a.0 < 0
+                {
+                    return Err(format!("plans.{name}.{field} must not be negative{here}"));
+                }
+            }
+            for pattern in &plan.models {
+                globset::Glob::new(pattern).map_err(|e| {
+                    format!("plans.{name}.models: bad pattern {pattern:?}: {e}{here}")
+                })?;
+            }
+            if plan.concurrency == Some(0) || plan.rpm == Some(0) || plan.tpm == Some(0) {
+                return Err(format!(
+                    "plans.{name}: rpm, tpm and concurrency must be at least 1 when set{here}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The resolved configuration as JSON, with every secret masked: what
+    /// `tollgate check-config` prints.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("config always serializes");
+        if let Some(ups) = v["upstreams"].as_array_mut() {
+            for (up, cfg) in ups.iter_mut().zip(&self.upstreams) {
+                let state = match &cfg.api_key_env {
+                    None => "none".to_owned(),
+                    Some(env) => match std::env::var(env) {
+                        Ok(k) if !k.is_empty() => format!("set ({})", mask(&k)),
+                        _ => format!("{env} is not set"),
+                    },
+                };
+                up["api_key"] = serde_json::Value::String(state);
+            }
+        }
+        let admin = match std::env::var(&self.admin.token_env) {
+            Ok(t) if !t.is_empty() => format!("from {} ({})", self.admin.token_env, mask(&t)),
+            _ => format!(
+                "{} is not set: generated on first start under storage.path",
+                self.admin.token_env
+            ),
+        };
+        v["admin"]["token"] = serde_json::Value::String(admin);
+        v
+    }
+}
+
+/// True when any of the glob patterns matches `name`.
+pub fn glob_matches(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| {
+        globset::Glob::new(p)
+            .map(|g| g.compile_matcher().is_match(name))
+            .unwrap_or(false)
+    })
+}
+
+/// Shows a secret's first and last few characters only.
+pub fn mask(secret: &str) -> String {
+    let chars: Vec<char> = secret.chars().collect();
+    if chars.len() <= 10 {
+        return "…".to_owned();
+    }
+    let head: String = chars[..6].iter().collect();
+    let tail: String = chars[chars.len() - 3..].iter().collect();
+    format!("{head}…{tail}")
+}
+
+/// 1-based line of the first occurrence of `needle` in `text`.
+fn line_of(text: &str, needle: &str) -> Option<usize> {
+    let at = text.find(needle)?;
+    Some(text[..at].matches('\n').count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[upstreams]]
+name = "mock"
+mock = true
+
+[models."demo-chat"]
+input = "0.15"
+output = "0.60"
+"#;
+
+    #[test]
+    fn defaults_fill_what_is_missing() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.server.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.runtime.mode, RuntimeMode::PerCore);
+        assert_eq!(c.storage.flush_ms, 50);
+        assert_eq!(c.models["demo-chat"].input, Pico(150_000_000_000));
+        assert_eq!(c.upstreams[0].models, vec!["*"]);
+        assert_eq!(c.billing.on_insufficient, OnInsufficient::Cap);
+    }
+
+    #[test]
+    fn the_committed_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+        let c = Config::load(Path::new(path)).unwrap();
+        let trial = &c.plans["trial"];
+        assert_eq!(trial.limit, Some(Pico::parse_usd("0.0001").unwrap()));
+        assert_eq!(trial.max_requests, Some(50));
+        assert_eq!(trial.expires_in, Some(Dur::secs(7 * 86_400)));
+        assert!(trial.one_per_owner);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let e = Config::parse(
+            &format!("{MINIMAL}\n[server]\nlisten = \"nowhere\"\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listen") && e.contains("line 11"), "{e}");
+        let e = Config::parse(
+            &format!("{MINIMAL}\n[server]\nlisen = \"127.0.0.1:1\"\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field") && e.contains("lisen"), "{e}");
+        let e = Config::parse(&MINIMAL.replace("\"0.15\"", "0.15"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("decimal string") && e.contains("line 7"), "{e}");
+        let e = Config::parse(
+            &MINIMAL.replace("\"0.15\"", "\"0.0000000000001\""),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("precision"), "{e}");
+        let e = Config::parse(
+            &format!("{MINIMAL}\n[proxy]\ncooldown = \"3 weeks\"\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cooldown"), "{e}");
+        let bad_model = MINIMAL.replace("mock = true", "mock = true\nmodels = [\"gpt-*\"]");
+        let e = Config::parse(&bad_model, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("no upstream serves") && e.contains("line 7"),
+            "{e}"
+        );
+        let e = Config::parse(&format!("{MINIMAL}\n[plans.x]\nlimit = \"-1\"\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plans.x.limit") && e.contains("negative"), "{e}");
+        let e = Config::parse(
+            &MINIMAL.replace("mock = true", "base_url = \"ftp://x\""),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("http:// or https://"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(Dur::parse("500ms"), Ok(Dur(Duration::from_millis(500))));
+        assert_eq!(Dur::parse("7d"), Ok(Dur::secs(7 * 86_400)));
+        assert_eq!(Dur::secs(90).to_string(), "90s");
+        assert_eq!(Dur::secs(7 * 86_400).to_string(), "7d");
+        for bad in ["", "s", "10", "10y", "-1s", "1.5s", "99999999999d"] {
+            assert!(Dur::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(mask("sk-abcdefghijklmnop"), "sk-abc…nop");
+        assert_eq!(mask("short"), "…");
+    }
+}
