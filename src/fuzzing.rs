@@ -1,0 +1,144 @@
+//! Properties that must hold for any input, shared by the cargo-fuzz
+//! targets in `fuzz/` and by `tests/fuzz_corpus.rs` (which replays the
+//! committed corpus on every `cargo test`). Each function panics when its
+//! property breaks.
+
+use bytes::Bytes;
+
+use crate::meter::{self, Framing, Meter, Rewrite, Route};
+use crate::money::Pico;
+
+const ROUTES: [Route; 5] = [
+    Route::Chat,
+    Route::Completions,
+    Route::Embeddings,
+    Route::Responses,
+    Route::Other,
+];
+
+/// Byte 0 picks the route, byte 1 the rewrite, the rest is the body.
+/// `inspect` never panics; after a rewrite, the body is valid JSON that
+/// `inspect` reads back with the rewritten values and everything else equal.
+pub fn inspect_request(data: &[u8]) {
+    let [route_byte, rewrite_byte, body @ ..] = data else {
+        return;
+    };
+    let route = ROUTES[usize::from(*route_byte) % ROUTES.len()];
+    let Ok(info) = meter::inspect(route, body) else {
+        return;
+    };
+    let rw = Rewrite {
+        include_usage: rewrite_byte & 1 == 1,
+        max_tokens: match (rewrite_byte >> 1) & 3 {
+            0 => None,
+            1 => Some(0),
+            2 => Some(u64::from(rewrite_byte >> 3)),
+            _ => Some(u64::MAX - u64::from(rewrite_byte >> 3)),
+        },
+    };
+    let body = Bytes::copy_from_slice(body);
+    let out = meter::rewrite(route, &body, &rw).expect("rewrite of an inspected body");
+    if rw == Rewrite::default() {
+        assert_eq!(out, body, "a no-op rewrite changed the body");
+    }
+    if route == Route::Other {
+        assert_eq!(out, body, "Other bodies are never rewritten");
+        return;
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&out).expect("rewrite yields valid JSON");
+    let back = meter::inspect(route, &out).expect("inspect reads a rewritten body");
+    let mut expected = info.clone();
+    if rw.include_usage && matches!(route, Route::Chat | Route::Completions) {
+        expected.include_usage = true;
+    }
+    if let Some(m) = rw.max_tokens {
+        if matches!(route, Route::Chat | Route::Completions | Route::Responses) {
+            expected.max_tokens = Some(m);
+        }
+    }
+    assert_eq!(back, expected, "rewrite {rw:?} of {route:?}");
+}
+
+/// Byte 0 picks the route, byte 1 the frame sizes, the rest is an SSE
+/// stream. Splitting into frames changes nothing: pass-through output is the
+/// input, usage and estimates equal the single-frame ones, withheld output
+/// equals the single-frame withheld output.
+pub fn sse_meter(data: &[u8]) {
+    let [route_byte, split_seed, stream @ ..] = data else {
+        return;
+    };
+    let route = ROUTES[usize::from(*route_byte) % ROUTES.len()];
+    let whole = Bytes::copy_from_slice(stream);
+    let frames = split(&whole, *split_seed);
+    for framing in [Framing::Sse, Framing::Json] {
+        for withhold in [false, true] {
+            let mut one = Meter::new(route, framing, withhold);
+            let mut one_out = one.on_frame(whole.clone()).to_vec();
+            one_out.extend_from_slice(&one.finish());
+
+            let mut many = Meter::new(route, framing, withhold);
+            let mut many_out = Vec::with_capacity(stream.len());
+            for f in &frames {
+                let out = many.on_frame(f.clone());
+                if !withhold || framing == Framing::Json {
+                    assert_eq!(&out, f, "pass-through changed a frame");
+                }
+                many_out.extend_from_slice(&out);
+            }
+            many_out.extend_from_slice(&many.finish());
+
+            if !withhold || framing == Framing::Json {
+                assert_eq!(one_out, stream, "pass-through output differs from input");
+            }
+            assert_eq!(many_out, one_out, "output depends on frame splits");
+            assert_eq!(many.usage(), one.usage(), "usage depends on frame splits");
+            assert_eq!(
+                many.delivered_completion_estimate(),
+                one.delivered_completion_estimate()
+            );
+            assert_eq!(many.bytes_seen(), stream.len() as u64);
+            if let Some(u) = one.usage() {
+                assert!(u.cached_tokens <= u.prompt_tokens);
+                assert!(u.reasoning_tokens <= u.completion_tokens);
+            }
+        }
+    }
+}
+
+/// Frames of lengths drawn from `seed` (1 to 64 bytes, some empty).
+fn split(whole: &Bytes, seed: u8) -> Vec<Bytes> {
+    let mut frames = Vec::new();
+    let mut state = u32::from(seed).wrapping_mul(2_654_435_761).wrapping_add(1);
+    let mut at = 0;
+    while at < whole.len() {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let len = match state % 8 {
+            0 => 0,
+            1 => 1,
+            _ => (state >> 8) as usize % 64 + 1,
+        };
+        let end = (at + len).min(whole.len());
+        frames.push(whole.slice(at..end));
+        at = end;
+    }
+    frames
+}
+
+/// Decimal USD text round-trips exactly through `Pico`.
+pub fn money_roundtrip(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(p) = Pico::parse_usd(text) {
+            let formatted = p.to_usd_string();
+            assert_eq!(Pico::parse_usd(&formatted), Ok(p), "{text:?} → {formatted:?}");
+        }
+    }
+    let mut word = [0u8; 8];
+    let n = data.len().min(8);
+    word[..n].copy_from_slice(&data[..n]);
+    for x in [i64::from_le_bytes(word), i64::from_be_bytes(word)] {
+        let formatted = Pico(x).to_usd_string();
+        assert_eq!(Pico::parse_usd(&formatted), Ok(Pico(x)), "{x} → {formatted:?}");
+    }
+}

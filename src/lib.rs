@@ -12,12 +12,34 @@
 //! - [`error`]: the one error type, mapped to status and OpenAI error JSON.
 //! - [`clock`]: Unix time with a test offset.
 //! - [`config`]: `config.toml` schema, defaults, validation.
+//! - [`runtime`]: start/stop; per-core or shared runtimes, the sweeper.
+//! - [`server`]: accept, TLS, hyper `auto` connections, router, drain.
+//! - [`app`]: the state every handler shares.
+//! - [`gate`]: keys in memory, admission, limits, reservations, permits.
+//! - [`proxy`]: routing, upstream pools, failover, metered body, settlement.
+//! - [`meter`]: request inspection, SSE/JSON usage scanning, pricing.
+//! - [`store`]: the only module that touches sled.
+//! - [`api`]: provisioning, key status, credits, usage queries.
+//! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`mock`]: a built-in OpenAI-compatible mock upstream.
 #![forbid(unsafe_code)]
 
 pub mod clock;
+pub mod api;
+pub mod app;
 pub mod config;
 pub mod error;
+pub mod gate;
+pub mod meter;
+pub mod metrics;
+pub mod mock;
 pub mod money;
+pub mod proxy;
+pub mod runtime;
+pub mod server;
+pub mod store;
+#[doc(hidden)]
+pub mod fuzzing;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;

@@ -1,1 +1,128 @@
-fn main() {}
+//! The `tollgate` binary: parse the command line, load the config, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use tollgate::config::Config;
+use tollgate::runtime::{Gateway, StartOptions};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "An edge gateway that sells and meters access to OpenAI-compatible LLM APIs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The configuration file.
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Run the built-in OpenAI-compatible mock upstream on its own.
+    MockUpstream {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: std::net::SocketAddr,
+        /// Content tokens per answer when the request does not bound it.
+        #[arg(long, default_value_t = 16)]
+        chunks: usize,
+        /// Delay between streamed chunks, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        chunk_delay_ms: u64,
+    },
+    /// Validate a configuration file and print it resolved (secrets masked).
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::MockUpstream { listen, chunks, chunk_delay_ms } => mock_upstream(listen, chunks, chunk_delay_ms),
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}", serde_json::to_string_pretty(&c.describe()).expect("a Value always serializes"));
+                eprintln!("{}: OK", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let gateway = match Gateway::start(config, StartOptions::default()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("Tollgate listening on http://{}", gateway.addr());
+    wait_for_signal();
+    tracing::info!("shutting down: draining in-flight requests");
+    gateway.shutdown();
+    ExitCode::SUCCESS
+}
+
+fn mock_upstream(listen: std::net::SocketAddr, chunks: usize, chunk_delay_ms: u64) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime builds");
+    let opts = tollgate::mock::MockOptions {
+        chunks,
+        chunk_delay: std::time::Duration::from_millis(chunk_delay_ms),
+        ..Default::default()
+    };
+    let result = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        println!("mock upstream listening on http://{}/v1", listener.local_addr()?);
+        tollgate::mock::run(listener, opts, signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM can be handled");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn wait_for_signal() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime builds");
+    rt.block_on(signal());
+}

@@ -1,0 +1,1603 @@
+//! Metering: what a request asks for ([`inspect`]), the few rewrites the
+//! gateway makes to a request body ([`rewrite`]), the usage an upstream
+//! reports while its answer passes ([`Meter`]), and what that usage costs
+//! ([`Price`]).
+//!
+//! The meter reads bytes and never changes them, with one documented
+//! exception: when the gateway itself injected `stream_options.include_usage`
+//! into a streamed request, the usage-only event that the client did not ask
+//! for is withheld from it (every other byte is identical).
+
+use std::sync::LazyLock;
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem::{Finder, FinderRev};
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::error::ApiError;
+use crate::money::Pico;
+
+// ---------------------------------------------------------------- routes ----
+
+/// Which OpenAI API a path speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    Chat,
+    Completions,
+    Embeddings,
+    Responses,
+    Other,
+}
+
+impl Route {
+    /// The API of a request path (`/v1/chat/completions` → `Chat`). A query
+    /// string and one trailing `/` are ignored.
+    pub fn from_path(path: &str) -> Route {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let path = path.strip_suffix('/').unwrap_or(path);
+        match path {
+            "/v1/chat/completions" => Route::Chat,
+            "/v1/completions" => Route::Completions,
+            "/v1/embeddings" => Route::Embeddings,
+            "/v1/responses" => Route::Responses,
+            _ => Route::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Chat => "chat",
+            Route::Completions => "completions",
+            Route::Embeddings => "embeddings",
+            Route::Responses => "responses",
+            Route::Other => "other",
+        }
+    }
+
+    /// Whether a streamed answer reports usage only when asked with
+    /// `stream_options.include_usage`.
+    fn usage_on_request(self) -> bool {
+        matches!(self, Route::Chat | Route::Completions)
+    }
+}
+
+// ------------------------------------------------------------- requests ----
+
+/// Tokens one image can cost at most. OpenAI's most expensive per-image
+/// accounting is gpt-4o-mini at high detail: 2,833 base + 5,667 per 512 px
+/// tile, and an image is scaled to at most 2048×768 px, so 8 tiles: 48,169.
+/// Rounded up; a model that counts more must be priced per request instead.
+pub const IMAGE_TOKEN_BOUND: u64 = 50_000;
+
+/// Chat-template tokens one message (or input) can add around its text:
+/// OpenAI counts 3 per message and 1 per name; Llama 3 and Qwen templates add
+/// about 5. Rounded up.
+pub const PART_OVERHEAD_TOKENS: u64 = 8;
+
+/// Template tokens a request can add regardless of its parts: reply priming
+/// (3 for OpenAI) and the default system prompts some templates inject when
+/// the client sent none (Llama 3.1's date header, Qwen's identity line:
+/// about 30).
+pub const REQUEST_OVERHEAD_TOKENS: u64 = 64;
+
+/// What admission needs to know about a request body.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// The model asked for: routing, allowlists and price.
+    pub model: Option<String>,
+    /// Whether the answer is an SSE stream.
+    pub stream: bool,
+    /// The completion bound the client set: `max_tokens` or
+    /// `max_completion_tokens` (chat, completions; the larger when both are
+    /// sent, since either may be the one the upstream honours),
+    /// `max_output_tokens` (responses).
+    pub max_tokens: Option<u64>,
+    /// Whether a stream will report its usage without an injection:
+    /// `stream_options.include_usage == true` on chat and completions;
+    /// always true on responses, whose `response.completed` carries it.
+    pub include_usage: bool,
+    /// UTF-8 bytes of all prompt text, an upper bound of its tokens.
+    pub prompt_bytes: u64,
+    /// Messages or inputs (plus tool-like extra fields): each may add
+    /// template tokens around its text.
+    pub prompt_parts: u32,
+    /// Image parts, counted as [`IMAGE_TOKEN_BOUND`] each instead of their
+    /// (base64) bytes.
+    pub images: u32,
+}
+
+impl RequestInfo {
+    /// An upper bound of the prompt tokens the upstream can count.
+    ///
+    /// Byte-level BPE tokenizers (tiktoken's cl100k/o200k, Llama 3, Qwen,
+    /// Mistral's tekken) never produce more tokens than the UTF-8 bytes they
+    /// encode: each token stands for at least one byte, and bytes that no
+    /// merge covers become one token each. Text is counted decoded (a JSON
+    /// `\u4e2d` escape is 3 bytes, not 6); fields that are not plain text
+    /// (tool definitions, tool calls, files) are counted as their raw JSON
+    /// length, which is at least their decoded length. To the bytes we add
+    /// [`PART_OVERHEAD_TOKENS`] per part, [`REQUEST_OVERHEAD_TOKENS`] once
+    /// and [`IMAGE_TOKEN_BOUND`] per image. Saturating.
+    ///
+    /// Not bounded from the body: context the upstream adds by itself
+    /// (responses' `previous_response_id`, `conversation`, stored `prompt`
+    /// templates), and audio, whose tokens follow its duration.
+    pub fn prompt_token_bound(&self) -> u64 {
+        self.prompt_bytes
+            .saturating_add(u64::from(self.prompt_parts).saturating_mul(PART_OVERHEAD_TOKENS))
+            .saturating_add(REQUEST_OVERHEAD_TOKENS)
+            .saturating_add(u64::from(self.images).saturating_mul(IMAGE_TOKEN_BOUND))
+    }
+}
+
+/// A top-level key of a request body, decoded (a `"mod\u0065l"` key is
+/// `model`, as the upstream's parser will read it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopKey {
+    Model,
+    Stream,
+    StreamOptions,
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+    Messages,
+    Prompt,
+    Suffix,
+    Input,
+    Instructions,
+    /// A sampling or bookkeeping parameter that never reaches the prompt.
+    Setting,
+    /// Anything else (tools, functions, response_format…): may reach the
+    /// prompt, counted as its key and raw JSON length.
+    Other(usize),
+}
+
+impl TopKey {
+    fn name(self) -> &'static str {
+        match self {
+            TopKey::Model => "model",
+            TopKey::Stream => "stream",
+            TopKey::StreamOptions => "stream_options",
+            TopKey::MaxTokens => "max_tokens",
+            TopKey::MaxCompletionTokens => "max_completion_tokens",
+            TopKey::MaxOutputTokens => "max_output_tokens",
+            TopKey::Messages => "messages",
+            TopKey::Prompt => "prompt",
+            TopKey::Suffix => "suffix",
+            TopKey::Input => "input",
+            TopKey::Instructions => "instructions",
+            TopKey::Setting | TopKey::Other(_) => "",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TopKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TopKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TopKey, E> {
+                Ok(match v {
+                    "model" => TopKey::Model,
+                    "stream" => TopKey::Stream,
+                    "stream_options" => TopKey::StreamOptions,
+                    "max_tokens" => TopKey::MaxTokens,
+                    "max_completion_tokens" => TopKey::MaxCompletionTokens,
+                    "max_output_tokens" => TopKey::MaxOutputTokens,
+                    "messages" => TopKey::Messages,
+                    "prompt" => TopKey::Prompt,
+                    "suffix" => TopKey::Suffix,
+                    "input" => TopKey::Input,
+                    "instructions" => TopKey::Instructions,
+                    "temperature" | "top_p" | "top_k" | "min_p" | "n" | "presence_penalty"
+                    | "frequency_penalty" | "repetition_penalty" | "seed" | "user" | "logprobs"
+                    | "top_logprobs" | "echo" | "best_of" | "store" | "service_tier"
+                    | "parallel_tool_calls" | "encoding_format" | "dimensions" | "logit_bias"
+                    | "reasoning_effort" | "stop" | "modalities" | "verbosity"
+                    | "safety_identifier" | "prompt_cache_key" | "truncation" | "background"
+                    | "include" | "metadata" | "tool_choice" => TopKey::Setting,
+                    other => TopKey::Other(other.len() + 3),
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The top-level fields of a request body, borrowed raw: each is typed and
+/// measured on its own afterwards, so that a type error names its field, and
+/// so that `rewrite` knows where each value sits in the body.
+#[derive(Default)]
+struct Fields<'a> {
+    /// Keys in the object (to splice a new member with or without a comma).
+    keys: usize,
+    model: Option<&'a RawValue>,
+    stream: Option<&'a RawValue>,
+    stream_options: Option<&'a RawValue>,
+    max_tokens: Option<&'a RawValue>,
+    max_completion_tokens: Option<&'a RawValue>,
+    max_output_tokens: Option<&'a RawValue>,
+    messages: Option<&'a RawValue>,
+    prompt: Option<&'a RawValue>,
+    suffix: Option<&'a RawValue>,
+    input: Option<&'a RawValue>,
+    instructions: Option<&'a RawValue>,
+    /// Raw JSON bytes (with their keys) of fields that may reach the prompt
+    /// but are not text: tools, functions, response_format…
+    other_bytes: u64,
+    /// How many such fields: each is a part of the template.
+    other_fields: u32,
+}
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut f = Fields::default();
+                while let Some(key) = map.next_key::<TopKey>()? {
+                    f.keys += 1;
+                    let slot = match key {
+                        TopKey::Model => &mut f.model,
+                        TopKey::Stream => &mut f.stream,
+                        TopKey::StreamOptions => &mut f.stream_options,
+                        TopKey::MaxTokens => &mut f.max_tokens,
+                        TopKey::MaxCompletionTokens => &mut f.max_completion_tokens,
+                        TopKey::MaxOutputTokens => &mut f.max_output_tokens,
+                        TopKey::Messages => &mut f.messages,
+                        TopKey::Prompt => &mut f.prompt,
+                        TopKey::Suffix => &mut f.suffix,
+                        TopKey::Input => &mut f.input,
+                        TopKey::Instructions => &mut f.instructions,
+                        TopKey::Setting => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                        TopKey::Other(key_len) => {
+                            let raw: &RawValue = map.next_value()?;
+                            f.other_bytes = f
+                                .other_bytes
+                                .saturating_add((key_len + raw.get().len()) as u64);
+                            f.other_fields = f.other_fields.saturating_add(1);
+                            continue;
+                        }
+                    };
+                    // The gateway and the upstream must read the same value:
+                    // with a duplicate, one parser takes the first and another
+                    // the last, so it is refused.
+                    if slot.is_some() {
+                        return Err(de::Error::custom(format_args!(
+                            "duplicate field `{}`",
+                            key.name()
+                        )));
+                    }
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(f)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `stream_options`, borrowed raw (for `rewrite`).
+#[derive(Default)]
+struct StreamOptionsRaw<'a> {
+    keys: usize,
+    include_usage: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for StreamOptionsRaw<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StreamOptionsRaw<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StreamOptionsRaw<'de>, A::Error> {
+                let mut s = StreamOptionsRaw::default();
+                while let Some(key) = map.next_key::<TopKey>()? {
+                    s.keys += 1;
+                    // TopKey sees `include_usage` as Other(len + 3).
+                    if key == TopKey::Other("include_usage".len() + 3) {
+                        let raw: &RawValue = map.next_value()?;
+                        if s.include_usage.is_some() {
+                            return Err(de::Error::custom("duplicate field `include_usage`"));
+                        }
+                        s.include_usage = Some(raw);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(s)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Counted prompt text.
+#[derive(Clone, Copy, Debug, Default)]
+struct Measure {
+    bytes: u64,
+    parts: u32,
+    images: u32,
+}
+
+impl Measure {
+    fn add(&mut self, other: Measure) {
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.parts = self.parts.saturating_add(other.parts);
+        self.images = self.images.saturating_add(other.images);
+    }
+}
+
+/// A key inside a message or content part.
+enum PartKey {
+    /// `content` or `text`: text, counted decoded.
+    Text,
+    /// `type`: an image part is counted as an image, not as bytes.
+    Type,
+    /// `role`: only template tokens, in the part overhead.
+    Role,
+    /// Anything else: key and raw JSON length.
+    Other(usize),
+}
+
+impl<'de> Deserialize<'de> for PartKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = PartKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PartKey, E> {
+                Ok(match v {
+                    "content" | "text" => PartKey::Text,
+                    "type" => PartKey::Type,
+                    "role" => PartKey::Role,
+                    other => PartKey::Other(other.len() + 3),
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Measures prompt text in any shape OpenAI accepts: a string, an array of
+/// strings, of token ids or of arrays of token ids (completions,
+/// embeddings), an array of messages whose content is a string or an array of
+/// parts (chat), an array of input items (responses).
+struct Measuring<'m> {
+    acc: &'m mut Measure,
+    /// The field's own value: its elements are the parts.
+    top: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Measuring<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Measuring<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("prompt text")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.acc.bytes = self.acc.bytes.saturating_add(v.len() as u64);
+        if self.top {
+            self.acc.parts = self.acc.parts.saturating_add(1);
+        }
+        Ok(())
+    }
+    // A token id is one token.
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.acc.bytes = self.acc.bytes.saturating_add(1);
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.acc.bytes = self.acc.bytes.saturating_add(1);
+        Ok(())
+    }
+    // Not expected in prompt text; at most the length of its text form.
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.acc.bytes = self.acc.bytes.saturating_add(32);
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.acc.bytes = self.acc.bytes.saturating_add(5);
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(Measuring {
+                acc: &mut *self.acc,
+                top: false,
+            })?
+            .is_some()
+        {
+            if self.top {
+                self.acc.parts = self.acc.parts.saturating_add(1);
+            }
+        }
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut inner = Measure::default();
+        let mut image = false;
+        while let Some(key) = map.next_key::<PartKey>()? {
+            match key {
+                PartKey::Text => map.next_value_seed(Measuring {
+                    acc: &mut inner,
+                    top: false,
+                })?,
+                PartKey::Type => {
+                    let raw: &RawValue = map.next_value()?;
+                    image = matches!(raw.get(), r#""image_url""# | r#""input_image""# | r#""image""#);
+                }
+                PartKey::Role => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                PartKey::Other(key_len) => {
+                    let raw: &RawValue = map.next_value()?;
+                    inner.bytes = inner
+                        .bytes
+                        .saturating_add((key_len + raw.get().len()) as u64);
+                }
+            }
+        }
+        if image {
+            // Its bytes are an image's URL or base64 data, not text.
+            self.acc.images = self.acc.images.saturating_add(1);
+        } else {
+            self.acc.add(inner);
+        }
+        if self.top {
+            self.acc.parts = self.acc.parts.saturating_add(1);
+        }
+        Ok(())
+    }
+}
+
+fn invalid_type(param: &'static str, expected: &str) -> ApiError {
+    ApiError::bad_request(
+        "invalid_type",
+        format!("Invalid type for '{param}': expected {expected}."),
+    )
+    .with_param(param)
+}
+
+/// The first byte of a raw value (never whitespace: `RawValue` starts at the
+/// value).
+fn first_byte(raw: &RawValue) -> u8 {
+    raw.get().as_bytes().first().copied().unwrap_or(b' ')
+}
+
+fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
+/// A typed optional field: absent and `null` are `None`.
+fn typed<'a, T: Deserialize<'a>>(
+    raw: Option<&'a RawValue>,
+    param: &'static str,
+    expected: &str,
+) -> Result<Option<T>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some(raw) => serde_json::from_str::<Option<T>>(raw.get())
+            .map_err(|_| invalid_type(param, expected)),
+    }
+}
+
+/// Measures a prompt-bearing field that must be one of `shapes` (first
+/// bytes of the allowed JSON kinds).
+fn measure(
+    raw: Option<&RawValue>,
+    param: &'static str,
+    shapes: &[u8],
+    expected: &str,
+    acc: &mut Measure,
+) -> Result<(), ApiError> {
+    let Some(raw) = raw else { return Ok(()) };
+    if is_null(raw) {
+        return Ok(());
+    }
+    if !shapes.contains(&first_byte(raw)) {
+        return Err(invalid_type(param, expected));
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    Measuring { acc, top: true }
+        .deserialize(&mut de)
+        .map_err(|_| invalid_type(param, expected))
+}
+
+/// Parses the top level of a request body.
+fn fields(route: Route, body: &[u8]) -> Result<Fields<'_>, ApiError> {
+    serde_json::from_slice::<Fields>(body).map_err(|e| {
+        let message = if e.is_data() && serde_json::from_slice::<IgnoredAny>(body).is_ok() {
+            "The request body must be a JSON object.".to_owned()
+        } else {
+            format!(
+                "The request body is not valid JSON ({}). Route: {}.",
+                crate::error::truncate(&e.to_string(), 200),
+                route.as_str()
+            )
+        };
+        ApiError::invalid_json(message)
+    })
+}
+
+/// Parses the JSON body of a request to `route`.
+///
+/// Errors are 400s in OpenAI's shape: `invalid_json` (malformed, not an
+/// object, or a field the gateway reads given twice),
+/// `missing_required_parameter` (`model`), `invalid_type` (with `param`).
+/// `Route::Other` is best effort: `model` if it is a string, `stream` if it
+/// is a bool; an empty body is `Ok(default)`; a non-empty body must be JSON.
+///
+/// Builds no `serde_json::Value`: fields are borrowed raw, then typed or
+/// measured one by one.
+pub fn inspect(route: Route, body: &[u8]) -> Result<RequestInfo, ApiError> {
+    analyze(route, body).map(|(info, _)| info)
+}
+
+fn analyze(route: Route, body: &[u8]) -> Result<(RequestInfo, Fields<'_>), ApiError> {
+    if route == Route::Other {
+        return inspect_other(body).map(|info| (info, Fields::default()));
+    }
+    let f = fields(route, body)?;
+    let mut info = RequestInfo::default();
+
+    match f.model {
+        None => {}
+        Some(raw) if is_null(raw) => {}
+        Some(raw) => {
+            let model = serde_json::from_str::<String>(raw.get())
+                .map_err(|_| invalid_type("model", "a string"))?;
+            info.model = Some(model);
+        }
+    }
+    if info.model.is_none() {
+        return Err(ApiError::bad_request(
+            "missing_required_parameter",
+            "You must provide a model parameter.",
+        )
+        .with_param("model"));
+    }
+    info.stream = typed::<bool>(f.stream, "stream", "a boolean")?.unwrap_or(false);
+
+    let uint = "a non-negative integer";
+    info.max_tokens = match route {
+        Route::Chat => {
+            let a = typed::<u64>(f.max_tokens, "max_tokens", uint)?;
+            let b = typed::<u64>(f.max_completion_tokens, "max_completion_tokens", uint)?;
+            a.max(b)
+        }
+        Route::Completions => typed::<u64>(f.max_tokens, "max_tokens", uint)?,
+        Route::Responses => typed::<u64>(f.max_output_tokens, "max_output_tokens", uint)?,
+        Route::Embeddings | Route::Other => None,
+    };
+
+    if route.usage_on_request() {
+        if let Some(raw) = f.stream_options.filter(|r| !is_null(r)) {
+            let options = stream_options(raw)?;
+            info.include_usage =
+                typed::<bool>(options.include_usage, "stream_options", "a boolean include_usage")?
+                    .unwrap_or(false);
+        }
+    } else if route == Route::Responses {
+        info.include_usage = true;
+    }
+
+    let mut m = Measure::default();
+    let text_or_list = "a string or an array";
+    match route {
+        Route::Chat => {
+            measure(f.messages, "messages", b"[", "an array", &mut m)?;
+        }
+        Route::Completions => {
+            measure(f.prompt, "prompt", b"\"[", text_or_list, &mut m)?;
+            measure(f.suffix, "suffix", b"\"", "a string", &mut m)?;
+        }
+        Route::Embeddings => {
+            measure(f.input, "input", b"\"[", text_or_list, &mut m)?;
+        }
+        Route::Responses => {
+            measure(f.input, "input", b"\"[", text_or_list, &mut m)?;
+            measure(f.instructions, "instructions", b"\"", "a string", &mut m)?;
+        }
+        Route::Other => {}
+    }
+    // Fields of other routes are not this route's prompt, but an upstream
+    // may still render them: count them raw (a safe overcount).
+    let unused: &[Option<&RawValue>] = match route {
+        Route::Chat => &[f.prompt, f.suffix, f.input, f.instructions],
+        Route::Completions => &[f.messages, f.input, f.instructions],
+        Route::Embeddings => &[f.messages, f.prompt, f.suffix, f.instructions],
+        Route::Responses => &[f.messages, f.prompt, f.suffix],
+        Route::Other => &[],
+    };
+    for raw in unused.iter().flatten() {
+        m.bytes = m.bytes.saturating_add(raw.get().len() as u64);
+        m.parts = m.parts.saturating_add(1);
+    }
+    info.prompt_bytes = m.bytes.saturating_add(f.other_bytes);
+    info.prompt_parts = m.parts.saturating_add(f.other_fields);
+    info.images = m.images;
+    Ok((info, f))
+}
+
+fn stream_options(raw: &RawValue) -> Result<StreamOptionsRaw<'_>, ApiError> {
+    if first_byte(raw) != b'{' {
+        return Err(invalid_type("stream_options", "an object"));
+    }
+    serde_json::from_str::<StreamOptionsRaw>(raw.get())
+        .map_err(|_| invalid_type("stream_options", "an object"))
+}
+
+fn inspect_other(body: &[u8]) -> Result<RequestInfo, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RequestInfo::default());
+    }
+    #[derive(Deserialize)]
+    struct Loose<'a> {
+        #[serde(borrow)]
+        model: Option<&'a RawValue>,
+        #[serde(borrow)]
+        stream: Option<&'a RawValue>,
+    }
+    let mut info = RequestInfo::default();
+    match serde_json::from_slice::<Loose>(body) {
+        Ok(l) => {
+            info.model = l.model.and_then(|r| serde_json::from_str(r.get()).ok());
+            info.stream = l
+                .stream
+                .and_then(|r| serde_json::from_str(r.get()).ok())
+                .unwrap_or(false);
+        }
+        // Valid JSON that is not an object: nothing to read.
+        Err(_) if serde_json::from_slice::<IgnoredAny>(body).is_ok() => {}
+        Err(e) => {
+            return Err(ApiError::invalid_json(format!(
+                "The request body is not valid JSON ({}).",
+                crate::error::truncate(&e.to_string(), 200)
+            )));
+        }
+    }
+    Ok(info)
+}
+
+// -------------------------------------------------------------- rewrite ----
+
+/// Rewrites the gateway may make to a body (DESIGN: "body unchanged except
+/// the few documented rewrites").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Set `stream_options.include_usage = true` (chat and completions only:
+    /// other routes report usage unasked or do not stream).
+    pub include_usage: bool,
+    /// Set the route's max-tokens field to this value (chat, completions,
+    /// responses; embeddings and other routes have none).
+    pub max_tokens: Option<u64>,
+}
+
+/// One change to the body: replace `start..end` with `text`.
+struct Edit {
+    start: usize,
+    end: usize,
+    text: String,
+}
+
+/// Where a borrowed raw value sits in `body`.
+fn span(body: &[u8], raw: &RawValue) -> Result<(usize, usize), ApiError> {
+    let base = body.as_ptr() as usize;
+    let at = raw.get().as_ptr() as usize;
+    let start = at
+        .checked_sub(base)
+        .filter(|s| s + raw.get().len() <= body.len())
+        .ok_or_else(|| ApiError::internal("rewrite: a field is not inside the body"))?;
+    Ok((start, start + raw.get().len()))
+}
+
+/// The position just after the `{` that opens the object at `body[from..]`.
+fn after_brace(body: &[u8], from: usize) -> Result<usize, ApiError> {
+    let skip = body[from..]
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len() - from);
+    if body.get(from + skip) != Some(&b'{') {
+        return Err(ApiError::internal("rewrite: the body is not an object"));
+    }
+    Ok(from + skip + 1)
+}
+
+/// Returns the body with the rewrites of `rw` applied, or the same `Bytes`
+/// when nothing changes.
+///
+/// Only what must change is touched: an absent field is spliced in right
+/// after the opening `{`, a present value is replaced in place (its exact
+/// byte span, from the borrowed parse). This keeps every other byte, where a
+/// round trip through `serde_json::Value` would reorder keys and round
+/// numbers beyond `f64`/`u64`. A chat body without a max-tokens field gets
+/// `max_completion_tokens` (OpenAI's current name; reasoning models refuse
+/// `max_tokens`); one with both gets both set.
+pub fn rewrite(route: Route, body: &Bytes, rw: &Rewrite) -> Result<Bytes, ApiError> {
+    let want_usage = rw.include_usage && route.usage_on_request();
+    let want_max = rw
+        .max_tokens
+        .filter(|_| matches!(route, Route::Chat | Route::Completions | Route::Responses));
+    if !want_usage && want_max.is_none() {
+        return Ok(body.clone());
+    }
+    let (_, f) = analyze(route, body)?;
+    let mut edits: Vec<Edit> = Vec::new();
+    let mut members: Vec<String> = Vec::new();
+    let usage_object = r#"{"include_usage":true}"#;
+
+    if want_usage {
+        match f.stream_options {
+            None => members.push(format!(r#""stream_options":{usage_object}"#)),
+            Some(raw) if is_null(raw) => {
+                let (start, end) = span(body, raw)?;
+                edits.push(Edit { start, end, text: usage_object.to_owned() });
+            }
+            Some(raw) => {
+                let options = stream_options(raw)?;
+                match options.include_usage {
+                    Some(v) if v.get() == "true" => {}
+                    Some(v) => {
+                        let (start, end) = span(body, v)?;
+                        edits.push(Edit { start, end, text: "true".to_owned() });
+                    }
+                    None if options.keys == 0 => {
+                        let (start, end) = span(body, raw)?;
+                        edits.push(Edit { start, end, text: usage_object.to_owned() });
+                    }
+                    None => {
+                        let (start, _) = span(body, raw)?;
+                        let at = after_brace(body, start)?;
+                        edits.push(Edit {
+                            start: at,
+                            end: at,
+                            text: r#""include_usage":true,"#.to_owned(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    if let Some(max) = want_max {
+        let value = max.to_string();
+        let (present, absent_name): (Vec<&RawValue>, &str) = match route {
+            Route::Chat => (
+                [f.max_completion_tokens, f.max_tokens].into_iter().flatten().collect(),
+                "max_completion_tokens",
+            ),
+            Route::Completions => (f.max_tokens.into_iter().collect(), "max_tokens"),
+            _ => (f.max_output_tokens.into_iter().collect(), "max_output_tokens"),
+        };
+        if present.is_empty() {
+            members.push(format!(r#""{absent_name}":{value}"#));
+        }
+        for raw in present {
+            if raw.get() != value {
+                let (start, end) = span(body, raw)?;
+                edits.push(Edit { start, end, text: value.clone() });
+            }
+        }
+    }
+
+    if !members.is_empty() {
+        let at = after_brace(body, 0)?;
+        let mut text = members.join(",");
+        if f.keys > 0 {
+            text.push(',');
+        }
+        edits.push(Edit { start: at, end: at, text });
+    }
+    if edits.is_empty() {
+        return Ok(body.clone());
+    }
+    edits.sort_by_key(|e| (e.start, e.end));
+    let extra: usize = edits.iter().map(|e| e.text.len()).sum();
+    let mut out = Vec::with_capacity(body.len() + extra);
+    let mut at = 0;
+    for e in &edits {
+        if e.start < at {
+            return Err(ApiError::internal("rewrite: overlapping edits"));
+        }
+        out.extend_from_slice(&body[at..e.start]);
+        out.extend_from_slice(e.text.as_bytes());
+        at = e.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    Ok(Bytes::from(out))
+}
+
+// ---------------------------------------------------------------- usage ----
+
+/// Token usage reported by an upstream. `cached ⊆ prompt` and
+/// `reasoning ⊆ completion`, as OpenAI reports them (clamped so).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+/// A token count as upstreams write it: an integer, sometimes a float or a
+/// numeric string; negative is 0.
+#[derive(Clone, Copy, Debug, Default)]
+struct Count(u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(v).unwrap_or(0)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
+                // `as` saturates (NaN is 0); rounded up, never down.
+                Ok(Count(v.ceil() as u64))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Count, E> {
+                v.trim()
+                    .parse()
+                    .map(Count)
+                    .map_err(|_| E::custom("not a token count"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawDetails {
+    cached_tokens: Option<Count>,
+    reasoning_tokens: Option<Count>,
+}
+
+/// The usage object in both of OpenAI's spellings.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawUsage {
+    prompt_tokens: Option<Count>,
+    completion_tokens: Option<Count>,
+    input_tokens: Option<Count>,
+    output_tokens: Option<Count>,
+    prompt_tokens_details: Option<RawDetails>,
+    completion_tokens_details: Option<RawDetails>,
+    input_tokens_details: Option<RawDetails>,
+    output_tokens_details: Option<RawDetails>,
+}
+
+impl RawUsage {
+    fn into_usage(self) -> Option<Usage> {
+        let prompt = self.prompt_tokens.or(self.input_tokens);
+        let completion = self.completion_tokens.or(self.output_tokens);
+        if prompt.is_none() && completion.is_none() {
+            return None;
+        }
+        let prompt = prompt.unwrap_or_default().0;
+        let completion = completion.unwrap_or_default().0;
+        let detail = |a: Option<RawDetails>, b: Option<RawDetails>, f: fn(&RawDetails) -> Option<Count>| {
+            a.as_ref()
+                .and_then(f)
+                .or_else(|| b.as_ref().and_then(f))
+                .unwrap_or_default()
+                .0
+        };
+        let cached = detail(self.prompt_tokens_details, self.input_tokens_details, |d| {
+            d.cached_tokens
+        });
+        let reasoning = detail(
+            self.completion_tokens_details,
+            self.output_tokens_details,
+            |d| d.reasoning_tokens,
+        );
+        Some(Usage {
+            prompt_tokens: prompt,
+            cached_tokens: cached.min(prompt),
+            completion_tokens: completion,
+            reasoning_tokens: reasoning.min(completion),
+        })
+    }
+}
+
+/// The length of a JSON array, or `None` for anything else.
+struct ArrayLen(Option<usize>);
+
+impl<'de> Deserialize<'de> for ArrayLen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ArrayLen;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("anything")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ArrayLen, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(ArrayLen(Some(n)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ArrayLen, A::Error> {
+                IgnoredAny.visit_map(map).map(|_| ArrayLen(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<ArrayLen, E> {
+                Ok(ArrayLen(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<ArrayLen, E> {
+                Ok(ArrayLen(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<ArrayLen, E> {
+                Ok(ArrayLen(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<ArrayLen, E> {
+                Ok(ArrayLen(None))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<ArrayLen, E> {
+                Ok(ArrayLen(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<ArrayLen, E> {
+                Ok(ArrayLen(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ResponseObject {
+    usage: Option<RawUsage>,
+}
+
+/// The parts of a data event (or JSON body) that carry usage.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct UsageEvent {
+    usage: Option<RawUsage>,
+    choices: Option<ArrayLen>,
+    /// Responses API events: `response.completed` and friends.
+    response: Option<ResponseObject>,
+}
+
+/// Usage in one `data:` payload, and whether the event is a usage-only
+/// chunk (`"choices":[]` with a usage).
+fn parse_event(route: Route, payload: &[u8]) -> Option<(Usage, bool)> {
+    let ev: UsageEvent = serde_json::from_slice(payload).ok()?;
+    let top = ev.usage.and_then(RawUsage::into_usage);
+    let nested = ev
+        .response
+        .and_then(|r| r.usage)
+        .and_then(RawUsage::into_usage);
+    let usage = if route == Route::Responses {
+        nested.or(top)
+    } else {
+        top.or(nested)
+    }?;
+    let usage_only = top.is_some() && matches!(ev.choices, Some(ArrayLen(Some(0))));
+    Some((usage, usage_only))
+}
+
+// ------------------------------------------------------------- scanning ----
+
+/// Which framing an upstream answer uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    Sse,
+    Json,
+}
+
+impl Framing {
+    /// `text/event-stream` (any case, any parameters) is SSE; anything else,
+    /// or no content type, is read as JSON.
+    pub fn from_content_type(ct: Option<&str>) -> Framing {
+        let essence = ct.and_then(|c| c.split(';').next()).unwrap_or("").trim();
+        if essence.eq_ignore_ascii_case("text/event-stream") {
+            Framing::Sse
+        } else {
+            Framing::Json
+        }
+    }
+}
+
+/// A partial SSE line is carried over between frames up to this length; a
+/// longer line still flows to the client but is metered only through
+/// [`UsageTail`] (a `response.completed` event repeats the whole answer, so
+/// it can be long).
+const LINE_CAP: usize = 256 * 1024;
+
+/// An event longer than this is never withheld: the usage-only chunk is a
+/// few hundred bytes, and holding more would delay the client.
+const HOLD_CAP: usize = 64 * 1024;
+
+/// Bytes kept after the last `"usage"` key. What follows the real usage
+/// object in OpenAI's shapes (its own few fields, `user`, `metadata`) is
+/// small; a capture that outgrows this was not the last one.
+const TAIL_CAP: usize = 64 * 1024;
+
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+static USAGE_FIND: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(USAGE_KEY));
+static USAGE_RFIND: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(USAGE_KEY));
+
+/// Keys whose non-empty string value is delivered completion text.
+static CHAT_CONTENT: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"content\""),
+        Finder::new(b"\"arguments\""),
+        Finder::new(b"\"reasoning_content\""),
+        Finder::new(b"\"refusal\""),
+    ]
+});
+static COMPLETION_CONTENT: LazyLock<[Finder<'static>; 1]> =
+    LazyLock::new(|| [Finder::new(b"\"text\"")]);
+static RESPONSES_CONTENT: LazyLock<[Finder<'static>; 1]> =
+    LazyLock::new(|| [Finder::new(b"\"delta\"")]);
+
+fn skip_ws(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    &b[n..]
+}
+
+/// Whether `hay` has the key `finder` looks for, followed by `:` and a value
+/// that `value` accepts.
+fn key_followed_by(hay: &[u8], finder: &Finder<'_>, value: fn(&[u8]) -> bool) -> bool {
+    let len = finder.needle().len();
+    finder.find_iter(hay).any(|i| {
+        skip_ws(&hay[i + len..])
+            .strip_prefix(b":")
+            .is_some_and(|rest| value(skip_ws(rest)))
+    })
+}
+
+/// An event that may carry usage: a `"usage"` key whose value is an object
+/// (`"usage":null` on every other chunk is skipped without a parse).
+fn may_carry_usage(payload: &[u8]) -> bool {
+    key_followed_by(payload, &USAGE_FIND, |v| v.first() == Some(&b'{'))
+}
+
+fn carries_content(route: Route, payload: &[u8]) -> bool {
+    let finders: &[Finder<'static>] = match route {
+        Route::Chat => &*CHAT_CONTENT,
+        Route::Completions => &*COMPLETION_CONTENT,
+        Route::Responses => &*RESPONSES_CONTENT,
+        Route::Embeddings | Route::Other => return false,
+    };
+    let non_empty = |v: &[u8]| v.len() >= 2 && v[0] == b'"' && v[1] != b'"';
+    finders.iter().any(|f| key_followed_by(payload, f, non_empty))
+}
+
+/// Finds the usage object without keeping the whole body: keeps the bytes
+/// from the last `"usage"` key seen on (bounded by [`TAIL_CAP`]), and reads
+/// the value that follows it at the end. Correct when the real usage is the
+/// last `"usage"` key of the body, as in every OpenAI-shaped answer (text a
+/// model writes sits inside JSON strings, where a quote is always escaped,
+/// so it cannot form that key). Independent of how the bytes are split.
+#[derive(Default)]
+struct UsageTail {
+    /// The bytes from the last `"usage"` key on, while `capturing`.
+    buf: Vec<u8>,
+    capturing: bool,
+    /// The last bytes fed, to find a key split between two feeds.
+    recent: [u8; 6],
+    recent_len: usize,
+}
+
+impl UsageTail {
+    fn feed(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if let Some(p) = USAGE_RFIND.rfind(data) {
+            self.buf.clear();
+            self.buf.extend_from_slice(&data[p..]);
+            self.capturing = true;
+        } else if let Some(s) = self.straddle(data) {
+            self.buf.clear();
+            self.buf.extend_from_slice(&self.recent[s..self.recent_len]);
+            self.buf.extend_from_slice(data);
+            self.capturing = true;
+        } else if self.capturing {
+            self.buf.extend_from_slice(data);
+        }
+        if self.buf.len() > TAIL_CAP {
+            self.buf.clear();
+            self.capturing = false;
+        }
+        self.remember(data);
+    }
+
+    /// Where in `recent` a key starts that ends in `data`.
+    fn straddle(&self, data: &[u8]) -> Option<usize> {
+        let mut window = [0u8; 12];
+        let head = data.len().min(USAGE_KEY.len() - 1);
+        window[..self.recent_len].copy_from_slice(&self.recent[..self.recent_len]);
+        window[self.recent_len..self.recent_len + head].copy_from_slice(&data[..head]);
+        let window = &window[..self.recent_len + head];
+        USAGE_FIND
+            .find_iter(window)
+            .filter(|&s| s < self.recent_len)
+            .last()
+    }
+
+    fn remember(&mut self, data: &[u8]) {
+        let keep = self.recent.len();
+        if data.len() >= keep {
+            self.recent.copy_from_slice(&data[data.len() - keep..]);
+            self.recent_len = keep;
+        } else {
+            let mut joined = [0u8; 12];
+            let n = self.recent_len + data.len();
+            joined[..self.recent_len].copy_from_slice(&self.recent[..self.recent_len]);
+            joined[self.recent_len..n].copy_from_slice(data);
+            let from = n.saturating_sub(keep);
+            self.recent_len = n - from;
+            self.recent[..self.recent_len].copy_from_slice(&joined[from..n]);
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        if !self.capturing {
+            return None;
+        }
+        let rest = self.buf.strip_prefix(USAGE_KEY)?;
+        let rest = skip_ws(skip_ws(rest).strip_prefix(b":")?);
+        let mut de = serde_json::Deserializer::from_slice(rest);
+        // The usage object is followed by more of the body: no `end()`.
+        let raw = Option::<RawUsage>::deserialize(&mut de).ok()??;
+        raw.into_usage()
+    }
+
+    fn reset(&mut self) {
+        *self = UsageTail {
+            buf: std::mem::take(&mut self.buf),
+            ..UsageTail::default()
+        };
+        self.buf.clear();
+    }
+}
+
+/// What one SSE line was.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Empty: ends an event.
+    Blank,
+    /// The `data:` line of a usage-only chunk.
+    UsageOnly,
+    Other,
+}
+
+/// Reads the usage out of an upstream answer as it passes, frame by frame.
+///
+/// SSE is scanned line by line with `memchr`, check-then-parse: a line is
+/// JSON-parsed only when it has a `"usage"` key with an object value. A
+/// partial line is carried to the next frame (bounded by [`LINE_CAP`]); the
+/// carry buffer is reused, so a frame that ends on a line boundary and has
+/// no usage allocates nothing. `data: [DONE]` ends the metering. Lines end
+/// with `\n` or `\r\n` (a lone `\r` is not a line end here). The result does
+/// not depend on where frames split.
+///
+/// JSON bodies go through [`UsageTail`]: nothing but the bytes after the
+/// last `"usage"` key is kept, so a 60 MB embeddings answer costs 64 KiB.
+pub struct Meter {
+    /// Which usage shape and which content keys to look for.
+    route: Route,
+    /// SSE events or one JSON body.
+    framing: Framing,
+    /// Remove the usage-only chunk from what the client receives.
+    withhold: bool,
+    /// Every byte the upstream sent, for records and metrics.
+    bytes_seen: u64,
+    /// The last usage seen (cumulative reports: the last one wins).
+    usage: Option<Usage>,
+    /// `data: [DONE]` was seen: nothing after it is metered.
+    done: bool,
+    /// The start of a line whose end has not arrived yet.
+    line: Vec<u8>,
+    /// The current line outgrew `LINE_CAP`; `Some(is a data line)`.
+    overlong: Option<bool>,
+    /// JSON bodies and overlong lines: the bytes after the last usage key.
+    tail: UsageTail,
+    /// Delivered data events that carried completion text.
+    content_events: u64,
+    /// Withholding: the bytes of the current event not yet given out.
+    held: Vec<u8>,
+    /// Withholding: bytes of the current event in earlier frames.
+    event_len: usize,
+    /// Withholding: the current event outgrew `HOLD_CAP` and flows as it comes.
+    releasing: bool,
+    /// The current event holds a usage-only chunk.
+    event_usage_only: bool,
+    /// Withholding: (end offset in the frame, usage-only) of the events that
+    /// ended in the current frame. Reused between frames.
+    ends: Vec<(usize, bool)>,
+    /// `finish` ran.
+    finished: bool,
+}
+
+impl Meter {
+    /// A meter for an answer to `route` framed as `framing`.
+    /// `withhold_usage_event`: the gateway injected include_usage into a
+    /// streamed chat/completions request, so the usage-only chunk (a `data:`
+    /// event whose JSON has `"choices":[]` and a usage) is removed from what
+    /// the client receives; every other byte is identical.
+    pub fn new(route: Route, framing: Framing, withhold_usage_event: bool) -> Meter {
+        Meter {
+            route,
+            framing,
+            withhold: withhold_usage_event && framing == Framing::Sse,
+            bytes_seen: 0,
+            usage: None,
+            done: false,
+            line: Vec::new(),
+            overlong: None,
+            tail: UsageTail::default(),
+            content_events: 0,
+            held: Vec::new(),
+            event_len: 0,
+            releasing: false,
+            event_usage_only: false,
+            ends: Vec::new(),
+            finished: false,
+        }
+    }
+
+    /// What the client must receive for this frame. Without withholding it
+    /// is the same `Bytes` (a reference-count clone). With withholding, the
+    /// bytes of an incomplete event are held until its blank line arrives,
+    /// and the usage-only event is dropped; the result may be empty.
+    pub fn on_frame(&mut self, frame: Bytes) -> Bytes {
+        self.bytes_seen = self.bytes_seen.saturating_add(frame.len() as u64);
+        match self.framing {
+            Framing::Json => {
+                self.tail.feed(&frame);
+                frame
+            }
+            Framing::Sse if !self.withhold => {
+                self.scan(&frame);
+                frame
+            }
+            Framing::Sse => self.withhold_frame(frame),
+        }
+    }
+
+    /// End of the answer: returns what was still held back, and meters a
+    /// last line that had no line end.
+    pub fn finish(&mut self) -> Bytes {
+        if std::mem::replace(&mut self.finished, true) || self.framing == Framing::Json {
+            return Bytes::new();
+        }
+        if let Some(is_data) = self.overlong.take() {
+            self.end_overlong(is_data);
+        } else if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            if self.on_line(&line) == Line::UsageOnly {
+                self.event_usage_only = true;
+            }
+        }
+        if !self.withhold {
+            return Bytes::new();
+        }
+        let held = std::mem::take(&mut self.held);
+        if self.event_usage_only && !self.releasing && self.event_len <= HOLD_CAP {
+            return Bytes::new();
+        }
+        Bytes::from(held)
+    }
+
+    /// The usage the upstream reported, if it did.
+    pub fn usage(&self) -> Option<Usage> {
+        match self.framing {
+            Framing::Sse => self.usage,
+            Framing::Json => self.tail.usage(),
+        }
+    }
+
+    /// When usage never arrives: an estimate of the completion tokens
+    /// delivered so far, cheap to keep.
+    ///
+    /// SSE: one token per delivered data event whose text field (`content`,
+    /// `arguments`, `reasoning_content`, `refusal` for chat; `text` for
+    /// completions; `delta` for responses) is a non-empty string, found with
+    /// `memmem`, without a JSON parse. OpenAI streams one token per chunk;
+    /// an upstream that packs several is underestimated, which errs toward
+    /// not billing what did not happen. JSON: a body is all or nothing, so
+    /// `bytes_seen / 4` (text is about 4 bytes a token; the JSON around it
+    /// makes this high) for chat, completions and responses, 0 otherwise.
+    /// The caller clamps it to the reserved bound.
+    pub fn delivered_completion_estimate(&self) -> u64 {
+        match (self.framing, self.route) {
+            (Framing::Sse, _) => self.content_events,
+            (Framing::Json, Route::Chat | Route::Completions | Route::Responses) => {
+                self.bytes_seen / 4
+            }
+            (Framing::Json, _) => 0,
+        }
+    }
+
+    /// Bytes the upstream sent so far.
+    pub fn bytes_seen(&self) -> u64 {
+        self.bytes_seen
+    }
+
+    /// Meters the lines of `frame`; in withhold mode, records in `ends`
+    /// where events end.
+    fn scan(&mut self, frame: &[u8]) {
+        let mut pos = 0;
+        while pos < frame.len() {
+            let Some(i) = memchr::memchr(b'\n', &frame[pos..]) else {
+                self.carry(&frame[pos..]);
+                return;
+            };
+            let end = pos + i;
+            let piece = &frame[pos..end];
+            let kind = if let Some(is_data) = self.overlong.take() {
+                self.tail.feed(piece);
+                self.end_overlong(is_data);
+                Line::Other
+            } else if self.line.is_empty() {
+                if piece.len() > LINE_CAP {
+                    self.start_overlong(&[], piece);
+                    let is_data = self.overlong.take().unwrap_or(false);
+                    self.end_overlong(is_data);
+                    Line::Other
+                } else {
+                    self.on_line(piece)
+                }
+            } else if self.line.len() + piece.len() > LINE_CAP {
+                let line = std::mem::take(&mut self.line);
+                self.start_overlong(&line, piece);
+                self.line = line;
+                self.line.clear();
+                let is_data = self.overlong.take().unwrap_or(false);
+                    self.end_overlong(is_data);
+                Line::Other
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(piece);
+                let kind = self.on_line(&line);
+                line.clear();
+                self.line = line;
+                kind
+            };
+            match kind {
+                Line::Blank => {
+                    if self.withhold {
+                        self.ends.push((end + 1, self.event_usage_only));
+                    }
+                    self.event_usage_only = false;
+                }
+                Line::UsageOnly => self.event_usage_only = true,
+                Line::Other => {}
+            }
+            pos = end + 1;
+        }
+    }
+
+    /// Keeps the start of a line whose end is in a later frame.
+    fn carry(&mut self, rest: &[u8]) {
+        if self.overlong.is_some() {
+            self.tail.feed(rest);
+        } else if self.line.len() + rest.len() > LINE_CAP {
+            let line = std::mem::take(&mut self.line);
+            self.start_overlong(&line, rest);
+            self.line = line;
+            self.line.clear();
+        } else {
+            self.line.extend_from_slice(rest);
+        }
+    }
+
+    /// A line longer than `LINE_CAP` begins with `head` + `rest`: from now on
+    /// its bytes go to the tail scanner only.
+    fn start_overlong(&mut self, head: &[u8], rest: &[u8]) {
+        let mut prefix = [0u8; 5];
+        let n = head.len().min(5);
+        prefix[..n].copy_from_slice(&head[..n]);
+        let m = rest.len().min(5 - n);
+        prefix[n..n + m].copy_from_slice(&rest[..m]);
+        self.overlong = Some(&prefix[..n + m] == b"data:");
+        self.tail.reset();
+        self.tail.feed(head);
+        self.tail.feed(rest);
+    }
+
+    fn end_overlong(&mut self, is_data: bool) {
+        if is_data && !self.done {
+            if let Some(u) = self.tail.usage() {
+                self.usage = Some(u);
+            }
+            self.content_events += 1;
+        }
+        self.tail.reset();
+    }
+
+    /// Meters one complete line (without its `\n`).
+    fn on_line(&mut self, line: &[u8]) -> Line {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return Line::Blank;
+        }
+        if self.done {
+            return Line::Other;
+        }
+        let Some(payload) = line.strip_prefix(b"data:") else {
+            return Line::Other;
+        };
+        let payload = payload.strip_prefix(b" ").unwrap_or(payload);
+        if payload == b"[DONE]" {
+            self.done = true;
+            return Line::Other;
+        }
+        if carries_content(self.route, payload) {
+            self.content_events += 1;
+        }
+        if may_carry_usage(payload) {
+            if let Some((usage, usage_only)) = parse_event(self.route, payload) {
+                self.usage = Some(usage);
+                if usage_only {
+                    return Line::UsageOnly;
+                }
+            }
+        }
+        Line::Other
+    }
+
+    /// Withholding: gives out every complete event of `frame` but the
+    /// usage-only one, holds the incomplete rest.
+    fn withhold_frame(&mut self, frame: Bytes) -> Bytes {
+        let mut ends = std::mem::take(&mut self.ends);
+        ends.clear();
+        self.ends = ends;
+        self.scan(&frame);
+
+        let mut out = BytesMut::new();
+        // The run of `frame` given out since the last dropped event.
+        let mut run_start = 0;
+        // Where the current event starts in `frame`.
+        let mut cursor = 0;
+        for i in 0..self.ends.len() {
+            let (end, usage_only) = self.ends[i];
+            let len = self.event_len + (end - cursor);
+            if usage_only && !self.releasing && len <= HOLD_CAP {
+                out.extend_from_slice(&frame[run_start..cursor]);
+                run_start = end;
+            } else if !self.held.is_empty() {
+                // Only the first event of a frame can have held bytes, so
+                // nothing is in `out` yet and the run starts at 0.
+                out.extend_from_slice(&self.held);
+            }
+            self.held.clear();
+            self.event_len = 0;
+            self.releasing = false;
+            cursor = end;
+        }
+        let rest = &frame[cursor..];
+        let emit_end = if self.releasing || self.event_len + rest.len() > HOLD_CAP {
+            if !self.releasing {
+                out.extend_from_slice(&frame[run_start..cursor]);
+                out.extend_from_slice(&self.held);
+                self.held.clear();
+                run_start = cursor;
+                self.releasing = true;
+            }
+            frame.len()
+        } else {
+            self.held.extend_from_slice(rest);
+            cursor
+        };
+        self.event_len += rest.len();
+        if out.is_empty() {
+            frame.slice(run_start..emit_end)
+        } else {
+            out.extend_from_slice(&frame[run_start..emit_end]);
+            out.freeze()
+        }
+    }
+}
+
+// -------------------------------------------------------------- pricing ----
+
+/// A model's price: USD per 1M tokens as `Pico` (input, cached input,
+/// output) and per request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Price {
+    pub input: Pico,
+    pub cached_input: Option<Pico>,
+    pub output: Pico,
+    pub request: Pico,
+}
+
+impl Price {
+    /// Exact cost of `u`: each part rounded up to the next picoUSD (input on
+    /// uncached prompt tokens, cached input on cached ones, output on
+    /// completion tokens, reasoning included), plus the request price.
+    /// Saturating.
+    pub fn cost(&self, u: &Usage) -> Pico {
+        let cached = u.cached_tokens.min(u.prompt_tokens);
+        let uncached = u.prompt_tokens - cached;
+        Pico::per_million(self.input, uncached)
+            .saturating_add(Pico::per_million(
+                self.cached_input.unwrap_or(self.input),
+                cached,
+            ))
+            .saturating_add(Pico::per_million(self.output, u.completion_tokens))
+            .saturating_add(self.request.max(Pico::ZERO))
+    }
+
+    /// The most a request can cost with at most `prompt_tokens` and
+    /// `completion_tokens`: `cost(u) ≤ upper_bound(p, c)` for every `u` with
+    /// `prompt ≤ p` and `completion ≤ c`.
+    ///
+    /// The prompt is priced at the larger of input and cached input (no
+    /// discount assumed), plus 1 picoUSD: splitting the prompt into cached
+    /// and uncached parts rounds up twice, and `⌈a⌉ + ⌈b⌉ ≤ ⌈a + b⌉ + 1`.
+    pub fn upper_bound(&self, prompt_tokens: u64, completion_tokens: u64) -> Pico {
+        let prompt_price = self.input.max(self.cached_input.unwrap_or(self.input));
+        let split_rounding = if prompt_tokens >= 2 && prompt_price > Pico::ZERO {
+            Pico(1)
+        } else {
+            Pico::ZERO
+        };
+        Pico::per_million(prompt_price, prompt_tokens)
+            .saturating_add(split_rounding)
+            .saturating_add(Pico::per_million(self.output, completion_tokens))
+            .saturating_add(self.request.max(Pico::ZERO))
+    }
+
+    /// The largest completion token count `c` with
+    /// `upper_bound(prompt_tokens, c) ≤ budget` (0 if even `c = 0` does not
+    /// fit; `u64::MAX` if output is free).
+    pub fn affordable_completion(&self, budget: Pico, prompt_tokens: u64) -> u64 {
+        let fixed = self.upper_bound(prompt_tokens, 0);
+        if fixed > budget {
+            return 0;
+        }
+        // A saturated bound equals Pico::MAX, which only MAX covers.
+        if budget == Pico::MAX || self.output <= Pico::ZERO {
+            return u64::MAX;
+        }
+        // ⌈out·c/1e6⌉ ≤ r ⟺ out·c/1e6 ≤ r ⟺ c ≤ ⌊r·1e6/out⌋ (r an integer),
+        // and fixed + r ≤ budget < MAX, so no saturation changes the sum.
+        Pico::units_affordable(self.output, budget.saturating_sub(fixed))
+    }
+}
+
+#[cfg(test)]
+mod tests {}

@@ -1,0 +1,855 @@
+//! The hot path: keys in memory, admission, limits, reservations, permits.
+//!
+//! Every step here touches only memory: a `DashMap` from key hash to the
+//! key's live state (atomics for what changes per request, the policy
+//! replaced whole on update). sled is read only on a cache miss.
+//!
+//! The money invariant — `period_spent ≤ limit`, always — holds because the
+//! only way to raise `committed` (= period_spent + reserved) is a
+//! compare-and-swap that checks it against the limit, and settlement never
+//! charges more than was reserved.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::{Quota, RateLimiter};
+use http::HeaderMap;
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::clock::{Clock, DAY_MS};
+use crate::error::ApiError;
+use crate::money::Pico;
+use crate::store::{Account, KeyHash, KeyRecord, Store};
+
+/// `LiveKey::limit` value of a key without a limit.
+const UNLIMITED: i64 = -1;
+
+/// A per-key requests-per-minute limiter (GCRA) that reports what is left.
+type RpmLimiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    governor::clock::DefaultClock,
+    StateInformationMiddleware,
+>;
+
+/// A per-IP limiter against guessing (keys, admin token).
+type IpLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
+
+/// Idle keys are dropped from memory after this long with nothing in flight.
+const IDLE_EVICT_MS: i64 = 10 * 60 * 1000;
+
+/// Keys in memory, and the checks a request must pass.
+pub struct Gate {
+    /// Key hash → live state of the keys in use (not every key in the store).
+    keys: DashMap<KeyHash, Arc<LiveKey>>,
+    store: Store,
+    clock: Clock,
+    /// Unknown-key attempts per client IP.
+    unknown_keys: IpLimiter,
+    /// IPs refused until a time (ms) after too many unknown keys: checked
+    /// before the lookup, so a guess that happens to be right is refused too.
+    blocked_ips: DashMap<IpAddr, i64>,
+    /// Failed admin-token attempts per client IP.
+    admin_failures: IpLimiter,
+}
+
+/// One key's state while it is in memory.
+pub struct LiveKey {
+    pub hash: KeyHash,
+    /// Identity and policy; replaced whole when the key is updated.
+    policy: RwLock<Arc<Policy>>,
+    /// The limit in picoUSD, or `UNLIMITED`.
+    limit: AtomicI64,
+    /// `period_spent + reserved`: the one word admission compares with the
+    /// limit, so that concurrent requests can never overspend.
+    committed: AtomicI64,
+    /// What counts against the limit in the current period.
+    period_spent: AtomicI64,
+    /// Lifetime spend.
+    spent: AtomicI64,
+    /// Id of the limit period `period_spent` belongs to.
+    period: AtomicI64,
+    /// Requests admitted (the `max_requests` counter).
+    requests: AtomicU64,
+    /// Requests admitted and not yet settled.
+    in_flight: AtomicU32,
+    /// Minute number of the tokens-per-minute window…
+    tpm_minute: AtomicI64,
+    /// …and the tokens used in it.
+    tpm_tokens: AtomicU64,
+    /// Last UTC day a daily fee was charged.
+    fee_day: AtomicI64,
+    /// Last time a request used the key (for idle eviction).
+    last_used_ms: AtomicI64,
+    /// Serializes device binding (rare: once per new device).
+    device_lock: Mutex<()>,
+}
+
+/// A key's policy, compiled for fast checks.
+pub struct Policy {
+    pub record: KeyRecord,
+    /// Compiled `models` allowlist; `None` allows every model.
+    models: Option<GlobSet>,
+    /// Parsed `allowed_ips`; empty allows every IP.
+    ips: Vec<IpNet>,
+    /// Requests-per-minute limiter, when the key has an rpm.
+    rpm: Option<RpmLimiter>,
+}
+
+impl Policy {
+    pub fn compile(record: KeyRecord) -> Policy {
+        let models = if record.models.is_empty() {
+            None
+        } else {
+            let mut b = GlobSetBuilder::new();
+            for m in &record.models {
+                // Patterns are validated by the API before they are stored;
+                // one that still fails to compile allows nothing.
+                if let Ok(g) = Glob::new(m) {
+                    b.add(g);
+                }
+            }
+            Some(b.build().unwrap_or_else(|_| GlobSet::empty()))
+        };
+        let ips = record.allowed_ips.iter().filter_map(|s| parse_net(s)).collect();
+        let rpm = record
+            .rpm
+            .and_then(NonZeroU32::new)
+            .map(|n| RateLimiter::direct(Quota::per_minute(n)).with_middleware::<StateInformationMiddleware>());
+        Policy { record, models, ips, rpm }
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|m| m.is_match(model))
+    }
+}
+
+/// Parses `10.0.0.0/8` or a bare address.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// What the gateway tells a client about its rate limits, on every answer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RateInfo {
+    pub rpm: Option<(u32, u32, Duration)>,
+    pub tpm: Option<(u64, u64, Duration)>,
+}
+
+impl RateInfo {
+    /// Writes OpenAI's `x-ratelimit-*` headers.
+    pub fn write_headers(&self, h: &mut HeaderMap) {
+        if let Some((limit, remaining, reset)) = self.rpm {
+            h.insert("x-ratelimit-limit-requests", limit.into());
+            h.insert("x-ratelimit-remaining-requests", remaining.into());
+            if let Ok(v) = format_reset(reset).parse() {
+                h.insert("x-ratelimit-reset-requests", v);
+            }
+        }
+        if let Some((limit, remaining, reset)) = self.tpm {
+            h.insert("x-ratelimit-limit-tokens", limit.into());
+            h.insert("x-ratelimit-remaining-tokens", remaining.into());
+            if let Ok(v) = format_reset(reset).parse() {
+                h.insert("x-ratelimit-reset-tokens", v);
+            }
+        }
+    }
+}
+
+/// OpenAI writes resets as `1s`, `6m0s`, `20ms`.
+fn format_reset(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{}s", ms.div_ceil(1000))
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+/// Holds one of the key's concurrency slots and its in-flight count; both
+/// are given back when it is dropped, whatever happened to the request
+/// (success, error, client gone, panic: `Drop` runs during unwinding).
+pub struct Permit {
+    key: Arc<LiveKey>,
+    pub rate: RateInfo,
+}
+
+impl Permit {
+    pub fn key(&self) -> &Arc<LiveKey> {
+        &self.key
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.key.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Credit taken from a key for one request, until it is settled. Dropping it
+/// unsettled releases it in full (nothing is charged).
+pub struct Reservation {
+    key: Arc<LiveKey>,
+    /// The amount held.
+    pub amount: Pico,
+    settled: bool,
+}
+
+impl Reservation {
+    /// Replaces the reservation by the actual cost and returns what was
+    /// charged: `min(cost, amount)`, because the reservation was an upper
+    /// bound and charging past it could break `spent ≤ limit`.
+    pub fn settle(mut self, cost: Pico) -> Pico {
+        self.settled = true;
+        let charge = Pico(cost.0.clamp(0, self.amount.0));
+        let k = &self.key;
+        // committed = period_spent + reserved: move `charge` from reserved to
+        // period_spent and release the rest.
+        k.period_spent.fetch_add(charge.0, Ordering::AcqRel);
+        k.spent.fetch_add(charge.0, Ordering::AcqRel);
+        k.committed.fetch_sub(self.amount.0 - charge.0, Ordering::AcqRel);
+        charge
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.key.committed.fetch_sub(self.amount.0, Ordering::AcqRel);
+        }
+    }
+}
+
+/// What the reservation step decided.
+pub struct Reserved {
+    pub reservation: Reservation,
+    /// Lowered `max_tokens` when the bound had to be capped to fit.
+    pub capped_max_tokens: Option<u64>,
+    /// A daily fee charged now (its ledger entry must be written).
+    pub daily_fee: Option<Pico>,
+}
+
+/// A snapshot of a key's numbers, for status endpoints.
+#[derive(Clone, Debug)]
+pub struct KeyNumbers {
+    pub limit: Option<Pico>,
+    pub period_spent: Pico,
+    pub reserved: Pico,
+    pub spent: Pico,
+    pub requests: u64,
+    pub in_flight: u32,
+    pub remaining: Option<Pico>,
+}
+
+impl LiveKey {
+    fn new(record: KeyRecord, account: Account, now_ms: i64) -> LiveKey {
+        let period = record.limit_reset.map(|p| p.id(now_ms)).unwrap_or(0);
+        let period_spent = if record.limit_reset.is_none() || account.period == period {
+            account.period_spent
+        } else {
+            Pico::ZERO
+        };
+        LiveKey {
+            hash: record.hash,
+            limit: AtomicI64::new(account.limit.map(|l| l.0).unwrap_or(UNLIMITED)),
+            committed: AtomicI64::new(period_spent.0),
+            period_spent: AtomicI64::new(period_spent.0),
+            spent: AtomicI64::new(account.spent.0),
+            period: AtomicI64::new(period),
+            requests: AtomicU64::new(account.requests),
+            in_flight: AtomicU32::new(0),
+            tpm_minute: AtomicI64::new(0),
+            tpm_tokens: AtomicU64::new(0),
+            fee_day: AtomicI64::new(account.fee_day),
+            last_used_ms: AtomicI64::new(now_ms),
+            device_lock: Mutex::new(()),
+            policy: RwLock::new(Arc::new(Policy::compile(record))),
+        }
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    pub fn limit(&self) -> Option<Pico> {
+        match self.limit.load(Ordering::Acquire) {
+            UNLIMITED => None,
+            l => Some(Pico(l)),
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn numbers(&self) -> KeyNumbers {
+        let limit = self.limit();
+        let committed = self.committed.load(Ordering::Acquire);
+        let period_spent = self.period_spent.load(Ordering::Acquire);
+        KeyNumbers {
+            limit,
+            period_spent: Pico(period_spent),
+            reserved: Pico((committed - period_spent).max(0)),
+            spent: Pico(self.spent.load(Ordering::Acquire)),
+            requests: self.requests.load(Ordering::Acquire),
+            in_flight: self.in_flight(),
+            remaining: limit.map(|l| Pico((l.0 - committed).max(0))),
+        }
+    }
+
+    /// Starts a new limit period when `now` has left the current one: what
+    /// counts against the limit goes back to zero. Reservations in flight
+    /// stay in `committed` and settle into the new period.
+    fn roll_period(&self, policy: &Policy, now_ms: i64) {
+        let Some(reset) = policy.record.limit_reset else { return };
+        let id = reset.id(now_ms);
+        let cur = self.period.load(Ordering::Acquire);
+        if cur == id {
+            return;
+        }
+        if self.period.compare_exchange(cur, id, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            let old = self.period_spent.swap(0, Ordering::AcqRel);
+            self.committed.fetch_sub(old, Ordering::AcqRel);
+        }
+    }
+
+    /// Takes `amount` from what remains, if it fits.
+    fn try_commit(&self, amount: i64) -> Result<(), i64> {
+        let limit = self.limit.load(Ordering::Acquire);
+        let mut cur = self.committed.load(Ordering::Acquire);
+        loop {
+            let next = cur.checked_add(amount).ok_or(0i64)?;
+            if limit != UNLIMITED && next > limit {
+                return Err((limit - cur).max(0));
+            }
+            match self.committed.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+}
+
+/// The facts about a request that admission checks.
+pub struct Ask<'a> {
+    pub model: Option<&'a str>,
+    pub client_ip: IpAddr,
+    pub device: Option<&'a str>,
+}
+
+impl Gate {
+    pub fn new(store: Store, clock: Clock, unknown_key_per_minute: u32, admin_failures_per_minute: u32) -> Gate {
+        let per_min = |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).expect("max(1) is non-zero"));
+        Gate {
+            keys: DashMap::new(),
+            store,
+            clock,
+            unknown_keys: RateLimiter::keyed(per_min(unknown_key_per_minute)),
+            blocked_ips: DashMap::new(),
+            admin_failures: RateLimiter::keyed(per_min(admin_failures_per_minute)),
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Keys currently in memory.
+    pub fn cached(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Step 1: the key presented with the request, found in memory (or in
+    /// the store on a miss). Unknown keys from one IP are rate limited.
+    pub fn authenticate(&self, headers: &HeaderMap, ip: IpAddr) -> Result<Arc<LiveKey>, ApiError> {
+        let now = self.clock.now_ms();
+        if let Some(until) = self.blocked_ips.get(&ip).map(|e| *e.value())
+            && until > now
+        {
+            return Err(ApiError::rate_limited(
+                "Too many requests with invalid API keys from this address.",
+                ((until - now) as u64).div_ceil(1000),
+            ));
+        }
+        let key = match key_from_headers(headers) {
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                return Err(ApiError::invalid_api_key(
+                    "You didn't provide an API key. Provide it as `Authorization: Bearer YOUR_KEY`.",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let hash = hash_key(key);
+        match self.lookup(&hash, now)? {
+            Some(k) => {
+                k.last_used_ms.store(now, Ordering::Relaxed);
+                Ok(k)
+            }
+            None => {
+                if self.unknown_keys.check_key(&ip).is_err() {
+                    self.blocked_ips.insert(ip, now + 60_000);
+                    return Err(ApiError::rate_limited(
+                        "Too many requests with invalid API keys from this address.",
+                        60,
+                    ));
+                }
+                Err(ApiError::invalid_api_key("Incorrect API key provided."))
+            }
+        }
+    }
+
+    /// The live state of a key, loading it from the store on a miss.
+    pub fn lookup(&self, hash: &KeyHash, now_ms: i64) -> Result<Option<Arc<LiveKey>>, ApiError> {
+        if let Some(k) = self.keys.get(hash).map(|e| e.value().clone()) {
+            return Ok(Some(k));
+        }
+        let loaded = self
+            .store
+            .key(hash)
+            .map_err(|e| ApiError::internal(format!("key store: {e}")))?;
+        let Some((record, account)) = loaded else { return Ok(None) };
+        let live = Arc::new(LiveKey::new(record, account, now_ms));
+        // Two workers may load the same key at once: the first insert wins
+        // and both use it, so counters are never split.
+        Ok(Some(self.keys.entry(*hash).or_insert(live).value().clone()))
+    }
+
+    /// Step 2: the key's status and policy. Binds a new device when the key
+    /// still has room for one.
+    pub fn admit(&self, key: &LiveKey, ask: &Ask<'_>) -> Result<Arc<Policy>, ApiError> {
+        let policy = key.policy();
+        let rec = &policy.record;
+        let now = self.clock.now_ms();
+        if rec.disabled {
+            return Err(ApiError::permission("key_disabled", "This API key is disabled."));
+        }
+        if let Some(exp) = rec.expires_at
+            && now >= exp
+        {
+            return Err(ApiError::permission("key_expired", "This API key has expired."));
+        }
+        if let Some(max) = rec.max_requests
+            && key.requests.load(Ordering::Acquire) >= max
+        {
+            return Err(ApiError::insufficient_quota(
+                "request_limit_reached",
+                format!("This key has used all of its {max} requests."),
+                "max_requests",
+            ));
+        }
+        if let Some(model) = ask.model
+            && !policy.allows_model(model)
+        {
+            return Err(ApiError::permission(
+                "model_not_allowed",
+                format!("This key may not use the model `{}`.", crate::error::truncate(model, 128)),
+            )
+            .with_param("model"));
+        }
+        if !policy.ips.is_empty() && !policy.ips.iter().any(|n| n.contains(&ask.client_ip)) {
+            return Err(ApiError::permission("ip_not_allowed", "This key may not be used from this address."));
+        }
+        if let Some(max) = rec.max_devices {
+            let Some(device) = ask.device else {
+                return Err(ApiError::permission("device_required", "This key requires an X-Device-Id header."));
+            };
+            if !rec.devices.iter().any(|d| d == device) {
+                return self.bind_device(key, device, max);
+            }
+        }
+        Ok(policy)
+    }
+
+    fn bind_device(&self, key: &LiveKey, device: &str, max: u32) -> Result<Arc<Policy>, ApiError> {
+        if device.is_empty() || device.len() > 128 || !device.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::bad_request("invalid_device_id", "X-Device-Id must be 1 to 128 visible ASCII characters."));
+        }
+        let _guard = key.device_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let policy = key.policy();
+        if policy.record.devices.iter().any(|d| d == device) {
+            return Ok(policy);
+        }
+        if policy.record.devices.len() >= max as usize {
+            return Err(ApiError::permission(
+                "device_limit",
+                format!("This key is already bound to its maximum of {max} devices."),
+            ));
+        }
+        let mut record = policy.record.clone();
+        record.devices.push(device.to_owned());
+        self.store.bind_device(record.hash, device.to_owned());
+        key.set_policy(Policy::compile(record));
+        Ok(key.policy())
+    }
+
+    /// Step 3: rpm, tpm and concurrency. The returned permit holds the
+    /// concurrency slot and the request counts from here on.
+    pub fn limit(&self, key: &Arc<LiveKey>, policy: &Policy) -> Result<Permit, ApiError> {
+        let rec = &policy.record;
+        let mut rate = RateInfo::default();
+        let now = self.clock.now_ms();
+        if let Some(tpm) = rec.tpm {
+            let minute = now.div_euclid(60_000);
+            let used = if key.tpm_minute.load(Ordering::Acquire) == minute {
+                key.tpm_tokens.load(Ordering::Acquire)
+            } else {
+                0
+            };
+            let reset = Duration::from_millis((60_000 - now.rem_euclid(60_000)) as u64);
+            if used >= tpm {
+                return Err(ApiError::rate_limited(
+                    format!("Rate limit reached: {tpm} tokens per minute."),
+                    reset.as_secs().max(1),
+                )
+                .with_rate(&RateInfo { rpm: None, tpm: Some((tpm, 0, reset)) }));
+            }
+            rate.tpm = Some((tpm, tpm - used, reset));
+        }
+        if let Some(limiter) = &policy.rpm {
+            let limit = rec.rpm.unwrap_or(0);
+            match limiter.check() {
+                Ok(snapshot) => {
+                    let snapshot: StateSnapshot = snapshot;
+                    let remaining = snapshot.remaining_burst_capacity();
+                    let refill = Duration::from_millis(60_000 / limit.max(1) as u64);
+                    rate.rpm = Some((limit, remaining, refill));
+                }
+                Err(not_until) => {
+                    use governor::clock::Clock as _;
+                    let wait = not_until.wait_time_from(limiter.clock().now());
+                    rate.rpm = Some((limit, 0, wait));
+                    return Err(ApiError::rate_limited(
+                        format!("Rate limit reached: {limit} requests per minute."),
+                        wait.as_secs().max(1),
+                    )
+                    .with_rate(&rate));
+                }
+            }
+        }
+        // Concurrency: the slot is taken with a CAS so it can never exceed
+        // the limit; the permit gives it back on drop.
+        let max = rec.concurrency.unwrap_or(u32::MAX);
+        let taken = key
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        if taken.is_err() {
+            return Err(ApiError::rate_limited(
+                format!("Too many concurrent requests for this key (at most {max})."),
+                1,
+            )
+            .with_rate(&rate));
+        }
+        let permit = Permit { key: key.clone(), rate };
+        let max_requests = rec.max_requests.unwrap_or(u64::MAX);
+        let counted = key
+            .requests
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_requests).then_some(n + 1));
+        if counted.is_err() {
+            return Err(ApiError::insufficient_quota(
+                "request_limit_reached",
+                format!("This key has used all of its {max_requests} requests."),
+                "max_requests",
+            ));
+        }
+        Ok(permit)
+    }
+
+    /// Gives back the request count of a request that never reached an
+    /// upstream (every upstream failed before answering).
+    pub fn uncount(&self, key: &LiveKey) {
+        let _ = key
+            .requests
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Step 4: reserve an upper bound of the request's cost. `bound(c)` is
+    /// the bound with `c` completion tokens; `max_completion` the tokens the
+    /// request may produce. With `cap`, a bound that does not fit is lowered
+    /// to the largest completion that does (at least 1 token).
+    pub fn reserve(
+        &self,
+        key: &Arc<LiveKey>,
+        policy: &Policy,
+        max_completion: u64,
+        cap: bool,
+        bound: impl Fn(u64) -> Pico,
+        affordable: impl Fn(Pico) -> u64,
+    ) -> Result<Reserved, ApiError> {
+        let now = self.clock.now_ms();
+        key.roll_period(policy, now);
+        let daily_fee = self.charge_daily_fee(key, policy, now)?;
+        let want = bound(max_completion);
+        match key.try_commit(want.0) {
+            Ok(()) => Ok(Reserved {
+                reservation: Reservation { key: key.clone(), amount: want, settled: false },
+                capped_max_tokens: None,
+                daily_fee,
+            }),
+            Err(available) => {
+                if cap {
+                    // Retry with what is left; another request may take some
+                    // of it meanwhile, so the CAS still decides.
+                    let c = affordable(Pico(available)).min(max_completion);
+                    if c >= 1 {
+                        let amount = bound(c);
+                        if key.try_commit(amount.0).is_ok() {
+                            return Ok(Reserved {
+                                reservation: Reservation { key: key.clone(), amount, settled: false },
+                                capped_max_tokens: Some(c),
+                                daily_fee,
+                            });
+                        }
+                    }
+                }
+                Err(ApiError::insufficient_quota(
+                    "insufficient_quota",
+                    "This key has not enough credit left for this request.",
+                    "key",
+                ))
+            }
+        }
+    }
+
+    /// Charges the plan's daily fee on the key's first request of a UTC day.
+    fn charge_daily_fee(&self, key: &LiveKey, policy: &Policy, now: i64) -> Result<Option<Pico>, ApiError> {
+        let Some(fee) = policy.record.daily_fee.filter(|f| f.0 > 0) else { return Ok(None) };
+        let today = now.div_euclid(DAY_MS);
+        let last = key.fee_day.load(Ordering::Acquire);
+        if last >= today || key.fee_day.compare_exchange(last, today, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return Ok(None);
+        }
+        if key.try_commit(fee.0).is_err() {
+            key.fee_day.store(last, Ordering::Release);
+            return Err(ApiError::insufficient_quota(
+                "insufficient_quota",
+                "This key has not enough credit left for today's fee.",
+                "daily_fee",
+            ));
+        }
+        key.period_spent.fetch_add(fee.0, Ordering::AcqRel);
+        key.spent.fetch_add(fee.0, Ordering::AcqRel);
+        Ok(Some(fee))
+    }
+
+    /// Adds tokens to the key's tokens-per-minute window.
+    pub fn add_tokens(&self, key: &LiveKey, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let minute = self.clock.now_ms().div_euclid(60_000);
+        let cur = key.tpm_minute.load(Ordering::Acquire);
+        if cur != minute && key.tpm_minute.compare_exchange(cur, minute, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            key.tpm_tokens.store(0, Ordering::Release);
+        }
+        key.tpm_tokens.fetch_add(tokens, Ordering::AcqRel);
+    }
+
+    // ---- admin side: keeps memory in step with what the store applied ----
+
+    /// Replaces the cached policy of a key after an update.
+    pub fn updated(&self, record: KeyRecord) {
+        if let Some(k) = self.keys.get(&record.hash).map(|e| e.value().clone()) {
+            k.set_policy(Policy::compile(record));
+        }
+    }
+
+    /// Sets the cached limit after an update or a top-up.
+    pub fn set_limit(&self, hash: &KeyHash, limit: Option<Pico>) {
+        if let Some(k) = self.keys.get(hash).map(|e| e.value().clone()) {
+            k.limit.store(limit.map(|l| l.0).unwrap_or(UNLIMITED), Ordering::Release);
+        }
+    }
+
+    /// Takes `amount` from a key's remaining credit (a deduct), or refuses
+    /// with 402 when it does not fit. Returns a hold that must be confirmed
+    /// once the ledger entry is durable.
+    pub fn hold(&self, key: &Arc<LiveKey>, amount: Pico) -> Result<Reservation, ApiError> {
+        key.roll_period(&key.policy(), self.clock.now_ms());
+        key.try_commit(amount.0).map_err(|available| {
+            ApiError::insufficient_quota(
+                "insufficient_quota",
+                format!("The key has only {} USD left; nothing was deducted.", Pico(available)),
+                "key",
+            )
+        })?;
+        Ok(Reservation { key: key.clone(), amount, settled: false })
+    }
+
+    /// Gives back spent credit (a refund), not below zero.
+    pub fn refund(&self, key: &LiveKey, amount: Pico) {
+        let back = key
+            .period_spent
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some((s - amount.0).max(0)))
+            .map(|prev| prev - (prev - amount.0).max(0))
+            .unwrap_or(0);
+        key.committed.fetch_sub(back, Ordering::AcqRel);
+        key.spent.fetch_sub(amount.0, Ordering::AcqRel);
+    }
+
+    /// Drops a key from memory (deleted).
+    pub fn forget(&self, hash: &KeyHash) {
+        self.keys.remove(hash);
+    }
+
+    /// Checks a failed admin-token attempt against the per-IP limit: `Err`
+    /// when this IP has failed too often.
+    pub fn admin_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
+        self.admin_failures
+            .check_key(&ip)
+            .map_err(|_| ApiError::rate_limited("Too many failed admin authentications from this address.", 60))
+    }
+
+    /// The sweeper's work: drop idle keys from memory and prune limiter
+    /// state so memory stays bounded with many keys and many IPs.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now_ms();
+        let before = self.keys.len();
+        self.keys.retain(|_, k| {
+            let idle = now - k.last_used_ms.load(Ordering::Relaxed) > IDLE_EVICT_MS;
+            let busy = k.in_flight() > 0
+                || k.committed.load(Ordering::Acquire) != k.period_spent.load(Ordering::Acquire);
+            !idle || busy
+        });
+        self.blocked_ips.retain(|_, until| *until > now);
+        self.blocked_ips.shrink_to_fit();
+        self.unknown_keys.retain_recent();
+        self.unknown_keys.shrink_to_fit();
+        self.admin_failures.retain_recent();
+        self.admin_failures.shrink_to_fit();
+        before - self.keys.len()
+    }
+}
+
+impl ApiError {
+    /// Adds the `x-ratelimit-*` headers to an error.
+    pub fn with_rate(mut self, rate: &RateInfo) -> ApiError {
+        let mut h = HeaderMap::new();
+        rate.write_headers(&mut h);
+        for (name, value) in h.iter() {
+            self.headers.push((name.clone(), value.clone()));
+        }
+        self
+    }
+}
+
+/// The key a request presents: `Authorization: Bearer`, `x-api-key` or
+/// `api-key`. `Ok(None)` when there is none; an error for a malformed one.
+pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v
+            .to_str()
+            .map_err(|_| ApiError::invalid_api_key("The Authorization header is not valid text."))?;
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .ok_or_else(|| ApiError::invalid_api_key("Use `Authorization: Bearer YOUR_KEY`."))?
+            .trim();
+        return valid_key_text(token).map(Some);
+    }
+    for name in ["x-api-key", "api-key"] {
+        if let Some(v) = headers.get(name) {
+            let v = v
+                .to_str()
+                .map_err(|_| ApiError::invalid_api_key("The API key header is not valid text."))?;
+            return valid_key_text(v.trim()).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn valid_key_text(k: &str) -> Result<&str, ApiError> {
+    if k.is_empty() || k.len() > 256 {
+        return Err(ApiError::invalid_api_key("Incorrect API key provided."));
+    }
+    Ok(k)
+}
+
+/// SHA-256 of the whole key: how keys are stored and found.
+pub fn hash_key(key: &str) -> KeyHash {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// A new key: `sk-tg-` and 48 characters of `[0-9A-Za-z]` from the OS
+/// CSPRNG (rejection sampling, so every character is equally likely).
+pub fn generate_key() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = String::with_capacity(54);
+    out.push_str("sk-tg-");
+    let mut buf = [0u8; 64];
+    while out.len() < 54 {
+        getrandom::fill(&mut buf).expect("the OS random source is available");
+        for b in buf {
+            // 248 = 4 × 62: bytes at or above it would bias the draw.
+            if b < 248 && out.len() < 54 {
+                out.push(ALPHABET[(b % 62) as usize] as char);
+            }
+        }
+    }
+    out
+}
+
+/// `sk-tg-Ab3…x9Q`: enough to recognise a key, not to use it.
+pub fn label_of(key: &str) -> String {
+    let head: String = key.chars().take(9).collect();
+    let tail: String = key.chars().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+    format!("{head}…{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn keys_look_right_and_differ() {
+        let a = generate_key();
+        let b = generate_key();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 54);
+        assert!(a.starts_with("sk-tg-"));
+        assert!(a[6..].bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert_eq!(label_of("sk-tg-Ab3defghijkx9Q"), "sk-tg-Ab3…x9Q");
+        assert_eq!(hex::encode(hash_key("abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn key_extraction() {
+        let mut h = HeaderMap::new();
+        assert_eq!(key_from_headers(&h).unwrap(), None);
+        h.insert("x-api-key", HeaderValue::from_static("k2"));
+        assert_eq!(key_from_headers(&h).unwrap(), Some("k2"));
+        h.insert("authorization", HeaderValue::from_static("Bearer k1"));
+        assert_eq!(key_from_headers(&h).unwrap(), Some("k1"));
+        h.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(key_from_headers(&h).unwrap_err().status, 401);
+        h.insert("authorization", HeaderValue::from_static("Bearer "));
+        assert_eq!(key_from_headers(&h).unwrap_err().status, 401);
+        h.insert("authorization", HeaderValue::from_bytes(b"Bearer \xff").unwrap());
+        assert_eq!(key_from_headers(&h).unwrap_err().status, 401);
+    }
+
+    #[test]
+    fn resets_format_like_openai() {
+        assert_eq!(format_reset(Duration::from_millis(20)), "20ms");
+        assert_eq!(format_reset(Duration::from_millis(1500)), "2s");
+        assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
+    }
+}

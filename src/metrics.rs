@@ -1,0 +1,243 @@
+//! Counters for `/metrics` (Prometheus text format).
+//!
+//! Off the hot path: recording is a few relaxed atomic adds (plus one
+//! DashMap lookup by model name); the text is rendered only when scraped.
+//! No label ever carries a key or its hash.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use crate::app::App;
+use crate::error::ApiError;
+use crate::meter::{Route, Usage};
+use crate::money::Pico;
+
+const ROUTES: [Route; 5] = [Route::Chat, Route::Completions, Route::Embeddings, Route::Responses, Route::Other];
+/// Latency buckets, seconds.
+const BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const REASONS: [&str; 7] = ["auth", "forbidden", "quota", "rate", "concurrency", "bad_request", "upstream"];
+
+/// A latency histogram: cumulative on render, per-bucket when recorded.
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str) {
+        let mut cum = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cum += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        cum += self.buckets[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {cum}");
+    }
+}
+
+/// Per-model token and cost counters.
+#[derive(Default)]
+struct ModelCounters {
+    requests: AtomicU64,
+    prompt: AtomicU64,
+    cached: AtomicU64,
+    completion: AtomicU64,
+    reasoning: AtomicU64,
+    cost_pico: AtomicI64,
+    estimated: AtomicU64,
+}
+
+#[derive(Default)]
+struct UpstreamCounters {
+    requests: AtomicU64,
+    failures: AtomicU64,
+    failovers: AtomicU64,
+}
+
+/// Every counter the gateway exposes.
+#[derive(Default)]
+pub struct Metrics {
+    /// [route][status class 1xx..5xx]
+    requests: [[AtomicU64; 5]; 5],
+    latency: Histogram,
+    ttfb: Histogram,
+    models: DashMap<String, ModelCounters>,
+    upstreams: Vec<UpstreamCounters>,
+    rejections: [AtomicU64; REASONS.len()],
+    /// Admitted requests not yet settled.
+    pub in_flight: AtomicI64,
+}
+
+impl Metrics {
+    pub fn new(upstreams: usize) -> Metrics {
+        Metrics { upstreams: (0..upstreams).map(|_| UpstreamCounters::default()).collect(), ..Metrics::default() }
+    }
+
+    /// A request answered (by the upstream or by the gateway).
+    pub fn answered(&self, route: Route, status: u16, latency: Duration, ttfb: Option<Duration>) {
+        let r = ROUTES.iter().position(|x| *x == route).unwrap_or(4);
+        let class = ((status / 100).clamp(1, 5) - 1) as usize;
+        self.requests[r][class].fetch_add(1, Relaxed);
+        self.latency.observe(latency);
+        if let Some(t) = ttfb {
+            self.ttfb.observe(t);
+        }
+    }
+
+    /// A request refused by the gateway, by reason.
+    pub fn rejected(&self, e: &ApiError) {
+        let reason = match e.status.as_u16() {
+            401 => "auth",
+            403 => "forbidden",
+            402 => "quota",
+            429 if e.message.contains("concurrent") => "concurrency",
+            429 => "rate",
+            s if s >= 500 => "upstream",
+            _ => "bad_request",
+        };
+        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
+            self.rejections[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Tokens and cost of a settled request.
+    pub fn metered(&self, model: &str, upstream: Option<usize>, usage: &Usage, cost: Pico, estimated: bool) {
+        self.in_flight.fetch_sub(1, Relaxed);
+        if let Some(u) = upstream.and_then(|i| self.upstreams.get(i)) {
+            u.requests.fetch_add(1, Relaxed);
+        }
+        if model.is_empty() {
+            return;
+        }
+        let record = |m: &ModelCounters| {
+            m.requests.fetch_add(1, Relaxed);
+            m.prompt.fetch_add(usage.prompt_tokens, Relaxed);
+            m.cached.fetch_add(usage.cached_tokens, Relaxed);
+            m.completion.fetch_add(usage.completion_tokens, Relaxed);
+            m.reasoning.fetch_add(usage.reasoning_tokens, Relaxed);
+            m.cost_pico.fetch_add(cost.0, Relaxed);
+            if estimated {
+                m.estimated.fetch_add(1, Relaxed);
+            }
+        };
+        // Models are the configured ones (unknown models are refused before
+        // this), so the map stays small.
+        if let Some(m) = self.models.get(model) {
+            record(&m);
+            return;
+        }
+        record(&self.models.entry(model.to_owned()).or_default());
+    }
+
+    /// An upstream failed; `failover` when another one is tried next.
+    pub fn upstream_failed(&self, upstream: usize, failover: bool) {
+        if let Some(u) = self.upstreams.get(upstream) {
+            u.failures.fetch_add(1, Relaxed);
+            if failover {
+                u.failovers.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, app: &App) -> String {
+        let mut out = String::with_capacity(8192);
+        out.push_str("# HELP tollgate_requests_total Requests answered, by route and status class.\n# TYPE tollgate_requests_total counter\n");
+        for (r, route) in ROUTES.iter().enumerate() {
+            for c in 0..5 {
+                let n = self.requests[r][c].load(Relaxed);
+                let _ = writeln!(out, "tollgate_requests_total{{route=\"{}\",status=\"{}xx\"}} {n}", route.as_str(), c + 1);
+            }
+        }
+        out.push_str("# HELP tollgate_request_duration_seconds Time from request to the end of the answer.\n# TYPE tollgate_request_duration_seconds histogram\n");
+        self.latency.render(&mut out, "tollgate_request_duration_seconds");
+        out.push_str("# HELP tollgate_time_to_first_byte_seconds Time from request to the first byte of the upstream's body.\n# TYPE tollgate_time_to_first_byte_seconds histogram\n");
+        self.ttfb.render(&mut out, "tollgate_time_to_first_byte_seconds");
+        out.push_str("# HELP tollgate_in_flight_requests Admitted requests not yet settled.\n# TYPE tollgate_in_flight_requests gauge\n");
+        let _ = writeln!(out, "tollgate_in_flight_requests {}", self.in_flight.load(Relaxed).max(0));
+        out.push_str("# HELP tollgate_rejections_total Requests refused by the gateway, by reason.\n# TYPE tollgate_rejections_total counter\n");
+        for (i, reason) in REASONS.iter().enumerate() {
+            let _ = writeln!(out, "tollgate_rejections_total{{reason=\"{reason}\"}} {}", self.rejections[i].load(Relaxed));
+        }
+        let mut models: Vec<(String, [u64; 6], i64)> = self
+            .models
+            .iter()
+            .map(|e| {
+                let m = e.value();
+                (
+                    e.key().clone(),
+                    [
+                        m.requests.load(Relaxed),
+                        m.prompt.load(Relaxed),
+                        m.cached.load(Relaxed),
+                        m.completion.load(Relaxed),
+                        m.reasoning.load(Relaxed),
+                        m.estimated.load(Relaxed),
+                    ],
+                    m.cost_pico.load(Relaxed),
+                )
+            })
+            .collect();
+        models.sort_by(|a, b| a.0.cmp(&b.0));
+        out.push_str("# HELP tollgate_tokens_total Tokens metered, by model and kind.\n# TYPE tollgate_tokens_total counter\n");
+        for (model, n, _) in &models {
+            let model = escape(model);
+            for (kind, v) in [("prompt", n[1]), ("cached", n[2]), ("completion", n[3]), ("reasoning", n[4])] {
+                let _ = writeln!(out, "tollgate_tokens_total{{model=\"{model}\",kind=\"{kind}\"}} {v}");
+            }
+        }
+        out.push_str("# HELP tollgate_cost_usd_total Money charged, by model (exact decimal).\n# TYPE tollgate_cost_usd_total counter\n");
+        for (model, _, cost) in &models {
+            let _ = writeln!(out, "tollgate_cost_usd_total{{model=\"{}\"}} {}", escape(model), Pico(*cost));
+        }
+        out.push_str("# HELP tollgate_metered_requests_total Settled requests, by model.\n# TYPE tollgate_metered_requests_total counter\n");
+        for (model, n, _) in &models {
+            let _ = writeln!(out, "tollgate_metered_requests_total{{model=\"{}\"}} {}", escape(model), n[0]);
+        }
+        out.push_str("# HELP tollgate_estimated_requests_total Requests charged from an estimate (no usage reported), by model.\n# TYPE tollgate_estimated_requests_total counter\n");
+        for (model, n, _) in &models {
+            let _ = writeln!(out, "tollgate_estimated_requests_total{{model=\"{}\"}} {}", escape(model), n[5]);
+        }
+        out.push_str("# HELP tollgate_upstream_requests_total Requests answered by each upstream.\n# TYPE tollgate_upstream_requests_total counter\n");
+        for (i, u) in app.routing.upstreams.iter().enumerate() {
+            let c = &self.upstreams[i];
+            let name = escape(&u.name);
+            let _ = writeln!(out, "tollgate_upstream_requests_total{{upstream=\"{name}\"}} {}", c.requests.load(Relaxed));
+            let _ = writeln!(out, "tollgate_upstream_failures_total{{upstream=\"{name}\"}} {}", c.failures.load(Relaxed));
+            let _ = writeln!(out, "tollgate_upstream_failovers_total{{upstream=\"{name}\"}} {}", c.failovers.load(Relaxed));
+        }
+        let s = app.store.stats();
+        out.push_str("# HELP tollgate_store_queue_depth Writes queued for the store thread.\n# TYPE tollgate_store_queue_depth gauge\n");
+        let _ = writeln!(out, "tollgate_store_queue_depth {}", s.queue_depth);
+        out.push_str("# TYPE tollgate_store_batches_total counter\n");
+        let _ = writeln!(out, "tollgate_store_batches_total {}", s.batches);
+        out.push_str("# TYPE tollgate_store_records_total counter\n");
+        let _ = writeln!(out, "tollgate_store_records_total {}", s.records_written);
+        out.push_str("# TYPE tollgate_store_last_batch_size gauge\n");
+        let _ = writeln!(out, "tollgate_store_last_batch_size {}", s.last_batch_size);
+        out.push_str("# HELP tollgate_store_flush_seconds Time spent applying and flushing batches.\n# TYPE tollgate_store_flush_seconds summary\n");
+        let _ = writeln!(out, "tollgate_store_flush_seconds_sum {}", s.flush_us_sum as f64 / 1e6);
+        let _ = writeln!(out, "tollgate_store_flush_seconds_count {}", s.flush_count);
+        out.push_str("# HELP tollgate_keys_cached Keys held in memory.\n# TYPE tollgate_keys_cached gauge\n");
+        let _ = writeln!(out, "tollgate_keys_cached {}", app.gate.cached());
+        out
+    }
+}
+
+/// Escapes a label value (`\`, `"`, newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}

@@ -1,0 +1,661 @@
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+
+use super::*;
+use crate::clock::DAY_MS;
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-store-{name}-{}-{}-{}",
+            std::process::id(),
+            now_ms(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn hash(n: u32) -> KeyHash {
+    let mut h = [0u8; 32];
+    h[..4].copy_from_slice(&n.to_be_bytes());
+    h[31] = 0xAB;
+    h
+}
+
+fn key(n: u32, owner: Option<&str>, plan: Option<&str>) -> KeyRecord {
+    KeyRecord {
+        hash: hash(n),
+        name: format!("key {n}"),
+        label: "sk-tg-Ab3…x9Q".into(),
+        owner: owner.map(str::to_owned),
+        plan: plan.map(str::to_owned),
+        disabled: false,
+        created_at: 1_000 + i64::from(n),
+        updated_at: 1_000 + i64::from(n),
+        expires_at: None,
+        limit_reset: None,
+        max_requests: None,
+        rpm: Some(60),
+        tpm: None,
+        concurrency: None,
+        models: vec!["gpt-*".into()],
+        allowed_ips: vec![],
+        max_devices: None,
+        devices: vec![],
+        daily_fee: Some(Pico(5)),
+        metadata: Some(r#"{"a":1}"#.into()),
+        imported: false,
+    }
+}
+
+fn account(limit: Option<i64>) -> Account {
+    Account {
+        limit: limit.map(Pico),
+        fee_day: -1,
+        ..Account::default()
+    }
+}
+
+fn usage(k: u32, at_ms: i64, model: &str, cost: i64, i: u64) -> UsageRecord {
+    UsageRecord {
+        at_ms,
+        key: hash(k),
+        model: model.into(),
+        upstream: "mock".into(),
+        route: "chat".into(),
+        stream: i % 2 == 0,
+        status: if i % 7 == 0 { 502 } else { 200 },
+        prompt_tokens: 10 + i,
+        cached_tokens: i % 3,
+        completion_tokens: 20,
+        reasoning_tokens: 1,
+        cost: Pico(cost),
+        reserved: Pico(cost * 2),
+        latency_ms: 100,
+        ttfb_ms: 10,
+        request_id: format!("req-{k}-{i}"),
+        client_ip: "127.0.0.1".into(),
+        estimated: i % 5 == 0,
+    }
+}
+
+fn credit(kind: LedgerKind, amount: i64, idem: Option<&str>, at_ms: i64) -> CreditOp {
+    CreditOp {
+        kind,
+        amount: Pico(amount),
+        reason: "test".into(),
+        idempotency_key: idem.map(str::to_owned),
+        at_ms,
+    }
+}
+
+/// spent = Σ usage record costs + Σ deducts + Σ fees − Σ refunds, read back
+/// from disk.
+fn assert_books_balance(store: &Store, h: &KeyHash) {
+    let (_, acct) = store.key(h).unwrap().expect("the key exists");
+    let recs = store.usage(h, 0, usize::MAX).unwrap();
+    let mut sum: i64 = recs.iter().map(|r| r.cost.0).sum();
+    let ledger = store.ledger(h, 0, usize::MAX).unwrap();
+    for e in &ledger {
+        match e.kind {
+            LedgerKind::Deduct | LedgerKind::DailyFee => sum += e.amount.0,
+            LedgerKind::Refund => sum -= e.amount.0,
+            LedgerKind::Topup => {}
+        }
+    }
+    assert_eq!(acct.spent.0, sum, "spent vs records + ledger");
+    assert_eq!(acct.requests, recs.len() as u64);
+    assert_eq!(acct.ledger_seq, ledger.len() as u64);
+}
+
+#[tokio::test]
+async fn create_read_update_delete_with_owners_index() {
+    let dir = TempDir::new("crud");
+    let store = Store::open(&dir.0, 5).unwrap();
+    let a = key(1, Some("alice"), Some("trial"));
+    store
+        .create_key(a.clone(), account(Some(100)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.create_key(a.clone(), account(None)).await,
+        Err(StoreError::Exists)
+    ));
+    store
+        .create_key(key(2, Some("alice"), Some("pro")), account(None))
+        .await
+        .unwrap();
+    store
+        .create_key(key(3, None, None), account(None))
+        .await
+        .unwrap();
+    assert_eq!(store.stats().keys, 3);
+
+    let (rec, acct) = store.key(&hash(1)).unwrap().unwrap();
+    assert_eq!(rec, a);
+    assert_eq!(acct, account(Some(100)));
+    assert_eq!(
+        store.active_key_of("alice", "trial").unwrap(),
+        Some(hash(1))
+    );
+    assert_eq!(store.active_key_of("alice", "pro").unwrap(), Some(hash(2)));
+    assert_eq!(store.active_key_of("bob", "trial").unwrap(), None);
+
+    // Disabling takes it out of active_key_of; moving owner moves the entry.
+    let mut a2 = a.clone();
+    a2.disabled = true;
+    store.update_key(a2.clone()).await.unwrap();
+    assert_eq!(store.active_key_of("alice", "trial").unwrap(), None);
+    let mut moved = key(2, Some("bob"), Some("pro"));
+    moved.limit_reset = Some(Period::Daily);
+    moved.updated_at = 5 * DAY_MS;
+    store.update_key(moved.clone()).await.unwrap();
+    assert_eq!(store.active_key_of("alice", "pro").unwrap(), None);
+    assert_eq!(store.active_key_of("bob", "pro").unwrap(), Some(hash(2)));
+    assert_eq!(store.key(&hash(2)).unwrap().unwrap().1.period, 5);
+    assert!(matches!(
+        store.update_key(key(9, None, None)).await,
+        Err(StoreError::NotFound)
+    ));
+
+    // Listing: created_at order, disabled filter, owner filter, paging.
+    let all = KeyQuery {
+        offset: 0,
+        limit: 10,
+        owner: None,
+        include_disabled: true,
+    };
+    let hashes: Vec<_> = store.keys(&all).unwrap().iter().map(|k| k.0.hash).collect();
+    assert_eq!(hashes, vec![hash(1), hash(2), hash(3)]);
+    let enabled = KeyQuery {
+        include_disabled: false,
+        ..all.clone()
+    };
+    let hashes: Vec<_> = store
+        .keys(&enabled)
+        .unwrap()
+        .iter()
+        .map(|k| k.0.hash)
+        .collect();
+    assert_eq!(hashes, vec![hash(2), hash(3)]);
+    let page = KeyQuery {
+        offset: 1,
+        limit: 1,
+        ..all.clone()
+    };
+    assert_eq!(store.keys(&page).unwrap()[0].0.hash, hash(2));
+    let alice = KeyQuery {
+        owner: Some("alice".into()),
+        ..all.clone()
+    };
+    assert_eq!(store.keys(&alice).unwrap().len(), 1);
+
+    store.bind_device(hash(3), "dev-1".into());
+    store.bind_device(hash(3), "dev-1".into());
+    store.bind_device(hash(3), "dev-2".into());
+    store.flush().await.unwrap();
+    assert_eq!(
+        store.key(&hash(3)).unwrap().unwrap().0.devices,
+        vec!["dev-1", "dev-2"]
+    );
+
+    assert!(store.delete_key(hash(2)).await.unwrap());
+    assert!(!store.delete_key(hash(2)).await.unwrap());
+    assert_eq!(store.key(&hash(2)).unwrap(), None);
+    assert_eq!(store.active_key_of("bob", "pro").unwrap(), None);
+    assert_eq!(store.stats().keys, 2);
+    drop(store);
+
+    let store = Store::open(&dir.0, 5).unwrap();
+    assert_eq!(store.stats().keys, 2);
+    assert_eq!(store.key(&hash(1)).unwrap().unwrap().0, a2);
+}
+
+#[tokio::test]
+async fn credits_apply_once_per_idempotency_key() {
+    let dir = TempDir::new("credit");
+    let store = Store::open(&dir.0, 5).unwrap();
+    store
+        .create_key(key(1, None, None), account(Some(1_000)))
+        .await
+        .unwrap();
+    let up = store
+        .credit(hash(1), credit(LedgerKind::Topup, 500, Some("t1"), 10))
+        .await
+        .unwrap();
+    assert!(!up.replayed);
+    assert_eq!(up.account.limit, Some(Pico(1_500)));
+    assert_eq!(up.entry.seq, 1);
+    let again = store
+        .credit(hash(1), credit(LedgerKind::Topup, 500, Some("t1"), 20))
+        .await
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.entry, up.entry);
+    assert_eq!(again.account.limit, Some(Pico(1_500)));
+
+    store
+        .credit(hash(1), credit(LedgerKind::Deduct, 300, None, 30))
+        .await
+        .unwrap();
+    let fee = store
+        .credit(
+            hash(1),
+            credit(LedgerKind::DailyFee, 5, Some("fee:3"), 3 * DAY_MS),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fee.account.fee_day, 3);
+    let refund = store
+        .credit(hash(1), credit(LedgerKind::Refund, 100, Some("r"), 40))
+        .await
+        .unwrap();
+    assert_eq!(refund.account.spent, Pico(205));
+    assert_eq!(refund.account.period_spent, Pico(205));
+    assert_eq!(refund.account.ledger_seq, 4);
+    assert!(matches!(
+        store
+            .credit(hash(1), credit(LedgerKind::Topup, 0, None, 1))
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        store
+            .credit(hash(9), credit(LedgerKind::Topup, 1, None, 1))
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    let acct = store.set_limit(hash(1), None).await.unwrap();
+    assert_eq!(acct.limit, None);
+    // A top-up leaves an unlimited key unlimited.
+    let up = store
+        .credit(hash(1), credit(LedgerKind::Topup, 7, None, 50))
+        .await
+        .unwrap();
+    assert_eq!(up.account.limit, None);
+
+    let ledger = store.ledger(&hash(1), 0, 10).unwrap();
+    let seqs: Vec<_> = ledger.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![5, 4, 3, 2, 1]);
+    assert_eq!(ledger[1].kind, LedgerKind::Refund);
+    assert_eq!(store.ledger(&hash(1), 1, 2).unwrap()[0].seq, 4);
+    assert_books_balance(&store, &hash(1));
+}
+
+#[tokio::test]
+async fn records_agree_with_accounts_rollups_and_survive_reopen() {
+    let dir = TempDir::new("records");
+    let hour0 = 500_000 * HOUR_MS;
+    let models = ["gpt-4o", "gpt-4o-mini", "o3"];
+    let mut expected_key: HashMap<(u32, i64, String), Rollup> = HashMap::new();
+    let mut expected_gw: HashMap<(i64, String), Rollup> = HashMap::new();
+    {
+        let store = Store::open(&dir.0, 2).unwrap();
+        for k in 0..20u32 {
+            let mut rec = key(k, None, None);
+            if k % 2 == 0 {
+                rec.limit_reset = Some(Period::Daily);
+            }
+            store.create_key(rec, account(None)).await.unwrap();
+        }
+        let mut i = 0u64;
+        for round in 0..6 {
+            for k in 0..20u32 {
+                for _ in 0..(k + 1) {
+                    let at = hour0 + i64::from(round) * 5 * HOUR_MS + (i as i64 % 1000);
+                    let model = models[(i % 3) as usize];
+                    let rec = usage(k, at, model, 1 + i as i64, i);
+                    let hour = at / HOUR_MS;
+                    let delta = Rollup {
+                        requests: 1,
+                        prompt_tokens: rec.prompt_tokens,
+                        cached_tokens: rec.cached_tokens,
+                        completion_tokens: rec.completion_tokens,
+                        reasoning_tokens: rec.reasoning_tokens,
+                        cost: rec.cost,
+                        latency_ms_sum: u64::from(rec.latency_ms),
+                        errors: u64::from(rec.status >= 400),
+                        estimated: u64::from(rec.estimated),
+                    };
+                    add_rollup(
+                        expected_key.entry((k, hour, model.into())).or_default(),
+                        &delta,
+                    );
+                    add_rollup(expected_gw.entry((hour, model.into())).or_default(), &delta);
+                    store.record(rec);
+                    i += 1;
+                }
+            }
+            if round == 3 {
+                // Credits interleaved with queued records.
+                store
+                    .credit(hash(4), credit(LedgerKind::Deduct, 1_000, None, hour0))
+                    .await
+                    .unwrap();
+                store
+                    .credit(hash(5), credit(LedgerKind::Refund, 3, None, hour0))
+                    .await
+                    .unwrap();
+            }
+        }
+        store.flush().await.unwrap();
+        assert_eq!(store.stats().records_written, i);
+        assert_eq!(store.stats().queue_depth, 0);
+    }
+    let store = Store::open(&dir.0, 2).unwrap();
+    for k in 0..20u32 {
+        assert_books_balance(&store, &hash(k));
+        let (_, acct) = match store.key(&hash(k)) {
+            Ok(Some(a)) => a,
+            other => panic!("key {k}: {other:?}"),
+        };
+        assert_eq!(acct.requests, 6 * u64::from(k + 1));
+        if k % 2 == 0 {
+            // Daily: the last records are on day of hour0 + 25 h.
+            let last_day = (hour0 + 25 * HOUR_MS).div_euclid(DAY_MS);
+            assert_eq!(acct.period, last_day);
+            assert!(acct.period_spent < acct.spent);
+        } else {
+            assert_eq!(acct.period_spent, acct.spent.max(Pico::ZERO));
+        }
+        // Newest first, and paging is a window of the full list.
+        let all = store.usage(&hash(k), 0, usize::MAX).unwrap();
+        let seq =
+            |r: &UsageRecord| -> u64 { r.request_id.rsplit('-').next().unwrap().parse().unwrap() };
+        assert!(all.windows(2).all(|w| seq(&w[0]) > seq(&w[1])));
+        let ids: Vec<_> = all.iter().map(|r| r.request_id.clone()).collect();
+        for (off, lim) in [(0, 1), (1, 3), (5, 100), (ids.len() - 1, 5), (ids.len(), 5)] {
+            let page: Vec<_> = store
+                .usage(&hash(k), off, lim)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.request_id)
+                .collect();
+            let end = (off + lim).min(ids.len());
+            assert_eq!(
+                page,
+                ids[off.min(end)..end].to_vec(),
+                "k={k} off={off} lim={lim}"
+            );
+        }
+        let got = store
+            .rollups(
+                RollupScope::Key(hash(k)),
+                hour0 / HOUR_MS,
+                hour0 / HOUR_MS + 100,
+            )
+            .unwrap();
+        let want = expected_key
+            .iter()
+            .filter(|((kk, _, _), _)| *kk == k)
+            .count();
+        assert_eq!(got.len(), want);
+        for (hour, model, r) in got {
+            assert_eq!(expected_key[&(k, hour, model)], r);
+        }
+    }
+    let h0 = hour0 / HOUR_MS;
+    let gw = store.rollups(RollupScope::Gateway, h0, h0 + 100).unwrap();
+    assert_eq!(gw.len(), expected_gw.len());
+    for (hour, model, r) in &gw {
+        assert_eq!(&expected_gw[&(*hour, model.clone())], r);
+    }
+    assert!(gw.windows(2).all(|w| (w[0].0, &w[0].1) < (w[1].0, &w[1].1)));
+    // The range is inclusive-exclusive.
+    let first = store.rollups(RollupScope::Gateway, h0, h0 + 1).unwrap();
+    assert!(!first.is_empty() && first.iter().all(|r| r.0 == h0));
+    assert!(
+        store
+            .rollups(RollupScope::Gateway, h0 + 1, h0 + 5)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_batch_writes_per_key_not_per_record() {
+    let dir = TempDir::new("cost");
+    // A long window: everything below lands in one batch.
+    let store = Store::open(&dir.0, 5_000).unwrap();
+    for k in 0..3 {
+        store
+            .create_key(key(k, None, None), account(None))
+            .await
+            .unwrap();
+    }
+    let before = store.stats();
+    let at = 400_000 * HOUR_MS;
+    for i in 0..3_000u64 {
+        let model = if i % 2 == 0 { "a" } else { "b" };
+        store.record(usage((i % 3) as u32, at, model, 1, i));
+    }
+    store.flush().await.unwrap();
+    let after = store.stats();
+    assert_eq!(after.batches - before.batches, 1);
+    assert_eq!(after.records_written - before.records_written, 3_000);
+    // 3 accounts + 3 usage values + 3×2 key rollups + 2 gateway rollups + 1 index.
+    assert_eq!(after.sled_writes - before.sled_writes, 15);
+    for k in 0..3 {
+        assert_eq!(store.key(&hash(k)).unwrap().unwrap().1.spent, Pico(1_000));
+        assert_books_balance(&store, &hash(k));
+    }
+}
+
+#[tokio::test]
+async fn records_of_a_deleted_key_are_kept_without_an_account() {
+    let dir = TempDir::new("deleted");
+    let store = Store::open(&dir.0, 1_000).unwrap();
+    store
+        .create_key(key(1, None, None), account(None))
+        .await
+        .unwrap();
+    store.record(usage(1, 10, "m", 5, 1));
+    assert!(store.delete_key(hash(1)).await.unwrap());
+    store.record(usage(1, 11, "m", 5, 2));
+    store.flush().await.unwrap();
+    assert_eq!(store.key(&hash(1)).unwrap(), None);
+    assert_eq!(store.inner.book.get(account_key(&hash(1))).unwrap(), None);
+    assert_eq!(store.usage(&hash(1), 0, 10).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn retention_removes_old_records_and_keeps_rollups() {
+    let dir = TempDir::new("prune");
+    let store = Store::open(&dir.0, 1).unwrap();
+    store
+        .create_key(key(1, None, None), account(None))
+        .await
+        .unwrap();
+    let now = now_ms();
+    for (i, at) in [now - 10 * DAY_MS, now - 9 * DAY_MS]
+        .into_iter()
+        .enumerate()
+    {
+        store.record(usage(1, at, "m", 1, i as u64));
+        store.flush().await.unwrap();
+    }
+    // One batch straddling the cut.
+    store.record(usage(1, now - 8 * DAY_MS, "m", 1, 10));
+    store.record(usage(1, now - 2, "m", 1, 11));
+    store.flush().await.unwrap();
+    store.record(usage(1, now - 1, "m", 1, 2));
+    store.flush().await.unwrap();
+    let removed = store.prune_usage_before(now - 5 * DAY_MS).await.unwrap();
+    assert_eq!(removed, 3);
+    let left: Vec<_> = store
+        .usage(&hash(1), 0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.request_id)
+        .collect();
+    assert_eq!(left, vec!["req-1-2", "req-1-11"]);
+    let h = (now - 10 * DAY_MS) / HOUR_MS;
+    assert_eq!(
+        store
+            .rollups(RollupScope::Key(hash(1)), h, h + 1)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.key(&hash(1)).unwrap().unwrap().1.requests, 5);
+    // New batches still sort newest first after a reopen.
+    drop(store);
+    let store = Store::open(&dir.0, 1).unwrap();
+    store.record(usage(1, now, "m", 1, 12));
+    store.flush().await.unwrap();
+    assert_eq!(
+        store.usage(&hash(1), 0, 1).unwrap()[0].request_id,
+        "req-1-12"
+    );
+}
+
+#[test]
+fn bulk_insert_and_open_without_reading_keys() {
+    let dir = TempDir::new("bulk");
+    let store = Store::open(&dir.0, 5).unwrap();
+    let n = 20_000u32;
+    store
+        .insert_keys_bulk((0..n).map(|k| (key(k, Some("o"), Some("p")), account(None))))
+        .unwrap();
+    // Existing hashes are skipped, not counted twice.
+    store
+        .insert_keys_bulk((0..10).map(|k| (key(k, None, None), account(Some(1)))))
+        .unwrap();
+    assert_eq!(store.stats().keys, u64::from(n));
+    assert_eq!(store.key(&hash(7)).unwrap().unwrap().1, account(None));
+    drop(store);
+    let started = Instant::now();
+    let store = Store::open(&dir.0, 5).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(store.stats().keys, u64::from(n));
+    let page = store
+        .keys(&KeyQuery {
+            offset: 100,
+            limit: 2,
+            owner: None,
+            include_disabled: false,
+        })
+        .unwrap();
+    assert_eq!(page[0].0.hash, hash(100));
+}
+
+#[test]
+fn refuses_another_schema_version() {
+    let dir = TempDir::new("schema");
+    drop(Store::open(&dir.0, 5).unwrap());
+    {
+        let db = open_db(&dir.0).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema", &99u32.to_le_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    assert!(matches!(
+        Store::open(&dir.0, 5),
+        Err(StoreError::Schema { found: 99, .. })
+    ));
+}
+
+#[test]
+fn charge_rolls_periods() {
+    let mut a = account(Some(100));
+    let day = 20_000 * DAY_MS;
+    charge(&mut a, Some(Period::Daily), day, Pico(10));
+    assert_eq!(
+        (a.period, a.period_spent, a.spent),
+        (20_000, Pico(10), Pico(10))
+    );
+    charge(&mut a, Some(Period::Daily), day + DAY_MS, Pico(3));
+    assert_eq!(
+        (a.period, a.period_spent, a.spent),
+        (20_001, Pico(3), Pico(13))
+    );
+    // A late record from the day before counts in the lifetime only.
+    charge(&mut a, Some(Period::Daily), day, Pico(4));
+    assert_eq!(
+        (a.period, a.period_spent, a.spent),
+        (20_001, Pico(3), Pico(17))
+    );
+    charge(&mut a, Some(Period::Daily), day + DAY_MS, Pico(-5));
+    assert_eq!((a.period_spent, a.spent), (Pico(0), Pico(12)));
+}
+
+/// Env var naming the directory the crash child writes to.
+const CRASH_DIR_ENV: &str = "TOLLGATE_STORE_CRASH_DIR";
+
+/// Run only as the child of `survives_kill_9`: writes until killed.
+#[tokio::test]
+#[ignore = "the child half of survives_kill_9"]
+async fn crash_child() {
+    let Ok(dir) = std::env::var(CRASH_DIR_ENV) else {
+        return;
+    };
+    let store = Store::open(Path::new(&dir), 2).unwrap();
+    for k in 0..4 {
+        let _ = store.create_key(key(k, None, None), account(None)).await;
+    }
+    let mut i = 0u64;
+    loop {
+        for _ in 0..200 {
+            store.record(usage((i % 4) as u32, 1_000 + i as i64, "m", 3, i));
+            i += 1;
+        }
+        let kind = if i % 3 == 0 {
+            LedgerKind::Refund
+        } else {
+            LedgerKind::Deduct
+        };
+        store
+            .credit(hash((i % 4) as u32), credit(kind, 2, None, 1_000))
+            .await
+            .unwrap();
+        if i % 2_000 == 0 {
+            println!("wrote {i}");
+        }
+    }
+}
+
+#[test]
+fn survives_kill_9() {
+    let dir = TempDir::new("crash");
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    for round in 0..3 {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "store::tests::crash_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CRASH_DIR_ENV, &dir.0)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700 + round * 150));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let store = Store::open(&dir.0, 2).unwrap();
+        let mut total = 0;
+        for k in 0..4 {
+            if store.key(&hash(k)).unwrap().is_some() {
+                assert_books_balance(&store, &hash(k));
+                total += store.key(&hash(k)).unwrap().unwrap().1.requests;
+            }
+        }
+        assert!(total > 0, "the child wrote nothing in round {round}");
+    }
+}
