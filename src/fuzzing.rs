@@ -131,7 +131,11 @@ pub fn money_roundtrip(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(p) = Pico::parse_usd(text) {
             let formatted = p.to_usd_string();
-            assert_eq!(Pico::parse_usd(&formatted), Ok(p), "{text:?} → {formatted:?}");
+            assert_eq!(
+                Pico::parse_usd(&formatted),
+                Ok(p),
+                "{text:?} → {formatted:?}"
+            );
         }
     }
     let mut word = [0u8; 8];
@@ -139,6 +143,10 @@ pub fn money_roundtrip(data: &[u8]) {
     word[..n].copy_from_slice(&data[..n]);
     for x in [i64::from_le_bytes(word), i64::from_be_bytes(word)] {
         let formatted = Pico(x).to_usd_string();
-        assert_eq!(Pico::parse_usd(&formatted), Ok(Pico(x)), "{x} → {formatted:?}");
+        assert_eq!(
+            Pico::parse_usd(&formatted),
+            Ok(Pico(x)),
+            "{x} → {formatted:?}"
+        );
     }
 }

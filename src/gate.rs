@@ -118,12 +118,21 @@ impl Policy {
             }
             Some(b.build().unwrap_or_else(|_| GlobSet::empty()))
         };
-        let ips = record.allowed_ips.iter().filter_map(|s| parse_net(s)).collect();
-        let rpm = record
-            .rpm
-            .and_then(NonZeroU32::new)
-            .map(|n| RateLimiter::direct(Quota::per_minute(n)).with_middleware::<StateInformationMiddleware>());
-        Policy { record, models, ips, rpm }
+        let ips = record
+            .allowed_ips
+            .iter()
+            .filter_map(|s| parse_net(s))
+            .collect();
+        let rpm = record.rpm.and_then(NonZeroU32::new).map(|n| {
+            RateLimiter::direct(Quota::per_minute(n))
+                .with_middleware::<StateInformationMiddleware>()
+        });
+        Policy {
+            record,
+            models,
+            ips,
+            rpm,
+        }
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
@@ -133,7 +142,9 @@ impl Policy {
 
 /// Parses `10.0.0.0/8` or a bare address.
 pub fn parse_net(s: &str) -> Option<IpNet> {
-    s.parse::<IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
 }
 
 /// What the gateway tells a client about its rate limits, on every answer.
@@ -216,7 +227,8 @@ impl Reservation {
         // period_spent and release the rest.
         k.period_spent.fetch_add(charge.0, Ordering::AcqRel);
         k.spent.fetch_add(charge.0, Ordering::AcqRel);
-        k.committed.fetch_sub(self.amount.0 - charge.0, Ordering::AcqRel);
+        k.committed
+            .fetch_sub(self.amount.0 - charge.0, Ordering::AcqRel);
         charge
     }
 }
@@ -224,7 +236,9 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
-            self.key.committed.fetch_sub(self.amount.0, Ordering::AcqRel);
+            self.key
+                .committed
+                .fetch_sub(self.amount.0, Ordering::AcqRel);
         }
     }
 }
@@ -277,7 +291,10 @@ impl LiveKey {
     }
 
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn set_policy(&self, policy: Policy) {
@@ -314,13 +331,19 @@ impl LiveKey {
     /// counts against the limit goes back to zero. Reservations in flight
     /// stay in `committed` and settle into the new period.
     fn roll_period(&self, policy: &Policy, now_ms: i64) {
-        let Some(reset) = policy.record.limit_reset else { return };
+        let Some(reset) = policy.record.limit_reset else {
+            return;
+        };
         let id = reset.id(now_ms);
         let cur = self.period.load(Ordering::Acquire);
         if cur == id {
             return;
         }
-        if self.period.compare_exchange(cur, id, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if self
+            .period
+            .compare_exchange(cur, id, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             let old = self.period_spent.swap(0, Ordering::AcqRel);
             self.committed.fetch_sub(old, Ordering::AcqRel);
         }
@@ -335,7 +358,12 @@ impl LiveKey {
             if limit != UNLIMITED && next > limit {
                 return Err((limit - cur).max(0));
             }
-            match self.committed.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+            match self.committed.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(actual) => cur = actual,
             }
@@ -351,8 +379,14 @@ pub struct Ask<'a> {
 }
 
 impl Gate {
-    pub fn new(store: Store, clock: Clock, unknown_key_per_minute: u32, admin_failures_per_minute: u32) -> Gate {
-        let per_min = |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).expect("max(1) is non-zero"));
+    pub fn new(
+        store: Store,
+        clock: Clock,
+        unknown_key_per_minute: u32,
+        admin_failures_per_minute: u32,
+    ) -> Gate {
+        let per_min =
+            |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).expect("max(1) is non-zero"));
         Gate {
             keys: DashMap::new(),
             store,
@@ -425,7 +459,9 @@ impl Gate {
             .store
             .key(hash)
             .map_err(|e| ApiError::internal(format!("key store: {e}")))?;
-        let Some((record, account)) = loaded else { return Ok(None) };
+        let Some((record, account)) = loaded else {
+            return Ok(None);
+        };
         let live = Arc::new(LiveKey::new(record, account, now_ms));
         // Two workers may load the same key at once: the first insert wins
         // and both use it, so counters are never split.
@@ -439,12 +475,18 @@ impl Gate {
         let rec = &policy.record;
         let now = self.clock.now_ms();
         if rec.disabled {
-            return Err(ApiError::permission("key_disabled", "This API key is disabled."));
+            return Err(ApiError::permission(
+                "key_disabled",
+                "This API key is disabled.",
+            ));
         }
         if let Some(exp) = rec.expires_at
             && now >= exp
         {
-            return Err(ApiError::permission("key_expired", "This API key has expired."));
+            return Err(ApiError::permission(
+                "key_expired",
+                "This API key has expired.",
+            ));
         }
         if let Some(max) = rec.max_requests
             && key.requests.load(Ordering::Acquire) >= max
@@ -460,16 +502,25 @@ impl Gate {
         {
             return Err(ApiError::permission(
                 "model_not_allowed",
-                format!("This key may not use the model `{}`.", crate::error::truncate(model, 128)),
+                format!(
+                    "This key may not use the model `{}`.",
+                    crate::error::truncate(model, 128)
+                ),
             )
             .with_param("model"));
         }
         if !policy.ips.is_empty() && !policy.ips.iter().any(|n| n.contains(&ask.client_ip)) {
-            return Err(ApiError::permission("ip_not_allowed", "This key may not be used from this address."));
+            return Err(ApiError::permission(
+                "ip_not_allowed",
+                "This key may not be used from this address.",
+            ));
         }
         if let Some(max) = rec.max_devices {
             let Some(device) = ask.device else {
-                return Err(ApiError::permission("device_required", "This key requires an X-Device-Id header."));
+                return Err(ApiError::permission(
+                    "device_required",
+                    "This key requires an X-Device-Id header.",
+                ));
             };
             if !rec.devices.iter().any(|d| d == device) {
                 return self.bind_device(key, device, max);
@@ -479,8 +530,12 @@ impl Gate {
     }
 
     fn bind_device(&self, key: &LiveKey, device: &str, max: u32) -> Result<Arc<Policy>, ApiError> {
-        if device.is_empty() || device.len() > 128 || !device.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ApiError::bad_request("invalid_device_id", "X-Device-Id must be 1 to 128 visible ASCII characters."));
+        if device.is_empty() || device.len() > 128 || !device.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ApiError::bad_request(
+                "invalid_device_id",
+                "X-Device-Id must be 1 to 128 visible ASCII characters.",
+            ));
         }
         let _guard = key.device_lock.lock().unwrap_or_else(|e| e.into_inner());
         let policy = key.policy();
@@ -519,7 +574,10 @@ impl Gate {
                     format!("Rate limit reached: {tpm} tokens per minute."),
                     reset.as_secs().max(1),
                 )
-                .with_rate(&RateInfo { rpm: None, tpm: Some((tpm, 0, reset)) }));
+                .with_rate(&RateInfo {
+                    rpm: None,
+                    tpm: Some((tpm, 0, reset)),
+                }));
             }
             rate.tpm = Some((tpm, tpm - used, reset));
         }
@@ -549,7 +607,9 @@ impl Gate {
         let max = rec.concurrency.unwrap_or(u32::MAX);
         let taken = key
             .in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
         if taken.is_err() {
             return Err(ApiError::rate_limited(
                 format!("Too many concurrent requests for this key (at most {max})."),
@@ -557,11 +617,16 @@ impl Gate {
             )
             .with_rate(&rate));
         }
-        let permit = Permit { key: key.clone(), rate };
+        let permit = Permit {
+            key: key.clone(),
+            rate,
+        };
         let max_requests = rec.max_requests.unwrap_or(u64::MAX);
         let counted = key
             .requests
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_requests).then_some(n + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max_requests).then_some(n + 1)
+            });
         if counted.is_err() {
             return Err(ApiError::insufficient_quota(
                 "request_limit_reached",
@@ -599,7 +664,11 @@ impl Gate {
         let want = bound(max_completion);
         match key.try_commit(want.0) {
             Ok(()) => Ok(Reserved {
-                reservation: Reservation { key: key.clone(), amount: want, settled: false },
+                reservation: Reservation {
+                    key: key.clone(),
+                    amount: want,
+                    settled: false,
+                },
                 capped_max_tokens: None,
                 daily_fee,
             }),
@@ -612,7 +681,11 @@ impl Gate {
                         let amount = bound(c);
                         if key.try_commit(amount.0).is_ok() {
                             return Ok(Reserved {
-                                reservation: Reservation { key: key.clone(), amount, settled: false },
+                                reservation: Reservation {
+                                    key: key.clone(),
+                                    amount,
+                                    settled: false,
+                                },
                                 capped_max_tokens: Some(c),
                                 daily_fee,
                             });
@@ -629,11 +702,23 @@ impl Gate {
     }
 
     /// Charges the plan's daily fee on the key's first request of a UTC day.
-    fn charge_daily_fee(&self, key: &LiveKey, policy: &Policy, now: i64) -> Result<Option<Pico>, ApiError> {
-        let Some(fee) = policy.record.daily_fee.filter(|f| f.0 > 0) else { return Ok(None) };
+    fn charge_daily_fee(
+        &self,
+        key: &LiveKey,
+        policy: &Policy,
+        now: i64,
+    ) -> Result<Option<Pico>, ApiError> {
+        let Some(fee) = policy.record.daily_fee.filter(|f| f.0 > 0) else {
+            return Ok(None);
+        };
         let today = now.div_euclid(DAY_MS);
         let last = key.fee_day.load(Ordering::Acquire);
-        if last >= today || key.fee_day.compare_exchange(last, today, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        if last >= today
+            || key
+                .fee_day
+                .compare_exchange(last, today, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
             return Ok(None);
         }
         if key.try_commit(fee.0).is_err() {
@@ -656,7 +741,12 @@ impl Gate {
         }
         let minute = self.clock.now_ms().div_euclid(60_000);
         let cur = key.tpm_minute.load(Ordering::Acquire);
-        if cur != minute && key.tpm_minute.compare_exchange(cur, minute, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if cur != minute
+            && key
+                .tpm_minute
+                .compare_exchange(cur, minute, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             key.tpm_tokens.store(0, Ordering::Release);
         }
         key.tpm_tokens.fetch_add(tokens, Ordering::AcqRel);
@@ -674,7 +764,8 @@ impl Gate {
     /// Sets the cached limit after an update or a top-up.
     pub fn set_limit(&self, hash: &KeyHash, limit: Option<Pico>) {
         if let Some(k) = self.keys.get(hash).map(|e| e.value().clone()) {
-            k.limit.store(limit.map(|l| l.0).unwrap_or(UNLIMITED), Ordering::Release);
+            k.limit
+                .store(limit.map(|l| l.0).unwrap_or(UNLIMITED), Ordering::Release);
         }
     }
 
@@ -686,18 +777,27 @@ impl Gate {
         key.try_commit(amount.0).map_err(|available| {
             ApiError::insufficient_quota(
                 "insufficient_quota",
-                format!("The key has only {} USD left; nothing was deducted.", Pico(available)),
+                format!(
+                    "The key has only {} USD left; nothing was deducted.",
+                    Pico(available)
+                ),
                 "key",
             )
         })?;
-        Ok(Reservation { key: key.clone(), amount, settled: false })
+        Ok(Reservation {
+            key: key.clone(),
+            amount,
+            settled: false,
+        })
     }
 
     /// Gives back spent credit (a refund), not below zero.
     pub fn refund(&self, key: &LiveKey, amount: Pico) {
         let back = key
             .period_spent
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some((s - amount.0).max(0)))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some((s - amount.0).max(0))
+            })
             .map(|prev| prev - (prev - amount.0).max(0))
             .unwrap_or(0);
         key.committed.fetch_sub(back, Ordering::AcqRel);
@@ -712,9 +812,12 @@ impl Gate {
     /// Checks a failed admin-token attempt against the per-IP limit: `Err`
     /// when this IP has failed too often.
     pub fn admin_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.admin_failures
-            .check_key(&ip)
-            .map_err(|_| ApiError::rate_limited("Too many failed admin authentications from this address.", 60))
+        self.admin_failures.check_key(&ip).map_err(|_| {
+            ApiError::rate_limited(
+                "Too many failed admin authentications from this address.",
+                60,
+            )
+        })
     }
 
     /// The sweeper's work: drop idle keys from memory and prune limiter
@@ -754,9 +857,9 @@ impl ApiError {
 /// `api-key`. `Ok(None)` when there is none; an error for a malformed one.
 pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-        let v = v
-            .to_str()
-            .map_err(|_| ApiError::invalid_api_key("The Authorization header is not valid text."))?;
+        let v = v.to_str().map_err(|_| {
+            ApiError::invalid_api_key("The Authorization header is not valid text.")
+        })?;
         let token = v
             .strip_prefix("Bearer ")
             .or_else(|| v.strip_prefix("bearer "))
@@ -809,7 +912,14 @@ pub fn generate_key() -> String {
 /// `sk-tg-Ab3…x9Q`: enough to recognise a key, not to use it.
 pub fn label_of(key: &str) -> String {
     let head: String = key.chars().take(9).collect();
-    let tail: String = key.chars().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail: String = key
+        .chars()
+        .rev()
+        .take(3)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     format!("{head}…{tail}")
 }
 
@@ -827,7 +937,10 @@ mod tests {
         assert!(a.starts_with("sk-tg-"));
         assert!(a[6..].bytes().all(|c| c.is_ascii_alphanumeric()));
         assert_eq!(label_of("sk-tg-Ab3defghijkx9Q"), "sk-tg-Ab3…x9Q");
-        assert_eq!(hex::encode(hash_key("abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hex::encode(hash_key("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
@@ -842,7 +955,10 @@ mod tests {
         assert_eq!(key_from_headers(&h).unwrap_err().status, 401);
         h.insert("authorization", HeaderValue::from_static("Bearer "));
         assert_eq!(key_from_headers(&h).unwrap_err().status, 401);
-        h.insert("authorization", HeaderValue::from_bytes(b"Bearer \xff").unwrap());
+        h.insert(
+            "authorization",
+            HeaderValue::from_bytes(b"Bearer \xff").unwrap(),
+        );
         assert_eq!(key_from_headers(&h).unwrap_err().status, 401);
     }
 

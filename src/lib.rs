@@ -24,11 +24,13 @@
 //! - [`mock`]: a built-in OpenAI-compatible mock upstream.
 #![forbid(unsafe_code)]
 
-pub mod clock;
 pub mod api;
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod meter;
 pub mod metrics;
@@ -38,8 +40,6 @@ pub mod proxy;
 pub mod runtime;
 pub mod server;
 pub mod store;
-#[doc(hidden)]
-pub mod fuzzing;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;

@@ -9,7 +9,11 @@ use tollgate::config::Config;
 use tollgate::runtime::{Gateway, StartOptions};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "An edge gateway that sells and meters access to OpenAI-compatible LLM APIs")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An edge gateway that sells and meters access to OpenAI-compatible LLM APIs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -54,10 +58,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::MockUpstream { listen, chunks, chunk_delay_ms } => mock_upstream(listen, chunks, chunk_delay_ms),
+        Command::MockUpstream {
+            listen,
+            chunks,
+            chunk_delay_ms,
+        } => mock_upstream(listen, chunks, chunk_delay_ms),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
-                println!("{}", serde_json::to_string_pretty(&c.describe()).expect("a Value always serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&c.describe()).expect("a Value always serializes")
+                );
                 eprintln!("{}: OK", config.display());
                 ExitCode::SUCCESS
             }
@@ -92,7 +103,10 @@ fn serve(path: &std::path::Path) -> ExitCode {
 }
 
 fn mock_upstream(listen: std::net::SocketAddr, chunks: usize, chunk_delay_ms: u64) -> ExitCode {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime builds");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime builds");
     let opts = tollgate::mock::MockOptions {
         chunks,
         chunk_delay: std::time::Duration::from_millis(chunk_delay_ms),
@@ -100,7 +114,10 @@ fn mock_upstream(listen: std::net::SocketAddr, chunks: usize, chunk_delay_ms: u6
     };
     let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        println!("mock upstream listening on http://{}/v1", listener.local_addr()?);
+        println!(
+            "mock upstream listening on http://{}/v1",
+            listener.local_addr()?
+        );
         tollgate::mock::run(listener, opts, signal()).await
     });
     match result {
@@ -123,6 +140,9 @@ async fn signal() {
 }
 
 fn wait_for_signal() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime builds");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime builds");
     rt.block_on(signal());
 }

@@ -194,13 +194,37 @@ impl<'de> Deserialize<'de> for TopKey {
                     "suffix" => TopKey::Suffix,
                     "input" => TopKey::Input,
                     "instructions" => TopKey::Instructions,
-                    "temperature" | "top_p" | "top_k" | "min_p" | "n" | "presence_penalty"
-                    | "frequency_penalty" | "repetition_penalty" | "seed" | "user" | "logprobs"
-                    | "top_logprobs" | "echo" | "best_of" | "store" | "service_tier"
-                    | "parallel_tool_calls" | "encoding_format" | "dimensions" | "logit_bias"
-                    | "reasoning_effort" | "stop" | "modalities" | "verbosity"
-                    | "safety_identifier" | "prompt_cache_key" | "truncation" | "background"
-                    | "include" | "metadata" | "tool_choice" => TopKey::Setting,
+                    "temperature"
+                    | "top_p"
+                    | "top_k"
+                    | "min_p"
+                    | "n"
+                    | "presence_penalty"
+                    | "frequency_penalty"
+                    | "repetition_penalty"
+                    | "seed"
+                    | "user"
+                    | "logprobs"
+                    | "top_logprobs"
+                    | "echo"
+                    | "best_of"
+                    | "store"
+                    | "service_tier"
+                    | "parallel_tool_calls"
+                    | "encoding_format"
+                    | "dimensions"
+                    | "logit_bias"
+                    | "reasoning_effort"
+                    | "stop"
+                    | "modalities"
+                    | "verbosity"
+                    | "safety_identifier"
+                    | "prompt_cache_key"
+                    | "truncation"
+                    | "background"
+                    | "include"
+                    | "metadata"
+                    | "tool_choice" => TopKey::Setting,
                     other => TopKey::Other(other.len() + 3),
                 })
             }
@@ -453,7 +477,10 @@ impl<'de> Visitor<'de> for Measuring<'_> {
                 })?,
                 PartKey::Type => {
                     let raw: &RawValue = map.next_value()?;
-                    image = matches!(raw.get(), r#""image_url""# | r#""input_image""# | r#""image""#);
+                    image = matches!(
+                        raw.get(),
+                        r#""image_url""# | r#""input_image""# | r#""image""#
+                    );
                 }
                 PartKey::Role => {
                     map.next_value::<IgnoredAny>()?;
@@ -505,8 +532,9 @@ fn typed<'a, T: Deserialize<'a>>(
 ) -> Result<Option<T>, ApiError> {
     match raw {
         None => Ok(None),
-        Some(raw) => serde_json::from_str::<Option<T>>(raw.get())
-            .map_err(|_| invalid_type(param, expected)),
+        Some(raw) => {
+            serde_json::from_str::<Option<T>>(raw.get()).map_err(|_| invalid_type(param, expected))
+        }
     }
 }
 
@@ -602,9 +630,12 @@ fn analyze(route: Route, body: &[u8]) -> Result<(RequestInfo, Fields<'_>), ApiEr
     if route.usage_on_request() {
         if let Some(raw) = f.stream_options.filter(|r| !is_null(r)) {
             let options = stream_options(raw)?;
-            info.include_usage =
-                typed::<bool>(options.include_usage, "stream_options", "a boolean include_usage")?
-                    .unwrap_or(false);
+            info.include_usage = typed::<bool>(
+                options.include_usage,
+                "stream_options",
+                "a boolean include_usage",
+            )?
+            .unwrap_or(false);
         }
     } else if route == Route::Responses {
         info.include_usage = true;
@@ -760,7 +791,11 @@ pub fn rewrite(route: Route, body: &Bytes, rw: &Rewrite) -> Result<Bytes, ApiErr
             None => members.push(format!(r#""stream_options":{usage_object}"#)),
             Some(raw) if is_null(raw) => {
                 let (start, end) = span(body, raw)?;
-                edits.push(Edit { start, end, text: usage_object.to_owned() });
+                edits.push(Edit {
+                    start,
+                    end,
+                    text: usage_object.to_owned(),
+                });
             }
             Some(raw) => {
                 let options = stream_options(raw)?;
@@ -768,11 +803,19 @@ pub fn rewrite(route: Route, body: &Bytes, rw: &Rewrite) -> Result<Bytes, ApiErr
                     Some(v) if v.get() == "true" => {}
                     Some(v) => {
                         let (start, end) = span(body, v)?;
-                        edits.push(Edit { start, end, text: "true".to_owned() });
+                        edits.push(Edit {
+                            start,
+                            end,
+                            text: "true".to_owned(),
+                        });
                     }
                     None if options.keys == 0 => {
                         let (start, end) = span(body, raw)?;
-                        edits.push(Edit { start, end, text: usage_object.to_owned() });
+                        edits.push(Edit {
+                            start,
+                            end,
+                            text: usage_object.to_owned(),
+                        });
                     }
                     None => {
                         let (start, _) = span(body, raw)?;
@@ -792,11 +835,17 @@ pub fn rewrite(route: Route, body: &Bytes, rw: &Rewrite) -> Result<Bytes, ApiErr
         let value = max.to_string();
         let (present, absent_name): (Vec<&RawValue>, &str) = match route {
             Route::Chat => (
-                [f.max_completion_tokens, f.max_tokens].into_iter().flatten().collect(),
+                [f.max_completion_tokens, f.max_tokens]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
                 "max_completion_tokens",
             ),
             Route::Completions => (f.max_tokens.into_iter().collect(), "max_tokens"),
-            _ => (f.max_output_tokens.into_iter().collect(), "max_output_tokens"),
+            _ => (
+                f.max_output_tokens.into_iter().collect(),
+                "max_output_tokens",
+            ),
         };
         if present.is_empty() {
             members.push(format!(r#""{absent_name}":{value}"#));
@@ -804,7 +853,11 @@ pub fn rewrite(route: Route, body: &Bytes, rw: &Rewrite) -> Result<Bytes, ApiErr
         for raw in present {
             if raw.get() != value {
                 let (start, end) = span(body, raw)?;
-                edits.push(Edit { start, end, text: value.clone() });
+                edits.push(Edit {
+                    start,
+                    end,
+                    text: value.clone(),
+                });
             }
         }
     }
@@ -815,7 +868,11 @@ pub fn rewrite(route: Route, body: &Bytes, rw: &Rewrite) -> Result<Bytes, ApiErr
         if f.keys > 0 {
             text.push(',');
         }
-        edits.push(Edit { start: at, end: at, text });
+        edits.push(Edit {
+            start: at,
+            end: at,
+            text,
+        });
     }
     if edits.is_empty() {
         return Ok(body.clone());
@@ -912,13 +969,14 @@ impl RawUsage {
         }
         let prompt = prompt.unwrap_or_default().0;
         let completion = completion.unwrap_or_default().0;
-        let detail = |a: Option<RawDetails>, b: Option<RawDetails>, f: fn(&RawDetails) -> Option<Count>| {
-            a.as_ref()
-                .and_then(f)
-                .or_else(|| b.as_ref().and_then(f))
-                .unwrap_or_default()
-                .0
-        };
+        let detail =
+            |a: Option<RawDetails>, b: Option<RawDetails>, f: fn(&RawDetails) -> Option<Count>| {
+                a.as_ref()
+                    .and_then(f)
+                    .or_else(|| b.as_ref().and_then(f))
+                    .unwrap_or_default()
+                    .0
+            };
         let cached = detail(self.prompt_tokens_details, self.input_tokens_details, |d| {
             d.cached_tokens
         });
@@ -1100,7 +1158,9 @@ fn carries_content(route: Route, payload: &[u8]) -> bool {
         Route::Embeddings | Route::Other => return false,
     };
     let non_empty = |v: &[u8]| v.len() >= 2 && v[0] == b'"' && v[1] != b'"';
-    finders.iter().any(|f| key_followed_by(payload, f, non_empty))
+    finders
+        .iter()
+        .any(|f| key_followed_by(payload, f, non_empty))
 }
 
 /// Finds the usage object without keeping the whole body: keeps the bytes
@@ -1386,7 +1446,7 @@ impl Meter {
                 self.line = line;
                 self.line.clear();
                 let is_data = self.overlong.take().unwrap_or(false);
-                    self.end_overlong(is_data);
+                self.end_overlong(is_data);
                 Line::Other
             } else {
                 let mut line = std::mem::take(&mut self.line);
@@ -1600,4 +1660,827 @@ impl Price {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+
+    fn chunk(content: &str) -> String {
+        format!(
+            r#"data: {{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{{"index":0,"delta":{{"content":{}}},"finish_reason":null}}],"usage":null}}"#,
+            serde_json::to_string(content).unwrap()
+        ) + "\n\n"
+    }
+
+    const USAGE_CHUNK: &str = "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":10,\"total_tokens\":29,\"prompt_tokens_details\":{\"cached_tokens\":3},\"completion_tokens_details\":{\"reasoning_tokens\":2}}}\n\n";
+
+    fn chat_stream() -> (String, String) {
+        let mut head = chunk("");
+        for t in ["Hello", "!", " How", " can", " I", " help", "?"] {
+            head += &chunk(t);
+        }
+        head += "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n";
+        let full = format!("{head}{USAGE_CHUNK}data: [DONE]\n\n");
+        let withheld = format!("{head}data: [DONE]\n\n");
+        (full, withheld)
+    }
+
+    const CHAT_USAGE: Usage = Usage {
+        prompt_tokens: 19,
+        cached_tokens: 3,
+        completion_tokens: 10,
+        reasoning_tokens: 2,
+    };
+
+    /// Runs a whole stream through a meter in the given frames.
+    fn run(route: Route, framing: Framing, withhold: bool, frames: &[&[u8]]) -> (Vec<u8>, Meter) {
+        let mut m = Meter::new(route, framing, withhold);
+        let mut out = Vec::new();
+        for f in frames {
+            out.extend_from_slice(&m.on_frame(Bytes::copy_from_slice(f)));
+        }
+        out.extend_from_slice(&m.finish());
+        (out, m)
+    }
+
+    /// Every split of `stream` into two and three frames gives `want`.
+    fn every_split(
+        route: Route,
+        framing: Framing,
+        withhold: bool,
+        stream: &[u8],
+        want: &[u8],
+        usage: Option<Usage>,
+    ) {
+        let (out, m) = run(route, framing, withhold, &[stream]);
+        assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(want));
+        assert_eq!(m.usage(), usage);
+        let estimate = m.delivered_completion_estimate();
+        for i in 0..=stream.len() {
+            let (out, m) = run(route, framing, withhold, &[&stream[..i], &stream[i..]]);
+            assert_eq!(out, want, "split at {i}");
+            assert_eq!(m.usage(), usage, "split at {i}");
+            assert_eq!(m.delivered_completion_estimate(), estimate, "split at {i}");
+        }
+        for i in (0..stream.len()).step_by(13) {
+            for j in (i..stream.len()).step_by(11) {
+                let (out, m) = run(
+                    route,
+                    framing,
+                    withhold,
+                    &[&stream[..i], &stream[i..j], &stream[j..]],
+                );
+                assert_eq!(out, want, "split at {i}, {j}");
+                assert_eq!(m.usage(), usage, "split at {i}, {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::from_path("/v1/chat/completions"), Route::Chat);
+        assert_eq!(Route::from_path("/v1/chat/completions?x=1"), Route::Chat);
+        assert_eq!(Route::from_path("/v1/completions/"), Route::Completions);
+        assert_eq!(Route::from_path("/v1/embeddings"), Route::Embeddings);
+        assert_eq!(Route::from_path("/v1/responses"), Route::Responses);
+        assert_eq!(Route::from_path("/v1/responses/resp_1"), Route::Other);
+        assert_eq!(Route::from_path("/v1/models"), Route::Other);
+        assert_eq!(Route::Chat.as_str(), "chat");
+        assert_eq!(Route::Other.as_str(), "other");
+        assert_eq!(
+            Framing::from_content_type(Some("text/event-stream; charset=utf-8")),
+            Framing::Sse
+        );
+        assert_eq!(
+            Framing::from_content_type(Some("Text/Event-Stream")),
+            Framing::Sse
+        );
+        assert_eq!(
+            Framing::from_content_type(Some("application/json")),
+            Framing::Json
+        );
+        assert_eq!(Framing::from_content_type(None), Framing::Json);
+    }
+
+    #[test]
+    fn chat_stream_usage_at_every_split() {
+        let (full, withheld) = chat_stream();
+        every_split(
+            Route::Chat,
+            Framing::Sse,
+            false,
+            full.as_bytes(),
+            full.as_bytes(),
+            Some(CHAT_USAGE),
+        );
+        every_split(
+            Route::Chat,
+            Framing::Sse,
+            true,
+            full.as_bytes(),
+            withheld.as_bytes(),
+            Some(CHAT_USAGE),
+        );
+        let (_, m) = run(Route::Chat, Framing::Sse, false, &[full.as_bytes()]);
+        // Seven chunks carry text; the role chunk's "" does not.
+        assert_eq!(m.delivered_completion_estimate(), 7);
+        assert_eq!(m.bytes_seen(), full.len() as u64);
+    }
+
+    #[test]
+    fn crlf_stream() {
+        let (full, withheld) = chat_stream();
+        let full = full.replace('\n', "\r\n");
+        let withheld = withheld.replace('\n', "\r\n");
+        every_split(
+            Route::Chat,
+            Framing::Sse,
+            false,
+            full.as_bytes(),
+            full.as_bytes(),
+            Some(CHAT_USAGE),
+        );
+        every_split(
+            Route::Chat,
+            Framing::Sse,
+            true,
+            full.as_bytes(),
+            withheld.as_bytes(),
+            Some(CHAT_USAGE),
+        );
+    }
+
+    #[test]
+    fn pass_through_returns_the_same_bytes() {
+        let (full, _) = chat_stream();
+        let frame = Bytes::from(full);
+        let mut m = Meter::new(Route::Chat, Framing::Sse, false);
+        let out = m.on_frame(frame.clone());
+        assert_eq!(out.as_ptr(), frame.as_ptr());
+        assert_eq!(out.len(), frame.len());
+        // Withholding a frame of whole events without usage: a slice, no copy.
+        let mut m = Meter::new(Route::Chat, Framing::Sse, true);
+        let frame = Bytes::from(chunk("hi") + &chunk("there"));
+        let out = m.on_frame(frame.clone());
+        assert_eq!(out.as_ptr(), frame.as_ptr());
+        assert_eq!(out.len(), frame.len());
+    }
+
+    #[test]
+    fn withholding_drops_only_the_usage_only_event() {
+        // Usage on a chunk that also has choices is metered, not dropped.
+        let with_choices = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n";
+        every_split(
+            Route::Chat,
+            Framing::Sse,
+            true,
+            with_choices.as_bytes(),
+            with_choices.as_bytes(),
+            Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                ..Usage::default()
+            }),
+        );
+        // A comment and an event: line in the usage event go with it.
+        let stream = format!(
+            ": keep-alive\n\n{}event: chunk\n{USAGE_CHUNK}data: [DONE]\n\n",
+            chunk("a")
+        );
+        let want = format!(": keep-alive\n\n{}data: [DONE]\n\n", chunk("a"));
+        every_split(
+            Route::Chat,
+            Framing::Sse,
+            true,
+            stream.as_bytes(),
+            want.as_bytes(),
+            Some(CHAT_USAGE),
+        );
+        // The stream ends right after the usage line, without its blank line.
+        let cut = format!("{}{}", chunk("a"), USAGE_CHUNK.trim_end());
+        every_split(
+            Route::Chat,
+            Framing::Sse,
+            true,
+            cut.as_bytes(),
+            chunk("a").as_bytes(),
+            Some(CHAT_USAGE),
+        );
+    }
+
+    #[test]
+    fn completions_stream() {
+        let stream = "data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{\"text\":\" test\",\"index\":0,\"finish_reason\":null}],\"model\":\"gpt-3.5-turbo-instruct\"}\n\n\
+                      data: {\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[],\"model\":\"gpt-3.5-turbo-instruct\",\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1,\"total_tokens\":6}}\n\n\
+                      data: [DONE]\n\n";
+        let usage = Some(Usage {
+            prompt_tokens: 5,
+            completion_tokens: 1,
+            ..Usage::default()
+        });
+        every_split(
+            Route::Completions,
+            Framing::Sse,
+            false,
+            stream.as_bytes(),
+            stream.as_bytes(),
+            usage,
+        );
+        let (_, m) = run(
+            Route::Completions,
+            Framing::Sse,
+            false,
+            &[stream.as_bytes()],
+        );
+        assert_eq!(m.delivered_completion_estimate(), 1);
+    }
+
+    const RESPONSES_STREAM: &str = "event: response.created\n\
+data: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[],\"usage\":null}}\n\n\
+event: response.output_text.delta\n\
+data: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi\"}\n\n\
+event: response.output_text.delta\n\
+data: {\"type\":\"response.output_text.delta\",\"sequence_number\":2,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\" there\"}\n\n\
+event: response.completed\n\
+data: {\"type\":\"response.completed\",\"sequence_number\":3,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi there\"}]}],\"usage\":{\"input_tokens\":37,\"input_tokens_details\":{\"cached_tokens\":40},\"output_tokens\":11,\"output_tokens_details\":{\"reasoning_tokens\":4},\"total_tokens\":48},\"user\":null,\"metadata\":{}}}\n\n";
+
+    #[test]
+    fn responses_stream() {
+        // cached is clamped to the prompt.
+        let usage = Some(Usage {
+            prompt_tokens: 37,
+            cached_tokens: 37,
+            completion_tokens: 11,
+            reasoning_tokens: 4,
+        });
+        every_split(
+            Route::Responses,
+            Framing::Sse,
+            false,
+            RESPONSES_STREAM.as_bytes(),
+            RESPONSES_STREAM.as_bytes(),
+            usage,
+        );
+        // No choices: never withheld, even if asked.
+        every_split(
+            Route::Responses,
+            Framing::Sse,
+            true,
+            RESPONSES_STREAM.as_bytes(),
+            RESPONSES_STREAM.as_bytes(),
+            usage,
+        );
+        let (_, m) = run(
+            Route::Responses,
+            Framing::Sse,
+            false,
+            &[RESPONSES_STREAM.as_bytes()],
+        );
+        assert_eq!(m.delivered_completion_estimate(), 2);
+    }
+
+    #[test]
+    fn json_bodies() {
+        let chat = r#"{
+  "id": "chatcmpl-123", "object": "chat.completion", "model": "gpt-4o-mini",
+  "choices": [{"index": 0, "message": {"role": "assistant", "content": "The word \"usage\": {\"prompt_tokens\": 1} is quoted"}, "finish_reason": "stop"}],
+  "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21,
+    "prompt_tokens_details": {"cached_tokens": 2, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 3}},
+  "service_tier": "default", "system_fingerprint": "fp_1"
+}"#;
+        let usage = Some(Usage {
+            prompt_tokens: 9,
+            cached_tokens: 2,
+            completion_tokens: 12,
+            reasoning_tokens: 3,
+        });
+        every_split(
+            Route::Chat,
+            Framing::Json,
+            false,
+            chat.as_bytes(),
+            chat.as_bytes(),
+            usage,
+        );
+        let embeddings = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0023064255,-0.009327292]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        let usage = Some(Usage {
+            prompt_tokens: 8,
+            ..Usage::default()
+        });
+        every_split(
+            Route::Embeddings,
+            Framing::Json,
+            true,
+            embeddings.as_bytes(),
+            embeddings.as_bytes(),
+            usage,
+        );
+        let responses = r#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":5,"output_tokens":7,"output_tokens_details":{"reasoning_tokens":9}},"user":null}"#;
+        let usage = Some(Usage {
+            prompt_tokens: 5,
+            completion_tokens: 7,
+            reasoning_tokens: 7,
+            ..Usage::default()
+        });
+        every_split(
+            Route::Responses,
+            Framing::Json,
+            false,
+            responses.as_bytes(),
+            responses.as_bytes(),
+            usage,
+        );
+        let error =
+            r#"{"error":{"message":"Rate limit","type":"requests","code":"rate_limit_exceeded"}}"#;
+        every_split(
+            Route::Chat,
+            Framing::Json,
+            false,
+            error.as_bytes(),
+            error.as_bytes(),
+            None,
+        );
+        let (_, m) = run(Route::Embeddings, Framing::Json, false, &[error.as_bytes()]);
+        assert_eq!(m.delivered_completion_estimate(), 0);
+    }
+
+    #[test]
+    fn a_huge_json_body_keeps_only_its_tail() {
+        let mut body = String::from(r#"{"object":"list","data":["#);
+        for i in 0..200_000 {
+            body += &format!("{{\"index\":{i},\"embedding\":[0.1,0.2]}},");
+        }
+        body += r#"{}],"usage":{"prompt_tokens":123456,"total_tokens":123456}}"#;
+        let mut m = Meter::new(Route::Embeddings, Framing::Json, false);
+        for piece in body.as_bytes().chunks(16 * 1024) {
+            m.on_frame(Bytes::copy_from_slice(piece));
+        }
+        m.finish();
+        assert!(m.tail.buf.capacity() <= 2 * TAIL_CAP);
+        assert_eq!(m.usage().map(|u| u.prompt_tokens), Some(123_456));
+    }
+
+    #[test]
+    fn garbage_and_edge_cases() {
+        for (stream, usage) in [
+            (&b"\xff\xfe\x00data: {\"usage\":{\"prompt_tokens\":\n\n"[..], None),
+            (b"data: {\"choices\":[],\"usage\":{}}\n\n", None),
+            (b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":-3,\"completion_tokens\":2.5}}\n\n",
+                Some(Usage { prompt_tokens: 0, completion_tokens: 3, ..Usage::default() })),
+            // Nothing after [DONE] is metered.
+            (b"data: [DONE]\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\n", None),
+            // No space after the colon, last line without a line end.
+            (b"data:{\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":\"5\"}}",
+                Some(Usage { prompt_tokens: 4, completion_tokens: 5, ..Usage::default() })),
+            // A later usage replaces an earlier one (cumulative reports).
+            (b"data: {\"usage\": {\"prompt_tokens\":1}}\n\ndata: {\"usage\" : {\"prompt_tokens\":2}}\n\n",
+                Some(Usage { prompt_tokens: 2, ..Usage::default() })),
+            (b"", None),
+            (b"\n\n\n\r\n", None),
+        ] {
+            every_split(Route::Chat, Framing::Sse, false, stream, stream, usage);
+            let (once, _) = run(Route::Chat, Framing::Sse, true, &[stream]);
+            for i in 0..=stream.len() {
+                let (out, _) = run(Route::Chat, Framing::Sse, true, &[&stream[..i], &stream[i..]]);
+                assert_eq!(out, once);
+            }
+        }
+        // finish twice returns nothing more.
+        let mut m = Meter::new(Route::Chat, Framing::Sse, true);
+        assert!(
+            m.on_frame(Bytes::from_static(b"data: {\"x\":1}"))
+                .is_empty()
+        );
+        assert_eq!(&m.finish()[..], b"data: {\"x\":1}");
+        assert!(m.finish().is_empty());
+    }
+
+    #[test]
+    fn a_huge_line_still_flows_and_is_metered_from_its_tail() {
+        let text = "x".repeat(LINE_CAP + 10);
+        let huge = format!(
+            "data: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"text\":\"{text}\"}}],\"usage\":{{\"input_tokens\":3,\"output_tokens\":70000}}}}}}\n\n"
+        );
+        let stream = format!(
+            "{}{huge}data: [DONE]\n\n",
+            RESPONSES_STREAM
+                .split("event: response.completed")
+                .next()
+                .unwrap_or("")
+        );
+        let usage = Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 70_000,
+            ..Usage::default()
+        });
+        for withhold in [false, true] {
+            for step in [1000, 4096, LINE_CAP, stream.len()] {
+                let frames: Vec<&[u8]> = stream.as_bytes().chunks(step).collect();
+                let (out, m) = run(Route::Responses, Framing::Sse, withhold, &frames);
+                assert_eq!(out, stream.as_bytes());
+                assert_eq!(m.usage(), usage, "step {step}");
+                assert!(m.line.capacity() <= 2 * LINE_CAP);
+            }
+        }
+        // A huge event is never held back whole: it flows as it comes.
+        let mut m = Meter::new(Route::Chat, Framing::Sse, true);
+        let big = Bytes::from(format!(
+            "data: {{\"choices\":[],\"x\":\"{}",
+            "y".repeat(HOLD_CAP)
+        ));
+        assert_eq!(m.on_frame(big.clone()), big);
+    }
+
+    // ---- requests ----
+
+    fn info(route: Route, body: &str) -> RequestInfo {
+        inspect(route, body.as_bytes()).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    fn err(route: Route, body: &str) -> (&'static str, Option<String>) {
+        let e = inspect(route, body.as_bytes()).expect_err(body);
+        assert_eq!(e.status, 400);
+        (e.code, e.param.map(|p| p.into_owned()))
+    }
+
+    #[test]
+    fn inspects_chat() {
+        let i = info(
+            Route::Chat,
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"max_tokens":100,
+            "messages":[{"role":"system","content":"Be brief."},
+                        {"role":"user","content":[{"type":"text","text":"caf\u00e9 \n"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#,
+        );
+        assert_eq!(i.model.as_deref(), Some("gpt-4o"));
+        assert!(i.stream && i.include_usage);
+        assert_eq!(i.max_tokens, Some(100));
+        // "Be brief." (9) + "text" part: key "text" 4+3, "café \n" 7 bytes decoded.
+        assert_eq!(i.prompt_bytes, 9 + 7);
+        assert_eq!(i.prompt_parts, 2);
+        assert_eq!(i.images, 1);
+        assert_eq!(
+            i.prompt_token_bound(),
+            16 + 2 * PART_OVERHEAD_TOKENS + REQUEST_OVERHEAD_TOKENS + IMAGE_TOKEN_BOUND
+        );
+        // Both max fields: the larger.
+        let i = info(
+            Route::Chat,
+            r#"{"model":"o3","messages":[],"max_tokens":5,"max_completion_tokens":50,"stream":null}"#,
+        );
+        assert_eq!(i.max_tokens, Some(50));
+        assert!(!i.stream && !i.include_usage);
+        // Tools count raw; settings do not count.
+        let tools = r#"[{"type":"function","function":{"name":"f"}}]"#;
+        let i = info(
+            Route::Chat,
+            &format!(r#"{{"model":"m","messages":[],"temperature":0.2,"tools":{tools}}}"#),
+        );
+        assert_eq!(i.prompt_bytes, (tools.len() + "tools".len() + 3) as u64);
+        assert_eq!(i.prompt_parts, 1);
+    }
+
+    #[test]
+    fn inspects_other_routes() {
+        let i = info(
+            Route::Completions,
+            r#"{"model":"m","prompt":[[1,2,3],"ab"],"suffix":"z","max_tokens":7}"#,
+        );
+        assert_eq!(
+            (i.prompt_bytes, i.prompt_parts, i.max_tokens),
+            (3 + 2 + 1, 3, Some(7))
+        );
+        let i = info(
+            Route::Embeddings,
+            r#"{"model":"e","input":["a","bcd"],"max_tokens":3}"#,
+        );
+        assert_eq!((i.prompt_bytes, i.prompt_parts, i.max_tokens), (4, 2, None));
+        let i = info(
+            Route::Responses,
+            r#"{"model":"r","instructions":"hi","input":"abc","max_output_tokens":9,"stream":true}"#,
+        );
+        assert_eq!(
+            (i.prompt_bytes, i.prompt_parts, i.max_tokens),
+            (5, 2, Some(9))
+        );
+        assert!(i.include_usage);
+        let i = info(
+            Route::Responses,
+            r#"{"model":"r","input":[{"role":"user","content":[{"type":"input_text","text":"x"},{"type":"input_image","image_url":"https://e/i.png"}]}]}"#,
+        );
+        assert_eq!((i.prompt_bytes, i.images), (1, 1));
+        assert_eq!(info(Route::Other, ""), RequestInfo::default());
+        assert_eq!(info(Route::Other, "[1]"), RequestInfo::default());
+        let i = info(
+            Route::Other,
+            r#"{"model":"tts-1","stream":"yes","input":"x"}"#,
+        );
+        assert_eq!((i.model.as_deref(), i.stream), (Some("tts-1"), false));
+        assert_eq!(info(Route::Other, r#"{"model":7}"#).model, None);
+        assert_eq!(err(Route::Other, "{").0, "invalid_json");
+    }
+
+    #[test]
+    fn inspect_errors() {
+        let bad = [
+            (Route::Chat, "", "invalid_json", None),
+            (Route::Chat, "{\"model\":\"m\",", "invalid_json", None),
+            (Route::Chat, "[]", "invalid_json", None),
+            (
+                Route::Chat,
+                r#"{"model":"a","model":"b"}"#,
+                "invalid_json",
+                None,
+            ),
+            (
+                Route::Chat,
+                r#"{"messages":[]}"#,
+                "missing_required_parameter",
+                Some("model"),
+            ),
+            (
+                Route::Embeddings,
+                r#"{"model":null,"input":"x"}"#,
+                "missing_required_parameter",
+                Some("model"),
+            ),
+            (Route::Chat, r#"{"model":1}"#, "invalid_type", Some("model")),
+            (
+                Route::Chat,
+                r#"{"model":"m","stream":"true"}"#,
+                "invalid_type",
+                Some("stream"),
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","max_tokens":-1}"#,
+                "invalid_type",
+                Some("max_tokens"),
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","max_tokens":1.5}"#,
+                "invalid_type",
+                Some("max_tokens"),
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","max_completion_tokens":"9"}"#,
+                "invalid_type",
+                Some("max_completion_tokens"),
+            ),
+            (
+                Route::Responses,
+                r#"{"model":"m","max_output_tokens":[]}"#,
+                "invalid_type",
+                Some("max_output_tokens"),
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","messages":{}}"#,
+                "invalid_type",
+                Some("messages"),
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","stream_options":true}"#,
+                "invalid_type",
+                Some("stream_options"),
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","stream_options":[true]}"#,
+                "invalid_type",
+                Some("stream_options"),
+            ),
+            (
+                Route::Chat,
+                r#"{"model":"m","stream_options":{"include_usage":1}}"#,
+                "invalid_type",
+                Some("stream_options"),
+            ),
+            (
+                Route::Completions,
+                r#"{"model":"m","prompt":5}"#,
+                "invalid_type",
+                Some("prompt"),
+            ),
+            (
+                Route::Embeddings,
+                r#"{"model":"m","input":{}}"#,
+                "invalid_type",
+                Some("input"),
+            ),
+            (
+                Route::Responses,
+                r#"{"model":"m","instructions":[]}"#,
+                "invalid_type",
+                Some("instructions"),
+            ),
+        ];
+        for (route, body, code, param) in bad {
+            assert_eq!(err(route, body), (code, param.map(str::to_owned)), "{body}");
+        }
+    }
+
+    // ---- rewrites ----
+
+    fn rewritten(route: Route, body: &str, rw: Rewrite) -> String {
+        let out = rewrite(route, &Bytes::copy_from_slice(body.as_bytes()), &rw).unwrap();
+        let back = inspect(route, &out).unwrap();
+        if rw.include_usage {
+            assert!(back.include_usage);
+        }
+        if let Some(m) = rw.max_tokens {
+            assert_eq!(back.max_tokens, Some(m));
+        }
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn rewrite_splices_and_replaces() {
+        let both = Rewrite {
+            include_usage: true,
+            max_tokens: Some(64),
+        };
+        let body =
+            r#"{"model":"m","messages":[],"temperature":0.1000000000000000055511151231257827}"#;
+        assert_eq!(
+            rewritten(Route::Chat, body, both),
+            r#"{"stream_options":{"include_usage":true},"max_completion_tokens":64,"model":"m","messages":[],"temperature":0.1000000000000000055511151231257827}"#
+        );
+        assert_eq!(
+            rewritten(
+                Route::Chat,
+                r#" { "model" : "m", "max_tokens" : 4096, "stream_options" : { "x" : 1 } } "#,
+                both
+            ),
+            r#" { "model" : "m", "max_tokens" : 64, "stream_options" : {"include_usage":true, "x" : 1 } } "#
+        );
+        assert_eq!(
+            rewritten(
+                Route::Chat,
+                r#"{"model":"m","stream_options":{"include_usage":false},"max_tokens":9,"max_completion_tokens":9}"#,
+                both
+            ),
+            r#"{"model":"m","stream_options":{"include_usage":true},"max_tokens":64,"max_completion_tokens":64}"#
+        );
+        assert_eq!(
+            rewritten(
+                Route::Chat,
+                r#"{"model":"m","stream_options":null,"max_tokens":null}"#,
+                both
+            ),
+            r#"{"model":"m","stream_options":{"include_usage":true},"max_tokens":64}"#
+        );
+        assert_eq!(
+            rewritten(Route::Chat, r#"{"model":"m","stream_options": { }}"#, both),
+            r#"{"max_completion_tokens":64,"model":"m","stream_options": {"include_usage":true}}"#
+        );
+        assert_eq!(
+            rewritten(Route::Completions, r#"{"model":"m"}"#, both),
+            r#"{"stream_options":{"include_usage":true},"max_tokens":64,"model":"m"}"#
+        );
+        // Responses: only the max field (usage arrives unasked).
+        assert_eq!(
+            rewritten(
+                Route::Responses,
+                r#"{"model":"m","max_output_tokens":1000}"#,
+                both
+            ),
+            r#"{"model":"m","max_output_tokens":64}"#
+        );
+        // Nothing to change: the same buffer.
+        let body = Bytes::from_static(
+            br#"{"model":"m","stream_options":{"include_usage":true},"max_tokens":64}"#,
+        );
+        for route in [
+            Route::Chat,
+            Route::Completions,
+            Route::Embeddings,
+            Route::Other,
+        ] {
+            let out = rewrite(route, &body, &both).unwrap();
+            assert_eq!(out.as_ptr(), body.as_ptr());
+        }
+        let out = rewrite(Route::Chat, &body, &Rewrite::default()).unwrap();
+        assert_eq!(out.as_ptr(), body.as_ptr());
+        // A body inspect refuses is refused.
+        assert!(rewrite(Route::Chat, &Bytes::from_static(b"{\"model\":1}"), &both).is_err());
+    }
+
+    // ---- pricing ----
+
+    fn price(input: &str, cached: Option<&str>, output: &str, request: &str) -> Price {
+        let p = |s: &str| Pico::parse_usd(s).unwrap();
+        Price {
+            input: p(input),
+            cached_input: cached.map(p),
+            output: p(output),
+            request: p(request),
+        }
+    }
+
+    #[test]
+    fn cost_rounds_each_part_up() {
+        let pr = price("0.15", Some("0.075"), "0.60", "0");
+        let u = Usage {
+            prompt_tokens: 1000,
+            cached_tokens: 200,
+            completion_tokens: 500,
+            reasoning_tokens: 100,
+        };
+        // 800 × 0.15 + 200 × 0.075 + 500 × 0.60 per 1M tokens.
+        assert_eq!(pr.cost(&u), Pico(120_000_000 + 15_000_000 + 300_000_000));
+        // One token of a cheap model is not free.
+        let one = Usage {
+            completion_tokens: 1,
+            ..Usage::default()
+        };
+        assert_eq!(price("0", None, "0.000001", "0").cost(&one), Pico(1));
+        assert_eq!(price("0", None, "0", "0").cost(&one), Pico::ZERO);
+        // Cached without a cached price is input.
+        let pr = price("1", None, "0", "0.01");
+        let u = Usage {
+            prompt_tokens: 10,
+            cached_tokens: 99,
+            ..Usage::default()
+        };
+        assert_eq!(pr.cost(&u), Pico(10_000_000 + 10_000_000_000));
+        // Saturates.
+        let u = Usage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: u64::MAX,
+            ..Usage::default()
+        };
+        assert_eq!(price("9000000", None, "9000000", "1").cost(&u), Pico::MAX);
+    }
+
+    #[test]
+    fn upper_bound_covers_every_cost() {
+        for pr in [
+            price("0.000003", Some("0.000001"), "0.000007", "0"),
+            price("0.000001", Some("0.000005"), "0.000002", "0.000000000003"),
+            price("2.5", Some("1.25"), "10", "0"),
+            price("0", None, "0", "0"),
+        ] {
+            for p in 0..12u64 {
+                for c in 0..4u64 {
+                    let bound = pr.upper_bound(p, c);
+                    for prompt in 0..=p {
+                        for cached in 0..=prompt {
+                            let u = Usage {
+                                prompt_tokens: prompt,
+                                cached_tokens: cached,
+                                completion_tokens: c,
+                                reasoning_tokens: 0,
+                            };
+                            assert!(pr.cost(&u) <= bound, "{pr:?} {u:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn affordable_completion_is_exact_at_the_boundary() {
+        for pr in [
+            price("0.15", Some("0.075"), "0.60", "0"),
+            price("3", None, "15", "0.001"),
+            price("0.000001", None, "0.000003", "0"),
+            price("1", None, "0", "0"),
+        ] {
+            for prompt in [0u64, 1, 7, 1000] {
+                for budget in [
+                    0i64,
+                    1,
+                    999,
+                    1_000_000,
+                    123_456_789_012,
+                    i64::MAX - 1,
+                    i64::MAX,
+                ] {
+                    let budget = Pico(budget);
+                    let c = pr.affordable_completion(budget, prompt);
+                    if pr.upper_bound(prompt, 0) > budget {
+                        assert_eq!(c, 0);
+                        continue;
+                    }
+                    assert!(pr.upper_bound(prompt, c) <= budget, "{pr:?} {budget:?} {c}");
+                    if c < u64::MAX {
+                        assert!(
+                            pr.upper_bound(prompt, c + 1) > budget,
+                            "{pr:?} {budget:?} {c}"
+                        );
+                    }
+                }
+            }
+        }
+        // $1 left, 0.60 per 1M output, 1000 prompt tokens at 0.15: exactly.
+        let pr = price("0.15", None, "0.60", "0");
+        let c = pr.affordable_completion(Pico::usd(1), 1000);
+        assert_eq!(
+            c,
+            (1_000_000_000_000 - 150_000_000) * 1_000_000 / 600_000_000_000
+        );
+    }
+}

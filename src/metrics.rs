@@ -15,10 +15,26 @@ use crate::error::ApiError;
 use crate::meter::{Route, Usage};
 use crate::money::Pico;
 
-const ROUTES: [Route; 5] = [Route::Chat, Route::Completions, Route::Embeddings, Route::Responses, Route::Other];
+const ROUTES: [Route; 5] = [
+    Route::Chat,
+    Route::Completions,
+    Route::Embeddings,
+    Route::Responses,
+    Route::Other,
+];
 /// Latency buckets, seconds.
-const BUCKETS: [f64; 14] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-const REASONS: [&str; 7] = ["auth", "forbidden", "quota", "rate", "concurrency", "bad_request", "upstream"];
+const BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const REASONS: [&str; 7] = [
+    "auth",
+    "forbidden",
+    "quota",
+    "rate",
+    "concurrency",
+    "bad_request",
+    "upstream",
+];
 
 /// A latency histogram: cumulative on render, per-bucket when recorded.
 #[derive(Default)]
@@ -30,7 +46,10 @@ struct Histogram {
 impl Histogram {
     fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        let i = BUCKETS.iter().position(|b| s <= *b).unwrap_or(BUCKETS.len());
+        let i = BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(BUCKETS.len());
         self.buckets[i].fetch_add(1, Relaxed);
         self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
     }
@@ -83,7 +102,12 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(upstreams: usize) -> Metrics {
-        Metrics { upstreams: (0..upstreams).map(|_| UpstreamCounters::default()).collect(), ..Metrics::default() }
+        Metrics {
+            upstreams: (0..upstreams)
+                .map(|_| UpstreamCounters::default())
+                .collect(),
+            ..Metrics::default()
+        }
     }
 
     /// A request answered (by the upstream or by the gateway).
@@ -114,7 +138,14 @@ impl Metrics {
     }
 
     /// Tokens and cost of a settled request.
-    pub fn metered(&self, model: &str, upstream: Option<usize>, usage: &Usage, cost: Pico, estimated: bool) {
+    pub fn metered(
+        &self,
+        model: &str,
+        upstream: Option<usize>,
+        usage: &Usage,
+        cost: Pico,
+        estimated: bool,
+    ) {
         self.in_flight.fetch_sub(1, Relaxed);
         if let Some(u) = upstream.and_then(|i| self.upstreams.get(i)) {
             u.requests.fetch_add(1, Relaxed);
@@ -159,18 +190,33 @@ impl Metrics {
         for (r, route) in ROUTES.iter().enumerate() {
             for c in 0..5 {
                 let n = self.requests[r][c].load(Relaxed);
-                let _ = writeln!(out, "tollgate_requests_total{{route=\"{}\",status=\"{}xx\"}} {n}", route.as_str(), c + 1);
+                let _ = writeln!(
+                    out,
+                    "tollgate_requests_total{{route=\"{}\",status=\"{}xx\"}} {n}",
+                    route.as_str(),
+                    c + 1
+                );
             }
         }
         out.push_str("# HELP tollgate_request_duration_seconds Time from request to the end of the answer.\n# TYPE tollgate_request_duration_seconds histogram\n");
-        self.latency.render(&mut out, "tollgate_request_duration_seconds");
+        self.latency
+            .render(&mut out, "tollgate_request_duration_seconds");
         out.push_str("# HELP tollgate_time_to_first_byte_seconds Time from request to the first byte of the upstream's body.\n# TYPE tollgate_time_to_first_byte_seconds histogram\n");
-        self.ttfb.render(&mut out, "tollgate_time_to_first_byte_seconds");
+        self.ttfb
+            .render(&mut out, "tollgate_time_to_first_byte_seconds");
         out.push_str("# HELP tollgate_in_flight_requests Admitted requests not yet settled.\n# TYPE tollgate_in_flight_requests gauge\n");
-        let _ = writeln!(out, "tollgate_in_flight_requests {}", self.in_flight.load(Relaxed).max(0));
+        let _ = writeln!(
+            out,
+            "tollgate_in_flight_requests {}",
+            self.in_flight.load(Relaxed).max(0)
+        );
         out.push_str("# HELP tollgate_rejections_total Requests refused by the gateway, by reason.\n# TYPE tollgate_rejections_total counter\n");
         for (i, reason) in REASONS.iter().enumerate() {
-            let _ = writeln!(out, "tollgate_rejections_total{{reason=\"{reason}\"}} {}", self.rejections[i].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "tollgate_rejections_total{{reason=\"{reason}\"}} {}",
+                self.rejections[i].load(Relaxed)
+            );
         }
         let mut models: Vec<(String, [u64; 6], i64)> = self
             .models
@@ -195,29 +241,64 @@ impl Metrics {
         out.push_str("# HELP tollgate_tokens_total Tokens metered, by model and kind.\n# TYPE tollgate_tokens_total counter\n");
         for (model, n, _) in &models {
             let model = escape(model);
-            for (kind, v) in [("prompt", n[1]), ("cached", n[2]), ("completion", n[3]), ("reasoning", n[4])] {
-                let _ = writeln!(out, "tollgate_tokens_total{{model=\"{model}\",kind=\"{kind}\"}} {v}");
+            for (kind, v) in [
+                ("prompt", n[1]),
+                ("cached", n[2]),
+                ("completion", n[3]),
+                ("reasoning", n[4]),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "tollgate_tokens_total{{model=\"{model}\",kind=\"{kind}\"}} {v}"
+                );
             }
         }
         out.push_str("# HELP tollgate_cost_usd_total Money charged, by model (exact decimal).\n# TYPE tollgate_cost_usd_total counter\n");
         for (model, _, cost) in &models {
-            let _ = writeln!(out, "tollgate_cost_usd_total{{model=\"{}\"}} {}", escape(model), Pico(*cost));
+            let _ = writeln!(
+                out,
+                "tollgate_cost_usd_total{{model=\"{}\"}} {}",
+                escape(model),
+                Pico(*cost)
+            );
         }
         out.push_str("# HELP tollgate_metered_requests_total Settled requests, by model.\n# TYPE tollgate_metered_requests_total counter\n");
         for (model, n, _) in &models {
-            let _ = writeln!(out, "tollgate_metered_requests_total{{model=\"{}\"}} {}", escape(model), n[0]);
+            let _ = writeln!(
+                out,
+                "tollgate_metered_requests_total{{model=\"{}\"}} {}",
+                escape(model),
+                n[0]
+            );
         }
         out.push_str("# HELP tollgate_estimated_requests_total Requests charged from an estimate (no usage reported), by model.\n# TYPE tollgate_estimated_requests_total counter\n");
         for (model, n, _) in &models {
-            let _ = writeln!(out, "tollgate_estimated_requests_total{{model=\"{}\"}} {}", escape(model), n[5]);
+            let _ = writeln!(
+                out,
+                "tollgate_estimated_requests_total{{model=\"{}\"}} {}",
+                escape(model),
+                n[5]
+            );
         }
         out.push_str("# HELP tollgate_upstream_requests_total Requests answered by each upstream.\n# TYPE tollgate_upstream_requests_total counter\n");
         for (i, u) in app.routing.upstreams.iter().enumerate() {
             let c = &self.upstreams[i];
             let name = escape(&u.name);
-            let _ = writeln!(out, "tollgate_upstream_requests_total{{upstream=\"{name}\"}} {}", c.requests.load(Relaxed));
-            let _ = writeln!(out, "tollgate_upstream_failures_total{{upstream=\"{name}\"}} {}", c.failures.load(Relaxed));
-            let _ = writeln!(out, "tollgate_upstream_failovers_total{{upstream=\"{name}\"}} {}", c.failovers.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "tollgate_upstream_requests_total{{upstream=\"{name}\"}} {}",
+                c.requests.load(Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "tollgate_upstream_failures_total{{upstream=\"{name}\"}} {}",
+                c.failures.load(Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "tollgate_upstream_failovers_total{{upstream=\"{name}\"}} {}",
+                c.failovers.load(Relaxed)
+            );
         }
         let s = app.store.stats();
         out.push_str("# HELP tollgate_store_queue_depth Writes queued for the store thread.\n# TYPE tollgate_store_queue_depth gauge\n");
@@ -229,9 +310,15 @@ impl Metrics {
         out.push_str("# TYPE tollgate_store_last_batch_size gauge\n");
         let _ = writeln!(out, "tollgate_store_last_batch_size {}", s.last_batch_size);
         out.push_str("# HELP tollgate_store_flush_seconds Time spent applying and flushing batches.\n# TYPE tollgate_store_flush_seconds summary\n");
-        let _ = writeln!(out, "tollgate_store_flush_seconds_sum {}", s.flush_us_sum as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "tollgate_store_flush_seconds_sum {}",
+            s.flush_us_sum as f64 / 1e6
+        );
         let _ = writeln!(out, "tollgate_store_flush_seconds_count {}", s.flush_count);
-        out.push_str("# HELP tollgate_keys_cached Keys held in memory.\n# TYPE tollgate_keys_cached gauge\n");
+        out.push_str(
+            "# HELP tollgate_keys_cached Keys held in memory.\n# TYPE tollgate_keys_cached gauge\n",
+        );
         let _ = writeln!(out, "tollgate_keys_cached {}", app.gate.cached());
         out
     }
@@ -239,5 +326,7 @@ impl Metrics {
 
 /// Escapes a label value (`\`, `"`, newline).
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

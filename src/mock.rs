@@ -1713,6 +1713,9 @@ impl Script {
     }
 }
 
+/// How long a reset waits for the chunks before it to reach the socket.
+const RESET_GRACE: Duration = Duration::from_millis(10);
+
 /// Where a fault cuts a body: after `after` frames, fail (`reset`) or hang.
 #[derive(Clone, Copy)]
 struct Cut {
@@ -1781,6 +1784,20 @@ impl MockBody {
         }
     }
 
+    /// Ready once `wait` has passed since the first poll of this pause.
+    fn pause(&mut self, cx: &mut Context<'_>, wait: Duration) -> Poll<()> {
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+        if !self.armed {
+            sleep.as_mut().reset(tokio::time::Instant::now() + wait);
+            self.armed = true;
+        }
+        ready!(sleep.as_mut().poll(cx));
+        self.armed = false;
+        Poll::Ready(())
+    }
+
     /// Leaves the open streams, counted as completed or (reset) as neither.
     fn finish(&mut self, completed: bool) {
         self.ended = true;
@@ -1815,34 +1832,30 @@ impl http_body::Body for MockBody {
             return Poll::Ready(None);
         }
         let total = this.script.len(this.sent);
-        if let Some(cut) = this.cut {
-            if cut.after == this.sent && cut.after < total {
-                if !cut.reset {
-                    // Hang: never woken, until the peer goes and drops us.
-                    return Poll::Pending;
-                }
-                this.finish(false);
-                return Poll::Ready(Some(Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    format!("mock fault: reset after {} chunks", cut.after),
-                ))));
+        let cut = this
+            .cut
+            .filter(|cut| cut.after == this.sent && cut.after < total);
+        if let Some(cut) = cut {
+            if !cut.reset {
+                // Hang: never woken, until the peer goes and drops us.
+                return Poll::Pending;
             }
+            // Let the connection write the chunks already handed over first,
+            // as a real upstream that dies mid-stream has sent them (h2 drops
+            // DATA still queued when the stream is reset).
+            ready!(this.pause(cx, this.delay.max(RESET_GRACE)));
+            this.finish(false);
+            return Poll::Ready(Some(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("mock fault: reset after {} chunks", cut.after),
+            ))));
         }
         if this.sent >= total {
             this.finish(true);
             return Poll::Ready(None);
         }
         if this.sent > 0 && !this.delay.is_zero() {
-            let delay = this.delay;
-            let sleep = this
-                .sleep
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(delay)));
-            if !this.armed {
-                sleep.as_mut().reset(tokio::time::Instant::now() + delay);
-                this.armed = true;
-            }
-            ready!(sleep.as_mut().poll(cx));
-            this.armed = false;
+            ready!(this.pause(cx, this.delay));
         }
         let frame = this.script.frame(this.sent);
         this.sent += 1;
@@ -2450,7 +2463,7 @@ mod tests {
             StatusCode::BAD_REQUEST,
             "stream_options needs stream"
         );
-        assert_eq!(mock.request_count(), 8);
+        assert_eq!(mock.request_count(), 7);
     }
 
     #[tokio::test]

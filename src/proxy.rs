@@ -29,7 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::app::App;
 use crate::config::{Config, OnClientDisconnect, OnInsufficient};
-use crate::error::{ApiError, Origin};
+use crate::error::ApiError;
 use crate::gate::{Ask, Permit, Reservation};
 use crate::meter::{Framing, Meter, Price, RequestInfo, Rewrite, Route, Usage};
 use crate::money::Pico;
@@ -100,15 +100,18 @@ impl Routing {
                 (None, Some(url)) => url.clone(),
                 (None, None) => return Err(format!("upstream {}: no base URL", up.name)),
             };
-            let uri: Uri = base.parse().map_err(|_| format!("upstream {}: bad base_url", up.name))?;
+            let uri: Uri = base
+                .parse()
+                .map_err(|_| format!("upstream {}: bad base_url", up.name))?;
             let scheme = uri.scheme_str().unwrap_or("http");
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
             let auth = match &up.api_key_env {
                 Some(env) => match std::env::var(env) {
-                    Ok(k) if !k.is_empty() => Some(
-                        HeaderValue::from_str(&format!("Bearer {k}"))
-                            .map_err(|_| format!("upstream {}: {env} is not a valid header value", up.name))?,
-                    ),
+                    Ok(k) if !k.is_empty() => {
+                        Some(HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                            format!("upstream {}: {env} is not a valid header value", up.name)
+                        })?)
+                    }
                     _ => {
                         tracing::warn!(upstream = %up.name, env = %env, "upstream API key env var is not set; requests go without it");
                         None
@@ -127,20 +130,31 @@ impl Routing {
                 let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
                     .map_err(|e| format!("upstream {}: ca_file {}: {e}", up.name, ca.display()))?;
                 for c in certs {
-                    let c = c.map_err(|e| format!("upstream {}: ca_file {}: {e}", up.name, ca.display()))?;
-                    roots.add(c).map_err(|e| format!("upstream {}: ca_file: {e}", up.name))?;
+                    let c = c.map_err(|e| {
+                        format!("upstream {}: ca_file {}: {e}", up.name, ca.display())
+                    })?;
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("upstream {}: ca_file: {e}", up.name))?;
                 }
             }
-            let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+            let tls = rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
             upstreams.push(Upstream {
                 name: up.name.clone(),
                 origin: format!("{scheme}://{authority}"),
                 base_path: uri.path().trim_end_matches('/').to_owned(),
                 auth,
-                models: set.build().map_err(|e| format!("upstream {}: {e}", up.name))?,
+                models: set
+                    .build()
+                    .map_err(|e| format!("upstream {}: {e}", up.name))?,
                 weight: up.weight,
                 connect_timeout: up.connect_timeout.unwrap_or(config.proxy.connect_timeout).0,
-                first_byte_timeout: up.first_byte_timeout.unwrap_or(config.proxy.first_byte_timeout).0,
+                first_byte_timeout: up
+                    .first_byte_timeout
+                    .unwrap_or(config.proxy.first_byte_timeout)
+                    .0,
                 tls,
                 failures: AtomicU32::new(0),
                 down_until_ms: AtomicI64::new(0),
@@ -164,11 +178,20 @@ impl Routing {
             .models
             .iter()
             .map(|(name, m)| {
-                let entry = ModelEntry { price: price_of(m), max_output_tokens: m.max_output_tokens, group: group_of(name) };
+                let entry = ModelEntry {
+                    price: price_of(m),
+                    max_output_tokens: m.max_output_tokens,
+                    group: group_of(name),
+                };
                 (name.clone(), entry)
             })
             .collect();
-        let default_price = config.billing.default_price.as_ref().and_then(|d| models.get(d)).cloned();
+        let default_price = config
+            .billing
+            .default_price
+            .as_ref()
+            .and_then(|d| models.get(d))
+            .cloned();
         Ok(Routing {
             upstreams,
             models,
@@ -224,7 +247,10 @@ impl Routing {
         }
         let mut order = Vec::with_capacity(group.len());
         while !healthy.is_empty() {
-            let total: u64 = healthy.iter().map(|&i| self.upstreams[i].weight as u64).sum();
+            let total: u64 = healthy
+                .iter()
+                .map(|&i| self.upstreams[i].weight as u64)
+                .sum();
             let mut pick = fast_random() % total.max(1);
             let mut chosen = 0;
             for (pos, &i) in healthy.iter().enumerate() {
@@ -246,7 +272,8 @@ impl Routing {
         let u = &self.upstreams[i];
         let n = u.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.failure_threshold {
-            u.down_until_ms.store(now_ms + self.cooldown_ms, Ordering::Release);
+            u.down_until_ms
+                .store(now_ms + self.cooldown_ms, Ordering::Release);
         }
     }
 
@@ -337,7 +364,8 @@ pub async fn handle(
         Ok(res) => res,
         Err(e) => {
             app.metrics.rejected(&e);
-            app.metrics.answered(route, e.status.as_u16(), started.elapsed(), None);
+            app.metrics
+                .answered(route, e.status.as_u16(), started.elapsed(), None);
             e.into_response()
         }
     }
@@ -378,8 +406,18 @@ async fn proxy(
         None => (0..app.routing.upstreams.len()).collect(),
     };
     // 2 admit
-    let device = parts.headers.get("x-device-id").and_then(|v| v.to_str().ok());
-    let policy = app.gate.admit(&key, &Ask { model, client_ip, device })?;
+    let device = parts
+        .headers
+        .get("x-device-id")
+        .and_then(|v| v.to_str().ok());
+    let policy = app.gate.admit(
+        &key,
+        &Ask {
+            model,
+            client_ip,
+            device,
+        },
+    )?;
     // 3 limit
     let permit = app.gate.limit(&key, &policy)?;
     // 4 reserve
@@ -415,10 +453,12 @@ async fn proxy(
     // The body sent upstream: usage injected for streams, max_tokens set
     // when the client sent none, asked for more than the model's bound, or
     // more than the key can pay for.
-    let inject_usage = info.stream && matches!(route, Route::Chat | Route::Completions) && !info.include_usage;
+    let inject_usage =
+        info.stream && matches!(route, Route::Chat | Route::Completions) && !info.include_usage;
     let rewrite = Rewrite {
         include_usage: inject_usage,
-        max_tokens: (produces_tokens && info.max_tokens != Some(completion_bound)).then_some(completion_bound),
+        max_tokens: (produces_tokens && info.max_tokens != Some(completion_bound))
+            .then_some(completion_bound),
     };
     let upstream_body = crate::meter::rewrite(route, &body, &rewrite)?;
     app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -449,12 +489,17 @@ async fn proxy(
     // 7 stream back through the meter.
     let (mut head, incoming) = res.into_parts();
     strip_hop_by_hop(&mut head.headers);
-    let framing = Framing::from_content_type(head.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
+    let framing = Framing::from_content_type(
+        head.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    );
     if inject_usage {
         // The withheld usage event changes the length.
         head.headers.remove(header::CONTENT_LENGTH);
     }
-    head.headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    head.headers
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
     settlement.permit.rate.write_headers(&mut head.headers);
     let metered = MeteredBody {
         inner: Some(incoming),
@@ -474,14 +519,21 @@ fn list_models(app: &App, policy: &crate::gate::Policy) -> Response<Body> {
         .filter(|m| policy.allows_model(m))
         .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
         .collect();
-    json_response(StatusCode::OK, &serde_json::json!({"object": "list", "data": data}))
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({"object": "list", "data": data}),
+    )
 }
 
 pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
-    let mut res = Response::new(crate::full_body(serde_json::to_vec(v).expect("a Value always serializes")));
+    let mut res = Response::new(crate::full_body(
+        serde_json::to_vec(v).expect("a Value always serializes"),
+    ));
     *res.status_mut() = status;
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     res
 }
 
@@ -493,7 +545,9 @@ pub async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Resul
             .to_str()
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| ApiError::bad_request("invalid_header", "Content-Length is not a number."))?;
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_header", "Content-Length is not a number.")
+            })?;
         if len > max as u64 {
             return Err(ApiError::body_too_large(max));
         }
@@ -501,12 +555,19 @@ pub async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Resul
     match Limited::new(body, max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::body_too_large(max)),
-        Err(e) => Err(ApiError::bad_request("body_read_failed", format!("Could not read the request body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(
+            "body_read_failed",
+            format!("Could not read the request body: {e}"),
+        )),
     }
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.get(header::CONNECTION).and_then(|v| v.to_str().ok()).map(str::to_owned) {
+    if let Some(conn) = h
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    {
         for name in conn.split(',') {
             if let Ok(n) = HeaderName::from_bytes(name.trim().as_bytes()) {
                 h.remove(n);
@@ -533,7 +594,10 @@ async fn forward(
     let now = app.clock.now_ms();
     let order = routing.candidates(group, now);
     if order.is_empty() {
-        return Err(ApiError::upstream(StatusCode::BAD_GATEWAY, "No upstream serves this request."));
+        return Err(ApiError::upstream(
+            StatusCode::BAD_GATEWAY,
+            "No upstream serves this request.",
+        ));
     }
     let suffix = parts
         .uri
@@ -554,15 +618,17 @@ async fn forward(
         let uri = format!("{}{}{}", up.origin, up.base_path, suffix);
         let mut req = Request::new(Full::new(body.clone()));
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri
-            .parse()
-            .map_err(|_| ApiError::bad_request("invalid_path", "The request path cannot be forwarded."))?;
+        *req.uri_mut() = uri.parse().map_err(|_| {
+            ApiError::bad_request("invalid_path", "The request path cannot be forwarded.")
+        })?;
         *req.headers_mut() = headers.clone();
         if let Some(auth) = &up.auth {
-            req.headers_mut().insert(header::AUTHORIZATION, auth.clone());
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, auth.clone());
         }
         let last = attempt + 1 == order.len();
-        let outcome = tokio::time::timeout(up.first_byte_timeout, pool.clients[i].request(req)).await;
+        let outcome =
+            tokio::time::timeout(up.first_byte_timeout, pool.clients[i].request(req)).await;
         let err = match outcome {
             Ok(Ok(res)) => {
                 let s = res.status();
@@ -594,14 +660,18 @@ async fn forward(
             }
             Err(_) => {
                 tracing::warn!(upstream = %up.name, "upstream timed out before answering");
-                ApiError::upstream(StatusCode::GATEWAY_TIMEOUT, format!("Upstream {} did not answer in time.", up.name))
+                ApiError::upstream(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("Upstream {} did not answer in time.", up.name),
+                )
             }
         };
         routing.failed(i, app.clock.now_ms());
         app.metrics.upstream_failed(i, !last);
         last_err = Some(err);
     }
-    Err(last_err.unwrap_or_else(|| ApiError::upstream(StatusCode::BAD_GATEWAY, "No upstream answered.")))
+    Err(last_err
+        .unwrap_or_else(|| ApiError::upstream(StatusCode::BAD_GATEWAY, "No upstream answered.")))
 }
 
 fn persist_daily_fee(app: &Arc<App>, hash: crate::store::KeyHash, fee: Pico) {
@@ -612,7 +682,10 @@ fn persist_daily_fee(app: &Arc<App>, hash: crate::store::KeyHash, fee: Pico) {
             kind: crate::store::LedgerKind::DailyFee,
             amount: fee,
             reason: "daily fee".to_owned(),
-            idempotency_key: Some(format!("daily-fee-{}", at_ms.div_euclid(crate::clock::DAY_MS))),
+            idempotency_key: Some(format!(
+                "daily-fee-{}",
+                at_ms.div_euclid(crate::clock::DAY_MS)
+            )),
             at_ms,
         };
         if let Err(e) = store.credit(hash, op).await {
@@ -681,7 +754,11 @@ impl Settlement {
                 Pricing::Flat(_) => Pico::ZERO,
             }
         };
-        let reserved = self.reservation.as_ref().map(|r| r.amount).unwrap_or(Pico::ZERO);
+        let reserved = self
+            .reservation
+            .as_ref()
+            .map(|r| r.amount)
+            .unwrap_or(Pico::ZERO);
         let charged = match self.reservation.take() {
             Some(r) => r.settle(cost),
             None => Pico::ZERO,
@@ -696,8 +773,16 @@ impl Settlement {
         let latency = self.started.elapsed();
         let upstream = self.app.routing.upstreams.get(self.upstream);
         let status = if self.answered { self.status } else { 502 };
-        self.app.metrics.answered(self.route, status, latency, self.ttfb);
-        self.app.metrics.metered(&self.model, upstream.map(|_| self.upstream), &usage, charged, estimated);
+        self.app
+            .metrics
+            .answered(self.route, status, latency, self.ttfb);
+        self.app.metrics.metered(
+            &self.model,
+            upstream.map(|_| self.upstream),
+            &usage,
+            charged,
+            estimated,
+        );
         self.app.store.record(UsageRecord {
             at_ms: self.app.clock.now_ms(),
             key: key.hash,
@@ -713,7 +798,10 @@ impl Settlement {
             cost: charged,
             reserved,
             latency_ms: latency.as_millis().min(u32::MAX as u128) as u32,
-            ttfb_ms: self.ttfb.map(|t| t.as_millis().min(u32::MAX as u128) as u32).unwrap_or(0),
+            ttfb_ms: self
+                .ttfb
+                .map(|t| t.as_millis().min(u32::MAX as u128) as u32)
+                .unwrap_or(0),
             request_id: self.request_id.to_str().unwrap_or("").to_owned(),
             client_ip: self.client_ip.to_string(),
             estimated,
@@ -743,7 +831,10 @@ struct MeteredBody {
 impl MeteredBody {
     fn settle(&mut self) {
         if let Some(mut s) = self.settlement.take() {
-            s.finish(self.meter.usage(), self.meter.delivered_completion_estimate());
+            s.finish(
+                self.meter.usage(),
+                self.meter.delivered_completion_estimate(),
+            );
         }
     }
 }
@@ -752,13 +843,18 @@ impl HttpBody for MeteredBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
             if this.finished {
                 return Poll::Ready(None);
             }
-            let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
             match ready!(Pin::new(inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
@@ -819,17 +915,27 @@ impl Drop for MeteredBody {
             .map(|s| s.app.config.billing.on_client_disconnect == OnClientDisconnect::Drain)
             .unwrap_or(false);
         if drain
-            && let (Some(inner), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current())
+            && let (Some(inner), Ok(rt)) =
+                (self.inner.take(), tokio::runtime::Handle::try_current())
         {
             let settlement = self.settlement.take();
-            let meter = std::mem::replace(&mut self.meter, Meter::new(Route::Other, Framing::Json, false));
+            let meter = std::mem::replace(
+                &mut self.meter,
+                Meter::new(Route::Other, Framing::Json, false),
+            );
             let timeout = settlement
                 .as_ref()
                 .map(|s| s.app.config.billing.drain_timeout.0)
                 .unwrap_or(Duration::from_secs(30));
             // Keep reading the upstream (bounded) to get its exact usage.
             rt.spawn(async move {
-                let mut rest = MeteredBody { inner: Some(inner), meter, withholds: false, settlement, finished: false };
+                let mut rest = MeteredBody {
+                    inner: Some(inner),
+                    meter,
+                    withholds: false,
+                    settlement,
+                    finished: false,
+                };
                 let _ = tokio::time::timeout(timeout, async {
                     while let Some(frame) = rest.frame().await {
                         if frame.is_err() {
@@ -882,10 +988,10 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_str(&id).expect("hex is a valid header value")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Origin;
 
     #[test]
     fn request_ids() {
@@ -901,6 +1007,9 @@ mod tests {
 
     #[test]
     fn origin_is_upstream_for_upstream_errors() {
-        assert_eq!(ApiError::upstream(StatusCode::BAD_GATEWAY, "x").origin, Origin::Upstream);
+        assert_eq!(
+            ApiError::upstream(StatusCode::BAD_GATEWAY, "x").origin,
+            Origin::Upstream
+        );
     }
 }

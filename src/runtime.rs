@@ -60,8 +60,12 @@ impl Gateway {
         let mut mocks = Vec::new();
         let mut mock_urls = HashMap::new();
         for up in config.upstreams.iter().filter(|u| u.mock) {
-            let options = MockOptions { models: config.models.keys().cloned().collect(), ..MockOptions::default() };
-            let mock = MockUpstream::start(options).map_err(|e| format!("starting the mock upstream {}: {e}", up.name))?;
+            let options = MockOptions {
+                models: config.models.keys().cloned().collect(),
+                ..MockOptions::default()
+            };
+            let mock = MockUpstream::start(options)
+                .map_err(|e| format!("starting the mock upstream {}: {e}", up.name))?;
             tracing::info!(upstream = %up.name, url = %mock.base_url(), "built-in mock upstream started");
             mock_urls.insert(up.name.clone(), mock.base_url());
             mocks.push(mock);
@@ -69,8 +73,12 @@ impl Gateway {
         let routing = Routing::build(&config, &mock_urls)?;
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
-        let store = Store::open(&config.storage.path, config.storage.flush_ms)
-            .map_err(|e| format!("opening the store at {}: {e}", config.storage.path.display()))?;
+        let store = Store::open(&config.storage.path, config.storage.flush_ms).map_err(|e| {
+            format!(
+                "opening the store at {}: {e}",
+                config.storage.path.display()
+            )
+        })?;
         let admin_token = match opts.admin_token {
             Some(t) => t,
             None => admin_token(&config)?,
@@ -109,13 +117,20 @@ impl Gateway {
         match mode {
             RuntimeMode::PerCore => {
                 // The first socket resolves port 0; the others join it.
-                let first = server::bind(listen, true).map_err(|e| format!("binding {listen}: {e}"))?;
+                let first =
+                    server::bind(listen, true).map_err(|e| format!("binding {listen}: {e}"))?;
                 addr = first.local_addr().map_err(|e| e.to_string())?;
                 let mut sockets = vec![first];
                 for _ in 1..workers {
-                    sockets.push(server::bind(addr, true).map_err(|e| format!("binding {addr}: {e}"))?);
+                    sockets.push(
+                        server::bind(addr, true).map_err(|e| format!("binding {addr}: {e}"))?,
+                    );
                 }
-                let cores = if pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+                let cores = if pin {
+                    core_affinity::get_core_ids().unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
                 for (i, socket) in sockets.into_iter().enumerate() {
                     let app = app.clone();
                     let rx = rx.clone();
@@ -152,7 +167,8 @@ impl Gateway {
                 }
             }
             RuntimeMode::Shared => {
-                let socket = server::bind(listen, false).map_err(|e| format!("binding {listen}: {e}"))?;
+                let socket =
+                    server::bind(listen, false).map_err(|e| format!("binding {listen}: {e}"))?;
                 addr = socket.local_addr().map_err(|e| e.to_string())?;
                 let app = app.clone();
                 let rx = rx.clone();
@@ -173,9 +189,24 @@ impl Gateway {
                                     return;
                                 }
                             };
-                            tokio::spawn(sweeper(app.clone(), rx.clone(), sweep_every, retention_days));
+                            tokio::spawn(sweeper(
+                                app.clone(),
+                                rx.clone(),
+                                sweep_every,
+                                retention_days,
+                            ));
                             let pool = Arc::new(Pool::new(&app.routing));
-                            server::run(app, pool, Listener { listener, tls, connections }, rx).await;
+                            server::run(
+                                app,
+                                pool,
+                                Listener {
+                                    listener,
+                                    tls,
+                                    connections,
+                                },
+                                rx,
+                            )
+                            .await;
                         });
                     })
                     .map_err(|e| format!("starting the runtime: {e}"))?;
@@ -184,7 +215,13 @@ impl Gateway {
         }
         app.ready.store(true, Ordering::Release);
         tracing::info!(%addr, ?mode, workers, "tollgate listening");
-        Ok(Gateway { app, addr, shutdown, threads, _mocks: mocks })
+        Ok(Gateway {
+            app,
+            addr,
+            shutdown,
+            threads,
+            _mocks: mocks,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -204,7 +241,9 @@ impl Gateway {
             let _ = t.join();
         }
         let store = self.app.store.clone();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
         if let Ok(rt) = rt
             && let Err(e) = rt.block_on(store.flush())
         {
@@ -220,7 +259,12 @@ impl Drop for Gateway {
 }
 
 /// Drops idle keys from memory, prunes limiter state and old usage records.
-async fn sweeper(app: Arc<App>, mut shutdown: watch::Receiver<bool>, every: Duration, retention_days: u32) {
+async fn sweeper(
+    app: Arc<App>,
+    mut shutdown: watch::Receiver<bool>,
+    every: Duration,
+    retention_days: u32,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -232,7 +276,9 @@ async fn sweeper(app: Arc<App>, mut shutdown: watch::Receiver<bool>, every: Dura
         }
         if retention_days > 0 {
             let before = app.clock.now_ms() - retention_days as i64 * crate::clock::DAY_MS;
-            app.store.prune_usage_before(before);
+            if let Err(e) = app.store.prune_usage_before(before).await {
+                tracing::warn!(error = %e, "pruning old usage records failed");
+            }
         }
     }
 }
@@ -253,7 +299,8 @@ fn admin_token(config: &Config) -> Result<String, String> {
         }
     }
     let token = crate::gate::generate_key().replacen("sk-tg-", "tg-admin-", 1);
-    write_secret(&path, &token).map_err(|e| format!("saving the admin token to {}: {e}", path.display()))?;
+    write_secret(&path, &token)
+        .map_err(|e| format!("saving the admin token to {}: {e}", path.display()))?;
     println!(
         "Generated an admin token (shown once; saved to {}):\n  {token}\nSet {} to use your own.",
         path.display(),
@@ -265,7 +312,11 @@ fn admin_token(config: &Config) -> Result<String, String> {
 fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(secret.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()

@@ -88,14 +88,20 @@ pub async fn run(app: Arc<App>, pool: Arc<Pool>, l: Listener, mut shutdown: watc
             });
             match tls {
                 None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .into_owned();
                     let _ = watcher.watch(conn).await;
                 }
                 Some(acceptor) => {
-                    let Ok(Ok(tls_stream)) = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await else {
+                    let Ok(Ok(tls_stream)) =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                    else {
                         return;
                     };
-                    let conn = builder.serve_connection(TokioIo::new(tls_stream), svc).into_owned();
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tls_stream), svc)
+                        .into_owned();
                     let _ = watcher.watch(conn).await;
                 }
             }
@@ -103,7 +109,10 @@ pub async fn run(app: Arc<App>, pool: Arc<Pool>, l: Listener, mut shutdown: watc
     }
     drop(l.listener);
     let grace = app.config.server.shutdown_grace.0;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace period over; closing the remaining connections");
     }
 }
@@ -156,24 +165,44 @@ fn ops(app: &App, req: &Request<Incoming>) -> Response<Body> {
             if app.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "application/json", "{\"status\":\"ready\"}")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "application/json", "{\"status\":\"not ready\"}")
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    "{\"status\":\"not ready\"}",
+                )
             }
         }
-        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4", app.metrics.render(app)),
-        _ => ApiError::not_found(format!("Unknown path {}.", crate::error::truncate(path, 256))).into_response(),
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            app.metrics.render(app),
+        ),
+        _ => ApiError::not_found(format!(
+            "Unknown path {}.",
+            crate::error::truncate(path, 256)
+        ))
+        .into_response(),
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<bytes::Bytes>) -> Response<Body> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<bytes::Bytes>,
+) -> Response<Body> {
     let mut res = Response::new(full_body(body));
     *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     res
 }
 
 /// Loads the TLS certificate chain and key (PEM) for the listener, with
 /// ALPN for h2 and http/1.1.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -181,9 +210,13 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tok
         .collect::<Result<_, _>>()
         .map_err(|e| format!("server.tls.cert {}: {e}", cert.display()))?;
     if certs.is_empty() {
-        return Err(format!("server.tls.cert {}: no certificate found", cert.display()));
+        return Err(format!(
+            "server.tls.cert {}: no certificate found",
+            cert.display()
+        ));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("server.tls.key {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("server.tls.key {}: {e}", key.display()))?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

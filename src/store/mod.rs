@@ -49,10 +49,10 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Batch, Db, IVec, Transactional, Tree};
@@ -509,7 +509,7 @@ impl Store {
                     all.push((rec, acct));
                 }
             }
-            all.sort_by(|a, b| (a.0.created_at, a.0.hash).cmp(&(b.0.created_at, b.0.hash)));
+            all.sort_by_key(|(rec, _)| (rec.created_at, rec.hash));
             return Ok(all.into_iter().skip(q.offset).take(q.limit).collect());
         }
         let mut out = Vec::new();
@@ -894,13 +894,6 @@ fn open_db(path: &Path) -> Result<Db, StoreError> {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
 /// first. A charge dated in an earlier period than the account's (a late
 /// record) counts in the lifetime `spent` only. `period_spent` never goes
@@ -988,10 +981,7 @@ impl StoreThread {
                     rx.try_recv().ok()
                 } else {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(left) {
-                        Ok(op) => Some(op),
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-                    }
+                    rx.recv_timeout(left).ok()
                 };
                 let Some(op) = next else { break };
                 ops += 1;
@@ -1452,7 +1442,7 @@ impl StoreThread {
             return Ok(());
         }
         let count = read_key_count(&self.keys.get([b'n'])?)?;
-        keys.insert(&[b'n'], &(count + added).to_le_bytes());
+        keys.insert(b"n", &(count + added).to_le_bytes());
         self.book.apply_batch(book)?;
         self.owners.apply_batch(owners)?;
         self.keys.apply_batch(keys)?;

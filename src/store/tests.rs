@@ -1,7 +1,16 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::*;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 use crate::clock::DAY_MS;
 
 /// A fresh directory under the system temp dir, removed on drop.

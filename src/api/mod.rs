@@ -1,0 +1,547 @@
+//! The gateway's own HTTP API, everything under `/api/`:
+//!
+//! - [`keys`]: provisioning (`/api/v1/keys…`, OpenRouter's names), behind
+//!   the admin token;
+//! - [`credits`]: top-ups, deducts, refunds and the ledger of a key, behind
+//!   the admin token;
+//! - [`status`]: `/api/v1/key` (alias `/api/v1/auth/key`), a key's own
+//!   status, authenticated by the key itself.
+//!
+//! Every answer is JSON; every error is an [`ApiError`] in OpenAI's shape.
+//! Request bodies are read with a hard cap and parsed field by field (see
+//! [`Fields`]) so that a refusal names the field at fault (`param`) and
+//! amounts are read exactly from their JSON text.
+
+// `ApiError` is large (status, message, metadata, headers) and every
+// handler here returns it; it is built only on a refusal, where one move of
+// 160 bytes costs nothing next to the answer it becomes.
+#![allow(clippy::result_large_err)]
+
+mod credits;
+mod keys;
+mod status;
+
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::de::{DeserializeOwned, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::app::App;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::gate::Gate;
+use crate::store::{KeyHash, Store, StoreError};
+use crate::{Body, BoxError};
+
+pub use keys::{UsageWindows, usage_windows};
+
+/// Largest admin request body: key specs and credits are small; anything
+/// bigger is a mistake or an attack.
+pub const ADMIN_BODY_MAX: usize = 64 * 1024;
+
+/// Largest page of keys or ledger entries one request may ask for.
+const PAGE_MAX: usize = 1000;
+/// Page size when the request names none.
+const PAGE_DEFAULT: usize = 100;
+
+/// What the handlers use from [`App`], borrowed, so that tests can build it
+/// from parts without the proxy's routing.
+pub(crate) struct Ctx<'a> {
+    pub config: &'a Config,
+    pub gate: &'a Gate,
+    pub store: &'a Store,
+    pub clock: &'a Clock,
+    pub admin_token: &'a str,
+}
+
+/// Answers one request under `/api/`.
+pub async fn handle(
+    app: &Arc<App>,
+    req: Request<hyper::body::Incoming>,
+    client_ip: IpAddr,
+) -> Response<Body> {
+    let ctx = Ctx {
+        config: &app.config,
+        gate: &app.gate,
+        store: &app.store,
+        clock: &app.clock,
+        admin_token: &app.admin_token,
+    };
+    serve(&ctx, req, client_ip).await
+}
+
+/// [`handle`] over any body type (tests send `Full` bodies).
+pub(crate) async fn serve<B>(ctx: &Ctx<'_>, req: Request<B>, client_ip: IpAddr) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    match dispatch(ctx, req, client_ip).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The endpoints, by path shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route<'a> {
+    /// `/api/v1/keys`
+    Keys,
+    /// `/api/v1/keys/import`
+    Import,
+    /// `/api/v1/keys/{hash}`
+    Key(&'a str),
+    /// `/api/v1/keys/{hash}/credits`
+    Credits(&'a str),
+    /// `/api/v1/keys/{hash}/ledger`
+    Ledger(&'a str),
+    /// `/api/v1/key`, `/api/v1/auth/key`
+    OwnKey,
+}
+
+/// The route of a raw (still percent-encoded) path; `None` → 404. The hash
+/// segment is returned as sent and validated by [`parse_hash`], so that
+/// `..%2F`, wrong lengths and uppercase are a precise 400, not a 404.
+fn route_of(path: &str) -> Option<Route<'_>> {
+    let rest = path.strip_prefix("/api/v1/")?;
+    let segs: Vec<&str> = rest.split('/').collect();
+    match segs.as_slice() {
+        ["keys"] => Some(Route::Keys),
+        ["keys", "import"] => Some(Route::Import),
+        ["keys", h] => Some(Route::Key(h)),
+        ["keys", h, "credits"] => Some(Route::Credits(h)),
+        ["keys", h, "ledger"] => Some(Route::Ledger(h)),
+        ["key"] | ["auth", "key"] => Some(Route::OwnKey),
+        _ => None,
+    }
+}
+
+async fn dispatch<B>(
+    ctx: &Ctx<'_>,
+    req: Request<B>,
+    client_ip: IpAddr,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    let Some(route) = route_of(parts.uri.path()) else {
+        return Err(ApiError::not_found(format!(
+            "Unknown API path `{}`.",
+            crate::error::truncate(parts.uri.path(), 128)
+        )));
+    };
+    let query = parts.uri.query();
+    if route == Route::OwnKey {
+        return status::own_key(ctx, &parts.method, &parts.headers, client_ip);
+    }
+    // Everything else is the admin's: authenticate before looking at the
+    // method, the hash or the body.
+    admin_auth(ctx, &parts.headers, client_ip)?;
+    let m = &parts.method;
+    match route {
+        Route::Keys if m == Method::GET => keys::list(ctx, query),
+        Route::Keys if m == Method::POST => {
+            keys::create(ctx, &read_fields(&parts.headers, body).await?).await
+        }
+        Route::Import if m == Method::POST => {
+            keys::import(ctx, &read_fields(&parts.headers, body).await?).await
+        }
+        Route::Key(h) if m == Method::GET => keys::get(ctx, &parse_hash(h)?),
+        Route::Key(h) if m == Method::PATCH => {
+            let hash = parse_hash(h)?;
+            keys::patch(ctx, hash, &read_fields(&parts.headers, body).await?).await
+        }
+        Route::Key(h) if m == Method::DELETE => keys::delete(ctx, parse_hash(h)?).await,
+        Route::Credits(h) if m == Method::POST => {
+            let hash = parse_hash(h)?;
+            credits::credit(ctx, hash, &read_fields(&parts.headers, body).await?).await
+        }
+        Route::Ledger(h) if m == Method::GET => credits::ledger(ctx, &parse_hash(h)?, query),
+        _ => Err(ApiError::method_not_allowed()),
+    }
+}
+
+// ---- admin authentication ----
+
+/// Checks `Authorization: Bearer <admin token>`. Every failure counts
+/// against the client IP; too many answer 429 instead of 401.
+fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<(), ApiError> {
+    let given = headers
+        .get(http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .and_then(|v| {
+            v.strip_prefix(b"Bearer ")
+                .or_else(|| v.strip_prefix(b"bearer "))
+        });
+    let ok = match given {
+        Some(token) => token_matches(ctx.admin_token.as_bytes(), token.trim_ascii()),
+        None => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    ctx.gate.admin_failure(ip)?;
+    let message = if given.is_none() {
+        "This endpoint needs the admin token: `Authorization: Bearer ADMIN_TOKEN`."
+    } else {
+        "Incorrect admin token."
+    };
+    Err(ApiError::invalid_api_key(message))
+}
+
+/// Compares a presented token with the expected one in time that depends
+/// on neither's content nor length: both are hashed to 32 bytes first and
+/// the digests compared with `subtle`. An empty expected token matches
+/// nothing.
+fn token_matches(expected: &[u8], given: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    let a = Sha256::digest(expected);
+    let b = Sha256::digest(given);
+    let same: bool = a.as_slice().ct_eq(b.as_slice()).into();
+    same & !expected.is_empty()
+}
+
+// ---- paths and queries ----
+
+/// A `{hash}` path segment: exactly 64 lowercase hex characters.
+fn parse_hash(seg: &str) -> Result<KeyHash, ApiError> {
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_hash",
+            "A key hash is exactly 64 lowercase hexadecimal characters.",
+        )
+        .with_param("hash")
+    };
+    if seg.len() != 64 || !seg.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(invalid());
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(seg, &mut out).map_err(|_| invalid())?;
+    Ok(out)
+}
+
+/// `name=value` pairs of a query string, percent-decoded (`+` is a space).
+/// A pair that does not decode to UTF-8 is an error naming it.
+fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut out = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_decode(k).ok_or_else(|| {
+            ApiError::bad_request("invalid_query", "The query string is malformed.")
+        })?;
+        let value = percent_decode(v).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "The query parameter `{}` is malformed.",
+                    crate::error::truncate(&key, 64)
+                ),
+            )
+            .with_param(key.clone())
+        })?;
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hi = (*b.get(i + 1)? as char).to_digit(16)?;
+                let lo = (*b.get(i + 2)? as char).to_digit(16)?;
+                out.push((hi * 16 + lo) as u8);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `offset` and `limit` of a page (`limit` 1–1000, default 100).
+fn page_of(pairs: &[(String, String)]) -> Result<(usize, usize), ApiError> {
+    let mut offset = 0;
+    let mut limit = PAGE_DEFAULT;
+    for (k, v) in pairs {
+        match k.as_str() {
+            "offset" => {
+                offset = v.parse::<usize>().map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_query",
+                        "`offset` must be a non-negative integer.",
+                    )
+                    .with_param("offset")
+                })?;
+            }
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=PAGE_MAX).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            format!("`limit` must be an integer from 1 to {PAGE_MAX}."),
+                        )
+                        .with_param("limit")
+                    })?;
+            }
+            _ => {}
+        }
+    }
+    Ok((offset, limit))
+}
+
+// ---- bodies ----
+
+/// Reads a body of at most `max` bytes; larger is 413 (checked from
+/// `Content-Length` first when there is one, so nothing is read).
+async fn read_body<B>(headers: &http::HeaderMap, body: B, max: usize) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if let Some(len) = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > max as u64
+    {
+        return Err(ApiError::body_too_large(max));
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::body_too_large(max))
+        }
+        Err(_) => Err(ApiError::bad_request(
+            "invalid_body",
+            "The request body could not be read.",
+        )),
+    }
+}
+
+async fn read_fields<B>(headers: &http::HeaderMap, body: B) -> Result<Fields, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let bytes = read_body(headers, body, ADMIN_BODY_MAX).await?;
+    Fields::parse(&bytes)
+}
+
+/// A JSON object body, its fields kept as raw JSON text so each can be read
+/// with the right type (amounts exactly, from their text) and a refusal can
+/// name the field.
+#[derive(Debug)]
+pub(crate) struct Fields(Vec<(String, Box<RawValue>)>);
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut items = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, Box<RawValue>>()? {
+                    items.push((k, v));
+                }
+                Ok(Fields(items))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A field of a body that may be absent (leave as is), `null` (clear) or
+/// set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Patch<T> {
+    Absent,
+    Null,
+    Set(T),
+}
+
+impl<T> Patch<T> {
+    /// The value once the patch is applied to `current`.
+    pub fn apply(self, current: Option<T>) -> Option<T> {
+        match self {
+            Patch::Absent => current,
+            Patch::Null => None,
+            Patch::Set(v) => Some(v),
+        }
+    }
+
+    /// `Set` → `f(value)`, which may refuse it.
+    pub fn try_map<U>(
+        self,
+        f: impl FnOnce(T) -> Result<U, ApiError>,
+    ) -> Result<Patch<U>, ApiError> {
+        Ok(match self {
+            Patch::Absent => Patch::Absent,
+            Patch::Null => Patch::Null,
+            Patch::Set(v) => Patch::Set(f(v)?),
+        })
+    }
+}
+
+impl Fields {
+    pub fn parse(bytes: &[u8]) -> Result<Fields, ApiError> {
+        let fields: Fields = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::invalid_json(format!("The request body must be a JSON object: {e}."))
+        })?;
+        for (i, (k, _)) in fields.0.iter().enumerate() {
+            if fields.0[..i].iter().any(|(prev, _)| prev == k) {
+                return Err(ApiError::bad_request(
+                    "duplicate_field",
+                    format!(
+                        "The field `{}` appears twice.",
+                        crate::error::truncate(k, 64)
+                    ),
+                )
+                .with_param(k.clone()));
+            }
+        }
+        Ok(fields)
+    }
+
+    /// Refuses any field not in `known`.
+    pub fn only(&self, known: &[&str]) -> Result<(), ApiError> {
+        if let Some((k, _)) = self.0.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            return Err(ApiError::bad_request(
+                "unknown_field",
+                format!(
+                    "Unknown field `{}`. Known fields: {}.",
+                    crate::error::truncate(k, 64),
+                    known.join(", ")
+                ),
+            )
+            .with_param(k.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn raw(&self, name: &str) -> Option<&RawValue> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| &**v)
+    }
+
+    /// A field that may be absent or `null` (both → `Absent`/`Null`).
+    pub fn patch<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        what: &str,
+    ) -> Result<Patch<T>, ApiError> {
+        match self.raw(name) {
+            None => Ok(Patch::Absent),
+            Some(raw) if raw.get().trim() == "null" => Ok(Patch::Null),
+            Some(raw) => serde_json::from_str(raw.get())
+                .map(Patch::Set)
+                .map_err(|_| wrong_type(name, what)),
+        }
+    }
+
+    /// A field that may be absent but not `null`.
+    pub fn opt<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        what: &str,
+    ) -> Result<Option<T>, ApiError> {
+        match self.patch(name, what)? {
+            Patch::Absent => Ok(None),
+            Patch::Null => Err(wrong_type(name, what)),
+            Patch::Set(v) => Ok(Some(v)),
+        }
+    }
+
+    /// A field that must be present.
+    pub fn required<T: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        what: &str,
+    ) -> Result<T, ApiError> {
+        self.opt(name, what)?.ok_or_else(|| {
+            ApiError::bad_request("missing_field", format!("The field `{name}` is required."))
+                .with_param(name)
+        })
+    }
+}
+
+fn wrong_type(name: &'static str, what: &str) -> ApiError {
+    ApiError::bad_request("invalid_type", format!("`{name}` must be {what}.")).with_param(name)
+}
+
+/// A refused value of a well-typed field.
+fn invalid(name: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::bad_request(code, message.into()).with_param(name)
+}
+
+// ---- answers ----
+
+/// A JSON answer. Amounts inside serialize as exact decimal numbers
+/// (`Pico`'s `Serialize`), which only holds when serializing straight to
+/// text: never build these through `serde_json::Value`.
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Result<Response<Body>, ApiError> {
+    let bytes = serde_json::to_vec(value)
+        .map_err(|e| ApiError::internal(format!("could not serialize the answer: {e}")))?;
+    let mut res = Response::new(crate::full_body(bytes));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(res)
+}
+
+/// `{"data": value}`
+#[derive(Serialize)]
+struct Data<T> {
+    data: T,
+}
+
+/// The store's refusals as API errors; its failures are logged and answered
+/// 500 without their details.
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound => key_not_found(),
+        StoreError::Exists => ApiError::conflict("key_exists", "This key already exists."),
+        StoreError::Invalid(m) => ApiError::bad_request("invalid_request", m),
+        other => {
+            tracing::error!(error = %other, "key store failed on an admin request");
+            ApiError::internal("The key store failed; nothing may have changed. Retry later.")
+        }
+    }
+}
+
+fn key_not_found() -> ApiError {
+    ApiError::not_found("No key with this hash.").with_param("hash")
+}
+
+/// Admin writes (create, patch, delete, credits) run one at a time: they
+/// are rare, and this makes check-then-write sequences (one key per owner,
+/// a deduct's hold and its ledger entry) atomic with respect to each other.
+async fn admin_write_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
+#[cfg(test)]
+mod tests;

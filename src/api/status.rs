@@ -1,0 +1,141 @@
+//! `GET /api/v1/key` (alias `/api/v1/auth/key`): the calling key's own
+//! status, authenticated by the key itself (OpenRouter's shape, plus
+//! Tollgate's counters). Browsers of the origins in `[cors]` may call it.
+
+use std::net::IpAddr;
+
+use http::header::{
+    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
+    ACCESS_CONTROL_MAX_AGE, HeaderValue, ORIGIN, VARY,
+};
+use http::{HeaderMap, Method, Response, StatusCode};
+use serde::Serialize;
+
+use super::keys::{Numbers, windows_of};
+use super::{Ctx, Data, json};
+use crate::clock::{Period, rfc3339};
+use crate::error::ApiError;
+use crate::money::Pico;
+
+#[derive(Serialize)]
+struct RateLimit {
+    requests: u32,
+    interval: &'static str,
+}
+
+#[derive(Serialize)]
+struct KeyStatus<'a> {
+    label: &'a str,
+    limit: Option<Pico>,
+    limit_remaining: Option<Pico>,
+    limit_reset: Option<&'static str>,
+    usage: Pico,
+    usage_daily: Pico,
+    usage_weekly: Pico,
+    usage_monthly: Pico,
+    is_free_tier: bool,
+    disabled: bool,
+    expires_at: Option<String>,
+    rate_limit: Option<RateLimit>,
+    requests: u64,
+    max_requests: Option<u64>,
+    concurrency: Option<u32>,
+    in_flight: u32,
+    models: &'a [String],
+}
+
+/// The key status endpoint: `GET`, plus CORS preflight for allowed origins.
+pub(super) fn own_key(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+) -> Result<Response<crate::Body>, ApiError> {
+    let origin = allowed_origin(ctx, headers);
+    if method == Method::OPTIONS {
+        let mut res = Response::new(crate::full_body(bytes::Bytes::new()));
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        if let Some(o) = origin {
+            let h = res.headers_mut();
+            h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, o);
+            h.insert(
+                ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET"),
+            );
+            h.insert(
+                ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("authorization, x-api-key, api-key"),
+            );
+            h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+            h.insert(VARY, HeaderValue::from_static("Origin"));
+        }
+        return Ok(res);
+    }
+    let result = if method == Method::GET {
+        status(ctx, headers, client_ip)
+    } else {
+        Err(ApiError::method_not_allowed())
+    };
+    let mut res = result.unwrap_or_else(ApiError::into_response);
+    if let Some(o) = origin {
+        res.headers_mut().insert(ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        res.headers_mut()
+            .insert(VARY, HeaderValue::from_static("Origin"));
+    }
+    Ok(res)
+}
+
+/// The request's `Origin` when `[cors] allowed_origins` allows it.
+fn allowed_origin(ctx: &Ctx<'_>, headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    let allowed = &ctx.config.cors.allowed_origins;
+    if allowed.iter().any(|a| a == "*") {
+        return Some(HeaderValue::from_static("*"));
+    }
+    allowed.iter().any(|a| a == text).then(|| origin.clone())
+}
+
+fn status(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+) -> Result<Response<crate::Body>, ApiError> {
+    let live = ctx.gate.authenticate(headers, client_ip)?;
+    let now = ctx.clock.now_ms();
+    let policy = live.policy();
+    let rec = &policy.record;
+    let n = Numbers::live(&live);
+    let w = windows_of(ctx, rec, &n, now)?;
+    let view = KeyStatus {
+        label: &rec.label,
+        limit: n.limit,
+        limit_remaining: n.remaining,
+        limit_reset: rec.limit_reset.map(Period::as_str),
+        usage: n.spent,
+        usage_daily: w.daily,
+        usage_weekly: w.weekly,
+        usage_monthly: w.monthly,
+        is_free_tier: is_free_tier(ctx, rec.plan.as_deref()),
+        disabled: rec.disabled,
+        expires_at: rec.expires_at.map(rfc3339),
+        rate_limit: rec.rpm.map(|requests| RateLimit {
+            requests,
+            interval: "1m",
+        }),
+        requests: n.requests,
+        max_requests: rec.max_requests,
+        concurrency: rec.concurrency,
+        in_flight: n.in_flight,
+        models: &rec.models,
+    };
+    json(StatusCode::OK, &Data { data: view })
+}
+
+/// A key is on the free tier when it was made from a `one_per_owner` plan
+/// (the config's way of writing "a trial, one per person") or from a plan
+/// named `trial` or `free`. Keys without a plan are paid keys.
+fn is_free_tier(ctx: &Ctx<'_>, plan: Option<&str>) -> bool {
+    let Some(name) = plan else { return false };
+    name == "trial" || name == "free" || ctx.config.plans.get(name).is_some_and(|p| p.one_per_owner)
+}
