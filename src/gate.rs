@@ -754,11 +754,30 @@ impl Gate {
 
     // ---- admin side: keeps memory in step with what the store applied ----
 
-    /// Replaces the cached policy of a key after an update.
-    pub fn updated(&self, record: KeyRecord) {
-        if let Some(k) = self.keys.get(&record.hash).map(|e| e.value().clone()) {
+    /// Replaces the cached policy of a key after an update. Devices bound
+    /// meanwhile by requests are kept (binding takes the same lock).
+    pub fn updated(&self, mut record: KeyRecord) {
+        if let Some(k) = self.peek(&record.hash) {
+            let _guard = k.device_lock.lock().unwrap_or_else(|e| e.into_inner());
+            for d in &k.policy().record.devices {
+                if !record.devices.contains(d) {
+                    record.devices.push(d.clone());
+                }
+            }
             k.set_policy(Policy::compile(record));
         }
+    }
+
+    /// A key's live state if it is in memory; never touches the store.
+    pub fn peek(&self, hash: &KeyHash) -> Option<Arc<LiveKey>> {
+        self.keys.get(hash).map(|e| e.value().clone())
+    }
+
+    /// A key's numbers as of now: a limit period that has ended is closed
+    /// first, as admission would.
+    pub fn numbers_now(&self, key: &LiveKey) -> KeyNumbers {
+        key.roll_period(&key.policy(), self.clock.now_ms());
+        key.numbers()
     }
 
     /// Sets the cached limit after an update or a top-up.

@@ -12,11 +12,6 @@
 //! [`Fields`]) so that a refusal names the field at fault (`param`) and
 //! amounts are read exactly from their JSON text.
 
-// `ApiError` is large (status, message, metadata, headers) and every
-// handler here returns it; it is built only on a refusal, where one move of
-// 160 bytes costs nothing next to the answer it becomes.
-#![allow(clippy::result_large_err)]
-
 mod credits;
 mod keys;
 mod status;
