@@ -314,6 +314,11 @@ pub struct UpstreamConfig {
     /// Serve this upstream with the built-in mock, started in-process.
     #[serde(default)]
     pub mock: bool,
+    /// Serve this upstream with the built-in mock while its `api_key_env`
+    /// is unset: the same config runs offline and, once the key is
+    /// exported, against the real upstream.
+    #[serde(default)]
+    pub mock_without_key: bool,
     /// Extra root CA (PEM) trusted for this upstream, besides webpki roots.
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Option<Dur>,
@@ -463,6 +468,18 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+}
+
+impl UpstreamConfig {
+    /// Whether the built-in mock serves this upstream now.
+    pub fn served_by_mock(&self) -> bool {
+        self.mock
+            || (self.mock_without_key
+                && self
+                    .api_key_env
+                    .as_ref()
+                    .is_none_or(|env| std::env::var(env).map(|v| v.is_empty()).unwrap_or(true)))
+    }
 }
 
 impl Config {

@@ -8,6 +8,10 @@
 //! into a streamed request, the usage-only event that the client did not ask
 //! for is withheld from it (every other byte is identical).
 
+// `ApiError` is the crate's one error type and is answered as is; these
+// functions run once per request, not per frame, so its size costs nothing.
+#![allow(clippy::result_large_err)]
+
 use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};

@@ -95,9 +95,9 @@ impl Routing {
     pub fn build(config: &Config, mock_urls: &HashMap<String, String>) -> Result<Routing, String> {
         let mut upstreams = Vec::new();
         for up in &config.upstreams {
-            let base = match (&up.base_url, mock_urls.get(&up.name)) {
-                (Some(url), _) => url.clone(),
-                (None, Some(url)) => url.clone(),
+            let served_by_mock = mock_urls.get(&up.name);
+            let base = match (served_by_mock, &up.base_url) {
+                (Some(url), _) | (None, Some(url)) => url.clone(),
                 (None, None) => return Err(format!("upstream {}: no base URL", up.name)),
             };
             let uri: Uri = base
@@ -105,7 +105,7 @@ impl Routing {
                 .map_err(|_| format!("upstream {}: bad base_url", up.name))?;
             let scheme = uri.scheme_str().unwrap_or("http");
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
-            let auth = match &up.api_key_env {
+            let auth = match up.api_key_env.as_ref().filter(|_| served_by_mock.is_none()) {
                 Some(env) => match std::env::var(env) {
                     Ok(k) if !k.is_empty() => {
                         Some(HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {

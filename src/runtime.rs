@@ -59,7 +59,7 @@ impl Gateway {
         install_crypto_provider();
         let mut mocks = Vec::new();
         let mut mock_urls = HashMap::new();
-        for up in config.upstreams.iter().filter(|u| u.mock) {
+        for up in config.upstreams.iter().filter(|u| u.served_by_mock()) {
             let options = MockOptions {
                 models: config.models.keys().cloned().collect(),
                 ..MockOptions::default()
