@@ -110,6 +110,10 @@ pub struct RequestInfo {
     /// Image parts, counted as [`IMAGE_TOKEN_BOUND`] each instead of their
     /// (base64) bytes.
     pub images: u32,
+    /// Answers generated per request (`n`, `best_of`: the larger): the
+    /// completion bound is per answer, so the reservation multiplies by it.
+    /// 0 in `Default` means 1.
+    pub choices: u32,
 }
 
 impl RequestInfo {
@@ -151,6 +155,13 @@ enum TopKey {
     Suffix,
     Input,
     Instructions,
+    /// `n` / `best_of`: answers per request.
+    N,
+    BestOf,
+    /// A reference to context the upstream stores (responses'
+    /// `previous_response_id`, `conversation`): a prompt the body does not
+    /// contain, so it cannot be bounded.
+    StoredContext(&'static str),
     /// A sampling or bookkeeping parameter that never reaches the prompt.
     Setting,
     /// Anything else (tools, functions, response_format…): may reach the
@@ -172,6 +183,9 @@ impl TopKey {
             TopKey::Suffix => "suffix",
             TopKey::Input => "input",
             TopKey::Instructions => "instructions",
+            TopKey::N => "n",
+            TopKey::BestOf => "best_of",
+            TopKey::StoredContext(name) => name,
             TopKey::Setting | TopKey::Other(_) => "",
         }
     }
@@ -198,11 +212,14 @@ impl<'de> Deserialize<'de> for TopKey {
                     "suffix" => TopKey::Suffix,
                     "input" => TopKey::Input,
                     "instructions" => TopKey::Instructions,
+                    "n" => TopKey::N,
+                    "best_of" => TopKey::BestOf,
+                    "previous_response_id" => TopKey::StoredContext("previous_response_id"),
+                    "conversation" => TopKey::StoredContext("conversation"),
                     "temperature"
                     | "top_p"
                     | "top_k"
                     | "min_p"
-                    | "n"
                     | "presence_penalty"
                     | "frequency_penalty"
                     | "repetition_penalty"
@@ -211,7 +228,6 @@ impl<'de> Deserialize<'de> for TopKey {
                     | "logprobs"
                     | "top_logprobs"
                     | "echo"
-                    | "best_of"
                     | "store"
                     | "service_tier"
                     | "parallel_tool_calls"
@@ -255,6 +271,10 @@ struct Fields<'a> {
     suffix: Option<&'a RawValue>,
     input: Option<&'a RawValue>,
     instructions: Option<&'a RawValue>,
+    n: Option<&'a RawValue>,
+    best_of: Option<&'a RawValue>,
+    /// The first stored-context reference met, if any (see `TopKey`).
+    stored_context: Option<(&'static str, &'a RawValue)>,
     /// Raw JSON bytes (with their keys) of fields that may reach the prompt
     /// but are not text: tools, functions, response_format…
     other_bytes: u64,
@@ -286,6 +306,15 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                         TopKey::Suffix => &mut f.suffix,
                         TopKey::Input => &mut f.input,
                         TopKey::Instructions => &mut f.instructions,
+                        TopKey::N => &mut f.n,
+                        TopKey::BestOf => &mut f.best_of,
+                        TopKey::StoredContext(name) => {
+                            let raw: &RawValue = map.next_value()?;
+                            if f.stored_context.is_none() {
+                                f.stored_context = Some((name, raw));
+                            }
+                            continue;
+                        }
                         TopKey::Setting => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -630,6 +659,35 @@ fn analyze(route: Route, body: &[u8]) -> Result<(RequestInfo, Fields<'_>), ApiEr
         Route::Responses => typed::<u64>(f.max_output_tokens, "max_output_tokens", uint)?,
         Route::Embeddings | Route::Other => None,
     };
+    let n = typed::<u64>(f.n, "n", uint)?.unwrap_or(1);
+    let best_of = typed::<u64>(f.best_of, "best_of", uint)?.unwrap_or(1);
+    for (name, v) in [("n", n), ("best_of", best_of)] {
+        if !(1..=128).contains(&v) {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("`{name}` must be between 1 and 128."),
+            )
+            .with_param(name));
+        }
+    }
+    info.choices = n.max(best_of) as u32;
+    if route == Route::Responses {
+        let stored_prompt = f.prompt.filter(|r| !is_null(r)).map(|r| ("prompt", r));
+        if let Some((name, _)) = f
+            .stored_context
+            .filter(|(_, r)| !is_null(r))
+            .or(stored_prompt)
+        {
+            return Err(ApiError::bad_request(
+                "unsupported_parameter",
+                format!(
+                    "`{name}` refers to context stored upstream, whose size this gateway cannot bound before \
+                     admitting the request; send the conversation in `input` instead."
+                ),
+            )
+            .with_param(name));
+        }
+    }
 
     if route.usage_on_request() {
         if let Some(raw) = f.stream_options.filter(|r| !is_null(r)) {

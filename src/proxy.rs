@@ -387,7 +387,17 @@ async fn proxy(
     }
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, app.config.server.max_body_bytes).await?;
-    let info = if body.is_empty() && route == Route::Other {
+    // Other routes may carry multipart (audio uploads): only JSON is read.
+    let json_body = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| {
+            ct.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    let info = if route == Route::Other && (body.is_empty() || !json_body) {
         RequestInfo::default()
     } else {
         crate::meter::inspect(route, &body)?
@@ -435,14 +445,16 @@ async fn proxy(
         0
     };
     let cap = app.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
+    // `n` answers of up to `completion_bound` tokens each.
+    let choices = u64::from(info.choices.max(1));
     let reserved = match pricing {
         Pricing::Tokens(price) => app.gate.reserve(
             &key,
             &policy,
             completion_bound,
             cap,
-            |c| price.upper_bound(prompt_bound, c),
-            |budget| price.affordable_completion(budget, prompt_bound),
+            |c| price.upper_bound(prompt_bound, c.saturating_mul(choices)),
+            |budget| price.affordable_completion(budget, prompt_bound) / choices,
         )?,
         Pricing::Flat(flat) => app.gate.reserve(&key, &policy, 0, false, |_| flat, |_| 0)?,
     };
@@ -468,7 +480,7 @@ async fn proxy(
         reservation: Some(reserved.reservation),
         pricing,
         prompt_bound,
-        completion_bound,
+        completion_bound: completion_bound.saturating_mul(choices),
         route,
         model: info.model.clone().unwrap_or_default(),
         upstream: usize::MAX,

@@ -25,6 +25,7 @@
 //! | `book` | `G` ord(hour) model | gateway hourly rollup (binary) |
 //! | `book` | `b` batch_seq | batch index: keys written, their record counts, time span (retention) |
 //! | `book` | `m` `next_bseq` | batch sequence floor, written by retention |
+//! | `book` | `p` hash | u64 LE: the key's usage records removed by retention |
 //!
 //! Everything that must agree with everything else about money (accounts,
 //! usage records, rollups, ledger, idempotency) lives in `book`, so every
@@ -604,6 +605,13 @@ impl Store {
         Ok(out)
     }
 
+    /// How many of a key's usage records retention has removed, so that
+    /// `Account::requests` minus this is the number still stored, without
+    /// counting them.
+    pub fn pruned_usage(&self, hash: &KeyHash) -> Result<u64, StoreError> {
+        read_u64_le(&self.inner.book.get(prefixed(b'p', hash))?, "pruned count")
+    }
+
     /// Hourly rollups in `[from_hour, to_hour)` (hour = at_ms / 3,600,000),
     /// by hour then model.
     pub fn rollups(
@@ -850,6 +858,15 @@ fn read_key_count(v: &Option<IVec>) -> Result<u64, StoreError> {
         Some(v) => <[u8; 8]>::try_from(v.as_ref())
             .map(u64::from_le_bytes)
             .map_err(|_| StoreError::Corrupt("key count".into())),
+    }
+}
+
+fn read_u64_le(v: &Option<IVec>, what: &str) -> Result<u64, StoreError> {
+    match v {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_le_bytes)
+            .map_err(|_| StoreError::Corrupt(what.into())),
     }
 }
 
@@ -1465,6 +1482,9 @@ impl StoreThread {
         // The floor keeps batch numbers rising even if every index entry goes.
         batch.insert(NEXT_BSEQ_KEY, &self.next_bseq.to_be_bytes());
         let mut ops = 1usize;
+        // Records removed per key in the current chunk; their counts are
+        // raised in the same atomic batch as the removal.
+        let mut pruned: HashMap<KeyHash, u64> = HashMap::new();
         for item in self.book.scan_prefix([b'b']) {
             let (k, v) = item?;
             let idx = decode_batch_index(&v)?;
@@ -1485,6 +1505,7 @@ impl StoreThread {
                 for (hash, n) in &idx.keys {
                     batch.remove(usage_key(hash, bseq));
                     removed += n;
+                    *pruned.entry(*hash).or_default() += n;
                 }
                 batch.remove(k);
                 ops += idx.keys.len() + 1;
@@ -1507,6 +1528,9 @@ impl StoreThread {
                         min_at = min_at.min(r.at_ms);
                     }
                     removed += total - kept;
+                    if total > kept {
+                        *pruned.entry(*hash).or_default() += total - kept;
+                    }
                     if kept == 0 {
                         batch.remove(uk);
                     } else {
@@ -1528,14 +1552,31 @@ impl StoreThread {
                 ops += 1;
             }
             if ops >= MAX_BATCH_OPS {
+                ops += self.add_pruned_counts(&mut batch, &mut pruned)?;
                 self.book.apply_batch(std::mem::take(&mut batch))?;
                 self.write_count(ops);
                 ops = 0;
             }
         }
+        ops += self.add_pruned_counts(&mut batch, &mut pruned)?;
         self.book.apply_batch(batch)?;
         self.write_count(ops);
         Ok(removed)
+    }
+
+    /// Adds a chunk's per-key removal counts to the stored ones, in `batch`.
+    fn add_pruned_counts(
+        &self,
+        batch: &mut Batch,
+        pruned: &mut HashMap<KeyHash, u64>,
+    ) -> Result<usize, StoreError> {
+        let n = pruned.len();
+        for (hash, removed) in pruned.drain() {
+            let k = prefixed(b'p', &hash);
+            let before = read_u64_le(&self.book.get(&k)?, "pruned count")?;
+            batch.insert(k, &before.saturating_add(removed).to_le_bytes());
+        }
+        Ok(n)
     }
 }
 
