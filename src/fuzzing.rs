@@ -150,3 +150,45 @@ pub fn money_roundtrip(data: &[u8]) {
         );
     }
 }
+
+/// Admin request parsing (create/patch bodies, credits, imported keys,
+/// `{hash}` path segments): never panics, and what is accepted is in range.
+pub fn admin_request(data: &[u8]) {
+    crate::api::fuzz_admin(data);
+}
+
+/// Key extraction from request headers. The bytes are read as header lines
+/// (`name: value`); lines that are not valid headers are skipped, as hyper
+/// would refuse them. A key found is non-empty, at most 256 bytes, trimmed,
+/// and is the value (or the Bearer token) of one of the headers given.
+pub fn key_headers(data: &[u8]) {
+    let mut headers = http::HeaderMap::new();
+    for line in data.split(|b| *b == b'\n') {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    if let Ok(Some(key)) = crate::gate::key_from_headers(&headers) {
+        assert!(
+            !key.is_empty() && key.len() <= 256,
+            "key length {}",
+            key.len()
+        );
+        assert_eq!(key, key.trim());
+        assert!(
+            headers
+                .values()
+                .any(|v| v.as_bytes().windows(key.len()).any(|w| w == key.as_bytes())),
+            "the key must come from a header"
+        );
+        assert_eq!(crate::gate::hash_key(key), crate::gate::hash_key(key));
+    }
+}

@@ -35,3 +35,13 @@ fn sse_meter_corpus() {
 fn money_roundtrip_corpus() {
     replay("money_roundtrip", tollgate::fuzzing::money_roundtrip);
 }
+
+#[test]
+fn admin_request_corpus() {
+    replay("admin_request", tollgate::fuzzing::admin_request);
+}
+
+#[test]
+fn key_headers_corpus() {
+    replay("key_headers", tollgate::fuzzing::key_headers);
+}
