@@ -67,8 +67,11 @@ pub struct ServerConfig {
     /// Connections beyond this are closed at accept.
     pub max_connections: usize,
     /// A client that has not sent its whole request head by then is cut off.
+    /// hyper starts this timer whenever it waits for a request head, so it
+    /// also closes an idle HTTP/1.1 keep-alive connection.
     pub header_read_timeout: Dur,
-    /// A keep-alive connection with no request for this long is closed.
+    /// HTTP/2: keep-alive pings every half of this; a peer that does not
+    /// answer one is dropped.
     pub idle_timeout: Dur,
     /// On SIGINT/SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Dur,
