@@ -86,6 +86,9 @@ struct UpstreamCounters {
     failovers: AtomicU64,
 }
 
+/// An upstream metric family: name, help, and its counter.
+type UpstreamFamily = (&'static str, &'static str, fn(&UpstreamCounters) -> u64);
+
 /// Every counter the gateway exposes.
 #[derive(Default)]
 pub struct Metrics {
@@ -280,35 +283,46 @@ impl Metrics {
                 n[5]
             );
         }
-        out.push_str("# HELP tollgate_upstream_requests_total Requests answered by each upstream.\n# TYPE tollgate_upstream_requests_total counter\n");
-        for (i, u) in app.routing.upstreams.iter().enumerate() {
-            let c = &self.upstreams[i];
-            let name = escape(&u.name);
-            let _ = writeln!(
-                out,
-                "tollgate_upstream_requests_total{{upstream=\"{name}\"}} {}",
-                c.requests.load(Relaxed)
-            );
-            let _ = writeln!(
-                out,
-                "tollgate_upstream_failures_total{{upstream=\"{name}\"}} {}",
-                c.failures.load(Relaxed)
-            );
-            let _ = writeln!(
-                out,
-                "tollgate_upstream_failovers_total{{upstream=\"{name}\"}} {}",
-                c.failovers.load(Relaxed)
-            );
+        // One group per metric family, as the text format requires.
+        let families: [UpstreamFamily; 3] = [
+            (
+                "tollgate_upstream_requests_total",
+                "Requests answered by each upstream.",
+                |c| c.requests.load(Relaxed),
+            ),
+            (
+                "tollgate_upstream_failures_total",
+                "Upstream attempts that failed (connection error, timeout, 5xx; 429 when failing over).",
+                |c| c.failures.load(Relaxed),
+            ),
+            (
+                "tollgate_upstream_failovers_total",
+                "Failed upstream attempts followed by another upstream.",
+                |c| c.failovers.load(Relaxed),
+            ),
+        ];
+        for (family, help, value) in families {
+            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
+            for (u, c) in app.routing.upstreams.iter().zip(&self.upstreams) {
+                let _ = writeln!(
+                    out,
+                    "{family}{{upstream=\"{}\"}} {}",
+                    escape(&u.name),
+                    value(c)
+                );
+            }
         }
         let s = app.store.stats();
         out.push_str("# HELP tollgate_store_queue_depth Writes queued for the store thread.\n# TYPE tollgate_store_queue_depth gauge\n");
         let _ = writeln!(out, "tollgate_store_queue_depth {}", s.queue_depth);
-        out.push_str("# TYPE tollgate_store_batches_total counter\n");
+        out.push_str("# HELP tollgate_store_batches_total Batches committed by the store thread.\n# TYPE tollgate_store_batches_total counter\n");
         let _ = writeln!(out, "tollgate_store_batches_total {}", s.batches);
-        out.push_str("# TYPE tollgate_store_records_total counter\n");
+        out.push_str("# HELP tollgate_store_records_total Usage records committed.\n# TYPE tollgate_store_records_total counter\n");
         let _ = writeln!(out, "tollgate_store_records_total {}", s.records_written);
-        out.push_str("# TYPE tollgate_store_last_batch_size gauge\n");
+        out.push_str("# HELP tollgate_store_last_batch_size Ops in the last committed batch.\n# TYPE tollgate_store_last_batch_size gauge\n");
         let _ = writeln!(out, "tollgate_store_last_batch_size {}", s.last_batch_size);
+        out.push_str("# HELP tollgate_store_write_errors_total Store writes that failed (their records are lost).\n# TYPE tollgate_store_write_errors_total counter\n");
+        let _ = writeln!(out, "tollgate_store_write_errors_total {}", s.write_errors);
         out.push_str("# HELP tollgate_store_flush_seconds Time spent applying and flushing batches.\n# TYPE tollgate_store_flush_seconds summary\n");
         let _ = writeln!(
             out,
@@ -320,6 +334,10 @@ impl Metrics {
             "# HELP tollgate_keys_cached Keys held in memory.\n# TYPE tollgate_keys_cached gauge\n",
         );
         let _ = writeln!(out, "tollgate_keys_cached {}", app.gate.cached());
+        out.push_str(
+            "# HELP tollgate_keys_stored Keys in the store.\n# TYPE tollgate_keys_stored gauge\n",
+        );
+        let _ = writeln!(out, "tollgate_keys_stored {}", s.keys);
         out
     }
 }

@@ -5,7 +5,13 @@
 //! - [`credits`]: top-ups, deducts, refunds and the ledger of a key, behind
 //!   the admin token;
 //! - [`status`]: `/api/v1/key` (alias `/api/v1/auth/key`), a key's own
-//!   status, authenticated by the key itself.
+//!   status, authenticated by the key itself;
+//! - [`usage`]: the consumption API under `/api/usage/`, authenticated by
+//!   the key itself, with CORS;
+//! - [`reports`]: usage reports from the hourly rollups, for a key, an
+//!   owner or the gateway (`/api/v1/keys/{hash}/usage…`,
+//!   `/api/v1/owners/{owner}/usage…`, `/api/v1/usage`), behind the admin
+//!   token.
 //!
 //! Every answer is JSON; every error is an [`ApiError`] in OpenAI's shape.
 //! Request bodies are read with a hard cap and parsed field by field (see
@@ -14,7 +20,9 @@
 
 mod credits;
 mod keys;
+mod reports;
 mod status;
+mod usage;
 
 use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
@@ -35,6 +43,7 @@ use crate::error::ApiError;
 use crate::gate::Gate;
 use crate::store::{KeyHash, Store, StoreError};
 use crate::{Body, BoxError};
+use reports::{Subject, View};
 
 pub use keys::{UsageWindows, usage_windows};
 
@@ -100,6 +109,9 @@ enum Route<'a> {
     Ledger(&'a str),
     /// `/api/v1/key`, `/api/v1/auth/key`
     OwnKey,
+    /// `/api/v1/keys/{hash}/usage…`, `/api/v1/owners/{owner}/usage…`,
+    /// `/api/v1/usage`
+    Usage(reports::Subject<'a>, reports::View),
 }
 
 /// The route of a raw (still percent-encoded) path; `None` → 404. The hash
@@ -115,6 +127,24 @@ fn route_of(path: &str) -> Option<Route<'_>> {
         ["keys", h, "credits"] => Some(Route::Credits(h)),
         ["keys", h, "ledger"] => Some(Route::Ledger(h)),
         ["key"] | ["auth", "key"] => Some(Route::OwnKey),
+        ["keys", h, "usage", rest @ ..] => {
+            usage_view(rest).map(|v| Route::Usage(Subject::Key(h), v))
+        }
+        // An owner's records are spread over their keys: no merged pages.
+        ["owners", o, "usage", rest @ ..] => usage_view(rest)
+            .filter(|v| *v != View::Logs)
+            .map(|v| Route::Usage(Subject::Owner(o), v)),
+        ["usage"] => Some(Route::Usage(Subject::Gateway, View::Detail)),
+        _ => None,
+    }
+}
+
+/// The report after `…/usage`: none (detail), `chart` or `logs`.
+fn usage_view(rest: &[&str]) -> Option<View> {
+    match rest {
+        [] => Some(View::Detail),
+        ["chart"] => Some(View::Chart),
+        ["logs"] => Some(View::Logs),
         _ => None,
     }
 }
@@ -129,6 +159,16 @@ where
     B::Error: Into<BoxError>,
 {
     let (parts, body) = req.into_parts();
+    if parts.uri.path().starts_with("/api/usage/") {
+        return Ok(usage::handle(
+            ctx,
+            &parts.method,
+            parts.uri.path(),
+            parts.uri.query(),
+            &parts.headers,
+            client_ip,
+        ));
+    }
     let Some(route) = route_of(parts.uri.path()) else {
         return Err(ApiError::not_found(format!(
             "Unknown API path `{}`.",
@@ -162,6 +202,9 @@ where
             credits::credit(ctx, hash, &read_fields(&parts.headers, body).await?).await
         }
         Route::Ledger(h) if m == Method::GET => credits::ledger(ctx, &parse_hash(h)?, query),
+        Route::Usage(subject, view) if m == Method::GET => {
+            reports::admin(ctx, subject, view, query)
+        }
         _ => Err(ApiError::method_not_allowed()),
     }
 }
@@ -540,3 +583,61 @@ async fn admin_write_lock() -> tokio::sync::MutexGuard<'static, ()> {
 
 #[cfg(test)]
 mod tests;
+
+/// Fuzzing entry: every admin body and path parser on arbitrary bytes.
+/// Byte 0 picks the parser. Panics only when a property breaks: whatever a
+/// parser accepts is within the bounds the API promises.
+#[doc(hidden)]
+pub fn fuzz_admin(data: &[u8]) {
+    let [which, rest @ ..] = data else { return };
+    match which % 5 {
+        0 | 1 => {
+            if let Ok(f) = Fields::parse(rest)
+                && let Ok(spec) = keys::parse_spec(&f, which % 5 == 0)
+            {
+                for amount in [&spec.limit, &spec.daily_fee] {
+                    if let Patch::Set(p) = amount {
+                        assert!(
+                            p.0 >= 0 && *p <= keys::MAX_AMOUNT,
+                            "accepted amount out of range: {p}"
+                        );
+                    }
+                }
+                for n in [&spec.rpm, &spec.concurrency, &spec.max_devices] {
+                    if let Patch::Set(v) = n {
+                        assert!(*v >= 1, "a zero limit was accepted");
+                    }
+                }
+                if let Some(name) = &spec.name {
+                    assert!(name.chars().count() <= 256);
+                }
+            }
+        }
+        2 => {
+            if let Ok(f) = Fields::parse(rest)
+                && let Ok(c) = credits::parse_credit(&f)
+            {
+                assert!(c.amount.0 > 0, "a non-positive credit was accepted");
+            }
+        }
+        3 => {
+            if let Ok(text) = std::str::from_utf8(rest)
+                && keys::check_import_key(text, "sk-", 48).is_ok()
+            {
+                assert_eq!(text.len(), 51);
+                assert!(text[3..].bytes().all(|b| b.is_ascii_alphanumeric()));
+            }
+        }
+        _ => {
+            if let Ok(text) = std::str::from_utf8(rest)
+                && let Ok(hash) = parse_hash(text)
+            {
+                assert_eq!(
+                    hex::encode(hash),
+                    text,
+                    "only the canonical hex form is a hash"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The consumption API under `/api/usage/`, authenticated by the key
+//! itself (new-api's shape: `{"code": true, "message": "ok", "data": …}`):
+//!
+//! - `GET /api/usage/token/` (also without the `/`): balance and policy;
+//! - `GET /api/usage/token/detail?start&end`: summary, by model, by day,
+//!   the 20 newest records;
+//! - `GET /api/usage/token/chart?start&end&granularity=hour|day`;
+//! - `GET /api/usage/token/logs?page&page_size`.
+//!
+//! No route takes a key or a hash: what a key can read is its own usage,
+//! and nothing else is addressable. Browsers of the origins in
+//! `[cors] allowed_origins` may call every route here (with preflight).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use http::header::{
+    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
+    ACCESS_CONTROL_MAX_AGE, HeaderValue, ORIGIN, VARY,
+};
+use http::{HeaderMap, Method, Response, StatusCode};
+use serde::Serialize;
+
+use super::reports::{self, View, Viewer};
+use super::{Ctx, json};
+use crate::error::ApiError;
+use crate::money::Pico;
+
+/// new-api's envelope.
+#[derive(Serialize)]
+struct Envelope<T> {
+    code: bool,
+    message: &'static str,
+    data: T,
+}
+
+/// `data` of `GET /api/usage/token/`.
+#[derive(Serialize)]
+struct TokenUsage<'a> {
+    object: &'static str,
+    name: &'a str,
+    /// The limit (0 when unlimited).
+    total_granted: Pico,
+    /// What counts against the limit in the current period (lifetime spend
+    /// when unlimited).
+    total_used: Pico,
+    /// What can still be spent (limit − used − reserved; 0 when unlimited).
+    total_available: Pico,
+    unlimited_quota: bool,
+    /// The key's model allowlist (globs) as new-api's `{model: true}`.
+    model_limits: BTreeMap<&'a str, bool>,
+    model_limits_enabled: bool,
+    /// Unix seconds; 0 = never.
+    expires_at: i64,
+}
+
+/// The routes under `/api/usage/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Token,
+    Report(View),
+}
+
+fn route_of(path: &str) -> Option<Route> {
+    let rest = path.strip_prefix("/api/usage/token")?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    match rest {
+        "" => Some(Route::Token),
+        "/detail" => Some(Route::Report(View::Detail)),
+        "/chart" => Some(Route::Report(View::Chart)),
+        "/logs" => Some(Route::Report(View::Logs)),
+        _ => None,
+    }
+}
+
+/// Answers a request under `/api/usage/`, CORS included (on errors too, so
+/// that a portal can read them).
+pub(super) fn handle(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+) -> Response<crate::Body> {
+    let origin = allowed_origin(ctx, headers);
+    let mut res = if method == Method::OPTIONS {
+        preflight(origin.is_some())
+    } else {
+        answer(ctx, method, path, query, headers, client_ip).unwrap_or_else(ApiError::into_response)
+    };
+    let h = res.headers_mut();
+    // Answers differ by Origin whether or not it is allowed: caches must
+    // keep them apart.
+    h.insert(VARY, HeaderValue::from_static("origin"));
+    if let Some(o) = origin {
+        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, o);
+    }
+    res
+}
+
+fn preflight(allowed: bool) -> Response<crate::Body> {
+    let mut res = Response::new(crate::full_body(bytes::Bytes::new()));
+    *res.status_mut() = StatusCode::NO_CONTENT;
+    if allowed {
+        let h = res.headers_mut();
+        h.insert(
+            ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, OPTIONS"),
+        );
+        h.insert(
+            ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    }
+    res
+}
+
+/// The request's `Origin`, echoed, when `[cors] allowed_origins` lists it
+/// or holds `*`.
+fn allowed_origin(ctx: &Ctx<'_>, headers: &HeaderMap) -> Option<HeaderValue> {
+    let origin = headers.get(ORIGIN)?;
+    let text = origin.to_str().ok()?;
+    ctx.config
+        .cors
+        .allowed_origins
+        .iter()
+        .any(|a| a == "*" || a == text)
+        .then(|| origin.clone())
+}
+
+fn answer(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+) -> Result<Response<crate::Body>, ApiError> {
+    let Some(route) = route_of(path) else {
+        return Err(ApiError::not_found(format!(
+            "Unknown API path `{}`.",
+            crate::error::truncate(path, 128)
+        )));
+    };
+    // Authenticate before looking at anything else the request says.
+    let live = ctx.gate.authenticate(headers, client_ip)?;
+    if method != Method::GET {
+        return Err(ApiError::method_not_allowed());
+    }
+    let now = ctx.clock.now_ms();
+    match route {
+        Route::Token => {
+            reports::params(query, &[])?;
+            let policy = live.policy();
+            let rec = &policy.record;
+            let n = live.numbers();
+            let data = TokenUsage {
+                object: "token_usage",
+                name: &rec.name,
+                total_granted: n.limit.unwrap_or(Pico::ZERO),
+                total_used: if n.limit.is_some() {
+                    n.period_spent
+                } else {
+                    n.spent
+                },
+                total_available: n.remaining.unwrap_or(Pico::ZERO),
+                unlimited_quota: n.limit.is_none(),
+                model_limits: rec.models.iter().map(|m| (m.as_str(), true)).collect(),
+                model_limits_enabled: !rec.models.is_empty(),
+                expires_at: rec.expires_at.map_or(0, |ms| ms.div_euclid(1000)),
+            };
+            ok(&data)
+        }
+        Route::Report(view) => {
+            let report = reports::key_report(ctx, &live.hash, view, query, now, Viewer::Key)?;
+            ok(&report)
+        }
+    }
+}
+
+fn ok<T: Serialize>(data: &T) -> Result<Response<crate::Body>, ApiError> {
+    json(
+        StatusCode::OK,
+        &Envelope {
+            code: true,
+            message: "ok",
+            data,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route_of("/api/usage/token"), Some(Route::Token));
+        assert_eq!(route_of("/api/usage/token/"), Some(Route::Token));
+        assert_eq!(
+            route_of("/api/usage/token/detail"),
+            Some(Route::Report(View::Detail))
+        );
+        assert_eq!(
+            route_of("/api/usage/token/logs/"),
+            Some(Route::Report(View::Logs))
+        );
+        assert_eq!(route_of("/api/usage/token/abc"), None);
+        assert_eq!(route_of("/api/usage/tokens"), None);
+        assert_eq!(route_of("/api/usage/token/detail/x"), None);
+    }
+}
