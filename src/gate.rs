@@ -637,8 +637,8 @@ impl Gate {
         Ok(permit)
     }
 
-    /// Gives back the request count of a request that never reached an
-    /// upstream (every upstream failed before answering).
+    /// Gives back the request count of a request refused before it could
+    /// reach an upstream (and so before it has a usage record).
     pub fn uncount(&self, key: &LiveKey) {
         let _ = key
             .requests
@@ -649,7 +649,26 @@ impl Gate {
     /// the bound with `c` completion tokens; `max_completion` the tokens the
     /// request may produce. With `cap`, a bound that does not fit is lowered
     /// to the largest completion that does (at least 1 token).
+    ///
+    /// Runs after `limit`: a refusal gives back the request count `limit`
+    /// took, because a request refused for credit never reaches an upstream.
     pub fn reserve(
+        &self,
+        key: &Arc<LiveKey>,
+        policy: &Policy,
+        max_completion: u64,
+        cap: bool,
+        bound: impl Fn(u64) -> Pico,
+        affordable: impl Fn(Pico) -> u64,
+    ) -> Result<Reserved, ApiError> {
+        let reserved = self.take_credit(key, policy, max_completion, cap, bound, affordable);
+        if reserved.is_err() {
+            self.uncount(key);
+        }
+        reserved
+    }
+
+    fn take_credit(
         &self,
         key: &Arc<LiveKey>,
         policy: &Policy,

@@ -775,11 +775,10 @@ impl Settlement {
             Some(r) => r.settle(cost),
             None => Pico::ZERO,
         };
+        // Every admitted request counts (against `max_requests` too) and is
+        // recorded, also when no upstream answered (status 502/504, cost 0):
+        // the live count and the store's count of records stay equal.
         let key = self.permit.key().clone();
-        if !self.answered {
-            // No upstream answered: the request does not count.
-            self.app.gate.uncount(&key);
-        }
         let tokens = usage.prompt_tokens + usage.completion_tokens;
         self.app.gate.add_tokens(&key, tokens);
         let latency = self.started.elapsed();

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -50,7 +50,7 @@ pub async fn run(app: Arc<App>, pool: Arc<Pool>, l: Listener, mut shutdown: watc
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
-    let handshake_timeout = cfg.header_read_timeout.0;
+    let first_request_timeout = cfg.header_read_timeout.0;
     let max_conns = cfg.max_connections;
     loop {
         let accepted = tokio::select! {
@@ -81,28 +81,46 @@ pub async fn run(app: Arc<App>, pool: Arc<Pool>, l: Listener, mut shutdown: watc
         tokio::spawn(async move {
             let _guard = conn_guard;
             let ip = peer.ip();
+            // hyper's header_read_timeout starts only once `auto` has chosen
+            // HTTP/1: a connection that sends nothing, or part of the h2
+            // preface, would be held (with its max_connections slot) forever.
+            // So a connection must start its first request within
+            // header_read_timeout of being accepted (TLS handshake included).
+            let started = Arc::new(AtomicBool::new(false));
+            let first = started.clone();
             let svc = service_fn(move |req| {
+                first.store(true, Ordering::Relaxed);
                 let app = app.clone();
                 let pool = pool.clone();
                 async move { Ok::<_, std::convert::Infallible>(route(&app, &pool, req, ip).await) }
             });
-            match tls {
-                None => {
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .into_owned();
-                    let _ = watcher.watch(conn).await;
+            let serve = async move {
+                match tls {
+                    None => {
+                        let conn = builder
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .into_owned();
+                        let _ = watcher.watch(conn).await;
+                    }
+                    Some(acceptor) => {
+                        let Ok(tls_stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let conn = builder
+                            .serve_connection(TokioIo::new(tls_stream), svc)
+                            .into_owned();
+                        let _ = watcher.watch(conn).await;
+                    }
                 }
-                Some(acceptor) => {
-                    let Ok(Ok(tls_stream)) =
-                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                    else {
-                        return;
-                    };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls_stream), svc)
-                        .into_owned();
-                    let _ = watcher.watch(conn).await;
+            };
+            let mut serve = std::pin::pin!(serve);
+            tokio::select! {
+                () = &mut serve => {}
+                () = tokio::time::sleep(first_request_timeout) => {
+                    if started.load(Ordering::Relaxed) {
+                        serve.await;
+                    }
+                    // Otherwise dropping `serve` closes the connection.
                 }
             }
         });
