@@ -141,13 +141,16 @@ fn admit_one(gate: &Gate, headers: &HeaderMap, ip: IpAddr) {
         .admit(
             &key,
             &Ask {
+                now_ms: gate.clock().now_ms(),
                 model: Some("gpt-4o-mini"),
                 client_ip: ip,
                 device: None,
             },
         )
         .expect("admitted");
-    let permit = gate.limit(&key, &policy).expect("within limits");
+    let permit = gate
+        .limit(&key, &policy, gate.clock().now_ms())
+        .expect("within limits");
     let reserved = gate
         .reserve(
             &key,

@@ -45,10 +45,32 @@ type IpLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
 /// Idle keys are dropped from memory after this long with nothing in flight.
 const IDLE_EVICT_MS: i64 = 10 * 60 * 1000;
 
+/// Hashes a `KeyHash` by taking its first eight bytes: it is already a
+/// SHA-256, so SipHash over it again only costs time. Flooding is not a
+/// risk: only keys that exist enter the map, and those were generated (or
+/// imported) by the operator, not chosen by a client.
+#[derive(Clone, Copy, Default)]
+pub struct KeyHashHasher(u64);
+
+impl std::hash::Hasher for KeyHashHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 = self.0.rotate_left(17) ^ u64::from_le_bytes(word);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KeyMap = DashMap<KeyHash, Arc<LiveKey>, std::hash::BuildHasherDefault<KeyHashHasher>>;
+
 /// Keys in memory, and the checks a request must pass.
 pub struct Gate {
     /// Key hash → live state of the keys in use (not every key in the store).
-    keys: DashMap<KeyHash, Arc<LiveKey>>,
+    keys: KeyMap,
     store: Store,
     clock: Clock,
     /// Unknown-key attempts per client IP.
@@ -96,7 +118,7 @@ pub struct LiveKey {
 pub struct Policy {
     pub record: KeyRecord,
     /// Compiled `models` allowlist; `None` allows every model.
-    models: Option<GlobSet>,
+    models: Option<ModelAllowlist>,
     /// Parsed `allowed_ips`; empty allows every IP.
     ips: Vec<IpNet>,
     /// Requests-per-minute limiter, when the key has an rpm.
@@ -105,19 +127,7 @@ pub struct Policy {
 
 impl Policy {
     pub fn compile(record: KeyRecord) -> Policy {
-        let models = if record.models.is_empty() {
-            None
-        } else {
-            let mut b = GlobSetBuilder::new();
-            for m in &record.models {
-                // Patterns are validated by the API before they are stored;
-                // one that still fails to compile allows nothing.
-                if let Ok(g) = Glob::new(m) {
-                    b.add(g);
-                }
-            }
-            Some(b.build().unwrap_or_else(|_| GlobSet::empty()))
-        };
+        let models = (!record.models.is_empty()).then(|| ModelAllowlist::compile(&record.models));
         let ips = record
             .allowed_ips
             .iter()
@@ -136,7 +146,53 @@ impl Policy {
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
-        self.models.as_ref().is_none_or(|m| m.is_match(model))
+        self.models.as_ref().is_none_or(|m| m.matches(model))
+    }
+}
+
+/// A key's model allowlist. Most patterns are exact names or `prefix*`:
+/// those are matched with plain string comparisons, and only the rest go
+/// through a `GlobSet` (which costs far more per check).
+pub struct ModelAllowlist {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+    globs: Option<GlobSet>,
+}
+
+impl ModelAllowlist {
+    pub fn compile(patterns: &[String]) -> ModelAllowlist {
+        let is_meta = |c: char| matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | '\\');
+        let mut exact = Vec::new();
+        let mut prefixes = Vec::new();
+        let mut globs = GlobSetBuilder::new();
+        let mut any_glob = false;
+        for p in patterns {
+            if !p.contains(is_meta) {
+                exact.push(p.clone());
+            } else if let Some(prefix) = p.strip_suffix('*')
+                && !prefix.contains(is_meta)
+            {
+                // globset's `*` crosses `/` too: a plain prefix match.
+                prefixes.push(prefix.to_owned());
+            } else if let Ok(g) = Glob::new(p) {
+                // Patterns are validated by the API before they are stored;
+                // one that still fails to compile allows nothing.
+                globs.add(g);
+                any_glob = true;
+            }
+        }
+        let globs = any_glob.then(|| globs.build().unwrap_or_else(|_| GlobSet::empty()));
+        ModelAllowlist {
+            exact,
+            prefixes,
+            globs,
+        }
+    }
+
+    pub fn matches(&self, model: &str) -> bool {
+        self.exact.iter().any(|e| e == model)
+            || self.prefixes.iter().any(|p| model.starts_with(p.as_str()))
+            || self.globs.as_ref().is_some_and(|g| g.is_match(model))
     }
 }
 
@@ -373,6 +429,8 @@ impl LiveKey {
 
 /// The facts about a request that admission checks.
 pub struct Ask<'a> {
+    /// The request's time (read once per request).
+    pub now_ms: i64,
     pub model: Option<&'a str>,
     pub client_ip: IpAddr,
     pub device: Option<&'a str>,
@@ -388,7 +446,7 @@ impl Gate {
         let per_min =
             |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).expect("max(1) is non-zero"));
         Gate {
-            keys: DashMap::new(),
+            keys: KeyMap::default(),
             store,
             clock,
             unknown_keys: RateLimiter::keyed(per_min(unknown_key_per_minute)),
@@ -473,7 +531,7 @@ impl Gate {
     pub fn admit(&self, key: &LiveKey, ask: &Ask<'_>) -> Result<Arc<Policy>, ApiError> {
         let policy = key.policy();
         let rec = &policy.record;
-        let now = self.clock.now_ms();
+        let now = ask.now_ms;
         if rec.disabled {
             return Err(ApiError::permission(
                 "key_disabled",
@@ -557,10 +615,9 @@ impl Gate {
 
     /// Step 3: rpm, tpm and concurrency. The returned permit holds the
     /// concurrency slot and the request counts from here on.
-    pub fn limit(&self, key: &Arc<LiveKey>, policy: &Policy) -> Result<Permit, ApiError> {
+    pub fn limit(&self, key: &Arc<LiveKey>, policy: &Policy, now: i64) -> Result<Permit, ApiError> {
         let rec = &policy.record;
         let mut rate = RateInfo::default();
-        let now = self.clock.now_ms();
         if let Some(tpm) = rec.tpm {
             let minute = now.div_euclid(60_000);
             let used = if key.tpm_minute.load(Ordering::Acquire) == minute {
@@ -863,7 +920,13 @@ impl Gate {
     pub fn sweep(&self) -> usize {
         let now = self.clock.now_ms();
         let before = self.keys.len();
+        // A key whose usage records are still queued would reload stale
+        // counters from sled: evict only when the store has caught up.
+        let store_idle = self.store.stats().queue_depth == 0;
         self.keys.retain(|_, k| {
+            if !store_idle {
+                return true;
+            }
             let idle = now - k.last_used_ms.load(Ordering::Relaxed) > IDLE_EVICT_MS;
             let busy = k.in_flight() > 0
                 || k.committed.load(Ordering::Acquire) != k.period_spent.load(Ordering::Acquire);

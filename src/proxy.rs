@@ -382,8 +382,23 @@ async fn proxy(
 ) -> Result<Response<Body>, ApiError> {
     // 1 authenticate (memory; sled only on a cache miss)
     let key = app.gate.authenticate(req.headers(), client_ip)?;
+    let now_ms = app.clock.now_ms();
     if req.uri().path() == "/v1/models" && req.method() == Method::GET {
-        return Ok(list_models(app, &key.policy()));
+        // A disabled or expired key may not list models either.
+        let device = req
+            .headers()
+            .get("x-device-id")
+            .and_then(|v| v.to_str().ok());
+        let policy = app.gate.admit(
+            &key,
+            &Ask {
+                now_ms,
+                model: None,
+                client_ip,
+                device,
+            },
+        )?;
+        return Ok(list_models(app, &policy));
     }
     let (parts, body) = req.into_parts();
     let body = read_body(body, &parts.headers, app.config.server.max_body_bytes).await?;
@@ -423,13 +438,14 @@ async fn proxy(
     let policy = app.gate.admit(
         &key,
         &Ask {
+            now_ms,
             model,
             client_ip,
             device,
         },
     )?;
     // 3 limit
-    let permit = app.gate.limit(&key, &policy)?;
+    let permit = app.gate.limit(&key, &policy, now_ms)?;
     // 4 reserve
     let pricing = match (route_price, &entry) {
         (Some(flat), _) => Pricing::Flat(flat),
@@ -472,7 +488,14 @@ async fn proxy(
         max_tokens: (produces_tokens && info.max_tokens != Some(completion_bound))
             .then_some(completion_bound),
     };
-    let upstream_body = crate::meter::rewrite(route, &body, &rewrite)?;
+    let upstream_body = match crate::meter::rewrite(route, &body, &rewrite) {
+        Ok(b) => b,
+        Err(e) => {
+            // Refused before any upstream saw it: the request does not count.
+            app.gate.uncount(&key);
+            return Err(e);
+        }
+    };
     app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let mut settlement = Settlement {
         app: app.clone(),
@@ -494,7 +517,15 @@ async fn proxy(
         done: false,
     };
     // 5–6 route and forward, failing over while nothing reached the client.
-    let (upstream, res) = forward(app, pool, &parts, upstream_body, &group, request_id).await?;
+    let (upstream, res) = match forward(app, pool, &parts, upstream_body, &group, request_id).await
+    {
+        Ok(answer) => answer,
+        Err(e) => {
+            // Recorded with the status the client gets (502 or 504).
+            settlement.status = e.status.as_u16();
+            return Err(e);
+        }
+    };
     settlement.upstream = upstream;
     settlement.status = res.status().as_u16();
     settlement.answered = true;
@@ -783,7 +814,11 @@ impl Settlement {
         self.app.gate.add_tokens(&key, tokens);
         let latency = self.started.elapsed();
         let upstream = self.app.routing.upstreams.get(self.upstream);
-        let status = if self.answered { self.status } else { 502 };
+        let status = match (self.answered, self.status) {
+            (true, s) => s,
+            (false, 0) => 502,
+            (false, s) => s,
+        };
         self.app
             .metrics
             .answered(self.route, status, latency, self.ttfb);
