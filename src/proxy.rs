@@ -8,12 +8,12 @@
 //! is dropped because the client went away. It is the single place that
 //! runs on success and on every failure.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -550,6 +550,10 @@ async fn proxy(
         withholds: inject_usage,
         settlement: Some(settlement),
         finished: false,
+        ready: VecDeque::new(),
+        yielded: false,
+        draining: false,
+        tail: None,
     };
     Ok(Response::from_parts(head, BodyExt::boxed_unsync(metered)))
 }
@@ -872,6 +876,22 @@ struct MeteredBody {
     withholds: bool,
     settlement: Option<Settlement>,
     finished: bool,
+    /// Frames already received from the upstream, not yet handed on.
+    ready: VecDeque<Bytes>,
+    /// True once we yielded to let the upstream connection deliver what it
+    /// has already read (see `poll_frame`).
+    yielded: bool,
+    /// Handing `ready` on, back to back.
+    draining: bool,
+    /// What ends the stream (or trailers), met while frames were queued:
+    /// handed on after them.
+    tail: Option<Tail>,
+}
+
+enum Tail {
+    End,
+    Error(hyper::Error),
+    Trailers(Frame<Bytes>),
 }
 
 impl MeteredBody {
@@ -889,6 +909,14 @@ impl HttpBody for MeteredBody {
     type Data = Bytes;
     type Error = BoxError;
 
+    /// Frames go on as they arrive, never waiting for the upstream. One
+    /// refinement: hyper's client hands a response's chunks over one at a
+    /// time, even when it read a whole burst of them in one `recv`; handed
+    /// on one by one, each would cost the client its own write and wake-up.
+    /// So when the upstream has nothing new *ready*, we yield once — one
+    /// turn of the scheduler, no timer — to let its connection deliver what
+    /// it has already read, then hand everything on back to back, which
+    /// hyper writes in one flush. The bytes are exactly the same.
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -898,11 +926,32 @@ impl HttpBody for MeteredBody {
             if this.finished {
                 return Poll::Ready(None);
             }
-            let Some(inner) = this.inner.as_mut() else {
-                return Poll::Ready(None);
+            if this.draining {
+                if let Some(b) = this.ready.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                this.draining = false;
+            }
+            let Some(inner) = this.inner.as_mut().filter(|_| this.tail.is_none()) else {
+                // The upstream is done: queued frames first, then the end.
+                if !this.ready.is_empty() {
+                    this.draining = true;
+                    continue;
+                }
+                return match this.tail.take() {
+                    Some(Tail::Trailers(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Some(Tail::Error(e)) => {
+                        this.finished = true;
+                        Poll::Ready(Some(Err(Box::new(e))))
+                    }
+                    Some(Tail::End) | None => {
+                        this.finished = true;
+                        Poll::Ready(None)
+                    }
+                };
             };
-            match ready!(Pin::new(inner).poll_frame(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         if let Some(s) = this.settlement.as_mut()
                             && s.ttfb.is_none()
@@ -910,28 +959,38 @@ impl HttpBody for MeteredBody {
                             s.ttfb = Some(s.started.elapsed());
                         }
                         let out = this.meter.on_frame(data);
-                        if out.is_empty() {
-                            continue;
+                        if !out.is_empty() {
+                            this.ready.push_back(out);
                         }
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                        this.yielded = false;
                     }
-                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    Err(frame) => this.tail = Some(Tail::Trailers(frame)),
                 },
-                Some(Err(e)) => {
-                    this.finished = true;
+                Poll::Ready(Some(Err(e))) => {
                     this.inner = None;
+                    this.tail = Some(Tail::Error(e));
                     this.settle();
-                    return Poll::Ready(Some(Err(Box::new(e))));
                 }
-                None => {
-                    this.finished = true;
+                Poll::Ready(None) => {
                     this.inner = None;
                     let rest = this.meter.finish();
-                    this.settle();
-                    if rest.is_empty() {
-                        return Poll::Ready(None);
+                    if !rest.is_empty() {
+                        this.ready.push_back(rest);
                     }
-                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    this.tail = Some(Tail::End);
+                    this.settle();
+                }
+                Poll::Pending => {
+                    if this.ready.is_empty() {
+                        return Poll::Pending;
+                    }
+                    if !this.yielded {
+                        this.yielded = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    this.yielded = false;
+                    this.draining = true;
                 }
             }
         }
@@ -981,6 +1040,10 @@ impl Drop for MeteredBody {
                     withholds: false,
                     settlement,
                     finished: false,
+                    ready: VecDeque::new(),
+                    yielded: false,
+                    draining: false,
+                    tail: None,
                 };
                 let _ = tokio::time::timeout(timeout, async {
                     while let Some(frame) = rest.frame().await {
