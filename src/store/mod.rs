@@ -346,6 +346,9 @@ struct Inner {
     /// `None` only while dropping: closing it stops the store thread.
     tx: Option<Sender<Op>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Unparked by writes someone awaits (and on drop); records never wake
+    /// the store thread mid-batch.
+    waker: std::thread::Thread,
     counters: Arc<Counters>,
 }
 
@@ -354,6 +357,7 @@ impl Drop for Inner {
         // Closing the channel makes the store thread commit and flush what is
         // queued, then exit; joining releases sled's lock before a reopen.
         drop(self.tx.take());
+        self.waker.unpark();
         let handle = match self.thread.get_mut() {
             Ok(h) => h.take(),
             Err(poisoned) => poisoned.into_inner().take(),
@@ -463,6 +467,7 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("tollgate-store".into())
             .spawn(move || thread.run(rx, window))?;
+        let waker = handle.thread().clone();
         Ok(Store {
             inner: Arc::new(Inner {
                 _db: db,
@@ -470,6 +475,7 @@ impl Store {
                 owners,
                 book,
                 tx: Some(tx),
+                waker,
                 thread: Mutex::new(Some(handle)),
                 counters,
             }),
@@ -659,6 +665,7 @@ impl Store {
 
     fn send(&self, op: Op) -> Result<(), StoreError> {
         let tx = self.inner.tx.as_ref().ok_or(StoreError::Closed)?;
+        let awaited = !matches!(op, Op::Record(_) | Op::BindDevice(..));
         self.inner
             .counters
             .queue_depth
@@ -669,7 +676,11 @@ impl Store {
                 .queue_depth
                 .fetch_sub(1, Ordering::Relaxed);
             StoreError::Closed
-        })
+        })?;
+        if awaited {
+            self.inner.waker.unpark();
+        }
+        Ok(())
     }
 
     /// Creates a key and its account. `Exists` if the hash exists.
@@ -995,17 +1006,29 @@ impl StoreThread {
             let mut ops = 1usize;
             let mut urgent = self.handle(first);
             while ops < MAX_BATCH_OPS {
-                // An admin write is waiting: take only what is already
-                // queued, then commit, so admin latency is one flush.
-                let next = if urgent {
-                    rx.try_recv().ok()
-                } else {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    rx.recv_timeout(left).ok()
-                };
-                let Some(op) = next else { break };
-                ops += 1;
-                urgent |= self.handle(op);
+                match rx.try_recv() {
+                    Ok(op) => {
+                        ops += 1;
+                        urgent |= self.handle(op);
+                    }
+                    Err(mpsc::TryRecvError::Empty) => {
+                        // An admin write is waiting: commit what is already
+                        // queued, so admin latency is one flush.
+                        if urgent {
+                            break;
+                        }
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        // Sleep out the window instead of waiting on the
+                        // channel: a wake-up per record (futex + context
+                        // switch) cost the store thread more than the record
+                        // itself. Awaited writes unpark the thread.
+                        std::thread::park_timeout(left);
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
             }
             self.finish_batch(ops);
         }
