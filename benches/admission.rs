@@ -185,6 +185,27 @@ fn admission(c: &mut Criterion) {
         })
     });
 
+    // Step 4 and settlement alone, on one hot key: the money path (CAS on
+    // the key's committed credit, then the swap for the actual cost).
+    let key = f.gate.authenticate(&f.hot[0], ip).expect("known key");
+    let policy = key.policy();
+    group.bench_function("reserve_settle", |b| {
+        b.iter(|| {
+            let reserved = f
+                .gate
+                .reserve(
+                    &key,
+                    &policy,
+                    256,
+                    true,
+                    |c| Pico(2_000_000 + 600_000 * c as i64),
+                    |_| 256,
+                )
+                .expect("reserved");
+            std::hint::black_box(reserved.reservation.settle(Pico(1_000_000)));
+        })
+    });
+
     // A miss: the key is read from sled and put in the cache; it is then
     // dropped again (`forget`, included in the time) so every round misses.
     let mut j = 0usize;
