@@ -19,21 +19,6 @@ use serde_json::{Value, json};
 use tollgate::config::{Dur, RuntimeMode};
 use tollgate::gate::LiveKey;
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn per_core() {
-                super::$name(tollgate::config::RuntimeMode::PerCore).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn shared() {
-                super::$name(tollgate::config::RuntimeMode::Shared).await
-            }
-        }
-    )*};
-}
-
 both_modes!(
     seed_flow_of_a_trial_key,
     disabled_key_is_refused_on_every_worker,

@@ -16,21 +16,6 @@ use tollgate::meter::{Price, Usage};
 use tollgate::money::Pico;
 use tollgate::store::{KeyHash, LedgerKind, UsageRecord};
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn per_core() {
-                super::$name(tollgate::config::RuntimeMode::PerCore).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn shared() {
-                super::$name(tollgate::config::RuntimeMode::Shared).await
-            }
-        }
-    )*};
-}
-
 both_modes!(
     concurrent_streams_never_overspend,
     streamed_usage_is_metered_exactly_and_withheld,

@@ -12,21 +12,6 @@ use serde_json::json;
 use tollgate::config::RuntimeMode;
 use tollgate::mock::Fault;
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn per_core() {
-                super::$name(tollgate::config::RuntimeMode::PerCore).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn shared() {
-                super::$name(tollgate::config::RuntimeMode::Shared).await
-            }
-        }
-    )*};
-}
-
 both_modes!(
     chat_non_stream_and_headers,
     streamed_bytes_are_exactly_the_upstreams,

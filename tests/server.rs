@@ -25,21 +25,6 @@ use tokio::net::TcpStream;
 use tollgate::config::{Dur, RuntimeMode, TlsConfig};
 use tollgate::mock::{MockOptions, MockUpstream};
 
-macro_rules! both_modes {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn per_core() {
-                super::$name(tollgate::config::RuntimeMode::PerCore).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn shared() {
-                super::$name(tollgate::config::RuntimeMode::Shared).await
-            }
-        }
-    )*};
-}
-
 both_modes!(
     tls_termination_over_http1_and_h2,
     upstream_over_https_with_a_private_ca,

@@ -383,3 +383,24 @@ fn tokio_stream_from<T>(
 ) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// Generates, for each named `async fn name(mode: RuntimeMode)`, a module
+/// `name` with one test per runtime mode: every behaviour is checked with
+/// per-core and shared runtimes alike. (Not every test file uses it.)
+#[allow(unused_macros)]
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn per_core() {
+                super::$name(tollgate::config::RuntimeMode::PerCore).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shared() {
+                super::$name(tollgate::config::RuntimeMode::Shared).await
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use both_modes;
