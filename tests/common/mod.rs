@@ -110,8 +110,7 @@ impl TestGateway {
         edit: impl FnOnce(&mut Config),
         mock: MockUpstream,
     ) -> TestGateway {
-        // SAFETY-free: set once, same value for every test in the process.
-        unsafe_free_set_env();
+        set_upstream_key_env();
         let data = temp_dir("gw");
         let text = BASE
             .replace("{DATA}", &data.display().to_string())
@@ -202,12 +201,13 @@ impl Drop for TestGateway {
     }
 }
 
-fn unsafe_free_set_env() {
+/// The upstream key every test gateway sends (read through `api_key_env`).
+fn set_upstream_key_env() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // Tests read this variable only through the gateway's config.
-        // SAFETY: set before any gateway thread reads the environment, once.
-        #[allow(unused_unsafe)]
+        // SAFETY: `set_var` is unsafe because C code may read the environment
+        // concurrently; here only Rust code reads it (std's env functions
+        // share one lock), it is written once, always to the same value.
         unsafe {
             std::env::set_var("TOLLGATE_TEST_UPSTREAM_KEY", UPSTREAM_KEY);
         }
