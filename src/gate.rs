@@ -242,23 +242,42 @@ fn format_reset(d: Duration) -> String {
     }
 }
 
-/// Holds one of the key's concurrency slots and its in-flight count; both
-/// are given back when it is dropped, whatever happened to the request
-/// (success, error, client gone, panic: `Drop` runs during unwinding).
+/// Holds one of the key's concurrency slots and its in-flight count, and
+/// the request's count against `max_requests`. The slot is given back when
+/// the permit is dropped, whatever happened to the request (success, error,
+/// client gone, panic: `Drop` runs during unwinding). The count is given back
+/// too, unless [`Permit::keep_count`] said the request will have a usage
+/// record: so the live count always equals the records, and a request
+/// refused after `limit` (no credit, a body that cannot be rewritten) never
+/// uses one of the key's requests.
 pub struct Permit {
     key: Arc<LiveKey>,
     pub rate: RateInfo,
+    /// The request holds one unit of `requests` that is not yet kept.
+    counted: bool,
 }
 
 impl Permit {
     pub fn key(&self) -> &Arc<LiveKey> {
         &self.key
     }
+
+    /// The request goes on to an upstream and will be recorded: its count
+    /// stays whatever happens next.
+    pub fn keep_count(&mut self) {
+        self.counted = false;
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         self.key.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.counted {
+            let _ = self
+                .key
+                .requests
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
     }
 }
 
@@ -674,9 +693,10 @@ impl Gate {
             )
             .with_rate(&rate));
         }
-        let permit = Permit {
+        let mut permit = Permit {
             key: key.clone(),
             rate,
+            counted: false,
         };
         let max_requests = rec.max_requests.unwrap_or(u64::MAX);
         let counted = key
@@ -691,41 +711,16 @@ impl Gate {
                 "max_requests",
             ));
         }
+        permit.counted = true;
         Ok(permit)
-    }
-
-    /// Gives back the request count of a request refused before it could
-    /// reach an upstream (and so before it has a usage record).
-    pub fn uncount(&self, key: &LiveKey) {
-        let _ = key
-            .requests
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// Step 4: reserve an upper bound of the request's cost. `bound(c)` is
     /// the bound with `c` completion tokens; `max_completion` the tokens the
     /// request may produce. With `cap`, a bound that does not fit is lowered
-    /// to the largest completion that does (at least 1 token).
-    ///
-    /// Runs after `limit`: a refusal gives back the request count `limit`
-    /// took, because a request refused for credit never reaches an upstream.
+    /// to the largest completion that does (at least 1 token). A refusal
+    /// drops nothing itself: the caller's `Permit` gives the count back.
     pub fn reserve(
-        &self,
-        key: &Arc<LiveKey>,
-        policy: &Policy,
-        max_completion: u64,
-        cap: bool,
-        bound: impl Fn(u64) -> Pico,
-        affordable: impl Fn(Pico) -> u64,
-    ) -> Result<Reserved, ApiError> {
-        let reserved = self.take_credit(key, policy, max_completion, cap, bound, affordable);
-        if reserved.is_err() {
-            self.uncount(key);
-        }
-        reserved
-    }
-
-    fn take_credit(
         &self,
         key: &Arc<LiveKey>,
         policy: &Policy,

@@ -488,14 +488,10 @@ async fn proxy(
         max_tokens: (produces_tokens && info.max_tokens != Some(completion_bound))
             .then_some(completion_bound),
     };
-    let upstream_body = match crate::meter::rewrite(route, &body, &rewrite) {
-        Ok(b) => b,
-        Err(e) => {
-            // Refused before any upstream saw it: the request does not count.
-            app.gate.uncount(&key);
-            return Err(e);
-        }
-    };
+    let upstream_body = crate::meter::rewrite(route, &body, &rewrite)?;
+    // From here the request is recorded whatever happens: its count stays.
+    let mut permit = permit;
+    permit.keep_count();
     app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let mut settlement = Settlement {
         app: app.clone(),
