@@ -8,6 +8,9 @@
 //! After criterion's own report, the mean added latency per case is
 //! printed (gateway − direct, over every iteration criterion ran).
 
+mod common;
+use common::HttpClient;
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,41 +19,10 @@ use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use tollgate::config::Config;
-use tollgate::mock::{MockOptions, MockUpstream};
-use tollgate::runtime::{Gateway, StartOptions};
-
-const ADMIN: &str = "bench-admin-token-0123456789";
-const UPSTREAM_KEY_ENV: &str = "TOLLGATE_BENCH_UPSTREAM_KEY";
-
-const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-[runtime]
-mode = "per-core"
-workers = 1
-[storage]
-path = "{DATA}"
-flush_ms = 50
-[[upstreams]]
-name = "mock"
-base_url = "{MOCK}"
-api_key_env = "TOLLGATE_BENCH_UPSTREAM_KEY"
-models = ["demo-*"]
-[models."demo-chat"]
-input = "0.15"
-output = "0.60"
-max_output_tokens = 256
-"#;
 
 const CHAT: &str =
     r#"{"model":"demo-chat","messages":[{"role":"user","content":"Say hello to the gateway."}]}"#;
 const CHAT_STREAM: &str = r#"{"model":"demo-chat","stream":true,"messages":[{"role":"user","content":"Say hello to the gateway."}]}"#;
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 fn post(url: &str, key: &str, body: &'static str) -> Request<Full<Bytes>> {
     Request::post(url)
@@ -78,42 +50,10 @@ async fn round_trip(client: &HttpClient, req: Request<Full<Bytes>>) -> usize {
 static TOTALS: Mutex<BTreeMap<String, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
 fn gateway(c: &mut Criterion) {
-    // SAFETY: set once, before the gateway (the only reader) starts and
-    // before any other thread of this process exists.
-    unsafe { std::env::set_var(UPSTREAM_KEY_ENV, "sk-bench-upstream") };
-    let mock = MockUpstream::start(MockOptions::default()).expect("mock starts");
-    let data = std::env::temp_dir().join(format!("tollgate-bench-gw-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let text = CONFIG
-        .replace("{DATA}", &data.display().to_string())
-        .replace("{MOCK}", &mock.base_url());
-    let config = Config::parse(&text, "bench.toml").expect("bench config parses");
-    let gw = Gateway::start(
-        config,
-        StartOptions {
-            admin_token: Some(ADMIN.to_owned()),
-            ..StartOptions::default()
-        },
-    )
-    .expect("gateway starts");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current_thread runtime builds");
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    // An unlimited key, made through the admin API as a user would.
-    let key = rt.block_on(async {
-        let req = Request::post(format!("http://{}/api/v1/keys", gw.addr()))
-            .header("authorization", format!("Bearer {ADMIN}"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(b"{\"name\":\"bench\"}")))
-            .expect("request builds");
-        let res = client.request(req).await.expect("create key");
-        assert_eq!(res.status(), 201);
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
-        v["key"].as_str().expect("key").to_owned()
-    });
+    let bench = common::BenchGateway::start("gw");
+    let (key, _) = bench.create_key();
+    let (mock, gw, rt, client) = (&bench.mock, &bench.gw, &bench.rt, &bench.client);
+
     let direct = format!("{}/chat/completions", mock.base_url());
     let through = format!("http://{}/v1/chat/completions", gw.addr());
 
@@ -123,13 +63,13 @@ fn gateway(c: &mut Criterion) {
         for (target, url) in [("direct", &direct), ("gateway", &through)] {
             let name = format!("{case}/{target}");
             // Warm the connection (and, for the gateway, the key cache).
-            rt.block_on(round_trip(&client, post(url, &key, body)));
+            rt.block_on(round_trip(client, post(url, &key, body)));
             group.bench_function(&name, |b| {
                 b.iter_custom(|iters| {
                     let elapsed = rt.block_on(async {
                         let start = Instant::now();
                         for _ in 0..iters {
-                            round_trip(&client, post(url, &key, body)).await;
+                            round_trip(client, post(url, &key, body)).await;
                         }
                         start.elapsed()
                     });
@@ -164,10 +104,7 @@ fn gateway(c: &mut Criterion) {
             g - d
         );
     }
-    drop(client);
-    gw.shutdown();
-    drop(mock);
-    let _ = std::fs::remove_dir_all(&data);
+    bench.finish();
 }
 
 criterion_group!(benches, gateway);

@@ -8,48 +8,22 @@
 //! The records go in through `Store::record` (the store thread's batching),
 //! then one flush; the time that took is printed first.
 
+mod common;
+use common::HttpClient;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use tollgate::config::Config;
-use tollgate::mock::{MockOptions, MockUpstream};
 use tollgate::money::Pico;
-use tollgate::runtime::{Gateway, StartOptions};
 use tollgate::store::{KeyHash, RollupScope, UsageRecord};
 
-const ADMIN: &str = "bench-admin-token-0123456789";
-const UPSTREAM_KEY_ENV: &str = "TOLLGATE_BENCH_UPSTREAM_KEY";
 const RECORDS: u64 = 1_000_000;
 const DAYS: i64 = 90;
 const DAY_MS: i64 = 86_400_000;
 const MODELS: [&str; 3] = ["demo-chat", "demo-chat-large", "demo-embed"];
-
-const CONFIG: &str = r#"
-[server]
-listen = "127.0.0.1:0"
-[runtime]
-mode = "per-core"
-workers = 1
-[storage]
-path = "{DATA}"
-flush_ms = 50
-[[upstreams]]
-name = "mock"
-base_url = "{MOCK}"
-api_key_env = "TOLLGATE_BENCH_UPSTREAM_KEY"
-models = ["demo-*"]
-[models."demo-chat"]
-input = "0.15"
-output = "0.60"
-"#;
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 fn get(url: &str, auth: &str) -> Request<Full<Bytes>> {
     Request::get(url)
@@ -90,46 +64,10 @@ fn record(hash: KeyHash, at_ms: i64, i: u64) -> UsageRecord {
 }
 
 fn usage(c: &mut Criterion) {
-    // SAFETY: set once, before the gateway (the only reader) starts and
-    // before any other thread of this process exists.
-    unsafe { std::env::set_var(UPSTREAM_KEY_ENV, "sk-bench-upstream") };
-    let mock = MockUpstream::start(MockOptions::default()).expect("mock starts");
-    let data = std::env::temp_dir().join(format!("tollgate-bench-usage-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    let text = CONFIG
-        .replace("{DATA}", &data.display().to_string())
-        .replace("{MOCK}", &mock.base_url());
-    let config = Config::parse(&text, "bench.toml").expect("bench config parses");
-    let gw = Gateway::start(
-        config,
-        StartOptions {
-            admin_token: Some(ADMIN.to_owned()),
-            ..StartOptions::default()
-        },
-    )
-    .expect("gateway starts");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current_thread runtime builds");
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let bench = common::BenchGateway::start("usage");
+    let (key, hash) = bench.create_key();
+    let (gw, rt, client) = (&bench.gw, &bench.rt, &bench.client);
     let base = format!("http://{}", gw.addr());
-    let (key, hash) = rt.block_on(async {
-        let req = Request::post(format!("{base}/api/v1/keys"))
-            .header("authorization", format!("Bearer {ADMIN}"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(b"{\"name\":\"bench\"}")))
-            .expect("request builds");
-        let res = client.request(req).await.expect("create key");
-        assert_eq!(res.status(), 201);
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
-        let hash: KeyHash = hex::decode(v["data"]["hash"].as_str().expect("hash"))
-            .expect("hex")
-            .try_into()
-            .expect("32 bytes");
-        (v["key"].as_str().expect("key").to_owned(), hash)
-    });
 
     // 1,000,000 records evenly over the last 90 days.
     let store = gw.app().store.clone();
@@ -156,7 +94,7 @@ fn usage(c: &mut Criterion) {
     let chart = format!("{base}/api/usage/token/chart?{range}&granularity=day");
     let logs = format!("{base}/api/usage/token/logs?page=1&page_size=100");
     // Check the answer once: every record is counted.
-    let body = rt.block_on(fetch(&client, get(&detail, &key)));
+    let body = rt.block_on(fetch(client, get(&detail, &key)));
     let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(v["data"]["summary"]["total_requests"], RECORDS);
     println!("detail answer: {} bytes", body.len());
@@ -169,7 +107,7 @@ fn usage(c: &mut Criterion) {
         ("logs_page100", &logs),
     ] {
         group.bench_function(name, |b| {
-            b.iter(|| rt.block_on(fetch(&client, get(url, &key))));
+            b.iter(|| rt.block_on(fetch(client, get(url, &key))));
         });
     }
     let (from_hour, to_hour) = (start / 3_600_000, now / 3_600_000 + 1);
@@ -182,8 +120,7 @@ fn usage(c: &mut Criterion) {
         });
     });
     group.finish();
-    drop(gw);
-    let _ = std::fs::remove_dir_all(&data);
+    bench.finish();
 }
 
 criterion_group!(benches, usage);
