@@ -19,8 +19,6 @@ pub struct App {
     pub clock: Clock,
     /// The admin token (from the env var, or generated on first start).
     pub admin_token: String,
-    /// Upstreams, routing and pricing.
-    pub routing: crate::proxy::Routing,
     /// Counters for `/metrics`.
     pub metrics: crate::metrics::Metrics,
     /// False while starting and once draining: `/readyz` answers 503.

@@ -45,9 +45,10 @@ pub struct Config {
     /// The models served and their prices (USD per 1M tokens).
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
-    /// Prices of routes that carry no tokens (`/v1/images/generations`, …).
+    /// Routes allowed besides the known ones, with their price: anything
+    /// else under `/v1/` is refused (404 `route_not_allowed`).
     #[serde(default)]
-    pub routes: BTreeMap<String, RouteConfig>,
+    pub routes: BTreeMap<Pattern, RouteConfig>,
     /// Templates for new keys.
     #[serde(default)]
     pub plans: BTreeMap<String, PlanConfig>,
@@ -198,6 +199,9 @@ pub struct ProxyConfig {
     pub first_byte_timeout: Dur,
     /// Idle pooled upstream connections are closed after this.
     pub pool_idle_timeout: Dur,
+    /// An upstream that sends nothing for this long while answering is cut
+    /// (the request settles and frees its slot and reservation).
+    pub stream_idle_timeout: Dur,
 }
 
 impl Default for ProxyConfig {
@@ -209,6 +213,7 @@ impl Default for ProxyConfig {
             connect_timeout: Dur::secs(5),
             first_byte_timeout: Dur::secs(120),
             pool_idle_timeout: Dur::secs(90),
+            stream_idle_timeout: Dur::secs(60),
         }
     }
 }
@@ -240,6 +245,10 @@ pub struct BillingConfig {
     /// A model served by an upstream but absent from `[models]` is refused
     /// (404) unless this names the `[models]` entry whose price applies.
     pub default_price: Option<String>,
+    /// The models `default_price` may price (glob patterns): required with
+    /// it, so a far dearer model an upstream also serves is not sold at a
+    /// cheap default.
+    pub default_price_models: Vec<Pattern>,
 }
 
 impl Default for BillingConfig {
@@ -249,6 +258,7 @@ impl Default for BillingConfig {
             on_client_disconnect: OnClientDisconnect::Cancel,
             drain_timeout: Dur::secs(30),
             default_price: None,
+            default_price_models: Vec::new(),
         }
     }
 }
@@ -305,12 +315,12 @@ pub struct UpstreamConfig {
     /// Name shown in usage records and metrics.
     pub name: String,
     /// e.g. `https://api.openai.com/v1`; absent for `mock = true`.
-    pub base_url: Option<String>,
+    pub base_url: Option<BaseUrl>,
     /// Env var holding this upstream's API key (sent as `Authorization: Bearer`).
     pub api_key_env: Option<String>,
     /// Glob patterns of the models this upstream serves.
     #[serde(default = "all_models")]
-    pub models: Vec<String>,
+    pub models: Vec<Pattern>,
     /// Share of requests among healthy upstreams of the same group.
     #[serde(default = "one")]
     pub weight: u32,
@@ -326,10 +336,12 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Option<Dur>,
     pub first_byte_timeout: Option<Dur>,
+    /// Overrides `proxy.stream_idle_timeout` for this upstream.
+    pub stream_idle_timeout: Option<Dur>,
 }
 
-fn all_models() -> Vec<String> {
-    vec!["*".to_owned()]
+fn all_models() -> Vec<Pattern> {
+    vec![Pattern::parse("*").expect("`*` is a valid glob")]
 }
 
 fn one() -> u32 {
@@ -364,9 +376,147 @@ pub struct RouteConfig {
     /// Flat USD per request on this route.
     #[serde(default)]
     pub request: Pico,
+    /// USD per 1M prompt tokens, for every model on this route (read from
+    /// the answer's usage).
+    pub input: Option<Pico>,
+    /// USD per 1M completion tokens, for every model on this route.
+    pub output: Option<Pico>,
     /// Charge nothing on this route.
     #[serde(default)]
     pub free: bool,
+}
+
+impl RouteConfig {
+    /// Whether the rule names a price at all (a rule must be priced or free).
+    pub fn priced(&self) -> bool {
+        self.request.0 > 0 || self.input.is_some() || self.output.is_some()
+    }
+}
+
+/// A glob pattern (`gpt-4o*`, `/v1/images/*`), compiled once when the
+/// config is read; written back as its text.
+#[derive(Clone, Debug)]
+pub struct Pattern {
+    /// What the operator wrote: shown, serialized, and the map order.
+    text: String,
+    /// Exact patterns skip the matcher.
+    exact: bool,
+    matcher: globset::GlobMatcher,
+}
+
+impl Pattern {
+    pub fn parse(text: &str) -> Result<Pattern, String> {
+        let glob = globset::GlobBuilder::new(text)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| format!("bad pattern {text:?}: {e}"))?;
+        Ok(Pattern {
+            text: text.to_owned(),
+            exact: !text.contains(['*', '?', '[', '{']),
+            matcher: glob.compile_matcher(),
+        })
+    }
+
+    pub fn is_match(&self, name: &str) -> bool {
+        if self.exact {
+            self.text == name
+        } else {
+            self.matcher.is_match(name)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Matches one name only.
+    pub fn is_exact(&self) -> bool {
+        self.exact
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Pattern {}
+
+impl PartialOrd for Pattern {
+    fn partial_cmp(&self, other: &Pattern) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pattern {
+    fn cmp(&self, other: &Pattern) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Pattern, D::Error> {
+        let text = String::deserialize(d)?;
+        Pattern::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+/// An upstream's base URL, split once into the parts requests are built
+/// from: `https://api.openai.com/v1` → origin `https://api.openai.com`,
+/// path `/v1` (which replaces the client's `/v1`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// What the operator wrote.
+    text: String,
+    /// `scheme://authority`.
+    pub origin: String,
+    /// Path prefix without a trailing `/`.
+    pub path: String,
+}
+
+impl BaseUrl {
+    pub fn parse(text: &str) -> Result<BaseUrl, String> {
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|_| format!("base_url {text:?} is not a URL"))?;
+        let (Some(scheme @ ("http" | "https")), Some(authority)) = (
+            uri.scheme_str(),
+            uri.authority().filter(|a| !a.host().is_empty()),
+        ) else {
+            return Err(format!(
+                "base_url {text:?} must be an http:// or https:// URL"
+            ));
+        };
+        Ok(BaseUrl {
+            text: text.to_owned(),
+            origin: format!("{scheme}://{authority}"),
+            path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl<'de> Deserialize<'de> for BaseUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<BaseUrl, D::Error> {
+        let text = String::deserialize(d)?;
+        BaseUrl::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for BaseUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -597,24 +747,7 @@ impl Config {
                         up.name
                     ));
                 }
-                (Some(url), false) => {
-                    let uri: http::Uri = url.parse().map_err(|_| {
-                        format!("upstreams[{i}].base_url {url:?} is not a URL{here}")
-                    })?;
-                    if !matches!(uri.scheme_str(), Some("http") | Some("https"))
-                        || uri.host().is_none()
-                    {
-                        return Err(format!(
-                            "upstreams[{i}].base_url {url:?} must be an http:// or https:// URL{here}"
-                        ));
-                    }
-                }
-                (None, true) => {}
-            }
-            for pattern in &up.models {
-                globset::Glob::new(pattern).map_err(|e| {
-                    format!("upstreams[{i}].models: bad pattern {pattern:?}: {e}{here}")
-                })?;
+                (Some(_), false) | (None, true) => {}
             }
             if let Some(env) = &up.api_key_env
                 && env.is_empty()
@@ -646,32 +779,66 @@ impl Config {
                     "models.\"{name}\".max_output_tokens must be at least 1{here}"
                 ));
             }
-            if !self.upstreams.iter().any(|u| glob_matches(&u.models, name)) {
+            if !self
+                .upstreams
+                .iter()
+                .any(|u| u.models.iter().any(|p| p.is_match(name)))
+            {
                 return Err(format!(
                     "models.\"{name}\": no upstream serves this model (check the upstreams' `models` patterns){here}"
                 ));
             }
         }
-        if let Some(default) = &self.billing.default_price
-            && !self.models.contains_key(default)
-        {
-            return Err(format!(
-                "billing.default_price {default:?} is not a [models] entry{}",
-                at("default_price")
-            ));
+        if let Some(default) = &self.billing.default_price {
+            if !self.models.contains_key(default) {
+                return Err(format!(
+                    "billing.default_price {default:?} is not a [models] entry{}",
+                    at("default_price")
+                ));
+            }
+            if self.billing.default_price_models.is_empty() {
+                return Err(format!(
+                    "billing.default_price needs billing.default_price_models: the patterns of the models it may price{}",
+                    at("default_price")
+                ));
+            }
         }
         for (route, rule) in &self.routes {
+            let route = route.as_str();
             if !route.starts_with("/v1/") {
                 return Err(format!(
                     "routes.\"{route}\": a route must start with /v1/{}",
                     at(route)
                 ));
             }
-            if rule.request.0 < 0 {
-                return Err(format!(
-                    "routes.\"{route}\".request must not be negative{}",
-                    at(route)
-                ));
+            for (field, price) in [
+                ("request", Some(rule.request)),
+                ("input", rule.input),
+                ("output", rule.output),
+            ] {
+                if let Some(p) = price
+                    && p.0 < 0
+                {
+                    return Err(format!(
+                        "routes.\"{route}\".{field} must not be negative{}",
+                        at(route)
+                    ));
+                }
+            }
+            match (rule.free, rule.priced()) {
+                (true, true) => {
+                    return Err(format!(
+                        "routes.\"{route}\": free = true and a price contradict each other{}",
+                        at(route)
+                    ));
+                }
+                (false, false) => {
+                    return Err(format!(
+                        "routes.\"{route}\": give a price (request, input/output) or free = true{}",
+                        at(route)
+                    ));
+                }
+                _ => {}
             }
         }
         for (name, plan) in &self.plans {
@@ -725,15 +892,6 @@ impl Config {
     }
 }
 
-/// True when any of the glob patterns matches `name`.
-pub fn glob_matches(patterns: &[String], name: &str) -> bool {
-    patterns.iter().any(|p| {
-        globset::Glob::new(p)
-            .map(|g| g.compile_matcher().is_match(name))
-            .unwrap_or(false)
-    })
-}
-
 /// Shows a secret's first and last few characters only.
 pub fn mask(secret: &str) -> String {
     let chars: Vec<char> = secret.chars().collect();
@@ -772,7 +930,7 @@ output = "0.60"
         assert_eq!(c.runtime.mode, RuntimeMode::PerCore);
         assert_eq!(c.storage.flush_ms, 50);
         assert_eq!(c.models["demo-chat"].input, Pico(150_000_000_000));
-        assert_eq!(c.upstreams[0].models, vec!["*"]);
+        assert_eq!(c.upstreams[0].models[0].as_str(), "*");
         assert_eq!(c.billing.on_insufficient, OnInsufficient::Cap);
     }
 

@@ -127,6 +127,20 @@ impl ApiError {
         ApiError::bad_request("invalid_json", message)
     }
 
+    /// A `/v1/*` route that is neither a known API nor allowed by a
+    /// `[routes]` rule: nothing goes upstream.
+    pub fn route_not_allowed(path: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "route_not_allowed",
+            format!(
+                "The route {} is not served by this gateway.",
+                truncate(path, 256)
+            ),
+        )
+    }
+
     pub fn model_not_found(model: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,

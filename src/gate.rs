@@ -148,6 +148,21 @@ impl Policy {
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|m| m.matches(model))
     }
+
+    /// `allows_model` as an admission step: the refusal a client gets.
+    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if self.allows_model(model) {
+            return Ok(());
+        }
+        Err(ApiError::permission(
+            "model_not_allowed",
+            format!(
+                "This key may not use the model `{}`.",
+                crate::error::truncate(model, 128)
+            ),
+        )
+        .with_param("model"))
+    }
 }
 
 /// A key's model allowlist. Most patterns are exact names or `prefix*`:
@@ -574,17 +589,8 @@ impl Gate {
                 "max_requests",
             ));
         }
-        if let Some(model) = ask.model
-            && !policy.allows_model(model)
-        {
-            return Err(ApiError::permission(
-                "model_not_allowed",
-                format!(
-                    "This key may not use the model `{}`.",
-                    crate::error::truncate(model, 128)
-                ),
-            )
-            .with_param("model"));
+        if let Some(model) = ask.model {
+            policy.check_model(model)?;
         }
         if !policy.ips.is_empty() && !policy.ips.iter().any(|n| n.contains(&ask.client_ip)) {
             return Err(ApiError::permission(

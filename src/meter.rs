@@ -32,6 +32,8 @@ pub enum Route {
     Completions,
     Embeddings,
     Responses,
+    /// `GET /v1/models`: answered by the gateway itself.
+    Models,
     Other,
 }
 
@@ -46,6 +48,7 @@ impl Route {
             "/v1/completions" => Route::Completions,
             "/v1/embeddings" => Route::Embeddings,
             "/v1/responses" => Route::Responses,
+            "/v1/models" => Route::Models,
             _ => Route::Other,
         }
     }
@@ -56,14 +59,28 @@ impl Route {
             Route::Completions => "completions",
             Route::Embeddings => "embeddings",
             Route::Responses => "responses",
+            Route::Models => "models",
             Route::Other => "other",
         }
     }
 
     /// Whether a streamed answer reports usage only when asked with
     /// `stream_options.include_usage`.
-    fn usage_on_request(self) -> bool {
+    pub fn usage_on_request(self) -> bool {
         matches!(self, Route::Chat | Route::Completions)
+    }
+
+    /// Known APIs priced by their model's price (a model is required).
+    pub fn priced_by_model(self) -> bool {
+        matches!(
+            self,
+            Route::Chat | Route::Completions | Route::Responses | Route::Embeddings
+        )
+    }
+
+    /// APIs that generate completion tokens (a `max_tokens` bound applies).
+    pub fn produces_tokens(self) -> bool {
+        matches!(self, Route::Chat | Route::Completions | Route::Responses)
     }
 }
 
@@ -657,7 +674,7 @@ fn analyze(route: Route, body: &[u8]) -> Result<(RequestInfo, Fields<'_>), ApiEr
         }
         Route::Completions => typed::<u64>(f.max_tokens, "max_tokens", uint)?,
         Route::Responses => typed::<u64>(f.max_output_tokens, "max_output_tokens", uint)?,
-        Route::Embeddings | Route::Other => None,
+        Route::Embeddings | Route::Models | Route::Other => None,
     };
     let n = typed::<u64>(f.n, "n", uint)?.unwrap_or(1);
     let best_of = typed::<u64>(f.best_of, "best_of", uint)?.unwrap_or(1);
@@ -720,7 +737,7 @@ fn analyze(route: Route, body: &[u8]) -> Result<(RequestInfo, Fields<'_>), ApiEr
             measure(f.input, "input", b"\"[", text_or_list, &mut m)?;
             measure(f.instructions, "instructions", b"\"", "a string", &mut m)?;
         }
-        Route::Other => {}
+        Route::Models | Route::Other => {}
     }
     // Fields of other routes are not this route's prompt, but an upstream
     // may still render them: count them raw (a safe overcount).
@@ -729,7 +746,7 @@ fn analyze(route: Route, body: &[u8]) -> Result<(RequestInfo, Fields<'_>), ApiEr
         Route::Completions => &[f.messages, f.input, f.instructions],
         Route::Embeddings => &[f.messages, f.prompt, f.suffix, f.instructions],
         Route::Responses => &[f.messages, f.prompt, f.suffix],
-        Route::Other => &[],
+        Route::Models | Route::Other => &[],
     };
     for raw in unused.iter().flatten() {
         m.bytes = m.bytes.saturating_add(raw.get().len() as u64);
@@ -1217,7 +1234,7 @@ fn carries_content(route: Route, payload: &[u8]) -> bool {
         Route::Chat => &*CHAT_CONTENT,
         Route::Completions => &*COMPLETION_CONTENT,
         Route::Responses => &*RESPONSES_CONTENT,
-        Route::Embeddings | Route::Other => return false,
+        Route::Embeddings | Route::Models | Route::Other => return false,
     };
     let non_empty = |v: &[u8]| v.len() >= 2 && v[0] == b'"' && v[1] != b'"';
     finders
@@ -1804,7 +1821,7 @@ mod tests {
         assert_eq!(Route::from_path("/v1/embeddings"), Route::Embeddings);
         assert_eq!(Route::from_path("/v1/responses"), Route::Responses);
         assert_eq!(Route::from_path("/v1/responses/resp_1"), Route::Other);
-        assert_eq!(Route::from_path("/v1/models"), Route::Other);
+        assert_eq!(Route::from_path("/v1/models"), Route::Models);
         assert_eq!(Route::Chat.as_str(), "chat");
         assert_eq!(Route::Other.as_str(), "other");
         assert_eq!(

@@ -10,16 +10,17 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use crate::app::App;
 use crate::error::ApiError;
 use crate::meter::{Route, Usage};
 use crate::money::Pico;
+use crate::store::StoreStats;
 
-const ROUTES: [Route; 5] = [
+const ROUTES: [Route; 6] = [
     Route::Chat,
     Route::Completions,
     Route::Embeddings,
     Route::Responses,
+    Route::Models,
     Route::Other,
 ];
 /// Latency buckets, seconds.
@@ -93,29 +94,66 @@ type UpstreamFamily = (&'static str, &'static str, fn(&UpstreamCounters) -> u64)
 #[derive(Default)]
 pub struct Metrics {
     /// [route][status class 1xx..5xx]
-    requests: [[AtomicU64; 5]; 5],
+    requests: [[AtomicU64; 5]; ROUTES.len()],
     latency: Histogram,
     ttfb: Histogram,
     models: DashMap<String, ModelCounters>,
     upstreams: Vec<UpstreamCounters>,
+    /// Upstream names, the `upstream` label, in index order.
+    upstream_names: Vec<String>,
     rejections: [AtomicU64; REASONS.len()],
-    /// Admitted requests not yet settled.
-    pub in_flight: AtomicI64,
+    /// Admitted requests not yet settled: raised by [`Metrics::admitted`],
+    /// lowered by [`Metrics::settled`], nowhere else.
+    in_flight: AtomicI64,
 }
 
 impl Metrics {
-    pub fn new(upstreams: usize) -> Metrics {
+    pub fn new(upstream_names: Vec<String>) -> Metrics {
         Metrics {
-            upstreams: (0..upstreams)
+            upstreams: upstream_names
+                .iter()
                 .map(|_| UpstreamCounters::default())
                 .collect(),
+            upstream_names,
             ..Metrics::default()
         }
     }
 
+    /// A request was admitted: it is in flight until settled.
+    pub fn admitted(&self) {
+        self.in_flight.fetch_add(1, Relaxed);
+    }
+
+    /// Admitted requests not yet settled.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// An admitted request settled: answered, metered, no longer in flight.
+    #[allow(clippy::too_many_arguments)]
+    pub fn settled(
+        &self,
+        route: Route,
+        status: u16,
+        latency: Duration,
+        ttfb: Option<Duration>,
+        model: &str,
+        upstream: Option<usize>,
+        usage: &Usage,
+        cost: Pico,
+        estimated: bool,
+    ) {
+        self.in_flight.fetch_sub(1, Relaxed);
+        self.answered(route, status, latency, ttfb);
+        self.metered(model, upstream, usage, cost, estimated);
+    }
+
     /// A request answered (by the upstream or by the gateway).
     pub fn answered(&self, route: Route, status: u16, latency: Duration, ttfb: Option<Duration>) {
-        let r = ROUTES.iter().position(|x| *x == route).unwrap_or(4);
+        let r = ROUTES
+            .iter()
+            .position(|x| *x == route)
+            .unwrap_or(ROUTES.len() - 1);
         let class = ((status / 100).clamp(1, 5) - 1) as usize;
         self.requests[r][class].fetch_add(1, Relaxed);
         self.latency.observe(latency);
@@ -141,7 +179,7 @@ impl Metrics {
     }
 
     /// Tokens and cost of a settled request.
-    pub fn metered(
+    fn metered(
         &self,
         model: &str,
         upstream: Option<usize>,
@@ -149,7 +187,6 @@ impl Metrics {
         cost: Pico,
         estimated: bool,
     ) {
-        self.in_flight.fetch_sub(1, Relaxed);
         if let Some(u) = upstream.and_then(|i| self.upstreams.get(i)) {
             u.requests.fetch_add(1, Relaxed);
         }
@@ -187,7 +224,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, app: &App) -> String {
+    pub fn render(&self, keys_cached: usize, s: &StoreStats) -> String {
         let mut out = String::with_capacity(8192);
         out.push_str("# HELP tollgate_requests_total Requests answered, by route and status class.\n# TYPE tollgate_requests_total counter\n");
         for (r, route) in ROUTES.iter().enumerate() {
@@ -303,16 +340,15 @@ impl Metrics {
         ];
         for (family, help, value) in families {
             let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} counter");
-            for (u, c) in app.routing.upstreams.iter().zip(&self.upstreams) {
+            for (name, c) in self.upstream_names.iter().zip(&self.upstreams) {
                 let _ = writeln!(
                     out,
                     "{family}{{upstream=\"{}\"}} {}",
-                    escape(&u.name),
+                    escape(name),
                     value(c)
                 );
             }
         }
-        let s = app.store.stats();
         out.push_str("# HELP tollgate_store_queue_depth Writes queued for the store thread.\n# TYPE tollgate_store_queue_depth gauge\n");
         let _ = writeln!(out, "tollgate_store_queue_depth {}", s.queue_depth);
         out.push_str("# HELP tollgate_store_batches_total Batches committed by the store thread.\n# TYPE tollgate_store_batches_total counter\n");
@@ -333,7 +369,7 @@ impl Metrics {
         out.push_str(
             "# HELP tollgate_keys_cached Keys held in memory.\n# TYPE tollgate_keys_cached gauge\n",
         );
-        let _ = writeln!(out, "tollgate_keys_cached {}", app.gate.cached());
+        let _ = writeln!(out, "tollgate_keys_cached {}", keys_cached);
         out.push_str(
             "# HELP tollgate_keys_stored Keys in the store.\n# TYPE tollgate_keys_stored gauge\n",
         );

@@ -23,7 +23,7 @@ use crate::config::{Config, RuntimeMode};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
 use crate::mock::{MockOptions, MockUpstream};
-use crate::proxy::{Pool, Routing};
+use crate::proxy::{Proxy, Routing};
 use crate::server::{self, Listener};
 use crate::store::Store;
 
@@ -70,7 +70,8 @@ impl Gateway {
             mock_urls.insert(up.name.clone(), mock.base_url());
             mocks.push(mock);
         }
-        let routing = Routing::build(&config, &mock_urls)?;
+        let routing = Arc::new(Routing::build(&config, &mock_urls)?);
+        demo_banner(&routing);
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
         let store = Store::open(&config.storage.path, config.storage.flush_ms).map_err(|e| {
@@ -93,7 +94,7 @@ impl Gateway {
             config.limits.unknown_key_per_minute,
             config.limits.admin_failures_per_minute,
         );
-        let metrics = Metrics::new(routing.upstreams.len());
+        let metrics = Metrics::new(routing.upstream_names());
         let workers = config.runtime.worker_count();
         let mode = config.runtime.mode;
         let pin = config.runtime.pin_cores;
@@ -106,7 +107,6 @@ impl Gateway {
             store,
             clock: opts.clock,
             admin_token,
-            routing,
             metrics,
             ready: AtomicBool::new(false),
         });
@@ -133,6 +133,7 @@ impl Gateway {
                 };
                 for (i, socket) in sockets.into_iter().enumerate() {
                     let app = app.clone();
+                    let routing = routing.clone();
                     let rx = rx.clone();
                     let tls = tls.clone();
                     let connections = connections.clone();
@@ -158,8 +159,8 @@ impl Gateway {
                                 if i == 0 {
                                     tokio::spawn(sweeper(app.clone(), rx.clone(), sweep_every, retention_days));
                                 }
-                                let pool = Arc::new(Pool::new(&app.routing));
-                                server::run(app, pool, Listener { listener, tls, connections }, rx).await;
+                                let proxy = Arc::new(Proxy::new(routing.clone()));
+                                server::run(app, proxy, Listener { listener, tls, connections }, rx).await;
                             });
                         })
                         .map_err(|e| format!("starting worker {i}: {e}"))?;
@@ -171,6 +172,7 @@ impl Gateway {
                     server::bind(listen, false).map_err(|e| format!("binding {listen}: {e}"))?;
                 addr = socket.local_addr().map_err(|e| e.to_string())?;
                 let app = app.clone();
+                let routing = routing.clone();
                 let rx = rx.clone();
                 let t = std::thread::Builder::new()
                     .name("tollgate-shared".to_owned())
@@ -195,10 +197,10 @@ impl Gateway {
                                 sweep_every,
                                 retention_days,
                             ));
-                            let pool = Arc::new(Pool::new(&app.routing));
+                            let proxy = Arc::new(Proxy::new(routing.clone()));
                             server::run(
                                 app,
-                                pool,
+                                proxy,
                                 Listener {
                                     listener,
                                     tls,
@@ -285,6 +287,19 @@ async fn sweeper(
 
 /// The admin token: from the configured env var, else the one saved under
 /// the storage path, else a new one, saved (mode 0600) and printed once.
+/// Says loudly when an upstream is served by the built-in mock only because
+/// its key is missing: the gateway is in demo mode and charges nothing for
+/// those answers.
+fn demo_banner(routing: &Routing) {
+    for u in routing.upstreams.iter().filter(|u| u.demo) {
+        tracing::warn!(
+            upstream = %u.name,
+            "DEMO MODE: upstream {} is served by the built-in mock because its API key is not set; its answers are marked and never charged",
+            u.name
+        );
+    }
+}
+
 fn admin_token(config: &Config) -> Result<String, String> {
     if let Ok(t) = std::env::var(&config.admin.token_env)
         && !t.is_empty()

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::error::ApiError;
-use crate::proxy::{self, Pool, X_REQUEST_ID};
+use crate::proxy::{self, Proxy, X_REQUEST_ID};
 use crate::{Body, full_body};
 
 /// What one accept loop needs.
@@ -33,7 +33,12 @@ pub struct Listener {
 
 /// Serves connections until `shutdown` turns true, then drains in-flight
 /// requests for up to `server.shutdown_grace`.
-pub async fn run(app: Arc<App>, pool: Arc<Pool>, l: Listener, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    app: Arc<App>,
+    proxy: Arc<Proxy>,
+    l: Listener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let cfg = &app.config.server;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -74,7 +79,7 @@ pub async fn run(app: Arc<App>, pool: Arc<Pool>, l: Listener, mut shutdown: watc
         let _ = stream.set_nodelay(true);
         let conn_guard = ConnGuard(l.connections.clone());
         let app = app.clone();
-        let pool = pool.clone();
+        let proxy = proxy.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = l.tls.clone();
@@ -91,8 +96,8 @@ pub async fn run(app: Arc<App>, pool: Arc<Pool>, l: Listener, mut shutdown: watc
             let svc = service_fn(move |req| {
                 first.store(true, Ordering::Relaxed);
                 let app = app.clone();
-                let pool = pool.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&app, &pool, req, ip).await) }
+                let proxy = proxy.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(&app, &proxy, req, ip).await) }
             });
             let serve = async move {
                 match tls {
@@ -147,12 +152,17 @@ impl Drop for ConnGuard {
 /// Sends a request to its handler. A panic in a handler becomes a 500 for
 /// this request only; the guards it held (permit, reservation) are released
 /// while unwinding.
-async fn route(app: &Arc<App>, pool: &Pool, req: Request<Incoming>, ip: IpAddr) -> Response<Body> {
+async fn route(
+    app: &Arc<App>,
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    ip: IpAddr,
+) -> Response<Body> {
     let request_id = proxy::request_id(req.headers());
     let fut = async {
         let path = req.uri().path();
         if path == "/v1" || path.starts_with("/v1/") {
-            proxy::handle(app, pool, req, ip, &request_id).await
+            proxy::handle(app, proxy, req, ip, &request_id).await
         } else if path.starts_with("/api/") {
             crate::api::handle(app, req, ip).await
         } else {
@@ -193,7 +203,7 @@ fn ops(app: &App, req: &Request<Incoming>) -> Response<Body> {
         "/metrics" => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            app.metrics.render(app),
+            app.metrics.render(app.gate.cached(), &app.store.stats()),
         ),
         _ => ApiError::not_found(format!(
             "Unknown path {}.",
@@ -257,4 +267,40 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tcp
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     Ok(sock.into())
+}
+
+/// Reads a request body up to `max` bytes: 413 past it (refused early when
+/// `content-length` already says so), 400 on a `content-length` that is
+/// not a number or a body that breaks off. The one body reader of the
+/// crate (proxy and API).
+pub async fn read_body<B>(
+    headers: &http::HeaderMap,
+    body: B,
+    max: usize,
+) -> Result<bytes::Bytes, ApiError>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    use http_body_util::{BodyExt, Limited};
+    if let Some(len) = headers.get(http::header::CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_header", "Content-Length is not a number.")
+            })?;
+        if len > max as u64 {
+            return Err(ApiError::body_too_large(max));
+        }
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::body_too_large(max)),
+        Err(e) => Err(ApiError::bad_request(
+            "body_read_failed",
+            format!("Could not read the request body: {e}"),
+        )),
+    }
 }

@@ -113,7 +113,9 @@ async fn streamed_bytes_are_exactly_the_upstreams(mode: RuntimeMode) {
         Duration::from_millis(1),
     )
     .await;
-    let gw = TestGateway::start_mode(mode, "", |c| c.upstreams[0].base_url = Some(up.base_url()));
+    let gw = TestGateway::start_mode(mode, "", |c| {
+        c.upstreams[0].base_url = Some(tollgate::config::BaseUrl::parse(&up.base_url()).unwrap())
+    });
     let key = gw.open_key().await;
     // The client asked for usage itself: it gets every byte unchanged.
     let mut body = chat("demo-chat", true);
@@ -156,7 +158,9 @@ async fn streamed_bytes_are_exactly_the_upstreams(mode: RuntimeMode) {
 async fn first_chunk_arrives_before_the_upstream_finishes(mode: RuntimeMode) {
     let frames = sse_frames();
     let up = ScriptedUpstream::start("text/event-stream", frames, Duration::from_millis(150)).await;
-    let gw = TestGateway::start_mode(mode, "", |c| c.upstreams[0].base_url = Some(up.base_url()));
+    let gw = TestGateway::start_mode(mode, "", |c| {
+        c.upstreams[0].base_url = Some(tollgate::config::BaseUrl::parse(&up.base_url()).unwrap())
+    });
     let key = gw.open_key().await;
     let mut body = chat("demo-chat", true);
     body["stream_options"] = json!({"include_usage": true});
@@ -198,7 +202,9 @@ async fn json_bytes_are_exactly_the_upstreams(mode: RuntimeMode) {
         answer.slice(100..),
     ];
     let up = ScriptedUpstream::start("application/json", frames, Duration::from_millis(1)).await;
-    let gw = TestGateway::start_mode(mode, "", |c| c.upstreams[0].base_url = Some(up.base_url()));
+    let gw = TestGateway::start_mode(mode, "", |c| {
+        c.upstreams[0].base_url = Some(tollgate::config::BaseUrl::parse(&up.base_url()).unwrap())
+    });
     let key = gw.open_key().await;
     let (status, _, got) = send_raw(request(
         "POST",
@@ -252,10 +258,11 @@ async fn every_route_proxies(mode: RuntimeMode) {
     .await;
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&body).contains("response.completed"));
-    // Any other /v1 path is passed through (the mock answers 404 for it).
+    // Any other /v1 path is refused unless a [routes] rule allows it.
+    let seen = gw.mock.request_count();
     let (s, _, v) = send("GET", &gw.url("/v1/files?purpose=x"), &h, None).await;
-    assert_eq!(s, 404, "{v}");
-    assert_eq!(gw.mock.requests().last().unwrap().path, "/v1/files");
+    assert_error(s, &v, 404, "route_not_allowed");
+    assert_eq!(gw.mock.request_count(), seen, "nothing went upstream");
 }
 
 async fn models_list_is_the_configured_union(mode: RuntimeMode) {
@@ -360,7 +367,7 @@ async fn failover_before_first_byte(mode: RuntimeMode) {
     let gw = TestGateway::start_mode(mode, "", move |c| {
         let mut first = c.upstreams[0].clone();
         first.name = "bad".into();
-        first.base_url = Some(bad_url);
+        first.base_url = Some(tollgate::config::BaseUrl::parse(&bad_url).unwrap());
         first.weight = 1000;
         c.upstreams.insert(0, first);
         c.proxy.failure_threshold = 100;
@@ -404,7 +411,7 @@ async fn passive_health_skips_a_failing_upstream(mode: RuntimeMode) {
     let gw = TestGateway::start_mode(mode, "", move |c| {
         let mut first = c.upstreams[0].clone();
         first.name = "bad".into();
-        first.base_url = Some(bad_url);
+        first.base_url = Some(tollgate::config::BaseUrl::parse(&bad_url).unwrap());
         first.weight = 1000;
         c.upstreams.insert(0, first);
         c.proxy.failure_threshold = 2;
@@ -432,7 +439,9 @@ async fn unreachable_and_hanging_upstreams(mode: RuntimeMode) {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!("http://{}/v1", dead.local_addr().unwrap());
     drop(dead);
-    let gw = TestGateway::start_mode(mode, "", move |c| c.upstreams[0].base_url = Some(dead_url));
+    let gw = TestGateway::start_mode(mode, "", move |c| {
+        c.upstreams[0].base_url = Some(tollgate::config::BaseUrl::parse(&dead_url).unwrap())
+    });
     let key = gw.open_key().await;
     let (s, _, v) = send(
         "POST",

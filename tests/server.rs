@@ -399,7 +399,10 @@ async fn upstream_over_https_negotiates_h2(mode: RuntimeMode) {
     let (addr, task) = version_echo_upstream(pki.server.clone()).await;
     let ca = pki.ca_file.clone();
     let gw = TestGateway::start_mode(mode, "", move |c| {
-        c.upstreams[0].base_url = Some(format!("https://localhost:{}/v1", addr.port()));
+        c.upstreams[0].base_url = Some(
+            tollgate::config::BaseUrl::parse(&format!("https://localhost:{}/v1", addr.port()))
+                .unwrap(),
+        );
         c.upstreams[0].ca_file = Some(ca);
     });
     let key = gw.open_key().await;

@@ -271,15 +271,7 @@ async fn credit(gw: &TestGateway, hash: &str, kind: &str, amount: &str) {
 /// Waits until nothing is in flight, then until the store has everything.
 async fn settle(gw: &TestGateway) {
     let app = gw.app().clone();
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            app.metrics
-                .in_flight
-                .load(std::sync::atomic::Ordering::Relaxed)
-                == 0
-        })
-        .await
-    );
+    assert!(eventually(Duration::from_secs(5), || { app.metrics.in_flight() == 0 }).await);
     gw.flush().await;
 }
 

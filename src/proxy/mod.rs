@@ -1,0 +1,511 @@
+//! The proxy path: one function per phase over one request context
+//! ([`Call`]). Read top to bottom, [`Call::run`] is the whole story of a
+//! request:
+//!
+//! ```text
+//! authenticate → classify → admit → limit → inspect → reserve → forward → stream back → settle
+//! ```
+//!
+//! Each phase returns early with an `ApiError`. Everything an admitted
+//! request holds (concurrency permit, request count, reservation) lives in
+//! a [`Settlement`](settle::Settlement) from the reserve phase on: it runs
+//! exactly once — at the end of the stream, on an upstream error, or when
+//! the response body is dropped because the client went away — and it is
+//! the one place that charges, records and counts a request in the
+//! metrics. A request refused before it is counted by [`Call::refused`].
+
+mod body;
+mod headers;
+pub mod routing;
+mod settle;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use crate::Body;
+use crate::app::App;
+use crate::config::OnInsufficient;
+use crate::error::ApiError;
+use crate::gate::{Ask, LiveKey, Permit, Policy};
+use crate::meter::{Framing, Meter, RequestInfo, Rewrite, Route};
+use body::MeteredBody;
+pub use headers::X_REQUEST_ID;
+use routing::{Destination, Pricing};
+pub use routing::{Proxy, Routing, fast_random};
+use settle::{Admitted, Reach, Settlement};
+
+/// Proxies one `/v1/*` request.
+pub async fn handle(
+    app: &Arc<App>,
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    client_ip: IpAddr,
+    request_id: &HeaderValue,
+) -> Response<Body> {
+    let mut call = Call {
+        app,
+        proxy,
+        request_id,
+        client_ip,
+        started: Instant::now(),
+        // The metrics label of a request refused before `classify`.
+        route: Route::from_path(req.uri().path()),
+        settlement: None,
+    };
+    match call.run(req).await {
+        Ok(res) => res,
+        Err(e) => call.refused(e),
+    }
+}
+
+/// One request on its way through the phases.
+struct Call<'a> {
+    app: &'a Arc<App>,
+    /// This worker's routing and upstream clients.
+    proxy: &'a Proxy,
+    request_id: &'a HeaderValue,
+    /// The client's address (after `trusted_proxies`).
+    client_ip: IpAddr,
+    started: Instant,
+    /// The API the path speaks, once classified (metrics label).
+    route: Route,
+    /// From the reserve phase on: the request's one exit.
+    settlement: Option<Settlement>,
+}
+
+/// The inspected request: what reservation and forwarding need.
+struct Inspected {
+    info: RequestInfo,
+    body: Bytes,
+    dest: Destination,
+}
+
+impl Call<'_> {
+    async fn run(&mut self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let key = self.authenticate(req.headers())?;
+        let path = self.classify(&req)?;
+        let now_ms = self.app.clock.now_ms();
+        let device = req
+            .headers()
+            .get("x-device-id")
+            .and_then(|v| v.to_str().ok());
+        let ask = Ask {
+            now_ms,
+            model: None,
+            client_ip: self.client_ip,
+            device,
+        };
+        let policy = self.admit(&key, &ask)?;
+        if self.route == Route::Models && req.method() == Method::GET {
+            return Ok(self.list_models(&policy));
+        }
+        let permit = self.limit(&key, &policy, now_ms)?;
+        let (parts, body) = req.into_parts();
+        let inspected = self.inspect(&parts.headers, body, &path, &policy).await?;
+        let upstream_body = self.reserve(permit, &policy, &inspected)?;
+        let (upstream, answer) = self
+            .forward(&parts, &path, upstream_body, &inspected)
+            .await?;
+        Ok(self.stream_back(upstream, answer, &inspected))
+    }
+
+    /// Phase 1: the key (memory; sled only on a cache miss).
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<LiveKey>, ApiError> {
+        self.app.gate.authenticate(headers, self.client_ip)
+    }
+
+    /// Phase 2: which API the path speaks, on its canonical form — the one
+    /// forwarded. Unknown routes are refused before anything goes upstream
+    /// (by routing, in `inspect`, unless a `[routes]` rule allows them).
+    fn classify(&mut self, req: &Request<Incoming>) -> Result<String, ApiError> {
+        let path = req.uri().path();
+        self.route = Route::from_path(path);
+        let mut forwarded = path.to_owned();
+        if let Some(q) = req.uri().query() {
+            forwarded.push('?');
+            forwarded.push_str(q);
+        }
+        Ok(forwarded)
+    }
+
+    /// Phase 3: status, expiry, request cap, IP and device rules (the model
+    /// is checked once the body is read).
+    fn admit(&self, key: &LiveKey, ask: &Ask<'_>) -> Result<Arc<Policy>, ApiError> {
+        self.app.gate.admit(key, ask)
+    }
+
+    /// Phase 4: rpm, concurrency and the request count, before the body is
+    /// read: a refused request costs no buffering.
+    fn limit(&self, key: &Arc<LiveKey>, policy: &Policy, now_ms: i64) -> Result<Permit, ApiError> {
+        self.app.gate.limit(key, policy, now_ms)
+    }
+
+    /// Phase 5: read the body (bounded), measure it, check its models
+    /// against the key's allowlist, and decide where it goes and what it
+    /// costs.
+    async fn inspect(
+        &self,
+        headers: &HeaderMap,
+        body: Incoming,
+        path: &str,
+        policy: &Policy,
+    ) -> Result<Inspected, ApiError> {
+        let body =
+            crate::server::read_body(headers, body, self.app.config.server.max_body_bytes).await?;
+        // Other routes may carry multipart (audio uploads): only JSON is read.
+        let json_body = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|ct| {
+                ct.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            });
+        let info = if self.route == Route::Other && (body.is_empty() || !json_body) {
+            RequestInfo::default()
+        } else {
+            crate::meter::inspect(self.route, &body)?
+        };
+        let models: Vec<&str> = info.model.as_deref().into_iter().collect();
+        for m in &models {
+            policy.check_model(m)?;
+        }
+        let path_only = path.split_once('?').map_or(path, |(p, _)| p);
+        let dest = self.proxy.routing.route(self.route, path_only, &models)?;
+        Ok(Inspected { info, body, dest })
+    }
+
+    /// Phase 6: take an upper bound of the cost from the key's credit, then
+    /// write the body that goes upstream (usage injected for streams,
+    /// `max_tokens` set to what was reserved). From here the request has a
+    /// settlement.
+    fn reserve(
+        &mut self,
+        permit: Permit,
+        policy: &Policy,
+        req: &Inspected,
+    ) -> Result<Bytes, ApiError> {
+        let info = &req.info;
+        let produces_tokens = self.route.produces_tokens();
+        let model_max = req.dest.max_output_tokens;
+        let completion_bound = if produces_tokens {
+            info.max_tokens.unwrap_or(model_max).min(model_max)
+        } else {
+            0
+        };
+        let cap = self.app.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
+        let prompt_bound = info.prompt_token_bound();
+        // `n` answers of up to `completion_bound` tokens each.
+        let choices = u64::from(info.choices.max(1));
+        let key = permit.key().clone();
+        let reserved = match req.dest.pricing {
+            Pricing::Tokens(price) => self.app.gate.reserve(
+                &key,
+                policy,
+                completion_bound,
+                cap,
+                |c| price.upper_bound(prompt_bound, c.saturating_mul(choices)),
+                |budget| price.affordable_completion(budget, prompt_bound) / choices,
+            )?,
+            Pricing::Flat(flat) => {
+                self.app
+                    .gate
+                    .reserve(&key, policy, 0, false, |_| flat, |_| 0)?
+            }
+        };
+        if let Some(fee) = reserved.daily_fee {
+            persist_daily_fee(self.app, key.hash, fee);
+        }
+        let completion_bound = reserved.capped_max_tokens.unwrap_or(completion_bound);
+        let inject_usage = info.stream && self.route.usage_on_request() && !info.include_usage;
+        let rewrite = Rewrite {
+            include_usage: inject_usage,
+            max_tokens: (produces_tokens && info.max_tokens != Some(completion_bound))
+                .then_some(completion_bound),
+        };
+        // A body that cannot be rewritten drops the reservation unsettled:
+        // nothing is charged or counted.
+        let upstream_body = crate::meter::rewrite(self.route, &req.body, &rewrite)?;
+        self.settlement = Some(Settlement::new(
+            self.app,
+            &self.proxy.routing,
+            Admitted {
+                permit,
+                reservation: reserved.reservation,
+                pricing: req.dest.pricing,
+                prompt_estimate: prompt_bound,
+                completion_bound: completion_bound.saturating_mul(choices),
+                route: self.route,
+                model: info.model.clone().unwrap_or_default(),
+                stream: info.stream,
+            },
+            self.started,
+            self.request_id,
+            self.client_ip,
+        ));
+        Ok(upstream_body)
+    }
+
+    /// Phase 7: send to the candidates in turn. Another upstream is tried
+    /// only when this one provably did not take the request: it could not
+    /// be reached, or it answered 429/5xx. Once the body may have gone (a
+    /// reset after connecting, a first-byte timeout), trying again would
+    /// make a second upstream do — and bill — the same work.
+    async fn forward(
+        &mut self,
+        parts: &http::request::Parts,
+        path: &str,
+        body: Bytes,
+        req: &Inspected,
+    ) -> Result<(usize, Response<Incoming>), ApiError> {
+        let app = self.app;
+        let routing = &self.proxy.routing;
+        let order = routing.candidates(&req.dest.group, app.clock.now_ms());
+        if order.is_empty() {
+            return Err(ApiError::upstream(
+                StatusCode::BAD_GATEWAY,
+                "No upstream serves this request.",
+            ));
+        }
+        let suffix = path.strip_prefix("/v1").unwrap_or(path);
+        let headers = headers::upstream_request(&parts.headers, self.request_id);
+        let settlement = self.settlement.as_mut().expect("reserve made it");
+        let mut last_err = None;
+        for (attempt, &i) in order.iter().enumerate() {
+            let up = &routing.upstreams[i];
+            let uri = format!("{}{}{}", up.origin, up.base_path, suffix);
+            let mut upstream_req = Request::new(Full::new(body.clone()));
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() = uri.parse().map_err(|_| {
+                ApiError::bad_request("invalid_path", "The request path cannot be forwarded.")
+            })?;
+            *upstream_req.headers_mut() = headers.clone();
+            if let Some(auth) = &up.auth {
+                upstream_req
+                    .headers_mut()
+                    .insert(header::AUTHORIZATION, auth.clone());
+            }
+            let last = attempt + 1 == order.len();
+            settlement.upstream = Some(i);
+            settlement.reach = Reach::Sent;
+            let outcome = tokio::time::timeout(
+                up.first_byte_timeout,
+                self.proxy.clients[i].request(upstream_req),
+            )
+            .await;
+            let err = match outcome {
+                Ok(Ok(res)) => {
+                    let s = res.status();
+                    if (s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS) && !last {
+                        routing.failed(i, app.clock.now_ms());
+                        app.metrics.upstream_failed(i, true);
+                        tracing::warn!(upstream = %up.name, status = s.as_u16(), "upstream failed; trying the next one");
+                        continue;
+                    }
+                    if s.is_server_error() {
+                        routing.failed(i, app.clock.now_ms());
+                        app.metrics.upstream_failed(i, false);
+                    } else {
+                        routing.succeeded(i);
+                    }
+                    settlement.reach = Reach::Answered(s.as_u16());
+                    return Ok((i, res));
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    // Never reached: nothing to charge, safe to try another.
+                    settlement.reach = Reach::NotSent;
+                    settlement.upstream = None;
+                    tracing::warn!(upstream = %up.name, error = %e, "upstream could not be reached");
+                    routing.failed(i, app.clock.now_ms());
+                    app.metrics.upstream_failed(i, !last);
+                    last_err = Some(ApiError::upstream(
+                        StatusCode::BAD_GATEWAY,
+                        format!("Upstream {} could not be reached.", up.name),
+                    ));
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(upstream = %up.name, error = %e, "upstream request failed");
+                    ApiError::upstream(
+                        StatusCode::BAD_GATEWAY,
+                        format!("Upstream {} failed before answering.", up.name),
+                    )
+                }
+                Err(_) => {
+                    tracing::warn!(upstream = %up.name, "upstream timed out before answering");
+                    ApiError::upstream(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("Upstream {} did not answer in time.", up.name),
+                    )
+                }
+            };
+            // The upstream may have taken the body: no other attempt.
+            routing.failed(i, app.clock.now_ms());
+            app.metrics.upstream_failed(i, false);
+            return Err(err);
+        }
+        Err(last_err.unwrap_or_else(|| {
+            ApiError::upstream(StatusCode::BAD_GATEWAY, "No upstream answered.")
+        }))
+    }
+
+    /// Phase 8: the answer goes back through the meter, frame by frame; the
+    /// settlement moves into the body, which settles when it ends.
+    fn stream_back(
+        &mut self,
+        upstream: usize,
+        answer: Response<Incoming>,
+        req: &Inspected,
+    ) -> Response<Body> {
+        let settlement = self.settlement.take().expect("reserve made it");
+        let (mut head, incoming) = answer.into_parts();
+        headers::clean_answer(&mut head.headers);
+        let framing = Framing::from_content_type(
+            head.headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let info = &req.info;
+        let inject_usage = info.stream && self.route.usage_on_request() && !info.include_usage;
+        if inject_usage {
+            // The withheld usage event changes the length.
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
+        head.headers
+            .insert(X_REQUEST_ID.clone(), self.request_id.clone());
+        let up = &self.proxy.routing.upstreams[upstream];
+        if up.demo {
+            head.headers.insert(
+                "x-tollgate-demo",
+                HeaderValue::from_static("mock upstream, not charged"),
+            );
+        }
+        settlement.permit().rate.write_headers(&mut head.headers);
+        let metered = MeteredBody::new(
+            incoming,
+            Meter::new(self.route, framing, inject_usage),
+            inject_usage,
+            settlement,
+            up.stream_idle_timeout,
+        );
+        Response::from_parts(head, BodyExt::boxed_unsync(metered))
+    }
+
+    /// A refusal or failure: the settlement records it when the request was
+    /// admitted (once), the metrics count it otherwise.
+    fn refused(&mut self, e: ApiError) -> Response<Body> {
+        match self.settlement.take() {
+            Some(mut s) => {
+                s.failed_status = Some(e.status.as_u16());
+                s.finish(None, 0);
+            }
+            None => {
+                self.app.metrics.rejected(&e);
+                self.app.metrics.answered(
+                    self.route,
+                    e.status.as_u16(),
+                    self.started.elapsed(),
+                    None,
+                );
+            }
+        }
+        e.into_response()
+    }
+
+    fn list_models(&self, policy: &Policy) -> Response<Body> {
+        let data: Vec<serde_json::Value> = self
+            .proxy
+            .routing
+            .model_names()
+            .into_iter()
+            .filter(|m| policy.allows_model(m))
+            .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
+            .collect();
+        let res = json_response(
+            StatusCode::OK,
+            &serde_json::json!({"object": "list", "data": data}),
+        );
+        self.app
+            .metrics
+            .answered(self.route, 200, self.started.elapsed(), None);
+        res
+    }
+}
+
+pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut res = Response::new(crate::full_body(
+        serde_json::to_vec(v).expect("a Value always serializes"),
+    ));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res
+}
+
+fn persist_daily_fee(app: &Arc<App>, hash: crate::store::KeyHash, fee: crate::money::Pico) {
+    let store = app.store.clone();
+    let at_ms = app.clock.now_ms();
+    tokio::spawn(async move {
+        let op = crate::store::CreditOp {
+            kind: crate::store::LedgerKind::DailyFee,
+            amount: fee,
+            reason: "daily fee".to_owned(),
+            idempotency_key: Some(format!(
+                "daily-fee-{}",
+                at_ms.div_euclid(crate::clock::DAY_MS)
+            )),
+            at_ms,
+        };
+        if let Err(e) = store.credit(hash, op).await {
+            tracing::error!(error = %e, "could not record a daily fee");
+        }
+    });
+}
+
+/// The client's `x-request-id` when it is sane, else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID)
+        && !v.is_empty()
+        && v.len() <= 128
+        && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return v.clone();
+    }
+    let id = format!("req_{:016x}{:08x}", fast_random(), fast_random() as u32);
+    HeaderValue::from_str(&id).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Origin;
+
+    #[test]
+    fn request_ids() {
+        let mut h = HeaderMap::new();
+        let a = request_id(&h);
+        assert!(a.to_str().unwrap().starts_with("req_"));
+        assert_ne!(a, request_id(&h));
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+    }
+
+    #[test]
+    fn origin_is_upstream_for_upstream_errors() {
+        assert_eq!(
+            ApiError::upstream(StatusCode::BAD_GATEWAY, "x").origin,
+            Origin::Upstream
+        );
+    }
+}
