@@ -107,7 +107,7 @@ fn mock_upstream(listen: std::net::SocketAddr, chunks: usize, chunk_delay_ms: u6
         .enable_all()
         .build()
         .expect("a runtime builds");
-    let opts = tollgate::mock::MockOptions {
+    let opts = tollgate_mock::MockOptions {
         chunks,
         chunk_delay: std::time::Duration::from_millis(chunk_delay_ms),
         ..Default::default()
@@ -118,7 +118,7 @@ fn mock_upstream(listen: std::net::SocketAddr, chunks: usize, chunk_delay_ms: u6
             "mock upstream listening on http://{}/v1",
             listener.local_addr()?
         );
-        tollgate::mock::run(listener, opts, signal()).await
+        tollgate_mock::run(listener, opts, signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

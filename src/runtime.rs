@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::config::{Config, RuntimeMode};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
-use crate::mock::{MockOptions, MockUpstream};
+use tollgate_mock::{MockOptions, MockUpstream};
 use crate::proxy::{Pool, Routing};
 use crate::server::{self, Listener};
 use crate::store::Store;

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tollgate::config::Config;
-use tollgate::mock::{MockOptions, MockUpstream};
+use tollgate_mock::{MockOptions, MockUpstream};
 use tollgate::runtime::{Gateway, StartOptions};
 use tollgate::store::KeyHash;
 

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use tollgate::clock::Clock;
 use tollgate::config::{Config, RuntimeMode};
-use tollgate::mock::{MockOptions, MockUpstream};
+use tollgate_mock::{MockOptions, MockUpstream};
 use tollgate::runtime::{Gateway, StartOptions};
 
 pub const ADMIN: &str = "test-admin-token-0123456789";
