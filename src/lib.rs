@@ -24,8 +24,9 @@
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.
-//! `unsafe_code = "forbid"` and the clippy policy are in the workspace's
-//! `[workspace.lints]` (Cargo.toml).
+//! The lint policy (clippy's included) is the workspace's `[workspace.lints]`
+//! in Cargo.toml; the library's own code forbids `unsafe` outright.
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod app;

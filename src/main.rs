@@ -1,4 +1,5 @@
 //! The `tollgate` binary: parse the command line, load the config, run.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -21,12 +21,20 @@ pub(crate) enum Api {
 }
 
 impl Api {
-    /// Anthropic for `/v1/messages` and below, OpenAI for the rest.
-    pub(crate) fn of(path: &str) -> Api {
-        match path.strip_prefix("/v1/messages") {
-            Some("") => Api::Anthropic,
-            Some(rest) if rest.starts_with('/') => Api::Anthropic,
-            _ => Api::OpenAi,
+    /// Anthropic for `/v1/messages` and below, and for `/v1/models` asked
+    /// with `anthropic-version` (the Anthropic SDK's `models.list`); OpenAI
+    /// for the rest.
+    pub(crate) fn of(path: &str, headers: &HeaderMap) -> Api {
+        let under = |prefix: &str| {
+            path.strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        if under("/v1/messages")
+            || (under("/v1/models") && headers.contains_key("anthropic-version"))
+        {
+            Api::Anthropic
+        } else {
+            Api::OpenAi
         }
     }
 }

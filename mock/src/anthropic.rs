@@ -82,7 +82,10 @@ fn block_bytes(content: Option<&Value>) -> usize {
             .iter()
             .map(|block| match block.get("type").and_then(Value::as_str) {
                 Some("tool_result") => content_bytes(block.get("content")),
-                _ => block.get("text").and_then(Value::as_str).map_or(0, str::len),
+                _ => block
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .map_or(0, str::len),
             })
             .sum(),
         other => content_bytes(other),
@@ -171,7 +174,11 @@ fn stop_reason(plan: &Plan) -> &'static str {
 }
 
 /// `POST /v1/messages`.
-pub(crate) fn messages(seq: u64, request: &Map<String, Value>, knobs: &Knobs) -> Result<Reply, ApiError> {
+pub(crate) fn messages(
+    seq: u64,
+    request: &Map<String, Value>,
+    knobs: &Knobs,
+) -> Result<Reply, ApiError> {
     let model = model_name(request)?;
     let max = required_max_tokens(request)?;
     let prompt = prompt_tokens(request)?;
@@ -228,9 +235,19 @@ pub(crate) fn messages(seq: u64, request: &Map<String, Value>, knobs: &Knobs) ->
     ))
 }
 
-/// `event: NAME\ndata: JSON\n\n`, with `type` first as Anthropic writes it.
+/// `event: NAME\ndata: {"type":NAME,…payload}\n\n`, with `type` first as
+/// Anthropic writes it (the payload's own `type`, if any, is dropped).
 fn event(name: &str, payload: &Value) -> Bytes {
-    Bytes::from(format!("event: {name}\ndata: {payload}\n\n"))
+    let mut payload = payload.clone();
+    if let Some(fields) = payload.as_object_mut() {
+        fields.remove("type");
+    }
+    let payload = payload.to_string();
+    let rest = payload.strip_prefix('{').unwrap_or(&payload);
+    let separator = if rest == "}" { "" } else { "," };
+    Bytes::from(format!(
+        "event: {name}\ndata: {{\"type\":\"{name}\"{separator}{rest}\n\n"
+    ))
 }
 
 /// The whole event sequence of a streamed answer, each event with the output
@@ -344,5 +361,7 @@ fn events(id: &str, model: &str, plan: &Plan, cache: &Cache) -> VecDeque<(Bytes,
 /// `POST /v1/messages/count_tokens`: the prompt's tokens, no work done.
 pub(crate) fn count_tokens(request: &Map<String, Value>) -> Result<Reply, ApiError> {
     model_name(request)?;
-    Ok(Reply::json(&json!({"input_tokens": prompt_tokens(request)?})))
+    Ok(Reply::json(
+        &json!({"input_tokens": prompt_tokens(request)?}),
+    ))
 }

@@ -145,7 +145,6 @@ pub(crate) fn status_fault(status: u16) -> ApiError {
     }
 }
 
-
 /// Anthropic's error `type` for a status.
 fn anthropic_type(status: StatusCode) -> &'static str {
     match status.as_u16() {

@@ -5,7 +5,6 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
-
 pub(crate) fn model_name(request: &Map<String, Value>) -> Result<&str, ApiError> {
     match request.get("model") {
         Some(Value::String(model)) if !model.is_empty() => Ok(model),

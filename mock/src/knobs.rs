@@ -158,4 +158,3 @@ pub(crate) enum CutHow {
     /// A stream sends its provider's error event and ends cleanly.
     Error,
 }
-

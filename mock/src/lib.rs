@@ -56,8 +56,10 @@
 //! `plan` (token budgets and answer words), `openai`, `responses`, `objects`
 //! (files, batches, stored responses, transcriptions), `anthropic`.
 
-mod anthropic;
+#![forbid(unsafe_code)]
+
 mod answer;
+mod anthropic;
 mod body;
 mod error;
 mod fault;

@@ -417,12 +417,22 @@ mod tests {
         );
         let parts = multipart(&headers, &body).expect("parses");
         assert_eq!(parts.len(), 2);
-        assert_eq!((parts[0].name.as_str(), &parts[0].data[..]), ("purpose", &b"batch"[..]));
+        assert_eq!(
+            (parts[0].name.as_str(), &parts[0].data[..]),
+            ("purpose", &b"batch"[..])
+        );
         assert_eq!(parts[1].filename.as_deref(), Some("in.jsonl"));
         assert_eq!(&parts[1].data[..], b"{\"a\":1}\r\n");
-        for bad in [&b"nothing"[..], b"--XyZ\r\nno head end", b"--XyZ\r\nA: b\r\n\r\nunclosed"] {
+        for bad in [
+            &b"nothing"[..],
+            b"--XyZ\r\nno head end",
+            b"--XyZ\r\nA: b\r\n\r\nunclosed",
+        ] {
             assert!(multipart(&headers, &Bytes::copy_from_slice(bad)).is_err());
         }
-        assert!(multipart(&HeaderMap::new(), &body).is_err(), "needs the content type");
+        assert!(
+            multipart(&HeaderMap::new(), &body).is_err(),
+            "needs the content type"
+        );
     }
 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use serde_json::{Map, Value, json};
 
-use crate::answer::{OPENAI_STREAM_ERROR, Reply};
+use crate::answer::{Api, OPENAI_STREAM_ERROR, Reply};
 use crate::body::Script;
 use crate::error::ApiError;
 use crate::fields::{flag, include_usage, max_tokens, model_name};
@@ -22,7 +22,7 @@ pub(crate) const FINGERPRINT: &str = "fp_tollgate_mock";
 /// `anthropic-version` (as the Anthropic SDK's `models.list` does).
 pub(crate) fn models(state: &State, headers: &HeaderMap) -> Reply {
     let models = &state.opts.models;
-    if headers.contains_key("anthropic-version") {
+    if Api::of("/v1/models", headers) == Api::Anthropic {
         let data: Vec<Value> = models
             .iter()
             .map(|id| {
@@ -59,8 +59,6 @@ pub(crate) fn model(state: &State, id: &str) -> Result<Reply, ApiError> {
 pub(crate) fn model_object(id: &str) -> Value {
     json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "tollgate-mock"})
 }
-
-
 
 pub(crate) type Answered = Result<Reply, ApiError>;
 
@@ -258,7 +256,6 @@ pub(crate) fn embedding(input: &Value, dimensions: usize) -> Vec<f32> {
     vector
 }
 
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ChunkShape {
     /// `chat.completion.chunk` with `delta`s; opens with a role-only chunk.
@@ -374,5 +371,3 @@ impl ChunkScript {
         Bytes::from(format!("{}{choice}]{}}}\n\n", self.head, self.usage_null))
     }
 }
-
-

@@ -55,7 +55,13 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// Reasoning is spent first, then visible tokens, both within `max`.
-    pub(crate) fn new(prompt: u64, max: Option<u64>, knobs: &Knobs, reasoning: u64, cached: u64) -> Plan {
+    pub(crate) fn new(
+        prompt: u64,
+        max: Option<u64>,
+        knobs: &Knobs,
+        reasoning: u64,
+        cached: u64,
+    ) -> Plan {
         let wanted = u64::try_from(knobs.chunks).unwrap_or(u64::MAX);
         let (reasoning_used, visible, truncated) = match max {
             None => (reasoning, wanted, false),
@@ -185,7 +191,6 @@ pub(crate) fn unix_now() -> u64 {
 pub(crate) fn json_string(text: &str) -> String {
     serde_json::to_string(text).expect("a str always serializes")
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -97,7 +97,6 @@ pub(crate) fn create(
     ))
 }
 
-
 /// What the objects of one Responses API answer share.
 struct ResponseShape<'a> {
     /// `resp_…`, unique per server and across servers.
@@ -319,4 +318,3 @@ pub(crate) fn sse_event(name: &str, sequence: u64, payload: &Value) -> Bytes {
         "event: {name}\ndata: {{\"type\":\"{name}\",\"sequence_number\":{sequence}{separator}{rest}\n\n"
     ))
 }
-

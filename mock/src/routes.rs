@@ -32,7 +32,7 @@ pub(crate) async fn handle(
     let seq = state.requests.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = req.into_parts();
     let path = normalise_path(parts.uri.path()).into_owned();
-    let api = Api::of(&path);
+    let api = Api::of(&path, &parts.headers);
     state.served.received(&path);
     let mut response = answer(&state, seq, &parts, &path, api, body).await;
     account_headers(api, seq, response.headers_mut());
@@ -159,17 +159,22 @@ fn dispatch(
         "embeddings" if post => openai::embeddings(&json()?),
         "responses" if post => responses::create(state, seq, &json()?, knobs),
         "models" if get => Ok(openai::models(state, &parts.headers)),
-        "audio/transcriptions" if post => {
-            objects::transcription(&parts.headers, body, knobs)
-        }
+        "audio/transcriptions" if post => objects::transcription(&parts.headers, body, knobs),
         "files" if get => Ok(objects::list_files(state)),
         "files" if post => objects::create_file(state, seq, &parts.headers, body),
         "batches" if get => Ok(objects::list_batches(state)),
         "batches" if post => objects::create_batch(state, seq, &json()?),
         "messages" if post => anthropic::messages(seq, &json()?, knobs),
         "messages/count_tokens" if post => anthropic::count_tokens(&json()?),
-        "chat/completions" | "completions" | "embeddings" | "responses" | "models"
-        | "audio/transcriptions" | "files" | "batches" | "messages"
+        "chat/completions"
+        | "completions"
+        | "embeddings"
+        | "responses"
+        | "models"
+        | "audio/transcriptions"
+        | "files"
+        | "batches"
+        | "messages"
         | "messages/count_tokens" => Err(not_allowed(method, path)),
         _ => {
             if let Some(id) = id_of("models") {

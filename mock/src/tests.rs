@@ -1,7 +1,6 @@
 //! The mock over the wire: each route's shape, the knobs, the faults, TLS,
 //! h2, the counters.
 
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1005,5 +1004,636 @@ mod wire {
             std::net::TcpStream::connect(addr).is_err(),
             "closed on drop"
         );
+    }
+
+    fn get(url: String, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+        let mut request = Request::get(url).body(Full::default()).expect("request");
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                http::HeaderName::from_bytes(name.as_bytes()).expect("valid name"),
+                HeaderValue::from_str(value).expect("valid value"),
+            );
+        }
+        request
+    }
+
+    fn raw_url(mock: &MockUpstream, path: &str) -> String {
+        format!("http://{}{path}", mock.addr())
+    }
+
+    #[tokio::test]
+    async fn disguised_paths_reach_the_route_and_are_counted_there() {
+        let mock = mock(MockOptions::default());
+        let client = client();
+        for path in [
+            "/v1/chat/completions",
+            "/v1/chat/%63ompletions",
+            "/v1//chat/completions",
+            "/v1/x/../chat/completions",
+            "/v1/chat/completions/",
+        ] {
+            let (status, _, body) = send(
+                &client,
+                post(raw_url(&mock, path), &chat_request(false, false), &[]),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert_eq!(json(&body)["object"], "chat.completion", "{path}");
+        }
+        let (status, _, _) = send(&client, post(url(&mock, "/nope"), &json!({}), &[])).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let served = mock.served();
+        assert_eq!(served.answered_on("/v1/chat/completions"), 5);
+        assert_eq!(served.received_on("/v1/chat/completions"), 5);
+        assert_eq!(
+            (
+                served.received_on("/v1/nope"),
+                served.answered_on("/v1/nope")
+            ),
+            (1, 0)
+        );
+        assert_eq!(served.answered_total(), 5);
+        let tokens = served.tokens_of("demo-chat");
+        assert_eq!(tokens.input, 5 * CHAT_PROMPT_TOKENS);
+        assert_eq!(tokens.output, 5 * 16);
+        assert_eq!(served.tokens, tokens);
+    }
+
+    #[tokio::test]
+    async fn a_stream_left_early_counts_the_tokens_it_produced() {
+        let mock = mock(MockOptions {
+            chunks: 1000,
+            chunk_delay: Duration::from_millis(5),
+            ..MockOptions::default()
+        });
+        let request = post(
+            url(&mock, "/chat/completions"),
+            &chat_request(true, true),
+            &[(HEADER_REASONING_TOKENS, "7")],
+        );
+        let mut body = client()
+            .request(request)
+            .await
+            .expect("headers")
+            .into_body();
+        for _ in 0..4 {
+            body.frame().await.expect("frame").expect("no error");
+        }
+        drop(body);
+        eventually("cancellation", || mock.streams_cancelled() == 1).await;
+        let tokens = mock.served().tokens_of("demo-chat");
+        assert_eq!(tokens.input, CHAT_PROMPT_TOKENS);
+        assert_eq!(tokens.reasoning, 7);
+        // The role chunk carries none; at least the three words read, and far
+        // fewer than the thousand planned.
+        let visible = tokens.output - 7;
+        assert!((3..100).contains(&visible), "{tokens:?}");
+        assert_eq!(mock.served().answered_on("/v1/chat/completions"), 1);
+    }
+
+    #[tokio::test]
+    async fn every_answer_carries_the_providers_account_headers() {
+        let mock = mock(MockOptions::default());
+        let client = client();
+        let (status, headers, _) = send(&client, get(url(&mock, "/models"), &[])).await;
+        assert_eq!(status, StatusCode::OK);
+        for name in &ACCOUNT_HEADERS[..10] {
+            assert!(headers.contains_key(*name), "{name}");
+        }
+        assert_eq!(headers["openai-organization"], "org-tollgate-mock");
+        let (status, headers, _) = send(&client, post(url(&mock, "/nope"), &json!({}), &[])).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(headers.contains_key("openai-project"), "errors too");
+        let (_, headers, _) = send(
+            &client,
+            post(
+                url(&mock, "/messages"),
+                &messages_request(false),
+                &[("anthropic-version", "2023-06-01")],
+            ),
+        )
+        .await;
+        for name in &ACCOUNT_HEADERS[10..] {
+            assert!(headers.contains_key(*name), "{name}");
+        }
+        assert!(headers.contains_key("request-id"));
+        assert!(!headers.contains_key("openai-organization"));
+    }
+
+    fn multipart_body(fields: &[(&str, Option<&str>, &[u8])]) -> Bytes {
+        let mut body = Vec::new();
+        for (name, filename, data) in fields {
+            body.extend_from_slice(b"--BOUNDARY\r\n");
+            match filename {
+                Some(file) => body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+                ),
+                None => body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+                ),
+            }
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--BOUNDARY--\r\n");
+        Bytes::from(body)
+    }
+
+    fn multipart_post(url: String, body: Bytes) -> Request<Full<Bytes>> {
+        Request::post(url)
+            .header(CONTENT_TYPE, "multipart/form-data; boundary=BOUNDARY")
+            .body(Full::new(body))
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn files_and_batches_are_shared_by_every_caller() {
+        let mock = mock(MockOptions::default());
+        let other = MockUpstream::start(MockOptions::default()).expect("mock");
+        let client = client();
+        let mut ids = Vec::new();
+        for (n, upstream) in [&mock, &mock, &other].into_iter().enumerate() {
+            let body = multipart_body(&[
+                ("purpose", None, b"batch"),
+                (
+                    "file",
+                    Some("in.jsonl"),
+                    format!("{{\"n\":{n}}}").as_bytes(),
+                ),
+            ]);
+            let (status, _, body) =
+                send(&client, multipart_post(url(upstream, "/files"), body)).await;
+            assert_eq!(status, StatusCode::OK);
+            let file = json(&body);
+            assert_eq!(
+                (file["object"].clone(), file["purpose"].clone()),
+                (json!("file"), json!("batch"))
+            );
+            assert_eq!(file["bytes"], 7);
+            let id = file["id"].as_str().expect("id").to_owned();
+            assert!(id.starts_with("file-"), "{id}");
+            ids.push(id);
+        }
+        assert_ne!(ids[0], ids[1]);
+        assert_ne!(ids[0], ids[2], "ids differ across servers");
+        let (_, _, body) = send(&client, get(url(&mock, "/files"), &[])).await;
+        let listed: Vec<Value> = json(&body)["data"].as_array().expect("data").clone();
+        assert_eq!(listed.len(), 2, "every file created on this server");
+        let (status, _, body) =
+            send(&client, get(url(&mock, &format!("/files/{}", ids[1])), &[])).await;
+        assert_eq!(
+            (status, json(&body)["id"].clone()),
+            (StatusCode::OK, json!(ids[1]))
+        );
+        let (_, headers, body) = send(
+            &client,
+            get(url(&mock, &format!("/files/{}/content", ids[0])), &[]),
+        )
+        .await;
+        assert_eq!(headers[CONTENT_TYPE], "application/octet-stream");
+        assert_eq!(&body[..], b"{\"n\":0}");
+
+        let batch = json!({"input_file_id": ids[0], "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+        let (status, _, body) = send(&client, post(url(&mock, "/batches"), &batch, &[])).await;
+        assert_eq!(status, StatusCode::OK);
+        let batch_id = json(&body)["id"].as_str().expect("id").to_owned();
+        assert!(batch_id.starts_with("batch_"));
+        assert_eq!(json(&body)["status"], "validating");
+        let (_, _, body) = send(&client, get(url(&mock, "/batches"), &[])).await;
+        assert_eq!(json(&body)["data"][0]["id"], json!(batch_id));
+        let (status, _, _) = send(
+            &client,
+            get(url(&mock, &format!("/batches/{batch_id}")), &[]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let missing = json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+        let (status, _, _) = send(&client, post(url(&mock, "/batches"), &missing, &[])).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        let delete = Request::delete(url(&mock, &format!("/files/{}", ids[0])))
+            .body(Full::default())
+            .expect("request");
+        let (status, _, body) = send(&client, delete).await;
+        assert_eq!(
+            (status, json(&body)["deleted"].clone()),
+            (StatusCode::OK, json!(true))
+        );
+        let (status, _, _) =
+            send(&client, get(url(&mock, &format!("/files/{}", ids[0])), &[])).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let served = mock.served();
+        assert_eq!(served.answered_on("/v1/files"), 3);
+        assert_eq!(served.answered_on("/v1/batches"), 2);
+        assert_eq!(served.tokens, Tokens::default(), "no token work");
+    }
+
+    #[tokio::test]
+    async fn stored_and_background_responses_are_fetched_with_their_usage() {
+        let mock = mock(MockOptions {
+            chunks: 4,
+            ..MockOptions::default()
+        });
+        let client = client();
+        let request = json!({"model": "demo-chat", "input": "Hello there", "background": true});
+        let (status, _, body) = send(&client, post(url(&mock, "/responses"), &request, &[])).await;
+        assert_eq!(status, StatusCode::OK);
+        let queued = json(&body);
+        assert_eq!(queued["status"], "queued");
+        assert_eq!(queued["background"], true);
+        assert_eq!(queued["usage"], Value::Null, "a queued stub has no usage");
+        let id = queued["id"].as_str().expect("id").to_owned();
+        assert!(id.starts_with("resp_"));
+        let (status, _, body) =
+            send(&client, get(url(&mock, &format!("/responses/{id}")), &[])).await;
+        assert_eq!(status, StatusCode::OK);
+        let fetched = json(&body);
+        assert_eq!(fetched["status"], "completed");
+        assert_eq!(fetched["usage"]["output_tokens"], 4);
+        assert_eq!(fetched["usage"]["input_tokens"], 3 + 4);
+        // The work was done once, when the background job ran.
+        let tokens = mock.served().tokens_of("demo-chat");
+        assert_eq!((tokens.input, tokens.output), (7, 4));
+
+        let unstored = json!({"model": "demo-chat", "input": "Hi", "store": false});
+        let (_, _, body) = send(&client, post(url(&mock, "/responses"), &unstored, &[])).await;
+        let unstored_id = json(&body)["id"].as_str().expect("id").to_owned();
+        let (status, _, _) = send(
+            &client,
+            get(url(&mock, &format!("/responses/{unstored_id}")), &[]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let bad = json!({"model": "demo-chat", "input": "Hi", "store": false, "background": true});
+        let (status, _, _) = send(&client, post(url(&mock, "/responses"), &bad, &[])).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn transcriptions_take_multipart_and_answer_text() {
+        let mock = mock(MockOptions {
+            chunks: 3,
+            ..MockOptions::default()
+        });
+        let audio = [0u8; 400];
+        let body = multipart_body(&[
+            ("model", None, b"gpt-4o-transcribe"),
+            ("file", Some("a.wav"), &audio),
+        ]);
+        let (status, _, body) = send(
+            &client(),
+            multipart_post(url(&mock, "/audio/transcriptions"), body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let answer = json(&body);
+        assert_eq!(answer["text"], "Tollgate meters every");
+        assert_eq!(answer["usage"]["input_tokens"], 100);
+        assert_eq!(answer["usage"]["output_tokens"], 3);
+        let tokens = mock.served().tokens_of("gpt-4o-transcribe");
+        assert_eq!((tokens.input, tokens.output), (100, 3));
+        let (status, _, _) = send(
+            &client(),
+            post(url(&mock, "/audio/transcriptions"), &json!({}), &[]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "JSON is not multipart");
+    }
+
+    fn messages_request(stream: bool) -> Value {
+        json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 64,
+            "system": "Be brief.",
+            "messages": [
+                {"role": "user", "content": "Hello there, gate!"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+                {"role": "user", "content": [{"type": "text", "text": "More?"}]},
+            ],
+            "stream": stream,
+        })
+    }
+
+    /// system (3 + 4) + messages (5 + 4) + (1 + 4) + (2 + 4).
+    const MESSAGES_PROMPT_TOKENS: u64 = 27;
+
+    const VERSION: (&str, &str) = ("anthropic-version", "2023-06-01");
+
+    #[tokio::test]
+    async fn messages_stream_has_anthropics_event_sequence_and_usage() {
+        let mock = mock(MockOptions {
+            chunks: 3,
+            ..MockOptions::default()
+        });
+        let (status, headers, body) = send(
+            &client(),
+            post(
+                url(&mock, "/messages"),
+                &messages_request(true),
+                &[
+                    VERSION,
+                    (HEADER_CACHE_READ_TOKENS, "10"),
+                    (HEADER_CACHE_WRITE_TOKENS, "8"),
+                    (HEADER_CACHE_WRITE_1H_TOKENS, "2"),
+                ],
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[CONTENT_TYPE], SSE_CONTENT_TYPE);
+        let events = sse_events(&body);
+        let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "ping",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        for (name, data) in &events {
+            assert_eq!(data["type"], name.as_str());
+        }
+        let raw = std::str::from_utf8(&body).expect("UTF-8");
+        assert!(raw.starts_with("event: message_start\ndata: {\"type\":\"message_start\""));
+        let start = &events[0].1["message"];
+        assert_eq!(start["role"], "assistant");
+        assert_eq!(start["model"], "claude-sonnet-4-5");
+        assert_eq!(start["content"], json!([]));
+        let usage = &start["usage"];
+        assert_eq!(usage["cache_read_input_tokens"], 10);
+        assert_eq!(usage["cache_creation_input_tokens"], 8);
+        assert_eq!(usage["input_tokens"], MESSAGES_PROMPT_TOKENS - 18);
+        assert_eq!(usage["output_tokens"], 1);
+        assert_eq!(
+            events[1].1["content_block"],
+            json!({"type": "text", "text": ""})
+        );
+        let text: String = events[3..6]
+            .iter()
+            .map(|(_, data)| {
+                assert_eq!(data["delta"]["type"], "text_delta");
+                assert_eq!(data["index"], 0);
+                data["delta"]["text"].as_str().expect("text").to_owned()
+            })
+            .collect();
+        assert_eq!(text, "Tollgate meters every");
+        let delta = &events[7].1;
+        assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+        assert_eq!(delta["usage"], json!({"output_tokens": 3}));
+        eventually("stream counted", || mock.open_streams() == 0).await;
+        let tokens = mock.served().tokens_of("claude-sonnet-4-5");
+        assert_eq!(
+            tokens,
+            Tokens {
+                input: MESSAGES_PROMPT_TOKENS - 18,
+                cache_read: 10,
+                cache_write: 8,
+                cache_write_1h: 2,
+                output: 3,
+                ..Tokens::default()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn messages_json_honours_max_tokens_and_thinking() {
+        let mock = mock(MockOptions::default());
+        let mut request = messages_request(false);
+        request["max_tokens"] = json!(5);
+        request["thinking"] = json!({"type": "enabled", "budget_tokens": 1024});
+        let (status, _, body) = send(
+            &client(),
+            post(
+                url(&mock, "/messages"),
+                &request,
+                &[
+                    VERSION,
+                    (HEADER_REASONING_TOKENS, "2"),
+                    (HEADER_CACHE_WRITE_TOKENS, "4"),
+                    (HEADER_CACHE_WRITE_1H_TOKENS, "1"),
+                ],
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let answer = json(&body);
+        assert_eq!(answer["type"], "message");
+        assert!(
+            answer["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("msg_"))
+        );
+        assert_eq!(answer["stop_reason"], "max_tokens");
+        assert_eq!(answer["content"][0]["type"], "thinking");
+        assert_eq!(answer["content"][1]["text"], "Tollgate meters every");
+        assert_eq!(
+            answer["usage"],
+            json!({
+                "input_tokens": MESSAGES_PROMPT_TOKENS - 4,
+                "cache_creation_input_tokens": 4,
+                "cache_read_input_tokens": 0,
+                "cache_creation": {"ephemeral_5m_input_tokens": 3, "ephemeral_1h_input_tokens": 1},
+                "output_tokens": 5,
+                "service_tier": "standard",
+            })
+        );
+        // Streamed, the thinking block comes first and counts within max_tokens.
+        let mut streamed = request.clone();
+        streamed["stream"] = json!(true);
+        let (_, _, body) = send(
+            &client(),
+            post(
+                url(&mock, "/messages"),
+                &streamed,
+                &[VERSION, (HEADER_REASONING_TOKENS, "2")],
+            ),
+        )
+        .await;
+        let events = sse_events(&body);
+        assert_eq!(events[1].1["content_block"]["type"], "thinking");
+        let kinds: Vec<&str> = events
+            .iter()
+            .filter(|(name, _)| name == "content_block_delta")
+            .map(|(_, data)| data["delta"]["type"].as_str().expect("delta type"))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "thinking_delta",
+                "thinking_delta",
+                "signature_delta",
+                "text_delta",
+                "text_delta",
+                "text_delta"
+            ]
+        );
+        let delta = events
+            .iter()
+            .find(|(name, _)| name == "message_delta")
+            .expect("delta");
+        assert_eq!(delta.1["usage"]["output_tokens"], 5);
+        assert_eq!(delta.1["delta"]["stop_reason"], "max_tokens");
+    }
+
+    #[tokio::test]
+    async fn messages_errors_keys_and_count_tokens_speak_anthropic() {
+        let mock = mock(MockOptions {
+            require_key: Some("sk-ant-upstream".into()),
+            record_requests: true,
+            ..MockOptions::default()
+        });
+        let client = client();
+        let key = ("x-api-key", "sk-ant-upstream");
+        let messages = || url(&mock, "/messages");
+        let anthropic_error = |body: &Bytes, kind: &str| {
+            let error = json(body);
+            assert_eq!(error["type"], "error");
+            assert_eq!(error["error"]["type"], kind);
+            assert!(error["error"]["message"].is_string());
+            assert!(error["request_id"].is_string());
+        };
+        for headers in [
+            vec![VERSION],
+            vec![VERSION, ("x-api-key", "sk-client")],
+            vec![VERSION, ("authorization", "Bearer sk-ant-upstream")],
+        ] {
+            let (status, _, body) = send(
+                &client,
+                post(messages(), &messages_request(false), &headers),
+            )
+            .await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            anthropic_error(&body, "authentication_error");
+        }
+        let (status, _, body) =
+            send(&client, post(messages(), &messages_request(false), &[key])).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "anthropic-version is required"
+        );
+        anthropic_error(&body, "invalid_request_error");
+        let mut no_max = messages_request(false);
+        no_max.as_object_mut().expect("object").remove("max_tokens");
+        let (status, _, body) = send(&client, post(messages(), &no_max, &[key, VERSION])).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        anthropic_error(&body, "invalid_request_error");
+        for (fault, status, kind) in [
+            ("status:529", 529, "overloaded_error"),
+            ("status:429", 429, "rate_limit_error"),
+            ("status:500", 500, "api_error"),
+        ] {
+            let (got, headers, body) = send(
+                &client,
+                post(
+                    messages(),
+                    &messages_request(false),
+                    &[key, VERSION, (HEADER_FAULT, fault)],
+                ),
+            )
+            .await;
+            assert_eq!(got.as_u16(), status);
+            anthropic_error(&body, kind);
+            if status == 429 {
+                assert_eq!(headers[RETRY_AFTER], "1");
+            }
+        }
+        let (status, _, body) = send(
+            &client,
+            post(
+                url(&mock, "/messages/count_tokens"),
+                &messages_request(false),
+                &[
+                    key,
+                    VERSION,
+                    ("anthropic-beta", "prompt-caching-2024-07-31"),
+                ],
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json(&body), json!({"input_tokens": MESSAGES_PROMPT_TOKENS}));
+        let (status, _, _) = send(
+            &client,
+            post(messages(), &messages_request(false), &[key, VERSION]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let seen = mock.requests();
+        let last = seen.last().expect("recorded");
+        assert_eq!(last.route, "/v1/messages");
+        assert_eq!(last.headers["anthropic-version"], "2023-06-01");
+        let counted = &seen[seen.len() - 2];
+        assert_eq!(
+            counted.headers["anthropic-beta"],
+            "prompt-caching-2024-07-31"
+        );
+        let served = mock.served();
+        assert_eq!(served.answered_on("/v1/messages"), 1);
+        assert_eq!(served.answered_on("/v1/messages/count_tokens"), 1);
+        assert_eq!(
+            served.tokens_of("claude-sonnet-4-5").input,
+            MESSAGES_PROMPT_TOKENS
+        );
+
+        // Anthropic's model list, for the Anthropic SDK.
+        let (_, _, body) = send(&client, get(url(&mock, "/models"), &[key, VERSION])).await;
+        let list = json(&body);
+        assert_eq!(list["has_more"], false);
+        assert_eq!(
+            list["data"][3],
+            json!({"type": "model", "id": "claude-sonnet-4-5", "display_name": "claude-sonnet-4-5", "created_at": "2025-01-01T00:00:00Z"})
+        );
+    }
+
+    #[tokio::test]
+    async fn error_after_ends_a_stream_with_the_providers_error_event() {
+        let mock = mock(MockOptions::default());
+        let client = client();
+        let (status, _, body) = send(
+            &client,
+            post(
+                url(&mock, "/messages"),
+                &messages_request(true),
+                &[VERSION, (HEADER_FAULT, "error-after:4")],
+            ),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let events = sse_events(&body);
+        assert_eq!(events.len(), 5);
+        let (name, data) = &events[4];
+        assert_eq!(name, "error");
+        assert_eq!(
+            data,
+            &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        );
+        let (_, _, body) = send(
+            &client,
+            post(
+                url(&mock, "/chat/completions"),
+                &chat_request(true, true),
+                &[(HEADER_FAULT, "error-after:2")],
+            ),
+        )
+        .await;
+        let data = sse_data(&body);
+        assert_eq!(data.len(), 3);
+        assert_eq!(
+            json(&Bytes::from(data[2].clone()))["error"]["type"],
+            "server_error"
+        );
+        eventually("streams ended", || mock.open_streams() == 0).await;
+        assert_eq!((mock.streams_completed(), mock.streams_cancelled()), (0, 0));
+        // Two text deltas reached the wire before the error (start, block start, ping, delta).
+        assert_eq!(mock.served().tokens_of("claude-sonnet-4-5").output, 1);
+        assert_eq!(mock.served().tokens_of("demo-chat").output, 1);
     }
 }
