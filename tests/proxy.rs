@@ -253,9 +253,9 @@ async fn every_route_proxies(mode: RuntimeMode) {
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&body).contains("response.completed"));
     // Any other /v1 path is passed through (the mock answers 404 for it).
-    let (s, _, v) = send("GET", &gw.url("/v1/files?purpose=x"), &h, None).await;
+    let (s, _, v) = send("GET", &gw.url("/v1/vector_stores?limit=1"), &h, None).await;
     assert_eq!(s, 404, "{v}");
-    assert_eq!(gw.mock.requests().last().unwrap().path, "/v1/files");
+    assert_eq!(gw.mock.requests().last().unwrap().path, "/v1/vector_stores");
 }
 
 async fn models_list_is_the_configured_union(mode: RuntimeMode) {
