@@ -28,7 +28,7 @@ enum Command {
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
     },
-    /// Run the built-in OpenAI-compatible mock upstream on its own.
+    /// Run the built-in OpenAI- and Anthropic-compatible mock upstream on its own
     MockUpstream {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9090")]
