@@ -79,8 +79,6 @@ fn list(data: Vec<Value>) -> Reply {
     }))
 }
 
-// Stored responses.
-
 pub(crate) fn get_response(state: &State, id: &str) -> Result<Reply, ApiError> {
     state.objects.with(|stored| {
         stored
@@ -115,8 +113,6 @@ fn no_such_response(id: &str) -> ApiError {
         )
     }
 }
-
-// Files.
 
 pub(crate) fn create_file(
     state: &State,
@@ -200,8 +196,6 @@ pub(crate) fn file_content(state: &State, id: &str) -> Result<Reply, ApiError> {
     })
 }
 
-// Batches.
-
 pub(crate) fn create_batch(
     state: &State,
     seq: u64,
@@ -266,8 +260,6 @@ pub(crate) fn get_batch(state: &State, id: &str) -> Result<Reply, ApiError> {
             .ok_or_else(|| no_such("batch", id, "batch_id"))
     })
 }
-
-// Transcriptions.
 
 /// `POST /v1/audio/transcriptions` (multipart `file`, `model`): the text,
 /// and usage in `gpt-4o-transcribe`'s token form (audio tokens: a quarter of

@@ -31,7 +31,7 @@ pub(crate) async fn handle(
 ) -> Result<Response<MockBody>, Infallible> {
     let seq = state.requests.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = req.into_parts();
-    let path = normalise_path(parts.uri.path()).into_owned();
+    let path = normalise_path(parts.uri.path());
     let api = Api::of(&path, &parts.headers);
     state.served.received(&path);
     let mut response = answer(&state, seq, &parts, &path, api, body).await;
