@@ -763,7 +763,7 @@ async fn errors_after_admission_leak_nothing(mode: RuntimeMode) {
     let mut admitted = 0;
     for round in 0..3 {
         // Passed through from the upstream: counted.
-        let (s, _, v) = send("GET", &gw.url("/v1/files"), &h, None).await;
+        let (s, _, v) = send("GET", &gw.url("/v1/vector_stores"), &h, None).await;
         assert_eq!(s, 404, "round {round}: {v}");
         settled(&gw, &hash).await;
         for fault in ["status:400", "status:500", "status:429"] {
