@@ -1,4 +1,5 @@
 //! The `tollgate` binary: parse the command line, load the config, run.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,7 +28,7 @@ enum Command {
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
     },
-    /// Run the built-in OpenAI-compatible mock upstream on its own.
+    /// Run the built-in OpenAI- and Anthropic-compatible mock upstream on its own
     MockUpstream {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9090")]
@@ -107,7 +108,7 @@ fn mock_upstream(listen: std::net::SocketAddr, chunks: usize, chunk_delay_ms: u6
         .enable_all()
         .build()
         .expect("a runtime builds");
-    let opts = tollgate::mock::MockOptions {
+    let opts = tollgate_mock::MockOptions {
         chunks,
         chunk_delay: std::time::Duration::from_millis(chunk_delay_ms),
         ..Default::default()
@@ -118,7 +119,7 @@ fn mock_upstream(listen: std::net::SocketAddr, chunks: usize, chunk_delay_ms: u6
             "mock upstream listening on http://{}/v1",
             listener.local_addr()?
         );
-        tollgate::mock::run(listener, opts, signal()).await
+        tollgate_mock::run(listener, opts, signal()).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,10 +22,10 @@ use crate::clock::Clock;
 use crate::config::{Config, RuntimeMode};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
-use crate::mock::{MockOptions, MockUpstream};
 use crate::proxy::{Proxy, Routing};
 use crate::server::{self, Listener};
 use crate::store::Store;
+use tollgate_mock::{MockOptions, MockUpstream};
 
 /// Options that do not come from `config.toml`.
 #[derive(Clone, Default)]

@@ -757,7 +757,7 @@ async fn cancelled_streams_leak_nothing(mode: RuntimeMode) {
 /// permit; admitted requests count, whatever their end, and refused ones do
 /// not. Concurrency 1 makes any leaked permit visible as a 429.
 async fn errors_after_admission_leak_nothing(mode: RuntimeMode) {
-    let gw = TestGateway::start_mode(mode, "[routes.\"/v1/files\"]\nfree = true\n", |c| {
+    let gw = TestGateway::start_mode(mode, "[routes.\"/v1/vector_stores\"]\nfree = true\n", |c| {
         c.upstreams[0].first_byte_timeout = Some(Dur(Duration::from_millis(200)));
     });
     let (key, hash) = gw
@@ -769,7 +769,7 @@ async fn errors_after_admission_leak_nothing(mode: RuntimeMode) {
     let mut admitted = 0;
     for round in 0..3 {
         // Passed through from the upstream: counted.
-        let (s, _, v) = send("GET", &gw.url("/v1/files"), &h, None).await;
+        let (s, _, v) = send("GET", &gw.url("/v1/vector_stores"), &h, None).await;
         assert_eq!(s, 404, "round {round}: {v}");
         settled(&gw, &hash).await;
         for fault in ["status:400", "status:500", "status:429"] {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 use tollgate::config::{BaseUrl, Config, RuntimeMode};
-use tollgate::mock::{Fault, MockOptions, MockUpstream};
+use tollgate_mock::{Fault, MockOptions, MockUpstream};
 
 both_modes!(
     unpriced_routes_never_reach_the_upstream,

@@ -10,7 +10,7 @@ use common::*;
 use http_body_util::BodyExt;
 use serde_json::json;
 use tollgate::config::RuntimeMode;
-use tollgate::mock::Fault;
+use tollgate_mock::Fault;
 
 both_modes!(
     chat_non_stream_and_headers,
@@ -358,7 +358,7 @@ async fn bad_requests_get_openai_errors(mode: RuntimeMode) {
 }
 
 async fn failover_before_first_byte(mode: RuntimeMode) {
-    let bad = tollgate::mock::MockUpstream::start(tollgate::mock::MockOptions {
+    let bad = tollgate_mock::MockUpstream::start(tollgate_mock::MockOptions {
         fault: Some(Fault::Status(503)),
         ..Default::default()
     })
@@ -402,7 +402,7 @@ async fn failover_before_first_byte(mode: RuntimeMode) {
 }
 
 async fn passive_health_skips_a_failing_upstream(mode: RuntimeMode) {
-    let bad = tollgate::mock::MockUpstream::start(tollgate::mock::MockOptions {
+    let bad = tollgate_mock::MockUpstream::start(tollgate_mock::MockOptions {
         fault: Some(Fault::Status(500)),
         ..Default::default()
     })

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tollgate::config::{Dur, RuntimeMode, TlsConfig};
-use tollgate::mock::{MockOptions, MockUpstream};
+use tollgate_mock::{MockOptions, MockUpstream};
 
 both_modes!(
     tls_termination_over_http1_and_h2,

@@ -12,9 +12,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tollgate::config::Config;
-use tollgate::mock::{MockOptions, MockUpstream};
 use tollgate::runtime::{Gateway, StartOptions};
 use tollgate::store::KeyHash;
+use tollgate_mock::{MockOptions, MockUpstream};
 
 pub const ADMIN: &str = "bench-admin-token-0123456789";
 const UPSTREAM_KEY_ENV: &str = "TOLLGATE_BENCH_UPSTREAM_KEY";
@@ -54,7 +54,10 @@ impl BenchGateway {
     pub fn start(tag: &str) -> BenchGateway {
         // SAFETY: set once, before the gateway (the only reader) starts and
         // before any other thread of this process exists.
-        unsafe { std::env::set_var(UPSTREAM_KEY_ENV, "sk-bench-upstream") };
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var(UPSTREAM_KEY_ENV, "sk-bench-upstream")
+        };
         let mock = MockUpstream::start(MockOptions::default()).expect("mock starts");
         let data =
             std::env::temp_dir().join(format!("tollgate-bench-{tag}-{}", std::process::id()));

@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 
 use tollgate::clock::Clock;
 use tollgate::config::{Config, RuntimeMode};
-use tollgate::mock::{MockOptions, MockUpstream};
 use tollgate::runtime::{Gateway, StartOptions};
+use tollgate_mock::{MockOptions, MockUpstream};
 
 pub const ADMIN: &str = "test-admin-token-0123456789";
 
@@ -208,6 +208,7 @@ fn set_upstream_key_env() {
         // SAFETY: `set_var` is unsafe because C code may read the environment
         // concurrently; here only Rust code reads it (std's env functions
         // share one lock), it is written once, always to the same value.
+        #[allow(unsafe_code)]
         unsafe {
             std::env::set_var("TOLLGATE_TEST_UPSTREAM_KEY", UPSTREAM_KEY);
         }
