@@ -5,26 +5,26 @@
 
 use bytes::Bytes;
 
-use crate::meter::{self, Framing, Meter, Rewrite, Route};
+use crate::meter::{self, Endpoint, Framing, Meter, Rewrite};
 use crate::money::Pico;
 
-const ROUTES: [Route; 5] = [
-    Route::Chat,
-    Route::Completions,
-    Route::Embeddings,
-    Route::Responses,
-    Route::Other,
+const ENDPOINTS: [Endpoint; 5] = [
+    Endpoint::Chat,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+    Endpoint::Responses,
+    Endpoint::Other,
 ];
 
-/// Byte 0 picks the route, byte 1 the rewrite, the rest is the body.
+/// Byte 0 picks the endpoint, byte 1 the rewrite, the rest is the body.
 /// `inspect` never panics; after a rewrite, the body is valid JSON that
 /// `inspect` reads back with the rewritten values and everything else equal.
 pub fn inspect_request(data: &[u8]) {
     let [route_byte, rewrite_byte, body @ ..] = data else {
         return;
     };
-    let route = ROUTES[usize::from(*route_byte) % ROUTES.len()];
-    let Ok(info) = meter::inspect(route, body) else {
+    let endpoint = ENDPOINTS[usize::from(*route_byte) % ENDPOINTS.len()];
+    let Ok(info) = meter::inspect(endpoint, body) else {
         return;
     };
     let rw = Rewrite {
@@ -37,29 +37,32 @@ pub fn inspect_request(data: &[u8]) {
         },
     };
     let body = Bytes::copy_from_slice(body);
-    let out = meter::rewrite(route, &body, &rw).expect("rewrite of an inspected body");
+    let out = meter::rewrite(endpoint, &body, &rw).expect("rewrite of an inspected body");
     if rw == Rewrite::default() {
         assert_eq!(out, body, "a no-op rewrite changed the body");
     }
-    if route == Route::Other {
+    if endpoint == Endpoint::Other {
         assert_eq!(out, body, "Other bodies are never rewritten");
         return;
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(&out).expect("rewrite yields valid JSON");
-    let back = meter::inspect(route, &out).expect("inspect reads a rewritten body");
+    let back = meter::inspect(endpoint, &out).expect("inspect reads a rewritten body");
     let mut expected = info.clone();
-    if rw.include_usage && matches!(route, Route::Chat | Route::Completions) {
+    if rw.include_usage && matches!(endpoint, Endpoint::Chat | Endpoint::Completions) {
         expected.include_usage = true;
     }
     if let Some(m) = rw.max_tokens {
-        if matches!(route, Route::Chat | Route::Completions | Route::Responses) {
+        if matches!(
+            endpoint,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+        ) {
             expected.max_tokens = Some(m);
         }
     }
-    assert_eq!(back, expected, "rewrite {rw:?} of {route:?}");
+    assert_eq!(back, expected, "rewrite {rw:?} of {endpoint:?}");
 }
 
-/// Byte 0 picks the route, byte 1 the frame sizes, the rest is an SSE
+/// Byte 0 picks the endpoint, byte 1 the frame sizes, the rest is an SSE
 /// stream. Splitting into frames changes nothing: pass-through output is the
 /// input, usage and estimates equal the single-frame ones, withheld output
 /// equals the single-frame withheld output.
@@ -67,16 +70,16 @@ pub fn sse_meter(data: &[u8]) {
     let [route_byte, split_seed, stream @ ..] = data else {
         return;
     };
-    let route = ROUTES[usize::from(*route_byte) % ROUTES.len()];
+    let endpoint = ENDPOINTS[usize::from(*route_byte) % ENDPOINTS.len()];
     let whole = Bytes::copy_from_slice(stream);
     let frames = split(&whole, *split_seed);
     for framing in [Framing::Sse, Framing::Json] {
         for withhold in [false, true] {
-            let mut one = Meter::new(route, framing, withhold);
+            let mut one = Meter::new(endpoint, framing, withhold);
             let mut one_out = one.on_frame(whole.clone()).to_vec();
             one_out.extend_from_slice(&one.finish());
 
-            let mut many = Meter::new(route, framing, withhold);
+            let mut many = Meter::new(endpoint, framing, withhold);
             let mut many_out = Vec::with_capacity(stream.len());
             for f in &frames {
                 let out = many.on_frame(f.clone());

@@ -12,15 +12,15 @@ use dashmap::DashMap;
 
 use crate::app::App;
 use crate::error::ApiError;
-use crate::meter::{Route, Usage};
+use crate::meter::{Endpoint, Usage};
 use crate::money::Pico;
 
-const ROUTES: [Route; 5] = [
-    Route::Chat,
-    Route::Completions,
-    Route::Embeddings,
-    Route::Responses,
-    Route::Other,
+const ROUTES: [Endpoint; 5] = [
+    Endpoint::Chat,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+    Endpoint::Responses,
+    Endpoint::Other,
 ];
 /// Latency buckets, seconds.
 const BUCKETS: [f64; 14] = [
@@ -114,7 +114,13 @@ impl Metrics {
     }
 
     /// A request answered (by the upstream or by the gateway).
-    pub fn answered(&self, route: Route, status: u16, latency: Duration, ttfb: Option<Duration>) {
+    pub fn answered(
+        &self,
+        route: Endpoint,
+        status: u16,
+        latency: Duration,
+        ttfb: Option<Duration>,
+    ) {
         let r = ROUTES.iter().position(|x| *x == route).unwrap_or(4);
         let class = ((status / 100).clamp(1, 5) - 1) as usize;
         self.requests[r][class].fetch_add(1, Relaxed);

@@ -31,7 +31,7 @@ use crate::app::App;
 use crate::config::{Config, OnClientDisconnect, OnInsufficient};
 use crate::error::ApiError;
 use crate::gate::{Ask, Permit, Reservation};
-use crate::meter::{Framing, Meter, Price, RequestInfo, Rewrite, Route, Usage};
+use crate::meter::{Endpoint, Framing, Meter, Price, RequestInfo, Rewrite, Usage};
 use crate::money::Pico;
 use crate::store::UsageRecord;
 use crate::{Body, BoxError};
@@ -359,7 +359,7 @@ pub async fn handle(
     request_id: &HeaderValue,
 ) -> Response<Body> {
     let started = Instant::now();
-    let route = Route::from_path(req.uri().path());
+    let route = Endpoint::from_path(req.uri().path());
     match proxy(app, pool, req, client_ip, request_id, route, started).await {
         Ok(res) => res,
         Err(e) => {
@@ -377,7 +377,7 @@ async fn proxy(
     req: Request<Incoming>,
     client_ip: IpAddr,
     request_id: &HeaderValue,
-    route: Route,
+    route: Endpoint,
     started: Instant,
 ) -> Result<Response<Body>, ApiError> {
     // 1 authenticate (memory; sled only on a cache miss)
@@ -412,7 +412,7 @@ async fn proxy(
                 .to_ascii_lowercase()
                 .starts_with("application/json")
         });
-    let info = if route == Route::Other && (body.is_empty() || !json_body) {
+    let info = if route == Endpoint::Other && (body.is_empty() || !json_body) {
         RequestInfo::default()
     } else {
         crate::meter::inspect(route, &body)?
@@ -453,7 +453,10 @@ async fn proxy(
         (None, None) => Pricing::Flat(Pico::ZERO),
     };
     let prompt_bound = info.prompt_token_bound();
-    let produces_tokens = matches!(route, Route::Chat | Route::Completions | Route::Responses);
+    let produces_tokens = matches!(
+        route,
+        Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+    );
     let model_max = entry.as_ref().map(|e| e.max_output_tokens).unwrap_or(0);
     let completion_bound = if produces_tokens {
         info.max_tokens.unwrap_or(model_max).min(model_max)
@@ -481,8 +484,9 @@ async fn proxy(
     // The body sent upstream: usage injected for streams, max_tokens set
     // when the client sent none, asked for more than the model's bound, or
     // more than the key can pay for.
-    let inject_usage =
-        info.stream && matches!(route, Route::Chat | Route::Completions) && !info.include_usage;
+    let inject_usage = info.stream
+        && matches!(route, Endpoint::Chat | Endpoint::Completions)
+        && !info.include_usage;
     let rewrite = Rewrite {
         include_usage: inject_usage,
         max_tokens: (produces_tokens && info.max_tokens != Some(completion_bound))
@@ -748,7 +752,7 @@ struct Settlement {
     pricing: Pricing,
     prompt_bound: u64,
     completion_bound: u64,
-    route: Route,
+    route: Endpoint,
     model: String,
     /// Index of the upstream that answered (`usize::MAX`: none).
     upstream: usize,
@@ -1038,7 +1042,7 @@ impl Drop for MeteredBody {
             let settlement = self.settlement.take();
             let meter = std::mem::replace(
                 &mut self.meter,
-                Meter::new(Route::Other, Framing::Json, false),
+                Meter::new(Endpoint::Other, Framing::Json, false),
             );
             let timeout = settlement
                 .as_ref()
