@@ -195,3 +195,73 @@ pub fn key_headers(data: &[u8]) {
         assert_eq!(crate::gate::hash_key(key), crate::gate::hash_key(key));
     }
 }
+
+/// The path an upstream that normalises like ASGI or Go servers routes on:
+/// every escape decoded, then `//`, `.` and `..` resolved.
+fn upstream_view(path: &str) -> Vec<u8> {
+    let raw = path.as_bytes();
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let byte = (raw[i] == b'%')
+            .then(|| raw.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match byte {
+            Some(b) => {
+                decoded.push(b);
+                i += 3;
+            }
+            None => {
+                decoded.push(raw[i]);
+                i += 1;
+            }
+        }
+    }
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|b| *b == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    segments.join(&b'/')
+}
+
+/// `classify` never panics; a path it accepts is canonical (under `/v1/`, no
+/// empty, `.` or `..` segment, no `;`, `\`, NUL or encoded `/`), classifying
+/// it again gives the same answer, and an upstream that normalises paths
+/// routes the raw path and the canonical path to the same place.
+pub fn canonical_path(data: &[u8]) {
+    let Ok(raw) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok((endpoint, canonical)) = meter::classify(raw) else {
+        return;
+    };
+    let c = canonical.as_str();
+    assert!(c.starts_with("/v1/"), "{c:?}");
+    assert!(
+        c[1..]
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != ".."),
+        "{c:?}"
+    );
+    assert!(!c.contains([';', '\\', '\0']), "{c:?}");
+    assert!(!c.to_ascii_lowercase().contains("%2f"), "{c:?}");
+    let again = meter::classify(c).expect("a canonical path is accepted");
+    assert_eq!(
+        again,
+        (endpoint, canonical.clone()),
+        "classify is idempotent"
+    );
+    assert_eq!(
+        upstream_view(raw),
+        upstream_view(c),
+        "{raw:?} and {c:?} reach different upstream routes"
+    );
+}

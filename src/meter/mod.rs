@@ -33,6 +33,6 @@ pub use request::{
     IMAGE_TOKEN_BOUND, PART_OVERHEAD_TOKENS, REQUEST_OVERHEAD_TOKENS, RequestInfo, inspect,
 };
 pub use rewrite::{Rewrite, rewrite};
-pub use route::Endpoint;
+pub use route::{Canonical, Endpoint, classify};
 pub use scan::{Framing, Meter};
 pub use usage::Usage;

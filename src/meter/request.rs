@@ -556,7 +556,7 @@ fn fields(endpoint: Endpoint, body: &[u8]) -> Result<RequestFields<'_>, ApiError
 /// Errors are 400s in OpenAI's shape: `invalid_json` (malformed, not an
 /// object, or a field the gateway reads given twice),
 /// `missing_required_parameter` (`model`), `invalid_type` (with `param`).
-/// `Endpoint::Other` is best effort: `model` if it is a string, `stream` if it
+/// `Other`, `Models` and `CountTokens` are best effort: `model` if it is a string, `stream` if it
 /// is a bool; an empty body is `Ok(default)`; a non-empty body must be JSON.
 ///
 /// Builds no `serde_json::Value`: fields are borrowed raw, then typed or
@@ -569,7 +569,10 @@ pub(super) fn analyze(
     endpoint: Endpoint,
     body: &[u8],
 ) -> Result<(RequestInfo, RequestFields<'_>), ApiError> {
-    if endpoint == Endpoint::Other {
+    if matches!(
+        endpoint,
+        Endpoint::Other | Endpoint::Models | Endpoint::CountTokens | Endpoint::Messages
+    ) {
         return inspect_other(body).map(|info| (info, RequestFields::default()));
     }
     let f = fields(endpoint, body)?;
@@ -602,7 +605,7 @@ pub(super) fn analyze(
         }
         Endpoint::Completions => typed::<u64>(f.max_tokens, "max_tokens", uint)?,
         Endpoint::Responses => typed::<u64>(f.max_output_tokens, "max_output_tokens", uint)?,
-        Endpoint::Embeddings | Endpoint::Other => None,
+        _ => None,
     };
     let n = typed::<u64>(f.n, "n", uint)?.unwrap_or(1);
     let best_of = typed::<u64>(f.best_of, "best_of", uint)?.unwrap_or(1);
@@ -665,7 +668,7 @@ pub(super) fn analyze(
             measure(f.input, "input", b"\"[", text_or_list, &mut m)?;
             measure(f.instructions, "instructions", b"\"", "a string", &mut m)?;
         }
-        Endpoint::Other => {}
+        _ => {}
     }
     // RequestFields of other routes are not this endpoint's prompt, but an upstream
     // may still render them: count them raw (a safe overcount).
@@ -674,7 +677,7 @@ pub(super) fn analyze(
         Endpoint::Completions => &[f.messages, f.input, f.instructions],
         Endpoint::Embeddings => &[f.messages, f.prompt, f.suffix, f.instructions],
         Endpoint::Responses => &[f.messages, f.prompt, f.suffix],
-        Endpoint::Other => &[],
+        _ => &[],
     };
     for raw in unused.iter().flatten() {
         m.bytes = m.bytes.saturating_add(raw.get().len() as u64);

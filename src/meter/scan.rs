@@ -91,7 +91,7 @@ fn carries_content(endpoint: Endpoint, payload: &[u8]) -> bool {
         Endpoint::Chat => &*CHAT_CONTENT,
         Endpoint::Completions => &*COMPLETION_CONTENT,
         Endpoint::Responses => &*RESPONSES_CONTENT,
-        Endpoint::Embeddings | Endpoint::Other => return false,
+        _ => return false,
     };
     let non_empty = |v: &[u8]| v.len() >= 2 && v[0] == b'"' && v[1] != b'"';
     finders
