@@ -1,6 +1,8 @@
 //! What a request asks for: model, stream, completion bound and a bound of
 //! its prompt, read from the body without building a `serde_json::Value`.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -53,6 +55,11 @@ pub struct RequestInfo {
     /// completion bound is per answer, so the reservation multiplies by it.
     /// 0 in `Default` means 1.
     pub choices: u32,
+    /// Every model the request may be served by, the primary (`model`)
+    /// first, then an OpenRouter-style `models` fallback list in its order
+    /// (duplicates dropped): each must pass the allowlist, and the
+    /// reservation prices the most expensive. Empty when `model` is absent.
+    pub models: Vec<String>,
 }
 
 impl RequestInfo {
@@ -101,6 +108,15 @@ enum TopKey {
     /// `previous_response_id`, `conversation`): a prompt the body does not
     /// contain, so it cannot be bounded.
     StoredContext(&'static str),
+    /// OpenRouter's fallback list.
+    Models,
+    /// `tools`: counted raw like `Other`, and read for hosted tools.
+    Tools,
+    /// `background` (responses): a queued answer with no usage.
+    Background,
+    /// A parameter that adds upstream work the body cannot bound
+    /// (`web_search_options`): refused.
+    Unbounded(&'static str),
     /// A sampling or bookkeeping parameter that never reaches the prompt.
     Setting,
     /// Anything else (tools, functions, response_format…): may reach the
@@ -124,7 +140,10 @@ impl TopKey {
             TopKey::Instructions => "instructions",
             TopKey::N => "n",
             TopKey::BestOf => "best_of",
-            TopKey::StoredContext(name) => name,
+            TopKey::StoredContext(name) | TopKey::Unbounded(name) => name,
+            TopKey::Models => "models",
+            TopKey::Tools => "tools",
+            TopKey::Background => "background",
             TopKey::Setting | TopKey::Other(_) => "",
         }
     }
@@ -155,6 +174,12 @@ impl<'de> Deserialize<'de> for TopKey {
                     "best_of" => TopKey::BestOf,
                     "previous_response_id" => TopKey::StoredContext("previous_response_id"),
                     "conversation" => TopKey::StoredContext("conversation"),
+                    "models" => TopKey::Models,
+                    "tools" => TopKey::Tools,
+                    "background" => TopKey::Background,
+                    "web_search_options" => TopKey::Unbounded("web_search_options"),
+                    // `route: "fallback"` only says how `models` is used.
+                    "route" => TopKey::Setting,
                     "temperature"
                     | "top_p"
                     | "top_k"
@@ -180,7 +205,6 @@ impl<'de> Deserialize<'de> for TopKey {
                     | "safety_identifier"
                     | "prompt_cache_key"
                     | "truncation"
-                    | "background"
                     | "include"
                     | "metadata"
                     | "tool_choice" => TopKey::Setting,
@@ -214,6 +238,15 @@ pub(super) struct RequestFields<'a> {
     best_of: Option<&'a RawValue>,
     /// The first stored-context reference met, if any (see `TopKey`).
     stored_context: Option<(&'static str, &'a RawValue)>,
+    /// OpenRouter's `models` fallback list.
+    models: Option<&'a RawValue>,
+    /// Tool definitions: read for hosted tools (also counted in
+    /// `other_bytes`).
+    tools: Option<&'a RawValue>,
+    /// Responses' `background` flag.
+    background: Option<&'a RawValue>,
+    /// The first parameter met that adds unbounded upstream work.
+    unbounded: Option<&'static str>,
     /// Raw JSON bytes (with their keys) of fields that may reach the prompt
     /// but are not text: tools, functions, response_format…
     other_bytes: u64,
@@ -250,6 +283,27 @@ impl<'de> Deserialize<'de> for RequestFields<'de> {
                         TopKey::Instructions => &mut f.instructions,
                         TopKey::N => &mut f.n,
                         TopKey::BestOf => &mut f.best_of,
+                        TopKey::Models => &mut f.models,
+                        TopKey::Background => &mut f.background,
+                        TopKey::Tools => {
+                            let raw: &RawValue = map.next_value()?;
+                            if f.tools.is_some() {
+                                return Err(de::Error::custom("duplicate field `tools`"));
+                            }
+                            f.tools = Some(raw);
+                            f.other_bytes = f
+                                .other_bytes
+                                .saturating_add(("tools".len() + 3 + raw.get().len()) as u64);
+                            f.other_fields = f.other_fields.saturating_add(1);
+                            continue;
+                        }
+                        TopKey::Unbounded(name) => {
+                            let raw: &RawValue = map.next_value()?;
+                            if f.unbounded.is_none() && !is_null(raw) {
+                                f.unbounded = Some(name);
+                            }
+                            continue;
+                        }
                         TopKey::StoredContext(name) => {
                             let raw: &RawValue = map.next_value()?;
                             if f.stored_context.is_none() {
@@ -334,6 +388,8 @@ struct Measure {
     bytes: u64,
     parts: u32,
     images: u32,
+    /// A part the body cannot bound (a file reference): what it is.
+    unbounded: Option<&'static str>,
 }
 
 impl Measure {
@@ -341,6 +397,7 @@ impl Measure {
         self.bytes = self.bytes.saturating_add(other.bytes);
         self.parts = self.parts.saturating_add(other.parts);
         self.images = self.images.saturating_add(other.images);
+        self.unbounded = self.unbounded.or(other.unbounded);
     }
 }
 
@@ -352,6 +409,8 @@ enum PartKey {
     Type,
     /// `role`: only template tokens, in the part overhead.
     Role,
+    /// `file_id`, `file_url`: a file the upstream fetches, unbounded.
+    FileRef(&'static str),
     /// Anything else: key and raw JSON length.
     Other(usize),
 }
@@ -369,6 +428,8 @@ impl<'de> Deserialize<'de> for PartKey {
                     "content" | "text" => PartKey::Text,
                     "type" => PartKey::Type,
                     "role" => PartKey::Role,
+                    "file_id" => PartKey::FileRef("file_id"),
+                    "file_url" => PartKey::FileRef("file_url"),
                     other => PartKey::Other(other.len() + 3),
                 })
             }
@@ -446,16 +507,33 @@ impl<'de> Visitor<'de> for Measuring<'_> {
         let mut image = false;
         while let Some(key) = map.next_key::<PartKey>()? {
             match key {
-                PartKey::Text => map.next_value_seed(Measuring {
-                    acc: &mut inner,
-                    top: false,
-                })?,
+                PartKey::Text => {
+                    let text = map.next_value_seed(Measuring {
+                        acc: &mut inner,
+                        top: false,
+                    });
+                    if let Err(e) = text {
+                        // A file reference inside: say so, not "invalid type".
+                        self.acc.unbounded = self.acc.unbounded.or(inner.unbounded);
+                        return Err(e);
+                    }
+                }
                 PartKey::Type => {
                     let raw: &RawValue = map.next_value()?;
-                    image = matches!(
-                        raw.get(),
-                        r#""image_url""# | r#""input_image""# | r#""image""#
-                    );
+                    let kind = decoded(raw);
+                    match kind.as_deref() {
+                        Some("image_url" | "input_image" | "image") => image = true,
+                        Some("file" | "input_file") => {
+                            self.acc.unbounded = Some("a file content part");
+                            return Err(de::Error::custom("unbounded input"));
+                        }
+                        _ => {}
+                    }
+                }
+                PartKey::FileRef(name) => {
+                    map.next_value::<IgnoredAny>()?;
+                    self.acc.unbounded = Some(name);
+                    return Err(de::Error::custom("unbounded input"));
                 }
                 PartKey::Role => {
                     map.next_value::<IgnoredAny>()?;
@@ -479,6 +557,32 @@ impl<'de> Visitor<'de> for Measuring<'_> {
         }
         Ok(())
     }
+}
+
+/// A JSON string's value with its escapes decoded (`"image\u005furl"` is
+/// `image_url`, as the upstream reads it): borrowed unless it has an
+/// escape. `None` for anything but a string.
+pub(super) fn decoded(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return None;
+    }
+    if text.contains('\\') {
+        serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+    } else {
+        text.get(1..text.len() - 1).map(Cow::Borrowed)
+    }
+}
+
+fn unbounded_input(param: &'static str, what: &str) -> ApiError {
+    ApiError::bad_request(
+        "unbounded_input",
+        format!(
+            "`{param}` contains {what}: a file the upstream reads by reference has a size this gateway \
+             cannot bound before admitting the request. Send its content inline (as text or an image) instead."
+        ),
+    )
+    .with_param(param)
 }
 
 fn invalid_type(param: &'static str, expected: &str) -> ApiError {
@@ -532,7 +636,10 @@ fn measure(
     let mut de = serde_json::Deserializer::from_str(raw.get());
     Measuring { acc, top: true }
         .deserialize(&mut de)
-        .map_err(|_| invalid_type(param, expected))
+        .map_err(|_| match acc.unbounded {
+            Some(what) => unbounded_input(param, what),
+            None => invalid_type(param, expected),
+        })
 }
 
 /// Parses the top level of a request body.
@@ -587,6 +694,10 @@ pub(super) fn analyze(
             info.model = Some(model);
         }
     }
+    info.models = fallback_models(info.model.as_deref(), f.models)?;
+    if info.model.is_none() {
+        info.model = info.models.first().cloned();
+    }
     if info.model.is_none() {
         return Err(ApiError::bad_request(
             "missing_required_parameter",
@@ -619,6 +730,21 @@ pub(super) fn analyze(
         }
     }
     info.choices = n.max(best_of) as u32;
+    if let Some(name) = f.unbounded {
+        return Err(unsupported_tool(name, "it runs searches"));
+    }
+    hosted_tools(f.tools)?;
+    if endpoint == Endpoint::Responses
+        && typed::<bool>(f.background, "background", "a boolean")? == Some(true)
+    {
+        return Err(ApiError::bad_request(
+            "unsupported_parameter",
+            "`background: true` is not supported here: a background response is answered with a queued \
+             stub that carries no usage, so it cannot be metered. Send the request without `background` \
+             (stream it if it is long).",
+        )
+        .with_param("background"));
+    }
     if endpoint == Endpoint::Responses {
         let stored_prompt = f.prompt.filter(|r| !is_null(r)).map(|r| ("prompt", r));
         if let Some((name, _)) = f
@@ -687,6 +813,67 @@ pub(super) fn analyze(
     info.prompt_parts = m.parts.saturating_add(f.other_fields);
     info.images = m.images;
     Ok((info, f))
+}
+
+/// The primary model then the `models` fallback list, without duplicates.
+fn fallback_models(
+    primary: Option<&str>,
+    list: Option<&RawValue>,
+) -> Result<Vec<String>, ApiError> {
+    let mut models: Vec<String> = primary.map(str::to_owned).into_iter().collect();
+    if let Some(list) = typed::<Vec<String>>(list, "models", "an array of strings")? {
+        for m in list {
+            if !models.contains(&m) {
+                models.push(m);
+            }
+        }
+    }
+    Ok(models)
+}
+
+fn unsupported_tool(name: &str, why: &str) -> ApiError {
+    ApiError::bad_request(
+        "unsupported_tool",
+        format!(
+            "The hosted tool `{name}` is not supported here: {why} that the upstream bills on top of the \
+             tokens, which this gateway cannot bound before admitting the request. Use function tools and \
+             run the tool yourself."
+        ),
+    )
+    .with_param("tools")
+}
+
+/// Refuses tools the upstream runs itself at a cost the body cannot bound:
+/// web search, file search, code interpreter, computer use, image
+/// generation, remote MCP servers. Function (and custom) tools are the
+/// client's own and only cost their definition's tokens.
+fn hosted_tools(tools: Option<&RawValue>) -> Result<(), ApiError> {
+    let Some(tools) = tools.filter(|r| !is_null(r)) else {
+        return Ok(());
+    };
+    #[derive(Deserialize)]
+    struct Tool<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: Option<&'a RawValue>,
+    }
+    let list: Vec<Tool> = serde_json::from_str(tools.get())
+        .map_err(|_| invalid_type("tools", "an array of objects"))?;
+    for tool in list {
+        let Some(kind) = tool.kind.and_then(decoded) else {
+            continue;
+        };
+        let why = match &*kind {
+            k if k.starts_with("web_search") => "it runs web searches",
+            "file_search" => "it searches stored files",
+            "code_interpreter" => "it runs a container",
+            k if k.starts_with("computer_use") => "it drives a computer",
+            "image_generation" => "it generates images",
+            "mcp" => "it calls a remote MCP server",
+            _ => continue,
+        };
+        return Err(unsupported_tool(&kind, why));
+    }
+    Ok(())
 }
 
 pub(super) fn stream_options(raw: &RawValue) -> Result<StreamOptionsRaw<'_>, ApiError> {
@@ -929,5 +1116,142 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn values_are_compared_decoded() {
+        let i = info(
+            Endpoint::Chat,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image\u005furl","image_url":{"url":"https://e/i.png"}}]}]}"#,
+        );
+        assert_eq!((i.images, i.prompt_bytes), (1, 0));
+        let i = info(
+            Endpoint::Responses,
+            r#"{"model":"m","input":[{"role":"user","content":[{"type":"\u0069nput_image","image_url":"https://e/i.png"}]}]}"#,
+        );
+        assert_eq!(i.images, 1);
+    }
+
+    #[test]
+    fn file_references_are_refused() {
+        for (endpoint, body, param) in [
+            (
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-1"}}]}]}"#,
+                "messages",
+            ),
+            (
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"fil\u0065","file":{}}]}]}"#,
+                "messages",
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_file","file_url":"https://e/a.pdf"}]}]}"#,
+                "input",
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_image","file_id":"file-1"}]}]}"#,
+                "input",
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","input":[{"role":"user","content":[{"type":"input_text","text":"a"},{"file_id":"f"}]}]}"#,
+                "input",
+            ),
+        ] {
+            let e = inspect(endpoint, body.as_bytes()).expect_err(body);
+            assert_eq!(e.code, "unbounded_input", "{body}");
+            assert_eq!(e.param.as_deref(), Some(param));
+            assert!(e.message.contains("cannot bound"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn fallback_models_are_all_exposed() {
+        let i = info(
+            Endpoint::Chat,
+            r#"{"model":"a","models":["b","a","c"],"route":"fallback","messages":[]}"#,
+        );
+        assert_eq!(i.model.as_deref(), Some("a"));
+        assert_eq!(i.models, ["a", "b", "c"]);
+        // The list's bytes are not prompt.
+        assert_eq!((i.prompt_bytes, i.prompt_parts), (0, 0));
+        let i = info(Endpoint::Chat, r#"{"models":["x","y"],"messages":[]}"#);
+        assert_eq!((i.model.as_deref(), i.models.len()), (Some("x"), 2));
+        assert_eq!(info(Endpoint::Chat, r#"{"model":"m"}"#).models, ["m"]);
+        assert_eq!(
+            err(Endpoint::Chat, r#"{"model":"m","models":"n"}"#),
+            ("invalid_type", Some("models".to_owned()))
+        );
+        assert_eq!(
+            err(Endpoint::Chat, r#"{"models":[],"messages":[]}"#).0,
+            "missing_required_parameter"
+        );
+    }
+
+    #[test]
+    fn hosted_tools_are_refused() {
+        for (endpoint, body) in [
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","tools":[{"type":"web_search_preview"}]}"#,
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","tools":[{"type":"function","name":"f"},{"type":"file_search","vector_store_ids":["vs"]}]}"#,
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","tools":[{"type":"code_interpreter","container":{"type":"auto"}}]}"#,
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","tools":[{"type":"computer_use_preview"}]}"#,
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","tools":[{"type":"image_generation"}]}"#,
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","tools":[{"type":"mcp","server_url":"https://e"}]}"#,
+            ),
+            (
+                Endpoint::Responses,
+                r#"{"model":"m","tools":[{"type":"web\u005fsearch"}]}"#,
+            ),
+            (
+                Endpoint::Chat,
+                r#"{"model":"m","messages":[],"web_search_options":{}}"#,
+            ),
+        ] {
+            assert_eq!(err(endpoint, body).0, "unsupported_tool", "{body}");
+        }
+        let i = info(
+            Endpoint::Responses,
+            r#"{"model":"m","tools":[{"type":"function","name":"f"}],"web_search_options":null}"#,
+        );
+        assert_eq!(i.prompt_parts, 1);
+    }
+
+    #[test]
+    fn background_responses_are_refused() {
+        assert_eq!(
+            err(
+                Endpoint::Responses,
+                r#"{"model":"m","input":"x","background":true}"#
+            ),
+            ("unsupported_parameter", Some("background".to_owned()))
+        );
+        info(
+            Endpoint::Responses,
+            r#"{"model":"m","input":"x","background":false}"#,
+        );
+        assert_eq!(
+            err(Endpoint::Responses, r#"{"model":"m","background":"yes"}"#).0,
+            "invalid_type"
+        );
     }
 }
