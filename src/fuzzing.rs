@@ -27,6 +27,7 @@ pub fn inspect_request(data: &[u8]) {
     let Ok(info) = meter::inspect(endpoint, body) else {
         return;
     };
+    assert!(info.prompt_estimate() <= info.prompt_token_bound());
     let rw = Rewrite {
         include_usage: rewrite_byte & 1 == 1,
         max_tokens: match (rewrite_byte >> 1) & 3 {

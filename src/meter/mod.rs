@@ -30,7 +30,8 @@ mod usage;
 
 pub use price::Price;
 pub use request::{
-    IMAGE_TOKEN_BOUND, PART_OVERHEAD_TOKENS, REQUEST_OVERHEAD_TOKENS, RequestInfo, inspect,
+    ESTIMATE_IMAGE_TOKENS, ESTIMATE_PART_TOKENS, ESTIMATE_REQUEST_TOKENS, IMAGE_TOKEN_BOUND,
+    PART_OVERHEAD_TOKENS, REQUEST_OVERHEAD_TOKENS, RequestInfo, inspect,
 };
 pub use rewrite::{Rewrite, rewrite};
 pub use route::{Canonical, Endpoint, classify};

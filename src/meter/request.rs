@@ -27,6 +27,18 @@ pub const PART_OVERHEAD_TOKENS: u64 = 8;
 /// about 30).
 pub const REQUEST_OVERHEAD_TOKENS: u64 = 64;
 
+/// Tokens [`RequestInfo::prompt_estimate`] counts per image: a 1024×1024
+/// image at high detail on gpt-4o (85 base + 4 tiles × 170).
+pub const ESTIMATE_IMAGE_TOKENS: u64 = 765;
+
+/// Template tokens [`RequestInfo::prompt_estimate`] counts per part
+/// (OpenAI: 3 per message, 1 per name).
+pub const ESTIMATE_PART_TOKENS: u64 = 4;
+
+/// Template tokens [`RequestInfo::prompt_estimate`] counts once (OpenAI's
+/// reply priming).
+pub const ESTIMATE_REQUEST_TOKENS: u64 = 3;
+
 /// What admission needs to know about a request body.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestInfo {
@@ -83,6 +95,27 @@ impl RequestInfo {
             .saturating_add(u64::from(self.prompt_parts).saturating_mul(PART_OVERHEAD_TOKENS))
             .saturating_add(REQUEST_OVERHEAD_TOKENS)
             .saturating_add(u64::from(self.images).saturating_mul(IMAGE_TOKEN_BOUND))
+    }
+
+    /// A realistic count of the prompt's tokens, for charging a request
+    /// whose answer never reported usage (a stream cut before its usage
+    /// event): what the measured prompt most likely cost, where
+    /// [`prompt_token_bound`](Self::prompt_token_bound) is what it can cost
+    /// at most and is what is reserved.
+    ///
+    /// `⌈prompt_bytes / 4⌉ + 4 × prompt_parts + 3 + 765 × images`, never
+    /// above the bound: English text averages about 4 bytes a token in
+    /// cl100k/o200k (fewer for other scripts, so this errs low, toward not
+    /// charging what may not have happened); OpenAI counts 3 template
+    /// tokens per message plus 3 to prime the reply; 765 is a 1024×1024
+    /// image at high detail on gpt-4o (85 + 4 tiles × 170). Saturating.
+    pub fn prompt_estimate(&self) -> u64 {
+        self.prompt_bytes
+            .div_ceil(4)
+            .saturating_add(u64::from(self.prompt_parts).saturating_mul(ESTIMATE_PART_TOKENS))
+            .saturating_add(ESTIMATE_REQUEST_TOKENS)
+            .saturating_add(u64::from(self.images).saturating_mul(ESTIMATE_IMAGE_TOKENS))
+            .min(self.prompt_token_bound())
     }
 }
 
@@ -1253,5 +1286,25 @@ mod tests {
             err(Endpoint::Responses, r#"{"model":"m","background":"yes"}"#).0,
             "invalid_type"
         );
+    }
+
+    #[test]
+    fn prompt_estimate_is_realistic_and_below_the_bound() {
+        let i = info(
+            Endpoint::Chat,
+            r#"{"model":"m","messages":[{"role":"user","content":"Hello there, how are you?"},
+            {"role":"user","content":[{"type":"image_url","image_url":{"url":"https://e/i.png"}}]}]}"#,
+        );
+        // 25 bytes → 7 tokens, 2 messages, one image.
+        assert_eq!(i.prompt_estimate(), 7 + 2 * 4 + 3 + 765);
+        assert!(i.prompt_estimate() < i.prompt_token_bound());
+        assert_eq!(RequestInfo::default().prompt_estimate(), 3);
+        let huge = RequestInfo {
+            prompt_bytes: u64::MAX,
+            images: u32::MAX,
+            prompt_parts: u32::MAX,
+            ..RequestInfo::default()
+        };
+        assert!(huge.prompt_estimate() <= huge.prompt_token_bound());
     }
 }
