@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tollgate::meter::{Framing, Meter, Route};
+use tollgate::meter::{Endpoint, Framing, Meter};
 
 /// A ~1,000-chunk chat stream as OpenAI sends it with include_usage, cut
 /// into frames the way a TCP reader delivers them: mostly a few events each,
@@ -55,7 +55,7 @@ fn meter(c: &mut Criterion) {
     ] {
         group.bench_function(name, |b| {
             b.iter(|| {
-                let mut m = Meter::new(Route::Chat, Framing::Sse, withhold);
+                let mut m = Meter::new(Endpoint::Chat, Framing::Sse, withhold);
                 let mut out = 0;
                 for f in &frames {
                     out += m.on_frame(f.clone()).len();
@@ -74,7 +74,7 @@ fn meter(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(body.len() as u64));
     group.bench_function("chat_json_body", |b| {
         b.iter(|| {
-            let mut m = Meter::new(Route::Chat, Framing::Json, false);
+            let mut m = Meter::new(Endpoint::Chat, Framing::Json, false);
             for f in &frames {
                 m.on_frame(f.clone());
             }

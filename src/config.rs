@@ -355,6 +355,9 @@ pub struct ModelConfig {
     pub input: Pico,
     /// USD per 1M cached prompt tokens (defaults to `input`).
     pub cached_input: Option<Pico>,
+    /// USD per 1M prompt tokens written to a prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`; defaults to `input`).
+    pub cache_write: Option<Pico>,
     /// USD per 1M completion tokens (reasoning included).
     pub output: Pico,
     /// USD per request, on top of tokens.
@@ -764,6 +767,7 @@ impl Config {
                 ("input", Some(model.input)),
                 ("output", Some(model.output)),
                 ("cached_input", model.cached_input),
+                ("cache_write", model.cache_write),
                 ("request", Some(model.request)),
             ] {
                 if let Some(p) = price

@@ -5,28 +5,29 @@
 
 use bytes::Bytes;
 
-use crate::meter::{self, Framing, Meter, Rewrite, Route};
+use crate::meter::{self, Endpoint, Framing, Meter, Rewrite};
 use crate::money::Pico;
 
-const ROUTES: [Route; 5] = [
-    Route::Chat,
-    Route::Completions,
-    Route::Embeddings,
-    Route::Responses,
-    Route::Other,
+const ENDPOINTS: [Endpoint; 5] = [
+    Endpoint::Chat,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+    Endpoint::Responses,
+    Endpoint::Other,
 ];
 
-/// Byte 0 picks the route, byte 1 the rewrite, the rest is the body.
+/// Byte 0 picks the endpoint, byte 1 the rewrite, the rest is the body.
 /// `inspect` never panics; after a rewrite, the body is valid JSON that
 /// `inspect` reads back with the rewritten values and everything else equal.
 pub fn inspect_request(data: &[u8]) {
     let [route_byte, rewrite_byte, body @ ..] = data else {
         return;
     };
-    let route = ROUTES[usize::from(*route_byte) % ROUTES.len()];
-    let Ok(info) = meter::inspect(route, body) else {
+    let endpoint = ENDPOINTS[usize::from(*route_byte) % ENDPOINTS.len()];
+    let Ok(info) = meter::inspect(endpoint, body) else {
         return;
     };
+    assert!(info.prompt_estimate() <= info.prompt_token_bound());
     let rw = Rewrite {
         include_usage: rewrite_byte & 1 == 1,
         max_tokens: match (rewrite_byte >> 1) & 3 {
@@ -37,29 +38,32 @@ pub fn inspect_request(data: &[u8]) {
         },
     };
     let body = Bytes::copy_from_slice(body);
-    let out = meter::rewrite(route, &body, &rw).expect("rewrite of an inspected body");
+    let out = meter::rewrite(endpoint, &body, &rw).expect("rewrite of an inspected body");
     if rw == Rewrite::default() {
         assert_eq!(out, body, "a no-op rewrite changed the body");
     }
-    if route == Route::Other {
+    if endpoint == Endpoint::Other {
         assert_eq!(out, body, "Other bodies are never rewritten");
         return;
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(&out).expect("rewrite yields valid JSON");
-    let back = meter::inspect(route, &out).expect("inspect reads a rewritten body");
+    let back = meter::inspect(endpoint, &out).expect("inspect reads a rewritten body");
     let mut expected = info.clone();
-    if rw.include_usage && matches!(route, Route::Chat | Route::Completions) {
+    if rw.include_usage && matches!(endpoint, Endpoint::Chat | Endpoint::Completions) {
         expected.include_usage = true;
     }
     if let Some(m) = rw.max_tokens {
-        if matches!(route, Route::Chat | Route::Completions | Route::Responses) {
+        if matches!(
+            endpoint,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+        ) {
             expected.max_tokens = Some(m);
         }
     }
-    assert_eq!(back, expected, "rewrite {rw:?} of {route:?}");
+    assert_eq!(back, expected, "rewrite {rw:?} of {endpoint:?}");
 }
 
-/// Byte 0 picks the route, byte 1 the frame sizes, the rest is an SSE
+/// Byte 0 picks the endpoint, byte 1 the frame sizes, the rest is an SSE
 /// stream. Splitting into frames changes nothing: pass-through output is the
 /// input, usage and estimates equal the single-frame ones, withheld output
 /// equals the single-frame withheld output.
@@ -67,16 +71,16 @@ pub fn sse_meter(data: &[u8]) {
     let [route_byte, split_seed, stream @ ..] = data else {
         return;
     };
-    let route = ROUTES[usize::from(*route_byte) % ROUTES.len()];
+    let endpoint = ENDPOINTS[usize::from(*route_byte) % ENDPOINTS.len()];
     let whole = Bytes::copy_from_slice(stream);
     let frames = split(&whole, *split_seed);
     for framing in [Framing::Sse, Framing::Json] {
         for withhold in [false, true] {
-            let mut one = Meter::new(route, framing, withhold);
+            let mut one = Meter::new(endpoint, framing, withhold);
             let mut one_out = one.on_frame(whole.clone()).to_vec();
             one_out.extend_from_slice(&one.finish());
 
-            let mut many = Meter::new(route, framing, withhold);
+            let mut many = Meter::new(endpoint, framing, withhold);
             let mut many_out = Vec::with_capacity(stream.len());
             for f in &frames {
                 let out = many.on_frame(f.clone());
@@ -191,4 +195,74 @@ pub fn key_headers(data: &[u8]) {
         );
         assert_eq!(crate::gate::hash_key(key), crate::gate::hash_key(key));
     }
+}
+
+/// The path an upstream that normalises like ASGI or Go servers routes on:
+/// every escape decoded, then `//`, `.` and `..` resolved.
+fn upstream_view(path: &str) -> Vec<u8> {
+    let raw = path.as_bytes();
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let byte = (raw[i] == b'%')
+            .then(|| raw.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match byte {
+            Some(b) => {
+                decoded.push(b);
+                i += 3;
+            }
+            None => {
+                decoded.push(raw[i]);
+                i += 1;
+            }
+        }
+    }
+    let mut segments: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|b| *b == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    segments.join(&b'/')
+}
+
+/// `classify` never panics; a path it accepts is canonical (under `/v1/`, no
+/// empty, `.` or `..` segment, no `;`, `\`, NUL or encoded `/`), classifying
+/// it again gives the same answer, and an upstream that normalises paths
+/// routes the raw path and the canonical path to the same place.
+pub fn canonical_path(data: &[u8]) {
+    let Ok(raw) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok((endpoint, canonical)) = meter::classify(raw) else {
+        return;
+    };
+    let c = canonical.as_str();
+    assert!(c.starts_with("/v1/"), "{c:?}");
+    assert!(
+        c[1..]
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != ".."),
+        "{c:?}"
+    );
+    assert!(!c.contains([';', '\\', '\0']), "{c:?}");
+    assert!(!c.to_ascii_lowercase().contains("%2f"), "{c:?}");
+    let again = meter::classify(c).expect("a canonical path is accepted");
+    assert_eq!(
+        again,
+        (endpoint, canonical.clone()),
+        "classify is idempotent"
+    );
+    assert_eq!(
+        upstream_view(raw),
+        upstream_view(c),
+        "{raw:?} and {c:?} reach different upstream routes"
+    );
 }

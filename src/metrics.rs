@@ -11,17 +11,19 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use crate::error::ApiError;
-use crate::meter::{Route, Usage};
+use crate::meter::{Endpoint, Usage};
 use crate::money::Pico;
 use crate::store::StoreStats;
 
-const ROUTES: [Route; 6] = [
-    Route::Chat,
-    Route::Completions,
-    Route::Embeddings,
-    Route::Responses,
-    Route::Models,
-    Route::Other,
+const ROUTES: [Endpoint; 8] = [
+    Endpoint::Chat,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+    Endpoint::Responses,
+    Endpoint::Messages,
+    Endpoint::CountTokens,
+    Endpoint::Models,
+    Endpoint::Other,
 ];
 /// Latency buckets, seconds.
 const BUCKETS: [f64; 14] = [
@@ -133,7 +135,7 @@ impl Metrics {
     #[allow(clippy::too_many_arguments)]
     pub fn settled(
         &self,
-        route: Route,
+        route: Endpoint,
         status: u16,
         latency: Duration,
         ttfb: Option<Duration>,
@@ -149,11 +151,14 @@ impl Metrics {
     }
 
     /// A request answered (by the upstream or by the gateway).
-    pub fn answered(&self, route: Route, status: u16, latency: Duration, ttfb: Option<Duration>) {
-        let r = ROUTES
-            .iter()
-            .position(|x| *x == route)
-            .unwrap_or(ROUTES.len() - 1);
+    pub fn answered(
+        &self,
+        route: Endpoint,
+        status: u16,
+        latency: Duration,
+        ttfb: Option<Duration>,
+    ) {
+        let r = ROUTES.iter().position(|x| *x == route).unwrap_or(4);
         let class = ((status / 100).clamp(1, 5) - 1) as usize;
         self.requests[r][class].fetch_add(1, Relaxed);
         self.latency.observe(latency);

@@ -45,3 +45,8 @@ fn admin_request_corpus() {
 fn key_headers_corpus() {
     replay("key_headers", tollgate::fuzzing::key_headers);
 }
+
+#[test]
+fn canonical_path_corpus() {
+    replay("canonical_path", tollgate::fuzzing::canonical_path);
+}

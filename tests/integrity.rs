@@ -22,6 +22,7 @@ both_modes!(
     stalled_upstream_is_cut,
     refused_before_the_body_is_read,
     demo_mock_answers_are_never_charged,
+    disguised_paths_are_classified_and_forwarded_canonical,
 );
 
 fn hash_of(hex_hash: &str) -> tollgate::store::KeyHash {
@@ -351,5 +352,64 @@ fn default_price_is_narrowed_to_listed_models() {
     assert!(
         routing.model("demo-huge").is_none(),
         "served upstream, not listed"
+    );
+}
+
+async fn disguised_paths_are_classified_and_forwarded_canonical(mode: RuntimeMode) {
+    let gw = TestGateway::start_mode(mode, "", |_| {});
+    let (key, hash) = gw.create_key(json!({"name": "p", "limit": "1"})).await;
+    let auth = bearer(&key);
+    let body = json!({"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]});
+    for path in [
+        "/v1/chat/%63ompletions",
+        "/v1//chat/completions",
+        "/v1/x/../chat/completions",
+        "/v1/chat/completions/",
+    ] {
+        let (s, _, v) = send(
+            "POST",
+            &gw.url(path),
+            &[("authorization", &auth)],
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, 200, "{path}: {v}");
+        let seen = gw.mock.requests();
+        let last = seen.last().expect("forwarded");
+        assert_eq!(
+            last.path, "/v1/chat/completions",
+            "{path} forwarded canonical"
+        );
+        let sent: Value = serde_json::from_slice(&last.body).unwrap();
+        assert_eq!(
+            sent["max_completion_tokens"], 256,
+            "{path}: priced and bounded as chat"
+        );
+    }
+    let before = gw.mock.request_count();
+    for path in [
+        "/v1/chat%2Fcompletions",
+        "/v1/chat/completions;x=1",
+        "/v1/chat/%00",
+    ] {
+        let (s, _, v) = send(
+            "POST",
+            &gw.url(path),
+            &[("authorization", &auth)],
+            Some(body.clone()),
+        )
+        .await;
+        assert_error(s, &v, 400, "invalid_path");
+    }
+    assert_eq!(
+        gw.mock.request_count(),
+        before,
+        "refused paths never go upstream"
+    );
+    gw.flush().await;
+    assert!(
+        records(&gw, &hash)
+            .iter()
+            .all(|r| r.route == "chat" && r.cost.0 > 0)
     );
 }

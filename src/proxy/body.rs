@@ -19,7 +19,7 @@ use tokio::time::Sleep;
 use super::settle::Settlement;
 use crate::BoxError;
 use crate::config::OnClientDisconnect;
-use crate::meter::{Framing, Meter, Route};
+use crate::meter::{Endpoint, Framing, Meter};
 
 /// Scheduler turns a response body yields, with frames in hand, before it
 /// hands them on (see `MeteredBody::poll_frame`).
@@ -250,7 +250,7 @@ impl Drop for MeteredBody {
             let settlement = self.settlement.take().expect("checked above");
             let meter = std::mem::replace(
                 &mut self.meter,
-                Meter::new(Route::Other, Framing::Json, false),
+                Meter::new(Endpoint::Other, Framing::Json, false),
             );
             let idle_timeout = self.idle_timeout;
             // Keep reading the upstream (bounded) to get its exact usage.

@@ -34,7 +34,7 @@ use crate::app::App;
 use crate::config::OnInsufficient;
 use crate::error::ApiError;
 use crate::gate::{Ask, LiveKey, Permit, Policy};
-use crate::meter::{Framing, Meter, RequestInfo, Rewrite, Route};
+use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
 pub use headers::X_REQUEST_ID;
 use routing::{Destination, Pricing};
@@ -56,7 +56,7 @@ pub async fn handle(
         client_ip,
         started: Instant::now(),
         // The metrics label of a request refused before `classify`.
-        route: Route::from_path(req.uri().path()),
+        route: Endpoint::from_path(req.uri().path()),
         settlement: None,
     };
     match call.run(req).await {
@@ -75,7 +75,7 @@ struct Call<'a> {
     client_ip: IpAddr,
     started: Instant,
     /// The API the path speaks, once classified (metrics label).
-    route: Route,
+    route: Endpoint,
     /// From the reserve phase on: the request's one exit.
     settlement: Option<Settlement>,
 }
@@ -103,7 +103,7 @@ impl Call<'_> {
             device,
         };
         let policy = self.admit(&key, &ask)?;
-        if self.route == Route::Models && req.method() == Method::GET {
+        if self.route == Endpoint::Models && req.method() == Method::GET {
             return Ok(self.list_models(&policy));
         }
         let permit = self.limit(&key, &policy, now_ms)?;
@@ -125,9 +125,9 @@ impl Call<'_> {
     /// forwarded. Unknown routes are refused before anything goes upstream
     /// (by routing, in `inspect`, unless a `[routes]` rule allows them).
     fn classify(&mut self, req: &Request<Incoming>) -> Result<String, ApiError> {
-        let path = req.uri().path();
-        self.route = Route::from_path(path);
-        let mut forwarded = path.to_owned();
+        let (endpoint, canonical) = crate::meter::classify(req.uri().path())?;
+        self.route = endpoint;
+        let mut forwarded = canonical.as_str().to_owned();
         if let Some(q) = req.uri().query() {
             forwarded.push('?');
             forwarded.push_str(q);
@@ -168,11 +168,12 @@ impl Call<'_> {
                     .to_ascii_lowercase()
                     .starts_with("application/json")
             });
-        let info = if self.route == Route::Other && (body.is_empty() || !json_body) {
+        let info = if self.route == Endpoint::Other && (body.is_empty() || !json_body) {
             RequestInfo::default()
         } else {
             crate::meter::inspect(self.route, &body)?
         };
+        // The model and any fallbacks: each must be allowed, the dearest prices it.
         let models: Vec<&str> = info.model.as_deref().into_iter().collect();
         for m in &models {
             policy.check_model(m)?;

@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Config, Pattern};
 use crate::error::ApiError;
-use crate::meter::{Price, Route};
+use crate::meter::{Endpoint, Price};
 use crate::money::Pico;
 
 /// How a request is priced.
@@ -262,7 +262,7 @@ impl Routing {
     /// at the dearest and may go to any upstream serving the first.
     pub fn route(
         &self,
-        endpoint: Route,
+        endpoint: Endpoint,
         path: &str,
         models: &[&str],
     ) -> Result<Destination, ApiError> {

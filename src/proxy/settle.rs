@@ -11,7 +11,7 @@ use http::HeaderValue;
 use super::routing::{Pricing, Routing};
 use crate::app::App;
 use crate::gate::{Permit, Reservation};
-use crate::meter::{Route, Usage};
+use crate::meter::{Endpoint, Usage};
 use crate::money::Pico;
 use crate::store::UsageRecord;
 
@@ -46,7 +46,7 @@ pub struct Settlement {
     prompt_estimate: u64,
     /// Completion tokens reserved: an estimate never charges more.
     completion_bound: u64,
-    route: Route,
+    route: Endpoint,
     model: String,
     /// The upstream that took the request, once one has.
     pub(super) upstream: Option<usize>,
@@ -68,7 +68,7 @@ pub struct Admitted {
     pub pricing: Pricing,
     pub prompt_estimate: u64,
     pub completion_bound: u64,
-    pub route: Route,
+    pub route: Endpoint,
     pub model: String,
     pub stream: bool,
 }
