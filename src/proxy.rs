@@ -171,6 +171,7 @@ impl Routing {
         let price_of = |m: &crate::config::ModelConfig| Price {
             input: m.input,
             cached_input: m.cached_input,
+            cache_write: None,
             output: m.output,
             request: m.request,
         };
