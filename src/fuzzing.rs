@@ -8,12 +8,15 @@ use bytes::Bytes;
 use crate::meter::{self, Endpoint, Framing, Meter, Rewrite};
 use crate::money::Pico;
 
-const ENDPOINTS: [Endpoint; 5] = [
+const ENDPOINTS: [Endpoint; 8] = [
     Endpoint::Chat,
     Endpoint::Completions,
     Endpoint::Embeddings,
     Endpoint::Responses,
     Endpoint::Other,
+    Endpoint::Messages,
+    Endpoint::Models,
+    Endpoint::CountTokens,
 ];
 
 /// Byte 0 picks the endpoint, byte 1 the rewrite, the rest is the body.
@@ -42,8 +45,11 @@ pub fn inspect_request(data: &[u8]) {
     if rw == Rewrite::default() {
         assert_eq!(out, body, "a no-op rewrite changed the body");
     }
-    if endpoint == Endpoint::Other {
-        assert_eq!(out, body, "Other bodies are never rewritten");
+    if matches!(
+        endpoint,
+        Endpoint::Other | Endpoint::Models | Endpoint::CountTokens
+    ) {
+        assert_eq!(out, body, "loosely read bodies are never rewritten");
         return;
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(&out).expect("rewrite yields valid JSON");
@@ -55,7 +61,7 @@ pub fn inspect_request(data: &[u8]) {
     if let Some(m) = rw.max_tokens {
         if matches!(
             endpoint,
-            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses | Endpoint::Messages
         ) {
             expected.max_tokens = Some(m);
         }
@@ -103,6 +109,7 @@ pub fn sse_meter(data: &[u8]) {
             assert_eq!(many.bytes_seen(), stream.len() as u64);
             if let Some(u) = one.usage() {
                 assert!(u.cached_tokens <= u.prompt_tokens);
+                assert!(u.cached_tokens + u.cache_write_tokens <= u.prompt_tokens);
                 assert!(u.reasoning_tokens <= u.completion_tokens);
             }
         }

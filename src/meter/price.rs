@@ -7,21 +7,37 @@ use crate::money::Pico;
 /// output) and per request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Price {
+    /// USD per 1M uncached prompt tokens.
     pub input: Pico,
+    /// USD per 1M prompt tokens read from the cache; `None` is `input`.
     pub cached_input: Option<Pico>,
+    /// USD per 1M prompt tokens written to the cache (Anthropic's
+    /// `cache_creation_input_tokens`); `None` is `input`.
+    pub cache_write: Option<Pico>,
+    /// USD per 1M completion tokens, reasoning included.
     pub output: Pico,
+    /// USD per request, whatever its tokens.
     pub request: Pico,
 }
 
 impl Price {
     /// Exact cost of `u`: each part rounded up to the next picoUSD (input on
-    /// uncached prompt tokens, cached input on cached ones, output on
-    /// completion tokens, reasoning included), plus the request price.
-    /// Saturating.
+    /// uncached prompt tokens, cached input on cached ones, cache write on
+    /// cache-written ones, output on completion tokens, reasoning included),
+    /// plus the request price. Without a `cache_write` price, cache-written
+    /// tokens are input tokens. Saturating.
     pub fn cost(&self, u: &Usage) -> Pico {
         let cached = u.cached_tokens.min(u.prompt_tokens);
-        let uncached = u.prompt_tokens - cached;
+        let written = match self.cache_write {
+            Some(_) => u.cache_write_tokens.min(u.prompt_tokens - cached),
+            None => 0,
+        };
+        let uncached = u.prompt_tokens - cached - written;
         Pico::per_million(self.input, uncached)
+            .saturating_add(Pico::per_million(
+                self.cache_write.unwrap_or(self.input),
+                written,
+            ))
             .saturating_add(Pico::per_million(
                 self.cached_input.unwrap_or(self.input),
                 cached,
@@ -34,13 +50,19 @@ impl Price {
     /// `completion_tokens`: `cost(u) ≤ upper_bound(p, c)` for every `u` with
     /// `prompt ≤ p` and `completion ≤ c`.
     ///
-    /// The prompt is priced at the larger of input and cached input (no
-    /// discount assumed), plus 1 picoUSD: splitting the prompt into cached
-    /// and uncached parts rounds up twice, and `⌈a⌉ + ⌈b⌉ ≤ ⌈a + b⌉ + 1`.
+    /// The prompt is priced at the largest of input, cached input and cache
+    /// write (no discount assumed), plus 1 picoUSD per extra part the prompt
+    /// is split into: each part rounds up, and `⌈a⌉ + ⌈b⌉ ≤ ⌈a + b⌉ + 1`.
+    /// Without a `cache_write` price there are two parts (uncached,
+    /// cached), with one three, and never more parts than tokens.
     pub fn upper_bound(&self, prompt_tokens: u64, completion_tokens: u64) -> Pico {
-        let prompt_price = self.input.max(self.cached_input.unwrap_or(self.input));
-        let split_rounding = if prompt_tokens >= 2 && prompt_price > Pico::ZERO {
-            Pico(1)
+        let prompt_price = self
+            .input
+            .max(self.cached_input.unwrap_or(self.input))
+            .max(self.cache_write.unwrap_or(self.input));
+        let parts: u64 = if self.cache_write.is_some() { 3 } else { 2 };
+        let split_rounding = if prompt_price > Pico::ZERO {
+            Pico(parts.min(prompt_tokens).saturating_sub(1) as i64)
         } else {
             Pico::ZERO
         };
@@ -77,6 +99,7 @@ mod tests {
         Price {
             input: p(input),
             cached_input: cached.map(p),
+            cache_write: None,
             output: p(output),
             request: p(request),
         }
@@ -88,6 +111,7 @@ mod tests {
         let u = Usage {
             prompt_tokens: 1000,
             cached_tokens: 200,
+            cache_write_tokens: 0,
             completion_tokens: 500,
             reasoning_tokens: 100,
         };
@@ -105,6 +129,7 @@ mod tests {
         let u = Usage {
             prompt_tokens: 10,
             cached_tokens: 99,
+            cache_write_tokens: 0,
             ..Usage::default()
         };
         assert_eq!(pr.cost(&u), Pico(10_000_000 + 10_000_000_000));
@@ -133,6 +158,7 @@ mod tests {
                             let u = Usage {
                                 prompt_tokens: prompt,
                                 cached_tokens: cached,
+                                cache_write_tokens: 0,
                                 completion_tokens: c,
                                 reasoning_tokens: 0,
                             };
@@ -185,5 +211,51 @@ mod tests {
             c,
             (1_000_000_000_000 - 150_000_000) * 1_000_000 / 600_000_000_000
         );
+    }
+
+    #[test]
+    fn cache_writes_have_their_own_price() {
+        let mut pr = price("3", Some("0.30"), "15", "0");
+        let u = Usage {
+            prompt_tokens: 25 + 100 + 2000,
+            cached_tokens: 2000,
+            cache_write_tokens: 100,
+            completion_tokens: 15,
+            reasoning_tokens: 0,
+        };
+        // Without a cache-write price, written tokens are input.
+        assert_eq!(
+            pr.cost(&u),
+            Pico(125 * 3_000_000 + 2000 * 300_000 + 15 * 15_000_000)
+        );
+        pr.cache_write = Some(Pico::parse_usd("3.75").unwrap());
+        assert_eq!(
+            pr.cost(&u),
+            Pico(25 * 3_000_000 + 100 * 3_750_000 + 2000 * 300_000 + 15 * 15_000_000)
+        );
+        // The bound covers every split of the prompt into three parts.
+        for pr in [
+            price("0.000003", Some("0.000001"), "0.000007", "0"),
+            price("0.000001", Some("0.000005"), "0", "0"),
+        ] {
+            let pr = Price {
+                cache_write: Some(Pico::parse_usd("0.0000037").unwrap()),
+                ..pr
+            };
+            for p in 0..10u64 {
+                let bound = pr.upper_bound(p, 0);
+                for cached in 0..=p {
+                    for written in 0..=p - cached {
+                        let u = Usage {
+                            prompt_tokens: p,
+                            cached_tokens: cached,
+                            cache_write_tokens: written,
+                            ..Usage::default()
+                        };
+                        assert!(pr.cost(&u) <= bound, "{pr:?} {u:?}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -134,6 +134,8 @@ enum TopKey {
     Suffix,
     Input,
     Instructions,
+    /// Anthropic's `system`: text or text blocks.
+    System,
     /// `n` / `best_of`: answers per request.
     N,
     BestOf,
@@ -171,6 +173,7 @@ impl TopKey {
             TopKey::Suffix => "suffix",
             TopKey::Input => "input",
             TopKey::Instructions => "instructions",
+            TopKey::System => "system",
             TopKey::N => "n",
             TopKey::BestOf => "best_of",
             TopKey::StoredContext(name) | TopKey::Unbounded(name) => name,
@@ -203,6 +206,12 @@ impl<'de> Deserialize<'de> for TopKey {
                     "suffix" => TopKey::Suffix,
                     "input" => TopKey::Input,
                     "instructions" => TopKey::Instructions,
+                    "system" => TopKey::System,
+                    "mcp_servers" => TopKey::Unbounded("mcp_servers"),
+                    "container" => TopKey::Unbounded("container"),
+                    // Anthropic's extended thinking: its budget counts
+                    // within `max_tokens`, so it adds nothing to the bound.
+                    "thinking" => TopKey::Setting,
                     "n" => TopKey::N,
                     "best_of" => TopKey::BestOf,
                     "previous_response_id" => TopKey::StoredContext("previous_response_id"),
@@ -267,6 +276,7 @@ pub(super) struct RequestFields<'a> {
     suffix: Option<&'a RawValue>,
     input: Option<&'a RawValue>,
     instructions: Option<&'a RawValue>,
+    system: Option<&'a RawValue>,
     n: Option<&'a RawValue>,
     best_of: Option<&'a RawValue>,
     /// The first stored-context reference met, if any (see `TopKey`).
@@ -314,6 +324,7 @@ impl<'de> Deserialize<'de> for RequestFields<'de> {
                         TopKey::Suffix => &mut f.suffix,
                         TopKey::Input => &mut f.input,
                         TopKey::Instructions => &mut f.instructions,
+                        TopKey::System => &mut f.system,
                         TopKey::N => &mut f.n,
                         TopKey::BestOf => &mut f.best_of,
                         TopKey::Models => &mut f.models,
@@ -444,6 +455,9 @@ enum PartKey {
     Role,
     /// `file_id`, `file_url`: a file the upstream fetches, unbounded.
     FileRef(&'static str),
+    /// Anthropic's `source` of an image or document: data, or a reference
+    /// (`url`, `file`) the upstream fetches.
+    Source,
     /// Anything else: key and raw JSON length.
     Other(usize),
 }
@@ -463,6 +477,7 @@ impl<'de> Deserialize<'de> for PartKey {
                     "role" => PartKey::Role,
                     "file_id" => PartKey::FileRef("file_id"),
                     "file_url" => PartKey::FileRef("file_url"),
+                    "source" => PartKey::Source,
                     other => PartKey::Other(other.len() + 3),
                 })
             }
@@ -538,6 +553,7 @@ impl<'de> Visitor<'de> for Measuring<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut inner = Measure::default();
         let mut image = false;
+        let mut by_reference = false;
         while let Some(key) = map.next_key::<PartKey>()? {
             match key {
                 PartKey::Text => {
@@ -571,6 +587,22 @@ impl<'de> Visitor<'de> for Measuring<'_> {
                 PartKey::Role => {
                     map.next_value::<IgnoredAny>()?;
                 }
+                PartKey::Source => {
+                    let raw: &RawValue = map.next_value()?;
+                    inner.bytes = inner
+                        .bytes
+                        .saturating_add(("source".len() + 3 + raw.get().len()) as u64);
+                    #[derive(Deserialize)]
+                    struct Source<'a> {
+                        #[serde(borrow, rename = "type")]
+                        kind: Option<&'a RawValue>,
+                    }
+                    let kind = serde_json::from_str::<Source>(raw.get())
+                        .ok()
+                        .and_then(|s| s.kind)
+                        .and_then(decoded);
+                    by_reference = matches!(kind.as_deref(), Some("url" | "file"));
+                }
                 PartKey::Other(key_len) => {
                     let raw: &RawValue = map.next_value()?;
                     inner.bytes = inner
@@ -578,6 +610,12 @@ impl<'de> Visitor<'de> for Measuring<'_> {
                         .saturating_add((key_len + raw.get().len()) as u64);
                 }
             }
+        }
+        if by_reference && !image {
+            // A document the upstream fetches: its size is unknown. (An
+            // image by URL is bounded per image.)
+            self.acc.unbounded = Some("a document by URL or file id");
+            return Err(de::Error::custom("unbounded input"));
         }
         if image {
             // Its bytes are an image's URL or base64 data, not text.
@@ -696,6 +734,7 @@ fn fields(endpoint: Endpoint, body: &[u8]) -> Result<RequestFields<'_>, ApiError
 /// Errors are 400s in OpenAI's shape: `invalid_json` (malformed, not an
 /// object, or a field the gateway reads given twice),
 /// `missing_required_parameter` (`model`), `invalid_type` (with `param`).
+/// `Messages` (Anthropic) requires `max_tokens` (`missing_max_tokens`).
 /// `Other`, `Models` and `CountTokens` are best effort: `model` if it is a string, `stream` if it
 /// is a bool; an empty body is `Ok(default)`; a non-empty body must be JSON.
 ///
@@ -711,7 +750,7 @@ pub(super) fn analyze(
 ) -> Result<(RequestInfo, RequestFields<'_>), ApiError> {
     if matches!(
         endpoint,
-        Endpoint::Other | Endpoint::Models | Endpoint::CountTokens | Endpoint::Messages
+        Endpoint::Other | Endpoint::Models | Endpoint::CountTokens
     ) {
         return inspect_other(body).map(|info| (info, RequestFields::default()));
     }
@@ -749,6 +788,16 @@ pub(super) fn analyze(
         }
         Endpoint::Completions => typed::<u64>(f.max_tokens, "max_tokens", uint)?,
         Endpoint::Responses => typed::<u64>(f.max_output_tokens, "max_output_tokens", uint)?,
+        Endpoint::Messages => match typed::<u64>(f.max_tokens, "max_tokens", uint)? {
+            Some(max) => Some(max),
+            None => {
+                return Err(ApiError::bad_request(
+                    "missing_max_tokens",
+                    "max_tokens: Field required. The Messages API needs `max_tokens`.",
+                )
+                .with_param("max_tokens"));
+            }
+        },
         _ => None,
     };
     let n = typed::<u64>(f.n, "n", uint)?.unwrap_or(1);
@@ -806,7 +855,7 @@ pub(super) fn analyze(
             )?
             .unwrap_or(false);
         }
-    } else if endpoint == Endpoint::Responses {
+    } else if matches!(endpoint, Endpoint::Responses | Endpoint::Messages) {
         info.include_usage = true;
     }
 
@@ -827,15 +876,20 @@ pub(super) fn analyze(
             measure(f.input, "input", b"\"[", text_or_list, &mut m)?;
             measure(f.instructions, "instructions", b"\"", "a string", &mut m)?;
         }
+        Endpoint::Messages => {
+            measure(f.system, "system", b"\"[", text_or_list, &mut m)?;
+            measure(f.messages, "messages", b"[", "an array", &mut m)?;
+        }
         _ => {}
     }
     // RequestFields of other routes are not this endpoint's prompt, but an upstream
     // may still render them: count them raw (a safe overcount).
     let unused: &[Option<&RawValue>] = match endpoint {
-        Endpoint::Chat => &[f.prompt, f.suffix, f.input, f.instructions],
-        Endpoint::Completions => &[f.messages, f.input, f.instructions],
-        Endpoint::Embeddings => &[f.messages, f.prompt, f.suffix, f.instructions],
-        Endpoint::Responses => &[f.messages, f.prompt, f.suffix],
+        Endpoint::Chat => &[f.prompt, f.suffix, f.input, f.instructions, f.system],
+        Endpoint::Completions => &[f.messages, f.input, f.instructions, f.system],
+        Endpoint::Embeddings => &[f.messages, f.prompt, f.suffix, f.instructions, f.system],
+        Endpoint::Responses => &[f.messages, f.prompt, f.suffix, f.system],
+        Endpoint::Messages => &[f.prompt, f.suffix, f.input, f.instructions],
         _ => &[],
     };
     for raw in unused.iter().flatten() {
@@ -902,6 +956,8 @@ fn hosted_tools(tools: Option<&RawValue>) -> Result<(), ApiError> {
             k if k.starts_with("computer_use") => "it drives a computer",
             "image_generation" => "it generates images",
             "mcp" => "it calls a remote MCP server",
+            k if k.starts_with("web_fetch") => "it fetches web pages",
+            k if k.starts_with("code_execution") => "it runs a container",
             _ => continue,
         };
         return Err(unsupported_tool(&kind, why));
@@ -1306,5 +1362,80 @@ mod tests {
             ..RequestInfo::default()
         };
         assert!(huge.prompt_estimate() <= huge.prompt_token_bound());
+    }
+
+    #[test]
+    fn inspects_anthropic_messages() {
+        let i = info(
+            Endpoint::Messages,
+            r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true,
+            "system":[{"type":"text","text":"Be brief.","cache_control":{"type":"ephemeral"}}],
+            "thinking":{"type":"enabled","budget_tokens":512},
+            "messages":[{"role":"user","content":[
+                {"type":"text","text":"hi"},
+                {"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}},
+                {"type":"image","source":{"type":"url","url":"https://e/i.png"}}]},
+              {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"f","input":{}}]},
+              {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"ok"}]}],
+            "tools":[{"name":"f","input_schema":{"type":"object"}}]}"#,
+        );
+        assert_eq!(i.model.as_deref(), Some("claude-sonnet-4-5"));
+        assert!(i.stream && i.include_usage);
+        assert_eq!(i.max_tokens, Some(1024));
+        assert_eq!(i.images, 2);
+        // Text: "Be brief." 9, "hi" 2, "ok" 2, plus the raw extras.
+        assert!(i.prompt_bytes > 13, "{}", i.prompt_bytes);
+        // system: 1 block; messages: 3; tools: 1.
+        assert_eq!(i.prompt_parts, 5);
+        let i = info(
+            Endpoint::Messages,
+            r#"{"model":"c","max_tokens":5,"system":"abc","messages":[{"role":"user","content":"d"}]}"#,
+        );
+        assert_eq!((i.prompt_bytes, i.prompt_parts, i.choices), (4, 2, 1));
+        let e = inspect(
+            Endpoint::Messages,
+            br#"{"model":"c","messages":[{"role":"user","content":"d"}]}"#,
+        )
+        .expect_err("max_tokens is required");
+        assert_eq!((e.status.as_u16(), e.code), (400, "missing_max_tokens"));
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        for (body, code) in [
+            (
+                r#"{"model":"c","max_tokens":5,"messages":{}}"#,
+                "invalid_type",
+            ),
+            (
+                r#"{"max_tokens":5,"messages":[]}"#,
+                "missing_required_parameter",
+            ),
+            (
+                r#"{"model":"c","max_tokens":-5,"messages":[]}"#,
+                "invalid_type",
+            ),
+            (
+                r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{"type":"url","url":"https://e/a.pdf"}}]}]}"#,
+                "unbounded_input",
+            ),
+            (
+                r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{"type":"file","file_id":"f"}}]}]}"#,
+                "unbounded_input",
+            ),
+            (
+                r#"{"model":"c","max_tokens":5,"messages":[],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
+                "unsupported_tool",
+            ),
+            (
+                r#"{"model":"c","max_tokens":5,"messages":[],"mcp_servers":[{"url":"https://e"}]}"#,
+                "unsupported_tool",
+            ),
+        ] {
+            assert_eq!(err(Endpoint::Messages, body).0, code, "{body}");
+        }
+        // A base64 document is bounded by its bytes.
+        let i = info(
+            Endpoint::Messages,
+            r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":[{"type":"document","source":{"type":"base64","media_type":"application/pdf","data":"JVBERi0="}}]}]}"#,
+        );
+        assert!(i.prompt_bytes >= 8 && i.images == 0);
     }
 }

@@ -16,7 +16,7 @@ pub struct Rewrite {
     /// other routes report usage unasked or do not stream).
     pub include_usage: bool,
     /// Set the endpoint's max-tokens field to this value (chat, completions,
-    /// responses; embeddings and other routes have none).
+    /// responses, messages; embeddings and other routes have none).
     pub max_tokens: Option<u64>,
 }
 
@@ -65,7 +65,7 @@ pub fn rewrite(endpoint: Endpoint, body: &Bytes, rw: &Rewrite) -> Result<Bytes, 
     let want_max = rw.max_tokens.filter(|_| {
         matches!(
             endpoint,
-            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses | Endpoint::Messages
         )
     });
     if !want_usage && want_max.is_none() {
@@ -131,7 +131,9 @@ pub fn rewrite(endpoint: Endpoint, body: &Bytes, rw: &Rewrite) -> Result<Bytes, 
                     .collect(),
                 "max_completion_tokens",
             ),
-            Endpoint::Completions => (f.max_tokens.into_iter().collect(), "max_tokens"),
+            Endpoint::Completions | Endpoint::Messages => {
+                (f.max_tokens.into_iter().collect(), "max_tokens")
+            }
             _ => (
                 f.max_output_tokens.into_iter().collect(),
                 "max_output_tokens",
@@ -274,5 +276,21 @@ mod tests {
         assert_eq!(out.as_ptr(), body.as_ptr());
         // A body inspect refuses is refused.
         assert!(rewrite(Endpoint::Chat, &Bytes::from_static(b"{\"model\":1}"), &both).is_err());
+    }
+
+    #[test]
+    fn rewrite_caps_anthropic_max_tokens() {
+        let both = Rewrite {
+            include_usage: true,
+            max_tokens: Some(64),
+        };
+        assert_eq!(
+            rewritten(
+                Endpoint::Messages,
+                r#"{"model":"c","max_tokens":4096,"messages":[],"stream":true}"#,
+                both
+            ),
+            r#"{"model":"c","max_tokens":64,"messages":[],"stream":true}"#
+        );
     }
 }

@@ -61,6 +61,13 @@ static CHAT_CONTENT: LazyLock<[Finder<'static>; 4]> = LazyLock::new(|| {
 });
 static COMPLETION_CONTENT: LazyLock<[Finder<'static>; 1]> =
     LazyLock::new(|| [Finder::new(b"\"text\"")]);
+static MESSAGES_CONTENT: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"text\""),
+        Finder::new(b"\"partial_json\""),
+        Finder::new(b"\"thinking\""),
+    ]
+});
 static RESPONSES_CONTENT: LazyLock<[Finder<'static>; 1]> =
     LazyLock::new(|| [Finder::new(b"\"delta\"")]);
 
@@ -91,6 +98,7 @@ fn carries_content(endpoint: Endpoint, payload: &[u8]) -> bool {
         Endpoint::Chat => &*CHAT_CONTENT,
         Endpoint::Completions => &*COMPLETION_CONTENT,
         Endpoint::Responses => &*RESPONSES_CONTENT,
+        Endpoint::Messages => &*MESSAGES_CONTENT,
         _ => return false,
     };
     let non_empty = |v: &[u8]| v.len() >= 2 && v[0] == b'"' && v[1] != b'"';
@@ -169,6 +177,10 @@ impl UsageTail {
     }
 
     fn usage(&self) -> Option<Usage> {
+        self.raw()?.into_usage()
+    }
+
+    fn raw(&self) -> Option<RawUsage> {
         if !self.capturing {
             return None;
         }
@@ -176,8 +188,7 @@ impl UsageTail {
         let rest = skip_ws(skip_ws(rest).strip_prefix(b":")?);
         let mut de = serde_json::Deserializer::from_slice(rest);
         // The usage object is followed by more of the body: no `end()`.
-        let raw = Option::<RawUsage>::deserialize(&mut de).ok()??;
-        raw.into_usage()
+        Option::<RawUsage>::deserialize(&mut de).ok()?
     }
 
     fn reset(&mut self) {
@@ -340,9 +351,10 @@ impl Meter {
     pub fn delivered_completion_estimate(&self) -> u64 {
         match (self.framing, self.endpoint) {
             (Framing::Sse, _) => self.content_events,
-            (Framing::Json, Endpoint::Chat | Endpoint::Completions | Endpoint::Responses) => {
-                self.bytes_seen / 4
-            }
+            (
+                Framing::Json,
+                Endpoint::Chat | Endpoint::Completions | Endpoint::Responses | Endpoint::Messages,
+            ) => self.bytes_seen / 4,
             (Framing::Json, _) => 0,
         }
     }
@@ -436,7 +448,12 @@ impl Meter {
 
     fn end_overlong(&mut self, is_data: bool) {
         if is_data && !self.done {
-            if let Some(u) = self.tail.usage() {
+            let usage = if self.endpoint == Endpoint::Messages {
+                self.tail.raw().and_then(|r| r.merge_anthropic(self.usage))
+            } else {
+                self.tail.usage()
+            };
+            if let Some(u) = usage {
                 self.usage = Some(u);
             }
             self.content_events += 1;
@@ -465,7 +482,7 @@ impl Meter {
             self.content_events += 1;
         }
         if may_carry_usage(payload) {
-            if let Some((usage, usage_only)) = parse_event(self.endpoint, payload) {
+            if let Some((usage, usage_only)) = parse_event(self.endpoint, self.usage, payload) {
                 self.usage = Some(usage);
                 if usage_only {
                     return Line::UsageOnly;
@@ -555,6 +572,7 @@ mod tests {
     const CHAT_USAGE: Usage = Usage {
         prompt_tokens: 19,
         cached_tokens: 3,
+        cache_write_tokens: 0,
         completion_tokens: 10,
         reasoning_tokens: 2,
     };
@@ -773,6 +791,7 @@ data: {\"type\":\"response.completed\",\"sequence_number\":3,\"response\":{\"id\
         let usage = Some(Usage {
             prompt_tokens: 37,
             cached_tokens: 37,
+            cache_write_tokens: 0,
             completion_tokens: 11,
             reasoning_tokens: 4,
         });
@@ -815,6 +834,7 @@ data: {\"type\":\"response.completed\",\"sequence_number\":3,\"response\":{\"id\
         let usage = Some(Usage {
             prompt_tokens: 9,
             cached_tokens: 2,
+            cache_write_tokens: 0,
             completion_tokens: 12,
             reasoning_tokens: 3,
         });
@@ -958,5 +978,114 @@ data: {\"type\":\"response.completed\",\"sequence_number\":3,\"response\":{\"id\
             "y".repeat(HOLD_CAP)
         ));
         assert_eq!(m.on_frame(big.clone()), big);
+    }
+
+    const MESSAGES_STREAM: &str = "event: message_start\n\
+data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":2000,\"cache_creation\":{\"ephemeral_5m_input_tokens\":100,\"ephemeral_1h_input_tokens\":0},\"output_tokens\":1}}}\n\n\
+event: content_block_start\n\
+data: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: ping\n\
+data: {\"type\": \"ping\"}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n\
+event: content_block_delta\n\
+data: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"!\"}}\n\n\
+event: content_block_stop\n\
+data: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":7}}\n\n\
+event: message_delta\n\
+data: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n\
+event: message_stop\n\
+data: {\"type\":\"message_stop\"}\n\n";
+
+    const MESSAGES_USAGE: Usage = Usage {
+        prompt_tokens: 25 + 100 + 2000,
+        cached_tokens: 2000,
+        cache_write_tokens: 100,
+        completion_tokens: 15,
+        reasoning_tokens: 0,
+    };
+
+    #[test]
+    fn anthropic_stream() {
+        for withhold in [false, true] {
+            every_split(
+                Endpoint::Messages,
+                Framing::Sse,
+                withhold,
+                MESSAGES_STREAM.as_bytes(),
+                MESSAGES_STREAM.as_bytes(),
+                Some(MESSAGES_USAGE),
+            );
+        }
+        let (_, m) = run(
+            Endpoint::Messages,
+            Framing::Sse,
+            false,
+            &[MESSAGES_STREAM.as_bytes()],
+        );
+        // Two text deltas; the empty block start does not count.
+        assert_eq!(m.delivered_completion_estimate(), 2);
+        // Cut after message_start: input and cache tokens are known, output
+        // is message_start's.
+        let cut = &MESSAGES_STREAM[..MESSAGES_STREAM
+            .find("event: content_block_start")
+            .unwrap_or(0)];
+        let (_, m) = run(Endpoint::Messages, Framing::Sse, false, &[cut.as_bytes()]);
+        assert_eq!(
+            m.usage(),
+            Some(Usage {
+                completion_tokens: 1,
+                ..MESSAGES_USAGE
+            })
+        );
+        // A message_delta that repeats input counts replaces them.
+        let stream = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n\
+                      data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":4,\"cache_read_input_tokens\":6,\"output_tokens\":9}}\n\n";
+        let (_, m) = run(
+            Endpoint::Messages,
+            Framing::Sse,
+            false,
+            &[stream.as_bytes()],
+        );
+        assert_eq!(
+            m.usage(),
+            Some(Usage {
+                prompt_tokens: 10,
+                cached_tokens: 6,
+                cache_write_tokens: 0,
+                completion_tokens: 9,
+                reasoning_tokens: 0,
+            })
+        );
+    }
+
+    #[test]
+    fn anthropic_json_body() {
+        let body = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"The \"usage\": {\"input_tokens\": 1} is quoted"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":100,"cache_read_input_tokens":2000,"output_tokens":15}}"#;
+        every_split(
+            Endpoint::Messages,
+            Framing::Json,
+            false,
+            body.as_bytes(),
+            body.as_bytes(),
+            Some(MESSAGES_USAGE),
+        );
+        let plain = r#"{"type":"message","usage":{"input_tokens":12,"output_tokens":3}}"#;
+        let (_, m) = run(
+            Endpoint::Messages,
+            Framing::Json,
+            false,
+            &[plain.as_bytes()],
+        );
+        assert_eq!(
+            m.usage(),
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 3,
+                ..Usage::default()
+            })
+        );
     }
 }

@@ -9,8 +9,15 @@ use super::Endpoint;
 /// `reasoning ⊆ completion`, as OpenAI reports them (clamped so).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
+    /// Every prompt token, cached and cache-written ones included (for
+    /// Anthropic: `input_tokens` + cache creation + cache reads).
     pub prompt_tokens: u64,
+    /// Prompt tokens read from the upstream's prompt cache (OpenAI's
+    /// `cached_tokens`, Anthropic's `cache_read_input_tokens`).
     pub cached_tokens: u64,
+    /// Prompt tokens written to the prompt cache, priced apart (Anthropic's
+    /// `cache_creation_input_tokens`). `cached + cache_write ≤ prompt`.
+    pub cache_write_tokens: u64,
     pub completion_tokens: u64,
     pub reasoning_tokens: u64,
 }
@@ -68,10 +75,53 @@ pub(super) struct RawUsage {
     completion_tokens_details: Option<RawDetails>,
     input_tokens_details: Option<RawDetails>,
     output_tokens_details: Option<RawDetails>,
+    /// Anthropic: prompt tokens written to the cache (not in `input_tokens`).
+    cache_creation_input_tokens: Option<Count>,
+    /// Anthropic: prompt tokens read from the cache (not in `input_tokens`).
+    cache_read_input_tokens: Option<Count>,
 }
 
 impl RawUsage {
+    /// Anthropic's usage, over what earlier events reported: a field the
+    /// event has replaces the earlier one (counts are cumulative), a field
+    /// it lacks keeps it (`message_delta` often carries only
+    /// `output_tokens`; `message_start` carries input and cache tokens).
+    pub(super) fn merge_anthropic(self, prev: Option<Usage>) -> Option<Usage> {
+        if prev.is_none()
+            && self.input_tokens.is_none()
+            && self.output_tokens.is_none()
+            && self.cache_creation_input_tokens.is_none()
+            && self.cache_read_input_tokens.is_none()
+        {
+            return None;
+        }
+        let prev = prev.unwrap_or_default();
+        let prev_input = prev.prompt_tokens - prev.cached_tokens - prev.cache_write_tokens;
+        let input = self.input_tokens.map_or(prev_input, |c| c.0);
+        let write = self
+            .cache_creation_input_tokens
+            .map_or(prev.cache_write_tokens, |c| c.0);
+        let read = self
+            .cache_read_input_tokens
+            .map_or(prev.cached_tokens, |c| c.0);
+        let output = self.output_tokens.map_or(prev.completion_tokens, |c| c.0);
+        // Saturating: the parts are clamped so that they still sum to at
+        // most the prompt.
+        let prompt = input.saturating_add(write).saturating_add(read);
+        let read = read.min(prompt);
+        Some(Usage {
+            prompt_tokens: prompt,
+            cached_tokens: read,
+            cache_write_tokens: write.min(prompt - read),
+            completion_tokens: output,
+            reasoning_tokens: 0,
+        })
+    }
+
     pub(super) fn into_usage(self) -> Option<Usage> {
+        if self.cache_creation_input_tokens.is_some() || self.cache_read_input_tokens.is_some() {
+            return self.merge_anthropic(None);
+        }
         let prompt = self.prompt_tokens.or(self.input_tokens);
         let completion = self.completion_tokens.or(self.output_tokens);
         if prompt.is_none() && completion.is_none() {
@@ -98,6 +148,7 @@ impl RawUsage {
         Some(Usage {
             prompt_tokens: prompt,
             cached_tokens: cached.min(prompt),
+            cache_write_tokens: 0,
             completion_tokens: completion,
             reasoning_tokens: reasoning.min(completion),
         })
@@ -162,12 +213,23 @@ struct UsageEvent {
     choices: Option<ArrayLen>,
     /// Responses API events: `response.completed` and friends.
     response: Option<ResponseObject>,
+    /// Anthropic's `message_start`: `message.usage`.
+    message: Option<ResponseObject>,
 }
 
-/// Usage in one `data:` payload, and whether the event is a usage-only
+/// Usage in one `data:` payload (merged over `prev` for Anthropic's
+/// events, which report it in parts), and whether the event is a usage-only
 /// chunk (`"choices":[]` with a usage).
-pub(super) fn parse_event(endpoint: Endpoint, payload: &[u8]) -> Option<(Usage, bool)> {
+pub(super) fn parse_event(
+    endpoint: Endpoint,
+    prev: Option<Usage>,
+    payload: &[u8],
+) -> Option<(Usage, bool)> {
     let ev: UsageEvent = serde_json::from_slice(payload).ok()?;
+    if endpoint == Endpoint::Messages {
+        let raw = ev.message.and_then(|m| m.usage).or(ev.usage)?;
+        return raw.merge_anthropic(prev).map(|u| (u, false));
+    }
     let top = ev.usage.and_then(RawUsage::into_usage);
     let nested = ev
         .response

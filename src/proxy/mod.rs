@@ -174,7 +174,12 @@ impl Call<'_> {
             crate::meter::inspect(self.route, &body)?
         };
         // The model and any fallbacks: each must be allowed, the dearest prices it.
-        let models: Vec<&str> = info.model.as_deref().into_iter().collect();
+        // The model and any fallbacks: each must be allowed, the dearest prices it.
+        let models: Vec<&str> = if info.models.is_empty() {
+            info.model.as_deref().into_iter().collect()
+        } else {
+            info.models.iter().map(String::as_str).collect()
+        };
         for m in &models {
             policy.check_model(m)?;
         }
@@ -241,7 +246,7 @@ impl Call<'_> {
                 permit,
                 reservation: reserved.reservation,
                 pricing: req.dest.pricing,
-                prompt_estimate: prompt_bound,
+                prompt_estimate: info.prompt_estimate(),
                 completion_bound: completion_bound.saturating_mul(choices),
                 route: self.route,
                 model: info.model.clone().unwrap_or_default(),

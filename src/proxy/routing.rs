@@ -186,6 +186,7 @@ impl Routing {
                     price: Price {
                         input: m.input,
                         cached_input: m.cached_input,
+                        cache_write: m.cache_write,
                         output: m.output,
                         request: m.request,
                     },
@@ -211,6 +212,7 @@ impl Routing {
                     Pricing::Tokens(Price {
                         input: rule.input.unwrap_or(Pico::ZERO),
                         cached_input: None,
+                        cache_write: None,
                         output: rule.output.unwrap_or(Pico::ZERO),
                         request: rule.request,
                     })
@@ -407,6 +409,10 @@ fn dearer(a: Pricing, b: Pricing) -> Pricing {
         (Pricing::Tokens(x), Pricing::Tokens(y)) => Pricing::Tokens(Price {
             input: x.input.max(y.input),
             cached_input: match (x.cached_input, y.cached_input) {
+                (None, None) => None,
+                (p, q) => Some(p.unwrap_or(x.input).max(q.unwrap_or(y.input))),
+            },
+            cache_write: match (x.cache_write, y.cache_write) {
                 (None, None) => None,
                 (p, q) => Some(p.unwrap_or(x.input).max(q.unwrap_or(y.input))),
             },
