@@ -21,7 +21,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -401,7 +401,8 @@ async fn proxy(
         return Ok(list_models(app, &policy));
     }
     let (parts, body) = req.into_parts();
-    let body = read_body(body, &parts.headers, app.config.server.max_body_bytes).await?;
+    let body =
+        crate::server::read_body(&parts.headers, body, app.config.server.max_body_bytes).await?;
     // Other routes may carry multipart (audio uploads): only JSON is read.
     let json_body = parts
         .headers
@@ -578,31 +579,6 @@ pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body
         HeaderValue::from_static("application/json"),
     );
     res
-}
-
-/// Reads a request body up to `max` bytes (413 past it, refused early when
-/// `content-length` already says so).
-pub async fn read_body(body: Incoming, headers: &HeaderMap, max: usize) -> Result<Bytes, ApiError> {
-    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
-        let len: u64 = len
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_header", "Content-Length is not a number.")
-            })?;
-        if len > max as u64 {
-            return Err(ApiError::body_too_large(max));
-        }
-    }
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::body_too_large(max)),
-        Err(e) => Err(ApiError::bad_request(
-            "body_read_failed",
-            format!("Could not read the request body: {e}"),
-        )),
-    }
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {

@@ -14,12 +14,11 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 
 use super::{Ctx, Data, json, key_not_found, percent_decode, query_pairs, store_error};
-use crate::clock::{DAY_MS, civil_from_days, rfc3339};
+use crate::clock::{DAY_MS, HOUR_MS, civil_from_days, rfc3339};
 use crate::error::ApiError;
 use crate::money::Pico;
 use crate::store::{KeyHash, KeyQuery, Rollup, RollupScope, UsageRecord};
 
-const HOUR_MS: i64 = 3_600_000;
 /// Range when the request names none.
 const DEFAULT_RANGE_MS: i64 = 30 * DAY_MS;
 /// Longest range one report may cover: a year and then some, so that "last
@@ -241,7 +240,7 @@ pub(super) fn granularity_of(
 }
 
 /// `page` (from 1) and `page_size` (1–100, default 20).
-pub(super) fn page_of(pairs: &[(String, String)]) -> Result<(usize, usize), ApiError> {
+pub(super) fn page_and_size(pairs: &[(String, String)]) -> Result<(usize, usize), ApiError> {
     let page = match integer(pairs, "page")? {
         None => 1,
         Some(p) if p >= 1 => p as usize,
@@ -807,7 +806,7 @@ pub(super) fn key_report(
         }
         View::Logs => {
             let pairs = params(query, &["page", "page_size"])?;
-            let (page, size) = page_of(&pairs)?;
+            let (page, size) = page_and_size(&pairs)?;
             Report::Logs(logs(ctx, hash, page, size, viewer)?)
         }
     })

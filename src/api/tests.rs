@@ -5,12 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
-use super::keys::{apply_patch, check_import_key, new_record, parse_spec, period_start_ms};
+use super::keys::{apply_patch, check_import_key, new_record, parse_spec};
 use super::*;
-use crate::clock::{Period, parse_rfc3339};
+use crate::clock::Period;
 use crate::config::{Dur, PlanConfig};
 use crate::money::Pico;
 
@@ -25,23 +25,26 @@ fn param_of(e: &ApiError) -> Option<&str> {
 #[test]
 fn routes() {
     let h = "a".repeat(64);
-    assert_eq!(route_of("/api/v1/keys"), Some(Route::Keys));
-    assert_eq!(route_of("/api/v1/keys/import"), Some(Route::Import));
-    assert_eq!(route_of(&format!("/api/v1/keys/{h}")), Some(Route::Key(&h)));
+    assert_eq!(call_of("/api/v1/keys"), Some(AdminCall::Keys));
+    assert_eq!(call_of("/api/v1/keys/import"), Some(AdminCall::Import));
     assert_eq!(
-        route_of(&format!("/api/v1/keys/{h}/credits")),
-        Some(Route::Credits(&h))
+        call_of(&format!("/api/v1/keys/{h}")),
+        Some(AdminCall::Key(&h))
     );
     assert_eq!(
-        route_of(&format!("/api/v1/keys/{h}/ledger")),
-        Some(Route::Ledger(&h))
+        call_of(&format!("/api/v1/keys/{h}/credits")),
+        Some(AdminCall::Credits(&h))
     );
-    assert_eq!(route_of("/api/v1/key"), Some(Route::OwnKey));
-    assert_eq!(route_of("/api/v1/auth/key"), Some(Route::OwnKey));
-    assert_eq!(route_of(&format!("/api/v1/keys/{h}/other")), None);
-    assert_eq!(route_of("/api/v1/keys/a/b/c/d"), None);
-    assert_eq!(route_of("/api/v2/keys"), None);
-    assert_eq!(route_of("/api/usage"), None);
+    assert_eq!(
+        call_of(&format!("/api/v1/keys/{h}/ledger")),
+        Some(AdminCall::Ledger(&h))
+    );
+    assert_eq!(call_of("/api/v1/key"), Some(AdminCall::OwnKey));
+    assert_eq!(call_of("/api/v1/auth/key"), Some(AdminCall::OwnKey));
+    assert_eq!(call_of(&format!("/api/v1/keys/{h}/other")), None);
+    assert_eq!(call_of("/api/v1/keys/a/b/c/d"), None);
+    assert_eq!(call_of("/api/v2/keys"), None);
+    assert_eq!(call_of("/api/usage"), None);
 }
 
 #[test]
@@ -301,31 +304,14 @@ fn import_key_format() {
 fn queries_and_pages() {
     let p = query_pairs(Some("owner=a%40b.c+d&limit=5&x")).unwrap();
     assert_eq!(p[0], ("owner".to_owned(), "a@b.c d".to_owned()));
-    assert_eq!(page_of(&p).unwrap(), (0, 5));
-    assert_eq!(page_of(&[]).unwrap(), (0, 100));
+    assert_eq!(offset_limit(&p).unwrap(), (0, 5));
+    assert_eq!(offset_limit(&[]).unwrap(), (0, 100));
     for bad in ["limit=0", "limit=1001", "limit=-1", "offset=x", "limit=1e3"] {
         let p = query_pairs(Some(bad)).unwrap();
-        assert_eq!(page_of(&p).unwrap_err().status, 400, "{bad}");
+        assert_eq!(offset_limit(&p).unwrap_err().status, 400, "{bad}");
     }
     assert!(query_pairs(Some("owner=%ff")).is_err());
     assert!(query_pairs(Some("owner=%4")).is_err());
-}
-
-#[test]
-fn period_starts() {
-    let t = parse_rfc3339("2026-11-25T15:30:00Z").unwrap(); // a Wednesday
-    assert_eq!(
-        period_start_ms(Period::Daily, t),
-        parse_rfc3339("2026-11-25T00:00:00Z").unwrap()
-    );
-    assert_eq!(
-        period_start_ms(Period::Weekly, t),
-        parse_rfc3339("2026-11-23T00:00:00Z").unwrap()
-    );
-    assert_eq!(
-        period_start_ms(Period::Monthly, t),
-        parse_rfc3339("2026-11-01T00:00:00Z").unwrap()
-    );
 }
 
 // ---- whole requests, in-process ----
