@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::App;
-use crate::error::ApiError;
+use crate::error::{ApiError, Fault};
 use crate::proxy::{self, Pool, X_REQUEST_ID};
 use crate::{Body, BoxError, full_body};
 
@@ -164,11 +164,14 @@ async fn route(app: &Arc<App>, pool: &Pool, req: Request<Incoming>, ip: IpAddr) 
     };
     let mut res = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
         Ok(res) => res,
-        Err(_) => {
-            tracing::error!(request_id = ?request_id, "a request handler panicked");
-            ApiError::internal("The gateway failed while handling this request.").into_response()
-        }
+        Err(_) => ApiError::internal("a request handler panicked").into_response(),
     };
+    if let Some(Fault(e)) = res.extensions_mut().remove::<Fault>() {
+        let id = request_id.to_str().unwrap_or("");
+        let cause = e.source.as_deref().map(ToString::to_string);
+        tracing::error!(request_id = id, code = e.code, cause = ?cause, "internal error");
+        *res.body_mut() = full_body(e.to_json_for(id));
+    }
     res.headers_mut().entry(&X_REQUEST_ID).or_insert(request_id);
     res
 }

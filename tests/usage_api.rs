@@ -999,10 +999,17 @@ async fn metrics_after_traffic() {
     );
     assert_eq!(num("tollgate_time_to_first_byte_seconds_count"), 3.0);
     assert_eq!(num("tollgate_in_flight_requests"), 0.0);
-    assert_eq!(num("tollgate_rejections_total{reason=\"auth\"}"), 1.0);
-    for reason in ["quota", "rate", "concurrency"] {
-        num(&format!("tollgate_rejections_total{{reason=\"{reason}\"}}"));
-    }
+    // Refusals are counted by code and origin, never by message text.
+    assert_eq!(
+        num("tollgate_rejections_total{code=\"invalid_api_key\",origin=\"client\"}"),
+        1.0
+    );
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("tollgate_rejections_total{"))
+            .all(|l| l.contains("code=\"") && l.contains("origin=\"")),
+        "{text}"
+    );
     assert_eq!(
         num("tollgate_metered_requests_total{model=\"demo-chat\"}"),
         2.0

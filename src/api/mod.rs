@@ -537,9 +537,12 @@ fn store_error(e: StoreError) -> ApiError {
         StoreError::NotFound => key_not_found(),
         StoreError::Exists => ApiError::conflict("key_exists", "This key already exists."),
         StoreError::Invalid(m) => ApiError::bad_request("invalid_request", m),
+        // The cause is logged with the request id, never sent (it may name
+        // files and sled's internals).
         other => {
-            tracing::error!(error = %other, "key store failed on an admin request");
-            ApiError::internal("The key store failed; nothing may have changed. Retry later.")
+            let mut e = ApiError::internal(other);
+            e.message = "The key store failed; nothing may have changed. Retry later.".into();
+            e
         }
     }
 }

@@ -795,3 +795,17 @@ async fn auth_paths_methods_and_sizes() {
     let (s, _, _) = w.call_as("GET", "/api/v1/key", None, None, ip).await;
     assert_eq!(s, 401);
 }
+
+#[test]
+fn store_failures_are_not_told_to_the_client() {
+    let e = store_error(StoreError::Corrupt(
+        "/srv/tollgate/db/conf: bad magic".into(),
+    ));
+    assert_eq!(e.status, 500);
+    let text = String::from_utf8(e.to_json().to_vec()).unwrap();
+    assert!(!text.contains("/srv") && !text.contains("magic"), "{text}");
+    let cause = e.source.as_ref().expect("the cause is kept for the log");
+    assert!(cause.to_string().contains("bad magic"));
+    // Refusals the client can act on still say what they are.
+    assert_eq!(store_error(StoreError::NotFound).status, 404);
+}
