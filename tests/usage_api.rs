@@ -646,6 +646,9 @@ async fn bad_input_and_isolation() {
         ("start=0", "invalid_range", "start"),
         ("start=1000&end=2000", "invalid_range", "start"),
         ("end=1500000000", "invalid_range", "end"),
+        // 18 digits: seconds × 1000 does not fit in i64 (item 13).
+        ("start=999999999999999999", "invalid_range", "start"),
+        ("end=999999999999999999", "invalid_range", "end"),
     ] {
         let (s, v) = get_json(&gw, &format!("/api/usage/token/detail?{query}"), &h).await;
         assert_bad(s, &v, code, param);

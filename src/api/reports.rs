@@ -137,21 +137,39 @@ pub(super) fn range_of(pairs: &[(String, String)], now_ms: i64) -> Result<Range,
     let bad = |name: &'static str, msg: String| {
         ApiError::bad_request("invalid_range", msg).with_param(name)
     };
+    // Checked all the way: 18 digits of seconds do not fit in i64 ms.
+    let out_of_range = |name: &'static str| {
+        bad(
+            name,
+            format!("`{name}` is out of range (Unix seconds, not milliseconds)."),
+        )
+    };
     let secs = |name: &'static str| -> Result<Option<i64>, ApiError> {
-        Ok(integer(pairs, name)?.map(|s| s as i64))
+        match integer(pairs, name)? {
+            None => Ok(None),
+            Some(s) => i64::try_from(s)
+                .ok()
+                .and_then(|s| s.checked_mul(1000))
+                .map(Some)
+                .ok_or_else(|| out_of_range(name)),
+        }
     };
     let (start, end) = (secs("start")?, secs("end")?);
     let end_ms = match end {
-        Some(e) => e * 1000,
+        Some(e) => e,
         None => match start {
-            Some(s) => (s * 1000 + DEFAULT_RANGE_MS).min(now_ms),
+            Some(s) => s
+                .checked_add(DEFAULT_RANGE_MS)
+                .ok_or_else(|| out_of_range("start"))?
+                .min(now_ms),
             None => now_ms,
         },
     };
     let start_ms = match start {
-        Some(s) => s * 1000,
-        None => end_ms - DEFAULT_RANGE_MS,
+        Some(s) => s,
+        None => end_ms.saturating_sub(DEFAULT_RANGE_MS),
     };
+    let (start, end) = (start.map(|s| s / 1000), end.map(|e| e / 1000));
     if start.is_some_and(|s| s < EPOCH_FLOOR_S) {
         return Err(bad(
             "start",
@@ -175,7 +193,7 @@ pub(super) fn range_of(pairs: &[(String, String)], now_ms: i64) -> Result<Range,
     if start_ms >= end_ms {
         return Err(bad("start", "`start` must be before `end`.".into()));
     }
-    if end_ms - start_ms > MAX_RANGE_DAYS * DAY_MS {
+    if end_ms.saturating_sub(start_ms) > MAX_RANGE_DAYS * DAY_MS {
         return Err(bad(
             "end",
             format!("A range covers at most {MAX_RANGE_DAYS} days."),
@@ -183,7 +201,10 @@ pub(super) fn range_of(pairs: &[(String, String)], now_ms: i64) -> Result<Range,
     }
     Ok(Range {
         start_ms: start_ms.div_euclid(HOUR_MS) * HOUR_MS,
-        end_ms: (end_ms + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
+        end_ms: end_ms
+            .div_euclid(HOUR_MS)
+            .saturating_add(i64::from(end_ms.rem_euclid(HOUR_MS) != 0))
+            .saturating_mul(HOUR_MS),
     })
 }
 

@@ -809,3 +809,28 @@ fn store_failures_are_not_told_to_the_client() {
     // Refusals the client can act on still say what they are.
     assert_eq!(store_error(StoreError::NotFound).status, 404);
 }
+
+/// Issue 9 item 13: `start`/`end` are seconds multiplied by 1000 with
+/// checked arithmetic: 18 digits are a 400, never a panic or a wrap.
+#[test]
+fn huge_range_values_are_refused_not_wrapped() {
+    let now = 1_795_000_000_000;
+    for q in [
+        "start=999999999999999999",
+        "end=999999999999999999",
+        "start=1700000000&end=999999999999999999",
+        "start=999999999999999999&end=1700000000",
+        "start=9223372036854775",
+    ] {
+        let pairs = query_pairs(Some(q)).unwrap();
+        let e = reports::range_of(&pairs, now).expect_err(q);
+        assert_eq!(e.status, 400, "{q}");
+    }
+    let pairs = query_pairs(Some("start=1794000000&end=1794003600")).unwrap();
+    let r = reports::range_of(&pairs, now).unwrap();
+    // Widened to whole hours.
+    assert_eq!(
+        (r.start_ms, r.end_ms),
+        (1_793_998_800_000, 1_794_006_000_000)
+    );
+}
