@@ -196,17 +196,41 @@ fn ops(app: &App, req: &Request<Incoming>) -> Response<Body> {
                 )
             }
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            app.metrics.render(app),
-        ),
+        "/metrics" => {
+            if let Some(expected) = &app.metrics_token
+                && !bearer_is(req.headers(), expected)
+            {
+                return ApiError::invalid_api_key(
+                    "/metrics needs `Authorization: Bearer <token>` (metrics.token_env).",
+                )
+                .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+                .into_response();
+            }
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                app.metrics.render(app),
+            )
+        }
         _ => ApiError::not_found(format!(
             "Unknown path {}.",
             crate::error::truncate(path, 256)
         ))
         .into_response(),
     }
+}
+
+/// Whether `Authorization: Bearer <expected>` was sent (compared in
+/// constant time).
+fn bearer_is(headers: &HeaderMap, expected: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .and_then(|v| {
+            v.strip_prefix(b"Bearer ")
+                .or_else(|| v.strip_prefix(b"bearer "))
+        });
+    given.is_some_and(|t| crate::api::token_matches(expected.as_bytes(), t.trim_ascii()))
 }
 
 fn text(

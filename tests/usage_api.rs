@@ -756,7 +756,10 @@ async fn bad_input_and_isolation() {
     for headers in [
         vec![],
         vec![("authorization", "Bearer sk-tg-not-a-real-key")],
-        vec![("authorization", "Bearer test-admin-token-0123456789")],
+        vec![(
+            "authorization",
+            "Bearer test-admin-token-0123456789abcdefghij",
+        )],
     ] {
         let (s, v) = get_json(&gw, "/api/usage/token/detail", &headers).await;
         assert_error(s, &v, 401, "invalid_api_key");

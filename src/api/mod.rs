@@ -18,6 +18,7 @@
 //! [`Fields`]) so that a refusal names the field at fault (`param`) and
 //! amounts are read exactly from their JSON text.
 
+mod admin_guard;
 mod cors;
 mod credits;
 mod keys;
@@ -45,6 +46,8 @@ use crate::store::{KeyHash, Store, StoreError};
 use crate::{Body, BoxError};
 use reports::{Subject, View};
 
+pub use admin_guard::AdminGuard;
+
 /// Largest admin request body: key specs and credits are small; anything
 /// bigger is a mistake or an attack.
 pub const ADMIN_BODY_MAX: usize = 64 * 1024;
@@ -62,6 +65,7 @@ pub(crate) struct Ctx<'a> {
     pub store: &'a Store,
     pub clock: &'a Clock,
     pub admin_token: &'a str,
+    pub admin_guard: &'a AdminGuard,
 }
 
 impl<'a> Ctx<'a> {
@@ -73,6 +77,7 @@ impl<'a> Ctx<'a> {
             store: &app.store,
             clock: &app.clock,
             admin_token: &app.admin_token,
+            admin_guard: &app.admin_guard,
         }
     }
 }
@@ -215,9 +220,12 @@ where
 
 // ---- admin authentication ----
 
-/// Checks `Authorization: Bearer <admin token>`. Every failure counts
-/// against the client IP; too many answer 429 instead of 401.
+/// Checks `Authorization: Bearer <admin token>`. A network that failed
+/// too often is refused (429) before the token is even compared, so that
+/// guessing stops paying off; every failure counts against it.
 fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<(), ApiError> {
+    let now = ctx.clock.now_ms();
+    ctx.admin_guard.check(ip, now)?;
     let given = headers
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes())
@@ -232,7 +240,7 @@ fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<()
     if ok {
         return Ok(());
     }
-    ctx.gate.admin_failure(ip)?;
+    ctx.admin_guard.failed(ip, now);
     let message = if given.is_none() {
         "This endpoint needs the admin token: `Authorization: Bearer ADMIN_TOKEN`."
     } else {
@@ -245,7 +253,7 @@ fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<()
 /// on neither's content nor length: both are hashed to 32 bytes first and
 /// the digests compared with `subtle`. An empty expected token matches
 /// nothing.
-fn token_matches(expected: &[u8], given: &[u8]) -> bool {
+pub fn token_matches(expected: &[u8], given: &[u8]) -> bool {
     use sha2::{Digest, Sha256};
     let a = Sha256::digest(expected);
     let b = Sha256::digest(given);

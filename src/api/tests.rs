@@ -322,6 +322,7 @@ struct World {
     store: Store,
     clock: Clock,
     token: String,
+    admin_guard: AdminGuard,
     dir: PathBuf,
 }
 
@@ -353,6 +354,7 @@ impl World {
             store,
             clock,
             token: "admin-secret".into(),
+            admin_guard: AdminGuard::new(3),
             dir,
         }
     }
@@ -364,6 +366,7 @@ impl World {
             store: &self.store,
             clock: &self.clock,
             admin_token: &self.token,
+            admin_guard: &self.admin_guard,
         }
     }
 
@@ -750,8 +753,25 @@ async fn auth_paths_methods_and_sizes() {
         );
     }
     assert!(statuses.contains(&429), "{statuses:?}");
+    // Blocked before comparing: even the right token is refused (item 16).
+    let right = format!("Bearer {}", w.token);
+    let (s, _, v) = w
+        .call_as("GET", "/api/v1/keys", None, Some(&right), ip)
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("rate_limit_exceeded"))
+    );
     // Another IP is not blocked, and the right token works.
     let (s, _, _) = w.call("GET", "/api/v1/keys", None).await;
+    assert_eq!(s, 200);
+    // The block ends with time (the test clock, moved).
+    w.clock.advance(std::time::Duration::from_millis(
+        admin_guard::BLOCK_MS as u64,
+    ));
+    let (s, _, _) = w
+        .call_as("GET", "/api/v1/keys", None, Some(&right), ip)
+        .await;
     assert_eq!(s, 200);
 
     let (s, _, _) = w.call("GET", "/api/v1/nothing", None).await;
