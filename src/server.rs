@@ -150,8 +150,14 @@ impl Drop for ConnGuard {
 /// Sends a request to its handler. A panic in a handler becomes a 500 for
 /// this request only; the guards it held (permit, reservation) are released
 /// while unwinding.
-async fn route(app: &Arc<App>, pool: &Pool, req: Request<Incoming>, ip: IpAddr) -> Response<Body> {
+async fn route(
+    app: &Arc<App>,
+    pool: &Pool,
+    req: Request<Incoming>,
+    peer: IpAddr,
+) -> Response<Body> {
     let request_id = proxy::request_id(req.headers());
+    let ip = client_ip(peer, req.headers(), &app.config.server.trusted_proxies);
     let fut = async {
         let path = req.uri().path();
         if path == "/v1" || path.starts_with("/v1/") {
@@ -174,6 +180,68 @@ async fn route(app: &Arc<App>, pool: &Pool, req: Request<Incoming>, ip: IpAddr) 
     }
     res.headers_mut().entry(&X_REQUEST_ID).or_insert(request_id);
     res
+}
+
+/// The client's address: the TCP peer, unless the peer is one of
+/// `server.trusted_proxies`; then the right-most hop of `X-Forwarded-For`
+/// (or, without it, of `Forwarded: for=`) that is not itself a trusted
+/// proxy. Hops left of that one were written by the client and are never
+/// believed. A hop that cannot be read (`unknown`, an obfuscated name)
+/// stops the walk at the last trusted address. No allocation.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip));
+    if trusted.is_empty() || !is_trusted(peer) {
+        return peer;
+    }
+    let xff = headers.get_all("x-forwarded-for");
+    let (values, forwarded) = if xff.iter().next().is_some() {
+        (xff, false)
+    } else {
+        (headers.get_all(header::FORWARDED), true)
+    };
+    let mut client = peer;
+    for value in values.iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for hop in text.rsplit(',') {
+            let addr = if forwarded {
+                forwarded_for(hop)
+            } else {
+                parse_hop(hop)
+            };
+            let Some(addr) = addr else { return client };
+            client = addr;
+            if !is_trusted(addr) {
+                return addr;
+            }
+        }
+    }
+    client
+}
+
+/// The `for=` of one `Forwarded` element (`for=192.0.2.1;proto=https`,
+/// `for="[2001:db8::1]:4711"`).
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    element.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| parse_hop(v.trim().trim_matches('"')))
+            .flatten()
+    })
+}
+
+/// One hop: `192.0.2.1`, `192.0.2.1:80`, `2001:db8::1`, `[2001:db8::1]:80`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = hop.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
 /// `/healthz`, `/readyz`, `/metrics`; 404 elsewhere.
@@ -320,4 +388,104 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tcp
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
     Ok(sock.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn client_address_only_through_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> =
+            vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let proxy = ip("10.0.0.2");
+        let xff = |v: &str| headers(&[("x-forwarded-for", v)]);
+        // Untrusted peer: its headers are ignored.
+        assert_eq!(
+            client_ip(ip("198.51.100.9"), &xff("203.0.113.5"), &trusted),
+            ip("198.51.100.9")
+        );
+        // Nothing trusted: the peer, whatever is sent.
+        assert_eq!(client_ip(proxy, &xff("203.0.113.5"), &[]), proxy);
+        // The right-most untrusted hop; the client's own left-most claims are not believed.
+        assert_eq!(
+            client_ip(proxy, &xff("1.1.1.1, 203.0.113.5"), &trusted),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            client_ip(proxy, &xff("1.1.1.1, 203.0.113.5, 10.0.0.7"), &trusted),
+            ip("203.0.113.5")
+        );
+        // Several header lines are one list, in order.
+        let two = headers(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "203.0.113.5"),
+        ]);
+        assert_eq!(client_ip(proxy, &two, &trusted), ip("203.0.113.5"));
+        // Ports and brackets.
+        assert_eq!(
+            client_ip(proxy, &xff("203.0.113.5:4711"), &trusted),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            client_ip(proxy, &xff("[2001:db8::7]:80"), &trusted),
+            ip("2001:db8::7")
+        );
+        // Only trusted hops: the left-most of them.
+        assert_eq!(
+            client_ip(proxy, &xff("10.1.1.1, 10.0.0.7"), &trusted),
+            ip("10.1.1.1")
+        );
+        // Garbage stops at the last trusted address.
+        assert_eq!(client_ip(proxy, &xff("203.0.113.5, junk"), &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, &xff("junk, 10.0.0.7"), &trusted),
+            ip("10.0.0.7")
+        );
+        // No header: the peer.
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
+    }
+
+    #[test]
+    fn forwarded_header() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy = ip("10.0.0.2");
+        let fwd = |v: &str| headers(&[("forwarded", v)]);
+        assert_eq!(
+            client_ip(
+                proxy,
+                &fwd("for=192.0.2.60;proto=http;by=203.0.113.43"),
+                &trusted
+            ),
+            ip("192.0.2.60")
+        );
+        assert_eq!(
+            client_ip(
+                proxy,
+                &fwd("for=1.1.1.1, For=\"[2001:db8:cafe::17]:4711\""),
+                &trusted
+            ),
+            ip("2001:db8:cafe::17")
+        );
+        assert_eq!(client_ip(proxy, &fwd("for=unknown"), &trusted), proxy);
+        assert_eq!(client_ip(proxy, &fwd("proto=https"), &trusted), proxy);
+        // X-Forwarded-For wins when both are present.
+        let both = headers(&[
+            ("forwarded", "for=1.1.1.1"),
+            ("x-forwarded-for", "203.0.113.5"),
+        ]);
+        assert_eq!(client_ip(proxy, &both, &trusted), ip("203.0.113.5"));
+    }
 }

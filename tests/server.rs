@@ -805,3 +805,57 @@ async fn admin_guessing_is_blocked_before_comparing() {
     let (s, _, _) = send("GET", &url, &[("authorization", &right)], None).await;
     assert_eq!(s, 200);
 }
+
+/// Issue 9 item 15: behind a trusted proxy `allowed_ips` sees the client
+/// named by `X-Forwarded-For`; from an untrusted peer a spoofed header is
+/// ignored and the peer's own address is what counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxies_name_the_client() {
+    let embed = |gw: &TestGateway, key: &str, xff: Option<&str>| {
+        let url = gw.url("/v1/embeddings");
+        let auth = bearer(key);
+        let xff = xff.map(str::to_owned);
+        async move {
+            let mut h = vec![("authorization", auth.as_str())];
+            if let Some(x) = &xff {
+                h.push(("x-forwarded-for", x.as_str()));
+            }
+            send(
+                "POST",
+                &url,
+                &h,
+                Some(json!({"model": "demo-embed", "input": "hi"})),
+            )
+            .await
+            .0
+        }
+    };
+    // The test client connects from 127.0.0.1: here it is the trusted proxy.
+    let behind = TestGateway::start_mode(RuntimeMode::PerCore, "", |c| {
+        c.server.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    });
+    let (key, _) = behind
+        .create_key(json!({"name": "office", "allowed_ips": ["203.0.113.0/24"]}))
+        .await;
+    assert_eq!(embed(&behind, &key, Some("203.0.113.5")).await, 200);
+    // The client's own left-most claim is not believed; the proxy's hop is.
+    assert_eq!(
+        embed(&behind, &key, Some("203.0.113.5, 198.51.100.1")).await,
+        403
+    );
+    // No header: the proxy itself, which the key does not allow.
+    assert_eq!(embed(&behind, &key, None).await, 403);
+
+    // Untrusted peer (only 10/8 is trusted): the spoofed header is ignored.
+    let direct = TestGateway::start_mode(RuntimeMode::PerCore, "", |c| {
+        c.server.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    });
+    let (key, _) = direct
+        .create_key(json!({"name": "office", "allowed_ips": ["203.0.113.0/24"]}))
+        .await;
+    assert_eq!(embed(&direct, &key, Some("203.0.113.5")).await, 403);
+    let (lo, _) = direct
+        .create_key(json!({"name": "local", "allowed_ips": ["127.0.0.1"]}))
+        .await;
+    assert_eq!(embed(&direct, &lo, Some("203.0.113.5")).await, 200);
+}
