@@ -19,6 +19,12 @@ pub struct App {
     pub clock: Clock,
     /// The admin token (from the env var, or generated on first start).
     pub admin_token: String,
+    /// Refuses a network that guessed the admin token too often, before
+    /// comparing (lives here because it must outlast each request).
+    pub admin_guard: crate::api::AdminGuard,
+    /// Bearer token `/metrics` requires (`metrics.token_env`); `None` =
+    /// open, for a scrape over a private network.
+    pub metrics_token: Option<String>,
     /// Counters for `/metrics`.
     pub metrics: crate::metrics::Metrics,
     /// False while starting and once draining: `/readyz` answers 503.

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds in one day.
 pub const DAY_MS: i64 = 86_400_000;
+pub const HOUR_MS: i64 = 3_600_000;
 
 /// The gateway's clock. Clones share the offset.
 #[derive(Clone, Debug, Default)]
@@ -81,6 +82,19 @@ impl Period {
             Period::Monthly => {
                 let (y, m, _) = civil_from_days(day);
                 y * 12 + (m as i64 - 1)
+            }
+        }
+    }
+
+    /// Unix ms at which the period containing `at_ms` started.
+    pub fn start_ms(self, at_ms: i64) -> i64 {
+        let day = at_ms.div_euclid(DAY_MS);
+        match self {
+            Period::Daily => day * DAY_MS,
+            Period::Weekly => ((day + 3).div_euclid(7) * 7 - 3) * DAY_MS,
+            Period::Monthly => {
+                let (y, m, _) = civil_from_days(day);
+                days_from_civil(y, m, 1) * DAY_MS
             }
         }
     }
@@ -180,6 +194,23 @@ mod tests {
             Period::Monthly.next_start_ms(dec31),
             parse_rfc3339("2027-01-01T00:00:00Z").unwrap()
         );
+        let wednesday = parse_rfc3339("2026-11-25T15:30:00Z").unwrap();
+        assert_eq!(
+            Period::Daily.start_ms(wednesday),
+            parse_rfc3339("2026-11-25T00:00:00Z").unwrap()
+        );
+        assert_eq!(Period::Weekly.start_ms(wednesday), monday);
+        assert_eq!(Period::Weekly.start_ms(monday), monday);
+        assert_eq!(Period::Weekly.start_ms(sunday_late), monday - 7 * DAY_MS);
+        assert_eq!(
+            Period::Monthly.start_ms(wednesday),
+            parse_rfc3339("2026-11-01T00:00:00Z").unwrap()
+        );
+        for p in [Period::Daily, Period::Weekly, Period::Monthly] {
+            let start = p.start_ms(nov30);
+            assert_eq!(p.id(start), p.id(nov30));
+            assert_ne!(p.id(start - 1), p.id(nov30));
+        }
         for day in [-1000, 0, 59, 60, 20_000, 20_779] {
             let (y, m, d) = civil_from_days(day);
             assert_eq!(days_from_civil(y, m, d), day);

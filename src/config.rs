@@ -39,6 +39,8 @@ pub struct Config {
     pub keys: KeysConfig,
     #[serde(default)]
     pub cors: CorsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Where requests go; a request's model picks the group.
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
@@ -76,6 +78,10 @@ pub struct ServerConfig {
     pub idle_timeout: Dur,
     /// On SIGINT/SIGTERM, in-flight requests get this long to finish.
     pub shutdown_grace: Dur,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` / `Forwarded` name the
+    /// client; from any other peer those headers are ignored, so that a
+    /// client cannot choose the address `allowed_ips` and the limiters see.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +95,7 @@ impl Default for ServerConfig {
             header_read_timeout: Dur::secs(10),
             idle_timeout: Dur::secs(120),
             shutdown_grace: Dur::secs(30),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -300,6 +307,14 @@ impl Default for KeysConfig {
             import_length: 48,
         }
     }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Env var holding a bearer token that `/metrics` then requires
+    /// (revenue by model is not for everyone); unset = open.
+    pub token_env: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

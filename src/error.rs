@@ -4,19 +4,24 @@
 //!
 //! An error also says where the fault came from ([`Origin`]), which the
 //! proxy uses to decide whether another upstream may be tried and the
-//! metrics use to count rejections by reason.
+//! metrics use (with the `code`) to count rejections.
+//!
+//! An internal fault carries its cause as a `source`: it is logged with the
+//! request id (by the server, from the answer's [`Fault`] extension) and
+//! never sent; the client reads a generic message and the request id.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde_json::{Value, json};
 
-use crate::Body;
+use crate::{Body, BoxError};
 
 /// Where a fault came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Origin {
     /// The client sent something we refuse (bad key, bad JSON, over a limit).
     Client,
@@ -25,6 +30,26 @@ pub enum Origin {
     /// Tollgate itself failed (store error, a bug).
     Internal,
 }
+
+impl Origin {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Client => "client",
+            Origin::Upstream => "upstream",
+            Origin::Internal => "internal",
+        }
+    }
+}
+
+/// The cause of an internal fault (a store error, a bug), kept for the log.
+pub type Source = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Put on an answer made from an error with a [`Source`], so that the
+/// server, which knows the request id, logs the cause with it and adds the
+/// id to the message. Never serialized.
+#[derive(Clone, Debug)]
+pub struct Fault(pub ApiError);
 
 /// An error answered to a client in OpenAI's shape.
 #[derive(Clone, Debug)]
@@ -47,6 +72,9 @@ pub struct ApiError {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Who is at fault.
     pub origin: Origin,
+    /// What really went wrong, for the operator's log: a sled error's text
+    /// names files and internals a client has no business reading.
+    pub source: Option<Source>,
 }
 
 impl ApiError {
@@ -71,6 +99,7 @@ impl ApiError {
             retry_after: None,
             headers: Vec::new(),
             origin,
+            source: None,
         }
     }
 
@@ -96,6 +125,12 @@ impl ApiError {
 
     pub fn with_origin(mut self, origin: Origin) -> ApiError {
         self.origin = origin;
+        self
+    }
+
+    /// Attaches the internal cause: logged with the request id, never sent.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> ApiError {
+        self.source = Some(Arc::from(source.into()));
         self
     }
 
@@ -214,14 +249,17 @@ impl ApiError {
             .with_origin(Origin::Upstream)
     }
 
-    pub fn internal(message: impl Into<Cow<'static, str>>) -> ApiError {
+    /// A fault of the gateway itself. `cause` is for the log only: the
+    /// client reads "Internal error." and the request id.
+    pub fn internal(cause: impl Into<BoxError>) -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
             "internal_error",
-            message,
+            "Internal error.",
         )
         .with_origin(Origin::Internal)
+        .with_source(cause)
     }
 
     pub fn unavailable(message: impl Into<Cow<'static, str>>) -> ApiError {
@@ -235,8 +273,26 @@ impl ApiError {
 
     /// The JSON body, as bytes.
     pub fn to_json(&self) -> Bytes {
+        self.json_with(None)
+    }
+
+    /// The JSON body of a [`Fault`]'s answer: the message names the request
+    /// id, which is how the operator finds the cause in the log.
+    pub fn to_json_for(&self, request_id: &str) -> Bytes {
+        self.json_with(Some(request_id))
+    }
+
+    fn json_with(&self, request_id: Option<&str>) -> Bytes {
+        let message = match request_id {
+            Some(id) => Cow::Owned(format!(
+                "{} Request id: {}.",
+                self.message,
+                truncate(id, 128)
+            )),
+            None => Cow::Borrowed(&*self.message),
+        };
         let mut error = json!({
-            "message": self.message,
+            "message": message,
             "type": self.kind,
             "param": self.param,
             "code": self.code,
@@ -249,16 +305,20 @@ impl ApiError {
         )
     }
 
-    pub fn into_response(self) -> Response<Body> {
+    pub fn into_response(mut self) -> Response<Body> {
         let body = self.to_json();
         let mut res = Response::new(crate::full_body(body));
         *res.status_mut() = self.status;
+        let headers = std::mem::take(&mut self.headers);
+        if self.source.is_some() {
+            res.extensions_mut().insert(Fault(self.clone()));
+        }
         let h = res.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(secs) = self.retry_after {
             h.insert(RETRY_AFTER, HeaderValue::from(secs));
         }
-        for (name, value) in self.headers {
+        for (name, value) in headers {
             h.append(name, value);
         }
         res
@@ -277,7 +337,13 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-impl std::error::Error for ApiError {}
+impl std::error::Error for ApiError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Cuts client-controlled text echoed in messages to a sane length, on a
 /// character boundary.
@@ -308,6 +374,31 @@ mod tests {
         let r = ApiError::rate_limited("slow down", 0).into_response();
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn internal_cause_is_kept_and_never_sent() {
+        let sled_text = "sled: IO error: /var/lib/tollgate/db/blobs/17: No space left";
+        let e = ApiError::internal(format!("key store: {sled_text}"));
+        let text = String::from_utf8(e.to_json().to_vec()).unwrap();
+        assert!(
+            !text.contains("sled") && !text.contains("/var/lib"),
+            "{text}"
+        );
+        assert!(text.contains("Internal error."), "{text}");
+        let with_id = String::from_utf8(e.to_json_for("req-42").to_vec()).unwrap();
+        assert!(with_id.contains("Request id: req-42."), "{with_id}");
+        assert!(!with_id.contains("sled"), "{with_id}");
+        let res = e.into_response();
+        let fault = res
+            .extensions()
+            .get::<Fault>()
+            .expect("a fault rides along");
+        let cause = fault.0.source.as_ref().expect("the cause is kept");
+        assert!(cause.to_string().contains(sled_text));
+        // Client errors carry no fault.
+        let res = ApiError::bad_request("x", "y").into_response();
+        assert!(res.extensions().get::<Fault>().is_none());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Origin};
 use crate::meter::{Endpoint, Usage};
 use crate::money::Pico;
 use crate::store::StoreStats;
@@ -28,15 +28,6 @@ const ROUTES: [Endpoint; 8] = [
 /// Latency buckets, seconds.
 const BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-];
-const REASONS: [&str; 7] = [
-    "auth",
-    "forbidden",
-    "quota",
-    "rate",
-    "concurrency",
-    "bad_request",
-    "upstream",
 ];
 
 /// A latency histogram: cumulative on render, per-bucket when recorded.
@@ -103,7 +94,10 @@ pub struct Metrics {
     upstreams: Vec<UpstreamCounters>,
     /// Upstream names, the `upstream` label, in index order.
     upstream_names: Vec<String>,
-    rejections: [AtomicU64; REASONS.len()],
+    /// Refusals by the error's `code` and [`Origin`]: both are fixed
+    /// strings of the code, so the map is as small as the set of codes, and
+    /// no label carries client text.
+    rejections: DashMap<(&'static str, Origin), AtomicU64>,
     /// Admitted requests not yet settled: raised by [`Metrics::admitted`],
     /// lowered by [`Metrics::settled`], nowhere else.
     in_flight: AtomicI64,
@@ -167,20 +161,17 @@ impl Metrics {
         }
     }
 
-    /// A request refused by the gateway, by reason.
+    /// A request refused by the gateway, by code and origin.
     pub fn rejected(&self, e: &ApiError) {
-        let reason = match e.status.as_u16() {
-            401 => "auth",
-            403 => "forbidden",
-            402 => "quota",
-            429 if e.message.contains("concurrent") => "concurrency",
-            429 => "rate",
-            s if s >= 500 => "upstream",
-            _ => "bad_request",
-        };
-        if let Some(i) = REASONS.iter().position(|r| *r == reason) {
-            self.rejections[i].fetch_add(1, Relaxed);
+        let key = (e.code, e.origin);
+        if let Some(n) = self.rejections.get(&key) {
+            n.fetch_add(1, Relaxed);
+            return;
         }
+        self.rejections
+            .entry(key)
+            .or_default()
+            .fetch_add(1, Relaxed);
     }
 
     /// Tokens and cost of a settled request.
@@ -255,12 +246,17 @@ impl Metrics {
             "tollgate_in_flight_requests {}",
             self.in_flight.load(Relaxed).max(0)
         );
-        out.push_str("# HELP tollgate_rejections_total Requests refused by the gateway, by reason.\n# TYPE tollgate_rejections_total counter\n");
-        for (i, reason) in REASONS.iter().enumerate() {
+        out.push_str("# HELP tollgate_rejections_total Requests refused by the gateway, by error code and origin (client, upstream, internal).\n# TYPE tollgate_rejections_total counter\n");
+        let mut rejections: Vec<(&str, &str, u64)> = self
+            .rejections
+            .iter()
+            .map(|e| (e.key().0, e.key().1.as_str(), e.value().load(Relaxed)))
+            .collect();
+        rejections.sort_unstable();
+        for (code, origin, n) in rejections {
             let _ = writeln!(
                 out,
-                "tollgate_rejections_total{{reason=\"{reason}\"}} {}",
-                self.rejections[i].load(Relaxed)
+                "tollgate_rejections_total{{code=\"{code}\",origin=\"{origin}\"}} {n}"
             );
         }
         let mut models: Vec<(String, [u64; 6], i64)> = self

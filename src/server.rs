@@ -7,9 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::FutureExt;
+use http::HeaderMap;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -19,9 +22,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::App;
-use crate::error::ApiError;
+use crate::error::{ApiError, Fault};
 use crate::proxy::{self, Proxy, X_REQUEST_ID};
-use crate::{Body, full_body};
+use crate::{Body, BoxError, full_body};
 
 /// What one accept loop needs.
 pub struct Listener {
@@ -156,9 +159,10 @@ async fn route(
     app: &Arc<App>,
     proxy: &Proxy,
     req: Request<Incoming>,
-    ip: IpAddr,
+    peer: IpAddr,
 ) -> Response<Body> {
     let request_id = proxy::request_id(req.headers());
+    let ip = client_ip(peer, req.headers(), &app.config.server.trusted_proxies);
     let fut = async {
         let path = req.uri().path();
         if path == "/v1" || path.starts_with("/v1/") {
@@ -171,13 +175,78 @@ async fn route(
     };
     let mut res = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
         Ok(res) => res,
-        Err(_) => {
-            tracing::error!(request_id = ?request_id, "a request handler panicked");
-            ApiError::internal("The gateway failed while handling this request.").into_response()
-        }
+        Err(_) => ApiError::internal("a request handler panicked").into_response(),
     };
+    if let Some(Fault(e)) = res.extensions_mut().remove::<Fault>() {
+        let id = request_id.to_str().unwrap_or("");
+        let cause = e.source.as_deref().map(ToString::to_string);
+        tracing::error!(request_id = id, code = e.code, cause = ?cause, "internal error");
+        *res.body_mut() = full_body(e.to_json_for(id));
+    }
     res.headers_mut().entry(&X_REQUEST_ID).or_insert(request_id);
     res
+}
+
+/// The client's address: the TCP peer, unless the peer is one of
+/// `server.trusted_proxies`; then the right-most hop of `X-Forwarded-For`
+/// (or, without it, of `Forwarded: for=`) that is not itself a trusted
+/// proxy. Hops left of that one were written by the client and are never
+/// believed. A hop that cannot be read (`unknown`, an obfuscated name)
+/// stops the walk at the last trusted address. No allocation.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(&ip));
+    if trusted.is_empty() || !is_trusted(peer) {
+        return peer;
+    }
+    let xff = headers.get_all("x-forwarded-for");
+    let (values, forwarded) = if xff.iter().next().is_some() {
+        (xff, false)
+    } else {
+        (headers.get_all(header::FORWARDED), true)
+    };
+    let mut client = peer;
+    for value in values.iter().rev() {
+        let Ok(text) = value.to_str() else {
+            return client;
+        };
+        for hop in text.rsplit(',') {
+            let addr = if forwarded {
+                forwarded_for(hop)
+            } else {
+                parse_hop(hop)
+            };
+            let Some(addr) = addr else { return client };
+            client = addr;
+            if !is_trusted(addr) {
+                return addr;
+            }
+        }
+    }
+    client
+}
+
+/// The `for=` of one `Forwarded` element (`for=192.0.2.1;proto=https`,
+/// `for="[2001:db8::1]:4711"`).
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    element.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| parse_hop(v.trim().trim_matches('"')))
+            .flatten()
+    })
+}
+
+/// One hop: `192.0.2.1`, `192.0.2.1:80`, `2001:db8::1`, `[2001:db8::1]:80`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = hop.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
 /// `/healthz`, `/readyz`, `/metrics`; 404 elsewhere.
@@ -200,17 +269,41 @@ fn ops(app: &App, req: &Request<Incoming>) -> Response<Body> {
                 )
             }
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            app.metrics.render(app.gate.cached(), &app.store.stats()),
-        ),
+        "/metrics" => {
+            if let Some(expected) = &app.metrics_token
+                && !bearer_is(req.headers(), expected)
+            {
+                return ApiError::invalid_api_key(
+                    "/metrics needs `Authorization: Bearer <token>` (metrics.token_env).",
+                )
+                .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+                .into_response();
+            }
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                app.metrics.render(app.gate.cached(), &app.store.stats()),
+            )
+        }
         _ => ApiError::not_found(format!(
             "Unknown path {}.",
             crate::error::truncate(path, 256)
         ))
         .into_response(),
     }
+}
+
+/// Whether `Authorization: Bearer <expected>` was sent (compared in
+/// constant time).
+fn bearer_is(headers: &HeaderMap, expected: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .and_then(|v| {
+            v.strip_prefix(b"Bearer ")
+                .or_else(|| v.strip_prefix(b"bearer "))
+        });
+    given.is_some_and(|t| crate::api::token_matches(expected.as_bytes(), t.trim_ascii()))
 }
 
 fn text(
@@ -223,6 +316,39 @@ fn text(
     res.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     res
+}
+
+/// Reads a request body of at most `max` bytes, for every handler that
+/// reads one (the proxy, the admin API). Past `max` is 413, refused from
+/// `Content-Length` before anything is read when it already says so; a
+/// `Content-Length` that is not a number is 400; a body that breaks off is
+/// 400 without the transport's error text.
+pub async fn read_body<B>(headers: &HeaderMap, body: B, max: usize) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if let Some(len) = headers.get(header::CONTENT_LENGTH) {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_header", "Content-Length is not a number.")
+                    .with_param("content-length")
+            })?;
+        if len > max as u64 {
+            return Err(ApiError::body_too_large(max));
+        }
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(ApiError::body_too_large(max)),
+        Err(_) => Err(ApiError::bad_request(
+            "invalid_body",
+            "The request body could not be read.",
+        )),
+    }
 }
 
 /// Loads the TLS certificate chain and key (PEM) for the listener, with
@@ -269,38 +395,102 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Tcp
     Ok(sock.into())
 }
 
-/// Reads a request body up to `max` bytes: 413 past it (refused early when
-/// `content-length` already says so), 400 on a `content-length` that is
-/// not a number or a body that breaks off. The one body reader of the
-/// crate (proxy and API).
-pub async fn read_body<B>(
-    headers: &http::HeaderMap,
-    body: B,
-    max: usize,
-) -> Result<bytes::Bytes, ApiError>
-where
-    B: http_body::Body<Data = bytes::Bytes>,
-    B::Error: Into<crate::BoxError>,
-{
-    use http_body_util::{BodyExt, Limited};
-    if let Some(len) = headers.get(http::header::CONTENT_LENGTH) {
-        let len: u64 = len
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_header", "Content-Length is not a number.")
-            })?;
-        if len > max as u64 {
-            return Err(ApiError::body_too_large(max));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
         }
+        h
     }
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::body_too_large(max)),
-        Err(e) => Err(ApiError::bad_request(
-            "body_read_failed",
-            format!("Could not read the request body: {e}"),
-        )),
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn client_address_only_through_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> =
+            vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let proxy = ip("10.0.0.2");
+        let xff = |v: &str| headers(&[("x-forwarded-for", v)]);
+        // Untrusted peer: its headers are ignored.
+        assert_eq!(
+            client_ip(ip("198.51.100.9"), &xff("203.0.113.5"), &trusted),
+            ip("198.51.100.9")
+        );
+        // Nothing trusted: the peer, whatever is sent.
+        assert_eq!(client_ip(proxy, &xff("203.0.113.5"), &[]), proxy);
+        // The right-most untrusted hop; the client's own left-most claims are not believed.
+        assert_eq!(
+            client_ip(proxy, &xff("1.1.1.1, 203.0.113.5"), &trusted),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            client_ip(proxy, &xff("1.1.1.1, 203.0.113.5, 10.0.0.7"), &trusted),
+            ip("203.0.113.5")
+        );
+        // Several header lines are one list, in order.
+        let two = headers(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "203.0.113.5"),
+        ]);
+        assert_eq!(client_ip(proxy, &two, &trusted), ip("203.0.113.5"));
+        // Ports and brackets.
+        assert_eq!(
+            client_ip(proxy, &xff("203.0.113.5:4711"), &trusted),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            client_ip(proxy, &xff("[2001:db8::7]:80"), &trusted),
+            ip("2001:db8::7")
+        );
+        // Only trusted hops: the left-most of them.
+        assert_eq!(
+            client_ip(proxy, &xff("10.1.1.1, 10.0.0.7"), &trusted),
+            ip("10.1.1.1")
+        );
+        // Garbage stops at the last trusted address.
+        assert_eq!(client_ip(proxy, &xff("203.0.113.5, junk"), &trusted), proxy);
+        assert_eq!(
+            client_ip(proxy, &xff("junk, 10.0.0.7"), &trusted),
+            ip("10.0.0.7")
+        );
+        // No header: the peer.
+        assert_eq!(client_ip(proxy, &HeaderMap::new(), &trusted), proxy);
+    }
+
+    #[test]
+    fn forwarded_header() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy = ip("10.0.0.2");
+        let fwd = |v: &str| headers(&[("forwarded", v)]);
+        assert_eq!(
+            client_ip(
+                proxy,
+                &fwd("for=192.0.2.60;proto=http;by=203.0.113.43"),
+                &trusted
+            ),
+            ip("192.0.2.60")
+        );
+        assert_eq!(
+            client_ip(
+                proxy,
+                &fwd("for=1.1.1.1, For=\"[2001:db8:cafe::17]:4711\""),
+                &trusted
+            ),
+            ip("2001:db8:cafe::17")
+        );
+        assert_eq!(client_ip(proxy, &fwd("for=unknown"), &trusted), proxy);
+        assert_eq!(client_ip(proxy, &fwd("proto=https"), &trusted), proxy);
+        // X-Forwarded-For wins when both are present.
+        let both = headers(&[
+            ("forwarded", "for=1.1.1.1"),
+            ("x-forwarded-for", "203.0.113.5"),
+        ]);
+        assert_eq!(client_ip(proxy, &both, &trusted), ip("203.0.113.5"));
     }
 }

@@ -750,3 +750,115 @@ async fn graceful_shutdown_drains_streams(mode: RuntimeMode) {
     assert_eq!(gw.mock.streams_completed(), 2);
     gw.stop();
 }
+
+/// Issue 9 item 21: with `metrics.token_env`, `/metrics` answers only to
+/// `Authorization: Bearer <that token>`; without it, 401. (The variable is
+/// the one every test gateway already has: no new environment write.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_token_is_required_when_configured() {
+    let gw = TestGateway::start_with("[metrics]\ntoken_env = \"TOLLGATE_TEST_UPSTREAM_KEY\"\n");
+    let url = gw.url("/metrics");
+    let right = bearer(UPSTREAM_KEY);
+    let wrong = bearer("sk-upstream-secret-for-testz");
+    for headers in [vec![], vec![("authorization", wrong.as_str())]] {
+        let (s, h, b) = send_raw(raw_request("GET", &url, &headers, Bytes::new())).await;
+        assert_eq!(s, 401, "{headers:?}");
+        assert_eq!(h["www-authenticate"], "Bearer");
+        assert!(
+            !String::from_utf8_lossy(&b).contains("tollgate_"),
+            "no metrics leak"
+        );
+    }
+    let (s, _, b) = send_raw(raw_request(
+        "GET",
+        &url,
+        &[("authorization", &right)],
+        Bytes::new(),
+    ))
+    .await;
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&b).contains("tollgate_requests_total"));
+
+    // Without the setting, /metrics stays open (scraped over a private net).
+    let open = TestGateway::start();
+    let (s, _, _) = send_raw(raw_request("GET", &open.url("/metrics"), &[], Bytes::new())).await;
+    assert_eq!(s, 200);
+}
+
+/// Admin-token guessing (item 16) over the wire: after
+/// `limits.admin_failures_per_minute` failures an address is refused before
+/// the token is compared, even the right one, until the block is over
+/// (the test clock is moved, not slept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_guessing_is_blocked_before_comparing() {
+    let gw = TestGateway::start_with("[limits]\nadmin_failures_per_minute = 3\n");
+    let url = gw.url("/api/v1/keys");
+    let wrong = bearer("not-the-admin-token-not-the-admin-token");
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let (s, _, _) = send("GET", &url, &[("authorization", &wrong)], None).await;
+        statuses.push(s);
+    }
+    assert_eq!(statuses, [401, 401, 401]);
+    let right = bearer(ADMIN);
+    let (s, h, v) = send("GET", &url, &[("authorization", &right)], None).await;
+    assert_error(s, &v, 429, "rate_limit_exceeded");
+    assert!(h.contains_key("retry-after"));
+    gw.clock.advance(Duration::from_secs(15 * 60));
+    let (s, _, _) = send("GET", &url, &[("authorization", &right)], None).await;
+    assert_eq!(s, 200);
+}
+
+/// Issue 9 item 15: behind a trusted proxy `allowed_ips` sees the client
+/// named by `X-Forwarded-For`; from an untrusted peer a spoofed header is
+/// ignored and the peer's own address is what counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxies_name_the_client() {
+    let embed = |gw: &TestGateway, key: &str, xff: Option<&str>| {
+        let url = gw.url("/v1/embeddings");
+        let auth = bearer(key);
+        let xff = xff.map(str::to_owned);
+        async move {
+            let mut h = vec![("authorization", auth.as_str())];
+            if let Some(x) = &xff {
+                h.push(("x-forwarded-for", x.as_str()));
+            }
+            send(
+                "POST",
+                &url,
+                &h,
+                Some(json!({"model": "demo-embed", "input": "hi"})),
+            )
+            .await
+            .0
+        }
+    };
+    // The test client connects from 127.0.0.1: here it is the trusted proxy.
+    let behind = TestGateway::start_mode(RuntimeMode::PerCore, "", |c| {
+        c.server.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    });
+    let (key, _) = behind
+        .create_key(json!({"name": "office", "allowed_ips": ["203.0.113.0/24"]}))
+        .await;
+    assert_eq!(embed(&behind, &key, Some("203.0.113.5")).await, 200);
+    // The client's own left-most claim is not believed; the proxy's hop is.
+    assert_eq!(
+        embed(&behind, &key, Some("203.0.113.5, 198.51.100.1")).await,
+        403
+    );
+    // No header: the proxy itself, which the key does not allow.
+    assert_eq!(embed(&behind, &key, None).await, 403);
+
+    // Untrusted peer (only 10/8 is trusted): the spoofed header is ignored.
+    let direct = TestGateway::start_mode(RuntimeMode::PerCore, "", |c| {
+        c.server.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    });
+    let (key, _) = direct
+        .create_key(json!({"name": "office", "allowed_ips": ["203.0.113.0/24"]}))
+        .await;
+    assert_eq!(embed(&direct, &key, Some("203.0.113.5")).await, 403);
+    let (lo, _) = direct
+        .create_key(json!({"name": "local", "allowed_ips": ["127.0.0.1"]}))
+        .await;
+    assert_eq!(embed(&direct, &lo, Some("203.0.113.5")).await, 200);
+}

@@ -638,6 +638,9 @@ async fn bad_input_and_isolation() {
         ("start=0", "invalid_range", "start"),
         ("start=1000&end=2000", "invalid_range", "start"),
         ("end=1500000000", "invalid_range", "end"),
+        // 18 digits: seconds × 1000 does not fit in i64 (item 13).
+        ("start=999999999999999999", "invalid_range", "start"),
+        ("end=999999999999999999", "invalid_range", "end"),
     ] {
         let (s, v) = get_json(&gw, &format!("/api/usage/token/detail?{query}"), &h).await;
         assert_bad(s, &v, code, param);
@@ -745,7 +748,10 @@ async fn bad_input_and_isolation() {
     for headers in [
         vec![],
         vec![("authorization", "Bearer sk-tg-not-a-real-key")],
-        vec![("authorization", "Bearer test-admin-token-0123456789")],
+        vec![(
+            "authorization",
+            "Bearer test-admin-token-0123456789abcdefghij",
+        )],
     ] {
         let (s, v) = get_json(&gw, "/api/usage/token/detail", &headers).await;
         assert_error(s, &v, 401, "invalid_api_key");
@@ -991,10 +997,17 @@ async fn metrics_after_traffic() {
     );
     assert_eq!(num("tollgate_time_to_first_byte_seconds_count"), 3.0);
     assert_eq!(num("tollgate_in_flight_requests"), 0.0);
-    assert_eq!(num("tollgate_rejections_total{reason=\"auth\"}"), 1.0);
-    for reason in ["quota", "rate", "concurrency"] {
-        num(&format!("tollgate_rejections_total{{reason=\"{reason}\"}}"));
-    }
+    // Refusals are counted by code and origin, never by message text.
+    assert_eq!(
+        num("tollgate_rejections_total{code=\"invalid_api_key\",origin=\"client\"}"),
+        1.0
+    );
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("tollgate_rejections_total{"))
+            .all(|l| l.contains("code=\"") && l.contains("origin=\"")),
+        "{text}"
+    );
     assert_eq!(
         num("tollgate_metered_requests_total{model=\"demo-chat\"}"),
         2.0

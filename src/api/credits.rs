@@ -291,7 +291,7 @@ pub(super) fn ledger(
     query: Option<&str>,
 ) -> Result<http::Response<crate::Body>, ApiError> {
     let pairs = super::query_pairs(query)?;
-    let (offset, limit) = super::page_of(&pairs)?;
+    let (offset, limit) = super::offset_limit(&pairs)?;
     let entries = ctx.store.ledger(hash, offset, limit).map_err(store_error)?;
     if entries.is_empty() && ctx.store.key(hash).map_err(store_error)?.is_none() {
         return Err(key_not_found());

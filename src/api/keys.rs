@@ -11,8 +11,7 @@ use serde_json::value::RawValue;
 use super::{
     Ctx, Data, Fields, Patch, admin_write_lock, invalid, json, key_not_found, store_error,
 };
-use crate::app::App;
-use crate::clock::{DAY_MS, Period, civil_from_days, days_from_civil, rfc3339};
+use crate::clock::{HOUR_MS, Period, rfc3339};
 use crate::config::PlanConfig;
 use crate::error::ApiError;
 use crate::gate::{LiveKey, generate_key, hash_key, label_of, parse_net};
@@ -29,8 +28,6 @@ const MAX_METADATA_BYTES: usize = 16 * 1024;
 /// Most entries in `models` or `allowed_ips`, and the longest entry.
 const MAX_LIST_ITEMS: usize = 256;
 const MAX_ITEM_CHARS: usize = 256;
-
-const HOUR_MS: i64 = 3_600_000;
 
 /// Fields a PATCH may change (and a create may set).
 const PATCH_FIELDS: &[&str] = &[
@@ -534,7 +531,7 @@ pub(super) fn list(
     query: Option<&str>,
 ) -> Result<http::Response<crate::Body>, ApiError> {
     let pairs = super::query_pairs(query)?;
-    let (offset, limit) = super::page_of(&pairs)?;
+    let (offset, limit) = super::offset_limit(&pairs)?;
     let mut q = KeyQuery {
         offset,
         limit,
@@ -872,7 +869,7 @@ pub(crate) fn metadata_json(text: Option<&str>) -> Option<Box<RawValue>> {
 
 /// What a key spent in the current UTC day, ISO week and month.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct UsageWindows {
+pub(crate) struct UsageWindows {
     pub daily: Pico,
     pub weekly: Pico,
     pub monthly: Pico,
@@ -885,32 +882,6 @@ pub struct UsageWindows {
 /// the key's hourly rollups since the period started (usage records, at
 /// most `storage.flush_ms` behind) plus its ledger's deducts and daily fees
 /// minus refunds in that time.
-pub fn usage_windows(app: &App, hash: &KeyHash) -> Result<UsageWindows, ApiError> {
-    let ctx = Ctx {
-        config: &app.config,
-        gate: &app.gate,
-        store: &app.store,
-        clock: &app.clock,
-        admin_token: &app.admin_token,
-    };
-    let now = ctx.clock.now_ms();
-    let live = ctx.gate.lookup(hash, now)?.ok_or_else(key_not_found)?;
-    windows_of(&ctx, &live.policy().record, &Numbers::live(&live), now)
-}
-
-/// Unix ms at which the period containing `now_ms` started.
-pub(crate) fn period_start_ms(p: Period, now_ms: i64) -> i64 {
-    let day = now_ms.div_euclid(DAY_MS);
-    match p {
-        Period::Daily => day * DAY_MS,
-        Period::Weekly => p.next_start_ms(now_ms) - 7 * DAY_MS,
-        Period::Monthly => {
-            let (y, m, _) = civil_from_days(day);
-            days_from_civil(y, m, 1) * DAY_MS
-        }
-    }
-}
-
 pub(crate) fn windows_of(
     ctx: &Ctx<'_>,
     rec: &KeyRecord,
@@ -918,7 +889,7 @@ pub(crate) fn windows_of(
     now_ms: i64,
 ) -> Result<UsageWindows, ApiError> {
     let periods = [Period::Daily, Period::Weekly, Period::Monthly];
-    let starts = periods.map(|p| period_start_ms(p, now_ms));
+    let starts = periods.map(|p| p.start_ms(now_ms));
     let mut sums = [0i64; 3];
     let from = starts.iter().copied().min().unwrap_or(now_ms);
     let to_hour = now_ms.div_euclid(HOUR_MS) + 1;

@@ -18,6 +18,8 @@
 //! [`Fields`]) so that a refusal names the field at fault (`param`) and
 //! amounts are read exactly from their JSON text.
 
+mod admin_guard;
+mod cors;
 mod credits;
 mod keys;
 mod reports;
@@ -28,9 +30,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -45,7 +46,7 @@ use crate::store::{KeyHash, Store, StoreError};
 use crate::{Body, BoxError};
 use reports::{Subject, View};
 
-pub use keys::{UsageWindows, usage_windows};
+pub use admin_guard::AdminGuard;
 
 /// Largest admin request body: key specs and credits are small; anything
 /// bigger is a mistake or an attack.
@@ -64,6 +65,21 @@ pub(crate) struct Ctx<'a> {
     pub store: &'a Store,
     pub clock: &'a Clock,
     pub admin_token: &'a str,
+    pub admin_guard: &'a AdminGuard,
+}
+
+impl<'a> Ctx<'a> {
+    /// The handlers' view of the running gateway.
+    pub fn of(app: &'a App) -> Ctx<'a> {
+        Ctx {
+            config: &app.config,
+            gate: &app.gate,
+            store: &app.store,
+            clock: &app.clock,
+            admin_token: &app.admin_token,
+            admin_guard: &app.admin_guard,
+        }
+    }
 }
 
 /// Answers one request under `/api/`.
@@ -72,14 +88,7 @@ pub async fn handle(
     req: Request<hyper::body::Incoming>,
     client_ip: IpAddr,
 ) -> Response<Body> {
-    let ctx = Ctx {
-        config: &app.config,
-        gate: &app.gate,
-        store: &app.store,
-        clock: &app.clock,
-        admin_token: &app.admin_token,
-    };
-    serve(&ctx, req, client_ip).await
+    serve(&Ctx::of(app), req, client_ip).await
 }
 
 /// [`handle`] over any body type (tests send `Full` bodies).
@@ -94,9 +103,9 @@ where
     }
 }
 
-/// The endpoints, by path shape.
+/// The calls under `/api/v1/`, by path shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route<'a> {
+enum AdminCall<'a> {
     /// `/api/v1/keys`
     Keys,
     /// `/api/v1/keys/import`
@@ -114,27 +123,27 @@ enum Route<'a> {
     Usage(reports::Subject<'a>, reports::View),
 }
 
-/// The route of a raw (still percent-encoded) path; `None` → 404. The hash
+/// The call of a raw (still percent-encoded) path; `None` → 404. The hash
 /// segment is returned as sent and validated by [`parse_hash`], so that
 /// `..%2F`, wrong lengths and uppercase are a precise 400, not a 404.
-fn route_of(path: &str) -> Option<Route<'_>> {
+fn call_of(path: &str) -> Option<AdminCall<'_>> {
     let rest = path.strip_prefix("/api/v1/")?;
     let segs: Vec<&str> = rest.split('/').collect();
     match segs.as_slice() {
-        ["keys"] => Some(Route::Keys),
-        ["keys", "import"] => Some(Route::Import),
-        ["keys", h] => Some(Route::Key(h)),
-        ["keys", h, "credits"] => Some(Route::Credits(h)),
-        ["keys", h, "ledger"] => Some(Route::Ledger(h)),
-        ["key"] | ["auth", "key"] => Some(Route::OwnKey),
+        ["keys"] => Some(AdminCall::Keys),
+        ["keys", "import"] => Some(AdminCall::Import),
+        ["keys", h] => Some(AdminCall::Key(h)),
+        ["keys", h, "credits"] => Some(AdminCall::Credits(h)),
+        ["keys", h, "ledger"] => Some(AdminCall::Ledger(h)),
+        ["key"] | ["auth", "key"] => Some(AdminCall::OwnKey),
         ["keys", h, "usage", rest @ ..] => {
-            usage_view(rest).map(|v| Route::Usage(Subject::Key(h), v))
+            usage_view(rest).map(|v| AdminCall::Usage(Subject::Key(h), v))
         }
         // An owner's records are spread over their keys: no merged pages.
         ["owners", o, "usage", rest @ ..] => usage_view(rest)
             .filter(|v| *v != View::Logs)
-            .map(|v| Route::Usage(Subject::Owner(o), v)),
-        ["usage"] => Some(Route::Usage(Subject::Gateway, View::Detail)),
+            .map(|v| AdminCall::Usage(Subject::Owner(o), v)),
+        ["usage"] => Some(AdminCall::Usage(Subject::Gateway, View::Detail)),
         _ => None,
     }
 }
@@ -169,40 +178,40 @@ where
             client_ip,
         ));
     }
-    let Some(route) = route_of(parts.uri.path()) else {
+    let Some(call) = call_of(parts.uri.path()) else {
         return Err(ApiError::not_found(format!(
             "Unknown API path `{}`.",
             crate::error::truncate(parts.uri.path(), 128)
         )));
     };
     let query = parts.uri.query();
-    if route == Route::OwnKey {
+    if call == AdminCall::OwnKey {
         return status::own_key(ctx, &parts.method, &parts.headers, client_ip);
     }
     // Everything else is the admin's: authenticate before looking at the
     // method, the hash or the body.
     admin_auth(ctx, &parts.headers, client_ip)?;
     let m = &parts.method;
-    match route {
-        Route::Keys if m == Method::GET => keys::list(ctx, query),
-        Route::Keys if m == Method::POST => {
+    match call {
+        AdminCall::Keys if m == Method::GET => keys::list(ctx, query),
+        AdminCall::Keys if m == Method::POST => {
             keys::create(ctx, &read_fields(&parts.headers, body).await?).await
         }
-        Route::Import if m == Method::POST => {
+        AdminCall::Import if m == Method::POST => {
             keys::import(ctx, &read_fields(&parts.headers, body).await?).await
         }
-        Route::Key(h) if m == Method::GET => keys::get(ctx, &parse_hash(h)?),
-        Route::Key(h) if m == Method::PATCH => {
+        AdminCall::Key(h) if m == Method::GET => keys::get(ctx, &parse_hash(h)?),
+        AdminCall::Key(h) if m == Method::PATCH => {
             let hash = parse_hash(h)?;
             keys::patch(ctx, hash, &read_fields(&parts.headers, body).await?).await
         }
-        Route::Key(h) if m == Method::DELETE => keys::delete(ctx, parse_hash(h)?).await,
-        Route::Credits(h) if m == Method::POST => {
+        AdminCall::Key(h) if m == Method::DELETE => keys::delete(ctx, parse_hash(h)?).await,
+        AdminCall::Credits(h) if m == Method::POST => {
             let hash = parse_hash(h)?;
             credits::credit(ctx, hash, &read_fields(&parts.headers, body).await?).await
         }
-        Route::Ledger(h) if m == Method::GET => credits::ledger(ctx, &parse_hash(h)?, query),
-        Route::Usage(subject, view) if m == Method::GET => {
+        AdminCall::Ledger(h) if m == Method::GET => credits::ledger(ctx, &parse_hash(h)?, query),
+        AdminCall::Usage(subject, view) if m == Method::GET => {
             reports::admin(ctx, subject, view, query)
         }
         _ => Err(ApiError::method_not_allowed()),
@@ -211,9 +220,12 @@ where
 
 // ---- admin authentication ----
 
-/// Checks `Authorization: Bearer <admin token>`. Every failure counts
-/// against the client IP; too many answer 429 instead of 401.
+/// Checks `Authorization: Bearer <admin token>`. A network that failed
+/// too often is refused (429) before the token is even compared, so that
+/// guessing stops paying off; every failure counts against it.
 fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<(), ApiError> {
+    let now = ctx.clock.now_ms();
+    ctx.admin_guard.check(ip, now)?;
     let given = headers
         .get(http::header::AUTHORIZATION)
         .map(|v| v.as_bytes())
@@ -228,7 +240,7 @@ fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<()
     if ok {
         return Ok(());
     }
-    ctx.gate.admin_failure(ip)?;
+    ctx.admin_guard.failed(ip, now);
     let message = if given.is_none() {
         "This endpoint needs the admin token: `Authorization: Bearer ADMIN_TOKEN`."
     } else {
@@ -241,7 +253,7 @@ fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<()
 /// on neither's content nor length: both are hashed to 32 bytes first and
 /// the digests compared with `subtle`. An empty expected token matches
 /// nothing.
-fn token_matches(expected: &[u8], given: &[u8]) -> bool {
+pub fn token_matches(expected: &[u8], given: &[u8]) -> bool {
     use sha2::{Digest, Sha256};
     let a = Sha256::digest(expected);
     let b = Sha256::digest(given);
@@ -313,7 +325,7 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// `offset` and `limit` of a page (`limit` 1–1000, default 100).
-fn page_of(pairs: &[(String, String)]) -> Result<(usize, usize), ApiError> {
+fn offset_limit(pairs: &[(String, String)]) -> Result<(usize, usize), ApiError> {
     let mut offset = 0;
     let mut limit = PAGE_DEFAULT;
     for (k, v) in pairs {
@@ -348,39 +360,12 @@ fn page_of(pairs: &[(String, String)]) -> Result<(usize, usize), ApiError> {
 
 // ---- bodies ----
 
-/// Reads a body of at most `max` bytes; larger is 413 (checked from
-/// `Content-Length` first when there is one, so nothing is read).
-async fn read_body<B>(headers: &http::HeaderMap, body: B, max: usize) -> Result<Bytes, ApiError>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    if let Some(len) = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > max as u64
-    {
-        return Err(ApiError::body_too_large(max));
-    }
-    match Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::body_too_large(max))
-        }
-        Err(_) => Err(ApiError::bad_request(
-            "invalid_body",
-            "The request body could not be read.",
-        )),
-    }
-}
-
 async fn read_fields<B>(headers: &http::HeaderMap, body: B) -> Result<Fields, ApiError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let bytes = read_body(headers, body, ADMIN_BODY_MAX).await?;
+    let bytes = crate::server::read_body(headers, body, ADMIN_BODY_MAX).await?;
     Fields::parse(&bytes)
 }
 
@@ -560,9 +545,12 @@ fn store_error(e: StoreError) -> ApiError {
         StoreError::NotFound => key_not_found(),
         StoreError::Exists => ApiError::conflict("key_exists", "This key already exists."),
         StoreError::Invalid(m) => ApiError::bad_request("invalid_request", m),
+        // The cause is logged with the request id, never sent (it may name
+        // files and sled's internals).
         other => {
-            tracing::error!(error = %other, "key store failed on an admin request");
-            ApiError::internal("The key store failed; nothing may have changed. Retry later.")
+            let mut e = ApiError::internal(other);
+            e.message = "The key store failed; nothing may have changed. Retry later.".into();
+            e
         }
     }
 }

@@ -14,12 +14,11 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 
 use super::{Ctx, Data, json, key_not_found, percent_decode, query_pairs, store_error};
-use crate::clock::{DAY_MS, civil_from_days, rfc3339};
+use crate::clock::{DAY_MS, HOUR_MS, civil_from_days, rfc3339};
 use crate::error::ApiError;
 use crate::money::Pico;
 use crate::store::{KeyHash, KeyQuery, Rollup, RollupScope, UsageRecord};
 
-const HOUR_MS: i64 = 3_600_000;
 /// Range when the request names none.
 const DEFAULT_RANGE_MS: i64 = 30 * DAY_MS;
 /// Longest range one report may cover: a year and then some, so that "last
@@ -138,21 +137,39 @@ pub(super) fn range_of(pairs: &[(String, String)], now_ms: i64) -> Result<Range,
     let bad = |name: &'static str, msg: String| {
         ApiError::bad_request("invalid_range", msg).with_param(name)
     };
+    // Checked all the way: 18 digits of seconds do not fit in i64 ms.
+    let out_of_range = |name: &'static str| {
+        bad(
+            name,
+            format!("`{name}` is out of range (Unix seconds, not milliseconds)."),
+        )
+    };
     let secs = |name: &'static str| -> Result<Option<i64>, ApiError> {
-        Ok(integer(pairs, name)?.map(|s| s as i64))
+        match integer(pairs, name)? {
+            None => Ok(None),
+            Some(s) => i64::try_from(s)
+                .ok()
+                .and_then(|s| s.checked_mul(1000))
+                .map(Some)
+                .ok_or_else(|| out_of_range(name)),
+        }
     };
     let (start, end) = (secs("start")?, secs("end")?);
     let end_ms = match end {
-        Some(e) => e * 1000,
+        Some(e) => e,
         None => match start {
-            Some(s) => (s * 1000 + DEFAULT_RANGE_MS).min(now_ms),
+            Some(s) => s
+                .checked_add(DEFAULT_RANGE_MS)
+                .ok_or_else(|| out_of_range("start"))?
+                .min(now_ms),
             None => now_ms,
         },
     };
     let start_ms = match start {
-        Some(s) => s * 1000,
-        None => end_ms - DEFAULT_RANGE_MS,
+        Some(s) => s,
+        None => end_ms.saturating_sub(DEFAULT_RANGE_MS),
     };
+    let (start, end) = (start.map(|s| s / 1000), end.map(|e| e / 1000));
     if start.is_some_and(|s| s < EPOCH_FLOOR_S) {
         return Err(bad(
             "start",
@@ -176,7 +193,7 @@ pub(super) fn range_of(pairs: &[(String, String)], now_ms: i64) -> Result<Range,
     if start_ms >= end_ms {
         return Err(bad("start", "`start` must be before `end`.".into()));
     }
-    if end_ms - start_ms > MAX_RANGE_DAYS * DAY_MS {
+    if end_ms.saturating_sub(start_ms) > MAX_RANGE_DAYS * DAY_MS {
         return Err(bad(
             "end",
             format!("A range covers at most {MAX_RANGE_DAYS} days."),
@@ -184,7 +201,10 @@ pub(super) fn range_of(pairs: &[(String, String)], now_ms: i64) -> Result<Range,
     }
     Ok(Range {
         start_ms: start_ms.div_euclid(HOUR_MS) * HOUR_MS,
-        end_ms: (end_ms + HOUR_MS - 1).div_euclid(HOUR_MS) * HOUR_MS,
+        end_ms: end_ms
+            .div_euclid(HOUR_MS)
+            .saturating_add(i64::from(end_ms.rem_euclid(HOUR_MS) != 0))
+            .saturating_mul(HOUR_MS),
     })
 }
 
@@ -241,7 +261,7 @@ pub(super) fn granularity_of(
 }
 
 /// `page` (from 1) and `page_size` (1–100, default 20).
-pub(super) fn page_of(pairs: &[(String, String)]) -> Result<(usize, usize), ApiError> {
+pub(super) fn page_and_size(pairs: &[(String, String)]) -> Result<(usize, usize), ApiError> {
     let page = match integer(pairs, "page")? {
         None => 1,
         Some(p) if p >= 1 => p as usize,
@@ -807,7 +827,7 @@ pub(super) fn key_report(
         }
         View::Logs => {
             let pairs = params(query, &["page", "page_size"])?;
-            let (page, size) = page_of(&pairs)?;
+            let (page, size) = page_and_size(&pairs)?;
             Report::Logs(logs(ctx, hash, page, size, viewer)?)
         }
     })

@@ -4,13 +4,10 @@
 
 use std::net::IpAddr;
 
-use http::header::{
-    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
-    ACCESS_CONTROL_MAX_AGE, HeaderValue, ORIGIN, VARY,
-};
 use http::{HeaderMap, Method, Response, StatusCode};
 use serde::Serialize;
 
+use super::cors::Cors;
 use super::keys::{Numbers, windows_of};
 use super::{Ctx, Data, json};
 use crate::clock::{Period, rfc3339};
@@ -51,49 +48,16 @@ pub(super) fn own_key(
     headers: &HeaderMap,
     client_ip: IpAddr,
 ) -> Result<Response<crate::Body>, ApiError> {
-    let origin = allowed_origin(ctx, headers);
+    let cors = Cors::of(ctx, headers);
     if method == Method::OPTIONS {
-        let mut res = Response::new(crate::full_body(bytes::Bytes::new()));
-        *res.status_mut() = StatusCode::NO_CONTENT;
-        if let Some(o) = origin {
-            let h = res.headers_mut();
-            h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, o);
-            h.insert(
-                ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET"),
-            );
-            h.insert(
-                ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, x-api-key, api-key"),
-            );
-            h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-            h.insert(VARY, HeaderValue::from_static("Origin"));
-        }
-        return Ok(res);
+        return Ok(cors.preflight());
     }
     let result = if method == Method::GET {
         status(ctx, headers, client_ip)
     } else {
         Err(ApiError::method_not_allowed())
     };
-    let mut res = result.unwrap_or_else(ApiError::into_response);
-    if let Some(o) = origin {
-        res.headers_mut().insert(ACCESS_CONTROL_ALLOW_ORIGIN, o);
-        res.headers_mut()
-            .insert(VARY, HeaderValue::from_static("Origin"));
-    }
-    Ok(res)
-}
-
-/// The request's `Origin` when `[cors] allowed_origins` allows it.
-fn allowed_origin(ctx: &Ctx<'_>, headers: &HeaderMap) -> Option<HeaderValue> {
-    let origin = headers.get(ORIGIN)?;
-    let text = origin.to_str().ok()?;
-    let allowed = &ctx.config.cors.allowed_origins;
-    if allowed.iter().any(|a| a == "*") {
-        return Some(HeaderValue::from_static("*"));
-    }
-    allowed.iter().any(|a| a == text).then(|| origin.clone())
+    Ok(cors.apply(result.unwrap_or_else(ApiError::into_response)))
 }
 
 fn status(

@@ -5,12 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
-use super::keys::{apply_patch, check_import_key, new_record, parse_spec, period_start_ms};
+use super::keys::{apply_patch, check_import_key, new_record, parse_spec};
 use super::*;
-use crate::clock::{Period, parse_rfc3339};
+use crate::clock::Period;
 use crate::config::{Dur, PlanConfig};
 use crate::money::Pico;
 
@@ -25,23 +25,26 @@ fn param_of(e: &ApiError) -> Option<&str> {
 #[test]
 fn routes() {
     let h = "a".repeat(64);
-    assert_eq!(route_of("/api/v1/keys"), Some(Route::Keys));
-    assert_eq!(route_of("/api/v1/keys/import"), Some(Route::Import));
-    assert_eq!(route_of(&format!("/api/v1/keys/{h}")), Some(Route::Key(&h)));
+    assert_eq!(call_of("/api/v1/keys"), Some(AdminCall::Keys));
+    assert_eq!(call_of("/api/v1/keys/import"), Some(AdminCall::Import));
     assert_eq!(
-        route_of(&format!("/api/v1/keys/{h}/credits")),
-        Some(Route::Credits(&h))
+        call_of(&format!("/api/v1/keys/{h}")),
+        Some(AdminCall::Key(&h))
     );
     assert_eq!(
-        route_of(&format!("/api/v1/keys/{h}/ledger")),
-        Some(Route::Ledger(&h))
+        call_of(&format!("/api/v1/keys/{h}/credits")),
+        Some(AdminCall::Credits(&h))
     );
-    assert_eq!(route_of("/api/v1/key"), Some(Route::OwnKey));
-    assert_eq!(route_of("/api/v1/auth/key"), Some(Route::OwnKey));
-    assert_eq!(route_of(&format!("/api/v1/keys/{h}/other")), None);
-    assert_eq!(route_of("/api/v1/keys/a/b/c/d"), None);
-    assert_eq!(route_of("/api/v2/keys"), None);
-    assert_eq!(route_of("/api/usage"), None);
+    assert_eq!(
+        call_of(&format!("/api/v1/keys/{h}/ledger")),
+        Some(AdminCall::Ledger(&h))
+    );
+    assert_eq!(call_of("/api/v1/key"), Some(AdminCall::OwnKey));
+    assert_eq!(call_of("/api/v1/auth/key"), Some(AdminCall::OwnKey));
+    assert_eq!(call_of(&format!("/api/v1/keys/{h}/other")), None);
+    assert_eq!(call_of("/api/v1/keys/a/b/c/d"), None);
+    assert_eq!(call_of("/api/v2/keys"), None);
+    assert_eq!(call_of("/api/usage"), None);
 }
 
 #[test]
@@ -301,31 +304,14 @@ fn import_key_format() {
 fn queries_and_pages() {
     let p = query_pairs(Some("owner=a%40b.c+d&limit=5&x")).unwrap();
     assert_eq!(p[0], ("owner".to_owned(), "a@b.c d".to_owned()));
-    assert_eq!(page_of(&p).unwrap(), (0, 5));
-    assert_eq!(page_of(&[]).unwrap(), (0, 100));
+    assert_eq!(offset_limit(&p).unwrap(), (0, 5));
+    assert_eq!(offset_limit(&[]).unwrap(), (0, 100));
     for bad in ["limit=0", "limit=1001", "limit=-1", "offset=x", "limit=1e3"] {
         let p = query_pairs(Some(bad)).unwrap();
-        assert_eq!(page_of(&p).unwrap_err().status, 400, "{bad}");
+        assert_eq!(offset_limit(&p).unwrap_err().status, 400, "{bad}");
     }
     assert!(query_pairs(Some("owner=%ff")).is_err());
     assert!(query_pairs(Some("owner=%4")).is_err());
-}
-
-#[test]
-fn period_starts() {
-    let t = parse_rfc3339("2026-11-25T15:30:00Z").unwrap(); // a Wednesday
-    assert_eq!(
-        period_start_ms(Period::Daily, t),
-        parse_rfc3339("2026-11-25T00:00:00Z").unwrap()
-    );
-    assert_eq!(
-        period_start_ms(Period::Weekly, t),
-        parse_rfc3339("2026-11-23T00:00:00Z").unwrap()
-    );
-    assert_eq!(
-        period_start_ms(Period::Monthly, t),
-        parse_rfc3339("2026-11-01T00:00:00Z").unwrap()
-    );
 }
 
 // ---- whole requests, in-process ----
@@ -336,6 +322,7 @@ struct World {
     store: Store,
     clock: Clock,
     token: String,
+    admin_guard: AdminGuard,
     dir: PathBuf,
 }
 
@@ -367,6 +354,7 @@ impl World {
             store,
             clock,
             token: "admin-secret".into(),
+            admin_guard: AdminGuard::new(3),
             dir,
         }
     }
@@ -378,6 +366,7 @@ impl World {
             store: &self.store,
             clock: &self.clock,
             admin_token: &self.token,
+            admin_guard: &self.admin_guard,
         }
     }
 
@@ -764,8 +753,25 @@ async fn auth_paths_methods_and_sizes() {
         );
     }
     assert!(statuses.contains(&429), "{statuses:?}");
+    // Blocked before comparing: even the right token is refused (item 16).
+    let right = format!("Bearer {}", w.token);
+    let (s, _, v) = w
+        .call_as("GET", "/api/v1/keys", None, Some(&right), ip)
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("rate_limit_exceeded"))
+    );
     // Another IP is not blocked, and the right token works.
     let (s, _, _) = w.call("GET", "/api/v1/keys", None).await;
+    assert_eq!(s, 200);
+    // The block ends with time (the test clock, moved).
+    w.clock.advance(std::time::Duration::from_millis(
+        admin_guard::BLOCK_MS as u64,
+    ));
+    let (s, _, _) = w
+        .call_as("GET", "/api/v1/keys", None, Some(&right), ip)
+        .await;
     assert_eq!(s, 200);
 
     let (s, _, _) = w.call("GET", "/api/v1/nothing", None).await;
@@ -808,4 +814,43 @@ async fn auth_paths_methods_and_sizes() {
 
     let (s, _, _) = w.call_as("GET", "/api/v1/key", None, None, ip).await;
     assert_eq!(s, 401);
+}
+
+#[test]
+fn store_failures_are_not_told_to_the_client() {
+    let e = store_error(StoreError::Corrupt(
+        "/srv/tollgate/db/conf: bad magic".into(),
+    ));
+    assert_eq!(e.status, 500);
+    let text = String::from_utf8(e.to_json().to_vec()).unwrap();
+    assert!(!text.contains("/srv") && !text.contains("magic"), "{text}");
+    let cause = e.source.as_ref().expect("the cause is kept for the log");
+    assert!(cause.to_string().contains("bad magic"));
+    // Refusals the client can act on still say what they are.
+    assert_eq!(store_error(StoreError::NotFound).status, 404);
+}
+
+/// Issue 9 item 13: `start`/`end` are seconds multiplied by 1000 with
+/// checked arithmetic: 18 digits are a 400, never a panic or a wrap.
+#[test]
+fn huge_range_values_are_refused_not_wrapped() {
+    let now = 1_795_000_000_000;
+    for q in [
+        "start=999999999999999999",
+        "end=999999999999999999",
+        "start=1700000000&end=999999999999999999",
+        "start=999999999999999999&end=1700000000",
+        "start=9223372036854775",
+    ] {
+        let pairs = query_pairs(Some(q)).unwrap();
+        let e = reports::range_of(&pairs, now).expect_err(q);
+        assert_eq!(e.status, 400, "{q}");
+    }
+    let pairs = query_pairs(Some("start=1794000000&end=1794003600")).unwrap();
+    let r = reports::range_of(&pairs, now).unwrap();
+    // Widened to whole hours.
+    assert_eq!(
+        (r.start_ms, r.end_ms),
+        (1_793_998_800_000, 1_794_006_000_000)
+    );
 }

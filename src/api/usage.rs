@@ -14,13 +14,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use http::header::{
-    ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
-    ACCESS_CONTROL_MAX_AGE, HeaderValue, ORIGIN, VARY,
-};
 use http::{HeaderMap, Method, Response, StatusCode};
 use serde::Serialize;
 
+use super::cors::Cors;
 use super::reports::{self, View, Viewer};
 use super::{Ctx, json};
 use crate::error::ApiError;
@@ -54,21 +51,21 @@ struct TokenUsage<'a> {
     expires_at: i64,
 }
 
-/// The routes under `/api/usage/`.
+/// The calls under `/api/usage/`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route {
+enum UsageCall {
     Token,
     Report(View),
 }
 
-fn route_of(path: &str) -> Option<Route> {
+fn call_of(path: &str) -> Option<UsageCall> {
     let rest = path.strip_prefix("/api/usage/token")?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     match rest {
-        "" => Some(Route::Token),
-        "/detail" => Some(Route::Report(View::Detail)),
-        "/chart" => Some(Route::Report(View::Chart)),
-        "/logs" => Some(Route::Report(View::Logs)),
+        "" => Some(UsageCall::Token),
+        "/detail" => Some(UsageCall::Report(View::Detail)),
+        "/chart" => Some(UsageCall::Report(View::Chart)),
+        "/logs" => Some(UsageCall::Report(View::Logs)),
         _ => None,
     }
 }
@@ -83,51 +80,14 @@ pub(super) fn handle(
     headers: &HeaderMap,
     client_ip: IpAddr,
 ) -> Response<crate::Body> {
-    let origin = allowed_origin(ctx, headers);
-    let mut res = if method == Method::OPTIONS {
-        preflight(origin.is_some())
-    } else {
-        answer(ctx, method, path, query, headers, client_ip).unwrap_or_else(ApiError::into_response)
-    };
-    let h = res.headers_mut();
-    // Answers differ by Origin whether or not it is allowed: caches must
-    // keep them apart.
-    h.insert(VARY, HeaderValue::from_static("origin"));
-    if let Some(o) = origin {
-        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, o);
+    let cors = Cors::of(ctx, headers);
+    if method == Method::OPTIONS {
+        return cors.preflight();
     }
-    res
-}
-
-fn preflight(allowed: bool) -> Response<crate::Body> {
-    let mut res = Response::new(crate::full_body(bytes::Bytes::new()));
-    *res.status_mut() = StatusCode::NO_CONTENT;
-    if allowed {
-        let h = res.headers_mut();
-        h.insert(
-            ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET, OPTIONS"),
-        );
-        h.insert(
-            ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type"),
-        );
-        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-    }
-    res
-}
-
-/// The request's `Origin`, echoed, when `[cors] allowed_origins` lists it
-/// or holds `*`.
-fn allowed_origin(ctx: &Ctx<'_>, headers: &HeaderMap) -> Option<HeaderValue> {
-    let origin = headers.get(ORIGIN)?;
-    let text = origin.to_str().ok()?;
-    ctx.config
-        .cors
-        .allowed_origins
-        .iter()
-        .any(|a| a == "*" || a == text)
-        .then(|| origin.clone())
+    cors.apply(
+        answer(ctx, method, path, query, headers, client_ip)
+            .unwrap_or_else(ApiError::into_response),
+    )
 }
 
 fn answer(
@@ -138,7 +98,7 @@ fn answer(
     headers: &HeaderMap,
     client_ip: IpAddr,
 ) -> Result<Response<crate::Body>, ApiError> {
-    let Some(route) = route_of(path) else {
+    let Some(call) = call_of(path) else {
         return Err(ApiError::not_found(format!(
             "Unknown API path `{}`.",
             crate::error::truncate(path, 128)
@@ -150,8 +110,8 @@ fn answer(
         return Err(ApiError::method_not_allowed());
     }
     let now = ctx.clock.now_ms();
-    match route {
-        Route::Token => {
+    match call {
+        UsageCall::Token => {
             reports::params(query, &[])?;
             let policy = live.policy();
             let rec = &policy.record;
@@ -173,7 +133,7 @@ fn answer(
             };
             ok(&data)
         }
-        Route::Report(view) => {
+        UsageCall::Report(view) => {
             let report = reports::key_report(ctx, &live.hash, view, query, now, Viewer::Key)?;
             ok(&report)
         }
@@ -197,18 +157,18 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(route_of("/api/usage/token"), Some(Route::Token));
-        assert_eq!(route_of("/api/usage/token/"), Some(Route::Token));
+        assert_eq!(call_of("/api/usage/token"), Some(UsageCall::Token));
+        assert_eq!(call_of("/api/usage/token/"), Some(UsageCall::Token));
         assert_eq!(
-            route_of("/api/usage/token/detail"),
-            Some(Route::Report(View::Detail))
+            call_of("/api/usage/token/detail"),
+            Some(UsageCall::Report(View::Detail))
         );
         assert_eq!(
-            route_of("/api/usage/token/logs/"),
-            Some(Route::Report(View::Logs))
+            call_of("/api/usage/token/logs/"),
+            Some(UsageCall::Report(View::Logs))
         );
-        assert_eq!(route_of("/api/usage/token/abc"), None);
-        assert_eq!(route_of("/api/usage/tokens"), None);
-        assert_eq!(route_of("/api/usage/token/detail/x"), None);
+        assert_eq!(call_of("/api/usage/token/abc"), None);
+        assert_eq!(call_of("/api/usage/tokens"), None);
+        assert_eq!(call_of("/api/usage/token/detail/x"), None);
     }
 }

@@ -21,7 +21,7 @@ use tollgate::config::{Config, RuntimeMode};
 use tollgate::runtime::{Gateway, StartOptions};
 use tollgate_mock::{MockOptions, MockUpstream};
 
-pub const ADMIN: &str = "test-admin-token-0123456789";
+pub const ADMIN: &str = "test-admin-token-0123456789abcdefghij";
 
 /// The config every test starts from: two workers, the mock upstream at
 /// `{MOCK}`, a temp storage dir at `{DATA}`.
