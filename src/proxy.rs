@@ -30,20 +30,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::app::App;
 use crate::config::{Config, OnClientDisconnect, OnInsufficient};
 use crate::error::ApiError;
-use crate::gate::{Ask, Permit, Reservation};
+use crate::gate::{Ask, Bound, Permit, Pricing, Reservation};
 use crate::meter::{Framing, Meter, Price, RequestInfo, Rewrite, Route, Usage};
 use crate::money::Pico;
 use crate::store::UsageRecord;
 use crate::{Body, BoxError};
-
-/// How a request is priced.
-#[derive(Clone, Copy, Debug)]
-pub enum Pricing {
-    /// By tokens (and per request) at the model's price.
-    Tokens(Price),
-    /// A flat amount per request (a `[routes]` rule; 0 = free).
-    Flat(Pico),
-}
 
 /// A model the gateway serves.
 #[derive(Clone, Debug)]
@@ -462,21 +453,14 @@ async fn proxy(
     };
     let cap = app.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
     // `n` answers of up to `completion_bound` tokens each.
-    let choices = u64::from(info.choices.max(1));
-    let reserved = match pricing {
-        Pricing::Tokens(price) => app.gate.reserve(
-            &key,
-            &policy,
-            completion_bound,
-            cap,
-            |c| price.upper_bound(prompt_bound, c.saturating_mul(choices)),
-            |budget| price.affordable_completion(budget, prompt_bound) / choices,
-        )?,
-        Pricing::Flat(flat) => app.gate.reserve(&key, &policy, 0, false, |_| flat, |_| 0)?,
+    let bound = Bound {
+        pricing,
+        prompt_tokens: prompt_bound,
+        completion_tokens: completion_bound,
+        choices: info.choices,
+        cap,
     };
-    if let Some(fee) = reserved.daily_fee {
-        persist_daily_fee(app, key.hash, fee);
-    }
+    let reserved = app.gate.reserve(&key, &policy, &bound)?;
     let completion_bound = reserved.capped_max_tokens.unwrap_or(completion_bound);
     // The body sent upstream: usage injected for streams, max_tokens set
     // when the client sent none, asked for more than the model's bound, or
@@ -499,7 +483,7 @@ async fn proxy(
         reservation: Some(reserved.reservation),
         pricing,
         prompt_bound,
-        completion_bound: completion_bound.saturating_mul(choices),
+        completion_bound: completion_bound.saturating_mul(u64::from(info.choices.max(1))),
         route,
         model: info.model.clone().unwrap_or_default(),
         upstream: usize::MAX,
@@ -802,16 +786,20 @@ impl Settlement {
             .as_ref()
             .map(|r| r.amount)
             .unwrap_or(Pico::ZERO);
+        let key = self.permit.key().clone();
+        let tokens = usage.prompt_tokens + usage.completion_tokens;
         let charged = match self.reservation.take() {
-            Some(r) => r.settle(cost),
+            Some(r) => {
+                if let Some(fee) = r.daily_fee {
+                    persist_daily_fee(&self.app, key.hash, fee);
+                }
+                r.settle(cost, tokens)
+            }
             None => Pico::ZERO,
         };
         // Every admitted request counts (against `max_requests` too) and is
         // recorded, also when no upstream answered (status 502/504, cost 0):
         // the live count and the store's count of records stay equal.
-        let key = self.permit.key().clone();
-        let tokens = usage.prompt_tokens + usage.completion_tokens;
-        self.app.gate.add_tokens(&key, tokens);
         let latency = self.started.elapsed();
         let upstream = self.app.routing.upstreams.get(self.upstream);
         let status = match (self.answered, self.status) {
@@ -829,7 +817,7 @@ impl Settlement {
             charged,
             estimated,
         );
-        self.app.store.record(UsageRecord {
+        let seq = self.app.store.record(UsageRecord {
             at_ms: self.app.clock.now_ms(),
             key: key.hash,
             model: std::mem::take(&mut self.model),
@@ -852,6 +840,7 @@ impl Settlement {
             client_ip: self.client_ip.to_string(),
             estimated,
         });
+        key.recorded(seq);
     }
 }
 
