@@ -122,6 +122,45 @@ impl Period {
     }
 }
 
+/// The limit period a key's spend moves to at `at_ms` from `current`:
+/// `Some(id)` only when `at_ms` lies in a later period. Periods only move
+/// forward: a clock stepped back across a boundary, or a record dated in an
+/// earlier period, never reopens (and so never resets twice) a period. The
+/// store thread (`charge`) and the gate's live key both roll with this.
+pub fn period_roll(reset: Option<Period>, current: i64, at_ms: i64) -> Option<i64> {
+    let id = reset?.id(at_ms);
+    (id > current).then_some(id)
+}
+
+/// What changing a key's `limit_reset` does to what counts against its
+/// limit: one rule, applied by the store to the account and by the gate to
+/// the live key, so that memory and disk agree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetChange {
+    /// Same reset: nothing changes.
+    Unchanged,
+    /// To no reset: the limit caps lifetime spend, so everything spent
+    /// counts (`period_spent = spent`, period 0). It may be over the limit
+    /// at once; that is what the new setting says.
+    CountAll,
+    /// To a reset (from none or another one): what counts so far keeps
+    /// counting, now in this period (no fresh limit at once); the next
+    /// boundary starts from zero.
+    Enter(i64),
+}
+
+impl ResetChange {
+    /// The change from `from` to `to`, made at `at_ms` (the record's
+    /// `updated_at`, so both sides compute the same period).
+    pub fn of(from: Option<Period>, to: Option<Period>, at_ms: i64) -> ResetChange {
+        match (from == to, to) {
+            (true, _) => ResetChange::Unchanged,
+            (false, None) => ResetChange::CountAll,
+            (false, Some(p)) => ResetChange::Enter(p.id(at_ms)),
+        }
+    }
+}
+
 /// (year, month 1–12, day 1–31) of a day number since 1970-01-01
 /// (Howard Hinnant's civil-from-days).
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -170,6 +209,24 @@ mod tests {
             Some(1_795_392_000_000)
         );
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn periods_only_roll_forward() {
+        let d = Some(Period::Daily);
+        let now = parse_rfc3339("2026-11-23T00:00:01Z").unwrap();
+        let today = Period::Daily.id(now);
+        assert_eq!(period_roll(d, today - 1, now), Some(today));
+        assert_eq!(period_roll(d, today, now), None);
+        // The clock stepped back across midnight: yesterday is not reopened.
+        assert_eq!(period_roll(d, today, now - 2000), None);
+        assert_eq!(period_roll(None, 5, now), None);
+        assert_eq!(ResetChange::of(d, d, now), ResetChange::Unchanged);
+        assert_eq!(ResetChange::of(d, None, now), ResetChange::CountAll);
+        assert_eq!(
+            ResetChange::of(None, Some(Period::Monthly), now),
+            ResetChange::Enter(Period::Monthly.id(now))
+        );
     }
 
     #[test]

@@ -101,6 +101,9 @@ pub struct Metrics {
     /// Admitted requests not yet settled: raised by [`Metrics::admitted`],
     /// lowered by [`Metrics::settled`], nowhere else.
     in_flight: AtomicI64,
+    /// Requests charged above their reservation, and by how much in all.
+    overruns: AtomicU64,
+    overrun_pico: AtomicI64,
 }
 
 impl Metrics {
@@ -113,6 +116,12 @@ impl Metrics {
             upstream_names,
             ..Metrics::default()
         }
+    }
+
+    /// A settled request cost more than its reservation (charged in full).
+    pub fn overrun(&self, by: Pico) {
+        self.overruns.fetch_add(1, Relaxed);
+        self.overrun_pico.fetch_add(by.0, Relaxed);
     }
 
     /// A request was admitted: it is in flight until settled.
@@ -240,6 +249,14 @@ impl Metrics {
         out.push_str("# HELP tollgate_time_to_first_byte_seconds Time from request to the first byte of the upstream's body.\n# TYPE tollgate_time_to_first_byte_seconds histogram\n");
         self.ttfb
             .render(&mut out, "tollgate_time_to_first_byte_seconds");
+        out.push_str("# HELP tollgate_overruns_total Requests whose actual cost exceeded their reservation (charged in full).\n# TYPE tollgate_overruns_total counter\n");
+        let _ = writeln!(out, "tollgate_overruns_total {}", self.overruns.load(Relaxed));
+        out.push_str("# HELP tollgate_overrun_usd_total What those requests cost above their reservations.\n# TYPE tollgate_overrun_usd_total counter\n");
+        let _ = writeln!(
+            out,
+            "tollgate_overrun_usd_total {}",
+            Pico(self.overrun_pico.load(Relaxed))
+        );
         out.push_str("# HELP tollgate_in_flight_requests Admitted requests not yet settled.\n# TYPE tollgate_in_flight_requests gauge\n");
         let _ = writeln!(
             out,

@@ -172,7 +172,7 @@ pub(super) async fn credit(
             if out.replayed {
                 drop(hold);
             } else {
-                hold.settle(req.amount);
+                hold.settle(req.amount, 0);
             }
             out
         }

@@ -508,6 +508,7 @@ pub(super) async fn create(
         .create_key(record.clone(), account)
         .await
         .map_err(store_error)?;
+    ctx.gate.created(&hash);
     tracing::info!(hash = %hex::encode(hash), plan = ?record.plan, "key created");
     #[derive(Serialize)]
     struct Created<'a> {
@@ -728,6 +729,7 @@ pub(super) async fn import(
         .create_key(record.clone(), account)
         .await
         .map_err(store_error)?;
+    ctx.gate.created(&hash);
     tracing::info!(hash = %hex::encode(hash), plan = ?record.plan, "key imported");
     let view = KeyView::new(ctx, &record, &Numbers::stored(&record, &account, now), now)?;
     json(StatusCode::CREATED, &Data { data: view })

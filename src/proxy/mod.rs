@@ -33,7 +33,7 @@ use crate::Body;
 use crate::app::App;
 use crate::config::OnInsufficient;
 use crate::error::ApiError;
-use crate::gate::{Ask, LiveKey, Permit, Policy};
+use crate::gate::{Ask, Bound, LiveKey, Permit, Policy};
 use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
 pub use headers::X_REQUEST_ID;
@@ -211,24 +211,14 @@ impl Call<'_> {
         // `n` answers of up to `completion_bound` tokens each.
         let choices = u64::from(info.choices.max(1));
         let key = permit.key().clone();
-        let reserved = match req.dest.pricing {
-            Pricing::Tokens(price) => self.app.gate.reserve(
-                &key,
-                policy,
-                completion_bound,
-                cap,
-                |c| price.upper_bound(prompt_bound, c.saturating_mul(choices)),
-                |budget| price.affordable_completion(budget, prompt_bound) / choices,
-            )?,
-            Pricing::Flat(flat) => {
-                self.app
-                    .gate
-                    .reserve(&key, policy, 0, false, |_| flat, |_| 0)?
-            }
+        let bound = Bound {
+            pricing: req.dest.pricing,
+            prompt_tokens: prompt_bound,
+            completion_tokens: completion_bound,
+            choices: info.choices,
+            cap,
         };
-        if let Some(fee) = reserved.daily_fee {
-            persist_daily_fee(self.app, key.hash, fee);
-        }
+        let reserved = self.app.gate.reserve(&key, policy, &bound)?;
         let completion_bound = reserved.capped_max_tokens.unwrap_or(completion_bound);
         let inject_usage = info.stream && self.route.usage_on_request() && !info.include_usage;
         let rewrite = Rewrite {
@@ -455,26 +445,6 @@ pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body
         HeaderValue::from_static("application/json"),
     );
     res
-}
-
-fn persist_daily_fee(app: &Arc<App>, hash: crate::store::KeyHash, fee: crate::money::Pico) {
-    let store = app.store.clone();
-    let at_ms = app.clock.now_ms();
-    tokio::spawn(async move {
-        let op = crate::store::CreditOp {
-            kind: crate::store::LedgerKind::DailyFee,
-            amount: fee,
-            reason: "daily fee".to_owned(),
-            idempotency_key: Some(format!(
-                "daily-fee-{}",
-                at_ms.div_euclid(crate::clock::DAY_MS)
-            )),
-            at_ms,
-        };
-        if let Err(e) = store.credit(hash, op).await {
-            tracing::error!(error = %e, "could not record a daily fee");
-        }
-    });
 }
 
 /// The client's `x-request-id` when it is sane, else a new one.

@@ -17,17 +17,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Config, Pattern};
 use crate::error::ApiError;
+pub use crate::gate::Pricing;
 use crate::meter::{Endpoint, Price};
 use crate::money::Pico;
-
-/// How a request is priced.
-#[derive(Clone, Copy, Debug)]
-pub enum Pricing {
-    /// By tokens (and per request) at the model's (or the route's) price.
-    Tokens(Price),
-    /// A flat amount per request (a `[routes]` rule; 0 = free).
-    Flat(Pico),
-}
 
 /// A model the gateway serves.
 #[derive(Clone, Debug)]

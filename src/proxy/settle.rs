@@ -179,16 +179,30 @@ impl Settlement {
             .as_ref()
             .map(|r| r.amount)
             .unwrap_or(Pico::ZERO);
-        let charged = match self.reservation.take() {
-            Some(r) => r.settle(cost),
-            None => Pico::ZERO,
+        let key = self.permit.key().clone();
+        let tokens = usage.prompt_tokens + usage.completion_tokens;
+        let (charged, daily_fee) = match self.reservation.take() {
+            Some(r) => {
+                let fee = r.daily_fee.unwrap_or(Pico::ZERO);
+                (r.settle(cost, tokens), fee)
+            }
+            None => (Pico::ZERO, Pico::ZERO),
         };
+        if charged > reserved {
+            // The bound did not hold: charged in full, recorded (cost >
+            // reserved in the record), counted and logged, never dropped.
+            self.app.metrics.overrun(Pico(charged.0 - reserved.0));
+            tracing::warn!(
+                request_id = ?self.request_id,
+                model = %self.model,
+                reserved = %reserved,
+                charged = %charged,
+                "cost above the reservation: charged in full"
+            );
+        }
         // Every admitted request counts (against `max_requests` too) and is
         // recorded, also when no upstream answered (status 502/504, cost 0):
         // the live count and the store's count of records stay equal.
-        let key = self.permit.key().clone();
-        let tokens = usage.prompt_tokens + usage.completion_tokens;
-        self.app.gate.add_tokens(&key, tokens);
         let latency = self.started.elapsed();
         self.app.metrics.settled(
             self.route,
@@ -206,7 +220,7 @@ impl Settlement {
             Some(u) => u.name.clone(),
             None => String::new(),
         };
-        self.app.store.record(UsageRecord {
+        let seq = self.app.store.record(UsageRecord {
             at_ms: self.app.clock.now_ms(),
             key: key.hash,
             model: std::mem::take(&mut self.model),
@@ -228,7 +242,9 @@ impl Settlement {
             request_id: self.request_id.to_str().unwrap_or("").to_owned(),
             client_ip: self.client_ip.to_string(),
             estimated,
+            daily_fee,
         });
+        key.recorded(seq);
     }
 }
 

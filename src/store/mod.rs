@@ -150,6 +150,23 @@ pub struct Account {
     pub ledger_seq: u64,
 }
 
+impl Account {
+    /// Applies a change of the key's `limit_reset` made at `at_ms`: the
+    /// rule of [`crate::clock::ResetChange`], which the gate applies to the
+    /// live key too.
+    pub fn change_reset(&mut self, from: Option<Period>, to: Option<Period>, at_ms: i64) {
+        use crate::clock::ResetChange;
+        match ResetChange::of(from, to, at_ms) {
+            ResetChange::Unchanged => {}
+            ResetChange::CountAll => {
+                self.period = 0;
+                self.period_spent = self.spent.max(Pico::ZERO);
+            }
+            ResetChange::Enter(id) => self.period = id,
+        }
+    }
+}
+
 /// One settled request, as the meter saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageRecord {
@@ -734,10 +751,12 @@ impl Store {
 
     /// Queues a usage record; committed with the next batch. Never blocks
     /// (the queue is unbounded; `stats().queue_depth` shows it).
-    pub fn record(&self, rec: UsageRecord) {
+    // interface stub: the store branch provides the real one (returns the record's sequence)
+    pub fn record(&self, rec: UsageRecord) -> u64 {
         if self.send(Op::Record(Box::new(rec))).is_err() {
             tracing::error!("usage record dropped: the store thread has stopped");
         }
+        0
     }
 
     /// Queues a device binding: appends to `KeyRecord::devices` if absent.
@@ -779,6 +798,23 @@ impl Store {
             rx.recv().map_err(|_| StoreError::Closed)??;
         }
         Ok(())
+    }
+
+    // interface stub: the store branch provides the real one
+    /// Sequence of the last usage record that is durable.
+    pub fn committed_seq(&self) -> u64 {
+        u64::MAX
+    }
+
+    /// The hash of every key in the store, in hash order (for the gate's
+    /// filter of known keys). Reads the key records' keys, one scan.
+    pub fn key_hashes(&self) -> impl Iterator<Item = Result<KeyHash, StoreError>> + '_ {
+        self.inner.keys.scan_prefix([b'k']).map(|item| {
+            let (k, _) = item?;
+            k.get(1..33)
+                .and_then(|h| KeyHash::try_from(h).ok())
+                .ok_or_else(|| StoreError::Corrupt("key record key".into()))
+        })
     }
 }
 
@@ -937,12 +973,11 @@ fn charge(acct: &mut Account, reset: Option<Period>, at_ms: i64, amount: Pico) {
             true
         }
         Some(p) => {
-            let id = p.id(at_ms);
-            if id > acct.period {
+            if let Some(id) = crate::clock::period_roll(reset, acct.period, at_ms) {
                 acct.period = id;
                 acct.period_spent = Pico::ZERO;
             }
-            id == acct.period
+            p.id(at_ms) == acct.period
         }
     };
     if counts {
@@ -1329,15 +1364,8 @@ impl StoreThread {
                     Ok(a) => a,
                     Err(e) => return abort(e),
                 };
-                // No limit period: everything counts. A new period: what was
-                // spent so far keeps counting until the next roll.
-                match rec.limit_reset {
-                    None => {
-                        acct.period = 0;
-                        acct.period_spent = acct.spent.max(Pico::ZERO);
-                    }
-                    Some(p) => acct.period = p.id(rec.updated_at),
-                }
+                // The same rule as the gate's live key (`ResetChange`).
+                acct.change_reset(old.limit_reset, rec.limit_reset, rec.updated_at);
                 book.insert(account_key(&hash), encode_account(&acct, rec.limit_reset))?;
             }
             Ok(())

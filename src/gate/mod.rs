@@ -7,15 +7,32 @@
 //! The money invariant — `period_spent ≤ limit`, always — holds because the
 //! only way to raise `committed` (= period_spent + reserved) is a
 //! compare-and-swap that checks it against the limit, and settlement never
-//! charges more than was reserved.
+//! charges more than was reserved. The tokens-per-minute window is held the
+//! same way: one compare-and-swap takes a request's token bound from it.
+//!
+//! The cache is linearisable with the admin side: a load from the store
+//! inserts only if no delete, update or eviction of that key happened since
+//! it read the store (a generation per shard of hashes, bumped under the
+//! map's entry lock), so a deleted or stale key is never re-inserted.
+//!
+//! - [`reservation`]: bounds, reservations and their settlement.
+//! - [`filter`]: which key hashes exist, so unknown keys cost no store read.
 
-use std::net::IpAddr;
+mod filter;
+mod reservation;
+
+pub use filter::KeyFilter;
+pub use reservation::{Bound, Pricing, Reservation, Reserved};
+use reservation::{minute_of, pack_window, unpack_window};
+
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::{Quota, RateLimiter};
@@ -23,7 +40,7 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
-use crate::clock::{Clock, DAY_MS};
+use crate::clock::{Clock, DAY_MS, Period, ResetChange, period_roll};
 use crate::error::ApiError;
 use crate::money::Pico;
 use crate::store::{Account, KeyHash, KeyRecord, Store};
@@ -44,6 +61,9 @@ type IpLimiter = governor::DefaultKeyedRateLimiter<IpAddr>;
 
 /// Idle keys are dropped from memory after this long with nothing in flight.
 const IDLE_EVICT_MS: i64 = 10 * 60 * 1000;
+
+/// Shards of key hashes that each carry a cache generation.
+const GENERATIONS: usize = 64;
 
 /// Hashes a `KeyHash` by taking its first eight bytes: it is already a
 /// SHA-256, so SipHash over it again only costs time. Flooding is not a
@@ -73,12 +93,18 @@ pub struct Gate {
     keys: KeyMap,
     store: Store,
     clock: Clock,
-    /// Unknown-key attempts per client IP.
+    /// Which keys exist: unknown keys are answered without the store.
+    filter: Arc<KeyFilter>,
+    /// Bumped (under the map's entry lock) by every delete, update and
+    /// eviction of a key in the shard `hash[0] % GENERATIONS`: a load that
+    /// read the store before a bump retries instead of inserting stale state.
+    generations: [AtomicU64; GENERATIONS],
+    /// Key reads from the store (cache misses the filter let through).
+    store_reads: AtomicU64,
+    /// Unknown keys per client IP (IPv6 per /64): past it they are answered
+    /// 429 instead of 401. It never refuses a key that exists.
     unknown_keys: IpLimiter,
-    /// IPs refused until a time (ms) after too many unknown keys: checked
-    /// before the lookup, so a guess that happens to be right is refused too.
-    blocked_ips: DashMap<IpAddr, i64>,
-    /// Failed admin-token attempts per client IP.
+    /// Failed admin-token attempts per client IP (IPv6 per /64).
     admin_failures: IpLimiter,
 }
 
@@ -94,22 +120,30 @@ pub struct LiveKey {
     committed: AtomicI64,
     /// What counts against the limit in the current period.
     period_spent: AtomicI64,
-    /// Lifetime spend.
-    spent: AtomicI64,
-    /// Id of the limit period `period_spent` belongs to.
+    /// Lifetime spend that no longer counts against the limit (earlier
+    /// periods): `spent = period_spent + outside_period`. Kept instead of
+    /// `spent` so that a settlement touches one word and a change of
+    /// `limit_reset` can move it into the period exactly, whatever settles
+    /// meanwhile.
+    outside_period: AtomicI64,
+    /// Id of the limit period `period_spent` belongs to; only moves forward.
     period: AtomicI64,
     /// Requests admitted (the `max_requests` counter).
     requests: AtomicU64,
     /// Requests admitted and not yet settled.
     in_flight: AtomicU32,
-    /// Minute number of the tokens-per-minute window…
-    tpm_minute: AtomicI64,
-    /// …and the tokens used in it.
-    tpm_tokens: AtomicU64,
+    /// The tokens-per-minute window: its minute and the tokens held or used
+    /// in it, in one word (see `reservation::pack_window`). Only moves
+    /// forward.
+    tpm_window: AtomicU64,
     /// Last UTC day a daily fee was charged.
     fee_day: AtomicI64,
-    /// Last time a request used the key (for idle eviction).
+    /// Last time a request used the key (for idle eviction); written under
+    /// the map's read lock, so eviction sees every use.
     last_used_ms: AtomicI64,
+    /// Sequence of the key's last usage record handed to the store: the
+    /// key is evicted only once the store has committed it.
+    last_record_seq: AtomicU64,
     /// Serializes device binding (rare: once per new device).
     device_lock: Mutex<()>,
 }
@@ -121,21 +155,42 @@ pub struct Policy {
     models: Option<ModelAllowlist>,
     /// Parsed `allowed_ips`; empty allows every IP.
     ips: Vec<IpNet>,
-    /// Requests-per-minute limiter, when the key has an rpm.
-    rpm: Option<RpmLimiter>,
+    /// Requests-per-minute limiter, when the key has an rpm: shared with
+    /// the policies compiled after this one with the same rpm, so that an
+    /// update or a device binding does not give the key a fresh minute.
+    rpm: Option<Arc<RpmLimiter>>,
 }
 
 impl Policy {
+    /// Compiles `record` to replace `previous`, keeping its rpm limiter's
+    /// state when the rpm is the same.
+    pub fn compile_after(record: KeyRecord, previous: &Policy) -> Policy {
+        let keep = (record.rpm == previous.record.rpm)
+            .then(|| previous.rpm.clone())
+            .flatten();
+        let mut p = Policy::compile_with(record, keep.is_none());
+        if keep.is_some() {
+            p.rpm = keep;
+        }
+        p
+    }
+
     pub fn compile(record: KeyRecord) -> Policy {
+        Policy::compile_with(record, true)
+    }
+
+    fn compile_with(record: KeyRecord, new_rpm: bool) -> Policy {
         let models = (!record.models.is_empty()).then(|| ModelAllowlist::compile(&record.models));
         let ips = record
             .allowed_ips
             .iter()
             .filter_map(|s| parse_net(s))
             .collect();
-        let rpm = record.rpm.and_then(NonZeroU32::new).map(|n| {
-            RateLimiter::direct(Quota::per_minute(n))
-                .with_middleware::<StateInformationMiddleware>()
+        let rpm = record.rpm.and_then(NonZeroU32::new).filter(|_| new_rpm).map(|n| {
+            Arc::new(
+                RateLimiter::direct(Quota::per_minute(n))
+                    .with_middleware::<StateInformationMiddleware>(),
+            )
         });
         Policy {
             record,
@@ -296,52 +351,6 @@ impl Drop for Permit {
     }
 }
 
-/// Credit taken from a key for one request, until it is settled. Dropping it
-/// unsettled releases it in full (nothing is charged).
-pub struct Reservation {
-    key: Arc<LiveKey>,
-    /// The amount held.
-    pub amount: Pico,
-    settled: bool,
-}
-
-impl Reservation {
-    /// Replaces the reservation by the actual cost and returns what was
-    /// charged: `min(cost, amount)`, because the reservation was an upper
-    /// bound and charging past it could break `spent ≤ limit`.
-    pub fn settle(mut self, cost: Pico) -> Pico {
-        self.settled = true;
-        let charge = Pico(cost.0.clamp(0, self.amount.0));
-        let k = &self.key;
-        // committed = period_spent + reserved: move `charge` from reserved to
-        // period_spent and release the rest.
-        k.period_spent.fetch_add(charge.0, Ordering::AcqRel);
-        k.spent.fetch_add(charge.0, Ordering::AcqRel);
-        k.committed
-            .fetch_sub(self.amount.0 - charge.0, Ordering::AcqRel);
-        charge
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.key
-                .committed
-                .fetch_sub(self.amount.0, Ordering::AcqRel);
-        }
-    }
-}
-
-/// What the reservation step decided.
-pub struct Reserved {
-    pub reservation: Reservation,
-    /// Lowered `max_tokens` when the bound had to be capped to fit.
-    pub capped_max_tokens: Option<u64>,
-    /// A daily fee charged now (its ledger entry must be written).
-    pub daily_fee: Option<Pico>,
-}
-
 /// A snapshot of a key's numbers, for status endpoints.
 #[derive(Clone, Debug)]
 pub struct KeyNumbers {
@@ -356,25 +365,26 @@ pub struct KeyNumbers {
 
 impl LiveKey {
     fn new(record: KeyRecord, account: Account, now_ms: i64) -> LiveKey {
-        let period = record.limit_reset.map(|p| p.id(now_ms)).unwrap_or(0);
-        let period_spent = if record.limit_reset.is_none() || account.period == period {
-            account.period_spent
-        } else {
-            Pico::ZERO
-        };
+        // The store's rule: a later period starts from zero, an earlier
+        // one (a clock stepped back) is never reopened.
+        let (period, period_spent) =
+            match period_roll(record.limit_reset, account.period, now_ms) {
+                Some(id) => (id, Pico::ZERO),
+                None => (account.period, account.period_spent),
+            };
         LiveKey {
             hash: record.hash,
             limit: AtomicI64::new(account.limit.map(|l| l.0).unwrap_or(UNLIMITED)),
             committed: AtomicI64::new(period_spent.0),
             period_spent: AtomicI64::new(period_spent.0),
-            spent: AtomicI64::new(account.spent.0),
+            outside_period: AtomicI64::new(account.spent.0 - period_spent.0),
             period: AtomicI64::new(period),
             requests: AtomicU64::new(account.requests),
             in_flight: AtomicU32::new(0),
-            tpm_minute: AtomicI64::new(0),
-            tpm_tokens: AtomicU64::new(0),
+            tpm_window: AtomicU64::new(0),
             fee_day: AtomicI64::new(account.fee_day),
             last_used_ms: AtomicI64::new(now_ms),
+            last_record_seq: AtomicU64::new(0),
             device_lock: Mutex::new(()),
             policy: RwLock::new(Arc::new(Policy::compile(record))),
         }
@@ -389,6 +399,13 @@ impl LiveKey {
 
     fn set_policy(&self, policy: Policy) {
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// The settlement handed the key's usage record to the store as `seq`
+    /// (`Store::record`'s answer): the key stays in memory until the store
+    /// has committed it.
+    pub fn recorded(&self, seq: u64) {
+        self.last_record_seq.fetch_max(seq, Ordering::AcqRel);
     }
 
     pub fn limit(&self) -> Option<Pico> {
@@ -410,7 +427,7 @@ impl LiveKey {
             limit,
             period_spent: Pico(period_spent),
             reserved: Pico((committed - period_spent).max(0)),
-            spent: Pico(self.spent.load(Ordering::Acquire)),
+            spent: Pico(period_spent + self.outside_period.load(Ordering::Acquire)),
             requests: self.requests.load(Ordering::Acquire),
             in_flight: self.in_flight(),
             remaining: limit.map(|l| Pico((l.0 - committed).max(0))),
@@ -421,22 +438,90 @@ impl LiveKey {
     /// counts against the limit goes back to zero. Reservations in flight
     /// stay in `committed` and settle into the new period.
     fn roll_period(&self, policy: &Policy, now_ms: i64) {
-        let Some(reset) = policy.record.limit_reset else {
+        let cur = self.period.load(Ordering::Acquire);
+        let Some(id) = period_roll(policy.record.limit_reset, cur, now_ms) else {
             return;
         };
-        let id = reset.id(now_ms);
-        let cur = self.period.load(Ordering::Acquire);
-        if cur == id {
-            return;
-        }
+        // One winner per boundary; a clock stepped back finds `id ≤ cur`
+        // and rolls nothing.
         if self
             .period
             .compare_exchange(cur, id, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             let old = self.period_spent.swap(0, Ordering::AcqRel);
+            self.outside_period.fetch_add(old, Ordering::AcqRel);
             self.committed.fetch_sub(old, Ordering::AcqRel);
         }
+    }
+
+    /// Applies a change of `limit_reset` made at `at_ms` with the store's
+    /// rule ([`ResetChange`]). Every step is a delta that commutes with
+    /// settlements running meanwhile, so memory ends where the store does.
+    fn change_reset(&self, from: Option<Period>, to: Option<Period>, at_ms: i64) {
+        match ResetChange::of(from, to, at_ms) {
+            ResetChange::Unchanged => {}
+            ResetChange::Enter(id) => self.period.store(id, Ordering::Release),
+            ResetChange::CountAll => {
+                self.period.store(0, Ordering::Release);
+                let gap = self.outside_period.swap(0, Ordering::AcqRel);
+                // `period_spent = max(spent, 0)`: a negative lifetime (more
+                // refunded than spent) stays outside.
+                let add = gap.max(-self.period_spent.load(Ordering::Acquire));
+                if add != gap {
+                    self.outside_period.fetch_add(gap - add, Ordering::AcqRel);
+                }
+                self.period_spent.fetch_add(add, Ordering::AcqRel);
+                self.committed.fetch_add(add, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// The tokens used or held in the key's current tpm window at `now`,
+    /// and when the window ends. A window newer than `now` (the clock
+    /// stepped back) stays the current one.
+    fn tpm_used(&self, now_ms: i64) -> (u64, Duration) {
+        let (m, used) = unpack_window(self.tpm_window.load(Ordering::Acquire));
+        let minute = minute_of(now_ms);
+        let (m, used) = if minute > m { (minute, 0) } else { (m, used) };
+        let ends = (i64::from(m) + 1) * 60_000;
+        (used, Duration::from_millis((ends - now_ms).max(1) as u64))
+    }
+
+    /// Takes `tokens` from the tpm window if they fit in `tpm`: the minute
+    /// they are held in, or the tokens already used.
+    fn tpm_reserve(&self, tpm: u64, tokens: u64, now_ms: i64) -> Result<u32, u64> {
+        let minute = minute_of(now_ms);
+        let mut cur = self.tpm_window.load(Ordering::Acquire);
+        loop {
+            let (m, used) = unpack_window(cur);
+            // Windows only move forward (`>`, never `!=`).
+            let (m, used) = if minute > m { (minute, 0) } else { (m, used) };
+            let next = used.saturating_add(tokens);
+            if next > tpm {
+                return Err(used);
+            }
+            match self.tpm_window.compare_exchange_weak(
+                cur,
+                pack_window(m, next),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(m),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Replaces `held` tokens by the `actual` ones in the window of
+    /// `minute`; nothing when that window has passed (they counted there).
+    fn tpm_settle(&self, minute: u32, held: u64, actual: u64) {
+        let _ = self
+            .tpm_window
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                let (m, used) = unpack_window(w);
+                (m == minute).then(|| pack_window(m, used.saturating_sub(held).saturating_add(actual)))
+            });
     }
 
     /// Takes `amount` from what remains, if it fits.
@@ -479,14 +564,32 @@ impl Gate {
     ) -> Gate {
         let per_min =
             |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).expect("max(1) is non-zero"));
+        let filter = Arc::new(KeyFilter::new());
+        filter.spawn_build(store.clone());
         Gate {
             keys: KeyMap::default(),
             store,
             clock,
+            filter,
+            generations: std::array::from_fn(|_| AtomicU64::new(0)),
+            store_reads: AtomicU64::new(0),
             unknown_keys: RateLimiter::keyed(per_min(unknown_key_per_minute)),
-            blocked_ips: DashMap::new(),
             admin_failures: RateLimiter::keyed(per_min(admin_failures_per_minute)),
         }
+    }
+
+    /// The filter of known keys has finished its start-up scan.
+    pub fn filter_ready(&self) -> bool {
+        self.filter.is_ready()
+    }
+
+    /// Key reads from the store so far (cache misses the filter let through).
+    pub fn store_reads(&self) -> u64 {
+        self.store_reads.load(Ordering::Relaxed)
+    }
+
+    fn generation(&self, hash: &KeyHash) -> &AtomicU64 {
+        &self.generations[hash[0] as usize % GENERATIONS]
     }
 
     pub fn clock(&self) -> &Clock {
@@ -502,18 +605,12 @@ impl Gate {
         self.keys.len()
     }
 
-    /// Step 1: the key presented with the request, found in memory (or in
-    /// the store on a miss). Unknown keys from one IP are rate limited.
+    /// Step 1: the key presented with the request, found in memory, else
+    /// in the store if the filter of known keys may hold it. Unknown keys
+    /// never reach the store once the filter is built; past the per-IP
+    /// budget they are answered 429, but a key that exists is always served.
     pub fn authenticate(&self, headers: &HeaderMap, ip: IpAddr) -> Result<Arc<LiveKey>, ApiError> {
         let now = self.clock.now_ms();
-        if let Some(until) = self.blocked_ips.get(&ip).map(|e| *e.value())
-            && until > now
-        {
-            return Err(ApiError::rate_limited(
-                "Too many requests with invalid API keys from this address.",
-                ((until - now) as u64).div_ceil(1000),
-            ));
-        }
         let key = match key_from_headers(headers) {
             Ok(Some(k)) => k,
             Ok(None) => {
@@ -525,39 +622,100 @@ impl Gate {
         };
         let hash = hash_key(key);
         match self.lookup(&hash, now)? {
-            Some(k) => {
-                k.last_used_ms.store(now, Ordering::Relaxed);
-                Ok(k)
-            }
-            None => {
-                if self.unknown_keys.check_key(&ip).is_err() {
-                    self.blocked_ips.insert(ip, now + 60_000);
-                    return Err(ApiError::rate_limited(
-                        "Too many requests with invalid API keys from this address.",
-                        60,
-                    ));
-                }
-                Err(ApiError::invalid_api_key("Incorrect API key provided."))
+            Some(k) => Ok(k),
+            None => Err(self.unknown_key(ip)),
+        }
+    }
+
+    /// The answer to an unknown key: 401, or 429 when this address (its
+    /// /64 for IPv6) has sent too many.
+    fn unknown_key(&self, ip: IpAddr) -> ApiError {
+        match self.unknown_keys.check_key(&limiter_ip(ip)) {
+            Ok(()) => ApiError::invalid_api_key("Incorrect API key provided."),
+            Err(not_until) => {
+                use governor::clock::Clock as _;
+                let clock = governor::clock::DefaultClock::default();
+                let wait = not_until.wait_time_from(clock.now());
+                ApiError::rate_limited(
+                    "Too many requests with invalid API keys from this address.",
+                    wait.as_secs().max(1),
+                )
             }
         }
     }
 
-    /// The live state of a key, loading it from the store on a miss.
+    /// The live state of a key, loading it from the store on a miss (unless
+    /// the filter knows it does not exist). Marks the key used.
     pub fn lookup(&self, hash: &KeyHash, now_ms: i64) -> Result<Option<Arc<LiveKey>>, ApiError> {
-        if let Some(k) = self.keys.get(hash).map(|e| e.value().clone()) {
+        if let Some(k) = self.cached_key(hash, now_ms) {
             return Ok(Some(k));
         }
-        let loaded = self
-            .store
-            .key(hash)
-            .map_err(|e| ApiError::internal(format!("key store: {e}")))?;
-        let Some((record, account)) = loaded else {
+        if !self.filter.may_exist(hash) {
             return Ok(None);
-        };
-        let live = Arc::new(LiveKey::new(record, account, now_ms));
-        // Two workers may load the same key at once: the first insert wins
-        // and both use it, so counters are never split.
-        Ok(Some(self.keys.entry(*hash).or_insert(live).value().clone()))
+        }
+        self.load(hash, now_ms)
+    }
+
+    /// The key if it is in memory, marked used while the map's read lock
+    /// is held: an eviction (under the write lock) either happened before,
+    /// and this misses, or sees the fresh use and keeps the key.
+    fn cached_key(&self, hash: &KeyHash, now_ms: i64) -> Option<Arc<LiveKey>> {
+        self.keys.get(hash).map(|e| {
+            e.value().last_used_ms.store(now_ms, Ordering::Relaxed);
+            e.value().clone()
+        })
+    }
+
+    /// A cache miss: reads the store, then inserts under the entry lock
+    /// only if no delete, update or eviction of this shard of keys happened
+    /// since the read (else reads again). Two loads of one key share the
+    /// first insert, so counters are never split.
+    fn load(&self, hash: &KeyHash, now_ms: i64) -> Result<Option<Arc<LiveKey>>, ApiError> {
+        loop {
+            let generation = self.generation(hash).load(Ordering::Acquire);
+            self.store_reads.fetch_add(1, Ordering::Relaxed);
+            let loaded = self
+                .store
+                .key(hash)
+                .map_err(|e| ApiError::internal(format!("key store: {e}")))?;
+            match self.keys.entry(*hash) {
+                Entry::Occupied(e) => {
+                    e.get().last_used_ms.store(now_ms, Ordering::Relaxed);
+                    return Ok(Some(e.get().clone()));
+                }
+                Entry::Vacant(v) => {
+                    if self.generation(hash).load(Ordering::Acquire) != generation {
+                        continue;
+                    }
+                    let Some((record, account)) = loaded else {
+                        return Ok(None);
+                    };
+                    let live = Arc::new(LiveKey::new(record, account, now_ms));
+                    v.insert(live.clone());
+                    return Ok(Some(live));
+                }
+            }
+        }
+    }
+
+    /// Bumps the key's generation under its entry lock, so that a load
+    /// that read the store before this change will not insert what it
+    /// read, and returns the cached state (removed from memory if `remove`).
+    fn invalidate(&self, hash: &KeyHash, remove: bool) -> Option<Arc<LiveKey>> {
+        match self.keys.entry(*hash) {
+            Entry::Occupied(e) => {
+                self.generation(hash).fetch_add(1, Ordering::AcqRel);
+                if remove {
+                    Some(e.remove())
+                } else {
+                    Some(e.get().clone())
+                }
+            }
+            Entry::Vacant(_v) => {
+                self.generation(hash).fetch_add(1, Ordering::AcqRel);
+                None
+            }
+        }
     }
 
     /// Step 2: the key's status and policy. Binds a new device when the key
@@ -634,7 +792,7 @@ impl Gate {
         let mut record = policy.record.clone();
         record.devices.push(device.to_owned());
         self.store.bind_device(record.hash, device.to_owned());
-        key.set_policy(Policy::compile(record));
+        key.set_policy(Policy::compile_after(record, &policy));
         Ok(key.policy())
     }
 
@@ -644,13 +802,9 @@ impl Gate {
         let rec = &policy.record;
         let mut rate = RateInfo::default();
         if let Some(tpm) = rec.tpm {
-            let minute = now.div_euclid(60_000);
-            let used = if key.tpm_minute.load(Ordering::Acquire) == minute {
-                key.tpm_tokens.load(Ordering::Acquire)
-            } else {
-                0
-            };
-            let reset = Duration::from_millis((60_000 - now.rem_euclid(60_000)) as u64);
+            // A full window is refused here, before the rpm limiter counts
+            // the request; the request's own tokens are taken at reserve.
+            let (used, reset) = key.tpm_used(now);
             if used >= tpm {
                 return Err(ApiError::rate_limited(
                     format!("Rate limit reached: {tpm} tokens per minute."),
@@ -661,7 +815,7 @@ impl Gate {
                     tpm: Some((tpm, 0, reset)),
                 }));
             }
-            rate.tpm = Some((tpm, tpm - used, reset));
+            rate.tpm = Some((tpm, tpm.saturating_sub(used), reset));
         }
         if let Some(limiter) = &policy.rpm {
             let limit = rec.rpm.unwrap_or(0);
@@ -721,128 +875,154 @@ impl Gate {
         Ok(permit)
     }
 
-    /// Step 4: reserve an upper bound of the request's cost. `bound(c)` is
-    /// the bound with `c` completion tokens; `max_completion` the tokens the
-    /// request may produce. With `cap`, a bound that does not fit is lowered
-    /// to the largest completion that does (at least 1 token). A refusal
+    /// Step 4: reserve the request's upper bound: its cost against the
+    /// limit (with `bound.cap`, a cost that does not fit is lowered to the
+    /// largest completion that does, at least 1 token), and its tokens
+    /// against the tpm window. The key's first request of a UTC day holds
+    /// the daily fee in the same commit: no reservation, no fee. A refusal
     /// drops nothing itself: the caller's `Permit` gives the count back.
     pub fn reserve(
         &self,
         key: &Arc<LiveKey>,
         policy: &Policy,
-        max_completion: u64,
-        cap: bool,
-        bound: impl Fn(u64) -> Pico,
-        affordable: impl Fn(Pico) -> u64,
+        bound: &Bound,
     ) -> Result<Reserved, ApiError> {
         let now = self.clock.now_ms();
         key.roll_period(policy, now);
-        let daily_fee = self.charge_daily_fee(key, policy, now)?;
-        let want = bound(max_completion);
-        match key.try_commit(want.0) {
-            Ok(()) => Ok(Reserved {
-                reservation: Reservation {
-                    key: key.clone(),
-                    amount: want,
-                    settled: false,
-                },
-                capped_max_tokens: None,
-                daily_fee,
-            }),
+        let today = now.div_euclid(DAY_MS);
+        let fee = policy
+            .record
+            .daily_fee
+            .filter(|f| f.0 > 0 && key.fee_day.load(Ordering::Acquire) < today)
+            .unwrap_or(Pico::ZERO);
+        let want = bound.cost(bound.completion_tokens);
+        let (amount, capped) = match key.try_commit(want.0.saturating_add(fee.0)) {
+            Ok(()) => (want, None),
             Err(available) => {
-                if cap {
-                    // Retry with what is left; another request may take some
-                    // of it meanwhile, so the CAS still decides.
-                    let c = affordable(Pico(available)).min(max_completion);
-                    if c >= 1 {
-                        let amount = bound(c);
-                        if key.try_commit(amount.0).is_ok() {
-                            return Ok(Reserved {
-                                reservation: Reservation {
-                                    key: key.clone(),
-                                    amount,
-                                    settled: false,
-                                },
-                                capped_max_tokens: Some(c),
-                                daily_fee,
-                            });
-                        }
-                    }
+                // Retry with what is left; another request may take some
+                // of it meanwhile, so the CAS still decides.
+                let c = if bound.cap {
+                    bound
+                        .affordable(Pico(available - fee.0))
+                        .min(bound.completion_tokens)
+                } else {
+                    0
+                };
+                let amount = bound.cost(c);
+                if c == 0 || key.try_commit(amount.0.saturating_add(fee.0)).is_err() {
+                    return Err(ApiError::insufficient_quota(
+                        "insufficient_quota",
+                        if fee > Pico::ZERO {
+                            "This key has not enough credit left for this request and today's fee."
+                        } else {
+                            "This key has not enough credit left for this request."
+                        },
+                        "key",
+                    ));
                 }
-                Err(ApiError::insufficient_quota(
-                    "insufficient_quota",
-                    "This key has not enough credit left for this request.",
-                    "key",
-                ))
+                (amount, Some(c))
+            }
+        };
+        // Every request that saw the day unpaid holds the fee; exactly one
+        // moves the fee day and keeps it, the others give theirs back. Any
+        // request that finds the day paid proceeds after the winner's hold
+        // succeeded, so no request of the day goes without a paid fee.
+        let mut reservation = Reservation {
+            key: key.clone(),
+            amount,
+            daily_fee: None,
+            fee_day_before: 0,
+            tokens: 0,
+            minute: 0,
+            settled: false,
+        };
+        if fee > Pico::ZERO {
+            match key
+                .fee_day
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                    (d < today).then_some(today)
+                }) {
+                Ok(before) => {
+                    reservation.daily_fee = Some(fee);
+                    reservation.fee_day_before = before;
+                }
+                Err(_) => {
+                    key.committed.fetch_sub(fee.0, Ordering::AcqRel);
+                }
             }
         }
-    }
-
-    /// Charges the plan's daily fee on the key's first request of a UTC day.
-    fn charge_daily_fee(
-        &self,
-        key: &LiveKey,
-        policy: &Policy,
-        now: i64,
-    ) -> Result<Option<Pico>, ApiError> {
-        let Some(fee) = policy.record.daily_fee.filter(|f| f.0 > 0) else {
-            return Ok(None);
-        };
-        let today = now.div_euclid(DAY_MS);
-        let last = key.fee_day.load(Ordering::Acquire);
-        if last >= today
-            || key
-                .fee_day
-                .compare_exchange(last, today, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
-            return Ok(None);
+        if let Some(tpm) = policy.record.tpm {
+            let completion = capped.unwrap_or(bound.completion_tokens);
+            let tokens = bound.tokens(completion);
+            match key.tpm_reserve(tpm, tokens, now) {
+                Ok(minute) => {
+                    reservation.tokens = tokens;
+                    reservation.minute = minute;
+                }
+                Err(used) => {
+                    // Dropping `reservation` gives back the credit and fee.
+                    let (_, reset) = key.tpm_used(now);
+                    let rate = RateInfo {
+                        rpm: None,
+                        tpm: Some((tpm, tpm.saturating_sub(used), reset)),
+                    };
+                    let message = if tokens > tpm {
+                        format!(
+                            "Request too large: it may use {tokens} tokens, more than this key's {tpm} tokens per minute. Lower max_tokens."
+                        )
+                    } else {
+                        format!(
+                            "Rate limit reached: {tpm} tokens per minute ({used} used, this request may use {tokens})."
+                        )
+                    };
+                    return Err(ApiError::rate_limited(message, reset.as_secs().max(1))
+                        .with_rate(&rate));
+                }
+            }
         }
-        if key.try_commit(fee.0).is_err() {
-            key.fee_day.store(last, Ordering::Release);
-            return Err(ApiError::insufficient_quota(
-                "insufficient_quota",
-                "This key has not enough credit left for today's fee.",
-                "daily_fee",
-            ));
-        }
-        key.period_spent.fetch_add(fee.0, Ordering::AcqRel);
-        key.spent.fetch_add(fee.0, Ordering::AcqRel);
-        Ok(Some(fee))
-    }
-
-    /// Adds tokens to the key's tokens-per-minute window.
-    pub fn add_tokens(&self, key: &LiveKey, tokens: u64) {
-        if tokens == 0 {
-            return;
-        }
-        let minute = self.clock.now_ms().div_euclid(60_000);
-        let cur = key.tpm_minute.load(Ordering::Acquire);
-        if cur != minute
-            && key
-                .tpm_minute
-                .compare_exchange(cur, minute, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            key.tpm_tokens.store(0, Ordering::Release);
-        }
-        key.tpm_tokens.fetch_add(tokens, Ordering::AcqRel);
+        let daily_fee = reservation.daily_fee;
+        Ok(Reserved {
+            reservation,
+            capped_max_tokens: capped,
+            daily_fee,
+        })
     }
 
     // ---- admin side: keeps memory in step with what the store applied ----
 
     /// Replaces the cached policy of a key after an update. Devices bound
     /// meanwhile by requests are kept (binding takes the same lock).
+    /// A change of `limit_reset` is applied with the store's rule. Call it
+    /// after the store has the new record.
     pub fn updated(&self, mut record: KeyRecord) {
-        if let Some(k) = self.peek(&record.hash) {
-            let _guard = k.device_lock.lock().unwrap_or_else(|e| e.into_inner());
-            for d in &k.policy().record.devices {
-                if !record.devices.contains(d) {
-                    record.devices.push(d.clone());
-                }
+        let Some(k) = self.invalidate(&record.hash, false) else {
+            return;
+        };
+        let _guard = k.device_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old = k.policy();
+        for d in &old.record.devices {
+            if !record.devices.contains(d) {
+                record.devices.push(d.clone());
             }
-            k.set_policy(Policy::compile(record));
         }
+        let (from, to, at) = (old.record.limit_reset, record.limit_reset, record.updated_at);
+        let policy = Policy::compile_after(record, &old);
+        // No period change is ever seen with the wrong policy: a new period
+        // is entered before the policy that rolls it, and a policy without
+        // periods is in place before the earlier ones are counted.
+        if to.is_some() {
+            k.change_reset(from, to, at);
+            k.set_policy(policy);
+        } else {
+            k.set_policy(policy);
+            k.change_reset(from, to, at);
+        }
+    }
+
+    /// A key was created or imported: call after the store has it and
+    /// before answering, so that its first request finds it.
+    pub fn created(&self, hash: &KeyHash) {
+        self.filter.insert(hash);
     }
 
     /// A key's live state if it is in memory; never touches the store.
@@ -859,7 +1039,7 @@ impl Gate {
 
     /// Sets the cached limit after an update or a top-up.
     pub fn set_limit(&self, hash: &KeyHash, limit: Option<Pico>) {
-        if let Some(k) = self.keys.get(hash).map(|e| e.value().clone()) {
+        if let Some(k) = self.invalidate(hash, false) {
             k.limit
                 .store(limit.map(|l| l.0).unwrap_or(UNLIMITED), Ordering::Release);
         }
@@ -883,6 +1063,10 @@ impl Gate {
         Ok(Reservation {
             key: key.clone(),
             amount,
+            daily_fee: None,
+            fee_day_before: 0,
+            tokens: 0,
+            minute: 0,
             settled: false,
         })
     }
@@ -897,18 +1081,29 @@ impl Gate {
             .map(|prev| prev - (prev - amount.0).max(0))
             .unwrap_or(0);
         key.committed.fetch_sub(back, Ordering::AcqRel);
-        key.spent.fetch_sub(amount.0, Ordering::AcqRel);
+        // What the period could not give back comes off earlier periods.
+        key.outside_period
+            .fetch_sub(amount.0 - back, Ordering::AcqRel);
     }
 
-    /// Drops a key from memory (deleted).
+    /// A key was deleted: drops it from memory and from the filter of known
+    /// keys. Call after the store has deleted it: no load that read the
+    /// store before the delete inserts the key again.
     pub fn forget(&self, hash: &KeyHash) {
-        self.keys.remove(hash);
+        self.filter.remove(hash);
+        self.evict(hash);
+    }
+
+    /// Drops a key from memory only (it stays in the store and the filter):
+    /// what the sweeper does to an idle key, for benches and tests.
+    pub fn evict(&self, hash: &KeyHash) {
+        self.invalidate(hash, true);
     }
 
     /// Checks a failed admin-token attempt against the per-IP limit: `Err`
     /// when this IP has failed too often.
     pub fn admin_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.admin_failures.check_key(&ip).map_err(|_| {
+        self.admin_failures.check_key(&limiter_ip(ip)).map_err(|_| {
             ApiError::rate_limited(
                 "Too many failed admin authentications from this address.",
                 60,
@@ -921,20 +1116,22 @@ impl Gate {
     pub fn sweep(&self) -> usize {
         let now = self.clock.now_ms();
         let before = self.keys.len();
-        // A key whose usage records are still queued would reload stale
-        // counters from sled: evict only when the store has caught up.
-        let store_idle = self.store.stats().queue_depth == 0;
-        self.keys.retain(|_, k| {
-            if !store_idle {
-                return true;
-            }
+        // A key whose usage records are not all committed would reload
+        // stale counters from sled: evict only what the store has on disk.
+        // Per key, so that steady traffic on other keys does not stop it.
+        let committed = self.store.committed_seq();
+        self.keys.retain(|hash, k| {
             let idle = now - k.last_used_ms.load(Ordering::Relaxed) > IDLE_EVICT_MS;
             let busy = k.in_flight() > 0
-                || k.committed.load(Ordering::Acquire) != k.period_spent.load(Ordering::Acquire);
-            !idle || busy
+                || k.committed.load(Ordering::Acquire) != k.period_spent.load(Ordering::Acquire)
+                || k.last_record_seq.load(Ordering::Acquire) > committed;
+            let keep = !idle || busy;
+            if !keep {
+                // Under the shard's write lock, like a load's insert.
+                self.generations[hash[0] as usize % GENERATIONS].fetch_add(1, Ordering::AcqRel);
+            }
+            keep
         });
-        self.blocked_ips.retain(|_, until| *until > now);
-        self.blocked_ips.shrink_to_fit();
         self.unknown_keys.retain_recent();
         self.unknown_keys.shrink_to_fit();
         self.admin_failures.retain_recent();
@@ -952,6 +1149,19 @@ impl ApiError {
             self.headers.push((name.clone(), value.clone()));
         }
         self
+    }
+}
+
+/// The address per-IP limiters count: IPv4 as it is, IPv6 by its /64 (one
+/// subscriber's prefix, in which a client may pick any address; an
+/// IPv4-mapped address counts as its IPv4).
+pub fn limiter_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
     }
 }
 
