@@ -11,7 +11,10 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-use crate::clock::DAY_MS;
+use std::collections::HashMap;
+
+use super::thread::charge;
+use crate::clock::{DAY_MS, HOUR_MS, Period};
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
