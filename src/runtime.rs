@@ -73,7 +73,7 @@ impl Gateway {
         let routing = Routing::build(&config, &mock_urls)?;
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
-        let store = Store::open(&config.storage.path, config.storage.flush_ms).map_err(|e| {
+        let store = Store::open_with(&config.storage.path, config.storage.store_options()).map_err(|e| {
             format!(
                 "opening the store at {}: {e}",
                 config.storage.path.display()

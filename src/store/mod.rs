@@ -19,7 +19,7 @@ mod tests;
 mod thread;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -98,6 +98,8 @@ struct Inner {
     /// the store thread mid-batch.
     waker: std::thread::Thread,
     counters: Arc<Counters>,
+    /// `accepting` turns false once this many records wait for their commit.
+    queue_capacity: u64,
 }
 
 impl Drop for Inner {
@@ -116,9 +118,21 @@ impl Drop for Inner {
     }
 }
 
+/// Shared between the handle and the store thread; atomics only, so that
+/// `accepting` and `record` never lock.
 #[derive(Default)]
 struct Counters {
+    /// Ops queued and not yet done: a record counts until its batch is on
+    /// disk (flushed), any other op until the store thread takes it.
     queue_depth: AtomicU64,
+    /// Sequence number of the last record handed to `record`.
+    last_seq: AtomicU64,
+    /// Every record with a sequence number ≤ this is on disk.
+    committed_seq: AtomicU64,
+    /// The last commit (or flush) failed and none has succeeded since.
+    failing: AtomicBool,
+    /// Test switch: every commit and flush fails as on a full disk.
+    fault: AtomicBool,
     batches: AtomicU64,
     records_written: AtomicU64,
     last_batch_size: AtomicU64,
@@ -130,11 +144,48 @@ struct Counters {
     write_errors: AtomicU64,
 }
 
+/// How the store runs: the `[storage]` settings it uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Commit window: records are durable at most this long after `record`.
+    pub flush_ms: u64,
+    /// Records waiting for their commit at which `accepting` turns false:
+    /// bounds what a crash can lose and what the queue holds.
+    pub queue_capacity: u64,
+    /// MiB the store may keep in memory (sled's cache and the batch).
+    pub cache_mb: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            flush_ms: 50,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            cache_mb: 64,
+        }
+    }
+}
+
+/// Default `storage.queue_capacity`: about a second of records at the
+/// gateway's peak rate, a few tens of MB at worst.
+pub const DEFAULT_QUEUE_CAPACITY: u64 = 65_536;
+
 impl Store {
+    /// Opens with the default options and this commit window.
+    pub fn open(path: &Path, flush_ms: u64) -> Result<Store, StoreError> {
+        Store::open_with(
+            path,
+            StoreOptions {
+                flush_ms,
+                ..StoreOptions::default()
+            },
+        )
+    }
+
     /// Opens (or creates) the database under `path`, checks the schema
     /// version, spawns the store thread. Reads no keys: the key count is a
     /// stored counter.
-    pub fn open(path: &Path, flush_ms: u64) -> Result<Store, StoreError> {
+    pub fn open_with(path: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
         let db = open_db(path)?;
         let meta = db.open_tree("meta")?;
         let keys = db.open_tree("keys")?;
@@ -173,7 +224,7 @@ impl Store {
             [keys.clone(), owners.clone(), book.clone()],
             counters.clone(),
             next_bseq,
-            Duration::from_millis(flush_ms),
+            Duration::from_millis(opts.flush_ms),
         )?;
         let waker = handle.thread().clone();
         Ok(Store {
@@ -186,6 +237,7 @@ impl Store {
                 waker,
                 thread: Mutex::new(Some(handle)),
                 counters,
+                queue_capacity: opts.queue_capacity,
             }),
         })
     }
@@ -373,7 +425,7 @@ impl Store {
 
     fn send(&self, op: Op) -> Result<(), StoreError> {
         let tx = self.inner.tx.as_ref().ok_or(StoreError::Closed)?;
-        let awaited = !matches!(op, Op::Record(_) | Op::BindDevice(..));
+        let awaited = !matches!(op, Op::Record(..) | Op::BindDevice(..));
         self.inner
             .counters
             .queue_depth
@@ -440,12 +492,40 @@ impl Store {
 
     // ---- hot path: never blocks, never touches sled ----
 
-    /// Queues a usage record; committed with the next batch. Never blocks
-    /// (the queue is unbounded; `stats().queue_depth` shows it).
-    pub fn record(&self, rec: UsageRecord) {
-        if self.send(Op::Record(Box::new(rec))).is_err() {
+    /// Whether the store takes new paid work: false while
+    /// `storage.queue_capacity` records wait for their commit, or while
+    /// commits fail (disk full) and none has succeeded since. The proxy
+    /// refuses paid requests (503 `store_unavailable`) while false, which
+    /// is what bounds the queue: `record` itself never refuses.
+    pub fn accepting(&self) -> bool {
+        let c = &self.inner.counters;
+        !c.failing.load(Ordering::Relaxed)
+            && c.queue_depth.load(Ordering::Relaxed) < self.inner.queue_capacity
+    }
+
+    /// Queues a usage record, committed with the next batch, and returns
+    /// its sequence number (rising by one per call). Never blocks and never
+    /// drops: a batch that fails to commit is kept and retried.
+    pub fn record(&self, rec: UsageRecord) -> u64 {
+        let seq = self.inner.counters.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.send(Op::Record(Box::new(rec), seq)).is_err() {
             tracing::error!("usage record dropped: the store thread has stopped");
         }
+        seq
+    }
+
+    /// Every record whose sequence number (from `record`) is ≤ this is on
+    /// disk: its batch was written and flushed.
+    pub fn committed_seq(&self) -> u64 {
+        self.inner.counters.committed_seq.load(Ordering::Acquire)
+    }
+
+    /// Makes every commit and flush fail (as on a full disk) while `on`;
+    /// for tests of the failure path, which no real disk can be made to
+    /// take on demand without root.
+    pub fn set_write_fault(&self, on: bool) {
+        self.inner.counters.fault.store(on, Ordering::Relaxed);
+        self.inner.waker.unpark();
     }
 
     /// Queues a device binding: appends to `KeyRecord::devices` if absent.
@@ -469,6 +549,8 @@ impl Store {
             thread_cpu_ns: r(&c.thread_cpu_ns),
             keys: c.keys.load(Ordering::Relaxed).max(0) as u64,
             write_errors: r(&c.write_errors),
+            committed_seq: c.committed_seq.load(Ordering::Acquire),
+            failing: c.failing.load(Ordering::Relaxed),
         }
     }
 

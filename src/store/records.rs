@@ -194,7 +194,7 @@ pub struct CreditOutcome {
 /// A snapshot of the store's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
-    /// Ops queued and not yet taken by the store thread.
+    /// Ops queued and not yet done (a record: until its batch is flushed).
     pub queue_depth: u64,
     /// Batches committed (each: at most one flush).
     pub batches: u64,
@@ -211,6 +211,10 @@ pub struct StoreStats {
     pub thread_cpu_ns: u64,
     /// Number of keys.
     pub keys: u64,
-    /// Writes that failed (logged; their records are lost).
+    /// Commits and flushes that failed (logged; the batch is kept and retried).
     pub write_errors: u64,
+    /// Every record with a sequence number ≤ this is on disk.
+    pub committed_seq: u64,
+    /// The last commit failed and none has succeeded since.
+    pub failing: bool,
 }

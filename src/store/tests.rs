@@ -672,3 +672,95 @@ fn survives_kill_9() {
         assert!(total > 0, "the child wrote nothing in round {round}");
     }
 }
+
+/// Waits (polling the store's own counters, not a timer) until `done`.
+async fn until(store: &Store, done: impl Fn(&StoreStats) -> bool) {
+    for _ in 0..2_000 {
+        if done(&store.stats()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("store never reached the state: {:?}", store.stats());
+}
+
+#[tokio::test]
+async fn a_failed_commit_keeps_the_batch_refuses_work_and_recovers() {
+    let dir = TempDir::new("fault");
+    let path = dir.0.clone();
+    let opts = StoreOptions {
+        flush_ms: 2,
+        queue_capacity: 1_000,
+        cache_mb: 64,
+    };
+    {
+        let store = Store::open_with(&path, opts).unwrap();
+        store.create_key(key(1, None, None), account(None)).await.unwrap();
+        assert!(store.accepting());
+        let first = store.record(usage(1, 1_000, "m", 7, 0));
+        store.flush().await.unwrap();
+        assert_eq!(store.committed_seq(), first);
+
+        // Disk full: records keep being taken, none is committed, paid work
+        // is refused and admin writes get an error, not a hang.
+        store.set_write_fault(true);
+        let mut last = first;
+        for i in 1..=200u64 {
+            last = store.record(usage(1, 1_000 + i as i64, "m", 3, i));
+            assert_eq!(last, first + i, "sequence numbers rise by one");
+        }
+        until(&store, |s| s.failing && s.write_errors > 0).await;
+        assert!(!store.accepting());
+        assert!(store.flush().await.is_err());
+        assert!(
+            store
+                .credit(hash(1), credit(LedgerKind::Deduct, 11, None, 2_000))
+                .await
+                .is_err()
+        );
+        assert_eq!(store.committed_seq(), first);
+        assert_eq!(store.stats().queue_depth, 200);
+        assert_eq!(store.stats().records_written, 1);
+
+        // Room again: the kept batch is written by the retry, unasked.
+        store.set_write_fault(false);
+        until(&store, |s| !s.failing && s.committed_seq == last).await;
+        assert!(store.accepting());
+        assert_eq!(store.stats().queue_depth, 0);
+        assert_eq!(store.stats().records_written, 201);
+        store
+            .credit(hash(1), credit(LedgerKind::Deduct, 11, None, 2_000))
+            .await
+            .unwrap();
+        assert_books_balance(&store, &hash(1));
+    }
+    // And it is on disk: nothing lost.
+    let store = Store::open(&path, 2).unwrap();
+    let (_, acct) = store.key(&hash(1)).unwrap().unwrap();
+    assert_eq!(acct.spent, Pico(7 + 200 * 3 + 11));
+    assert_eq!(acct.requests, 201);
+    assert_books_balance(&store, &hash(1));
+}
+
+#[tokio::test]
+async fn accepting_turns_false_at_the_queue_capacity() {
+    let dir = TempDir::new("capacity");
+    // A long window: the records stay queued while we look.
+    let opts = StoreOptions {
+        flush_ms: 10_000,
+        queue_capacity: 10,
+        cache_mb: 64,
+    };
+    let store = Store::open_with(&dir.0, opts).unwrap();
+    store.create_key(key(1, None, None), account(None)).await.unwrap();
+    for i in 0..9 {
+        store.record(usage(1, 1_000, "m", 1, i));
+        assert!(store.accepting());
+    }
+    let last = store.record(usage(1, 1_000, "m", 1, 9));
+    assert!(!store.accepting(), "10 records wait: at capacity");
+    assert!(store.committed_seq() < last);
+    store.flush().await.unwrap();
+    assert!(store.accepting());
+    assert_eq!(store.committed_seq(), last);
+}

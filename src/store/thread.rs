@@ -2,7 +2,7 @@
 //! `flush_ms`, commits them as one atomic batch, flushes, then answers the
 //! writes that await the flush (group commit).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -37,7 +37,8 @@ const PRUNE_SLACK_MS: i64 = 3_600_000;
 pub(super) type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 pub(super) enum Op {
-    Record(Box<UsageRecord>),
+    /// A record and its sequence number.
+    Record(Box<UsageRecord>, u64),
     BindDevice(KeyHash, String),
     Create(
         Box<KeyRecord>,
@@ -111,7 +112,35 @@ pub(super) struct Pending {
     records: u64,
     min_at: i64,
     max_at: i64,
+    /// Sequence numbers of the records, to mark committed after the flush.
+    seqs: Vec<u64>,
 }
+
+/// The sequence number up to which every record is on disk. Records reach
+/// the store thread nearly in order (two callers can swap between taking a
+/// number and sending); the few that arrive early wait in `ahead`.
+#[derive(Default)]
+struct Watermark {
+    upto: u64,
+    ahead: BTreeSet<u64>,
+}
+
+impl Watermark {
+    fn done(&mut self, seq: u64) {
+        if seq != self.upto + 1 {
+            self.ahead.insert(seq);
+            return;
+        }
+        self.upto = seq;
+        while self.ahead.remove(&(self.upto + 1)) {
+            self.upto += 1;
+        }
+    }
+}
+
+/// First and longest wait before retrying a failed commit.
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 pub(super) struct StoreThread {
     db: Db,
@@ -125,6 +154,12 @@ pub(super) struct StoreThread {
     replies: Vec<Reply>,
     /// Reused to build rollup keys without allocating per record.
     scratch: Vec<u8>,
+    /// Sequence numbers of records written but not yet flushed.
+    unflushed: Vec<u64>,
+    /// What `committed_seq` is built from.
+    mark: Watermark,
+    /// Wait before the next retry after a failed commit or flush.
+    backoff: Duration,
 }
 
 /// Queues `result` to be answered after the flush, or the flush's error.
@@ -159,6 +194,9 @@ impl StoreThread {
             pending: Pending::default(),
             replies: Vec::new(),
             scratch: Vec::new(),
+            unflushed: Vec::new(),
+            mark: Watermark::default(),
+            backoff: RETRY_MIN,
         };
         let handle = std::thread::Builder::new()
             .name("tollgate-store".into())
@@ -167,7 +205,34 @@ impl StoreThread {
     }
 
     fn run(mut self, rx: Receiver<Op>, window: Duration) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            // After a failure, retry on a backoff even if nothing arrives:
+            // the gateway refuses paid work until a commit succeeds.
+            let first = if self.owes_commit() {
+                match rx.recv_timeout(self.backoff) {
+                    Ok(op) => Some(op),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        self.finish_batch(0);
+                        if self.owes_commit() {
+                            tracing::error!(
+                                records = self.pending.records,
+                                "store closed with records not on disk"
+                            );
+                        }
+                        break;
+                    }
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            };
+            let Some(first) = first else {
+                self.finish_batch(0);
+                continue;
+            };
             let deadline = Instant::now() + window;
             let mut ops = 1usize;
             let mut urgent = self.handle(first);
@@ -203,10 +268,14 @@ impl StoreThread {
 
     /// Takes one op into the batch; `true` if someone awaits its flush.
     fn handle(&mut self, op: Op) -> bool {
-        self.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        if !matches!(op, Op::Record(..)) {
+            // A record leaves the queue depth only once it is on disk.
+            self.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        }
         match op {
-            Op::Record(rec) => {
+            Op::Record(rec, seq) => {
                 self.add_record(&rec);
+                self.pending.seqs.push(seq);
                 false
             }
             Op::BindDevice(hash, device) => {
@@ -343,12 +412,46 @@ impl StoreThread {
         add_pending_rollup(&mut p.rollups, k, &delta);
     }
 
-    /// Writes the collected records as one atomic batch (not flushed).
+    /// Fails while the test fault switch is on, as a full disk would.
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.counters.fault.load(Ordering::Relaxed) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "injected write fault",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the collected records as one atomic batch (not flushed). On
+    /// failure nothing is written and the batch stays pending, to be
+    /// retried whole: the accounts it holds are still right.
     fn commit_pending(&mut self) -> Result<(), StoreError> {
+        self.writable()?;
         if self.pending.records == 0 {
             return Ok(());
         }
-        let p = std::mem::take(&mut self.pending);
+        let result = self.write_pending();
+        match result {
+            Ok(()) => {
+                let p = std::mem::take(&mut self.pending);
+                self.next_bseq += 1;
+                self.counters
+                    .records_written
+                    .fetch_add(p.records, Ordering::Relaxed);
+                self.unflushed.extend(p.seqs);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, records = self.pending.records, "usage batch not written; kept for retry");
+                Err(e)
+            }
+        }
+    }
+
+    /// Builds and applies the pending batch, leaving `pending` as it is.
+    fn write_pending(&mut self) -> Result<(), StoreError> {
+        let p = &self.pending;
         let bseq = self.next_bseq;
         let mut batch = Batch::default();
         let mut writes = 0usize;
@@ -357,53 +460,44 @@ impl StoreThread {
             max_at: p.max_at,
             keys: Vec::with_capacity(p.keys.len()),
         };
-        for (hash, kb) in p.keys {
-            if let Some((acct, reset)) = kb.acct {
-                batch.insert(account_key(&hash), encode_account(&acct, reset));
+        for (hash, kb) in &p.keys {
+            if let Some((acct, reset)) = &kb.acct {
+                batch.insert(account_key(hash), encode_account(acct, *reset));
                 writes += 1;
             }
             batch.insert(
-                usage_key(&hash, bseq),
+                usage_key(hash, bseq),
                 finish_usage_batch(kb.count, &kb.records),
             );
             writes += 1;
-            index.keys.push((hash, kb.count));
+            index.keys.push((*hash, kb.count));
         }
-        for (key, delta) in p.rollups {
-            let mut sum = match self.book.get(&key)? {
+        for (key, delta) in &p.rollups {
+            let mut sum = match self.book.get(key)? {
                 Some(v) => decode_rollup(&v)?,
                 None => Rollup::default(),
             };
-            add_rollup(&mut sum, &delta);
-            batch.insert(key, encode_rollup(&sum));
+            add_rollup(&mut sum, delta);
+            batch.insert(key.as_slice(), encode_rollup(&sum));
             writes += 1;
         }
         batch.insert(&batch_index_key(bseq), encode_batch_index(&index));
         writes += 1;
-        self.next_bseq += 1;
         let result = self.book.apply_batch(batch);
         self.write_count(writes);
-        match result {
-            Ok(()) => {
-                self.counters
-                    .records_written
-                    .fetch_add(p.records, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, records = p.records, "usage batch lost");
-                Err(e.into())
-            }
-        }
+        Ok(result?)
     }
 
+    /// Commits, flushes, then answers the writes that awaited the flush.
+    /// Records become committed (`committed_seq`, `queue_depth`) only here,
+    /// after a flush that followed their write.
     fn finish_batch(&mut self, ops: usize) {
-        if let Err(e) = self.commit_pending() {
-            tracing::error!(error = %e, "usage batch commit failed");
-        }
+        let committed = self.commit_pending();
         let started = Instant::now();
-        let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+        let flushed = self
+            .writable()
+            .and_then(|()| self.db.flush().map(|_| ()).map_err(StoreError::from))
+            .map_err(|e| e.to_string());
         let c = &self.counters;
         c.flush_us_sum
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -413,13 +507,37 @@ impl StoreThread {
         if let Some(ns) = thread_cpu_ns() {
             c.thread_cpu_ns.store(ns, Ordering::Relaxed);
         }
-        if let Err(e) = &flushed {
-            tracing::error!(error = %e, "store flush failed");
-            c.write_errors.fetch_add(1, Ordering::Relaxed);
+        match &flushed {
+            Ok(()) => {
+                let durable = self.unflushed.len() as u64;
+                for seq in self.unflushed.drain(..) {
+                    self.mark.done(seq);
+                }
+                c.queue_depth.fetch_sub(durable, Ordering::Relaxed);
+                c.committed_seq.store(self.mark.upto, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store flush failed; retrying");
+                c.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        let ok = committed.is_ok() && flushed.is_ok();
+        c.failing.store(!ok, Ordering::Relaxed);
+        self.backoff = if ok {
+            RETRY_MIN
+        } else {
+            (self.backoff * 2).min(RETRY_MAX)
+        };
         for reply in self.replies.drain(..) {
             reply(flushed.clone());
         }
+    }
+
+    /// Something written is not yet on disk, or the last attempt failed.
+    fn owes_commit(&self) -> bool {
+        self.pending.records > 0
+            || !self.unflushed.is_empty()
+            || self.counters.failing.load(Ordering::Relaxed)
     }
 
     fn bind_device(&mut self, hash: &KeyHash, device: String) -> Result<(), StoreError> {
