@@ -851,6 +851,7 @@ impl Settlement {
             request_id: self.request_id.to_str().unwrap_or("").to_owned(),
             client_ip: self.client_ip.to_string(),
             estimated,
+            daily_fee: crate::money::Pico::ZERO,
         });
     }
 }

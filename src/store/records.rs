@@ -101,6 +101,11 @@ pub struct UsageRecord {
     pub client_ip: String,
     /// Usage was estimated (stream cut, client gone) rather than reported.
     pub estimated: bool,
+    /// The daily fee the gate charged together with this request's
+    /// reservation (usually 0). The store thread adds it to `spent` and
+    /// writes a `DailyFee` ledger entry in the same batch (once per key and
+    /// UTC day), so memory and store agree; it is not kept in the record.
+    pub daily_fee: Pico,
 }
 
 /// What a ledger entry did to the account.

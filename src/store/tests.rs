@@ -99,6 +99,7 @@ fn usage(k: u32, at_ms: i64, model: &str, cost: i64, i: u64) -> UsageRecord {
         request_id: format!("req-{k}-{i}"),
         client_ip: "127.0.0.1".into(),
         estimated: i % 5 == 0,
+        daily_fee: Pico::ZERO,
     }
 }
 
@@ -763,4 +764,35 @@ async fn accepting_turns_false_at_the_queue_capacity() {
     store.flush().await.unwrap();
     assert!(store.accepting());
     assert_eq!(store.committed_seq(), last);
+}
+
+#[tokio::test]
+async fn a_daily_fee_with_a_record_is_written_once_per_day_with_it() {
+    let dir = TempDir::new("fee");
+    let day = 20_000 * DAY_MS;
+    {
+        let store = Store::open(&dir.0, 2).unwrap();
+        store.create_key(key(1, None, None), account(None)).await.unwrap();
+        let with_fee = |at: i64, i: u64| UsageRecord {
+            daily_fee: Pico(500),
+            ..usage(1, at, "m", 10, i)
+        };
+        store.record(with_fee(day + 1, 0));
+        // A second fee the same day (a race the gate lost) is not charged again.
+        store.record(with_fee(day + 2, 1));
+        store.flush().await.unwrap();
+        store.record(with_fee(day + 3, 2));
+        store.record(usage(1, day + 4, "m", 10, 3));
+        store.record(with_fee(day + DAY_MS, 4));
+        store.flush().await.unwrap();
+    }
+    let store = Store::open(&dir.0, 2).unwrap();
+    let (_, acct) = store.key(&hash(1)).unwrap().unwrap();
+    assert_eq!(acct.spent, Pico(5 * 10 + 2 * 500));
+    assert_eq!(acct.fee_day, day / DAY_MS + 1);
+    let ledger = store.ledger(&hash(1), 0, 10).unwrap();
+    assert_eq!(ledger.len(), 2);
+    assert!(ledger.iter().all(|e| e.kind == LedgerKind::DailyFee));
+    assert_eq!(ledger[0].at_ms, day + DAY_MS);
+    assert_books_balance(&store, &hash(1));
 }

@@ -17,7 +17,7 @@ use super::codec::*;
 use super::layout::*;
 use super::records::*;
 use super::{Counters, StoreError, abort};
-use crate::clock::{HOUR_MS, Period};
+use crate::clock::{DAY_MS, HOUR_MS, Period};
 use crate::money::Pico;
 
 
@@ -114,6 +114,8 @@ pub(super) struct Pending {
     max_at: i64,
     /// Sequence numbers of the records, to mark committed after the flush.
     seqs: Vec<u64>,
+    /// Daily-fee ledger entries that came with records, written with them.
+    fees: Vec<(KeyHash, LedgerEntry)>,
 }
 
 /// The sequence number up to which every record is on disk. Records reach
@@ -382,6 +384,27 @@ impl StoreThread {
         if let Some((acct, reset)) = &mut kb.acct {
             charge(acct, *reset, rec.at_ms, rec.cost);
             acct.requests = acct.requests.saturating_add(1);
+            // The fee the gate charged with this request, once per UTC day:
+            // `fee_day` in the same atomic batch makes it idempotent.
+            let day = rec.at_ms.div_euclid(DAY_MS);
+            if rec.daily_fee.0 > 0 && acct.fee_day < day {
+                charge(acct, *reset, rec.at_ms, rec.daily_fee);
+                acct.fee_day = day;
+                acct.ledger_seq += 1;
+                p.fees.push((
+                    rec.key,
+                    LedgerEntry {
+                        seq: acct.ledger_seq,
+                        at_ms: rec.at_ms,
+                        kind: LedgerKind::DailyFee,
+                        amount: rec.daily_fee,
+                        reason: "daily fee".into(),
+                        idempotency_key: None,
+                        limit_after: acct.limit,
+                        spent_after: acct.spent,
+                    },
+                ));
+            }
         }
         put_usage(&mut kb.records, rec);
         kb.count += 1;
@@ -471,6 +494,10 @@ impl StoreThread {
             );
             writes += 1;
             index.keys.push((*hash, kb.count));
+        }
+        for (hash, entry) in &p.fees {
+            batch.insert(ledger_key(hash, entry.seq), encode_ledger(entry));
+            writes += 1;
         }
         for (key, delta) in &p.rollups {
             let mut sum = match self.book.get(key)? {
@@ -706,7 +733,7 @@ impl StoreThread {
             LedgerKind::Deduct => charge(&mut acct, reset, op.at_ms, op.amount),
             LedgerKind::DailyFee => {
                 charge(&mut acct, reset, op.at_ms, op.amount);
-                acct.fee_day = acct.fee_day.max(op.at_ms.div_euclid(crate::clock::DAY_MS));
+                acct.fee_day = acct.fee_day.max(op.at_ms.div_euclid(DAY_MS));
             }
             LedgerKind::Refund => charge(&mut acct, reset, op.at_ms, Pico(-op.amount.0)),
         }
