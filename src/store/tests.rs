@@ -696,7 +696,10 @@ async fn a_failed_commit_keeps_the_batch_refuses_work_and_recovers() {
     };
     {
         let store = Store::open_with(&path, opts).unwrap();
-        store.create_key(key(1, None, None), account(None)).await.unwrap();
+        store
+            .create_key(key(1, None, None), account(None))
+            .await
+            .unwrap();
         assert!(store.accepting());
         let first = store.record(usage(1, 1_000, "m", 7, 0));
         store.flush().await.unwrap();
@@ -753,7 +756,10 @@ async fn accepting_turns_false_at_the_queue_capacity() {
         cache_mb: 64,
     };
     let store = Store::open_with(&dir.0, opts).unwrap();
-    store.create_key(key(1, None, None), account(None)).await.unwrap();
+    store
+        .create_key(key(1, None, None), account(None))
+        .await
+        .unwrap();
     for i in 0..9 {
         store.record(usage(1, 1_000, "m", 1, i));
         assert!(store.accepting());
@@ -772,7 +778,10 @@ async fn a_daily_fee_with_a_record_is_written_once_per_day_with_it() {
     let day = 20_000 * DAY_MS;
     {
         let store = Store::open(&dir.0, 2).unwrap();
-        store.create_key(key(1, None, None), account(None)).await.unwrap();
+        store
+            .create_key(key(1, None, None), account(None))
+            .await
+            .unwrap();
         let with_fee = |at: i64, i: u64| UsageRecord {
             daily_fee: Pico(500),
             ..usage(1, at, "m", 10, i)
@@ -795,4 +804,69 @@ async fn a_daily_fee_with_a_record_is_written_once_per_day_with_it() {
     assert!(ledger.iter().all(|e| e.kind == LedgerKind::DailyFee));
     assert_eq!(ledger[0].at_ms, day + DAY_MS);
     assert_books_balance(&store, &hash(1));
+}
+
+fn vm_rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Issue 17's reproduction against sled alone: batches shaped like
+/// `commit_pending`'s (one account overwrite, one rollup overwrite, one
+/// batch-index entry and one new usage value of `RECS` records per batch),
+/// each flushed, with a 32 MB `cache_capacity`. Prints resident memory as
+/// the log grows; `LOG=0` writes the same batches without the usage value.
+///   SOAK_RECORDS=5000000 cargo test --lib sled_alone -- --ignored --nocapture
+#[test]
+#[ignore = "a measurement, minutes long"]
+fn sled_alone_memory_under_a_growing_log() {
+    const RECS: usize = 500;
+    let total: usize = std::env::var("SOAK_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
+    let with_log = std::env::var("LOG").map(|v| v != "0").unwrap_or(true);
+    let dir = TempDir::new("sled-alone");
+    let db = sled::Config::new()
+        .path(&dir.0)
+        .cache_capacity(32 << 20)
+        .flush_every_ms(None)
+        .open()
+        .unwrap();
+    let book = db.open_tree("book").unwrap();
+    let h = hash(1);
+    let mut buf = Vec::new();
+    for i in 0..RECS as u64 {
+        put_usage(&mut buf, &usage(1, 1_000 + i as i64, "demo-chat", 5, i));
+    }
+    let value = finish_usage_batch(RECS as u64, &buf);
+    println!("usage value {} bytes for {RECS} records", value.len());
+    let start = vm_rss_kb();
+    for b in 0..(total / RECS) as u64 {
+        let mut batch = sled::Batch::default();
+        batch.insert(account_key(&h), encode_account(&account(None), None));
+        if with_log {
+            batch.insert(usage_key(&h, b), value.as_slice());
+        }
+        batch.insert(&batch_index_key(b), &b.to_be_bytes());
+        batch.insert(b"Rrollup".as_slice(), &b.to_le_bytes());
+        book.apply_batch(batch).unwrap();
+        db.flush().unwrap();
+        if b % 1000 == 0 {
+            println!(
+                "records {:>9}  rss {:>7} kB (+{:>7})  disk {:>6} MB",
+                b as usize * RECS,
+                vm_rss_kb(),
+                vm_rss_kb().saturating_sub(start),
+                db.size_on_disk().unwrap_or(0) >> 20
+            );
+        }
+    }
 }

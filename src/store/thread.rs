@@ -2,8 +2,8 @@
 //! `flush_ms`, commits them as one atomic batch, flushes, then answers the
 //! writes that await the flush (group commit).
 
-use std::collections::{BTreeSet, HashMap};
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -20,13 +20,11 @@ use super::{Counters, StoreError, abort};
 use crate::clock::{DAY_MS, HOUR_MS, Period};
 use crate::money::Pico;
 
-
 /// Most ops the store thread takes into one batch before committing. Under
 /// load the per-key writes (account, usage value, rollups) are shared by
 /// more records the larger this is: with 1,000 busy keys, 4,096 gave 0.75
 /// sled writes per record, 16,384 about a quarter of that.
 pub const MAX_BATCH_OPS: usize = 16_384;
-
 
 /// Retention stops at the first batch whose oldest record is this much
 /// newer than its cut-off: batches are written in settle-time order, give
@@ -65,7 +63,6 @@ pub(super) enum Op {
     ),
 }
 
-
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
 /// first. A charge dated in an earlier period than the account's (a late
 /// record) counts in the lifetime `spent` only. `period_spent` never goes
@@ -90,7 +87,6 @@ pub(super) fn charge(acct: &mut Account, reset: Option<Period>, at_ms: i64, amou
         acct.period_spent = acct.period_spent.saturating_add(amount).max(Pico::ZERO);
     }
 }
-
 
 /// A key's part of the batch being collected.
 struct KeyBatch {
