@@ -84,9 +84,9 @@ GW_PID=$!
 PIDS+=("$GW_PID")
 wait_for "http://127.0.0.1:$GW_PORT/healthz"
 
-CREATED=$(curl -fsS -X POST "http://127.0.0.1:$GW_PORT/api/v1/keys" \
+CREATED=$(curl -sS -X POST "http://127.0.0.1:$GW_PORT/api/v1/keys" \
     -H "authorization: Bearer $ADMIN_TOKEN" -H 'content-type: application/json' \
-    -d '{"name":"soak","limit":"100000000","rpm":1000000000,"concurrency":100000}')
+    -d '{"name":"soak","limit":1000000,"rpm":1000000000,"concurrency":100000}')
 KEY=$(printf '%s' "$CREATED" | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
 [[ -n $KEY ]] || { echo "could not create a key: $CREATED" >&2; exit 1; }
 
