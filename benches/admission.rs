@@ -148,6 +148,7 @@ fn bound() -> Bound {
         pricing: Pricing::Tokens(Price {
             input: Pico::parse_usd("0.15").expect("price"),
             cached_input: None,
+            cache_write: None,
             output: Pico::parse_usd("0.6").expect("price"),
             request: Pico::ZERO,
         }),

@@ -65,6 +65,7 @@ fn record(k: u32, at_ms: i64, i: u64) -> UsageRecord {
         request_id: format!("req-{i:016x}"),
         client_ip: "203.0.113.7".into(),
         estimated: false,
+        daily_fee: Pico::ZERO,
     }
 }
 

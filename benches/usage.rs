@@ -60,6 +60,7 @@ fn record(hash: KeyHash, at_ms: i64, i: u64) -> UsageRecord {
         request_id: format!("req-{i}"),
         client_ip: "127.0.0.1".into(),
         estimated: i % 501 == 0,
+        daily_fee: Pico::ZERO,
     }
 }
 

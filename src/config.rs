@@ -162,6 +162,22 @@ pub struct StorageConfig {
     pub flush_ms: u64,
     /// Usage records older than this are pruned (rollups stay); 0 = keep.
     pub usage_retention_days: u32,
+    /// Records waiting for their commit at which paid requests are refused
+    /// (503 `store_unavailable`): bounds the queue and what a crash loses.
+    pub queue_capacity: u64,
+    /// MiB the store may keep in memory (its cache and the pending batch).
+    pub cache_mb: u64,
+}
+
+impl StorageConfig {
+    /// The settings the store itself runs with.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            flush_ms: self.flush_ms,
+            queue_capacity: self.queue_capacity,
+            cache_mb: self.cache_mb,
+        }
+    }
 }
 
 impl Default for StorageConfig {
@@ -170,6 +186,8 @@ impl Default for StorageConfig {
             path: PathBuf::from("./data"),
             flush_ms: 50,
             usage_retention_days: 0,
+            queue_capacity: crate::store::DEFAULT_QUEUE_CAPACITY,
+            cache_mb: 64,
         }
     }
 }
@@ -708,6 +726,18 @@ impl Config {
             return Err(format!(
                 "storage.flush_ms must be between 1 and 10000{}",
                 at("flush_ms")
+            ));
+        }
+        if !(1..=100_000_000).contains(&self.storage.queue_capacity) {
+            return Err(format!(
+                "storage.queue_capacity must be between 1 and 100000000{}",
+                at("queue_capacity")
+            ));
+        }
+        if !(4..=65_536).contains(&self.storage.cache_mb) {
+            return Err(format!(
+                "storage.cache_mb must be between 4 and 65536{}",
+                at("cache_mb")
             ));
         }
         if self.admin.token_env.is_empty() {

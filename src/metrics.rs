@@ -367,7 +367,7 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP tollgate_store_queue_depth Writes queued for the store thread.\n# TYPE tollgate_store_queue_depth gauge\n");
+        out.push_str("# HELP tollgate_store_queue_depth Writes queued and not yet done (a record: until its batch is on disk).\n# TYPE tollgate_store_queue_depth gauge\n");
         let _ = writeln!(out, "tollgate_store_queue_depth {}", s.queue_depth);
         out.push_str("# HELP tollgate_store_batches_total Batches committed by the store thread.\n# TYPE tollgate_store_batches_total counter\n");
         let _ = writeln!(out, "tollgate_store_batches_total {}", s.batches);
@@ -375,7 +375,7 @@ impl Metrics {
         let _ = writeln!(out, "tollgate_store_records_total {}", s.records_written);
         out.push_str("# HELP tollgate_store_last_batch_size Ops in the last committed batch.\n# TYPE tollgate_store_last_batch_size gauge\n");
         let _ = writeln!(out, "tollgate_store_last_batch_size {}", s.last_batch_size);
-        out.push_str("# HELP tollgate_store_write_errors_total Store writes that failed (their records are lost).\n# TYPE tollgate_store_write_errors_total counter\n");
+        out.push_str("# HELP tollgate_store_write_errors_total Store commits and flushes that failed (the batch is kept and retried).\n# TYPE tollgate_store_write_errors_total counter\n");
         let _ = writeln!(out, "tollgate_store_write_errors_total {}", s.write_errors);
         out.push_str("# HELP tollgate_store_flush_seconds Time spent applying and flushing batches.\n# TYPE tollgate_store_flush_seconds summary\n");
         let _ = writeln!(

@@ -74,12 +74,13 @@ impl Gateway {
         demo_banner(&routing);
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
-        let store = Store::open(&config.storage.path, config.storage.flush_ms).map_err(|e| {
-            format!(
-                "opening the store at {}: {e}",
-                config.storage.path.display()
-            )
-        })?;
+        let store = Store::open_with(&config.storage.path, config.storage.store_options())
+            .map_err(|e| {
+                format!(
+                    "opening the store at {}: {e}",
+                    config.storage.path.display()
+                )
+            })?;
         let admin_token = match opts.admin_token {
             Some(t) => t,
             None => admin_token(&config)?,

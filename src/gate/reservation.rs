@@ -176,6 +176,7 @@ mod tests {
         let price = Price {
             input: Pico::parse_usd("1").unwrap(),
             cached_input: None,
+            cache_write: None,
             output: Pico::parse_usd("2").unwrap(),
             request: Pico::ZERO,
         };

@@ -37,7 +37,7 @@ use crate::gate::{Ask, Bound, LiveKey, Permit, Policy};
 use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
 pub use headers::X_REQUEST_ID;
-use routing::{Destination, Pricing};
+use routing::Destination;
 pub use routing::{Proxy, Routing, fast_random};
 use settle::{Admitted, Reach, Settlement};
 

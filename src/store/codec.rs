@@ -271,6 +271,8 @@ pub(super) fn decode_usage_batch(
             ttfb_ms: r.u32()?,
             request_id: r.str()?,
             client_ip: r.str()?,
+            // Written as a ledger entry, not in the record.
+            daily_fee: Pico::ZERO,
         });
     }
     Ok(out)

@@ -1,0 +1,157 @@
+//! Key layout of the sled trees, and the builders of those keys.
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | `schema` | u32 LE schema version, checked at open |
+//! | `keys` | `k` hash | key record (JSON) |
+//! | `keys` | `c` ord(created_at) hash | empty: the listing order |
+//! | `keys` | `n` | u64 LE number of keys (open must not count them) |
+//! | `owners` | u16 len, owner, u16 len, plan, hash | `[disabled]` |
+//! | `book` | `a` hash | account + the key's `limit_reset` (binary) |
+//! | `book` | `u` hash !batch_seq | that key's usage records of one batch (binary) |
+//! | `book` | `l` hash seq | ledger entry (JSON) |
+//! | `book` | `i` hash idempotency-key | ledger seq (u64 BE) |
+//! | `book` | `R` hash ord(hour) model | per-key hourly rollup (binary) |
+//! | `book` | `G` ord(hour) model | gateway hourly rollup (binary) |
+//! | `book` | `b` batch_seq | batch index: keys written, their record counts, time span (retention) |
+//! | `book` | `m` `next_bseq` | batch sequence floor, written by retention |
+//! | `book` | `p` hash | u64 LE: the key's usage records removed by retention |
+//!
+//! Everything that must agree with everything else about money (accounts,
+//! usage records, rollups, ledger, idempotency) lives in `book`, so every
+//! commit of it is a single atomic `apply_batch`: after a crash, `spent` is
+//! always Σ records + Σ ledger. Admin writes that also touch `keys` and
+//! `owners` (create, update, delete) use one sled transaction over the
+//! three trees. The account carries the key's `limit_reset` so the store
+//! thread rolls periods with the one read it does per key per batch,
+//! without decoding the key record.
+//!
+//! # Cost per batch
+//!
+//! For each key touched: one account write and one usage value; one rollup
+//! write per (key, hour, model) and per (hour, model) for the gateway; one
+//! batch-index write. Nothing is written per record.
+
+use sled::{IVec, Tree};
+
+use super::StoreError;
+use super::codec::ord_i64;
+use super::records::{KeyHash, KeyRecord};
+
+pub(super) fn prefixed(tag: u8, hash: &KeyHash) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + 32 + 16);
+    k.push(tag);
+    k.extend_from_slice(hash);
+    k
+}
+
+pub(super) fn key_record_key(hash: &KeyHash) -> Vec<u8> {
+    prefixed(b'k', hash)
+}
+
+pub(super) fn created_key(created_at: i64, hash: &KeyHash) -> Vec<u8> {
+    let mut k = Vec::with_capacity(41);
+    k.push(b'c');
+    k.extend_from_slice(&ord_i64(created_at));
+    k.extend_from_slice(hash);
+    k
+}
+
+pub(super) fn account_key(hash: &KeyHash) -> Vec<u8> {
+    prefixed(b'a', hash)
+}
+
+/// Newest batch first: the batch sequence, inverted.
+pub(super) fn usage_key(hash: &KeyHash, bseq: u64) -> Vec<u8> {
+    let mut k = prefixed(b'u', hash);
+    k.extend_from_slice(&(!bseq).to_be_bytes());
+    k
+}
+
+pub(super) fn ledger_key(hash: &KeyHash, seq: u64) -> Vec<u8> {
+    let mut k = prefixed(b'l', hash);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(super) fn idempotency_key(hash: &KeyHash, idem: &str) -> Vec<u8> {
+    let mut k = prefixed(b'i', hash);
+    k.extend_from_slice(idem.as_bytes());
+    k
+}
+
+pub(super) fn batch_index_key(bseq: u64) -> [u8; 9] {
+    let mut k = [b'b'; 9];
+    k[1..].copy_from_slice(&bseq.to_be_bytes());
+    k
+}
+
+pub(super) const NEXT_BSEQ_KEY: &[u8] = b"mnext_bseq";
+
+pub(super) fn push_len_str(buf: &mut Vec<u8>, s: &str) {
+    // Owner and plan names are short; longer ones are cut in the index only.
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    buf.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+    buf.extend_from_slice(bytes);
+}
+
+pub(super) fn owner_prefix(owner: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + 40);
+    push_len_str(&mut k, owner);
+    k
+}
+
+/// The owners-index entry of a record, if it has an owner.
+pub(super) fn owner_entry(rec: &KeyRecord) -> Option<Vec<u8>> {
+    let owner = rec.owner.as_deref()?;
+    let mut k = owner_prefix(owner);
+    push_len_str(&mut k, rec.plan.as_deref().unwrap_or(""));
+    k.extend_from_slice(&rec.hash);
+    Some(k)
+}
+
+pub(super) fn owner_entry_hash(k: &[u8]) -> Result<KeyHash, StoreError> {
+    k.len()
+        .checked_sub(32)
+        .and_then(|at| k[at..].try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt("owners index key".into()))
+}
+
+pub(super) fn read_key_count(v: &Option<IVec>) -> Result<u64, StoreError> {
+    match v {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_le_bytes)
+            .map_err(|_| StoreError::Corrupt("key count".into())),
+    }
+}
+
+pub(super) fn read_u64_le(v: &Option<IVec>, what: &str) -> Result<u64, StoreError> {
+    match v {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_le_bytes)
+            .map_err(|_| StoreError::Corrupt(what.into())),
+    }
+}
+
+/// The next usage batch number: past the newest batch index entry and past
+/// the floor retention leaves when it removes every entry.
+pub(super) fn next_batch_seq(book: &Tree) -> Result<u64, StoreError> {
+    let mut next = match book.get(NEXT_BSEQ_KEY)? {
+        Some(v) => <[u8; 8]>::try_from(v.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("batch sequence floor".into()))?,
+        None => 0,
+    };
+    if let Some(item) = book.scan_prefix([b'b']).next_back() {
+        let (k, _) = item?;
+        let last = k
+            .get(1..9)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| StoreError::Corrupt("batch index key".into()))?;
+        next = next.max(last + 1);
+    }
+    Ok(next)
+}

@@ -1,0 +1,242 @@
+//! The store's record types: what it keeps about keys, money and usage.
+
+use crate::money::Pico;
+
+/// SHA-256 of the whole API key.
+pub type KeyHash = [u8; 32];
+
+/// A key's identity and policy. Changes only through the admin API (or a device binding).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// SHA-256 of the whole key: the key itself is never stored.
+    pub hash: KeyHash,
+    /// Human name given at creation.
+    pub name: String,
+    /// First and last characters of the key, to recognise it.
+    pub label: String,
+    /// Who the key belongs to, for listing and `one_per_owner` plans.
+    pub owner: Option<String>,
+    /// Plan the key was made from.
+    pub plan: Option<String>,
+    /// A disabled key is refused but kept.
+    pub disabled: bool,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+    /// Unix ms after which the key is refused.
+    pub expires_at: Option<i64>,
+    /// How often `Account::period_spent` starts again from zero.
+    pub limit_reset: Option<crate::clock::Period>,
+    /// Cap on `Account::requests`.
+    pub max_requests: Option<u64>,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens per minute.
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    pub concurrency: Option<u32>,
+    /// Glob allowlist of models; empty = all.
+    pub models: Vec<String>,
+    /// CIDR allowlist; empty = all.
+    pub allowed_ips: Vec<String>,
+    /// Cap on `devices`.
+    pub max_devices: Option<u32>,
+    /// Devices bound so far.
+    pub devices: Vec<String>,
+    /// Charged once per UTC day the key is used.
+    pub daily_fee: Option<crate::money::Pico>,
+    /// Caller's JSON text, kept verbatim.
+    pub metadata: Option<String>,
+    /// Came from an external key pool rather than generated here.
+    pub imported: bool,
+}
+
+/// A key's money and counters: what must agree with its usage records and ledger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Account {
+    /// None = unlimited; raised by top-ups.
+    pub limit: Option<Pico>,
+    /// Lifetime: Σ usage record costs + Σ deducts + Σ daily fees − Σ refunds.
+    pub spent: Pico,
+    /// Id (`Period::id`) of the limit period `period_spent` belongs to (0 when limit_reset is None).
+    pub period: i64,
+    /// What counts against `limit` in that period (= spent when limit_reset is None).
+    pub period_spent: Pico,
+    /// Usage records written for the key.
+    pub requests: u64,
+    /// Last UTC day number a daily fee was charged (−1 never).
+    pub fee_day: i64,
+    /// Entries in the key's ledger.
+    pub ledger_seq: u64,
+}
+
+impl Account {
+    /// Applies a change of the key's `limit_reset` made at `at_ms`: the
+    /// rule of [`crate::clock::ResetChange`], which the gate applies to the
+    /// live key too.
+    pub fn change_reset(&mut self, from: Option<crate::clock::Period>, to: Option<crate::clock::Period>, at_ms: i64) {
+        use crate::clock::ResetChange;
+        match ResetChange::of(from, to, at_ms) {
+            ResetChange::Unchanged => {}
+            ResetChange::CountAll => {
+                self.period = 0;
+                self.period_spent = self.spent.max(Pico::ZERO);
+            }
+            ResetChange::Enter(id) => self.period = id,
+        }
+    }
+}
+
+/// One settled request, as the meter saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Unix ms the request was settled at; decides its hour and period.
+    pub at_ms: i64,
+    /// The key charged.
+    pub key: KeyHash,
+    pub model: String,
+    /// Upstream that answered.
+    pub upstream: String,
+    /// API path family (`chat`, `responses`, …).
+    pub route: String,
+    pub stream: bool,
+    /// HTTP status answered to the client.
+    pub status: u16,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// What was charged.
+    pub cost: Pico,
+    /// What had been reserved at admission.
+    pub reserved: Pico,
+    pub latency_ms: u32,
+    /// Time to first byte.
+    pub ttfb_ms: u32,
+    pub request_id: String,
+    pub client_ip: String,
+    /// Usage was estimated (stream cut, client gone) rather than reported.
+    pub estimated: bool,
+    /// The daily fee the gate charged together with this request's
+    /// reservation (usually 0). The store thread adds it to `spent` and
+    /// writes a `DailyFee` ledger entry in the same batch (once per key and
+    /// UTC day), so memory and store agree; it is not kept in the record.
+    pub daily_fee: Pico,
+}
+
+/// What a ledger entry did to the account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LedgerKind {
+    /// limit += amount.
+    Topup,
+    /// spent += amount.
+    Deduct,
+    /// spent −= amount.
+    Refund,
+    /// spent += amount, once per UTC day.
+    DailyFee,
+}
+
+/// One credit operation, as applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerEntry {
+    /// 1 for a key's first entry.
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: LedgerKind,
+    /// Positive.
+    pub amount: Pico,
+    pub reason: String,
+    /// Applied once per key; a repeat replays this entry.
+    pub idempotency_key: Option<String>,
+    /// The account's limit after the entry.
+    pub limit_after: Option<Pico>,
+    /// The account's lifetime spent after the entry.
+    pub spent_after: Pico,
+}
+
+/// Sums over a bucket (an hour, for one key or the whole gateway, for one model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rollup {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost: Pico,
+    pub latency_ms_sum: u64,
+    /// Records with status ≥ 400.
+    pub errors: u64,
+    /// Records whose usage was estimated.
+    pub estimated: u64,
+}
+
+/// A page of keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyQuery {
+    pub offset: usize,
+    pub limit: usize,
+    /// Only this owner's keys.
+    pub owner: Option<String>,
+    pub include_disabled: bool,
+}
+
+/// Whose rollups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RollupScope {
+    Key(KeyHash),
+    Gateway,
+}
+
+/// A credit to apply to a key's account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreditOp {
+    pub kind: LedgerKind,
+    /// Must be > 0.
+    pub amount: Pico,
+    pub reason: String,
+    /// Applied once per key.
+    pub idempotency_key: Option<String>,
+    /// Decides the period a deduct, refund or fee counts in.
+    pub at_ms: i64,
+}
+
+/// What a credit did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreditOutcome {
+    /// The entry written (or, replayed, the one written first).
+    pub entry: LedgerEntry,
+    /// The account now.
+    pub account: Account,
+    /// The idempotency key had been used: nothing changed.
+    pub replayed: bool,
+}
+
+/// A snapshot of the store's counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Ops queued and not yet done (a record: until its batch is flushed).
+    pub queue_depth: u64,
+    /// Batches committed (each: at most one flush).
+    pub batches: u64,
+    /// Usage records committed.
+    pub records_written: u64,
+    /// Ops in the last batch.
+    pub last_batch_size: u64,
+    /// Σ µs spent in `flush` (fsync), and how many flushes.
+    pub flush_us_sum: u64,
+    pub flush_count: u64,
+    /// sled inserts and removes issued by the store thread (the cost model).
+    pub sled_writes: u64,
+    /// CPU time of the store thread in ns (from `/proc/thread-self/schedstat`; 0 if unavailable).
+    pub thread_cpu_ns: u64,
+    /// Number of keys.
+    pub keys: u64,
+    /// Commits and flushes that failed (logged; the batch is kept and retried).
+    pub write_errors: u64,
+    /// Every record with a sequence number ≤ this is on disk.
+    pub committed_seq: u64,
+    /// The last commit failed and none has succeeded since.
+    pub failing: bool,
+}

@@ -1,0 +1,919 @@
+//! The store thread: the one writer. It collects queued ops for up to
+//! `flush_ms`, commits them as one atomic batch, flushes, then answers the
+//! writes that await the flush (group commit).
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sled::{Batch, Db, Transactional, Tree};
+use tokio::sync::oneshot;
+
+use super::codec::*;
+use super::layout::*;
+use super::records::*;
+use super::{Counters, StoreError, abort};
+use crate::clock::{DAY_MS, HOUR_MS, Period};
+use crate::money::Pico;
+
+/// Most ops the store thread takes into one batch before committing. Under
+/// load the per-key writes (account, usage value, rollups) are shared by
+/// more records the larger this is: with 1,000 busy keys, 4,096 gave 0.75
+/// sled writes per record, 16,384 about a quarter of that.
+pub const MAX_BATCH_OPS: usize = 16_384;
+
+/// Retention stops at the first batch whose oldest record is this much
+/// newer than its cut-off: batches are written in settle-time order, give
+/// or take a flush window, and no request lives an hour.
+const PRUNE_SLACK_MS: i64 = 3_600_000;
+
+/// A reply sent once the batch it belongs to is flushed (or failed to).
+pub(super) type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+pub(super) enum Op {
+    /// A record and its sequence number.
+    Record(Box<UsageRecord>, u64),
+    BindDevice(KeyHash, String),
+    Create(
+        Box<KeyRecord>,
+        Account,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
+    Update(Box<KeyRecord>, oneshot::Sender<Result<(), StoreError>>),
+    Delete(KeyHash, oneshot::Sender<Result<bool, StoreError>>),
+    SetLimit(
+        KeyHash,
+        Option<Pico>,
+        oneshot::Sender<Result<Account, StoreError>>,
+    ),
+    Credit(
+        KeyHash,
+        CreditOp,
+        oneshot::Sender<Result<CreditOutcome, StoreError>>,
+    ),
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+    Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
+    Bulk(
+        Vec<(KeyRecord, Account)>,
+        mpsc::SyncSender<Result<(), StoreError>>,
+    ),
+}
+
+/// Adds a signed amount to an account at `at_ms`, rolling its limit period
+/// first. A charge dated in an earlier period than the account's (a late
+/// record) counts in the lifetime `spent` only. `period_spent` never goes
+/// below 0; `spent` is not clamped so that it stays Σ records + ledger.
+pub(super) fn charge(acct: &mut Account, reset: Option<Period>, at_ms: i64, amount: Pico) {
+    acct.spent = acct.spent.saturating_add(amount);
+    let counts = match reset {
+        None => {
+            acct.period = 0;
+            true
+        }
+        Some(p) => {
+            if let Some(id) = crate::clock::period_roll(reset, acct.period, at_ms) {
+                acct.period = id;
+                acct.period_spent = Pico::ZERO;
+            }
+            p.id(at_ms) == acct.period
+        }
+    };
+    if counts {
+        acct.period_spent = acct.period_spent.saturating_add(amount).max(Pico::ZERO);
+    }
+}
+
+/// A key's part of the batch being collected.
+struct KeyBatch {
+    /// The account as read at the key's first record in the batch, with the
+    /// batch's records applied; `None` when the key was deleted (records are
+    /// still written, for reports, but no account is recreated).
+    acct: Option<(Account, Option<Period>)>,
+    /// Encoded records, oldest first.
+    records: Vec<u8>,
+    count: u64,
+}
+
+/// Records collected since the last commit.
+#[derive(Default)]
+pub(super) struct Pending {
+    keys: HashMap<KeyHash, KeyBatch>,
+    /// Rollup deltas by their `book` key (`R…` and `G…`).
+    rollups: HashMap<Vec<u8>, Rollup>,
+    records: u64,
+    min_at: i64,
+    max_at: i64,
+    /// Sequence numbers of the records, to mark committed after the flush.
+    seqs: Vec<u64>,
+    /// Daily-fee ledger entries that came with records, written with them.
+    fees: Vec<(KeyHash, LedgerEntry)>,
+}
+
+/// The sequence number up to which every record is on disk. Records reach
+/// the store thread nearly in order (two callers can swap between taking a
+/// number and sending); the few that arrive early wait in `ahead`.
+#[derive(Default)]
+struct Watermark {
+    upto: u64,
+    ahead: BTreeSet<u64>,
+}
+
+impl Watermark {
+    fn done(&mut self, seq: u64) {
+        if seq != self.upto + 1 {
+            self.ahead.insert(seq);
+            return;
+        }
+        self.upto = seq;
+        while self.ahead.remove(&(self.upto + 1)) {
+            self.upto += 1;
+        }
+    }
+}
+
+/// First and longest wait before retrying a failed commit.
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+pub(super) struct StoreThread {
+    db: Db,
+    keys: Tree,
+    owners: Tree,
+    book: Tree,
+    counters: Arc<Counters>,
+    next_bseq: u64,
+    pending: Pending,
+    /// Answers owed once this batch is flushed.
+    replies: Vec<Reply>,
+    /// Reused to build rollup keys without allocating per record.
+    scratch: Vec<u8>,
+    /// Sequence numbers of records written but not yet flushed.
+    unflushed: Vec<u64>,
+    /// What `committed_seq` is built from.
+    mark: Watermark,
+    /// Wait before the next retry after a failed commit or flush.
+    backoff: Duration,
+}
+
+/// Queues `result` to be answered after the flush, or the flush's error.
+fn reply_after_flush<T: Send + 'static>(
+    tx: oneshot::Sender<Result<T, StoreError>>,
+    result: Result<T, StoreError>,
+) -> Reply {
+    Box::new(move |flushed| {
+        let answer = result.and_then(|v| flushed.map(|()| v).map_err(StoreError::Flush));
+        let _ = tx.send(answer);
+    })
+}
+
+impl StoreThread {
+    /// Starts the store thread over `[keys, owners, book]`; it runs until
+    /// every sender of the returned channel is gone.
+    pub(super) fn spawn(
+        db: Db,
+        [keys, owners, book]: [Tree; 3],
+        counters: Arc<Counters>,
+        next_bseq: u64,
+        window: Duration,
+    ) -> std::io::Result<(Sender<Op>, JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel();
+        let thread = StoreThread {
+            db,
+            keys,
+            owners,
+            book,
+            counters,
+            next_bseq,
+            pending: Pending::default(),
+            replies: Vec::new(),
+            scratch: Vec::new(),
+            unflushed: Vec::new(),
+            mark: Watermark::default(),
+            backoff: RETRY_MIN,
+        };
+        let handle = std::thread::Builder::new()
+            .name("tollgate-store".into())
+            .spawn(move || thread.run(rx, window))?;
+        Ok((tx, handle))
+    }
+
+    fn run(mut self, rx: Receiver<Op>, window: Duration) {
+        loop {
+            // After a failure, retry on a backoff even if nothing arrives:
+            // the gateway refuses paid work until a commit succeeds.
+            let first = if self.owes_commit() {
+                match rx.recv_timeout(self.backoff) {
+                    Ok(op) => Some(op),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        self.finish_batch(0);
+                        if self.owes_commit() {
+                            tracing::error!(
+                                records = self.pending.records,
+                                "store closed with records not on disk"
+                            );
+                        }
+                        break;
+                    }
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => Some(op),
+                    Err(_) => break,
+                }
+            };
+            let Some(first) = first else {
+                self.finish_batch(0);
+                continue;
+            };
+            let deadline = Instant::now() + window;
+            let mut ops = 1usize;
+            let mut urgent = self.handle(first);
+            while ops < MAX_BATCH_OPS {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        ops += 1;
+                        urgent |= self.handle(op);
+                    }
+                    Err(mpsc::TryRecvError::Empty) => {
+                        // An admin write is waiting: commit what is already
+                        // queued, so admin latency is one flush.
+                        if urgent {
+                            break;
+                        }
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        // Sleep out the window instead of waiting on the
+                        // channel: a wake-up per record (futex + context
+                        // switch) cost the store thread more than the record
+                        // itself. Awaited writes unpark the thread.
+                        std::thread::park_timeout(left);
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            }
+            self.finish_batch(ops);
+        }
+        // Every sender is gone and everything received is flushed.
+    }
+
+    /// Takes one op into the batch; `true` if someone awaits its flush.
+    fn handle(&mut self, op: Op) -> bool {
+        if !matches!(op, Op::Record(..)) {
+            // A record leaves the queue depth only once it is on disk.
+            self.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        }
+        match op {
+            Op::Record(rec, seq) => {
+                self.add_record(&rec);
+                self.pending.seqs.push(seq);
+                false
+            }
+            Op::BindDevice(hash, device) => {
+                if let Err(e) = self.bind_device(&hash, device) {
+                    tracing::error!(error = %e, "device binding failed");
+                    self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                false
+            }
+            // Every admin write first commits the records collected so far:
+            // they hold copies of accounts the admin write may change.
+            Op::Create(rec, acct, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.create(&rec, &acct));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::Update(rec, tx) => {
+                let r = self.commit_pending().and_then(|()| self.update(&rec));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::Delete(hash, tx) => {
+                let r = self.commit_pending().and_then(|()| self.delete(&hash));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::SetLimit(hash, limit, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.set_limit(&hash, limit));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::Credit(hash, op, tx) => {
+                let r = self.commit_pending().and_then(|()| self.credit(&hash, &op));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::Flush(tx) => {
+                self.replies.push(reply_after_flush(tx, Ok(())));
+                true
+            }
+            Op::Prune(before, tx) => {
+                let r = self.commit_pending().and_then(|()| self.prune(before));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::Bulk(items, tx) => {
+                let r = self.commit_pending().and_then(|()| self.bulk(items));
+                self.replies.push(Box::new(move |flushed| {
+                    let _ = tx.send(r.and_then(|()| flushed.map_err(StoreError::Flush)));
+                }));
+                true
+            }
+        }
+    }
+
+    fn write_count(&self, n: usize) {
+        self.counters
+            .sled_writes
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Folds one record into the batch: account deltas, the key's record
+    /// buffer, and the rollup deltas. Reads the account once per key per
+    /// batch; writes nothing.
+    fn add_record(&mut self, rec: &UsageRecord) {
+        let p = &mut self.pending;
+        if p.records == 0 {
+            p.min_at = rec.at_ms;
+            p.max_at = rec.at_ms;
+        } else {
+            p.min_at = p.min_at.min(rec.at_ms);
+            p.max_at = p.max_at.max(rec.at_ms);
+        }
+        p.records += 1;
+        let kb = match p.keys.entry(rec.key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let acct = match self.book.get(account_key(&rec.key)) {
+                    Ok(Some(v)) => match decode_account(&v) {
+                        Ok(a) => Some(a),
+                        Err(err) => {
+                            // Leave the damaged account alone; the record is kept.
+                            tracing::error!(error = %err, key = %hex::encode(rec.key), "unreadable account");
+                            None
+                        }
+                    },
+                    Ok(None) => None,
+                    Err(err) => {
+                        tracing::error!(error = %err, "account read failed");
+                        None
+                    }
+                };
+                e.insert(KeyBatch {
+                    acct,
+                    records: Vec::with_capacity(128),
+                    count: 0,
+                })
+            }
+        };
+        if let Some((acct, reset)) = &mut kb.acct {
+            charge(acct, *reset, rec.at_ms, rec.cost);
+            acct.requests = acct.requests.saturating_add(1);
+            // The fee the gate charged with this request, once per UTC day:
+            // `fee_day` in the same atomic batch makes it idempotent.
+            let day = rec.at_ms.div_euclid(DAY_MS);
+            if rec.daily_fee.0 > 0 && acct.fee_day < day {
+                charge(acct, *reset, rec.at_ms, rec.daily_fee);
+                acct.fee_day = day;
+                acct.ledger_seq += 1;
+                p.fees.push((
+                    rec.key,
+                    LedgerEntry {
+                        seq: acct.ledger_seq,
+                        at_ms: rec.at_ms,
+                        kind: LedgerKind::DailyFee,
+                        amount: rec.daily_fee,
+                        reason: "daily fee".into(),
+                        idempotency_key: None,
+                        limit_after: acct.limit,
+                        spent_after: acct.spent,
+                    },
+                ));
+            }
+        }
+        put_usage(&mut kb.records, rec);
+        kb.count += 1;
+
+        let hour = rec.at_ms.div_euclid(HOUR_MS);
+        let delta = Rollup {
+            requests: 1,
+            prompt_tokens: rec.prompt_tokens,
+            cached_tokens: rec.cached_tokens,
+            completion_tokens: rec.completion_tokens,
+            reasoning_tokens: rec.reasoning_tokens,
+            cost: rec.cost,
+            latency_ms_sum: u64::from(rec.latency_ms),
+            errors: u64::from(rec.status >= 400),
+            estimated: u64::from(rec.estimated),
+        };
+        let k = &mut self.scratch;
+        k.clear();
+        k.push(b'R');
+        k.extend_from_slice(&rec.key);
+        k.extend_from_slice(&ord_i64(hour));
+        k.extend_from_slice(rec.model.as_bytes());
+        add_pending_rollup(&mut p.rollups, k, &delta);
+        k.clear();
+        k.push(b'G');
+        k.extend_from_slice(&ord_i64(hour));
+        k.extend_from_slice(rec.model.as_bytes());
+        add_pending_rollup(&mut p.rollups, k, &delta);
+    }
+
+    /// Fails while the test fault switch is on, as a full disk would.
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.counters.fault.load(Ordering::Relaxed) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "injected write fault",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the collected records as one atomic batch (not flushed). On
+    /// failure nothing is written and the batch stays pending, to be
+    /// retried whole: the accounts it holds are still right.
+    fn commit_pending(&mut self) -> Result<(), StoreError> {
+        self.writable()?;
+        if self.pending.records == 0 {
+            return Ok(());
+        }
+        let result = self.write_pending();
+        match result {
+            Ok(()) => {
+                let p = std::mem::take(&mut self.pending);
+                self.next_bseq += 1;
+                self.counters
+                    .records_written
+                    .fetch_add(p.records, Ordering::Relaxed);
+                self.unflushed.extend(p.seqs);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, records = self.pending.records, "usage batch not written; kept for retry");
+                Err(e)
+            }
+        }
+    }
+
+    /// Builds and applies the pending batch, leaving `pending` as it is.
+    fn write_pending(&mut self) -> Result<(), StoreError> {
+        let p = &self.pending;
+        let bseq = self.next_bseq;
+        let mut batch = Batch::default();
+        let mut writes = 0usize;
+        let mut index = BatchIndex {
+            min_at: p.min_at,
+            max_at: p.max_at,
+            keys: Vec::with_capacity(p.keys.len()),
+        };
+        for (hash, kb) in &p.keys {
+            if let Some((acct, reset)) = &kb.acct {
+                batch.insert(account_key(hash), encode_account(acct, *reset));
+                writes += 1;
+            }
+            batch.insert(
+                usage_key(hash, bseq),
+                finish_usage_batch(kb.count, &kb.records),
+            );
+            writes += 1;
+            index.keys.push((*hash, kb.count));
+        }
+        for (hash, entry) in &p.fees {
+            batch.insert(ledger_key(hash, entry.seq), encode_ledger(entry));
+            writes += 1;
+        }
+        for (key, delta) in &p.rollups {
+            let mut sum = match self.book.get(key)? {
+                Some(v) => decode_rollup(&v)?,
+                None => Rollup::default(),
+            };
+            add_rollup(&mut sum, delta);
+            batch.insert(key.as_slice(), encode_rollup(&sum));
+            writes += 1;
+        }
+        batch.insert(&batch_index_key(bseq), encode_batch_index(&index));
+        writes += 1;
+        let result = self.book.apply_batch(batch);
+        self.write_count(writes);
+        Ok(result?)
+    }
+
+    /// Commits, flushes, then answers the writes that awaited the flush.
+    /// Records become committed (`committed_seq`, `queue_depth`) only here,
+    /// after a flush that followed their write.
+    fn finish_batch(&mut self, ops: usize) {
+        let committed = self.commit_pending();
+        let started = Instant::now();
+        let flushed = self
+            .writable()
+            .and_then(|()| self.db.flush().map(|_| ()).map_err(StoreError::from))
+            .map_err(|e| e.to_string());
+        let c = &self.counters;
+        c.flush_us_sum
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        c.flush_count.fetch_add(1, Ordering::Relaxed);
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.last_batch_size.store(ops as u64, Ordering::Relaxed);
+        if let Some(ns) = thread_cpu_ns() {
+            c.thread_cpu_ns.store(ns, Ordering::Relaxed);
+        }
+        match &flushed {
+            Ok(()) => {
+                let durable = self.unflushed.len() as u64;
+                for seq in self.unflushed.drain(..) {
+                    self.mark.done(seq);
+                }
+                c.queue_depth.fetch_sub(durable, Ordering::Relaxed);
+                c.committed_seq.store(self.mark.upto, Ordering::Release);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store flush failed; retrying");
+                c.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let ok = committed.is_ok() && flushed.is_ok();
+        c.failing.store(!ok, Ordering::Relaxed);
+        self.backoff = if ok {
+            RETRY_MIN
+        } else {
+            (self.backoff * 2).min(RETRY_MAX)
+        };
+        for reply in self.replies.drain(..) {
+            reply(flushed.clone());
+        }
+    }
+
+    /// Something written is not yet on disk, or the last attempt failed.
+    fn owes_commit(&self) -> bool {
+        self.pending.records > 0
+            || !self.unflushed.is_empty()
+            || self.counters.failing.load(Ordering::Relaxed)
+    }
+
+    fn bind_device(&mut self, hash: &KeyHash, device: String) -> Result<(), StoreError> {
+        let k = key_record_key(hash);
+        let Some(v) = self.keys.get(&k)? else {
+            return Ok(());
+        };
+        let mut rec = decode_key(hash, &v)?;
+        if rec.devices.contains(&device) {
+            return Ok(());
+        }
+        rec.devices.push(device);
+        self.keys.insert(k, encode_key(&rec))?;
+        self.write_count(1);
+        Ok(())
+    }
+
+    fn create(&mut self, rec: &KeyRecord, acct: &Account) -> Result<(), StoreError> {
+        let hash = rec.hash;
+        let record = encode_key(rec);
+        let account = encode_account(acct, rec.limit_reset);
+        let owner = owner_entry(rec);
+        (&self.keys, &self.owners, &self.book).transaction(|(keys, owners, book)| {
+            if keys.get(key_record_key(&hash))?.is_some() {
+                return abort(StoreError::Exists);
+            }
+            let count = match read_key_count(&keys.get([b'n'])?) {
+                Ok(n) => n,
+                Err(e) => return abort(e),
+            };
+            keys.insert(key_record_key(&hash), record.as_slice())?;
+            keys.insert(created_key(rec.created_at, &hash), &[][..])?;
+            keys.insert(&[b'n'][..], &(count + 1).to_le_bytes()[..])?;
+            if let Some(o) = &owner {
+                owners.insert(o.as_slice(), &[u8::from(rec.disabled)][..])?;
+            }
+            book.insert(account_key(&hash), account.as_slice())?;
+            Ok(())
+        })?;
+        self.write_count(4 + usize::from(owner.is_some()));
+        self.counters.keys.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn update(&mut self, rec: &KeyRecord) -> Result<(), StoreError> {
+        let hash = rec.hash;
+        let record = encode_key(rec);
+        let new_owner = owner_entry(rec);
+        (&self.keys, &self.owners, &self.book).transaction(|(keys, owners, book)| {
+            let Some(old) = keys.get(key_record_key(&hash))? else {
+                return abort(StoreError::NotFound);
+            };
+            let old = match decode_key(&hash, &old) {
+                Ok(o) => o,
+                Err(e) => return abort(e),
+            };
+            keys.insert(key_record_key(&hash), record.as_slice())?;
+            if old.created_at != rec.created_at {
+                keys.remove(created_key(old.created_at, &hash))?;
+                keys.insert(created_key(rec.created_at, &hash), &[][..])?;
+            }
+            if let Some(o) = owner_entry(&old) {
+                owners.remove(o)?;
+            }
+            if let Some(o) = &new_owner {
+                owners.insert(o.as_slice(), &[u8::from(rec.disabled)][..])?;
+            }
+            if old.limit_reset != rec.limit_reset {
+                let Some(v) = book.get(account_key(&hash))? else {
+                    return abort(StoreError::Corrupt("key without account".into()));
+                };
+                let (mut acct, _) = match decode_account(&v) {
+                    Ok(a) => a,
+                    Err(e) => return abort(e),
+                };
+                // The same rule as the gate's live key (`ResetChange`).
+                acct.change_reset(old.limit_reset, rec.limit_reset, rec.updated_at);
+                book.insert(account_key(&hash), encode_account(&acct, rec.limit_reset))?;
+            }
+            Ok(())
+        })?;
+        self.write_count(4);
+        Ok(())
+    }
+
+    fn delete(&mut self, hash: &KeyHash) -> Result<bool, StoreError> {
+        let existed =
+            (&self.keys, &self.owners, &self.book).transaction(|(keys, owners, book)| {
+                let Some(old) = keys.remove(key_record_key(hash))? else {
+                    return Ok(false);
+                };
+                let old = match decode_key(hash, &old) {
+                    Ok(o) => o,
+                    Err(e) => return abort(e),
+                };
+                let count = match read_key_count(&keys.get([b'n'])?) {
+                    Ok(n) => n,
+                    Err(e) => return abort(e),
+                };
+                keys.remove(created_key(old.created_at, hash))?;
+                keys.insert(&[b'n'][..], &count.saturating_sub(1).to_le_bytes()[..])?;
+                if let Some(o) = owner_entry(&old) {
+                    owners.remove(o)?;
+                }
+                book.remove(account_key(hash))?;
+                Ok(true)
+            })?;
+        if existed {
+            self.write_count(5);
+            self.counters.keys.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(existed)
+    }
+
+    fn read_account(&self, hash: &KeyHash) -> Result<(Account, Option<Period>), StoreError> {
+        match self.book.get(account_key(hash))? {
+            Some(v) => decode_account(&v),
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    fn set_limit(&mut self, hash: &KeyHash, limit: Option<Pico>) -> Result<Account, StoreError> {
+        let (mut acct, reset) = self.read_account(hash)?;
+        acct.limit = limit;
+        self.book
+            .insert(account_key(hash), encode_account(&acct, reset))?;
+        self.write_count(1);
+        Ok(acct)
+    }
+
+    /// The account, the ledger entry and the idempotency entry go in one
+    /// atomic batch of `book`.
+    fn credit(&mut self, hash: &KeyHash, op: &CreditOp) -> Result<CreditOutcome, StoreError> {
+        let (mut acct, reset) = self.read_account(hash)?;
+        if let Some(idem) = &op.idempotency_key
+            && let Some(seq) = self.book.get(idempotency_key(hash, idem))?
+        {
+            let seq = <[u8; 8]>::try_from(seq.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("idempotency entry".into()))?;
+            let entry = self
+                .book
+                .get(ledger_key(hash, seq))?
+                .ok_or_else(|| StoreError::Corrupt("idempotency entry without ledger".into()))?;
+            return Ok(CreditOutcome {
+                entry: decode_ledger(&entry)?,
+                account: acct,
+                replayed: true,
+            });
+        }
+        match op.kind {
+            LedgerKind::Topup => {
+                if let Some(l) = acct.limit {
+                    acct.limit = Some(l.checked_add(op.amount).ok_or_else(|| {
+                        StoreError::Invalid("limit would exceed the largest amount".into())
+                    })?);
+                }
+            }
+            LedgerKind::Deduct => charge(&mut acct, reset, op.at_ms, op.amount),
+            LedgerKind::DailyFee => {
+                charge(&mut acct, reset, op.at_ms, op.amount);
+                acct.fee_day = acct.fee_day.max(op.at_ms.div_euclid(DAY_MS));
+            }
+            LedgerKind::Refund => charge(&mut acct, reset, op.at_ms, Pico(-op.amount.0)),
+        }
+        acct.ledger_seq += 1;
+        let entry = LedgerEntry {
+            seq: acct.ledger_seq,
+            at_ms: op.at_ms,
+            kind: op.kind,
+            amount: op.amount,
+            reason: op.reason.clone(),
+            idempotency_key: op.idempotency_key.clone(),
+            limit_after: acct.limit,
+            spent_after: acct.spent,
+        };
+        let mut batch = Batch::default();
+        batch.insert(account_key(hash), encode_account(&acct, reset));
+        batch.insert(ledger_key(hash, entry.seq), encode_ledger(&entry));
+        let mut writes = 2;
+        if let Some(idem) = &op.idempotency_key {
+            batch.insert(idempotency_key(hash, idem), &entry.seq.to_be_bytes());
+            writes += 1;
+        }
+        self.book.apply_batch(batch)?;
+        self.write_count(writes);
+        Ok(CreditOutcome {
+            entry,
+            account: acct,
+            replayed: false,
+        })
+    }
+
+    /// Inserts keys that do not exist yet. Accounts and index entries are
+    /// written before the records, so a crash midway leaves at worst
+    /// invisible orphans that a re-import overwrites.
+    fn bulk(&mut self, items: Vec<(KeyRecord, Account)>) -> Result<(), StoreError> {
+        let mut keys = Batch::default();
+        let mut owners = Batch::default();
+        let mut book = Batch::default();
+        let mut added = 0u64;
+        let mut writes = 0usize;
+        let mut seen = std::collections::HashSet::new();
+        for (rec, acct) in &items {
+            if !seen.insert(rec.hash) || self.keys.contains_key(key_record_key(&rec.hash))? {
+                continue;
+            }
+            book.insert(
+                account_key(&rec.hash),
+                encode_account(acct, rec.limit_reset),
+            );
+            if let Some(o) = owner_entry(rec) {
+                owners.insert(o, &[u8::from(rec.disabled)]);
+                writes += 1;
+            }
+            keys.insert(key_record_key(&rec.hash), encode_key(rec));
+            keys.insert(created_key(rec.created_at, &rec.hash), &[]);
+            writes += 3;
+            added += 1;
+        }
+        if added == 0 {
+            return Ok(());
+        }
+        let count = read_key_count(&self.keys.get([b'n'])?)?;
+        keys.insert(b"n", &(count + added).to_le_bytes());
+        self.book.apply_batch(book)?;
+        self.owners.apply_batch(owners)?;
+        self.keys.apply_batch(keys)?;
+        self.write_count(writes + 1);
+        self.counters
+            .keys
+            .fetch_add(added as i64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Removes usage older than `before_ms`, batch by batch through the
+    /// batch index, committing in chunks.
+    fn prune(&mut self, before_ms: i64) -> Result<u64, StoreError> {
+        let stop_after = before_ms.saturating_add(PRUNE_SLACK_MS);
+        let mut removed = 0u64;
+        let mut batch = Batch::default();
+        // The floor keeps batch numbers rising even if every index entry goes.
+        batch.insert(NEXT_BSEQ_KEY, &self.next_bseq.to_be_bytes());
+        let mut ops = 1usize;
+        // Records removed per key in the current chunk; their counts are
+        // raised in the same atomic batch as the removal.
+        let mut pruned: HashMap<KeyHash, u64> = HashMap::new();
+        for item in self.book.scan_prefix([b'b']) {
+            let (k, v) = item?;
+            let idx = decode_batch_index(&v)?;
+            // Batches come in time order, give or take a flush window and
+            // a request's length: past the slack nothing older is left.
+            if idx.min_at >= stop_after {
+                break;
+            }
+            if idx.min_at >= before_ms {
+                continue;
+            }
+            let bseq = k
+                .get(1..9)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt("batch index key".into()))?;
+            if idx.max_at < before_ms {
+                for (hash, n) in &idx.keys {
+                    batch.remove(usage_key(hash, bseq));
+                    removed += n;
+                    *pruned.entry(*hash).or_default() += n;
+                }
+                batch.remove(k);
+                ops += idx.keys.len() + 1;
+            } else {
+                // A batch straddling the cut: keep its newer records.
+                let mut kept_keys = Vec::new();
+                let mut min_at = i64::MAX;
+                for (hash, _) in &idx.keys {
+                    let uk = usage_key(hash, bseq);
+                    let Some(val) = self.book.get(&uk)? else {
+                        continue;
+                    };
+                    let recs = decode_usage_batch(&val, hash)?;
+                    let total = recs.len() as u64;
+                    let mut buf = Vec::new();
+                    let mut kept = 0u64;
+                    for r in recs.iter().filter(|r| r.at_ms >= before_ms) {
+                        put_usage(&mut buf, r);
+                        kept += 1;
+                        min_at = min_at.min(r.at_ms);
+                    }
+                    removed += total - kept;
+                    if total > kept {
+                        *pruned.entry(*hash).or_default() += total - kept;
+                    }
+                    if kept == 0 {
+                        batch.remove(uk);
+                    } else {
+                        batch.insert(uk, finish_usage_batch(kept, &buf));
+                        kept_keys.push((*hash, kept));
+                    }
+                    ops += 1;
+                }
+                if kept_keys.is_empty() {
+                    batch.remove(k);
+                } else {
+                    let idx = BatchIndex {
+                        min_at,
+                        keys: kept_keys,
+                        ..idx
+                    };
+                    batch.insert(k, encode_batch_index(&idx));
+                }
+                ops += 1;
+            }
+            if ops >= MAX_BATCH_OPS {
+                ops += self.add_pruned_counts(&mut batch, &mut pruned)?;
+                self.book.apply_batch(std::mem::take(&mut batch))?;
+                self.write_count(ops);
+                ops = 0;
+            }
+        }
+        ops += self.add_pruned_counts(&mut batch, &mut pruned)?;
+        self.book.apply_batch(batch)?;
+        self.write_count(ops);
+        Ok(removed)
+    }
+
+    /// Adds a chunk's per-key removal counts to the stored ones, in `batch`.
+    fn add_pruned_counts(
+        &self,
+        batch: &mut Batch,
+        pruned: &mut HashMap<KeyHash, u64>,
+    ) -> Result<usize, StoreError> {
+        let n = pruned.len();
+        for (hash, removed) in pruned.drain() {
+            let k = prefixed(b'p', &hash);
+            let before = read_u64_le(&self.book.get(&k)?, "pruned count")?;
+            batch.insert(k, &before.saturating_add(removed).to_le_bytes());
+        }
+        Ok(n)
+    }
+}
+
+fn add_pending_rollup(map: &mut HashMap<Vec<u8>, Rollup>, key: &[u8], delta: &Rollup) {
+    match map.get_mut(key) {
+        Some(r) => add_rollup(r, delta),
+        None => {
+            map.insert(key.to_vec(), *delta);
+        }
+    }
+}
+
+/// CPU time of the calling thread in ns: the first field of
+/// `/proc/thread-self/schedstat` (Linux). One small read per batch.
+pub(super) fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
