@@ -164,6 +164,18 @@ impl ApiError {
 
     /// A `/v1/*` route that is neither a known API nor allowed by a
     /// `[routes]` rule: nothing goes upstream.
+    /// The store cannot take records (queue full, disk failing): a paid
+    /// request is refused rather than served with its charge only in memory.
+    pub fn store_unavailable() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "store_unavailable",
+            "The gateway cannot record usage right now; retry shortly.",
+        )
+        .with_retry_after(1)
+    }
+
     pub fn route_not_allowed(path: &str) -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -454,11 +454,10 @@ async fn unknown_keys_from_one_ip_are_rate_limited(mode: RuntimeMode) {
         (2..=6).contains(&statuses.len()),
         "429 after the burst of 5: {statuses:?}"
     );
-    // The IP is blocked: a right key is refused too (no oracle for guesses).
-    let (s, h, v) = embed(&gw, &key, &[]).await;
-    assert_error(s, &v, 429, "rate_limit_exceeded");
-    let retry: u64 = header(&h, "retry-after").parse().expect("seconds");
-    assert!((1..=60).contains(&retry), "{retry}");
+    // The brake never refuses a key that exists: a shared NAT or load
+    // balancer that sent many bad keys does not lock its valid users out.
+    let (s, _, v) = embed(&gw, &key, &[]).await;
+    assert_eq!(s, 200, "{v}");
     let (s, _, _) = send(
         "GET",
         &gw.url("/api/v1/key"),
@@ -466,11 +465,7 @@ async fn unknown_keys_from_one_ip_are_rate_limited(mode: RuntimeMode) {
         None,
     )
     .await;
-    assert_eq!(s, 429);
-    // After the block period the valid key works again.
-    gw.clock.advance(Duration::from_secs(61));
-    let (s, _, v) = embed(&gw, &key, &[]).await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 200);
 }
 
 // ---- 3. rate limits ----
@@ -501,36 +496,56 @@ async fn rpm_limit_and_headers(mode: RuntimeMode) {
 async fn tpm_limit_and_headers(mode: RuntimeMode) {
     let gw = TestGateway::start_mode(mode, "", |_| {});
     align_to_minute(&gw);
-    let (key, hash) = gw.create_key(json!({"name": "tpm", "tpm": 10})).await;
     let url = gw.url("/v1/chat/completions");
-    let auth = bearer(&key);
+    // A request whose bound alone exceeds the window is refused up front.
+    let (small, _) = gw.create_key(json!({"name": "tpm10", "tpm": 10})).await;
     let (s, h, v) = send(
         "POST",
         &url,
-        &[("authorization", &auth)],
-        Some(chat("demo-chat", false)),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(header(&h, "x-ratelimit-limit-tokens"), "10");
-    assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), "10");
-    assert!(!header(&h, "x-ratelimit-reset-tokens").is_empty());
-    let used = v["usage"]["total_tokens"].as_u64().expect("usage");
-    assert!(used >= 10, "one answer uses the window up: {v}");
-    // Tokens are added when the request settles.
-    settled(&gw, &hash).await;
-    let (s, h, v) = send(
-        "POST",
-        &url,
-        &[("authorization", &auth)],
+        &[("authorization", &bearer(&small))],
         Some(chat("demo-chat", false)),
     )
     .await;
     assert_error(s, &v, 429, "rate_limit_exceeded");
-    assert!(h.contains_key("retry-after"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Request too large")
+    );
     assert_eq!(header(&h, "x-ratelimit-limit-tokens"), "10");
-    assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), "0");
-    assert!(!header(&h, "x-ratelimit-reset-tokens").is_empty());
+    // Tokens are reserved like money: requests are admitted while their
+    // bound fits, settled with what they used, and the window never holds
+    // more than the limit.
+    let tpm = 1000u64;
+    let (key, hash) = gw.create_key(json!({"name": "tpm", "tpm": tpm})).await;
+    let auth = bearer(&key);
+    let mut used = 0u64;
+    let mut admitted = 0;
+    loop {
+        let (s, h, v) = send(
+            "POST",
+            &url,
+            &[("authorization", &auth)],
+            Some(chat("demo-chat", false)),
+        )
+        .await;
+        settled(&gw, &hash).await;
+        if s == 429 {
+            assert_error(s, &v, 429, "rate_limit_exceeded");
+            assert!(h.contains_key("retry-after"));
+            assert_eq!(header(&h, "x-ratelimit-limit-tokens"), tpm.to_string());
+            assert!(!header(&h, "x-ratelimit-reset-tokens").is_empty());
+            break;
+        }
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(header(&h, "x-ratelimit-limit-tokens"), tpm.to_string());
+        used += v["usage"]["total_tokens"].as_u64().expect("usage");
+        admitted += 1;
+        assert!(admitted < 100, "the window must fill");
+    }
+    assert!(admitted >= 1);
+    assert!(used <= tpm, "never more than the window: {used} > {tpm}");
     // The next minute of the gateway's clock opens a new window.
     gw.clock.advance(Duration::from_secs(61));
     let (s, h, v) = send(
@@ -541,7 +556,7 @@ async fn tpm_limit_and_headers(mode: RuntimeMode) {
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(header(&h, "x-ratelimit-remaining-tokens"), "10");
+    assert_eq!(header(&h, "x-ratelimit-limit-tokens"), tpm.to_string());
 }
 
 async fn concurrency_limit(mode: RuntimeMode) {

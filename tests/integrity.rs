@@ -23,6 +23,7 @@ both_modes!(
     refused_before_the_body_is_read,
     demo_mock_answers_are_never_charged,
     disguised_paths_are_classified_and_forwarded_canonical,
+    paid_requests_wait_for_a_failing_store,
 );
 
 fn hash_of(hex_hash: &str) -> tollgate::store::KeyHash {
@@ -412,4 +413,49 @@ async fn disguised_paths_are_classified_and_forwarded_canonical(mode: RuntimeMod
             .iter()
             .all(|r| r.route == "chat" && r.cost.0 > 0)
     );
+}
+
+async fn paid_requests_wait_for_a_failing_store(mode: RuntimeMode) {
+    let gw = TestGateway::start_mode(mode, "", |_| {});
+    let (key, hash) = gw.create_key(json!({"name": "disk", "limit": "1"})).await;
+    let auth = bearer(&key);
+    let url = gw.url("/v1/chat/completions");
+    let h = [("authorization", auth.as_str())];
+    let chat_once = || send("POST", &url, &h, Some(chat("demo-chat", false)));
+    let (s, _, _) = chat_once().await;
+    assert_eq!(s, 200);
+    gw.flush().await;
+    // The disk fails: the next record's commit fails and is kept; from then
+    // on paid requests are refused 503 and never reach the upstream.
+    gw.app().store.set_write_fault(true);
+    let (s, _, _) = chat_once().await;
+    assert_eq!(s, 200, "admitted before the store knew");
+    assert!(
+        eventually(Duration::from_secs(5), || !gw.app().store.accepting()).await,
+        "the failing commit is seen"
+    );
+    let upstream_before = gw.mock.request_count();
+    let (s, h, v) = chat_once().await;
+    assert_error(s, &v, 503, "store_unavailable");
+    assert!(h.contains_key("retry-after"));
+    assert_eq!(
+        gw.mock.request_count(),
+        upstream_before,
+        "nothing went upstream"
+    );
+    // The disk has room again: the kept batch is written, serving resumes.
+    gw.app().store.set_write_fault(false);
+    assert!(eventually(Duration::from_secs(10), || gw.app().store.accepting()).await);
+    let (s, _, _) = chat_once().await;
+    assert_eq!(s, 200);
+    gw.flush().await;
+    let recs = records(&gw, &hash);
+    assert_eq!(
+        recs.len(),
+        3,
+        "the record written during the failure was kept"
+    );
+    let (_, acct) = gw.app().store.key(&hash_of(&hash)).unwrap().unwrap();
+    let sum: i64 = recs.iter().map(|r| r.cost.0).sum();
+    assert_eq!(acct.spent.0, sum, "spent = Σ records");
 }

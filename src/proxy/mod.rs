@@ -37,7 +37,7 @@ use crate::gate::{Ask, Bound, LiveKey, Permit, Policy};
 use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
 pub use headers::X_REQUEST_ID;
-use routing::Destination;
+use routing::{Destination, Pricing};
 pub use routing::{Proxy, Routing, fast_random};
 use settle::{Admitted, Reach, Settlement};
 
@@ -210,6 +210,12 @@ impl Call<'_> {
         let prompt_bound = info.prompt_token_bound();
         // `n` answers of up to `completion_bound` tokens each.
         let choices = u64::from(info.choices.max(1));
+        let free = matches!(req.dest.pricing, Pricing::Flat(f) if f == crate::money::Pico::ZERO);
+        if !free && !self.app.store.accepting() {
+            // Refused before anything is reserved or sent: the queue stays
+            // bounded and no charge lives only in memory.
+            return Err(ApiError::store_unavailable());
+        }
         let key = permit.key().clone();
         let bound = Bound {
             pricing: req.dest.pricing,
