@@ -155,6 +155,8 @@ async fn route(app: &Arc<App>, pool: &Pool, req: Request<Incoming>, ip: IpAddr) 
             proxy::handle(app, pool, req, ip, &request_id).await
         } else if path.starts_with("/api/") {
             crate::api::handle(app, req, ip).await
+        } else if crate::api::pages::owns(path) {
+            crate::api::pages::serve(req.method(), path, req.headers())
         } else {
             ops(app, &req)
         }
