@@ -17,7 +17,7 @@ export function el(tag, attrs = {}, ...children) {
 }
 
 function append(n, children) {
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c == null || c === false) continue;
     n.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
