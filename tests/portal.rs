@@ -53,7 +53,12 @@ impl Browser {
             .expect("chromedriver starts");
         let root = format!("http://127.0.0.1:{port}");
         let up = Instant::now();
-        while send("GET", &format!("{root}/status"), &[], None).await.0 != 200 {
+        let status_url = format!("{root}/status");
+        while client()
+            .request(request("GET", &status_url, &[], None))
+            .await
+            .map_or(true, |r| r.status() != 200)
+        {
             assert!(up.elapsed() < Duration::from_secs(20), "chromedriver did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -110,15 +110,26 @@ async function turn(delta) {
   }
 }
 
-function start() {
-  // A deep link /portal#key=sk-… hands the key over without it reaching
-  // any server or log; take it and remove it from the address bar and the
-  // history at once.
+// A deep link /portal#key=sk-… hands the key over without it reaching
+// any server or log; take it and remove it from the address bar and the
+// history at once.
+function takeHashKey() {
   const m = /^#key=(.+)$/.exec(location.hash);
-  if (m) {
-    session.set("tollgate.key", decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname + location.search);
-  }
+  if (!m) return false;
+  session.set("tollgate.key", decodeURIComponent(m[1]));
+  history.replaceState(null, "", location.pathname + location.search);
+  return true;
+}
+
+function start() {
+  takeHashKey();
+  // The same link followed from this page changes only the fragment.
+  window.addEventListener("hashchange", () => {
+    if (!takeHashKey()) return;
+    key = session.get("tollgate.key");
+    page = 1;
+    show();
+  });
   $("sign-in-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const v = $("key-input").value.trim();
