@@ -29,7 +29,8 @@ struct Browser {
 
 impl Browser {
     async fn start() -> Option<Browser> {
-        if !std::path::Path::new(CHROMIUM).exists() || !std::path::Path::new(CHROMEDRIVER).exists() {
+        if !std::path::Path::new(CHROMIUM).exists() || !std::path::Path::new(CHROMEDRIVER).exists()
+        {
             assert!(
                 std::env::var_os("TOLLGATE_REQUIRE_BROWSER").is_none(),
                 "TOLLGATE_REQUIRE_BROWSER is set but {CHROMIUM} or {CHROMEDRIVER} is missing \
@@ -59,7 +60,10 @@ impl Browser {
             .await
             .map_or(true, |r| r.status() != 200)
         {
-            assert!(up.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+            assert!(
+                up.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let profile = temp_dir("chrome");
@@ -103,15 +107,21 @@ impl Browser {
 
     /// Runs `body` (a function body; `arguments` are `args`) in the page.
     async fn js(&self, body: &str, args: Value) -> Value {
-        self.cmd("POST", "/execute/sync", Some(json!({"script": body, "args": args})))
-            .await
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": body, "args": args})),
+        )
+        .await
     }
 
     /// Polls `expr` (a JS expression) until it is truthy; returns its value.
     async fn wait(&self, expr: &str) -> Value {
         let start = Instant::now();
         loop {
-            let v = self.js(&format!("return ({expr}) || null;"), json!([])).await;
+            let v = self
+                .js(&format!("return ({expr}) || null;"), json!([]))
+                .await;
             if !v.is_null() && v != json!(false) {
                 return v;
             }
@@ -137,7 +147,11 @@ impl Browser {
     /// Types into an input as a user would (WebDriver key events).
     async fn type_into(&self, selector: &str, text: &str) {
         let el = self
-            .cmd("POST", "/element", Some(json!({"using": "css selector", "value": selector})))
+            .cmd(
+                "POST",
+                "/element",
+                Some(json!({"using": "css selector", "value": selector})),
+            )
             .await;
         let id = el
             .as_object()
@@ -145,14 +159,23 @@ impl Browser {
             .and_then(Value::as_str)
             .expect("element id")
             .to_owned();
-        self.cmd("POST", &format!("/element/{id}/clear"), None).await;
-        self.cmd("POST", &format!("/element/{id}/value"), Some(json!({"text": text})))
+        self.cmd("POST", &format!("/element/{id}/clear"), None)
             .await;
+        self.cmd(
+            "POST",
+            &format!("/element/{id}/value"),
+            Some(json!({"text": text})),
+        )
+        .await;
     }
 
     async fn click(&self, selector: &str) {
         let el = self
-            .cmd("POST", "/element", Some(json!({"using": "css selector", "value": selector})))
+            .cmd(
+                "POST",
+                "/element",
+                Some(json!({"using": "css selector", "value": selector})),
+            )
             .await;
         let id = el
             .as_object()
@@ -160,7 +183,8 @@ impl Browser {
             .and_then(Value::as_str)
             .expect("element id")
             .to_owned();
-        self.cmd("POST", &format!("/element/{id}/click"), None).await;
+        self.cmd("POST", &format!("/element/{id}/click"), None)
+            .await;
     }
 
     /// Writes a PNG of the viewport to `target/<name>.png` (and to
@@ -175,7 +199,8 @@ impl Browser {
         eprintln!("screenshot: {}", out.display());
         if std::env::var_os("TOLLGATE_UPDATE_SCREENSHOTS").is_some() {
             std::fs::create_dir_all(root.join("docs")).expect("docs dir");
-            std::fs::write(root.join("docs").join(format!("{name}.png")), &png).expect("write docs");
+            std::fs::write(root.join("docs").join(format!("{name}.png")), &png)
+                .expect("write docs");
         }
     }
 
@@ -203,7 +228,10 @@ fn base64_decode(s: &str) -> Vec<u8> {
         b'/' => 63,
         _ => panic!("not base64: {c}"),
     };
-    let bytes: Vec<u8> = s.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()).collect();
+    let bytes: Vec<u8> = s
+        .bytes()
+        .filter(|c| *c != b'=' && !c.is_ascii_whitespace())
+        .collect();
     let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
     for chunk in bytes.chunks(4) {
         let mut n = 0u32;
@@ -242,9 +270,14 @@ async fn raw_get(url: &str, auth: &str) -> serde_json::Map<String, Value> {
 }
 
 async fn proxy_chat(gw: &TestGateway, key: &str) -> u16 {
-    send("POST", &gw.url("/v1/chat/completions"), &[("authorization", &bearer(key))], Some(chat("demo-chat", false)))
-        .await
-        .0
+    send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &bearer(key))],
+        Some(chat("demo-chat", false)),
+    )
+    .await
+    .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,17 +287,27 @@ async fn portal_and_admin_in_a_browser() {
     let (status, headers, _) = send_raw(request("GET", &gw.url("/portal"), &[], None)).await;
     assert_eq!(status, 200);
     let csp = headers["content-security-policy"].to_str().unwrap_or("");
-    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
     assert!(!csp.contains("unsafe"), "{csp}");
     assert_eq!(headers["x-content-type-options"], "nosniff");
     let etag = headers["etag"].to_str().expect("etag").to_owned();
-    let (status, _, body) =
-        send_raw(request("GET", &gw.url("/portal"), &[("if-none-match", &etag)], None)).await;
+    let (status, _, body) = send_raw(request(
+        "GET",
+        &gw.url("/portal"),
+        &[("if-none-match", &etag)],
+        None,
+    ))
+    .await;
     assert_eq!((status, body.len()), (304, 0));
     let (_, headers, _) = send_raw(request("GET", &gw.url("/assets/portal.js"), &[], None)).await;
     assert_eq!(headers["content-type"], "text/javascript; charset=utf-8");
 
-    let Some(browser) = Browser::start().await else { return };
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
 
     // A key with some usage: 23 requests, so the log has three pages of 10.
     let (key, hash) = gw
@@ -280,26 +323,51 @@ async fn portal_and_admin_in_a_browser() {
 
     // Sign in with the form.
     browser.goto(&gw.url("/portal")).await;
-    browser.wait("!document.getElementById('sign-in').hidden").await;
+    browser
+        .wait("!document.getElementById('sign-in').hidden")
+        .await;
     browser.type_into("#key-input", &key).await;
     browser.click("#sign-in-form button[type=submit]").await;
-    browser.wait("!document.getElementById('view').hidden").await;
-    assert_eq!(browser.text("#label").await, status["label"].as_str().unwrap_or(""));
+    browser
+        .wait("!document.getElementById('view').hidden")
+        .await;
+    assert_eq!(
+        browser.text("#label").await,
+        status["label"].as_str().unwrap_or("")
+    );
     // The page shows the API's exact decimals, not a float's rendering.
-    assert_eq!(browser.text("#usage").await, format!("{} USD", status["usage"].as_str().unwrap_or("")));
-    assert_eq!(browser.text("#limit").await, format!("{} USD", status["limit"].as_str().unwrap_or("")));
-    assert_eq!(browser.text("#remaining").await, format!("{} USD", status["limit_remaining"].as_str().unwrap_or("")));
-    assert_eq!(browser.text("#requests").await, format!("23 of {}", status["max_requests"].as_str().unwrap_or("")));
+    assert_eq!(
+        browser.text("#usage").await,
+        format!("{} USD", status["usage"].as_str().unwrap_or(""))
+    );
+    assert_eq!(
+        browser.text("#limit").await,
+        format!("{} USD", status["limit"].as_str().unwrap_or(""))
+    );
+    assert_eq!(
+        browser.text("#remaining").await,
+        format!("{} USD", status["limit_remaining"].as_str().unwrap_or(""))
+    );
+    assert_eq!(
+        browser.text("#requests").await,
+        format!("23 of {}", status["max_requests"].as_str().unwrap_or(""))
+    );
     assert_eq!(browser.text("#rate").await, "600 requests / 1m");
     assert_eq!(browser.text("#status").await, "active");
     let stored = browser
-        .js("return [sessionStorage.getItem('tollgate.key'), localStorage.length];", json!([]))
+        .js(
+            "return [sessionStorage.getItem('tollgate.key'), localStorage.length];",
+            json!([]),
+        )
         .await;
     assert_eq!(stored, json!([key, 0]), "the key is in sessionStorage only");
     assert!(browser.text("#snippet").await.contains(&gw.url("/v1")));
 
     // Paging: each page of the log is the API's page.
-    assert_eq!(browser.text("#page-info").await, "page 1 of 3 (23 requests)");
+    assert_eq!(
+        browser.text("#page-info").await,
+        "page 1 of 3 (23 requests)"
+    );
     for page in 1..=3u32 {
         let (_, _, api_page) = send(
             "GET",
@@ -318,21 +386,38 @@ async fn portal_and_admin_in_a_browser() {
             "document.getElementById('page-info').textContent.startsWith('page {page} ') && \
              JSON.stringify(Array.from(document.querySelectorAll('#logs-table tbody tr'), r => r.dataset.requestId))"
         );
-        let shown: Vec<Value> = serde_json::from_str(browser.wait(&expr).await.as_str().unwrap_or("[]")).expect("ids");
+        let shown: Vec<Value> =
+            serde_json::from_str(browser.wait(&expr).await.as_str().unwrap_or("[]")).expect("ids");
         assert_eq!(shown, want, "page {page}");
         if page < 3 {
             browser.click("#next").await;
         }
     }
-    assert_eq!(browser.js("return document.getElementById('next').disabled;", json!([])).await, json!(true));
+    assert_eq!(
+        browser
+            .js(
+                "return document.getElementById('next').disabled;",
+                json!([])
+            )
+            .await,
+        json!(true)
+    );
     browser.screenshot("portal").await;
 
     // The deep link: the key from the fragment, then the fragment is gone.
     browser.js("sessionStorage.clear();", json!([])).await;
     browser.goto(&gw.url(&format!("/portal#key={key}"))).await;
-    browser.wait("!document.getElementById('view').hidden").await;
-    assert_eq!(browser.text("#label").await, status["label"].as_str().unwrap_or(""));
-    assert_eq!(browser.js("return location.hash;", json!([])).await, json!(""));
+    browser
+        .wait("!document.getElementById('view').hidden")
+        .await;
+    assert_eq!(
+        browser.text("#label").await,
+        status["label"].as_str().unwrap_or("")
+    );
+    assert_eq!(
+        browser.js("return location.hash;", json!([])).await,
+        json!("")
+    );
     // A wrong key returns to sign-in with the API's message.
     browser.js("sessionStorage.clear();", json!([])).await;
     browser.goto(&gw.url("/portal#key=sk-tg-wrong")).await;
@@ -340,7 +425,9 @@ async fn portal_and_admin_in_a_browser() {
 
     // The admin console: sign in, create a key whose name is markup.
     browser.goto(&gw.url("/admin")).await;
-    browser.wait("document.querySelector('#token-input[type=password]')").await;
+    browser
+        .wait("document.querySelector('#token-input[type=password]')")
+        .await;
     browser.type_into("#token-input", ADMIN).await;
     browser.click("#sign-in-form button[type=submit]").await;
     browser.wait("document.getElementById('keys-table')").await;
@@ -349,7 +436,9 @@ async fn portal_and_admin_in_a_browser() {
     browser.type_into("#create-name", evil).await;
     browser.type_into("#create-limit", "0.5").await;
     browser.click("#create-form button[type=submit]").await;
-    let new_key = browser.wait("document.getElementById('created-key')?.textContent").await;
+    let new_key = browser
+        .wait("document.getElementById('created-key')?.textContent")
+        .await;
     let new_key = new_key.as_str().expect("the created key").to_owned();
     assert!(new_key.starts_with("sk-"), "{new_key}");
     // The key works through the proxy.
@@ -368,30 +457,50 @@ async fn portal_and_admin_in_a_browser() {
         .wait("Array.from(document.querySelectorAll('#keys-table tbody tr')).find(r => r.cells[0].textContent.startsWith('<img'))?.dataset.hash")
         .await;
     let new_hash = new_hash.as_str().expect("hash").to_owned();
-    browser.click(&format!("tr[data-hash='{new_hash}'] .act-disable")).await;
-    browser.wait(&format!("document.querySelector(\"tr[data-hash='{new_hash}'] .act-enable\")")).await;
+    browser
+        .click(&format!("tr[data-hash='{new_hash}'] .act-disable"))
+        .await;
+    browser
+        .wait(&format!(
+            "document.querySelector(\"tr[data-hash='{new_hash}'] .act-enable\")"
+        ))
+        .await;
     assert_ne!(proxy_chat(&gw, &new_key).await, 200);
-    browser.click(&format!("tr[data-hash='{new_hash}'] .act-enable")).await;
-    browser.wait(&format!("document.querySelector(\"tr[data-hash='{new_hash}'] .act-disable\")")).await;
+    browser
+        .click(&format!("tr[data-hash='{new_hash}'] .act-enable"))
+        .await;
+    browser
+        .wait(&format!(
+            "document.querySelector(\"tr[data-hash='{new_hash}'] .act-disable\")"
+        ))
+        .await;
     assert_eq!(proxy_chat(&gw, &new_key).await, 200);
 
     // Top up the first key by 2 USD with an idempotency key.
-    browser.click(&format!("tr[data-hash='{hash}'] .act-topup")).await;
+    browser
+        .click(&format!("tr[data-hash='{hash}'] .act-topup"))
+        .await;
     browser.type_into("#topup-amount", "2").await;
     browser.click("#topup-form button[type=submit]").await;
-    browser.wait("document.getElementById('notice').textContent.startsWith('Topped up')").await;
+    browser
+        .wait("document.getElementById('notice').textContent.startsWith('Topped up')")
+        .await;
     let after = raw_get(&gw.url(&format!("/api/v1/keys/{hash}")), &bearer(ADMIN)).await;
     assert_eq!(after["limit"], "3");
 
     // Search narrows the list; the usage section shows the API's total.
     browser.type_into("#key-search", "portal-test").await;
-    browser.wait("document.querySelectorAll('#keys-table tbody tr').length === 1").await;
+    browser
+        .wait("document.querySelectorAll('#keys-table tbody tr').length === 1")
+        .await;
     gw.flush().await;
     browser.click("#usage-refresh").await;
     let gateway = gw.admin_get("/api/v1/usage?top=10").await;
     let requests = gateway["data"]["summary"]["total_requests"].to_string();
     browser
-        .wait(&format!("document.getElementById('usage-total-requests')?.textContent === '{requests}'"))
+        .wait(&format!(
+            "document.getElementById('usage-total-requests')?.textContent === '{requests}'"
+        ))
         .await;
     browser.screenshot("admin").await;
 
@@ -399,9 +508,15 @@ async fn portal_and_admin_in_a_browser() {
     browser
         .js("const s = document.getElementById('key-search'); s.value = ''; s.dispatchEvent(new Event('input'));", json!([]))
         .await;
-    browser.click(&format!("tr[data-hash='{new_hash}'] .act-delete")).await;
+    browser
+        .click(&format!("tr[data-hash='{new_hash}'] .act-delete"))
+        .await;
     browser.click("#confirm-delete").await;
-    browser.wait(&format!("!document.querySelector(\"tr[data-hash='{new_hash}']\")")).await;
+    browser
+        .wait(&format!(
+            "!document.querySelector(\"tr[data-hash='{new_hash}']\")"
+        ))
+        .await;
     assert_ne!(proxy_chat(&gw, &new_key).await, 200);
     browser.quit().await;
 }
