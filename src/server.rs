@@ -169,6 +169,8 @@ async fn route(
             proxy::handle(app, proxy, req, ip, &request_id).await
         } else if path.starts_with("/api/") {
             crate::api::handle(app, req, ip).await
+        } else if crate::api::pages::owns(path) {
+            crate::api::pages::serve(req.method(), path, req.headers())
         } else {
             ops(app, &req)
         }

@@ -11,7 +11,9 @@
 //! - [`reports`]: usage reports from the hourly rollups, for a key, an
 //!   owner or the gateway (`/api/v1/keys/{hash}/usage…`,
 //!   `/api/v1/owners/{owner}/usage…`, `/api/v1/usage`), behind the admin
-//!   token.
+//!   token;
+//! - [`pages`]: the web portal (`/portal`) and admin console (`/admin`)
+//!   served from the binary, built on the endpoints above.
 //!
 //! Every answer is JSON; every error is an [`ApiError`] in OpenAI's shape.
 //! Request bodies are read with a hard cap and parsed field by field (see
@@ -22,6 +24,7 @@ mod admin_guard;
 mod cors;
 mod credits;
 mod keys;
+pub mod pages;
 mod reports;
 mod status;
 mod usage;

@@ -1,0 +1,133 @@
+// What both pages share: building DOM nodes (text only, never HTML),
+// calling the API with a bearer credential, and small widgets.
+
+import { isZero, parseExact } from "./exact.js";
+
+// el("td", {class: "num"}, "0.5", otherNode): children that are strings
+// become text nodes, so nothing the API returns is ever parsed as HTML.
+export function el(tag, attrs = {}, ...children) {
+  const n = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v == null || v === false) continue;
+    if (k === "on") for (const [ev, f] of Object.entries(v)) n.addEventListener(ev, f);
+    else n.setAttribute(k, v === true ? "" : String(v));
+  }
+  append(n, children);
+  return n;
+}
+
+function append(n, children) {
+  for (const c of children.flat(Infinity)) {
+    if (c == null || c === false) continue;
+    n.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+}
+
+// Replaces a node's children.
+export function fill(n, ...children) {
+  n.replaceChildren();
+  append(n, children);
+  return n;
+}
+
+// An API error, with the API's own message.
+export class ApiError extends Error {
+  constructor(status, message, code) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+// Calls the API; answers the parsed body (numbers as exact strings) or
+// throws an ApiError carrying the API's message.
+export async function api(path, credential, { method = "GET", body } = {}) {
+  const headers = { authorization: `Bearer ${credential}` };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  let res;
+  try {
+    res = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      cache: "no-store",
+      credentials: "omit",
+    });
+  } catch (e) {
+    throw new ApiError(0, `The gateway could not be reached (${e.message}).`, "network");
+  }
+  const text = await res.text();
+  let data = null;
+  try {
+    data = text ? parseExact(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!res.ok || (data && data.code === false)) {
+    const err = data && data.error;
+    const message = (err && err.message) || (data && data.message) || `HTTP ${res.status}`;
+    throw new ApiError(res.status, message, err && err.code);
+  }
+  return data;
+}
+
+// A credential kept for this tab only (sessionStorage: gone when the tab
+// closes, never shared with other tabs, never sent anywhere by itself).
+export const session = {
+  get: (name) => sessionStorage.getItem(name),
+  set: (name, v) => sessionStorage.setItem(name, v),
+  clear: (name) => sessionStorage.removeItem(name),
+};
+
+// A button that copies `text()` to the clipboard and says so.
+export function copyButton(text, label = "Copy") {
+  const b = el("button", { type: "button", class: "copy" }, label);
+  b.addEventListener("click", async () => {
+    const value = typeof text === "function" ? text() : text;
+    try {
+      await navigator.clipboard.writeText(value);
+      b.textContent = "Copied";
+    } catch {
+      b.textContent = "Select and copy";
+    }
+    setTimeout(() => (b.textContent = label), 1500);
+  });
+  return b;
+}
+
+// A definition list of [term, value] pairs; a value may be a node.
+export function facts(pairs) {
+  return el("dl", { class: "facts" }, pairs.map(([k, v, id]) => [
+    el("dt", {}, k),
+    el("dd", id ? { id } : {}, v),
+  ]));
+}
+
+// A table from column headers and rows of cells (strings or nodes); a
+// column whose header starts with "#" is numeric (right-aligned).
+export function table(headers, rows, attrs = {}) {
+  const num = headers.map((h) => h.startsWith("#"));
+  return el("div", { class: "scroll" }, el("table", attrs,
+    el("thead", {}, el("tr", {}, headers.map((h, i) => el("th", { scope: "col", class: num[i] ? "num" : null }, h.replace(/^#/, ""))))),
+    el("tbody", {}, rows.map((r) => el("tr", r.attrs || {}, (r.cells || r).map((c, i) => el("td", { class: num[i] ? "num" : null }, c)))))));
+}
+
+// "12.5 USD" from the API's decimal string, unchanged.
+export function usd(dec) {
+  return dec == null ? "unlimited" : `${dec} USD`;
+}
+
+// The key's state in one word, from exact comparisons only.
+export function keyStatus(k, nowMs = Date.now()) {
+  if (k.disabled) return "disabled";
+  if (k.expires_at && Date.parse(k.expires_at) <= nowMs) return "expired";
+  if (k.limit != null && k.limit_remaining != null && isZero(k.limit_remaining)) return "exhausted";
+  if (k.max_requests != null && BigInt(k.requests) >= BigInt(k.max_requests)) return "exhausted";
+  return "active";
+}
+
+// Shows a message in a live region (errors use role=alert).
+export function say(node, message, kind = "info") {
+  fill(node, message || "");
+  node.className = `notice ${message ? kind : ""}`;
+}
