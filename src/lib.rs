@@ -2,10 +2,12 @@
 //! LLM APIs. One binary, all state embedded.
 //!
 //! A request's path (see `DESIGN.md`): `server` accepts it, the router sends
-//! `/v1/*` to `proxy`, which asks `gate` to authenticate, admit, limit and
-//! reserve, forwards to an upstream, and streams the answer back through a
-//! `meter`; when the answer ends (or the client goes) the request is settled
-//! exactly once and its usage record is queued to `store`.
+//! `/v1/*` to `proxy`, whose `mod.rs` runs the phases in order —
+//! authenticate, classify, admit, limit, inspect, reserve, forward, stream
+//! back — asking `gate` for the key's checks and money and `meter` for the
+//! body's measure; when the answer ends (or the client goes) the request is
+//! settled exactly once (`proxy::settle`) and its usage record is queued to
+//! `store`.
 //!
 //! Modules, each owning one thing:
 //! - [`money`]: `Pico` (i64 picoUSD) and exact decimal parsing/formatting.
@@ -16,8 +18,10 @@
 //! - [`server`]: accept, TLS, hyper `auto` connections, router, drain.
 //! - [`app`]: the state every handler shares.
 //! - [`gate`]: keys in memory, admission, limits, reservations, permits.
-//! - [`proxy`]: routing, upstream pools, failover, metered body, settlement.
-//! - [`meter`]: request inspection, SSE/JSON usage scanning, pricing.
+//! - [`proxy`]: the phases; routing, upstream pools, failover, header
+//!   allowlists, metered body, settlement.
+//! - [`meter`]: canonical paths, request inspection and rewrite, SSE/JSON
+//!   usage scanning, pricing.
 //! - [`store`]: the only module that touches sled.
 //! - [`api`]: provisioning, key status, credits, usage queries.
 //! - [`metrics`]: counters and their Prometheus rendering.
