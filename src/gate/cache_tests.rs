@@ -41,7 +41,10 @@ impl Fixture {
     fn insert(&self, items: impl IntoIterator<Item = (KeyRecord, Account)>) {
         let items: Vec<_> = items.into_iter().collect();
         let hashes: Vec<_> = items.iter().map(|(r, _)| r.hash).collect();
-        self.gate.store().insert_keys_bulk(items).expect("keys inserted");
+        self.gate
+            .store()
+            .insert_keys_bulk(items)
+            .expect("keys inserted");
         for h in &hashes {
             self.gate.created(h);
         }
@@ -217,7 +220,9 @@ fn periods_and_tpm_windows_only_move_forward() {
     let key = gate.lookup(&hash_of(1), clock.now_ms()).unwrap().unwrap();
     let spend = |amount: i64| {
         let policy = key.policy();
-        let r = gate.reserve(&key, &policy, &flat(amount, 100)).expect("fits");
+        let r = gate
+            .reserve(&key, &policy, &flat(amount, 100))
+            .expect("fits");
         r.reservation.settle(Pico(amount), 100);
     };
     spend(300);
@@ -232,14 +237,26 @@ fn periods_and_tpm_windows_only_move_forward() {
     let n = gate.numbers_now(&key);
     assert_eq!(n.period_spent, Pico(200), "yesterday is not reopened");
     assert_eq!(n.spent, Pico(500));
-    assert_eq!(key.tpm_used(clock.now_ms()).0, 100, "the newer window stays");
+    assert_eq!(
+        key.tpm_used(clock.now_ms()).0,
+        100,
+        "the newer window stays"
+    );
     spend(50);
     clock.advance(Duration::from_secs(60));
     let n = gate.numbers_now(&key);
-    assert_eq!(n.period_spent, Pico(250), "today is not reset a second time");
+    assert_eq!(
+        n.period_spent,
+        Pico(250),
+        "today is not reset a second time"
+    );
     assert_eq!(key.tpm_used(clock.now_ms()).0, 200);
     clock.advance(Duration::from_secs(60));
-    assert_eq!(key.tpm_used(clock.now_ms()).0, 0, "a later minute starts again");
+    assert_eq!(
+        key.tpm_used(clock.now_ms()).0,
+        0,
+        "a later minute starts again"
+    );
 }
 
 /// tpm is held at reserve: concurrent reservations never hold more than
@@ -266,14 +283,20 @@ fn tpm_is_reserved_and_settled() {
             .collect()
     });
     assert_eq!(held.len(), 3, "3 × 300 tokens fit in 1000, a 4th does not");
-    let err = gate.reserve(&key, &policy, &flat(1, 300)).err().expect("full");
+    let err = gate
+        .reserve(&key, &policy, &flat(1, 300))
+        .err()
+        .expect("full");
     assert_eq!(err.status, 429);
     let mut held = held.into_iter();
     held.next().expect("one").settle(Pico(1), 40);
     drop(held.next());
     // 40 used + 300 held: 660 left.
     assert_eq!(key.tpm_used(gate.clock().now_ms()).0, 340);
-    let too_large = gate.reserve(&key, &policy, &flat(1, 1_001)).err().expect("large");
+    let too_large = gate
+        .reserve(&key, &policy, &flat(1, 1_001))
+        .err()
+        .expect("large");
     assert_eq!(too_large.status, 429);
 }
 
@@ -333,10 +356,16 @@ fn rpm_survives_recompiles() {
     assert!(limiter.check().is_ok() && limiter.check().is_ok());
     rec.name = "renamed".into();
     let second = Policy::compile_after(rec.clone(), &first);
-    assert!(second.rpm.as_ref().expect("rpm").check().is_err(), "still limited");
+    assert!(
+        second.rpm.as_ref().expect("rpm").check().is_err(),
+        "still limited"
+    );
     rec.rpm = Some(3);
     let third = Policy::compile_after(rec, &second);
-    assert!(third.rpm.as_ref().expect("rpm").check().is_ok(), "a new rpm starts afresh");
+    assert!(
+        third.rpm.as_ref().expect("rpm").check().is_ok(),
+        "a new rpm starts afresh"
+    );
 }
 
 #[test]
