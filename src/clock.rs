@@ -43,6 +43,13 @@ impl Clock {
         self.offset_ms
             .fetch_add(by.as_millis() as i64, Ordering::Relaxed);
     }
+
+    /// Moves this clock (and every clone) back, as an NTP step can: for
+    /// tests of what must only move forward.
+    pub fn step_back(&self, by: Duration) {
+        self.offset_ms
+            .fetch_sub(by.as_millis() as i64, Ordering::Relaxed);
+    }
 }
 
 /// RFC 3339 text (`2026-11-23T13:30:00Z`) for a Unix time in milliseconds.

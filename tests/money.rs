@@ -754,3 +754,88 @@ output = "0.60"
     drop(store);
     let _ = std::fs::remove_dir_all(&data);
 }
+
+// ---- PATCH limit_reset: one rule in memory and in the store ----
+
+async fn key_view(gw: &TestGateway, hash: &str) -> Value {
+    gw.admin_get(&format!("/api/v1/keys/{hash}")).await["data"].clone()
+}
+
+async fn admin_json(gw: &TestGateway, method: &str, path: &str, body: Value) -> Value {
+    let (s, _, v) = send(
+        method,
+        &gw.url(path),
+        &[("authorization", &bearer(&gw.admin_token))],
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, 200, "{method} {path}: {v}");
+    v
+}
+
+/// The same store, opened by a new gateway whose clock shows the old one's time.
+fn restart(gw: &mut TestGateway) -> TestGateway {
+    // Shutting down blocks (it drains the runtime): off the test's runtime.
+    std::thread::scope(|s| {
+        s.spawn(|| gw.stop());
+    });
+    let data = gw.data.clone();
+    let mut again =
+        TestGateway::start_mode(RuntimeMode::PerCore, "", |c| c.storage.path = data.clone());
+    let _ = std::fs::remove_dir_all(&again.data);
+    again.data = data;
+    let offset = gw.clock.now_ms() - again.clock.now_ms();
+    again
+        .clock
+        .advance(Duration::from_millis(offset.max(0) as u64));
+    again
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_limit_reset_agrees_in_memory_and_store() {
+    let mut gw = TestGateway::start();
+    let (_, hash) = gw.create_key(json!({"name": "reset", "limit": "1"})).await;
+    let credits = format!("/api/v1/keys/{hash}/credits");
+    let path = format!("/api/v1/keys/{hash}");
+    admin_json(
+        &gw,
+        "POST",
+        &credits,
+        json!({"amount": "0.25", "kind": "deduct", "reason": "a"}),
+    )
+    .await;
+    // none → monthly: what was spent keeps counting, no fresh limit.
+    admin_json(&gw, "PATCH", &path, json!({"limit_reset": "monthly"})).await;
+    let v = key_view(&gw, &hash).await;
+    assert_eq!(v["limit_remaining"], json!(0.75), "{v}");
+    gw.flush().await;
+    let mut again = restart(&mut gw);
+    let v = key_view(&again, &hash).await;
+    assert_eq!(v["limit_remaining"], json!(0.75), "the store agrees: {v}");
+    // A month later the period starts again; spend in it.
+    // (The admin view shows the live numbers as last rolled: the deduct
+    // rolls the period, as a request would.)
+    again.clock.advance(Duration::from_secs(32 * 86_400));
+    admin_json(
+        &again,
+        "POST",
+        &credits,
+        json!({"amount": "0.5", "kind": "deduct", "reason": "b"}),
+    )
+    .await;
+    let v = key_view(&again, &hash).await;
+    assert_eq!(v["limit_remaining"], json!(0.5), "a new month: {v}");
+    // monthly → none: the limit caps lifetime spend, 0.75 of it.
+    admin_json(&again, "PATCH", &path, json!({"limit_reset": null})).await;
+    let v = key_view(&again, &hash).await;
+    assert_eq!(v["limit_remaining"], json!(0.25), "{v}");
+    assert_eq!(v["usage"], json!(0.75), "{v}");
+    again.flush().await;
+    let third = restart(&mut again);
+    let v = key_view(&third, &hash).await;
+    assert_eq!(v["limit_remaining"], json!(0.25), "the store agrees: {v}");
+    std::thread::scope(|s| {
+        s.spawn(move || drop(third));
+    });
+    drop(again);
+}

@@ -1105,13 +1105,17 @@ impl Gate {
     /// store before the delete inserts the key again.
     pub fn forget(&self, hash: &KeyHash) {
         self.filter.remove(hash);
-        self.evict(hash);
+        self.invalidate(hash, true);
     }
 
     /// Drops a key from memory only (it stays in the store and the filter):
     /// what the sweeper does to an idle key, for benches and tests.
     pub fn evict(&self, hash: &KeyHash) {
-        self.invalidate(hash, true);
+        // Nothing cached, nothing changes: no bump (loads need not retry).
+        if let Entry::Occupied(e) = self.keys.entry(*hash) {
+            self.generation(hash).fetch_add(1, Ordering::AcqRel);
+            e.remove();
+        }
     }
 
     /// Checks a failed admin-token attempt against the per-IP limit: `Err`
@@ -1250,9 +1254,26 @@ pub fn label_of(key: &str) -> String {
 }
 
 #[cfg(test)]
+mod cache_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn ipv6_limited_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(limiter_ip(a), limiter_ip(b));
+        assert_eq!(limiter_ip(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(limiter_ip(a), limiter_ip(c));
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        assert_eq!(limiter_ip(v4), v4);
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(limiter_ip(mapped), v4);
+    }
 
     #[test]
     fn keys_look_right_and_differ() {
