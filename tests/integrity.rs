@@ -459,3 +459,102 @@ async fn paid_requests_wait_for_a_failing_store(mode: RuntimeMode) {
     let sum: i64 = recs.iter().map(|r| r.cost.0).sum();
     assert_eq!(acct.spent.0, sum, "spent = Σ records");
 }
+
+/// A seeded random mix of requests (streamed or not, upstream faults,
+/// clients that leave early): for the key, what the upstream served costs no
+/// more than what the key was charged, and spent = Σ records (no ledger).
+/// `drain` mode: a client that leaves does not make the gateway stop reading
+/// what the upstream still produces (with `cancel`, tokens in flight when
+/// the connection drops are knowingly given up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_mixes_never_serve_more_than_is_charged() {
+    let gw = TestGateway::start_mode(RuntimeMode::PerCore, "", |c| {
+        c.billing.on_client_disconnect = tollgate::config::OnClientDisconnect::Drain;
+        c.proxy.stream_idle_timeout = tollgate::config::Dur(Duration::from_millis(500));
+    });
+    let (key, hash) = gw.create_key(json!({"name": "mix", "limit": "100"})).await;
+    let auth = bearer(&key);
+    let url = gw.url("/v1/chat/completions");
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let faults = [
+        "none",
+        "none",
+        "status:500",
+        "status:429",
+        "reset-after:3",
+        "no-usage",
+        "stall-after:2",
+        "slow-first-byte:30",
+        "garbage",
+    ];
+    let mut tasks = Vec::new();
+    for _ in 0..48 {
+        let stream = next(2) == 0;
+        let fault = faults[next(faults.len() as u64) as usize];
+        let leave_early = next(4) == 0;
+        let chunks = (2 + next(20)).to_string();
+        let req = request(
+            "POST",
+            &url,
+            &[
+                ("authorization", auth.as_str()),
+                ("x-mock-fault", fault),
+                ("x-mock-chunks", chunks.as_str()),
+            ],
+            Some(chat("demo-chat", stream)),
+        );
+        tasks.push(tokio::spawn(async move {
+            let Ok(res) = client().request(req).await else {
+                return;
+            };
+            let mut body = res.into_body();
+            if leave_early {
+                let _ = http_body_util::BodyExt::frame(&mut body).await;
+                return; // dropped: the client is gone
+            }
+            let _ = http_body_util::BodyExt::collect(body).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || gw.app().metrics.in_flight()
+            == 0
+            && gw.mock.open_streams() == 0)
+        .await,
+        "everything settled"
+    );
+    gw.flush().await;
+    let recs = records(&gw, &hash);
+    assert_eq!(recs.len(), 48, "every admitted request recorded");
+    let charged: i64 = recs.iter().map(|r| r.cost.0).sum();
+    let (_, acct) = gw.app().store.key(&hash_of(&hash)).unwrap().unwrap();
+    assert_eq!(acct.spent.0, charged, "spent = Σ records");
+    let served = gw.mock.served().tokens_of("demo-chat");
+    let price = tollgate::meter::Price {
+        input: tollgate::money::Pico::parse_usd("0.15").unwrap(),
+        cached_input: None,
+        cache_write: None,
+        output: tollgate::money::Pico::parse_usd("0.60").unwrap(),
+        request: tollgate::money::Pico::ZERO,
+    };
+    let upstream_cost = price.cost(&tollgate::meter::Usage {
+        prompt_tokens: served.input,
+        cached_tokens: served.cached,
+        completion_tokens: served.output,
+        reasoning_tokens: served.reasoning,
+        ..Default::default()
+    });
+    assert!(
+        upstream_cost.0 <= charged,
+        "the upstream served {upstream_cost} of work, the key was charged {}",
+        tollgate::money::Pico(charged)
+    );
+}
