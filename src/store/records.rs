@@ -272,10 +272,12 @@ pub struct AccountRecord {
     /// Display name.
     pub name: Option<String>,
     /// How far below zero the balance may go.
+    #[serde(with = "pico_int")]
     pub overdraft: Pico,
     /// Never refused for money, still metered.
     pub unlimited: bool,
     /// Balance under which the operator wants to hear about it.
+    #[serde(with = "pico_opt_int")]
     pub low_balance_alert: Option<Pico>,
     /// Caller's JSON text, kept verbatim.
     pub metadata: Option<String>,
@@ -286,14 +288,18 @@ pub struct AccountRecord {
     /// Unix ms.
     pub updated_at: i64,
     /// Prepaid money; never expires; may go down to −overdraft.
+    #[serde(with = "pico_int")]
     pub balance: Pico,
     /// What remains of the current period's plan grant (spent first).
+    #[serde(with = "pico_int")]
     pub allowance: Pico,
     /// Lifetime: Σ its keys' usage record costs + Σ deducts − Σ refunds.
+    #[serde(with = "pico_int")]
     pub spent: Pico,
     /// `Period::Monthly` id that `period_spent` belongs to.
     pub period: i64,
     /// Spent in that period.
+    #[serde(with = "pico_int")]
     pub period_spent: Pico,
     /// Entries in the account's ledger.
     pub ledger_seq: u64,
@@ -354,13 +360,16 @@ pub struct AccountLedgerEntry {
     pub at_ms: i64,
     pub kind: AccountCreditKind,
     /// Positive, except a negative `adjust`.
+    #[serde(with = "pico_int")]
     pub amount: Pico,
     pub reason: String,
     /// Applied once per account; a repeat replays this entry.
     pub idempotency_key: Option<String>,
     /// Balance after the entry.
+    #[serde(with = "pico_int")]
     pub balance_after: Pico,
     /// Lifetime spent after the entry.
+    #[serde(with = "pico_int")]
     pub spent_after: Pico,
 }
 
@@ -385,4 +394,35 @@ pub struct AccountCreditOutcome {
     pub account: AccountRecord,
     /// The idempotency key had been used: nothing changed.
     pub replayed: bool,
+}
+
+/// Stored amounts are integer picoUSD, exact (the API's decimal numbers
+/// are for people).
+mod pico_int {
+    use crate::money::Pico;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Pico, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(p.0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Pico, D::Error> {
+        i64::deserialize(d).map(Pico)
+    }
+}
+
+mod pico_opt_int {
+    use crate::money::Pico;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Option<Pico>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.serialize_some(&p.0),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pico>, D::Error> {
+        Option::<i64>::deserialize(d).map(|o| o.map(Pico))
+    }
 }
