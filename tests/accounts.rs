@@ -37,7 +37,8 @@ async fn admin(gw: &TestGateway, method: &str, path: &str, body: Option<Value>) 
 }
 
 fn usd(v: &Value) -> Pico {
-    Pico::parse_usd(&v.to_string().trim_matches('"').to_string()).unwrap_or_else(|_| panic!("usd {v}"))
+    Pico::parse_usd(&v.to_string().trim_matches('"').to_string())
+        .unwrap_or_else(|_| panic!("usd {v}"))
 }
 
 fn hash_bytes(hex_hash: &str) -> KeyHash {
@@ -51,7 +52,10 @@ async fn chat_once(gw: &TestGateway, key: &str, stream: bool) -> u16 {
         .request(request(
             "POST",
             &gw.url("/v1/chat/completions"),
-            &[("authorization", &bearer(key)), ("x-mock-chunk-delay-ms", "2")],
+            &[
+                ("authorization", &bearer(key)),
+                ("x-mock-chunk-delay-ms", "2"),
+            ],
             Some(body),
         ))
         .await
@@ -94,26 +98,50 @@ fn books(gw: &TestGateway, id: &str, hashes: &[String]) -> i64 {
 async fn keys_share_one_wallet_and_never_overspend(mode: RuntimeMode) {
     let gw = TestGateway::start_mode(mode, "", |_| {});
     let gw = Arc::new(gw);
-    let (s, v) = admin(&gw, "POST", "/api/v1/accounts", Some(json!({"id": "acct-1", "email": "a@example.com"}))).await;
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts",
+        Some(json!({"id": "acct-1", "email": "a@example.com"})),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["data"]["status"], "active");
     assert_eq!(v["data"]["keys"], 0);
     assert!(v["data"]["subscription"].is_null());
     // About ten answers' worth (≈11.25 µUSD each).
-    let (s, v) = admin(&gw, "POST", "/api/v1/accounts/acct-1/credits",
-        Some(json!({"amount": "0.0001125", "kind": "topup", "reason": "t", "idempotency_key": "t1"}))).await;
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/acct-1/credits",
+        Some(
+            json!({"amount": "0.0001125", "kind": "topup", "reason": "t", "idempotency_key": "t1"}),
+        ),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let mut keys = Vec::new();
     for i in 0..3 {
-        keys.push(gw.create_key(json!({"name": format!("dev{i}"), "owner": "acct-1"})).await);
+        keys.push(
+            gw.create_key(json!({"name": format!("dev{i}"), "owner": "acct-1"}))
+                .await,
+        );
     }
     let mut tasks = Vec::new();
     for i in 0..120 {
         let gw = gw.clone();
         let key = keys[i % 3].0.clone();
-        tasks.push(tokio::spawn(async move { chat_once(&gw, &key, true).await }));
+        tasks.push(tokio::spawn(
+            async move { chat_once(&gw, &key, true).await },
+        ));
     }
-    let live = gw.app().gate.wallets().of("acct-1", gw.clock.now_ms()).unwrap().expect("the account's wallet");
+    let live = gw
+        .app()
+        .gate
+        .wallets()
+        .of("acct-1", gw.clock.now_ms())
+        .unwrap()
+        .expect("the account's wallet");
     let sampler = {
         let live = live.clone();
         tokio::spawn(async move {
@@ -148,10 +176,18 @@ async fn keys_share_one_wallet_and_never_overspend(mode: RuntimeMode) {
         usage += usd(&k["data"]["usage"]).0;
     }
     let topped = Pico::parse_usd("0.0001125").unwrap().0;
-    assert_eq!(topped - balance.0, usage, "topped up − balance = Σ key usage");
+    assert_eq!(
+        topped - balance.0,
+        usage,
+        "topped up − balance = Σ key usage"
+    );
     assert_eq!(usd(&a["spent"]["total"]).0, usage);
     let hashes: Vec<String> = keys.iter().map(|(_, h)| h.clone()).collect();
-    assert_eq!(books(&gw, "acct-1", &hashes), usage, "spent = Σ records + ledger");
+    assert_eq!(
+        books(&gw, "acct-1", &hashes),
+        usage,
+        "spent = Σ records + ledger"
+    );
     // The stored account agrees with memory.
     let stored = gw.app().store.user_account("acct-1").unwrap().unwrap();
     assert_eq!(stored.balance, balance);
@@ -159,12 +195,24 @@ async fn keys_share_one_wallet_and_never_overspend(mode: RuntimeMode) {
     // A refusal names the account.
     let mut body = chat("demo-chat", false);
     body["max_tokens"] = json!(200);
-    let (s, _, v) = send("POST", &gw.url("/v1/chat/completions"), &[("authorization", &bearer(&keys[0].0))], Some(body)).await;
+    let (s, _, v) = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &bearer(&keys[0].0))],
+        Some(body),
+    )
+    .await;
     if s == 402 {
         assert_eq!(v["error"]["metadata"]["limit_source"], "account", "{v}");
     }
     // GET /api/v1/key: never more than the account has.
-    let (_, _, k) = send("GET", &gw.url("/api/v1/key"), &[("authorization", &bearer(&keys[0].0))], None).await;
+    let (_, _, k) = send(
+        "GET",
+        &gw.url("/api/v1/key"),
+        &[("authorization", &bearer(&keys[0].0))],
+        None,
+    )
+    .await;
     assert!(usd(&k["data"]["limit_remaining"]) <= balance, "{k}");
     assert_eq!(k["data"]["account"], "acct-1");
 }
@@ -174,33 +222,76 @@ async fn topup_unblocks_and_key_limit_still_binds(mode: RuntimeMode) {
     let (s, _) = admin(&gw, "POST", "/api/v1/accounts", Some(json!({"id": "u2"}))).await;
     assert_eq!(s, 201);
     let (key, _) = gw.create_key(json!({"name": "k", "owner": "u2"})).await;
-    let (s, _, v) = send("POST", &gw.url("/v1/chat/completions"), &[("authorization", &bearer(&key))], Some(chat("demo-chat", false))).await;
+    let (s, _, v) = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &bearer(&key))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_error(s, &v, 402, "insufficient_quota");
     assert_eq!(v["error"]["metadata"]["limit_source"], "account", "{v}");
-    let (s, _) = admin(&gw, "POST", "/api/v1/accounts/u2/credits",
-        Some(json!({"amount": "1", "kind": "topup", "reason": "t", "idempotency_key": "a"}))).await;
+    let (s, _) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/u2/credits",
+        Some(json!({"amount": "1", "kind": "topup", "reason": "t", "idempotency_key": "a"})),
+    )
+    .await;
     assert_eq!(s, 200);
     assert_eq!(chat_once(&gw, &key, false).await, 200);
     // A key's own limit binds inside a funded account.
-    let (small, _) = gw.create_key(json!({"name": "capped", "owner": "u2", "limit": "0.00001"})).await;
+    let (small, _) = gw
+        .create_key(json!({"name": "capped", "owner": "u2", "limit": "0.00001"}))
+        .await;
     let a = chat_once(&gw, &small, false).await;
     let b = chat_once(&gw, &small, false).await;
     assert!(a == 402 || b == 402, "{a} {b}");
-    let (_, _, v) = send("POST", &gw.url("/v1/chat/completions"), &[("authorization", &bearer(&small))], Some(chat("demo-chat", false))).await;
+    let (_, _, v) = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &bearer(&small))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_eq!(v["error"]["metadata"]["limit_source"], "key", "{v}");
     // Suspended: the keys get 403.
-    let (s, _v) = admin(&gw, "PATCH", "/api/v1/accounts/u2", Some(json!({"status": "suspended"}))).await;
+    let (s, _v) = admin(
+        &gw,
+        "PATCH",
+        "/api/v1/accounts/u2",
+        Some(json!({"status": "suspended"})),
+    )
+    .await;
     assert_eq!(s, 200, "{_v}");
-    let (s, _, v) = send("POST", &gw.url("/v1/chat/completions"), &[("authorization", &bearer(&key))], Some(chat("demo-chat", false))).await;
+    let (s, _, v) = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &bearer(&key))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_error(s, &v, 403, "account_suspended");
-    let (_, v) = admin(&gw, "PATCH", "/api/v1/accounts/u2", Some(json!({"status": "active"}))).await;
+    let (_, v) = admin(
+        &gw,
+        "PATCH",
+        "/api/v1/accounts/u2",
+        Some(json!({"status": "active"})),
+    )
+    .await;
     assert_eq!(v["data"]["status"], "active");
     assert_eq!(chat_once(&gw, &key, false).await, 200);
 }
 
 async fn delete_refused_while_keys_exist_unless_forced(mode: RuntimeMode) {
     let gw = TestGateway::start_mode(mode, "", |_| {});
-    let (s, _) = admin(&gw, "POST", "/api/v1/accounts", Some(json!({"id": "d1", "email": "d@example.com"}))).await;
+    let (s, _) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts",
+        Some(json!({"id": "d1", "email": "d@example.com"})),
+    )
+    .await;
     assert_eq!(s, 201);
     let (s, v) = admin(&gw, "POST", "/api/v1/accounts", Some(json!({"id": "d1"}))).await;
     assert_error(s, &v, 409, "account_exists");
@@ -217,7 +308,13 @@ async fn delete_refused_while_keys_exist_unless_forced(mode: RuntimeMode) {
     assert_error(s, &v, 404, "not_found");
     let k = gw.admin_get(&format!("/api/v1/keys/{hash}")).await;
     assert_eq!(k["data"]["disabled"], true, "{k}");
-    let (s, _, v) = send("POST", &gw.url("/v1/chat/completions"), &[("authorization", &bearer(&key))], Some(chat("demo-chat", false))).await;
+    let (s, _, v) = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &bearer(&key))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_error(s, &v, 403, "key_disabled");
 }
 
@@ -225,26 +322,60 @@ async fn account_credits_are_idempotent_and_deducts_must_fit(mode: RuntimeMode) 
     let gw = TestGateway::start_mode(mode, "", |_| {});
     admin(&gw, "POST", "/api/v1/accounts", Some(json!({"id": "c1"}))).await;
     let top = json!({"amount": "2", "kind": "topup", "reason": "r", "idempotency_key": "x"});
-    let (_, a) = admin(&gw, "POST", "/api/v1/accounts/c1/credits", Some(top.clone())).await;
+    let (_, a) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/c1/credits",
+        Some(top.clone()),
+    )
+    .await;
     let (_, b) = admin(&gw, "POST", "/api/v1/accounts/c1/credits", Some(top)).await;
     assert_eq!(b["data"]["replayed"], true);
     assert_eq!(a["data"]["entry"]["seq"], b["data"]["entry"]["seq"]);
     assert_eq!(usd(&b["data"]["account"]["balance"]), Pico::usd(2));
-    let (s, v) = admin(&gw, "POST", "/api/v1/accounts/c1/credits",
-        Some(json!({"amount": "3", "kind": "deduct", "reason": "r", "idempotency_key": "y"}))).await;
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/c1/credits",
+        Some(json!({"amount": "3", "kind": "deduct", "reason": "r", "idempotency_key": "y"})),
+    )
+    .await;
     assert_error(s, &v, 402, "insufficient_quota");
-    let (s, v) = admin(&gw, "POST", "/api/v1/accounts/c1/credits",
-        Some(json!({"amount": "0.5", "kind": "deduct", "reason": "r", "idempotency_key": "z"}))).await;
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/c1/credits",
+        Some(json!({"amount": "0.5", "kind": "deduct", "reason": "r", "idempotency_key": "z"})),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(usd(&v["data"]["account"]["balance"]), Pico::parse_usd("1.5").unwrap());
-    let (s, v) = admin(&gw, "POST", "/api/v1/accounts/c1/credits",
-        Some(json!({"amount": "-1", "kind": "topup", "reason": "r"}))).await;
+    assert_eq!(
+        usd(&v["data"]["account"]["balance"]),
+        Pico::parse_usd("1.5").unwrap()
+    );
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/c1/credits",
+        Some(json!({"amount": "-1", "kind": "topup", "reason": "r"})),
+    )
+    .await;
     assert_error(s, &v, 400, "invalid_amount");
-    let (s, v) = admin(&gw, "POST", "/api/v1/accounts/nobody/credits",
-        Some(json!({"amount": "1", "kind": "topup", "reason": "r"}))).await;
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/nobody/credits",
+        Some(json!({"amount": "1", "kind": "topup", "reason": "r"})),
+    )
+    .await;
     assert_error(s, &v, 404, "not_found");
     let (_, l) = admin(&gw, "GET", "/api/v1/accounts/c1/ledger", None).await;
-    let kinds: Vec<&str> = l["data"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = l["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["deduct", "topup"]);
 }
 
@@ -257,9 +388,22 @@ fn gateway_on(data: std::path::PathBuf) -> TestGateway {
     let mut config = Config::parse(&text, "test.toml").unwrap();
     config.runtime.mode = RuntimeMode::PerCore;
     let clock = Clock::system();
-    let gateway = Gateway::start(config, StartOptions { clock: clock.clone(), admin_token: Some(ADMIN.to_owned()) })
-        .expect("gateway starts");
-    TestGateway { addr: gateway.addr(), gateway: Some(gateway), admin_token: ADMIN.to_owned(), clock, mock, data }
+    let gateway = Gateway::start(
+        config,
+        StartOptions {
+            clock: clock.clone(),
+            admin_token: Some(ADMIN.to_owned()),
+        },
+    )
+    .expect("gateway starts");
+    TestGateway {
+        addr: gateway.addr(),
+        gateway: Some(gateway),
+        admin_token: ADMIN.to_owned(),
+        clock,
+        mock,
+        data,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,19 +411,35 @@ async fn restart_keeps_balances_and_books() {
     let data = temp_dir("acct-restart");
     let mut gw = gateway_on(data.clone());
     admin(&gw, "POST", "/api/v1/accounts", Some(json!({"id": "r1"}))).await;
-    admin(&gw, "POST", "/api/v1/accounts/r1/credits",
-        Some(json!({"amount": "0.01", "kind": "topup", "reason": "r", "idempotency_key": "a"}))).await;
+    admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/r1/credits",
+        Some(json!({"amount": "0.01", "kind": "topup", "reason": "r", "idempotency_key": "a"})),
+    )
+    .await;
     let (k1, h1) = gw.create_key(json!({"name": "a", "owner": "r1"})).await;
     let (k2, h2) = gw.create_key(json!({"name": "b", "owner": "r1"})).await;
     for i in 0..10 {
-        assert_eq!(chat_once(&gw, if i % 2 == 0 { &k1 } else { &k2 }, i % 3 == 0).await, 200);
+        assert_eq!(
+            chat_once(&gw, if i % 2 == 0 { &k1 } else { &k2 }, i % 3 == 0).await,
+            200
+        );
     }
-    admin(&gw, "POST", "/api/v1/accounts/r1/credits",
-        Some(json!({"amount": "0.001", "kind": "deduct", "reason": "r", "idempotency_key": "b"}))).await;
+    admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/r1/credits",
+        Some(json!({"amount": "0.001", "kind": "deduct", "reason": "r", "idempotency_key": "b"})),
+    )
+    .await;
     gw.flush().await;
     let (_, before) = admin(&gw, "GET", "/api/v1/accounts/r1", None).await;
     // Keep the directory: the second gateway reopens it.
-    gw.stop();
+    let gateway = gw.gateway.take().expect("running");
+    tokio::task::spawn_blocking(move || gateway.shutdown())
+        .await
+        .unwrap();
     let gw_data = std::mem::replace(&mut gw.data, temp_dir("acct-restart-scratch"));
     drop(gw);
     let gw = gateway_on(gw_data);
@@ -288,7 +448,11 @@ async fn restart_keeps_balances_and_books() {
     assert_eq!(before["data"]["spent"], after["data"]["spent"]);
     let spent = usd(&after["data"]["spent"]["total"]).0;
     assert!(spent > 0);
-    assert_eq!(books(&gw, "r1", &[h1, h2]), spent, "spent = Σ records + ledger");
+    assert_eq!(
+        books(&gw, "r1", &[h1, h2]),
+        spent,
+        "spent = Σ records + ledger"
+    );
     assert_eq!(
         usd(&after["data"]["balance"]).0,
         Pico::parse_usd("0.01").unwrap().0 - spent

@@ -137,7 +137,10 @@ fn view<'a>(ctx: &Ctx<'_>, a: &'a AccountRecord) -> Result<AccountView<'a>, ApiE
         overdraft: a.overdraft,
         unlimited: a.unlimited,
         low_balance_alert: a.low_balance_alert,
-        spent: Spent { period, total: spent },
+        spent: Spent {
+            period,
+            total: spent,
+        },
         keys,
         subscription: None,
         metadata: a
@@ -150,7 +153,12 @@ fn view<'a>(ctx: &Ctx<'_>, a: &'a AccountRecord) -> Result<AccountView<'a>, ApiE
 }
 
 fn answer(ctx: &Ctx<'_>, status: StatusCode, a: &AccountRecord) -> Answer {
-    json(status, &Data { data: view(ctx, a)? })
+    json(
+        status,
+        &Data {
+            data: view(ctx, a)?,
+        },
+    )
 }
 
 /// `POST /api/v1/accounts` → 201.
@@ -201,7 +209,10 @@ pub(super) fn get(ctx: &Ctx<'_>, id: &str) -> Answer {
 pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
     let pairs = super::query_pairs(query)?;
     let (offset, limit) = super::offset_limit(&pairs)?;
-    let email = pairs.iter().find(|(k, _)| k == "email").map(|(_, v)| v.as_str());
+    let email = pairs
+        .iter()
+        .find(|(k, _)| k == "email")
+        .map(|(_, v)| v.as_str());
     let all = ctx
         .store
         .user_accounts(offset, limit, email)
@@ -223,7 +234,8 @@ pub(super) async fn patch(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
     let unlimited: Option<bool> = f.opt("unlimited", "a boolean")?;
     let alert = amount(f, "low_balance_alert")?;
     let meta = metadata(f)?;
-    let status: Option<AccountStatus> = f.opt("status", "\"active\", \"suspended\" or \"closed\"")?;
+    let status: Option<AccountStatus> =
+        f.opt("status", "\"active\", \"suspended\" or \"closed\"")?;
     let now = ctx.clock.now_ms();
     let _guard = admin_write_lock().await;
     let a = ctx
@@ -260,7 +272,9 @@ pub(super) async fn delete(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answ
     if live_keys > 0 && !force {
         return Err(ApiError::conflict(
             "account_has_keys",
-            format!("The account has {live_keys} enabled keys; delete or disable them, or pass ?force=true."),
+            format!(
+                "The account has {live_keys} enabled keys; delete or disable them, or pass ?force=true."
+            ),
         ));
     }
     let now = ctx.clock.now_ms();
@@ -271,11 +285,17 @@ pub(super) async fn delete(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answ
         if let Some((mut rec, _)) = ctx.store.key(&hash).map_err(store_error)? {
             rec.disabled = true;
             rec.updated_at = now;
-            ctx.store.update_key(rec.clone()).await.map_err(store_error)?;
+            ctx.store
+                .update_key(rec.clone())
+                .await
+                .map_err(store_error)?;
             ctx.gate.updated(rec);
         }
     }
-    ctx.store.delete_user_account(id).await.map_err(store_error)?;
+    ctx.store
+        .delete_user_account(id)
+        .await
+        .map_err(store_error)?;
     ctx.gate.wallets().reset(id);
     json(
         StatusCode::OK,
@@ -316,7 +336,8 @@ impl<'a> EntryView<'a> {
 pub(super) async fn credit(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
     valid_id(id)?;
     f.only(&["amount", "kind", "reason", "idempotency_key"])?;
-    let kind_text: String = f.required("kind", "\"topup\", \"deduct\", \"refund\" or \"adjust\"")?;
+    let kind_text: String =
+        f.required("kind", "\"topup\", \"deduct\", \"refund\" or \"adjust\"")?;
     let kind = match kind_text.as_str() {
         "topup" => AccountCreditKind::Topup,
         "deduct" => AccountCreditKind::Deduct,
@@ -331,7 +352,11 @@ pub(super) async fn credit(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
         }
     };
     let Some(raw) = f.raw("amount") else {
-        return Err(invalid("amount", "missing_field", "The field `amount` is required."));
+        return Err(invalid(
+            "amount",
+            "missing_field",
+            "The field `amount` is required.",
+        ));
     };
     let amount = parse_usd(raw, "amount")?;
     let negative_ok = kind == AccountCreditKind::Adjust;
@@ -339,12 +364,18 @@ pub(super) async fn credit(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
         return Err(invalid(
             "amount",
             "invalid_amount",
-            format!("`amount` must be greater than 0 and at most {MAX_AMOUNT} USD (an adjust may be negative)."),
+            format!(
+                "`amount` must be greater than 0 and at most {MAX_AMOUNT} USD (an adjust may be negative)."
+            ),
         ));
     }
     let reason: String = f.required("reason", "a string")?;
     if reason.chars().count() > 1024 {
-        return Err(invalid("reason", "invalid_value", "`reason` must be at most 1024 characters."));
+        return Err(invalid(
+            "reason",
+            "invalid_value",
+            "`reason` must be at most 1024 characters.",
+        ));
     }
     let idempotency_key: Option<String> = f.opt("idempotency_key", "a string")?;
     if let Some(k) = &idempotency_key
@@ -438,7 +469,10 @@ fn live_fix_headroom(h: &crate::billing::AccountHold, amount: i64) {
 fn find_idem(ctx: &Ctx<'_>, id: &str, idem: &str) -> Result<Option<AccountLedgerEntry>, ApiError> {
     let mut offset = 0;
     loop {
-        let page = ctx.store.account_ledger(id, offset, 500).map_err(store_error)?;
+        let page = ctx
+            .store
+            .account_ledger(id, offset, 500)
+            .map_err(store_error)?;
         if page.is_empty() {
             return Ok(None);
         }
@@ -459,7 +493,12 @@ struct CreditView<'a> {
     replayed: bool,
 }
 
-fn credit_answer(ctx: &Ctx<'_>, a: &AccountRecord, e: &AccountLedgerEntry, replayed: bool) -> Answer {
+fn credit_answer(
+    ctx: &Ctx<'_>,
+    a: &AccountRecord,
+    e: &AccountLedgerEntry,
+    replayed: bool,
+) -> Answer {
     json(
         StatusCode::OK,
         &Data {
@@ -477,7 +516,10 @@ pub(super) fn ledger(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answer {
     valid_id(id)?;
     let pairs = super::query_pairs(query)?;
     let (offset, limit) = super::offset_limit(&pairs)?;
-    let entries = ctx.store.account_ledger(id, offset, limit).map_err(store_error)?;
+    let entries = ctx
+        .store
+        .account_ledger(id, offset, limit)
+        .map_err(store_error)?;
     if entries.is_empty() && ctx.store.user_account(id).map_err(store_error)?.is_none() {
         return Err(not_found());
     }
