@@ -37,8 +37,7 @@ async fn admin(gw: &TestGateway, method: &str, path: &str, body: Option<Value>) 
 }
 
 fn usd(v: &Value) -> Pico {
-    Pico::parse_usd(&v.to_string().trim_matches('"').to_string())
-        .unwrap_or_else(|_| panic!("usd {v}"))
+    Pico::parse_usd(v.to_string().trim_matches('"')).unwrap_or_else(|_| panic!("usd {v}"))
 }
 
 fn hash_bytes(hex_hash: &str) -> KeyHash {
