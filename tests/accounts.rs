@@ -280,6 +280,30 @@ async fn topup_unblocks_and_key_limit_still_binds(mode: RuntimeMode) {
     .await;
     assert_eq!(v["data"]["status"], "active");
     assert_eq!(chat_once(&gw, &key, false).await, 200);
+    // Closed: the keys get 403 and no new key attaches.
+    admin(
+        &gw,
+        "PATCH",
+        "/api/v1/accounts/u2",
+        Some(json!({"status": "closed"})),
+    )
+    .await;
+    let (s, _, v) = send(
+        "POST",
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &bearer(&key))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
+    assert_error(s, &v, 403, "account_closed");
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/api/v1/keys",
+        Some(json!({"name": "late", "owner": "u2"})),
+    )
+    .await;
+    assert_error(s, &v, 400, "account_closed");
 }
 
 async fn delete_refused_while_keys_exist_unless_forced(mode: RuntimeMode) {

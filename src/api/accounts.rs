@@ -191,6 +191,18 @@ pub(super) async fn create(ctx: &Ctx<'_>, f: &Fields) -> Answer {
     answer(ctx, StatusCode::CREATED, &a)
 }
 
+/// A key may be attached to an account (its `owner`) unless the account is closed.
+pub(super) fn owner_may_hold_keys(ctx: &Ctx<'_>, owner: &str) -> Result<(), ApiError> {
+    match ctx.store.user_account(owner).map_err(store_error)? {
+        Some(a) if a.status == AccountStatus::Closed => Err(invalid(
+            "owner",
+            "account_closed",
+            "The account named by `owner` is closed; no key can be attached to it.",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn get_record(ctx: &Ctx<'_>, id: &str) -> Result<AccountRecord, ApiError> {
     valid_id(id)?;
     ctx.store

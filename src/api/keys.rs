@@ -502,6 +502,9 @@ pub(super) async fn create(
     {
         one_per_owner(ctx, spec.owner.as_deref(), name)?;
     }
+    if let Some(owner) = spec.owner.as_deref() {
+        super::accounts::owner_may_hold_keys(ctx, owner)?;
+    }
     let (record, limit) = new_record(spec, plan, hash, label_of(&key), now)?;
     let account = new_account(limit, &record, now);
     ctx.store
