@@ -66,6 +66,7 @@ fn record(k: u32, at_ms: i64, i: u64) -> UsageRecord {
         client_ip: "203.0.113.7".into(),
         estimated: false,
         daily_fee: Pico::ZERO,
+        account: None,
     }
 }
 

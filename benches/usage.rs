@@ -61,6 +61,7 @@ fn record(hash: KeyHash, at_ms: i64, i: u64) -> UsageRecord {
         client_ip: "127.0.0.1".into(),
         estimated: i % 501 == 0,
         daily_fee: Pico::ZERO,
+        account: None,
     }
 }
 

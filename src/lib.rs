@@ -34,6 +34,7 @@
 
 pub mod api;
 pub mod app;
+pub mod billing;
 pub mod clock;
 pub mod config;
 pub mod error;

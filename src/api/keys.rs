@@ -189,7 +189,7 @@ fn check_text(name: &'static str, v: &str) -> Result<(), ApiError> {
 }
 
 /// A USD amount (number or string, exact) from 0 to `MAX_AMOUNT`, or null.
-fn amount(f: &Fields, name: &'static str) -> Result<Patch<Pico>, ApiError> {
+pub(super) fn amount(f: &Fields, name: &'static str) -> Result<Patch<Pico>, ApiError> {
     let Some(raw) = f.raw(name) else {
         return Ok(Patch::Absent);
     };
@@ -307,7 +307,7 @@ fn check_ips(ips: Vec<String>) -> Result<Vec<String>, ApiError> {
 }
 
 /// A JSON object of at most `MAX_METADATA_BYTES`, kept as sent, or null.
-fn metadata(f: &Fields) -> Result<Patch<String>, ApiError> {
+pub(super) fn metadata(f: &Fields) -> Result<Patch<String>, ApiError> {
     let Some(raw) = f.raw("metadata") else {
         return Ok(Patch::Absent);
     };
@@ -501,6 +501,9 @@ pub(super) async fn create(
         && p.one_per_owner
     {
         one_per_owner(ctx, spec.owner.as_deref(), name)?;
+    }
+    if let Some(owner) = spec.owner.as_deref() {
+        super::accounts::owner_may_hold_keys(ctx, owner)?;
     }
     let (record, limit) = new_record(spec, plan, hash, label_of(&key), now)?;
     let account = new_account(limit, &record, now);

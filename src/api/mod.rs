@@ -20,6 +20,7 @@
 //! [`Fields`]) so that a refusal names the field at fault (`param`) and
 //! amounts are read exactly from their JSON text.
 
+mod accounts;
 mod admin_guard;
 mod cors;
 mod credits;
@@ -124,6 +125,14 @@ enum AdminCall<'a> {
     /// `/api/v1/keys/{hash}/usage…`, `/api/v1/owners/{owner}/usage…`,
     /// `/api/v1/usage`
     Usage(reports::Subject<'a>, reports::View),
+    /// `/api/v1/accounts`
+    Accounts,
+    /// `/api/v1/accounts/{id}`
+    Account(&'a str),
+    /// `/api/v1/accounts/{id}/credits`
+    AccountCredits(&'a str),
+    /// `/api/v1/accounts/{id}/ledger`
+    AccountLedger(&'a str),
 }
 
 /// The call of a raw (still percent-encoded) path; `None` → 404. The hash
@@ -147,6 +156,10 @@ fn call_of(path: &str) -> Option<AdminCall<'_>> {
             .filter(|v| *v != View::Logs)
             .map(|v| AdminCall::Usage(Subject::Owner(o), v)),
         ["usage"] => Some(AdminCall::Usage(Subject::Gateway, View::Detail)),
+        ["accounts"] => Some(AdminCall::Accounts),
+        ["accounts", id] => Some(AdminCall::Account(id)),
+        ["accounts", id, "credits"] => Some(AdminCall::AccountCredits(id)),
+        ["accounts", id, "ledger"] => Some(AdminCall::AccountLedger(id)),
         _ => None,
     }
 }
@@ -217,6 +230,19 @@ where
         AdminCall::Usage(subject, view) if m == Method::GET => {
             reports::admin(ctx, subject, view, query)
         }
+        AdminCall::Accounts if m == Method::GET => accounts::list(ctx, query),
+        AdminCall::Accounts if m == Method::POST => {
+            accounts::create(ctx, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::Account(id) if m == Method::GET => accounts::get(ctx, id),
+        AdminCall::Account(id) if m == Method::PATCH => {
+            accounts::patch(ctx, id, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::Account(id) if m == Method::DELETE => accounts::delete(ctx, id, query).await,
+        AdminCall::AccountCredits(id) if m == Method::POST => {
+            accounts::credit(ctx, id, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::AccountLedger(id) if m == Method::GET => accounts::ledger(ctx, id, query),
         _ => Err(ApiError::method_not_allowed()),
     }
 }

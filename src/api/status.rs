@@ -25,6 +25,10 @@ struct KeyStatus<'a> {
     label: &'a str,
     limit: Option<Pico>,
     limit_remaining: Option<Pico>,
+    /// The account the key spends from, if its owner has one.
+    account: Option<&'a str>,
+    /// What that account has left (None: no account, or unlimited).
+    account_remaining: Option<Pico>,
     limit_reset: Option<&'static str>,
     usage: Pico,
     usage_daily: Pico,
@@ -71,10 +75,21 @@ fn status(
     let rec = &policy.record;
     let n = Numbers::live(&live);
     let w = windows_of(ctx, rec, &n, now)?;
+    // A key of an account can spend no more than the account has left.
+    let wallet = match rec.owner.as_deref() {
+        Some(owner) => ctx.gate.wallets().of(owner, now)?.map(|a| a.numbers()),
+        None => None,
+    };
+    let limit_remaining = match (n.remaining, wallet.and_then(|w| w.available)) {
+        (Some(k), Some(a)) => Some(k.min(a)),
+        (k, a) => k.or(a),
+    };
     let view = KeyStatus {
         label: &rec.label,
         limit: n.limit,
-        limit_remaining: n.remaining,
+        limit_remaining,
+        account: rec.owner.as_deref().filter(|_| wallet.is_some()),
+        account_remaining: wallet.and_then(|w| w.available),
         limit_reset: rec.limit_reset.map(Period::as_str),
         usage: n.spent,
         usage_daily: w.daily,

@@ -106,6 +106,8 @@ pub struct Gate {
     unknown_keys: IpLimiter,
     /// Failed admin-token attempts per client IP (IPv6 per /64).
     admin_failures: IpLimiter,
+    /// Accounts' wallets, which keys with an account's `owner` spend from.
+    wallets: crate::billing::Wallets,
 }
 
 /// One key's state while it is in memory.
@@ -572,6 +574,7 @@ impl Gate {
         filter.spawn_build(store.clone());
         Gate {
             keys: KeyMap::default(),
+            wallets: crate::billing::Wallets::new(store.clone()),
             store,
             clock,
             filter,
@@ -594,6 +597,11 @@ impl Gate {
 
     fn generation(&self, hash: &KeyHash) -> &AtomicU64 {
         &self.generations[hash[0] as usize % GENERATIONS]
+    }
+
+    /// The accounts' live wallets.
+    pub fn wallets(&self) -> &crate::billing::Wallets {
+        &self.wallets
     }
 
     pub fn clock(&self) -> &Clock {
@@ -900,6 +908,11 @@ impl Gate {
             .filter(|f| f.0 > 0 && key.fee_day.load(Ordering::Acquire) < today)
             .unwrap_or(Pico::ZERO);
         let want = bound.cost(bound.completion_tokens);
+        // The account first: it may lower the bound the key then reserves.
+        let (mut hold, acct_capped, bound_acct) =
+            self.reserve_account(policy, bound, want, fee, now)?;
+        let bound = &bound_acct;
+        let want = bound.cost(bound.completion_tokens);
         let (amount, capped) = match key.try_commit(want.0.saturating_add(fee.0)) {
             Ok(()) => (want, None),
             Err(available) => {
@@ -944,6 +957,7 @@ impl Gate {
             tokens: 0,
             minute: 0,
             settled: false,
+            account: None,
         };
         if fee > Pico::ZERO {
             match key
@@ -960,6 +974,12 @@ impl Gate {
                 }
             }
         }
+        if let Some(mut h) = hold.take() {
+            let fee_held = reservation.daily_fee.map(|f| f.0).unwrap_or(0);
+            h.shrink_to(amount.0 + fee_held);
+            reservation.account = Some(h);
+        }
+        let capped = capped.or(acct_capped);
         if let Some(tpm) = policy.record.tpm {
             let completion = capped.unwrap_or(bound.completion_tokens);
             let tokens = bound.tokens(completion);
@@ -996,6 +1016,72 @@ impl Gate {
             capped_max_tokens: capped,
             daily_fee,
         })
+    }
+
+    /// The account's part of step 4, for a key whose `owner` has an
+    /// account: holds the request's bound (and fee) on the account's
+    /// wallet, lowered to what it can pay with `bound.cap`. Returns the
+    /// hold, the lowered completion, and the bound the key then reserves.
+    /// Details in `crate::billing`.
+    fn reserve_account(
+        &self,
+        policy: &Policy,
+        bound: &Bound,
+        want: Pico,
+        fee: Pico,
+        now: i64,
+    ) -> Result<(Option<crate::billing::AccountHold>, Option<u64>, Bound), ApiError> {
+        let Some(owner) = policy.record.owner.as_deref() else {
+            return Ok((None, None, *bound));
+        };
+        let Some(account) = self.wallets.of(owner, now)? else {
+            return Ok((None, None, *bound));
+        };
+        account.check_status()?;
+        let refuse = || {
+            ApiError::insufficient_quota(
+                "insufficient_quota",
+                "The account of this key has not enough credit left for this request.",
+                "account",
+            )
+        };
+        let total = want.0.saturating_add(fee.0);
+        match account.try_reserve(total) {
+            Ok(()) => Ok((
+                Some(crate::billing::AccountHold {
+                    account,
+                    amount: total,
+                    at_ms: now,
+                }),
+                None,
+                *bound,
+            )),
+            Err(available) => {
+                if !bound.cap {
+                    return Err(refuse());
+                }
+                let c = bound
+                    .affordable(Pico(available - fee.0))
+                    .min(bound.completion_tokens);
+                let amount = bound.cost(c).0.saturating_add(fee.0);
+                if c == 0 || account.try_reserve(amount).is_err() {
+                    return Err(refuse());
+                }
+                let lowered = Bound {
+                    completion_tokens: c,
+                    ..*bound
+                };
+                Ok((
+                    Some(crate::billing::AccountHold {
+                        account,
+                        amount,
+                        at_ms: now,
+                    }),
+                    Some(c),
+                    lowered,
+                ))
+            }
+        }
     }
 
     // ---- admin side: keeps memory in step with what the store applied ----
@@ -1082,6 +1168,7 @@ impl Gate {
             tokens: 0,
             minute: 0,
             settled: false,
+            account: None,
         })
     }
 

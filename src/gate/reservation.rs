@@ -99,9 +99,17 @@ pub struct Reservation {
     /// …and the minute of the window they are held in.
     pub(super) minute: u32,
     pub(super) settled: bool,
+    /// What the key's account holds for the same request (accounts: see
+    /// `crate::billing`); settled and released with the key's part.
+    pub(super) account: Option<crate::billing::AccountHold>,
 }
 
 impl Reservation {
+    /// The account paying with the key, for the usage record.
+    pub fn account_id(&self) -> Option<Arc<str>> {
+        self.account.as_ref().map(|h| h.account.id.clone())
+    }
+
     /// Replaces the reservation by the actual cost and tokens and returns
     /// what was charged for the request: the actual cost, in full. What the
     /// upstream really did is never dropped: a cost above the reservation
@@ -122,6 +130,9 @@ impl Reservation {
             .fetch_sub(self.amount.0 - charge.0, Ordering::AcqRel);
         if self.tokens > 0 {
             k.tpm_settle(self.minute, self.tokens, tokens);
+        }
+        if let Some(hold) = self.account.take() {
+            hold.settle(charge.0 + fee);
         }
         charge
     }

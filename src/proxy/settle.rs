@@ -181,12 +181,13 @@ impl Settlement {
             .unwrap_or(Pico::ZERO);
         let key = self.permit.key().clone();
         let tokens = usage.prompt_tokens + usage.completion_tokens;
-        let (charged, daily_fee) = match self.reservation.take() {
+        let (charged, daily_fee, account) = match self.reservation.take() {
             Some(r) => {
                 let fee = r.daily_fee.unwrap_or(Pico::ZERO);
-                (r.settle(cost, tokens), fee)
+                let account = r.account_id();
+                (r.settle(cost, tokens), fee, account)
             }
-            None => (Pico::ZERO, Pico::ZERO),
+            None => (Pico::ZERO, Pico::ZERO, None),
         };
         if charged > reserved {
             // The bound did not hold: charged in full, recorded (cost >
@@ -243,6 +244,7 @@ impl Settlement {
             client_ip: self.client_ip.to_string(),
             estimated,
             daily_fee,
+            account,
         });
         key.recorded(seq);
     }

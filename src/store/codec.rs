@@ -273,6 +273,7 @@ pub(super) fn decode_usage_batch(
             client_ip: r.str()?,
             // Written as a ledger entry, not in the record.
             daily_fee: Pico::ZERO,
+            account: None,
         });
     }
     Ok(out)
@@ -506,6 +507,28 @@ pub(super) fn decode_ledger(bytes: &[u8]) -> Result<LedgerEntry, StoreError> {
         limit_after: d.limit_after.map(Pico),
         spent_after: Pico(d.spent_after),
     })
+}
+
+// ---- user accounts and their ledger: JSON, read once per batch ----
+
+pub(super) fn encode_user_account(a: &super::records::AccountRecord) -> Vec<u8> {
+    serde_json::to_vec(a).unwrap_or_default()
+}
+
+pub(super) fn decode_user_account(
+    bytes: &[u8],
+) -> Result<super::records::AccountRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("account: {e}")))
+}
+
+pub(super) fn encode_account_entry(e: &super::records::AccountLedgerEntry) -> Vec<u8> {
+    serde_json::to_vec(e).unwrap_or_default()
+}
+
+pub(super) fn decode_account_entry(
+    bytes: &[u8],
+) -> Result<super::records::AccountLedgerEntry, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("account ledger: {e}")))
 }
 
 #[cfg(test)]

@@ -16,6 +16,9 @@
 //! | `book` | `b` batch_seq | batch index: keys written, their record counts, time span (retention) |
 //! | `book` | `m` `next_bseq` | batch sequence floor, written by retention |
 //! | `book` | `p` hash | u64 LE: the key's usage records removed by retention |
+//! | `book` | `A` id | user account: profile and wallet (JSON) |
+//! | `book` | `L` u16 len, id, seq | account ledger entry (JSON) |
+//! | `book` | `I` u16 len, id, idempotency-key | account ledger seq (u64 BE) |
 //!
 //! Everything that must agree with everything else about money (accounts,
 //! usage records, rollups, ledger, idempotency) lives in `book`, so every
@@ -76,6 +79,33 @@ pub(super) fn ledger_key(hash: &KeyHash, seq: u64) -> Vec<u8> {
 
 pub(super) fn idempotency_key(hash: &KeyHash, idem: &str) -> Vec<u8> {
     let mut k = prefixed(b'i', hash);
+    k.extend_from_slice(idem.as_bytes());
+    k
+}
+
+pub(super) fn user_account_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(b'A');
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(super) fn account_ledger_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + id.len() + 8);
+    k.push(b'L');
+    push_len_str(&mut k, id);
+    k
+}
+
+pub(super) fn account_ledger_key(id: &str, seq: u64) -> Vec<u8> {
+    let mut k = account_ledger_prefix(id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(super) fn account_idempotency_key(id: &str, idem: &str) -> Vec<u8> {
+    let mut k = vec![b'I'];
+    push_len_str(&mut k, id);
     k.extend_from_slice(idem.as_bytes());
     k
 }

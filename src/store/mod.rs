@@ -34,7 +34,7 @@ use codec::*;
 use layout::*;
 pub use records::*;
 pub use thread::MAX_BATCH_OPS;
-use thread::{Op, StoreThread};
+use thread::{AccountEdit, Op, StoreThread};
 
 /// The layout version written at creation and required at open.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -59,6 +59,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("flush failed: {0}")]
     Flush(String),
+    #[error("not enough funds")]
+    Insufficient,
     #[error("the store thread has stopped")]
     Closed,
     #[error("io: {0}")]
@@ -476,6 +478,112 @@ impl Store {
             return Err(StoreError::Invalid("credit amount must be > 0".into()));
         }
         self.call(|tx| Op::Credit(hash, op, tx)).await
+    }
+
+    // ---- user accounts ----
+
+    /// A user account, as stored.
+    pub fn user_account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError> {
+        match self.inner.book.get(user_account_key(id))? {
+            Some(v) => Ok(Some(decode_user_account(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A page of accounts in id order, optionally only those with `email`.
+    pub fn user_accounts(
+        &self,
+        offset: usize,
+        limit: usize,
+        email: Option<&str>,
+    ) -> Result<Vec<AccountRecord>, StoreError> {
+        let mut out = Vec::new();
+        let mut skip = offset;
+        for item in self.inner.book.scan_prefix([b'A']) {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = item?;
+            let a = decode_user_account(&v)?;
+            if email.is_some_and(|e| a.email.as_deref() != Some(e)) {
+                continue;
+            }
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// The hashes of an owner's keys (disabled ones too), with whether each is disabled.
+    pub fn owner_keys(&self, owner: &str) -> Result<Vec<(KeyHash, bool)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.owners.scan_prefix(owner_prefix(owner)) {
+            let (k, v) = item?;
+            // The prefix is length-delimited: only this owner's entries match.
+            out.push((owner_entry_hash(&k)?, v.first() == Some(&1)));
+        }
+        Ok(out)
+    }
+
+    /// An account's ledger, newest first.
+    pub fn account_ledger(
+        &self,
+        id: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<AccountLedgerEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .book
+            .scan_prefix(account_ledger_prefix(id))
+            .rev()
+            .skip(offset)
+            .take(limit)
+        {
+            let (_, v) = item?;
+            out.push(decode_account_entry(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Creates an account. `Exists` if the id exists.
+    pub async fn create_user_account(&self, a: AccountRecord) -> Result<(), StoreError> {
+        self.call(|tx| Op::AccountCreate(Box::new(a), tx)).await
+    }
+
+    /// Applies `edit` to the stored account (money charged meanwhile is
+    /// kept) and returns it. `NotFound` if absent.
+    pub async fn update_user_account(
+        &self,
+        id: &str,
+        edit: impl FnOnce(&mut AccountRecord) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<AccountRecord, StoreError> {
+        let edit: AccountEdit = Box::new(edit);
+        self.call(|tx| Op::AccountUpdate(id.to_owned(), edit, tx))
+            .await
+    }
+
+    /// Removes an account record (its ledger stays). `false` if absent.
+    pub async fn delete_user_account(&self, id: &str) -> Result<bool, StoreError> {
+        self.call(|tx| Op::AccountDelete(id.to_owned(), tx)).await
+    }
+
+    /// Applies an account credit with its ledger entry, atomically and
+    /// once per idempotency key. `Insufficient` when a deduct does not fit.
+    pub async fn credit_user_account(
+        &self,
+        id: &str,
+        op: AccountCreditOp,
+    ) -> Result<AccountCreditOutcome, StoreError> {
+        if op.amount.0 == 0 || (op.amount.0 < 0 && op.kind != AccountCreditKind::Adjust) {
+            return Err(StoreError::Invalid("credit amount must be > 0".into()));
+        }
+        self.call(|tx| Op::AccountCredit(id.to_owned(), op, tx))
+            .await
     }
 
     /// Everything queued before this call is durable when it returns.

@@ -128,6 +128,10 @@ pub struct UsageRecord {
     /// writes a `DailyFee` ledger entry in the same batch (once per key and
     /// UTC day), so memory and store agree; it is not kept in the record.
     pub daily_fee: Pico,
+    /// The account (`owner`) whose wallet paid for the request, if any:
+    /// the store thread charges it in the same batch. Not kept in the
+    /// stored record (the key's owner says it).
+    pub account: Option<std::sync::Arc<str>>,
 }
 
 /// What a ledger entry did to the account.
@@ -244,4 +248,181 @@ pub struct StoreStats {
     pub committed_seq: u64,
     /// The last commit failed and none has succeeded since.
     pub failing: bool,
+}
+
+/// Whether an account's keys may spend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountStatus {
+    #[default]
+    Active,
+    Suspended,
+    Closed,
+}
+
+/// A user's account: the wallet every key whose `owner` is `id` spends
+/// from. Profile and money in one record (`book` `A` id), so the store
+/// thread charges it in the same atomic batch as the keys' usage records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccountRecord {
+    /// The account id: the `owner` of its keys.
+    pub id: String,
+    /// Contact address, for listing by email.
+    pub email: Option<String>,
+    /// Display name.
+    pub name: Option<String>,
+    /// How far below zero the balance may go.
+    #[serde(with = "pico_int")]
+    pub overdraft: Pico,
+    /// Never refused for money, still metered.
+    pub unlimited: bool,
+    /// Balance under which the operator wants to hear about it.
+    #[serde(with = "pico_opt_int")]
+    pub low_balance_alert: Option<Pico>,
+    /// Caller's JSON text, kept verbatim.
+    pub metadata: Option<String>,
+    /// Active, suspended or closed.
+    pub status: AccountStatus,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+    /// Prepaid money; never expires; may go down to −overdraft.
+    #[serde(with = "pico_int")]
+    pub balance: Pico,
+    /// What remains of the current period's plan grant (spent first).
+    #[serde(with = "pico_int")]
+    pub allowance: Pico,
+    /// Lifetime: Σ its keys' usage record costs + Σ deducts − Σ refunds.
+    #[serde(with = "pico_int")]
+    pub spent: Pico,
+    /// `Period::Monthly` id that `period_spent` belongs to.
+    pub period: i64,
+    /// Spent in that period.
+    #[serde(with = "pico_int")]
+    pub period_spent: Pico,
+    /// Entries in the account's ledger.
+    pub ledger_seq: u64,
+}
+
+impl AccountRecord {
+    /// Charges `amount` (may be negative, a refund) at `at_ms`: allowance
+    /// first, then balance; `spent` and the month's spent follow.
+    pub fn charge(&mut self, at_ms: i64, amount: Pico) {
+        let from_allowance = if amount.0 > 0 {
+            amount.0.min(self.allowance.0.max(0))
+        } else {
+            0
+        };
+        self.allowance = Pico(self.allowance.0 - from_allowance);
+        self.balance = Pico(self.balance.0.saturating_sub(amount.0 - from_allowance));
+        self.spent = self.spent.saturating_add(amount);
+        let month = crate::clock::Period::Monthly.id(at_ms);
+        if month > self.period {
+            self.period = month;
+            self.period_spent = Pico::ZERO;
+        }
+        if month == self.period {
+            self.period_spent = self.period_spent.saturating_add(amount).max(Pico::ZERO);
+        }
+    }
+
+    /// What the account may still commit: allowance + balance + overdraft.
+    pub fn funds(&self) -> Pico {
+        Pico(
+            self.allowance
+                .0
+                .saturating_add(self.balance.0)
+                .saturating_add(self.overdraft.0),
+        )
+    }
+}
+
+/// What an account credit does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountCreditKind {
+    /// balance += amount.
+    Topup,
+    /// Charged like usage (allowance first); must fit in the funds.
+    Deduct,
+    /// balance += amount, spent −= amount.
+    Refund,
+    /// balance += amount (signed); not spending. A negative one must fit.
+    Adjust,
+}
+
+/// One entry of an account's ledger.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AccountLedgerEntry {
+    /// 1 for the account's first entry.
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: AccountCreditKind,
+    /// Positive, except a negative `adjust`.
+    #[serde(with = "pico_int")]
+    pub amount: Pico,
+    pub reason: String,
+    /// Applied once per account; a repeat replays this entry.
+    pub idempotency_key: Option<String>,
+    /// Balance after the entry.
+    #[serde(with = "pico_int")]
+    pub balance_after: Pico,
+    /// Lifetime spent after the entry.
+    #[serde(with = "pico_int")]
+    pub spent_after: Pico,
+}
+
+/// A credit to apply to an account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountCreditOp {
+    pub kind: AccountCreditKind,
+    /// > 0, except for `adjust` (≠ 0).
+    pub amount: Pico,
+    pub reason: String,
+    /// Applied once per account.
+    pub idempotency_key: Option<String>,
+    pub at_ms: i64,
+}
+
+/// What an account credit did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountCreditOutcome {
+    /// The entry written (or, replayed, the first one).
+    pub entry: AccountLedgerEntry,
+    /// The account now.
+    pub account: AccountRecord,
+    /// The idempotency key had been used: nothing changed.
+    pub replayed: bool,
+}
+
+/// Stored amounts are integer picoUSD, exact (the API's decimal numbers
+/// are for people).
+mod pico_int {
+    use crate::money::Pico;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Pico, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(p.0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Pico, D::Error> {
+        i64::deserialize(d).map(Pico)
+    }
+}
+
+mod pico_opt_int {
+    use crate::money::Pico;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Option<Pico>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.serialize_some(&p.0),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pico>, D::Error> {
+        Option::<i64>::deserialize(d).map(|o| o.map(Pico))
+    }
 }

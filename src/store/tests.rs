@@ -100,6 +100,7 @@ fn usage(k: u32, at_ms: i64, model: &str, cost: i64, i: u64) -> UsageRecord {
         client_ip: "127.0.0.1".into(),
         estimated: i % 5 == 0,
         daily_fee: Pico::ZERO,
+        account: None,
     }
 }
 

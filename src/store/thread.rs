@@ -56,6 +56,18 @@ pub(super) enum Op {
         oneshot::Sender<Result<CreditOutcome, StoreError>>,
     ),
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    AccountCreate(Box<AccountRecord>, oneshot::Sender<Result<(), StoreError>>),
+    AccountUpdate(
+        String,
+        AccountEdit,
+        oneshot::Sender<Result<AccountRecord, StoreError>>,
+    ),
+    AccountDelete(String, oneshot::Sender<Result<bool, StoreError>>),
+    AccountCredit(
+        String,
+        AccountCreditOp,
+        oneshot::Sender<Result<AccountCreditOutcome, StoreError>>,
+    ),
     Prune(i64, oneshot::Sender<Result<u64, StoreError>>),
     Bulk(
         Vec<(KeyRecord, Account)>,
@@ -87,6 +99,10 @@ pub(super) fn charge(acct: &mut Account, reset: Option<Period>, at_ms: i64, amou
     }
 }
 
+/// A change to an account's profile, applied by the store thread to the
+/// account as stored (so money charged meanwhile is kept).
+pub(super) type AccountEdit = Box<dyn FnOnce(&mut AccountRecord) -> Result<(), StoreError> + Send>;
+
 /// A key's part of the batch being collected.
 struct KeyBatch {
     /// The account as read at the key's first record in the batch, with the
@@ -111,6 +127,9 @@ pub(super) struct Pending {
     seqs: Vec<u64>,
     /// Daily-fee ledger entries that came with records, written with them.
     fees: Vec<(KeyHash, LedgerEntry)>,
+    /// User accounts charged by the batch's records, read once per batch;
+    /// `None` when the account is gone (the record is still written).
+    accounts: HashMap<std::sync::Arc<str>, Option<AccountRecord>>,
 }
 
 /// The sequence number up to which every record is on disk. Records reach
@@ -317,6 +336,32 @@ impl StoreThread {
                 self.replies.push(reply_after_flush(tx, Ok(())));
                 true
             }
+            Op::AccountCreate(a, tx) => {
+                let r = self.commit_pending().and_then(|()| self.account_create(&a));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::AccountUpdate(id, edit, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.account_update(&id, edit));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::AccountDelete(id, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.account_delete(&id));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::AccountCredit(id, op, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.account_credit(&id, &op));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
             Op::Prune(before, tx) => {
                 let r = self.commit_pending().and_then(|()| self.prune(before));
                 self.replies.push(reply_after_flush(tx, r));
@@ -376,6 +421,28 @@ impl StoreThread {
                 })
             }
         };
+        let wallet = match &rec.account {
+            Some(id) => match p.accounts.entry(id.clone()) {
+                Entry::Occupied(e) => e.into_mut().as_mut(),
+                Entry::Vacant(e) => {
+                    let read = match self.book.get(user_account_key(id)) {
+                        Ok(Some(v)) => decode_user_account(&v)
+                            .map_err(|err| tracing::error!(error = %err, account = %id, "unreadable account"))
+                            .ok(),
+                        Ok(None) => None,
+                        Err(err) => {
+                            tracing::error!(error = %err, "account read failed");
+                            None
+                        }
+                    };
+                    e.insert(read).as_mut()
+                }
+            },
+            None => None,
+        };
+        if let Some(w) = wallet {
+            w.charge(rec.at_ms, rec.cost);
+        }
         if let Some((acct, reset)) = &mut kb.acct {
             charge(acct, *reset, rec.at_ms, rec.cost);
             acct.requests = acct.requests.saturating_add(1);
@@ -384,6 +451,11 @@ impl StoreThread {
             let day = rec.at_ms.div_euclid(DAY_MS);
             if rec.daily_fee.0 > 0 && acct.fee_day < day {
                 charge(acct, *reset, rec.at_ms, rec.daily_fee);
+                if let Some(id) = &rec.account
+                    && let Some(Some(w)) = p.accounts.get_mut(id)
+                {
+                    w.charge(rec.at_ms, rec.daily_fee);
+                }
                 acct.fee_day = day;
                 acct.ledger_seq += 1;
                 p.fees.push((
@@ -489,6 +561,12 @@ impl StoreThread {
             );
             writes += 1;
             index.keys.push((*hash, kb.count));
+        }
+        for (id, acct) in &p.accounts {
+            if let Some(a) = acct {
+                batch.insert(user_account_key(id), encode_user_account(a));
+                writes += 1;
+            }
         }
         for (hash, entry) in &p.fees {
             batch.insert(ledger_key(hash, entry.seq), encode_ledger(entry));
@@ -749,6 +827,118 @@ impl StoreThread {
         Ok(CreditOutcome {
             entry,
             account: acct,
+            replayed: false,
+        })
+    }
+
+    fn read_user_account(&self, id: &str) -> Result<AccountRecord, StoreError> {
+        match self.book.get(user_account_key(id))? {
+            Some(v) => decode_user_account(&v),
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    fn account_create(&mut self, a: &AccountRecord) -> Result<(), StoreError> {
+        let k = user_account_key(&a.id);
+        if self.book.contains_key(&k)? {
+            return Err(StoreError::Exists);
+        }
+        self.book.insert(k, encode_user_account(a))?;
+        self.write_count(1);
+        Ok(())
+    }
+
+    fn account_update(&mut self, id: &str, edit: AccountEdit) -> Result<AccountRecord, StoreError> {
+        let mut a = self.read_user_account(id)?;
+        edit(&mut a)?;
+        self.book
+            .insert(user_account_key(id), encode_user_account(&a))?;
+        self.write_count(1);
+        Ok(a)
+    }
+
+    /// Removes the account record; its ledger stays for reports.
+    fn account_delete(&mut self, id: &str) -> Result<bool, StoreError> {
+        let existed = self.book.remove(user_account_key(id))?.is_some();
+        self.write_count(1);
+        Ok(existed)
+    }
+
+    /// The account, its ledger entry and the idempotency entry in one
+    /// atomic batch of `book`. A deduct (or negative adjust) that does not
+    /// fit in allowance + balance + overdraft changes nothing.
+    fn account_credit(
+        &mut self,
+        id: &str,
+        op: &AccountCreditOp,
+    ) -> Result<AccountCreditOutcome, StoreError> {
+        let mut a = self.read_user_account(id)?;
+        if let Some(idem) = &op.idempotency_key
+            && let Some(seq) = self.book.get(account_idempotency_key(id, idem))?
+        {
+            let seq = <[u8; 8]>::try_from(seq.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("idempotency entry".into()))?;
+            let entry = self
+                .book
+                .get(account_ledger_key(id, seq))?
+                .ok_or_else(|| StoreError::Corrupt("idempotency entry without ledger".into()))?;
+            return Ok(AccountCreditOutcome {
+                entry: decode_account_entry(&entry)?,
+                account: a,
+                replayed: true,
+            });
+        }
+        let too_big = || StoreError::Invalid("amount out of range".into());
+        match op.kind {
+            AccountCreditKind::Topup => {
+                a.balance = a.balance.checked_add(op.amount).ok_or_else(too_big)?;
+            }
+            AccountCreditKind::Adjust => {
+                if op.amount.0 < 0 && !a.unlimited && a.funds().0 < -op.amount.0 {
+                    return Err(StoreError::Insufficient);
+                }
+                a.balance = a.balance.checked_add(op.amount).ok_or_else(too_big)?;
+            }
+            AccountCreditKind::Deduct => {
+                if !a.unlimited && a.funds() < op.amount {
+                    return Err(StoreError::Insufficient);
+                }
+                a.charge(op.at_ms, op.amount);
+            }
+            AccountCreditKind::Refund => {
+                a.balance = a.balance.checked_add(op.amount).ok_or_else(too_big)?;
+                a.spent = Pico(a.spent.0 - op.amount.0);
+                a.period_spent = Pico((a.period_spent.0 - op.amount.0).max(0));
+            }
+        }
+        a.ledger_seq += 1;
+        let entry = AccountLedgerEntry {
+            seq: a.ledger_seq,
+            at_ms: op.at_ms,
+            kind: op.kind,
+            amount: op.amount,
+            reason: op.reason.clone(),
+            idempotency_key: op.idempotency_key.clone(),
+            balance_after: a.balance,
+            spent_after: a.spent,
+        };
+        let mut batch = Batch::default();
+        batch.insert(user_account_key(id), encode_user_account(&a));
+        batch.insert(
+            account_ledger_key(id, entry.seq),
+            encode_account_entry(&entry),
+        );
+        let mut writes = 2;
+        if let Some(idem) = &op.idempotency_key {
+            batch.insert(account_idempotency_key(id, idem), &entry.seq.to_be_bytes());
+            writes += 1;
+        }
+        self.book.apply_batch(batch)?;
+        self.write_count(writes);
+        Ok(AccountCreditOutcome {
+            entry,
+            account: a,
             replayed: false,
         })
     }

@@ -1,0 +1,323 @@
+//! Accounts' wallets in memory: the money every key of an account draws
+//! from, reserved lock-free on the hot path.
+//!
+//! One [`LiveAccount`] per account, loaded from the store on first use and
+//! shared (by `Arc`) by all of the account's keys. Admission takes from
+//! `headroom` (= allowance + balance + overdraft − reserved) with a
+//! compare-and-swap that refuses to go below zero, the same rule as a
+//! key's `committed`; so concurrent requests on several keys can never
+//! overspend the account. Settlement moves the charge from reserved to
+//! spent (allowance first, then balance); the store thread applies the
+//! same charge to the stored account in the batch of the usage record.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use crate::error::ApiError;
+use crate::money::Pico;
+use crate::store::{AccountRecord, AccountStatus, Store};
+
+/// One account's wallet while it is in memory.
+pub struct LiveAccount {
+    /// The account id (= its keys' `owner`), put in each usage record.
+    pub id: Arc<str>,
+    /// allowance + balance + overdraft − reserved: what admission takes from.
+    headroom: AtomicI64,
+    /// Mirrors the stored account, moved by settlements and credits.
+    balance: AtomicI64,
+    /// What remains of the period's grant; spent before the balance.
+    allowance: AtomicI64,
+    /// How far below zero the balance may go.
+    overdraft: AtomicI64,
+    /// Lifetime spent.
+    spent: AtomicI64,
+    /// Spent in the month `period`.
+    period_spent: AtomicI64,
+    /// `Period::Monthly` id of `period_spent`.
+    period: AtomicI64,
+    /// Never refused for money.
+    unlimited: AtomicBool,
+    /// `AccountStatus` as 0 active, 1 suspended, 2 closed.
+    status: AtomicU8,
+}
+
+/// A snapshot of an account's money.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalletNumbers {
+    pub balance: Pico,
+    pub allowance: Pico,
+    pub reserved: Pico,
+    pub spent: Pico,
+    pub period_spent: Pico,
+    /// What the account's keys can still spend (None: unlimited).
+    pub available: Option<Pico>,
+}
+
+fn status_code(s: AccountStatus) -> u8 {
+    match s {
+        AccountStatus::Active => 0,
+        AccountStatus::Suspended => 1,
+        AccountStatus::Closed => 2,
+    }
+}
+
+impl LiveAccount {
+    pub fn new(a: &AccountRecord, now_ms: i64) -> LiveAccount {
+        let month = crate::clock::Period::Monthly.id(now_ms);
+        let period_spent = if a.period == month {
+            a.period_spent
+        } else {
+            Pico::ZERO
+        };
+        LiveAccount {
+            id: Arc::from(a.id.as_str()),
+            headroom: AtomicI64::new(a.funds().0),
+            balance: AtomicI64::new(a.balance.0),
+            allowance: AtomicI64::new(a.allowance.0),
+            overdraft: AtomicI64::new(a.overdraft.0),
+            spent: AtomicI64::new(a.spent.0),
+            period_spent: AtomicI64::new(period_spent.0),
+            period: AtomicI64::new(month.max(a.period)),
+            unlimited: AtomicBool::new(a.unlimited),
+            status: AtomicU8::new(status_code(a.status)),
+        }
+    }
+
+    /// Refuses the account's keys while it is not active.
+    pub fn check_status(&self) -> Result<(), ApiError> {
+        match self.status.load(Ordering::Acquire) {
+            0 => Ok(()),
+            1 => Err(ApiError::permission(
+                "account_suspended",
+                "The account of this key is suspended.",
+            )),
+            _ => Err(ApiError::permission(
+                "account_closed",
+                "The account of this key is closed.",
+            )),
+        }
+    }
+
+    /// Takes `amount` from the headroom if it fits (always, when
+    /// unlimited); else what is available.
+    pub fn try_reserve(&self, amount: i64) -> Result<(), i64> {
+        if self.unlimited.load(Ordering::Acquire) {
+            self.headroom.fetch_sub(amount, Ordering::AcqRel);
+            return Ok(());
+        }
+        let mut cur = self.headroom.load(Ordering::Acquire);
+        loop {
+            if amount > cur {
+                return Err(cur.max(0));
+            }
+            match self.headroom.compare_exchange_weak(
+                cur,
+                cur - amount,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Gives back a reservation (or part of one) unspent.
+    pub fn release(&self, amount: i64) {
+        self.headroom.fetch_add(amount, Ordering::AcqRel);
+    }
+
+    /// Charges `charge` against a reservation of `held`: allowance first,
+    /// then balance; the rest of the reservation goes back. The store
+    /// thread applies the same rule ([`AccountRecord::charge`]).
+    pub fn settle(&self, held: i64, charge: i64, now_ms: i64) {
+        let from_allowance = if charge > 0 {
+            match self
+                .allowance
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                    Some(a - charge.min(a.max(0)))
+                }) {
+                Ok(before) | Err(before) => charge.min(before.max(0)),
+            }
+        } else {
+            0
+        };
+        self.balance
+            .fetch_sub(charge - from_allowance, Ordering::AcqRel);
+        self.spent.fetch_add(charge, Ordering::AcqRel);
+        self.add_period(charge, now_ms);
+        self.headroom.fetch_add(held - charge, Ordering::AcqRel);
+    }
+
+    fn add_period(&self, amount: i64, now_ms: i64) {
+        let month = crate::clock::Period::Monthly.id(now_ms);
+        let cur = self.period.load(Ordering::Acquire);
+        if month > cur
+            && self
+                .period
+                .compare_exchange(cur, month, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.period_spent.store(0, Ordering::Release);
+        }
+        if month == self.period.load(Ordering::Acquire) {
+            let _ = self
+                .period_spent
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                    Some((p + amount).max(0))
+                });
+        }
+    }
+
+    /// Applies a credit the store has applied: the change of balance, of
+    /// spent, and of the headroom. A deduct's amount was reserved first
+    /// (`try_reserve`) and is settled with `settle` instead.
+    pub fn credited(&self, balance_delta: i64, spent_delta: i64, now_ms: i64) {
+        self.balance.fetch_add(balance_delta, Ordering::AcqRel);
+        self.headroom.fetch_add(balance_delta, Ordering::AcqRel);
+        if spent_delta != 0 {
+            self.spent.fetch_add(spent_delta, Ordering::AcqRel);
+            self.add_period(spent_delta, now_ms);
+        }
+    }
+
+    /// Applies a profile change: status, overdraft, unlimited.
+    pub fn profile(&self, a: &AccountRecord) {
+        self.status.store(status_code(a.status), Ordering::Release);
+        self.unlimited.store(a.unlimited, Ordering::Release);
+        let old = self.overdraft.swap(a.overdraft.0, Ordering::AcqRel);
+        self.headroom
+            .fetch_add(a.overdraft.0 - old, Ordering::AcqRel);
+    }
+
+    pub fn numbers(&self) -> WalletNumbers {
+        let balance = self.balance.load(Ordering::Acquire);
+        let allowance = self.allowance.load(Ordering::Acquire);
+        let overdraft = self.overdraft.load(Ordering::Acquire);
+        let headroom = self.headroom.load(Ordering::Acquire);
+        let funds = allowance.max(0) + balance + overdraft;
+        WalletNumbers {
+            balance: Pico(balance),
+            allowance: Pico(allowance),
+            reserved: Pico((funds - headroom).max(0)),
+            spent: Pico(self.spent.load(Ordering::Acquire)),
+            period_spent: Pico(self.period_spent.load(Ordering::Acquire)),
+            available: (!self.unlimited.load(Ordering::Acquire)).then_some(Pico(headroom.max(0))),
+        }
+    }
+}
+
+/// Money held on an account for one request; released on drop unless settled.
+pub struct AccountHold {
+    pub account: Arc<LiveAccount>,
+    /// picoUSD held.
+    pub amount: i64,
+    /// When it was taken: the month the charge counts in.
+    pub at_ms: i64,
+}
+
+impl AccountHold {
+    /// Keeps only `amount` of the hold, giving the rest back.
+    pub fn shrink_to(&mut self, amount: i64) {
+        if amount < self.amount {
+            self.account.release(self.amount - amount);
+            self.amount = amount;
+        }
+    }
+
+    /// Charges `charge` and releases the rest.
+    pub fn settle(mut self, charge: i64) {
+        self.account.settle(self.amount, charge, self.at_ms);
+        // Settled: nothing left for `drop` to give back.
+        self.amount = 0;
+    }
+}
+
+impl Drop for AccountHold {
+    fn drop(&mut self) {
+        self.account.release(self.amount);
+    }
+}
+
+/// Account id → live wallet (or `None`: the owner has no account, so that
+/// keys of such owners cost no store read per request).
+pub struct Wallets {
+    map: DashMap<Arc<str>, Option<Arc<LiveAccount>>>,
+    store: Store,
+    /// Bumped (under the entry lock) by every admin change of an account:
+    /// a load that read the store before it retries.
+    generation: AtomicU64,
+}
+
+impl Wallets {
+    pub fn new(store: Store) -> Wallets {
+        Wallets {
+            map: DashMap::new(),
+            store,
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The wallet of `owner`'s account, loading it on first use.
+    pub fn of(&self, owner: &str, now_ms: i64) -> Result<Option<Arc<LiveAccount>>, ApiError> {
+        if let Some(e) = self.map.get(owner) {
+            return Ok(e.value().clone());
+        }
+        loop {
+            let generation = self.generation.load(Ordering::Acquire);
+            let read = self
+                .store
+                .user_account(owner)
+                .map_err(|e| ApiError::internal(format!("account store: {e}")))?;
+            match self.map.entry(Arc::from(owner)) {
+                Entry::Occupied(e) => return Ok(e.get().clone()),
+                Entry::Vacant(v) => {
+                    if self.generation.load(Ordering::Acquire) != generation {
+                        continue;
+                    }
+                    let live = read.map(|a| Arc::new(LiveAccount::new(&a, now_ms)));
+                    v.insert(live.clone());
+                    return Ok(live);
+                }
+            }
+        }
+    }
+
+    /// The wallet if it is in memory.
+    pub fn peek(&self, id: &str) -> Option<Arc<LiveAccount>> {
+        self.map.get(id).and_then(|e| e.value().clone())
+    }
+
+    /// After the store created, or deleted, an account: the next use
+    /// loads it again (a created account replaces a cached "none").
+    pub fn reset(&self, id: &str) {
+        match self.map.entry(Arc::from(id)) {
+            Entry::Occupied(e) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                e.remove();
+            }
+            Entry::Vacant(_) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Runs `f` on the live wallet, if loaded, with loads held off, so an
+    /// admin change applied to the store is never lost in memory.
+    pub fn changed(&self, id: &str, f: impl FnOnce(&LiveAccount)) {
+        match self.map.entry(Arc::from(id)) {
+            Entry::Occupied(e) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                if let Some(a) = e.get() {
+                    f(a);
+                }
+            }
+            Entry::Vacant(_) => {
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
