@@ -252,8 +252,14 @@ impl Store {
             return Ok(None);
         };
         let rec = decode_key(hash, &v)?;
-        let acct = self.account(hash)?;
-        Ok(Some((rec, acct)))
+        match self.inner.book.get(account_key(hash))? {
+            Some(a) => Ok(Some((rec, decode_account(&a)?.0))),
+            // The two trees are read one after the other: a delete that
+            // committed in between removed both, so the key is gone — only
+            // a key record still there without its account is corrupt.
+            None if self.inner.keys.get(key_record_key(hash))?.is_none() => Ok(None),
+            None => self.account(hash).map(|acct| Some((rec, acct))),
+        }
     }
 
     fn account(&self, hash: &KeyHash) -> Result<Account, StoreError> {
