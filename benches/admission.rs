@@ -101,7 +101,7 @@ fn fixture() -> Fixture {
         started.elapsed().as_secs_f64() * 1000.0
     );
     let started = Instant::now();
-    let gate = Gate::new(store, clock, 60, 10);
+    let gate = Gate::new(store, clock, 60);
     while !gate.filter_ready() {
         std::thread::sleep(Duration::from_millis(5));
     }

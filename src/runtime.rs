@@ -95,7 +95,6 @@ impl Gateway {
             store.clone(),
             opts.clock.clone(),
             config.limits.unknown_key_per_minute,
-            config.limits.admin_failures_per_minute,
         );
         let metrics = Metrics::new(routing.upstream_names());
         let workers = config.runtime.worker_count();

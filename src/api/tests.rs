@@ -349,7 +349,7 @@ impl World {
             },
         );
         World {
-            gate: Gate::new(store.clone(), clock.clone(), 60, 3),
+            gate: Gate::new(store.clone(), clock.clone(), 60),
             config,
             store,
             clock,

@@ -30,7 +30,7 @@ fn fixture(tag: &str) -> Fixture {
     ));
     let store = Store::open(&dir, 1).expect("store opens");
     Fixture {
-        gate: Gate::new(store, Clock::system(), 60, 10),
+        gate: Gate::new(store, Clock::system(), 60),
         dir,
     }
 }

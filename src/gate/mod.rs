@@ -104,8 +104,6 @@ pub struct Gate {
     /// Unknown keys per client IP (IPv6 per /64): past it they are answered
     /// 429 instead of 401. It never refuses a key that exists.
     unknown_keys: IpLimiter,
-    /// Failed admin-token attempts per client IP (IPv6 per /64).
-    admin_failures: IpLimiter,
     /// Accounts' wallets, which keys with an account's `owner` spend from.
     wallets: crate::billing::Wallets,
 }
@@ -562,12 +560,7 @@ pub struct Ask<'a> {
 }
 
 impl Gate {
-    pub fn new(
-        store: Store,
-        clock: Clock,
-        unknown_key_per_minute: u32,
-        admin_failures_per_minute: u32,
-    ) -> Gate {
+    pub fn new(store: Store, clock: Clock, unknown_key_per_minute: u32) -> Gate {
         let per_min =
             |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).expect("max(1) is non-zero"));
         let filter = Arc::new(KeyFilter::new());
@@ -581,7 +574,6 @@ impl Gate {
             generations: std::array::from_fn(|_| AtomicU64::new(0)),
             store_reads: AtomicU64::new(0),
             unknown_keys: RateLimiter::keyed(per_min(unknown_key_per_minute)),
-            admin_failures: RateLimiter::keyed(per_min(admin_failures_per_minute)),
         }
     }
 
@@ -1205,17 +1197,6 @@ impl Gate {
         }
     }
 
-    /// Checks a failed admin-token attempt against the per-IP limit: `Err`
-    /// when this IP has failed too often.
-    pub fn admin_failure(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.admin_failures.check_key(&limiter_ip(ip)).map_err(|_| {
-            ApiError::rate_limited(
-                "Too many failed admin authentications from this address.",
-                60,
-            )
-        })
-    }
-
     /// The sweeper's work: drop idle keys from memory and prune limiter
     /// state so memory stays bounded with many keys and many IPs.
     pub fn sweep(&self) -> usize {
@@ -1239,8 +1220,6 @@ impl Gate {
         });
         self.unknown_keys.retain_recent();
         self.unknown_keys.shrink_to_fit();
-        self.admin_failures.retain_recent();
-        self.admin_failures.shrink_to_fit();
         before - self.keys.len()
     }
 }
