@@ -177,9 +177,7 @@ fn admit_one(gate: &Gate, headers: &HeaderMap, ip: IpAddr) {
     let permit = gate
         .limit(&key, &policy, gate.clock().now_ms())
         .expect("within limits");
-    let reserved = gate
-        .reserve(&key, &policy, &bound())
-        .expect("reserved");
+    let reserved = gate.reserve(&key, &policy, &bound()).expect("reserved");
     let charged = reserved.reservation.settle(Pico(1_000_000), 120);
     drop(permit);
     std::hint::black_box(charged);
@@ -209,10 +207,7 @@ fn admission(c: &mut Criterion) {
     let policy = key.policy();
     group.bench_function("reserve_settle", |b| {
         b.iter(|| {
-            let reserved = f
-                .gate
-                .reserve(&key, &policy, &bound())
-                .expect("reserved");
+            let reserved = f.gate.reserve(&key, &policy, &bound()).expect("reserved");
             std::hint::black_box(reserved.reservation.settle(Pico(1_000_000), 120));
         })
     });

@@ -250,7 +250,11 @@ impl Metrics {
         self.ttfb
             .render(&mut out, "tollgate_time_to_first_byte_seconds");
         out.push_str("# HELP tollgate_overruns_total Requests whose actual cost exceeded their reservation (charged in full).\n# TYPE tollgate_overruns_total counter\n");
-        let _ = writeln!(out, "tollgate_overruns_total {}", self.overruns.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "tollgate_overruns_total {}",
+            self.overruns.load(Relaxed)
+        );
         out.push_str("# HELP tollgate_overrun_usd_total What those requests cost above their reservations.\n# TYPE tollgate_overrun_usd_total counter\n");
         let _ = writeln!(
             out,

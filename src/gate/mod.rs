@@ -186,12 +186,16 @@ impl Policy {
             .iter()
             .filter_map(|s| parse_net(s))
             .collect();
-        let rpm = record.rpm.and_then(NonZeroU32::new).filter(|_| new_rpm).map(|n| {
-            Arc::new(
-                RateLimiter::direct(Quota::per_minute(n))
-                    .with_middleware::<StateInformationMiddleware>(),
-            )
-        });
+        let rpm = record
+            .rpm
+            .and_then(NonZeroU32::new)
+            .filter(|_| new_rpm)
+            .map(|n| {
+                Arc::new(
+                    RateLimiter::direct(Quota::per_minute(n))
+                        .with_middleware::<StateInformationMiddleware>(),
+                )
+            });
         Policy {
             record,
             models,
@@ -367,11 +371,10 @@ impl LiveKey {
     fn new(record: KeyRecord, account: Account, now_ms: i64) -> LiveKey {
         // The store's rule: a later period starts from zero, an earlier
         // one (a clock stepped back) is never reopened.
-        let (period, period_spent) =
-            match period_roll(record.limit_reset, account.period, now_ms) {
-                Some(id) => (id, Pico::ZERO),
-                None => (account.period, account.period_spent),
-            };
+        let (period, period_spent) = match period_roll(record.limit_reset, account.period, now_ms) {
+            Some(id) => (id, Pico::ZERO),
+            None => (account.period, account.period_spent),
+        };
         LiveKey {
             hash: record.hash,
             limit: AtomicI64::new(account.limit.map(|l| l.0).unwrap_or(UNLIMITED)),
@@ -520,7 +523,8 @@ impl LiveKey {
             .tpm_window
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
                 let (m, used) = unpack_window(w);
-                (m == minute).then(|| pack_window(m, used.saturating_sub(held).saturating_add(actual)))
+                (m == minute)
+                    .then(|| pack_window(m, used.saturating_sub(held).saturating_add(actual)))
             });
     }
 
@@ -975,8 +979,9 @@ impl Gate {
                             "Rate limit reached: {tpm} tokens per minute ({used} used, this request may use {tokens})."
                         )
                     };
-                    return Err(ApiError::rate_limited(message, reset.as_secs().max(1))
-                        .with_rate(&rate));
+                    return Err(
+                        ApiError::rate_limited(message, reset.as_secs().max(1)).with_rate(&rate)
+                    );
                 }
             }
         }
@@ -1005,7 +1010,11 @@ impl Gate {
                 record.devices.push(d.clone());
             }
         }
-        let (from, to, at) = (old.record.limit_reset, record.limit_reset, record.updated_at);
+        let (from, to, at) = (
+            old.record.limit_reset,
+            record.limit_reset,
+            record.updated_at,
+        );
         let policy = Policy::compile_after(record, &old);
         // No period change is ever seen with the wrong policy: a new period
         // is entered before the policy that rolls it, and a policy without

@@ -54,7 +54,9 @@ impl Bound {
     /// The largest completion per answer whose bound fits in `budget`.
     pub(super) fn affordable(&self, budget: Pico) -> u64 {
         match self.pricing {
-            Pricing::Tokens(p) => p.affordable_completion(budget, self.prompt_tokens) / self.choices(),
+            Pricing::Tokens(p) => {
+                p.affordable_completion(budget, self.prompt_tokens) / self.choices()
+            }
             // A flat price does not shrink with fewer tokens.
             Pricing::Flat(_) => 0,
         }
@@ -206,7 +208,10 @@ mod tests {
     fn window_packs() {
         let w = pack_window(29_500_000, 1234);
         assert_eq!(unpack_window(w), (29_500_000, 1234));
-        assert_eq!(unpack_window(pack_window(1, u64::MAX)).1, u64::from(u32::MAX));
+        assert_eq!(
+            unpack_window(pack_window(1, u64::MAX)).1,
+            u64::from(u32::MAX)
+        );
         assert_eq!(minute_of(120_001), 2);
         assert_eq!(minute_of(-5), 0);
     }

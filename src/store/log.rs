@@ -115,12 +115,18 @@ impl Log {
                 let (k, v) = item.map_err(err)?;
                 stale.push((k.value(), decode_batch_index(v.value())?));
             }
+            if !stale.is_empty() {
+                // Expected after a crash: info, not a warning.
+                tracing::info!(
+                    batches = stale.len(),
+                    "usage log batches written but never counted (crash); removed"
+                );
+            }
             for (bseq, idx) in stale {
                 for (hash, _) in &idx.keys {
                     usage.remove(log_key(hash, bseq).as_slice()).map_err(err)?;
                 }
                 batches.remove(bseq).map_err(err)?;
-                tracing::warn!(bseq, "usage log batch never counted (crash); removed");
             }
         }
         tx.commit().map_err(err)
@@ -187,11 +193,17 @@ impl Log {
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
             Err(e) => return Err(err(e)),
         };
-        Ok(t.get(hash.as_slice()).map_err(err)?.map_or(0, |v| v.value()))
+        Ok(t.get(hash.as_slice())
+            .map_err(err)?
+            .map_or(0, |v| v.value()))
     }
 
     /// Batch indexes in batch order, from `from` on, at most `n`.
-    pub(super) fn batches(&self, from: u64, n: usize) -> Result<Vec<(u64, BatchIndex)>, StoreError> {
+    pub(super) fn batches(
+        &self,
+        from: u64,
+        n: usize,
+    ) -> Result<Vec<(u64, BatchIndex)>, StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
         let t = match tx.open_table(BATCHES) {
             Ok(t) => t,

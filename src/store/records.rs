@@ -75,7 +75,12 @@ impl Account {
     /// Applies a change of the key's `limit_reset` made at `at_ms`: the
     /// rule of [`crate::clock::ResetChange`], which the gate applies to the
     /// live key too.
-    pub fn change_reset(&mut self, from: Option<crate::clock::Period>, to: Option<crate::clock::Period>, at_ms: i64) {
+    pub fn change_reset(
+        &mut self,
+        from: Option<crate::clock::Period>,
+        to: Option<crate::clock::Period>,
+        at_ms: i64,
+    ) {
         use crate::clock::ResetChange;
         match ResetChange::of(from, to, at_ms) {
             ResetChange::Unchanged => {}

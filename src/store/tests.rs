@@ -963,8 +963,14 @@ fn a_million_records_leave_memory_bounded() {
     assert_eq!(kb.len(), 2);
     assert!(kb[0] > 0, "VmRSS readable");
     let grown_mb = kb[1].saturating_sub(kb[0]) / 1024;
-    println!("rss after 200k records {} kB, after 1M {} kB (+{grown_mb} MB)", kb[0], kb[1]);
-    assert!(grown_mb < 64, "resident memory grew {grown_mb} MB over 800k records");
+    println!(
+        "rss after 200k records {} kB, after 1M {} kB (+{grown_mb} MB)",
+        kb[0], kb[1]
+    );
+    assert!(
+        grown_mb < 64,
+        "resident memory grew {grown_mb} MB over 800k records"
+    );
 }
 
 /// A log batch written but never counted by sled (a crash between the two
