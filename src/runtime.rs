@@ -247,6 +247,7 @@ impl Gateway {
             let _ = t.join();
         }
         let store = self.app.store.clone();
+        self.app.gate.stop();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build();

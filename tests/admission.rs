@@ -1152,7 +1152,7 @@ async fn starts_on_a_large_store(mode: RuntimeMode, count: u32) {
     let (dir, keys) = (stores[at].dir.clone(), stores[at].keys.clone());
     let started = Instant::now();
     let path = dir.clone();
-    let gw = TestGateway::start_mode(mode, "", move |c| c.storage.path = path);
+    let mut gw = TestGateway::start_mode(mode, "", move |c| c.storage.path = path);
     let (s, _, _) = send("GET", &gw.url("/readyz"), &[], None).await;
     eprintln!(
         "gateway ({mode:?}) on {count} keys ready in {:.1} ms (debug build)",
@@ -1168,7 +1168,10 @@ async fn starts_on_a_large_store(mode: RuntimeMode, count: u32) {
     assert_eq!(gw.app().gate.cached(), keys.len());
     let (s, _, v) = embed(&gw, "sk-tg-not-one-of-the-stored-keys", &[]).await;
     assert_error(s, &v, 401, "invalid_api_key");
-    drop(gw);
+    // Waits for the threads: the next test reopens this directory.
+    tokio::task::spawn_blocking(move || gw.stop())
+        .await
+        .expect("stop");
     stores[at].users_done += 1;
     if stores[at].users_done == 2 {
         let done = stores.remove(at);

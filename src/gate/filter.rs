@@ -13,7 +13,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
 
 use crate::store::{KeyHash, Store};
 
@@ -27,6 +28,11 @@ pub struct KeyFilter {
     /// "maybe" (the store answers).
     ready: AtomicBool,
     state: RwLock<State>,
+    /// Set by [`KeyFilter::stop`]: the scan gives up (it holds a store
+    /// handle, which must be gone before the directory can be reopened).
+    cancel: AtomicBool,
+    /// The scan's thread, joined by [`KeyFilter::stop`].
+    builder: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -62,15 +68,34 @@ impl KeyFilter {
         let spawned = std::thread::Builder::new()
             .name("tollgate-key-filter".into())
             .spawn(move || filter.build(&store));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "key filter not built: every unknown key reads the store");
+        match spawned {
+            Ok(h) => *self.builder.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "key filter not built: every unknown key reads the store")
+            }
+        }
+    }
+
+    /// Stops a scan still running and waits for its thread (shutdown).
+    pub fn stop(&self) {
+        self.cancel.store(true, Ordering::Release);
+        let handle = self
+            .builder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle {
+            let _ = h.join();
         }
     }
 
     /// The scan itself (on the calling thread).
     pub fn build(&self, store: &Store) {
         let mut sorted = Vec::with_capacity(store.stats().keys as usize);
-        for hash in store.key_hashes() {
+        for (n, hash) in store.key_hashes().enumerate() {
+            if n % 4096 == 0 && self.cancel.load(Ordering::Acquire) {
+                return;
+            }
             match hash {
                 Ok(h) => sorted.push(prefix(&h)),
                 Err(e) => {

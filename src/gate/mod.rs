@@ -577,6 +577,11 @@ impl Gate {
         }
     }
 
+    /// Stops the background work that holds a store handle (shutdown).
+    pub fn stop(&self) {
+        self.filter.stop();
+    }
+
     /// The filter of known keys has finished its start-up scan.
     pub fn filter_ready(&self) -> bool {
         self.filter.is_ready()

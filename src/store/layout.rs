@@ -8,22 +8,25 @@
 //! | `keys` | `n` | u64 LE number of keys (open must not count them) |
 //! | `owners` | u16 len, owner, u16 len, plan, hash | `[disabled]` |
 //! | `book` | `a` hash | account + the key's `limit_reset` (binary) |
-//! | `book` | `u` hash !batch_seq | that key's usage records of one batch (binary) |
 //! | `book` | `l` hash seq | ledger entry (JSON) |
 //! | `book` | `i` hash idempotency-key | ledger seq (u64 BE) |
 //! | `book` | `R` hash ord(hour) model | per-key hourly rollup (binary) |
 //! | `book` | `G` ord(hour) model | gateway hourly rollup (binary) |
-//! | `book` | `b` batch_seq | batch index: keys written, their record counts, time span (retention) |
-//! | `book` | `m` `next_bseq` | batch sequence floor, written by retention |
-//! | `book` | `p` hash | u64 LE: the key's usage records removed by retention |
+//! | `book` | `m` `next_bseq` | u64 BE: one past the last usage batch counted, written with each batch |
 //! | `book` | `A` id | user account: profile and wallet (JSON) |
 //! | `book` | `L` u16 len, id, seq | account ledger entry (JSON) |
 //! | `book` | `I` u16 len, id, idempotency-key | account ledger seq (u64 BE) |
 //!
+//! The usage records themselves, the batch index and the retention counts
+//! live in the redb log ([`super::log`]): sled held every inserted value
+//! in memory (issue 17).
+//!
 //! Everything that must agree with everything else about money (accounts,
-//! usage records, rollups, ledger, idempotency) lives in `book`, so every
-//! commit of it is a single atomic `apply_batch`: after a crash, `spent` is
-//! always Σ records + Σ ledger. Admin writes that also touch `keys` and
+//! rollups, ledger, idempotency) lives in `book`, so every commit of it is
+//! a single atomic `apply_batch`; the batch's usage records are made
+//! durable in the log before it, and `next_bseq` in that same sled batch
+//! says which log batches count: after a crash, `spent` is always
+//! Σ records + Σ ledger. Admin writes that also touch `keys` and
 //! `owners` (create, update, delete) use one sled transaction over the
 //! three trees. The account carries the key's `limit_reset` so the store
 //! thread rolls periods with the one read it does per key per batch,
@@ -64,13 +67,6 @@ pub(super) fn account_key(hash: &KeyHash) -> Vec<u8> {
     prefixed(b'a', hash)
 }
 
-/// Newest batch first: the batch sequence, inverted.
-pub(super) fn usage_key(hash: &KeyHash, bseq: u64) -> Vec<u8> {
-    let mut k = prefixed(b'u', hash);
-    k.extend_from_slice(&(!bseq).to_be_bytes());
-    k
-}
-
 pub(super) fn ledger_key(hash: &KeyHash, seq: u64) -> Vec<u8> {
     let mut k = prefixed(b'l', hash);
     k.extend_from_slice(&seq.to_be_bytes());
@@ -107,12 +103,6 @@ pub(super) fn account_idempotency_key(id: &str, idem: &str) -> Vec<u8> {
     let mut k = vec![b'I'];
     push_len_str(&mut k, id);
     k.extend_from_slice(idem.as_bytes());
-    k
-}
-
-pub(super) fn batch_index_key(bseq: u64) -> [u8; 9] {
-    let mut k = [b'b'; 9];
-    k[1..].copy_from_slice(&bseq.to_be_bytes());
     k
 }
 
@@ -156,32 +146,13 @@ pub(super) fn read_key_count(v: &Option<IVec>) -> Result<u64, StoreError> {
     }
 }
 
-pub(super) fn read_u64_le(v: &Option<IVec>, what: &str) -> Result<u64, StoreError> {
-    match v {
-        None => Ok(0),
-        Some(v) => <[u8; 8]>::try_from(v.as_ref())
-            .map(u64::from_le_bytes)
-            .map_err(|_| StoreError::Corrupt(what.into())),
-    }
-}
-
-/// The next usage batch number: past the newest batch index entry and past
-/// the floor retention leaves when it removes every entry.
+/// The next usage batch number: sled writes it with every batch it
+/// counts, so log batches at or above it were never counted.
 pub(super) fn next_batch_seq(book: &Tree) -> Result<u64, StoreError> {
-    let mut next = match book.get(NEXT_BSEQ_KEY)? {
+    match book.get(NEXT_BSEQ_KEY)? {
         Some(v) => <[u8; 8]>::try_from(v.as_ref())
             .map(u64::from_be_bytes)
-            .map_err(|_| StoreError::Corrupt("batch sequence floor".into()))?,
-        None => 0,
-    };
-    if let Some(item) = book.scan_prefix([b'b']).next_back() {
-        let (k, _) = item?;
-        let last = k
-            .get(1..9)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_be_bytes)
-            .ok_or_else(|| StoreError::Corrupt("batch index key".into()))?;
-        next = next.max(last + 1);
+            .map_err(|_| StoreError::Corrupt("next batch sequence".into())),
+        None => Ok(0),
     }
-    Ok(next)
 }

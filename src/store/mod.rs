@@ -13,6 +13,7 @@
 
 mod codec;
 mod layout;
+mod log;
 mod records;
 #[cfg(test)]
 mod tests;
@@ -37,7 +38,8 @@ pub use thread::MAX_BATCH_OPS;
 use thread::{AccountEdit, Op, StoreThread};
 
 /// The layout version written at creation and required at open.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: the usage log moved from sled's `book` to the redb log.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Keys per chunk of [`Store::insert_keys_bulk`].
 const BULK_CHUNK: usize = 8192;
@@ -65,6 +67,8 @@ pub enum StoreError {
     Closed,
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("usage log: {0}")]
+    Log(String),
 }
 
 impl From<TransactionError<StoreError>> for StoreError {
@@ -93,6 +97,8 @@ struct Inner {
     keys: Tree,
     owners: Tree,
     book: Tree,
+    /// The usage-record log (redb): read by `usage` and `pruned_usage`.
+    log: Arc<log::Log>,
     /// `None` only while dropping: closing it stops the store thread.
     tx: Option<Sender<Op>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -188,7 +194,10 @@ impl Store {
     /// version, spawns the store thread. Reads no keys: the key count is a
     /// stored counter.
     pub fn open_with(path: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
-        let db = open_db(path)?;
+        // A quarter of the budget for sled (keys, accounts, rollups: small),
+        // the rest for the log's page cache.
+        let budget = opts.cache_mb.max(4) * 1024 * 1024;
+        let db = open_db(path, budget / 4)?;
         let meta = db.open_tree("meta")?;
         let keys = db.open_tree("keys")?;
         let owners = db.open_tree("owners")?;
@@ -221,8 +230,14 @@ impl Store {
             Ordering::Relaxed,
         );
         let next_bseq = next_batch_seq(&book)?;
+        let log = Arc::new(log::Log::open(
+            path,
+            (budget - budget / 4) as usize,
+            next_bseq,
+        )?);
         let (tx, handle) = StoreThread::spawn(
             db.clone(),
+            log.clone(),
             [keys.clone(), owners.clone(), book.clone()],
             counters.clone(),
             next_bseq,
@@ -235,6 +250,7 @@ impl Store {
                 keys,
                 owners,
                 book,
+                log,
                 tx: Some(tx),
                 waker,
                 thread: Mutex::new(Some(handle)),
@@ -359,31 +375,14 @@ impl Store {
         offset: usize,
         limit: usize,
     ) -> Result<Vec<UsageRecord>, StoreError> {
-        let mut out = Vec::new();
-        let mut skip = offset as u64;
-        for item in self.inner.book.scan_prefix(prefixed(b'u', hash)) {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, v) = item?;
-            let count = usage_batch_count(&v)?;
-            if skip >= count {
-                skip -= count;
-                continue;
-            }
-            let recs = decode_usage_batch(&v, hash)?;
-            let room = limit - out.len();
-            out.extend(recs.into_iter().rev().skip(skip as usize).take(room));
-            skip = 0;
-        }
-        Ok(out)
+        self.inner.log.usage(hash, offset, limit)
     }
 
     /// How many of a key's usage records retention has removed, so that
     /// `Account::requests` minus this is the number still stored, without
     /// counting them.
     pub fn pruned_usage(&self, hash: &KeyHash) -> Result<u64, StoreError> {
-        read_u64_le(&self.inner.book.get(prefixed(b'p', hash))?, "pruned count")
+        self.inner.log.pruned(hash)
     }
 
     /// Hourly rollups in `[from_hour, to_hour)` (hour = at_ms / 3,600,000),
@@ -689,11 +688,12 @@ impl Store {
 /// Opens sled, waiting up to 2 s for its file lock: after a `Store` in
 /// this process is dropped, sled's background threads may hold the lock a
 /// moment longer.
-fn open_db(path: &Path) -> Result<Db, StoreError> {
+fn open_db(path: &Path, cache_bytes: u64) -> Result<Db, StoreError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let opened = sled::Config::new()
             .path(path)
+            .cache_capacity(cache_bytes)
             // The store thread flushes every batch itself.
             .flush_every_ms(None)
             .open();

@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::codec::*;
 use super::layout::*;
+use super::log::{Log, LogBatch, PruneEdit};
 use super::records::*;
 use super::{Counters, StoreError, abort};
 use crate::clock::{DAY_MS, HOUR_MS, Period};
@@ -30,6 +31,9 @@ pub const MAX_BATCH_OPS: usize = 16_384;
 /// newer than its cut-off: batches are written in settle-time order, give
 /// or take a flush window, and no request lives an hour.
 const PRUNE_SLACK_MS: i64 = 3_600_000;
+
+/// Log batches retention reads and edits per log transaction.
+const PRUNE_CHUNK: usize = 1024;
 
 /// A reply sent once the batch it belongs to is flushed (or failed to).
 pub(super) type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -163,6 +167,8 @@ pub(super) struct StoreThread {
     keys: Tree,
     owners: Tree,
     book: Tree,
+    /// Where the batches' usage records go, before sled counts them.
+    log: Arc<Log>,
     counters: Arc<Counters>,
     next_bseq: u64,
     pending: Pending,
@@ -194,6 +200,7 @@ impl StoreThread {
     /// every sender of the returned channel is gone.
     pub(super) fn spawn(
         db: Db,
+        log: Arc<Log>,
         [keys, owners, book]: [Tree; 3],
         counters: Arc<Counters>,
         next_bseq: u64,
@@ -205,6 +212,7 @@ impl StoreThread {
             keys,
             owners,
             book,
+            log,
             counters,
             next_bseq,
             pending: Pending::default(),
@@ -539,28 +547,39 @@ impl StoreThread {
         }
     }
 
-    /// Builds and applies the pending batch, leaving `pending` as it is.
+    /// Writes the batch's records to the log (durable), then builds and
+    /// applies the sled batch that counts them, leaving `pending` as it is.
+    /// A crash between the two leaves a log batch at `next_bseq`, which
+    /// the next open removes.
     fn write_pending(&mut self) -> Result<(), StoreError> {
         let p = &self.pending;
         let bseq = self.next_bseq;
-        let mut batch = Batch::default();
-        let mut writes = 0usize;
         let mut index = BatchIndex {
             min_at: p.min_at,
             max_at: p.max_at,
             keys: Vec::with_capacity(p.keys.len()),
         };
+        let values: Vec<(KeyHash, Vec<u8>)> = p
+            .keys
+            .iter()
+            .map(|(hash, kb)| {
+                index.keys.push((*hash, kb.count));
+                (*hash, finish_usage_batch(kb.count, &kb.records))
+            })
+            .collect();
+        self.log.write(&LogBatch {
+            bseq,
+            values: values.iter().map(|(h, v)| (h, v.as_slice())).collect(),
+            index: encode_batch_index(&index),
+        })?;
+        drop(values);
+        let mut batch = Batch::default();
+        let mut writes = 0usize;
         for (hash, kb) in &p.keys {
             if let Some((acct, reset)) = &kb.acct {
                 batch.insert(account_key(hash), encode_account(acct, *reset));
                 writes += 1;
             }
-            batch.insert(
-                usage_key(hash, bseq),
-                finish_usage_batch(kb.count, &kb.records),
-            );
-            writes += 1;
-            index.keys.push((*hash, kb.count));
         }
         for (id, acct) in &p.accounts {
             if let Some(a) = acct {
@@ -581,7 +600,7 @@ impl StoreThread {
             batch.insert(key.as_slice(), encode_rollup(&sum));
             writes += 1;
         }
-        batch.insert(&batch_index_key(bseq), encode_batch_index(&index));
+        batch.insert(NEXT_BSEQ_KEY, &(bseq + 1).to_be_bytes());
         writes += 1;
         let result = self.book.apply_batch(batch);
         self.write_count(writes);
@@ -986,48 +1005,54 @@ impl StoreThread {
     }
 
     /// Removes usage older than `before_ms`, batch by batch through the
-    /// batch index, committing in chunks.
+    /// log's batch index, in chunks; each chunk removes its records and
+    /// raises the keys' pruned counts in one log transaction.
     fn prune(&mut self, before_ms: i64) -> Result<u64, StoreError> {
+        // What is pruned must already be counted on disk: a batch sled
+        // lost in a crash is removed from the log at open, and its records
+        // must not have raised a pruned count.
+        self.db.flush()?;
         let stop_after = before_ms.saturating_add(PRUNE_SLACK_MS);
         let mut removed = 0u64;
-        let mut batch = Batch::default();
-        // The floor keeps batch numbers rising even if every index entry goes.
-        batch.insert(NEXT_BSEQ_KEY, &self.next_bseq.to_be_bytes());
-        let mut ops = 1usize;
-        // Records removed per key in the current chunk; their counts are
-        // raised in the same atomic batch as the removal.
-        let mut pruned: HashMap<KeyHash, u64> = HashMap::new();
-        for item in self.book.scan_prefix([b'b']) {
-            let (k, v) = item?;
-            let idx = decode_batch_index(&v)?;
-            // Batches come in time order, give or take a flush window and
-            // a request's length: past the slack nothing older is left.
-            if idx.min_at >= stop_after {
+        let mut from = 0u64;
+        loop {
+            let chunk = self.log.batches(from, PRUNE_CHUNK)?;
+            let Some(&(last, _)) = chunk.last() else {
                 break;
-            }
-            if idx.min_at >= before_ms {
-                continue;
-            }
-            let bseq = k
-                .get(1..9)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| StoreError::Corrupt("batch index key".into()))?;
-            if idx.max_at < before_ms {
-                for (hash, n) in &idx.keys {
-                    batch.remove(usage_key(hash, bseq));
-                    removed += n;
-                    *pruned.entry(*hash).or_default() += n;
+            };
+            let full = chunk.len() == PRUNE_CHUNK;
+            from = last.saturating_add(1);
+            let mut edits = Vec::new();
+            let mut pruned: HashMap<KeyHash, u64> = HashMap::new();
+            let mut done = false;
+            for (bseq, idx) in chunk {
+                // Batches come in time order, give or take a flush window
+                // and a request's length: past the slack nothing older is left.
+                if idx.min_at >= stop_after {
+                    done = true;
+                    break;
                 }
-                batch.remove(k);
-                ops += idx.keys.len() + 1;
-            } else {
+                if idx.min_at >= before_ms {
+                    continue;
+                }
+                if idx.max_at < before_ms {
+                    for (hash, n) in &idx.keys {
+                        removed += n;
+                        *pruned.entry(*hash).or_default() += n;
+                    }
+                    edits.push(PruneEdit::Drop {
+                        bseq,
+                        keys: idx.keys.iter().map(|(h, _)| *h).collect(),
+                    });
+                    continue;
+                }
                 // A batch straddling the cut: keep its newer records.
                 let mut kept_keys = Vec::new();
+                let mut replace = Vec::new();
+                let mut remove = Vec::new();
                 let mut min_at = i64::MAX;
                 for (hash, _) in &idx.keys {
-                    let uk = usage_key(hash, bseq);
-                    let Some(val) = self.book.get(&uk)? else {
+                    let Some(val) = self.log.value(hash, bseq)? else {
                         continue;
                     };
                     let recs = decode_usage_batch(&val, hash)?;
@@ -1044,51 +1069,38 @@ impl StoreThread {
                         *pruned.entry(*hash).or_default() += total - kept;
                     }
                     if kept == 0 {
-                        batch.remove(uk);
+                        remove.push(*hash);
+                    } else if kept < total {
+                        replace.push((*hash, finish_usage_batch(kept, &buf)));
+                        kept_keys.push((*hash, kept));
                     } else {
-                        batch.insert(uk, finish_usage_batch(kept, &buf));
                         kept_keys.push((*hash, kept));
                     }
-                    ops += 1;
                 }
-                if kept_keys.is_empty() {
-                    batch.remove(k);
-                } else {
-                    let idx = BatchIndex {
+                let index = (!kept_keys.is_empty()).then(|| {
+                    encode_batch_index(&BatchIndex {
                         min_at,
                         keys: kept_keys,
                         ..idx
-                    };
-                    batch.insert(k, encode_batch_index(&idx));
-                }
-                ops += 1;
+                    })
+                });
+                edits.push(PruneEdit::Rewrite {
+                    bseq,
+                    replace,
+                    remove,
+                    index,
+                });
             }
-            if ops >= MAX_BATCH_OPS {
-                ops += self.add_pruned_counts(&mut batch, &mut pruned)?;
-                self.book.apply_batch(std::mem::take(&mut batch))?;
-                self.write_count(ops);
-                ops = 0;
+            if !edits.is_empty() {
+                let counts: Vec<(KeyHash, u64)> = pruned.into_iter().collect();
+                self.log.prune(&edits, &counts)?;
+                self.write_count(edits.len() + counts.len());
+            }
+            if done || !full {
+                break;
             }
         }
-        ops += self.add_pruned_counts(&mut batch, &mut pruned)?;
-        self.book.apply_batch(batch)?;
-        self.write_count(ops);
         Ok(removed)
-    }
-
-    /// Adds a chunk's per-key removal counts to the stored ones, in `batch`.
-    fn add_pruned_counts(
-        &self,
-        batch: &mut Batch,
-        pruned: &mut HashMap<KeyHash, u64>,
-    ) -> Result<usize, StoreError> {
-        let n = pruned.len();
-        for (hash, removed) in pruned.drain() {
-            let k = prefixed(b'p', &hash);
-            let before = read_u64_le(&self.book.get(&k)?, "pruned count")?;
-            batch.insert(k, &before.saturating_add(removed).to_le_bytes());
-        }
-        Ok(n)
     }
 }
 
