@@ -54,6 +54,9 @@ pub struct Config {
     /// Templates for new keys.
     #[serde(default)]
     pub plans: BTreeMap<String, PlanConfig>,
+    /// Payment providers whose notifications credit accounts (issue 11).
+    #[serde(default)]
+    pub payments: PaymentsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -574,6 +577,9 @@ pub struct PlanConfig {
     /// At most one active key of this plan per owner.
     #[serde(default)]
     pub one_per_owner: bool,
+    /// The Stripe price (`price_…`) a subscription checkout to this plan sells.
+    #[serde(default)]
+    pub stripe_price: Option<String>,
 }
 
 /// A duration written as text: `500ms`, `10s`, `5m`, `2h`, `7d`.
@@ -1063,4 +1069,68 @@ output = "0.60"
         assert_eq!(mask("sk-abcdefghijklmnop"), "sk-abc…nop");
         assert_eq!(mask("short"), "…");
     }
+}
+
+/// `[payments]`: the providers Tollgate takes payment notifications from.
+/// A provider without its table is off: its endpoints answer 404.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentsConfig {
+    /// `[payments.stripe]`: card payments and subscriptions through Stripe.
+    pub stripe: Option<StripeConfig>,
+    /// `[payments.epay]`: the 易支付 protocol (Alipay, WeChat Pay resellers).
+    pub epay: Option<EpayConfig>,
+}
+
+/// `[payments.stripe]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeConfig {
+    /// Env var holding the secret API key (`sk_…`), for creating checkouts.
+    pub secret_key_env: String,
+    /// Env var holding the webhook signing secret (`whsec_…`).
+    pub webhook_secret_env: String,
+    /// Stripe's API origin; tests point it at a local mock.
+    #[serde(default = "default_stripe_api")]
+    pub api_base: String,
+    /// Where Stripe sends the payer after paying.
+    #[serde(default)]
+    pub success_url: Option<String>,
+    /// Where Stripe sends the payer who gave up.
+    #[serde(default)]
+    pub cancel_url: Option<String>,
+    /// The only currency accepted (lowercase ISO code, a two-decimal
+    /// currency: amounts are read as cents and credited 1:1 as USD).
+    #[serde(default = "default_currency")]
+    pub currency: String,
+}
+
+fn default_stripe_api() -> String {
+    "https://api.stripe.com".to_owned()
+}
+
+fn default_currency() -> String {
+    "usd".to_owned()
+}
+
+/// `[payments.epay]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpayConfig {
+    /// The merchant id the provider assigned; notifications must carry it.
+    pub pid: String,
+    /// Env var holding the merchant key (the md5 signing secret).
+    pub key_env: String,
+    /// The provider's `submit.php` URL the payer is sent to.
+    pub submit_url: String,
+    /// Our notify endpoint as the provider reaches it
+    /// (`https://…/api/v1/payments/epay/notify`).
+    pub notify_url: String,
+    /// Where the payer lands after paying.
+    #[serde(default)]
+    pub return_url: Option<String>,
+    /// Credit signed notifications of orders made by the operator's own
+    /// shop (a JSON `param` naming the account's email), not by Tollgate.
+    #[serde(default)]
+    pub accept_external_orders: bool,
 }

@@ -16,6 +16,9 @@
 //! | `book` | `A` id | user account: profile and wallet (JSON) |
 //! | `book` | `L` u16 len, id, seq | account ledger entry (JSON) |
 //! | `book` | `I` u16 len, id, idempotency-key | account ledger seq (u64 BE) |
+//! | `book` | `P` payment id | payment record (JSON), see [`super::payments`] |
+//! | `book` | `Q` u16 len, provider, provider ref | payment id: the ref applied once |
+//! | `book` | `O` out_trade_no | epay order (JSON) |
 //!
 //! The usage records themselves, the batch index and the retention counts
 //! live in the redb log ([`super::log`]): sled held every inserted value

@@ -14,6 +14,7 @@
 mod codec;
 mod layout;
 mod log;
+mod payments;
 mod records;
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,10 @@ use tokio::sync::oneshot;
 use crate::money::Pico;
 use codec::*;
 use layout::*;
+pub use payments::{
+    Applied, EpayOrder, IssuedKey, PaymentCredit, PaymentEntry, PaymentOp, PaymentOutcome,
+    PaymentQuery, PaymentRecord, PaymentStatus, PaymentTarget,
+};
 pub use records::*;
 pub use thread::MAX_BATCH_OPS;
 use thread::{AccountEdit, Op, StoreThread};

@@ -350,6 +350,9 @@ pub enum AccountCreditKind {
     Refund,
     /// balance += amount (signed); not spending. A negative one must fit.
     Adjust,
+    /// balance −= amount, even below −overdraft: money a payment provider
+    /// gave back (a refund or chargeback) after it was credited; not spending.
+    Reversal,
 }
 
 /// One entry of an account's ledger.
@@ -398,7 +401,7 @@ pub struct AccountCreditOutcome {
 
 /// Stored amounts are integer picoUSD, exact (the API's decimal numbers
 /// are for people).
-mod pico_int {
+pub(super) mod pico_int {
     use crate::money::Pico;
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -411,7 +414,7 @@ mod pico_int {
     }
 }
 
-mod pico_opt_int {
+pub(super) mod pico_opt_int {
     use crate::money::Pico;
     use serde::{Deserialize, Deserializer, Serializer};
 

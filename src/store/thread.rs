@@ -77,6 +77,11 @@ pub(super) enum Op {
         Vec<(KeyRecord, Account)>,
         mpsc::SyncSender<Result<(), StoreError>>,
     ),
+    /// A payment notification or order, applied once (`store::payments`).
+    Payment(
+        Box<super::payments::PaymentOp>,
+        oneshot::Sender<Result<super::payments::PaymentOutcome, StoreError>>,
+    ),
 }
 
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
@@ -166,7 +171,7 @@ pub(super) struct StoreThread {
     db: Db,
     keys: Tree,
     owners: Tree,
-    book: Tree,
+    pub(super) book: Tree,
     /// Where the batches' usage records go, before sled counts them.
     log: Arc<Log>,
     counters: Arc<Counters>,
@@ -382,10 +387,15 @@ impl StoreThread {
                 }));
                 true
             }
+            Op::Payment(op, tx) => {
+                let r = self.commit_pending().and_then(|()| self.payment(*op));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
         }
     }
 
-    fn write_count(&self, n: usize) {
+    pub(super) fn write_count(&self, n: usize) {
         self.counters
             .sled_writes
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -771,7 +781,7 @@ impl StoreThread {
         Ok(existed)
     }
 
-    fn read_account(&self, hash: &KeyHash) -> Result<(Account, Option<Period>), StoreError> {
+    pub(super) fn read_account(&self, hash: &KeyHash) -> Result<(Account, Option<Period>), StoreError> {
         match self.book.get(account_key(hash))? {
             Some(v) => decode_account(&v),
             None => Err(StoreError::NotFound),
@@ -790,6 +800,23 @@ impl StoreThread {
     /// The account, the ledger entry and the idempotency entry go in one
     /// atomic batch of `book`.
     fn credit(&mut self, hash: &KeyHash, op: &CreditOp) -> Result<CreditOutcome, StoreError> {
+        let mut batch = Batch::default();
+        let (out, writes) = self.credit_into(hash, op, &mut batch)?;
+        if writes > 0 {
+            self.book.apply_batch(batch)?;
+            self.write_count(writes);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::credit`]'s writes added to `batch` (none when replayed), and
+    /// how many: a payment commits them with its own record.
+    pub(super) fn credit_into(
+        &self,
+        hash: &KeyHash,
+        op: &CreditOp,
+        batch: &mut Batch,
+    ) -> Result<(CreditOutcome, usize), StoreError> {
         let (mut acct, reset) = self.read_account(hash)?;
         if let Some(idem) = &op.idempotency_key
             && let Some(seq) = self.book.get(idempotency_key(hash, idem))?
@@ -801,11 +828,14 @@ impl StoreThread {
                 .book
                 .get(ledger_key(hash, seq))?
                 .ok_or_else(|| StoreError::Corrupt("idempotency entry without ledger".into()))?;
-            return Ok(CreditOutcome {
-                entry: decode_ledger(&entry)?,
-                account: acct,
-                replayed: true,
-            });
+            return Ok((
+                CreditOutcome {
+                    entry: decode_ledger(&entry)?,
+                    account: acct,
+                    replayed: true,
+                },
+                0,
+            ));
         }
         match op.kind {
             LedgerKind::Topup => {
@@ -833,7 +863,6 @@ impl StoreThread {
             limit_after: acct.limit,
             spent_after: acct.spent,
         };
-        let mut batch = Batch::default();
         batch.insert(account_key(hash), encode_account(&acct, reset));
         batch.insert(ledger_key(hash, entry.seq), encode_ledger(&entry));
         let mut writes = 2;
@@ -841,16 +870,17 @@ impl StoreThread {
             batch.insert(idempotency_key(hash, idem), &entry.seq.to_be_bytes());
             writes += 1;
         }
-        self.book.apply_batch(batch)?;
-        self.write_count(writes);
-        Ok(CreditOutcome {
-            entry,
-            account: acct,
-            replayed: false,
-        })
+        Ok((
+            CreditOutcome {
+                entry,
+                account: acct,
+                replayed: false,
+            },
+            writes,
+        ))
     }
 
-    fn read_user_account(&self, id: &str) -> Result<AccountRecord, StoreError> {
+    pub(super) fn read_user_account(&self, id: &str) -> Result<AccountRecord, StoreError> {
         match self.book.get(user_account_key(id))? {
             Some(v) => decode_user_account(&v),
             None => Err(StoreError::NotFound),
@@ -891,6 +921,23 @@ impl StoreThread {
         id: &str,
         op: &AccountCreditOp,
     ) -> Result<AccountCreditOutcome, StoreError> {
+        let mut batch = Batch::default();
+        let (out, writes) = self.account_credit_into(id, op, &mut batch)?;
+        if writes > 0 {
+            self.book.apply_batch(batch)?;
+            self.write_count(writes);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::account_credit`]'s writes added to `batch` (none when
+    /// replayed), and how many: a payment commits them with its own record.
+    pub(super) fn account_credit_into(
+        &self,
+        id: &str,
+        op: &AccountCreditOp,
+        batch: &mut Batch,
+    ) -> Result<(AccountCreditOutcome, usize), StoreError> {
         let mut a = self.read_user_account(id)?;
         if let Some(idem) = &op.idempotency_key
             && let Some(seq) = self.book.get(account_idempotency_key(id, idem))?
@@ -902,11 +949,14 @@ impl StoreThread {
                 .book
                 .get(account_ledger_key(id, seq))?
                 .ok_or_else(|| StoreError::Corrupt("idempotency entry without ledger".into()))?;
-            return Ok(AccountCreditOutcome {
-                entry: decode_account_entry(&entry)?,
-                account: a,
-                replayed: true,
-            });
+            return Ok((
+                AccountCreditOutcome {
+                    entry: decode_account_entry(&entry)?,
+                    account: a,
+                    replayed: true,
+                },
+                0,
+            ));
         }
         let too_big = || StoreError::Invalid("amount out of range".into());
         match op.kind {
@@ -930,6 +980,9 @@ impl StoreThread {
                 a.spent = Pico(a.spent.0 - op.amount.0);
                 a.period_spent = Pico((a.period_spent.0 - op.amount.0).max(0));
             }
+            AccountCreditKind::Reversal => {
+                a.balance = a.balance.checked_sub(op.amount).ok_or_else(too_big)?;
+            }
         }
         a.ledger_seq += 1;
         let entry = AccountLedgerEntry {
@@ -942,7 +995,6 @@ impl StoreThread {
             balance_after: a.balance,
             spent_after: a.spent,
         };
-        let mut batch = Batch::default();
         batch.insert(user_account_key(id), encode_user_account(&a));
         batch.insert(
             account_ledger_key(id, entry.seq),
@@ -953,13 +1005,14 @@ impl StoreThread {
             batch.insert(account_idempotency_key(id, idem), &entry.seq.to_be_bytes());
             writes += 1;
         }
-        self.book.apply_batch(batch)?;
-        self.write_count(writes);
-        Ok(AccountCreditOutcome {
-            entry,
-            account: a,
-            replayed: false,
-        })
+        Ok((
+            AccountCreditOutcome {
+                entry,
+                account: a,
+                replayed: false,
+            },
+            writes,
+        ))
     }
 
     /// Inserts keys that do not exist yet. Accounts and index entries are
