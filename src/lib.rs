@@ -25,6 +25,8 @@
 //! - [`store`]: the only module that touches sled.
 //! - [`api`]: provisioning, key status, credits, usage queries.
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`payments`]: Stripe and epay notifications and checkouts, turned
+//!   into credit exactly once.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.
@@ -44,6 +46,7 @@ pub mod gate;
 pub mod meter;
 pub mod metrics;
 pub mod money;
+pub mod payments;
 pub mod proxy;
 pub mod runtime;
 pub mod server;

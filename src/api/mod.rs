@@ -333,7 +333,7 @@ fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
     Ok(out)
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -1,0 +1,369 @@
+//! Payments (issue 11): money in from Stripe, epay and manual records,
+//! applied exactly once.
+//!
+//! - [`stripe`]: the `Stripe-Signature` check, the events read, the
+//!   checkout form; [`checkout`]: the call that creates a session.
+//! - [`epay`]: the md5 signature, notifications, payment URLs.
+//! - this file: turning a verified notification into a store
+//!   [`PaymentOp`] (one function per Stripe event), and making the
+//!   in-memory wallets follow once the store applied it.
+//!
+//! Exactly once holds because the store thread checks the payment's
+//! provider references and writes the payment, its ledger entry and the
+//! balance in one batch (`store::payments`); memory moves only when that
+//! batch was new. The HTTP side is `api::payments`.
+
+pub mod checkout;
+pub mod epay;
+pub mod stripe;
+
+use crate::config::StripeConfig;
+use crate::gate::Gate;
+use crate::money::Pico;
+use crate::store::{
+    Applied, PaymentCredit, PaymentOp, PaymentOutcome, PaymentRecord, PaymentStatus, Store,
+    StoreError,
+};
+use stripe::{Charge, CheckoutSession, Event, EventBody, Invoice, Subscription};
+
+/// What applying a payment needs.
+pub struct PaymentCtx<'a> {
+    pub store: &'a Store,
+    pub gate: &'a Gate,
+    /// The time of the notification's receipt.
+    pub now_ms: i64,
+}
+
+/// A new payment id: `pay_` + 12 hex digits of the ms + 8 random hex
+/// digits, so ids sort by creation.
+pub fn new_payment_id(now_ms: i64) -> String {
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    format!("pay_{:012x}{}", now_ms.max(0), hex::encode(r))
+}
+
+/// A payment record with nothing applied yet.
+pub fn new_record(provider: &str, provider_id: &str, kind: &str, now_ms: i64) -> PaymentRecord {
+    PaymentRecord {
+        id: new_payment_id(now_ms),
+        provider: provider.to_owned(),
+        provider_id: provider_id.to_owned(),
+        account: None,
+        key: None,
+        amount: Pico::ZERO,
+        currency: String::new(),
+        kind: kind.to_owned(),
+        status: PaymentStatus::Succeeded,
+        refunded: Pico::ZERO,
+        reason: None,
+        entries: Vec::new(),
+        events: Vec::new(),
+        issued_key: None,
+        created_at: now_ms,
+        updated_at: now_ms,
+    }
+}
+
+fn attention(mut p: PaymentRecord, reason: impl Into<String>) -> PaymentRecord {
+    p.status = PaymentStatus::NeedsAttention;
+    p.reason = Some(reason.into());
+    p
+}
+
+impl PaymentCtx<'_> {
+    /// Applies `op` in the store (durable when this returns), then moves
+    /// the in-memory wallet or key if the store applied something new.
+    pub async fn apply(&self, op: PaymentOp) -> Result<PaymentOutcome, StoreError> {
+        let out = self.store.payment_op(op).await?;
+        if !out.replayed {
+            self.follow(&out.applied);
+            if let Some(p) = &out.payment {
+                tracing::info!(
+                    payment = %p.id, provider = %p.provider, status = p.status.as_str(),
+                    amount = %p.amount, "payment recorded"
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn follow(&self, applied: &Applied) {
+        let now = self.now_ms;
+        match applied {
+            Applied::Nothing => {}
+            Applied::Account { id, balance_delta } => self
+                .gate
+                .wallets()
+                .changed(id, |live| live.credited(*balance_delta, 0, now)),
+            Applied::Key {
+                hash,
+                limit,
+                spent_delta,
+            } => {
+                if *spent_delta > 0
+                    && let Some(live) = self.gate.peek(hash)
+                {
+                    // The store took the credit back as spending, past the
+                    // limit if need be; a negative refund is exactly that
+                    // in memory (committed and the period's spent grow).
+                    self.gate.refund(&live, Pico(-spent_delta));
+                }
+                self.gate.set_limit(hash, *limit);
+            }
+        }
+    }
+}
+
+// ---- Stripe: one function per event ----
+
+/// Applies a verified Stripe event. `None`: a type (or state) Tollgate
+/// does not act on, answered 200 and not recorded.
+pub async fn stripe_event(
+    ctx: &PaymentCtx<'_>,
+    cfg: &StripeConfig,
+    event: &Event,
+) -> Result<Option<PaymentOutcome>, StoreError> {
+    let op = match &event.body {
+        EventBody::Checkout(s) if s.mode == "subscription" => {
+            return checkout_subscription(ctx, cfg, &event.id, s).await.map(Some);
+        }
+        EventBody::Checkout(s) => match checkout_payment(cfg, &event.id, s, ctx.now_ms) {
+            Some(op) => op,
+            None => return Ok(None),
+        },
+        EventBody::ChargeRefunded(c) => charge_refunded(cfg, &event.id, c, ctx.now_ms),
+        EventBody::InvoicePaid(i) => return invoice_paid(ctx, &event.id, i).await.map(Some),
+        EventBody::InvoiceFailed(i) => {
+            return invoice_payment_failed(ctx, &event.id, i).await.map(Some);
+        }
+        EventBody::SubscriptionUpdated(s) => {
+            return subscription_updated(ctx, &event.id, s).await.map(Some);
+        }
+        EventBody::SubscriptionDeleted(s) => {
+            return subscription_deleted(ctx, &event.id, s).await.map(Some);
+        }
+        EventBody::Ignored => return Ok(None),
+    };
+    ctx.apply(op).await.map(Some)
+}
+
+fn evt_ref(event_id: &str) -> String {
+    format!("evt:{event_id}")
+}
+
+/// The account a session or subscription names: `metadata.account`, else
+/// `client_reference_id`.
+fn account_of(metadata: &std::collections::BTreeMap<String, String>, fallback: Option<&str>) -> Option<String> {
+    metadata
+        .get("account")
+        .map(String::as_str)
+        .or(fallback)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+}
+
+/// `checkout.session.completed` (or `async_payment_succeeded`), `mode =
+/// payment`: a top-up of the account (or, with `metadata.key`, the key)
+/// by `amount_total`. Not yet paid (`payment_status` ≠ `paid`): nothing,
+/// Stripe sends `async_payment_succeeded` when it is.
+pub fn checkout_payment(
+    cfg: &StripeConfig,
+    event_id: &str,
+    s: &CheckoutSession,
+    now_ms: i64,
+) -> Option<PaymentOp> {
+    if s.payment_status != "paid" {
+        return None;
+    }
+    let mut p = new_record("stripe", &s.id, "topup", now_ms);
+    p.events.push(event_id.to_owned());
+    p.currency = s.currency.clone().unwrap_or_default();
+    p.account = account_of(&s.metadata, s.client_reference_id.as_deref());
+    p.key = s.metadata.get("key").cloned();
+    let mut refs = vec![evt_ref(event_id), format!("cs:{}", s.id)];
+    if let Some(pi) = &s.payment_intent {
+        refs.push(format!("pi:{pi}"));
+    }
+    let amount = s.amount_total.and_then(stripe::cents_to_pico);
+    let kind = s.metadata.get("kind").map(String::as_str);
+    let mut credit = None;
+    p = match amount {
+        None => attention(p, "amount_total is missing or not a whole number of cents"),
+        Some(a) => {
+            p.amount = a;
+            if !p.currency.eq_ignore_ascii_case(&cfg.currency) {
+                let why = format!("currency {:?}, expected {:?}; nothing applied", p.currency, cfg.currency);
+                attention(p, why)
+            } else if kind != Some("topup") {
+                let why = format!("metadata.kind {kind:?} is not \"topup\"; nothing applied");
+                attention(p, why)
+            } else if let Some(key) = p.key.clone() {
+                match parse_key_hash(&key) {
+                    Some(hash) => {
+                        credit = Some(PaymentCredit::Key(hash));
+                        p
+                    }
+                    None => attention(p, "metadata.key is not a key hash; nothing applied"),
+                }
+            } else if let Some(account) = p.account.clone() {
+                credit = Some(PaymentCredit::Account(account));
+                p
+            } else {
+                attention(p, "no metadata.account, client_reference_id or metadata.key")
+            }
+        }
+    };
+    Some(PaymentOp::Record {
+        refs,
+        payment: Box::new(p),
+        credit,
+    })
+}
+
+/// A key hash as 64 lowercase hex digits.
+pub fn parse_key_hash(text: &str) -> Option<crate::store::KeyHash> {
+    if text.len() != 64 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text, &mut out).ok()?;
+    Some(out)
+}
+
+/// `charge.refunded`: what is newly refunded (`amount_refunded` minus
+/// what was refunded before) is taken back from the payment's account or
+/// key, into overdraft if need be.
+pub fn charge_refunded(cfg: &StripeConfig, event_id: &str, c: &Charge, now_ms: i64) -> PaymentOp {
+    let mut unknown = new_record("stripe", &c.id, "refund", now_ms);
+    unknown.events.push(event_id.to_owned());
+    unknown.currency = c.currency.clone();
+    unknown.amount = stripe::cents_to_pico(c.amount_refunded).unwrap_or(Pico::ZERO);
+    let total = stripe::cents_to_pico(c.amount_refunded);
+    let of = match &c.payment_intent {
+        Some(pi) => format!("pi:{pi}"),
+        None => format!("ch:{}", c.id),
+    };
+    match total {
+        Some(total) if c.currency.eq_ignore_ascii_case(&cfg.currency) => PaymentOp::Refund {
+            event: evt_ref(event_id),
+            of,
+            refunded_total: total,
+            at_ms: now_ms,
+            unknown: Box::new(attention(
+                unknown,
+                "refund of a payment Tollgate does not know; nothing applied",
+            )),
+        },
+        _ => PaymentOp::Record {
+            refs: vec![evt_ref(event_id)],
+            payment: Box::new(attention(
+                unknown,
+                format!(
+                    "refund in currency {:?} (expected {:?}) or of a bad amount; nothing applied",
+                    c.currency, cfg.currency
+                ),
+            )),
+            credit: None,
+        },
+    }
+}
+
+/// Subscription events are recorded, not applied, until the accounts
+/// issue's subscriptions land.
+const NO_SUBSCRIPTIONS: &str = "subscriptions not enabled";
+
+async fn subscription_record(
+    ctx: &PaymentCtx<'_>,
+    event_id: &str,
+    mut p: PaymentRecord,
+) -> Result<PaymentOutcome, StoreError> {
+    p.events.push(event_id.to_owned());
+    ctx.apply(PaymentOp::Record {
+        refs: vec![evt_ref(event_id)],
+        payment: Box::new(attention(p, NO_SUBSCRIPTIONS)),
+        credit: None,
+    })
+    .await
+}
+
+/// `checkout.session.completed`, `mode = subscription`, `metadata.plan`:
+/// starts a subscription with `external_id` = `s.subscription`.
+/// TODO(subscriptions): call `billing::subscriptions::subscribe` here.
+pub async fn checkout_subscription(
+    ctx: &PaymentCtx<'_>,
+    cfg: &StripeConfig,
+    event_id: &str,
+    s: &CheckoutSession,
+) -> Result<PaymentOutcome, StoreError> {
+    let mut p = new_record(
+        "stripe",
+        s.subscription.as_deref().unwrap_or(&s.id),
+        "subscription",
+        ctx.now_ms,
+    );
+    p.account = account_of(&s.metadata, s.client_reference_id.as_deref());
+    p.currency = s.currency.clone().unwrap_or_else(|| cfg.currency.clone());
+    p.amount = s
+        .amount_total
+        .and_then(stripe::cents_to_pico)
+        .unwrap_or(Pico::ZERO);
+    subscription_record(ctx, event_id, p).await
+}
+
+/// `invoice.paid`: renews the period of the subscription with
+/// `external_id` = `i.subscription_id()` (its grant).
+/// TODO(subscriptions): call `billing::subscriptions::renew` here.
+pub async fn invoice_paid(
+    ctx: &PaymentCtx<'_>,
+    event_id: &str,
+    i: &Invoice,
+) -> Result<PaymentOutcome, StoreError> {
+    let mut p = new_record("stripe", &i.id, "renewal", ctx.now_ms);
+    p.currency = i.currency.clone().unwrap_or_default();
+    p.amount = i
+        .amount_paid
+        .and_then(stripe::cents_to_pico)
+        .unwrap_or(Pico::ZERO);
+    subscription_record(ctx, event_id, p).await
+}
+
+/// `invoice.payment_failed`: the subscription becomes `past_due`.
+/// TODO(subscriptions): call `billing::subscriptions::mark_past_due` here.
+pub async fn invoice_payment_failed(
+    ctx: &PaymentCtx<'_>,
+    event_id: &str,
+    i: &Invoice,
+) -> Result<PaymentOutcome, StoreError> {
+    let mut p = new_record("stripe", &i.id, "renewal", ctx.now_ms);
+    p.currency = i.currency.clone().unwrap_or_default();
+    p.amount = i
+        .amount_due
+        .and_then(stripe::cents_to_pico)
+        .unwrap_or(Pico::ZERO);
+    subscription_record(ctx, event_id, p).await
+}
+
+/// `customer.subscription.updated`: a plan change (`s.price_id()` → the
+/// plan whose `stripe_price` it is) or cancel at period end.
+/// TODO(subscriptions): call `change_plan` / `cancel(at_period_end)` here.
+pub async fn subscription_updated(
+    ctx: &PaymentCtx<'_>,
+    event_id: &str,
+    s: &Subscription,
+) -> Result<PaymentOutcome, StoreError> {
+    let mut p = new_record("stripe", &s.id, "subscription_update", ctx.now_ms);
+    p.account = account_of(&s.metadata, None);
+    subscription_record(ctx, event_id, p).await
+}
+
+/// `customer.subscription.deleted`: the subscription is canceled.
+/// TODO(subscriptions): call `billing::subscriptions::cancel` here.
+pub async fn subscription_deleted(
+    ctx: &PaymentCtx<'_>,
+    event_id: &str,
+    s: &Subscription,
+) -> Result<PaymentOutcome, StoreError> {
+    let mut p = new_record("stripe", &s.id, "subscription_cancel", ctx.now_ms);
+    p.account = account_of(&s.metadata, None);
+    subscription_record(ctx, event_id, p).await
+}
