@@ -26,6 +26,7 @@ mod cors;
 mod credits;
 mod keys;
 pub mod pages;
+mod payments;
 mod reports;
 mod status;
 mod usage;
@@ -133,6 +134,20 @@ enum AdminCall<'a> {
     AccountCredits(&'a str),
     /// `/api/v1/accounts/{id}/ledger`
     AccountLedger(&'a str),
+    /// `/api/v1/payments`
+    Payments,
+    /// `/api/v1/payments/reconcile`
+    PaymentsReconcile,
+    /// `/api/v1/payments/{id}`
+    Payment(&'a str),
+    /// `/api/v1/payments/stripe/webhook` (signed by Stripe, no admin token)
+    StripeWebhook,
+    /// `/api/v1/payments/epay/notify` (signed by the provider, no admin token)
+    EpayNotify,
+    /// `/api/v1/accounts/{id}/checkout`
+    AccountCheckout(&'a str),
+    /// `/api/v1/key/checkout` (authenticated by the key)
+    KeyCheckout,
 }
 
 /// The call of a raw (still percent-encoded) path; `None` → 404. The hash
@@ -160,6 +175,13 @@ fn call_of(path: &str) -> Option<AdminCall<'_>> {
         ["accounts", id] => Some(AdminCall::Account(id)),
         ["accounts", id, "credits"] => Some(AdminCall::AccountCredits(id)),
         ["accounts", id, "ledger"] => Some(AdminCall::AccountLedger(id)),
+        ["payments"] => Some(AdminCall::Payments),
+        ["payments", "reconcile"] => Some(AdminCall::PaymentsReconcile),
+        ["payments", "stripe", "webhook"] => Some(AdminCall::StripeWebhook),
+        ["payments", "epay", "notify"] => Some(AdminCall::EpayNotify),
+        ["payments", id] => Some(AdminCall::Payment(id)),
+        ["accounts", id, "checkout"] => Some(AdminCall::AccountCheckout(id)),
+        ["key", "checkout"] => Some(AdminCall::KeyCheckout),
         _ => None,
     }
 }
@@ -204,6 +226,20 @@ where
     if call == AdminCall::OwnKey {
         return status::own_key(ctx, &parts.method, &parts.headers, client_ip);
     }
+    // Payment providers and keys authenticate themselves (a signature, the key).
+    match call {
+        AdminCall::StripeWebhook => {
+            return payments::stripe_webhook(ctx, &parts.method, &parts.headers, body).await;
+        }
+        AdminCall::EpayNotify => {
+            return payments::epay_notify(ctx, &parts.method, query, &parts.headers, body).await;
+        }
+        AdminCall::KeyCheckout => {
+            return payments::key_checkout(ctx, &parts.method, &parts.headers, body, client_ip)
+                .await;
+        }
+        _ => {}
+    }
     // Everything else is the admin's: authenticate before looking at the
     // method, the hash or the body.
     admin_auth(ctx, &parts.headers, client_ip)?;
@@ -243,6 +279,15 @@ where
             accounts::credit(ctx, id, &read_fields(&parts.headers, body).await?).await
         }
         AdminCall::AccountLedger(id) if m == Method::GET => accounts::ledger(ctx, id, query),
+        AdminCall::Payments if m == Method::GET => payments::list(ctx, query),
+        AdminCall::Payments if m == Method::POST => {
+            payments::manual(ctx, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::PaymentsReconcile if m == Method::GET => payments::reconcile(ctx, query),
+        AdminCall::Payment(id) if m == Method::GET => payments::get(ctx, id),
+        AdminCall::AccountCheckout(id) if m == Method::POST => {
+            payments::account_checkout(ctx, id, &read_fields(&parts.headers, body).await?).await
+        }
         _ => Err(ApiError::method_not_allowed()),
     }
 }
