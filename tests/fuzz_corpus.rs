@@ -50,3 +50,18 @@ fn key_headers_corpus() {
 fn canonical_path_corpus() {
     replay("canonical_path", tollgate::fuzzing::canonical_path);
 }
+
+#[test]
+fn stripe_signature_corpus() {
+    replay("stripe_signature", tollgate::fuzzing::stripe_signature);
+}
+
+#[test]
+fn stripe_event_corpus() {
+    replay("stripe_event", tollgate::fuzzing::stripe_event);
+}
+
+#[test]
+fn epay_params_corpus() {
+    replay("epay_params", tollgate::fuzzing::epay_params);
+}
