@@ -292,7 +292,10 @@ pub fn stripe_signature(data: &[u8]) {
         let _ = stripe::verify("whsec_fuzz", Some(text), body, 1_700_000_000);
     }
     let t = 1_700_000_000;
-    let good = format!("t={t},v1={}", hex::encode(stripe::sign("whsec_fuzz", t, body)));
+    let good = format!(
+        "t={t},v1={}",
+        hex::encode(stripe::sign("whsec_fuzz", t, body))
+    );
     assert_eq!(stripe::verify("whsec_fuzz", Some(&good), body, t), Ok(()));
     let mut other = body.to_vec();
     other.push(b'x');
@@ -328,7 +331,10 @@ pub fn stripe_event(data: &[u8]) {
         if credit.is_some() {
             assert_eq!(s.payment_status, "paid");
             assert!(payment.amount.0 > 0);
-            assert_eq!(Some(payment.amount), s.amount_total.and_then(stripe::cents_to_pico));
+            assert_eq!(
+                Some(payment.amount),
+                s.amount_total.and_then(stripe::cents_to_pico)
+            );
             assert!(payment.currency.eq_ignore_ascii_case("usd"));
             assert_eq!(s.metadata.get("kind").map(String::as_str), Some("topup"));
         }

@@ -207,7 +207,11 @@ async fn topup_applies_once_and_is_listed(mode: RuntimeMode) {
     assert_eq!((s, &v["replayed"]), (200, &json!(true)), "{v}");
     assert_eq!(balance(&gw, "acct-1").await, "10");
     // An unknown type is answered 200 and ignored.
-    let (s, v) = deliver(&gw, &event("evt_other", "customer.created", json!({"id": "cus_1"}))).await;
+    let (s, v) = deliver(
+        &gw,
+        &event("evt_other", "customer.created", json!({"id": "cus_1"})),
+    )
+    .await;
     assert_eq!((s, &v["ignored"]), (200, &json!(true)), "{v}");
     assert_eq!(payments_of(&gw, "").await.len(), 1);
 }
@@ -350,7 +354,10 @@ async fn wrong_currency_and_unknown_account_need_attention(mode: RuntimeMode) {
     assert_eq!(balance(&gw, "acct-w").await, "0");
     let list = payments_of(&gw, "status=needs_attention").await;
     assert_eq!(list.len(), 2, "{list:?}");
-    assert!(list.iter().all(|p| p["ledger"].as_array().unwrap().is_empty()));
+    assert!(
+        list.iter()
+            .all(|p| p["ledger"].as_array().unwrap().is_empty())
+    );
     assert!(
         list.iter()
             .any(|p| p["reason"].as_str().unwrap().contains("currency"))
@@ -470,28 +477,38 @@ async fn mock_stripe() -> MockStripe {
             };
             let seen = seen.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let form = body.collect().await.unwrap().to_bytes();
-                        let n = {
-                            let mut g = seen.lock().unwrap();
-                            g.push((parts.headers.clone(), String::from_utf8(form.to_vec()).unwrap()));
-                            g.len()
-                        };
-                        let ok = parts.uri.path() == "/v1/checkout/sessions" && parts.method == "POST";
-                        let body = if ok {
-                            json!({"id": format!("cs_test_{n}"), "object": "checkout.session",
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let form = body.collect().await.unwrap().to_bytes();
+                            let n = {
+                                let mut g = seen.lock().unwrap();
+                                g.push((
+                                    parts.headers.clone(),
+                                    String::from_utf8(form.to_vec()).unwrap(),
+                                ));
+                                g.len()
+                            };
+                            let ok = parts.uri.path() == "/v1/checkout/sessions"
+                                && parts.method == "POST";
+                            let body = if ok {
+                                json!({"id": format!("cs_test_{n}"), "object": "checkout.session",
                                    "url": format!("https://checkout.stripe.test/c/cs_test_{n}")})
-                        } else {
-                            json!({"error": {"message": "no such route"}})
-                        };
-                        let mut res = http::Response::new(Full::new(Bytes::from(body.to_string())));
-                        *res.status_mut() = if ok { http::StatusCode::OK } else { http::StatusCode::NOT_FOUND };
-                        Ok::<_, Infallible>(res)
-                    }
-                });
+                            } else {
+                                json!({"error": {"message": "no such route"}})
+                            };
+                            let mut res =
+                                http::Response::new(Full::new(Bytes::from(body.to_string())));
+                            *res.status_mut() = if ok {
+                                http::StatusCode::OK
+                            } else {
+                                http::StatusCode::NOT_FOUND
+                            };
+                            Ok::<_, Infallible>(res)
+                        }
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
@@ -531,12 +548,27 @@ async fn checkout_calls_stripe_with_the_form(mode: RuntimeMode) {
         assert_eq!(h["idempotency-key"], "order-77");
         assert_eq!(h["content-type"], "application/x-www-form-urlencoded");
         assert_eq!(form_value(form, "mode").as_deref(), Some("payment"));
-        assert_eq!(form_value(form, "line_items[0][price_data][unit_amount]").as_deref(), Some("1234"));
-        assert_eq!(form_value(form, "line_items[0][price_data][currency]").as_deref(), Some("usd"));
-        assert_eq!(form_value(form, "metadata[account]").as_deref(), Some("acct-k"));
+        assert_eq!(
+            form_value(form, "line_items[0][price_data][unit_amount]").as_deref(),
+            Some("1234")
+        );
+        assert_eq!(
+            form_value(form, "line_items[0][price_data][currency]").as_deref(),
+            Some("usd")
+        );
+        assert_eq!(
+            form_value(form, "metadata[account]").as_deref(),
+            Some("acct-k")
+        );
         assert_eq!(form_value(form, "metadata[kind]").as_deref(), Some("topup"));
-        assert_eq!(form_value(form, "client_reference_id").as_deref(), Some("acct-k"));
-        assert_eq!(form_value(form, "success_url").as_deref(), Some("https://shop.example/paid"));
+        assert_eq!(
+            form_value(form, "client_reference_id").as_deref(),
+            Some("acct-k")
+        );
+        assert_eq!(
+            form_value(form, "success_url").as_deref(),
+            Some("https://shop.example/paid")
+        );
     }
     // A subscription to a plan with a Stripe price.
     let (s, _, v) = send(
@@ -550,18 +582,44 @@ async fn checkout_calls_stripe_with_the_form(mode: RuntimeMode) {
     {
         let got = stripe.got.lock().unwrap();
         let (h, form) = &got[1];
-        assert!(h["idempotency-key"].to_str().unwrap().starts_with("tollgate-"));
+        assert!(
+            h["idempotency-key"]
+                .to_str()
+                .unwrap()
+                .starts_with("tollgate-")
+        );
         assert_eq!(form_value(form, "mode").as_deref(), Some("subscription"));
-        assert_eq!(form_value(form, "line_items[0][price]").as_deref(), Some("price_pro_monthly"));
+        assert_eq!(
+            form_value(form, "line_items[0][price]").as_deref(),
+            Some("price_pro_monthly")
+        );
         assert_eq!(form_value(form, "metadata[plan]").as_deref(), Some("pro"));
     }
     // Refusals: sub-cent amounts, plans without a price, unknown accounts, no admin.
     for (path, body, status) in [
-        ("/api/v1/accounts/acct-k/checkout", json!({"kind": "topup", "amount": "0.001"}), 400),
-        ("/api/v1/accounts/acct-k/checkout", json!({"kind": "subscription", "plan": "trial"}), 400),
-        ("/api/v1/accounts/nobody/checkout", json!({"kind": "topup", "amount": "1"}), 404),
+        (
+            "/api/v1/accounts/acct-k/checkout",
+            json!({"kind": "topup", "amount": "0.001"}),
+            400,
+        ),
+        (
+            "/api/v1/accounts/acct-k/checkout",
+            json!({"kind": "subscription", "plan": "trial"}),
+            400,
+        ),
+        (
+            "/api/v1/accounts/nobody/checkout",
+            json!({"kind": "topup", "amount": "1"}),
+            404,
+        ),
     ] {
-        let (s, _, v) = send("POST", &gw.url(path), &[("authorization", &admin())], Some(body)).await;
+        let (s, _, v) = send(
+            "POST",
+            &gw.url(path),
+            &[("authorization", &admin())],
+            Some(body),
+        )
+        .await;
         assert_eq!(s, status, "{v}");
     }
     let (s, _, _) = send(
@@ -590,7 +648,10 @@ async fn checkout_calls_stripe_with_the_form(mode: RuntimeMode) {
         let got = stripe.got.lock().unwrap();
         let (_, form) = got.last().unwrap();
         assert_eq!(form_value(form, field), Some(want));
-        assert_eq!(form_value(form, "line_items[0][price_data][unit_amount]").as_deref(), Some("500"));
+        assert_eq!(
+            form_value(form, "line_items[0][price_data][unit_amount]").as_deref(),
+            Some("500")
+        );
     }
     let (s, _, _) = send(
         "POST",
@@ -600,7 +661,11 @@ async fn checkout_calls_stripe_with_the_form(mode: RuntimeMode) {
     )
     .await;
     assert_eq!(s, 401);
-    assert_eq!(stripe.got.lock().unwrap().len(), 4, "refusals never reached Stripe");
+    assert_eq!(
+        stripe.got.lock().unwrap().len(),
+        4,
+        "refusals never reached Stripe"
+    );
 }
 
 /// Sends an epay notification with `params` (signed unless `sign` is given).
@@ -611,7 +676,10 @@ async fn notify(gw: &TestGateway, params: &[(&str, &str)], post: bool) -> (u16, 
         .collect();
     let mut all = owned.clone();
     if !params.iter().any(|(k, _)| *k == "sign") {
-        all.push(("sign".into(), tollgate::payments::epay::sign(&owned, EPAY_KEY)));
+        all.push((
+            "sign".into(),
+            tollgate::payments::epay::sign(&owned, EPAY_KEY),
+        ));
         all.push(("sign_type".into(), "MD5".into()));
     }
     let text = tollgate::payments::stripe::form(&all);
@@ -649,13 +717,24 @@ async fn epay_order(gw: &TestGateway, account: &str, amount: &str) -> String {
     .await;
     assert_eq!(s, 201, "{v}");
     let url = v["data"]["url"].as_str().unwrap();
-    let query = url.strip_prefix("https://pay.example/submit.php?").expect(url);
+    let query = url
+        .strip_prefix("https://pay.example/submit.php?")
+        .expect(url);
     let params = tollgate::payments::epay::parse_params(query).unwrap();
-    assert!(tollgate::payments::epay::verify(&params, EPAY_KEY), "the URL is signed");
+    assert!(
+        tollgate::payments::epay::verify(&params, EPAY_KEY),
+        "the URL is signed"
+    );
     let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     assert_eq!(get("pid").as_deref(), Some("1001"));
-    assert_eq!(get("notify_url").as_deref(), Some("https://gw.example/api/v1/payments/epay/notify"));
-    assert_eq!(get("return_url").as_deref(), Some("https://shop.example/back"));
+    assert_eq!(
+        get("notify_url").as_deref(),
+        Some("https://gw.example/api/v1/payments/epay/notify")
+    );
+    assert_eq!(
+        get("return_url").as_deref(),
+        Some("https://shop.example/back")
+    );
     assert_eq!(get("type").as_deref(), Some("alipay"));
     let out = get("out_trade_no").unwrap();
     assert_eq!(v["data"]["out_trade_no"], out.as_str());
@@ -714,8 +793,9 @@ async fn epay_external_orders_credit_by_email_once(mode: RuntimeMode) {
     let gw = start(mode);
     create_account(&gw, "acct-x", "x@example.com").await;
     let ext = |trade: &'static str, kind: &str, credits: &str, email: &str| {
-        let param = json!({"email": email, "type": kind, "credits": credits, "original_amount": "10.00"})
-            .to_string();
+        let param =
+            json!({"email": email, "type": kind, "credits": credits, "original_amount": "10.00"})
+                .to_string();
         (trade, param)
     };
     let send_ext = |(trade, param): (&'static str, String)| {
@@ -739,13 +819,25 @@ async fn epay_external_orders_credit_by_email_once(mode: RuntimeMode) {
     );
     assert_eq!(balance(&gw, "acct-x").await, "5");
     let keys = gw.admin_get("/api/v1/keys?owner=acct-x").await;
-    assert_eq!(keys["data"].as_array().unwrap().len(), 1, "activation issued a key: {keys}");
+    assert_eq!(
+        keys["data"].as_array().unwrap().len(),
+        1,
+        "activation issued a key: {keys}"
+    );
     let p = &payments_of(&gw, "account=acct-x").await[0];
     assert_eq!(p["kind"], "activation");
-    let issued = p["issued_key"]["key"].as_str().expect("the issued key is shown");
+    let issued = p["issued_key"]["key"]
+        .as_str()
+        .expect("the issued key is shown");
     assert_eq!(p["issued_key"]["hash"], keys["data"][0]["hash"]);
     // The issued key works against its account.
-    let (s, _, v) = send("GET", &gw.url("/api/v1/key"), &[("authorization", &bearer(issued))], None).await;
+    let (s, _, v) = send(
+        "GET",
+        &gw.url("/api/v1/key"),
+        &[("authorization", &bearer(issued))],
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"]["account"], "acct-x");
     // The same trade again: nothing more, no second key.
@@ -756,13 +848,28 @@ async fn epay_external_orders_credit_by_email_once(mode: RuntimeMode) {
     assert_eq!(balance(&gw, "acct-x").await, "5");
     // A recharge under another trade number adds; an activation of an
     // account that has a key issues none.
-    assert_eq!(send_ext(ext("X2", "recharge", "3", "x@example.com")).await.1, "success");
-    assert_eq!(send_ext(ext("X3", "activation", "1", "x@example.com")).await.1, "success");
+    assert_eq!(
+        send_ext(ext("X2", "recharge", "3", "x@example.com"))
+            .await
+            .1,
+        "success"
+    );
+    assert_eq!(
+        send_ext(ext("X3", "activation", "1", "x@example.com"))
+            .await
+            .1,
+        "success"
+    );
     assert_eq!(balance(&gw, "acct-x").await, "9");
     let keys = gw.admin_get("/api/v1/keys?owner=acct-x").await;
     assert_eq!(keys["data"].as_array().unwrap().len(), 1);
     // An email no account has: recorded for attention, acknowledged.
-    assert_eq!(send_ext(ext("X4", "recharge", "3", "who@example.com")).await.1, "success");
+    assert_eq!(
+        send_ext(ext("X4", "recharge", "3", "who@example.com"))
+            .await
+            .1,
+        "success"
+    );
     assert_eq!(payments_of(&gw, "status=needs_attention").await.len(), 1);
 }
 
@@ -772,7 +879,13 @@ async fn manual_payments_are_idempotent_on_reference(mode: RuntimeMode) {
     let post = |body: Value| {
         let gw = &gw;
         async move {
-            send("POST", &gw.url("/api/v1/payments"), &[("authorization", &admin())], Some(body)).await
+            send(
+                "POST",
+                &gw.url("/api/v1/payments"),
+                &[("authorization", &admin())],
+                Some(body),
+            )
+            .await
         }
     };
     let body = json!({"account": "acct-m", "amount": "250.5", "reference": "BANK-2026-001", "kind": "topup"});
@@ -784,7 +897,10 @@ async fn manual_payments_are_idempotent_on_reference(mode: RuntimeMode) {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"]["replayed"], true);
     assert_eq!(balance(&gw, "acct-m").await, "250.5");
-    let (s, _, v) = post(json!({"account": "acct-m", "amount": "1", "reference": "BANK-2026-001", "kind": "topup"})).await;
+    let (s, _, v) = post(
+        json!({"account": "acct-m", "amount": "1", "reference": "BANK-2026-001", "kind": "topup"}),
+    )
+    .await;
     assert_error(s, &v, 409, "reference_reused");
     for bad in [
         json!({"account": "acct-m", "amount": "0", "reference": "r", "kind": "topup"}),
@@ -795,7 +911,8 @@ async fn manual_payments_are_idempotent_on_reference(mode: RuntimeMode) {
         let (s, _, v) = post(bad).await;
         assert_eq!(s, 400, "{v}");
     }
-    let (s, _, _) = post(json!({"account": "nobody", "amount": "1", "reference": "r", "kind": "topup"})).await;
+    let (s, _, _) =
+        post(json!({"account": "nobody", "amount": "1", "reference": "r", "kind": "topup"})).await;
     assert_eq!(s, 404);
     let (s, _, _) = send("POST", &gw.url("/api/v1/payments"), &[], Some(body)).await;
     assert_eq!(s, 401, "manual payments are the admin's");
@@ -828,7 +945,11 @@ async fn reconcile_finds_what_does_not_match(mode: RuntimeMode) {
     assert_eq!(s, 200);
     let now = gw.clock.now_secs();
     let r = gw
-        .admin_get(&format!("/api/v1/payments/reconcile?start={}&end={}", now - 3600, now + 3600))
+        .admin_get(&format!(
+            "/api/v1/payments/reconcile?start={}&end={}",
+            now - 3600,
+            now + 3600
+        ))
         .await;
     let d = &r["data"];
     let unapplied = d["payments_without_ledger"].as_array().unwrap();
@@ -919,7 +1040,12 @@ webhook_secret_env = "PAYKILL_WHSEC"
     // server read it, while the store thread applies it, after it answered.
     let mut cents_total = 0;
     for (round, delay_us) in [0u64, 300, 1_000, 3_000, 20_000].into_iter().enumerate() {
-        let body = topup_event(&format!("evt_k9_{round}"), "acct-k9", 100 + round as i64, "usd");
+        let body = topup_event(
+            &format!("evt_k9_{round}"),
+            "acct-k9",
+            100 + round as i64,
+            "usd",
+        );
         cents_total += 100 + round as i64;
         let pending = tokio::spawn(deliver_to(addr.clone(), body.clone()));
         tokio::time::sleep(Duration::from_micros(delay_us)).await;

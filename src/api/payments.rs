@@ -94,7 +94,10 @@ where
     if method != Method::POST {
         return Err(ApiError::method_not_allowed());
     }
-    let secret = secret(&cfg.webhook_secret_env, "payments.stripe.webhook_secret_env")?;
+    let secret = secret(
+        &cfg.webhook_secret_env,
+        "payments.stripe.webhook_secret_env",
+    )?;
     let body = crate::server::read_body(headers, body, NOTIFY_BODY_MAX).await?;
     let header = headers
         .get("stripe-signature")
@@ -104,8 +107,8 @@ where
         ApiError::bad_request("invalid_signature", format!("Stripe-Signature: {e}."))
             .with_param("stripe-signature")
     })?;
-    let event = stripe::parse_event(&body)
-        .map_err(|e| ApiError::bad_request("invalid_event", e))?;
+    let event =
+        stripe::parse_event(&body).map_err(|e| ApiError::bad_request("invalid_event", e))?;
     let out = crate::payments::stripe_event(&payments_ctx(ctx), cfg, &event)
         .await
         .map_err(apply_error)?;
@@ -257,7 +260,10 @@ async fn epay_apply(ctx: &Ctx<'_>, cfg: &EpayConfig, key: &str, text: &str) -> R
         }
         None => {
             p.status = PaymentStatus::NeedsAttention;
-            p.reason = Some(format!("no account with email {:?}; nothing applied", ext.email));
+            p.reason = Some(format!(
+                "no account with email {:?}; nothing applied",
+                ext.email
+            ));
             None
         }
     };
@@ -286,7 +292,12 @@ async fn epay_apply(ctx: &Ctx<'_>, cfg: &EpayConfig, key: &str, text: &str) -> R
 /// Seed 002's activation: the account's first key, when it has none.
 async fn issue_first_key(ctx: &Ctx<'_>, payment: &str, account: &str) -> Result<(), ApiError> {
     let _write = admin_write_lock().await;
-    if !ctx.store.owner_keys(account).map_err(store_error)?.is_empty() {
+    if !ctx
+        .store
+        .owner_keys(account)
+        .map_err(store_error)?
+        .is_empty()
+    {
         return Ok(());
     }
     let now = ctx.clock.now_ms();
@@ -402,7 +413,11 @@ pub(super) async fn manual(ctx: &Ctx<'_>, f: &Fields) -> Answer {
     super::accounts::valid_id(&account).map_err(|e| e.with_param("account"))?;
     let kind: String = f.required("kind", "\"topup\"")?;
     if kind != "topup" {
-        return Err(invalid("kind", "invalid_value", "`kind` must be \"topup\"."));
+        return Err(invalid(
+            "kind",
+            "invalid_value",
+            "`kind` must be \"topup\".",
+        ));
     }
     let amount = positive_amount(f)?;
     let reference: String = f.required("reference", "a string")?;
@@ -413,10 +428,17 @@ pub(super) async fn manual(ctx: &Ctx<'_>, f: &Fields) -> Answer {
         return Err(invalid(
             "reference",
             "invalid_value",
-            format!("`reference` must be 1 to {MAX_REFERENCE_CHARS} characters, no control characters."),
+            format!(
+                "`reference` must be 1 to {MAX_REFERENCE_CHARS} characters, no control characters."
+            ),
         ));
     }
-    if ctx.store.user_account(&account).map_err(store_error)?.is_none() {
+    if ctx
+        .store
+        .user_account(&account)
+        .map_err(store_error)?
+        .is_none()
+    {
         return Err(ApiError::not_found("No account with this id.").with_param("account"));
     }
     let pctx = payments_ctx(ctx);
@@ -446,7 +468,14 @@ pub(super) async fn manual(ctx: &Ctx<'_>, f: &Fields) -> Answer {
         )
         .with_param("reference"));
     }
-    payment_answer(&out, if out.replayed { StatusCode::OK } else { StatusCode::CREATED })
+    payment_answer(
+        &out,
+        if out.replayed {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        },
+    )
 }
 
 fn payment_answer(out: &PaymentOutcome, status: StatusCode) -> Answer {
@@ -541,7 +570,12 @@ pub(super) fn get(ctx: &Ctx<'_>, id: &str) -> Answer {
         .payment(id)
         .map_err(store_error)?
         .ok_or_else(|| ApiError::not_found("No payment with this id.").with_param("id"))?;
-    json(StatusCode::OK, &Data { data: PaymentView::new(&p) })
+    json(
+        StatusCode::OK,
+        &Data {
+            data: PaymentView::new(&p),
+        },
+    )
 }
 
 /// `GET /api/v1/payments/reconcile?start=&end=` (Unix seconds; default
@@ -693,12 +727,7 @@ fn pair(k: &str, v: &str) -> (String, String) {
 }
 
 /// A Stripe top-up checkout for `amount`.
-async fn stripe_topup(
-    cfg: &StripeConfig,
-    buyer: &Buyer<'_>,
-    amount: Pico,
-    idem: &str,
-) -> Answer {
+async fn stripe_topup(cfg: &StripeConfig, buyer: &Buyer<'_>, amount: Pico, idem: &str) -> Answer {
     let cents = stripe::pico_to_cents(amount).ok_or_else(|| {
         invalid(
             "amount",
@@ -714,7 +743,10 @@ async fn stripe_topup(
         pair("line_items[0][quantity]", "1"),
         pair("line_items[0][price_data][currency]", &cfg.currency),
         pair("line_items[0][price_data][unit_amount]", &cents.to_string()),
-        pair("line_items[0][price_data][product_data][name]", "Tollgate credit"),
+        pair(
+            "line_items[0][price_data][product_data][name]",
+            "Tollgate credit",
+        ),
         pair("metadata[kind]", "topup"),
         pair("payment_intent_data[metadata][kind]", "topup"),
     ];
@@ -743,7 +775,14 @@ async fn session_answer(cfg: &StripeConfig, form: &[(String, String)], idem: &st
 /// `{provider: "epay", kind: "topup", amount, type}`.
 pub(super) async fn account_checkout(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
     super::accounts::valid_id(id)?;
-    f.only(&["provider", "kind", "amount", "plan", "type", "idempotency_key"])?;
+    f.only(&[
+        "provider",
+        "kind",
+        "amount",
+        "plan",
+        "type",
+        "idempotency_key",
+    ])?;
     let provider: String = f
         .opt("provider", "\"stripe\" or \"epay\"")?
         .unwrap_or_else(|| "stripe".into());
@@ -753,12 +792,22 @@ pub(super) async fn account_checkout(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Ans
     }
     match (provider.as_str(), kind.as_str()) {
         ("stripe", "topup") => {
-            let cfg = ctx.config.payments.stripe.as_ref().ok_or_else(|| not_configured("Stripe"))?;
+            let cfg = ctx
+                .config
+                .payments
+                .stripe
+                .as_ref()
+                .ok_or_else(|| not_configured("Stripe"))?;
             let amount = positive_amount(f)?;
             stripe_topup(cfg, &Buyer::Account(id), amount, &idempotency_key(f)?).await
         }
         ("stripe", "subscription") => {
-            let cfg = ctx.config.payments.stripe.as_ref().ok_or_else(|| not_configured("Stripe"))?;
+            let cfg = ctx
+                .config
+                .payments
+                .stripe
+                .as_ref()
+                .ok_or_else(|| not_configured("Stripe"))?;
             let plan: String = f.required("plan", "a plan name")?;
             let price = ctx
                 .config
@@ -806,14 +855,30 @@ pub(super) async fn account_checkout(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Ans
 
 /// An epay order: stored, then answered with the signed URL to pay it.
 async fn epay_checkout(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
-    let cfg = ctx.config.payments.epay.as_ref().ok_or_else(|| not_configured("epay"))?;
+    let cfg = ctx
+        .config
+        .payments
+        .epay
+        .as_ref()
+        .ok_or_else(|| not_configured("epay"))?;
     let amount = positive_amount(f)?;
     let money = epay::money_text(amount).ok_or_else(|| {
-        invalid("amount", "invalid_amount", "`amount` must be a whole number of cents.")
+        invalid(
+            "amount",
+            "invalid_amount",
+            "`amount` must be a whole number of cents.",
+        )
     })?;
     let pay_type: String = f.required("type", "\"alipay\" or \"wxpay\"")?;
-    if pay_type.is_empty() || pay_type.len() > 32 || !pay_type.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(invalid("type", "invalid_value", "`type` must be a payment type such as \"alipay\" or \"wxpay\"."));
+    if pay_type.is_empty()
+        || pay_type.len() > 32
+        || !pay_type.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(invalid(
+            "type",
+            "invalid_value",
+            "`type` must be a payment type such as \"alipay\" or \"wxpay\".",
+        ));
     }
     let key = secret(&cfg.key_env, "payments.epay.key_env")?;
     let now = ctx.clock.now_ms();

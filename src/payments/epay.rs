@@ -178,11 +178,7 @@ pub fn money_text(amount: Pico) -> Option<String> {
 }
 
 /// The signed URL that sends the payer to pay an order.
-pub fn payment_url(
-    submit_url: &str,
-    params: &[(String, String)],
-    key: &str,
-) -> String {
+pub fn payment_url(submit_url: &str, params: &[(String, String)], key: &str) -> String {
     let mut all = params.to_vec();
     all.push(("sign".into(), sign(params, key)));
     all.push(("sign_type".into(), "MD5".into()));
@@ -204,7 +200,10 @@ mod tests {
 
     #[test]
     fn the_issue_test_vector_signs() {
-        assert_eq!(sign(&vector(), "KEY123"), "36f114263fc2e0e782c3d139443d84ce");
+        assert_eq!(
+            sign(&vector(), "KEY123"),
+            "36f114263fc2e0e782c3d139443d84ce"
+        );
         // Order, sign, sign_type and empty values do not change it.
         let mut p = vector();
         p.reverse();

@@ -125,7 +125,9 @@ pub async fn stripe_event(
 ) -> Result<Option<PaymentOutcome>, StoreError> {
     let op = match &event.body {
         EventBody::Checkout(s) if s.mode == "subscription" => {
-            return checkout_subscription(ctx, cfg, &event.id, s).await.map(Some);
+            return checkout_subscription(ctx, cfg, &event.id, s)
+                .await
+                .map(Some);
         }
         EventBody::Checkout(s) => match checkout_payment(cfg, &event.id, s, ctx.now_ms) {
             Some(op) => op,
@@ -153,7 +155,10 @@ fn evt_ref(event_id: &str) -> String {
 
 /// The account a session or subscription names: `metadata.account`, else
 /// `client_reference_id`.
-fn account_of(metadata: &std::collections::BTreeMap<String, String>, fallback: Option<&str>) -> Option<String> {
+fn account_of(
+    metadata: &std::collections::BTreeMap<String, String>,
+    fallback: Option<&str>,
+) -> Option<String> {
     metadata
         .get("account")
         .map(String::as_str)
@@ -192,7 +197,10 @@ pub fn checkout_payment(
         Some(a) => {
             p.amount = a;
             if !p.currency.eq_ignore_ascii_case(&cfg.currency) {
-                let why = format!("currency {:?}, expected {:?}; nothing applied", p.currency, cfg.currency);
+                let why = format!(
+                    "currency {:?}, expected {:?}; nothing applied",
+                    p.currency, cfg.currency
+                );
                 attention(p, why)
             } else if kind != Some("topup") {
                 let why = format!("metadata.kind {kind:?} is not \"topup\"; nothing applied");
@@ -209,7 +217,10 @@ pub fn checkout_payment(
                 credit = Some(PaymentCredit::Account(account));
                 p
             } else {
-                attention(p, "no metadata.account, client_reference_id or metadata.key")
+                attention(
+                    p,
+                    "no metadata.account, client_reference_id or metadata.key",
+                )
             }
         }
     };

@@ -46,7 +46,10 @@ pub fn parse_signature(header: &str) -> Result<SignatureHeader, SignatureError> 
     let mut t = None;
     let mut v1 = Vec::new();
     for part in header.split(',') {
-        let (k, v) = part.trim().split_once('=').ok_or(SignatureError::Malformed)?;
+        let (k, v) = part
+            .trim()
+            .split_once('=')
+            .ok_or(SignatureError::Malformed)?;
         match k {
             "t" => {
                 if t.is_some() || v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
@@ -400,10 +403,7 @@ mod tests {
                 "{h:?}"
             );
         }
-        assert_eq!(
-            verify(SECRET, None, BODY, 0),
-            Err(SignatureError::Missing)
-        );
+        assert_eq!(verify(SECRET, None, BODY, 0), Err(SignatureError::Missing));
     }
 
     #[test]

@@ -177,7 +177,10 @@ pub enum PaymentOp {
 pub enum Applied {
     Nothing,
     /// The account's balance moved by this (picoUSD, signed).
-    Account { id: String, balance_delta: i64 },
+    Account {
+        id: String,
+        balance_delta: i64,
+    },
     /// The key's limit is now `limit`; its spent grew by `spent_delta`.
     Key {
         hash: KeyHash,
@@ -566,7 +569,9 @@ impl Store {
             }
             let (_, v) = item?;
             let p = decode_payment(&v)?;
-            if q.account.as_ref().is_some_and(|a| p.account.as_ref() != Some(a))
+            if q.account
+                .as_ref()
+                .is_some_and(|a| p.account.as_ref() != Some(a))
                 || q.status.is_some_and(|s| p.status != s)
                 || q.provider.as_ref().is_some_and(|pr| &p.provider != pr)
             {

@@ -781,7 +781,10 @@ impl StoreThread {
         Ok(existed)
     }
 
-    pub(super) fn read_account(&self, hash: &KeyHash) -> Result<(Account, Option<Period>), StoreError> {
+    pub(super) fn read_account(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<(Account, Option<Period>), StoreError> {
         match self.book.get(account_key(hash))? {
             Some(v) => decode_account(&v),
             None => Err(StoreError::NotFound),
