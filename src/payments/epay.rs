@@ -75,6 +75,7 @@ pub fn parse_params(text: &str) -> Result<Vec<(String, String)>, String> {
 /// separately, over all parameters).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notification {
+    /// The merchant: must be ours.
     pub pid: String,
     /// The provider's trade number: external orders apply once per it.
     pub trade_no: String,
@@ -132,7 +133,9 @@ pub enum ExternalKind {
 /// Seed 002's `param`: `{email, type, credits, original_amount}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExternalOrder {
+    /// Finds the account to credit.
     pub email: String,
+    /// Activation or recharge.
     pub kind: ExternalKind,
     /// USD to credit.
     pub credits: Pico,

@@ -28,7 +28,9 @@ use stripe::{Charge, CheckoutSession, Event, EventBody, Invoice, Subscription};
 
 /// What applying a payment needs.
 pub struct PaymentCtx<'a> {
+    /// Where the payment is applied, once.
     pub store: &'a Store,
+    /// The live wallets and keys that follow what the store applied.
     pub gate: &'a Gate,
     /// The time of the notification's receipt.
     pub now_ms: i64,

@@ -38,7 +38,9 @@ pub enum SignatureError {
 /// schemes (`v0`) are skipped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SignatureHeader {
+    /// Unix seconds of the signing.
     pub t: i64,
+    /// The candidate signatures (several during a secret rotation).
     pub v1: Vec<[u8; 32]>,
 }
 
@@ -120,6 +122,7 @@ pub struct Event {
     pub id: String,
     /// The event type, as sent.
     pub kind: String,
+    /// Its object, for the types Tollgate acts on.
     pub body: EventBody,
 }
 
@@ -144,6 +147,7 @@ pub enum EventBody {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct CheckoutSession {
+    /// `cs_…`: the payment's provider id.
     pub id: String,
     /// `payment`, `subscription` or `setup`.
     #[serde(default)]
@@ -153,46 +157,62 @@ pub struct CheckoutSession {
     pub payment_status: String,
     /// Smallest currency unit (cents).
     pub amount_total: Option<i64>,
+    /// Lowercase ISO code; must be `payments.stripe.currency`.
     pub currency: Option<String>,
+    /// The account, when `metadata.account` is absent.
     pub client_reference_id: Option<String>,
+    /// `pi_…`: what a later `charge.refunded` names.
     pub payment_intent: Option<String>,
+    /// `sub_…` of a subscription checkout: its `external_id`.
     pub subscription: Option<String>,
+    /// `cus_…`.
     pub customer: Option<String>,
+    /// `account`, `key`, `kind`, `plan`: set by our checkouts.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct Charge {
+    /// `ch_…`.
     pub id: String,
     /// Cents.
     pub amount: i64,
     /// Cents refunded so far, in total.
     pub amount_refunded: i64,
+    /// Lowercase ISO code.
     pub currency: String,
+    /// `pi_…`: finds the payment it refunds.
     pub payment_intent: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct Invoice {
+    /// `in_…`.
     pub id: String,
     /// The subscription (API versions before 2025-03 put it here).
     pub subscription: Option<String>,
     /// Newer API versions: `parent.subscription_details.subscription`.
     pub parent: Option<InvoiceParent>,
+    /// Cents paid (`invoice.paid`).
     pub amount_paid: Option<i64>,
+    /// Cents due (`invoice.payment_failed`).
     pub amount_due: Option<i64>,
+    /// Lowercase ISO code.
     pub currency: Option<String>,
+    /// `cus_…`.
     pub customer: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct InvoiceParent {
+    /// Set when the invoice bills a subscription.
     pub subscription_details: Option<SubscriptionDetails>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct SubscriptionDetails {
+    /// `sub_…`.
     pub subscription: Option<String>,
 }
 
@@ -212,29 +232,37 @@ impl Invoice {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct Subscription {
+    /// `sub_…`: the subscription's `external_id`.
     pub id: String,
+    /// `active`, `past_due`, `canceled`, …
     #[serde(default)]
     pub status: String,
+    /// Cancels when the period ends.
     #[serde(default)]
     pub cancel_at_period_end: bool,
+    /// `account`, `plan`: set by our checkouts.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Its prices: the plan.
     pub items: Option<SubscriptionItems>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct SubscriptionItems {
+    /// The items, the first naming the plan's price.
     #[serde(default)]
     pub data: Vec<SubscriptionItem>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct SubscriptionItem {
+    /// What the item bills.
     pub price: Option<Price>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 pub struct Price {
+    /// `price_…`: a plan's `stripe_price`.
     pub id: String,
 }
 

@@ -196,16 +196,22 @@ pub struct PaymentOutcome {
     pub payment: Option<PaymentRecord>,
     /// One of the refs was taken: nothing was written.
     pub replayed: bool,
+    /// What memory must follow (nothing when replayed).
     pub applied: Applied,
 }
 
 /// A page of payments.
 #[derive(Clone, Debug, Default)]
 pub struct PaymentQuery {
+    /// Only this account's payments.
     pub account: Option<String>,
+    /// Only payments in this status.
     pub status: Option<PaymentStatus>,
+    /// Only this provider's (`stripe`, `epay`, `manual`).
     pub provider: Option<String>,
+    /// Matching payments skipped, newest first.
     pub offset: usize,
+    /// Most payments answered.
     pub limit: usize,
 }
 
@@ -322,6 +328,10 @@ impl StoreThread {
             if let Some(existing) = self.payment_of_ref(&p.provider, r)? {
                 return Ok(Self::replay(existing));
             }
+        }
+        // Ids carry random bits; a clash must never overwrite a payment.
+        if self.book.contains_key(payment_key(&p.id))? {
+            return Err(StoreError::Exists);
         }
         let mut batch = Batch::default();
         let mut writes = 0;
