@@ -940,9 +940,24 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    if method != Method::POST {
-        return Err(ApiError::method_not_allowed());
+    // A portal in a browser calls it: the origins in `[cors]` may.
+    let cors = super::cors::Cors::of(ctx, headers);
+    if method == Method::OPTIONS {
+        return Ok(cors.preflight());
     }
+    let result = if method == Method::POST {
+        own_checkout(ctx, headers, body, client_ip).await
+    } else {
+        Err(ApiError::method_not_allowed())
+    };
+    Ok(cors.apply(result.unwrap_or_else(ApiError::into_response)))
+}
+
+async fn own_checkout<B>(ctx: &Ctx<'_>, headers: &HeaderMap, body: B, client_ip: IpAddr) -> Answer
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let live = ctx.gate.authenticate(headers, client_ip)?;
     let cfg = ctx
         .config
