@@ -535,6 +535,57 @@ async fn retention_removes_old_records_and_keeps_rollups() {
     );
 }
 
+/// Issue 17: with retention on, the log's file stops growing once records
+/// age out (redb reuses the pages they freed, and trims its end). Sixteen
+/// days of 20,000 records a day, two days kept: the second week's file is
+/// never bigger than the first week's largest (redb grows its file in
+/// steps, so day-to-day sizes move; the trend must not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_log_file_flat() {
+    const PER_DAY: u64 = 20_000;
+    let dir = TempDir::new("flat");
+    let store = Store::open(&dir.0, 5).unwrap();
+    for k in 1..=4 {
+        store
+            .create_key(key(k, None, None), account(None))
+            .await
+            .unwrap();
+    }
+    let base = now_ms() - 30 * DAY_MS;
+    let file = dir.0.join(super::log::LOG_FILE);
+    let mut sizes = Vec::new();
+    let mut removed = 0;
+    for day in 0..16u64 {
+        let day_start = base + day as i64 * DAY_MS;
+        for i in 0..PER_DAY {
+            let n = day * PER_DAY + i;
+            store.record(usage((n % 4) as u32 + 1, day_start + i as i64, "m", 1, n));
+            if i % 5_000 == 4_999 {
+                store.flush().await.unwrap();
+            }
+        }
+        store.flush().await.unwrap();
+        removed += store
+            .prune_usage_before(day_start - 2 * DAY_MS)
+            .await
+            .unwrap();
+        sizes.push(std::fs::metadata(&file).unwrap().len());
+    }
+    println!("usage.redb bytes per day: {sizes:?}");
+    // After day 15, everything before day 13 has aged out.
+    assert_eq!(removed, 13 * PER_DAY);
+    let first_week = sizes[..8].iter().copied().max().unwrap_or(0);
+    let second_week = sizes[8..].iter().copied().max().unwrap_or(0);
+    assert!(
+        second_week <= first_week,
+        "the log grew with retention on: {sizes:?}"
+    );
+    let kept: u64 = (1..=4)
+        .map(|k| store.usage(&hash(k), 0, 100_000).unwrap().len() as u64)
+        .sum();
+    assert_eq!(kept, 3 * PER_DAY);
+}
+
 #[test]
 fn bulk_insert_and_open_without_reading_keys() {
     let dir = TempDir::new("bulk");
