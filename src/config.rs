@@ -54,6 +54,10 @@ pub struct Config {
     /// Templates for new keys.
     #[serde(default)]
     pub plans: BTreeMap<String, PlanConfig>,
+    /// The compatible surfaces of the systems users come from (new-api's
+    /// quota unit, the licence server's credit): `api::compat`.
+    #[serde(default)]
+    pub compat: CompatConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -274,6 +278,10 @@ pub struct BillingConfig {
     /// it, so a far dearer model an upstream also serves is not sold at a
     /// cheap default.
     pub default_price_models: Vec<Pattern>,
+    /// `enforce` refuses what a key or account cannot pay; `observe`
+    /// meters and records but never refuses for money (a transition);
+    /// `off` meters nothing (keys and limits only).
+    pub mode: BillingMode,
 }
 
 impl Default for BillingConfig {
@@ -284,6 +292,7 @@ impl Default for BillingConfig {
             drain_timeout: Dur::secs(30),
             default_price: None,
             default_price_models: Vec::new(),
+            mode: BillingMode::Enforce,
         }
     }
 }
@@ -371,6 +380,10 @@ pub struct UpstreamConfig {
     pub first_byte_timeout: Option<Dur>,
     /// Overrides `proxy.stream_idle_timeout` for this upstream.
     pub stream_idle_timeout: Option<Dur>,
+    /// Message roles renamed for this upstream (`{ model = "assistant" }`:
+    /// Gemini's `model` turns for an OpenAI-shaped Space).
+    #[serde(default)]
+    pub role_map: BTreeMap<String, String>,
 }
 
 fn all_models() -> Vec<Pattern> {
@@ -910,6 +923,18 @@ impl Config {
                 ));
             }
         }
+        if self.compat.newapi.quota_per_usd == 0 {
+            return Err(format!(
+                "compat.newapi.quota_per_usd must be at least 1{}",
+                at("quota_per_usd")
+            ));
+        }
+        if self.compat.license.credit_unit.0 <= 0 {
+            return Err(format!(
+                "compat.license.credit_unit must be more than 0 USD{}",
+                at("credit_unit")
+            ));
+        }
         Ok(())
     }
 
@@ -1062,5 +1087,69 @@ output = "0.60"
     fn secrets_are_masked() {
         assert_eq!(mask("sk-abcdefghijklmnop"), "sk-abc…nop");
         assert_eq!(mask("short"), "…");
+    }
+}
+
+/// What money admission does (`billing.mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BillingMode {
+    /// Refuse what a key or account cannot pay (402).
+    #[default]
+    Enforce,
+    /// Meter and record, never refuse for money.
+    Observe,
+    /// Meter nothing: keys and limits only.
+    Off,
+}
+
+impl BillingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingMode::Enforce => "enforce",
+            BillingMode::Observe => "observe",
+            BillingMode::Off => "off",
+        }
+    }
+}
+
+/// `[compat]`: units of the compatible surfaces.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompatConfig {
+    pub newapi: NewApiConfig,
+    pub license: LicenseConfig,
+}
+
+/// `[compat.newapi]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NewApiConfig {
+    /// new-api's quota units per USD (its `QuotaPerUnit`, 500,000), for the
+    /// integer `quota` fields of the consumption API.
+    pub quota_per_usd: u64,
+}
+
+impl Default for NewApiConfig {
+    fn default() -> Self {
+        NewApiConfig {
+            quota_per_usd: 500_000,
+        }
+    }
+}
+
+/// `[compat.license]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LicenseConfig {
+    /// USD one licence credit is worth (credits are the account's balance).
+    pub credit_unit: Pico,
+}
+
+impl Default for LicenseConfig {
+    fn default() -> Self {
+        LicenseConfig {
+            credit_unit: Pico::usd(1),
+        }
     }
 }

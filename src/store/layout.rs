@@ -16,6 +16,8 @@
 //! | `book` | `A` id | user account: profile and wallet (JSON) |
 //! | `book` | `L` u16 len, id, seq | account ledger entry (JSON) |
 //! | `book` | `I` u16 len, id, idempotency-key | account ledger seq (u64 BE) |
+//! | `book` | `N` id (u64 BE) | key hash: a key's stable integer id ([`super::compat`]) |
+//! | `book` | `X` hash | that id (u64 BE) |
 //!
 //! The usage records themselves, the batch index and the retention counts
 //! live in the redb log ([`super::log`]): sled held every inserted value

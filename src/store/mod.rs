@@ -12,6 +12,7 @@
 //! `codec` (binary encodings).
 
 mod codec;
+mod compat;
 mod layout;
 mod log;
 mod records;
