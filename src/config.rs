@@ -1144,12 +1144,18 @@ impl Default for NewApiConfig {
 pub struct LicenseConfig {
     /// USD one licence credit is worth (credits are the account's balance).
     pub credit_unit: Pico,
+    /// Devices one licence key may be used from (`X-Device-Id`); 0 = any.
+    pub max_devices: u32,
+    /// Plan a generated licence key is made from (its `daily_fee`, say).
+    pub plan: Option<String>,
 }
 
 impl Default for LicenseConfig {
     fn default() -> Self {
         LicenseConfig {
             credit_unit: Pico::usd(1),
+            max_devices: 1,
+            plan: None,
         }
     }
 }

@@ -96,6 +96,7 @@ impl Gateway {
             opts.clock.clone(),
             config.limits.unknown_key_per_minute,
         );
+        gate.set_billing_mode(config.billing.mode);
         let metrics = Metrics::new(routing.upstream_names());
         let workers = config.runtime.worker_count();
         let mode = config.runtime.mode;

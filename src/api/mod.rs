@@ -22,6 +22,7 @@
 
 mod accounts;
 mod admin_guard;
+mod compat;
 mod cors;
 mod credits;
 mod keys;
@@ -193,6 +194,9 @@ where
             &parts.headers,
             client_ip,
         ));
+    }
+    if let Some(call) = compat::call_of(parts.uri.path()) {
+        return compat::handle(ctx, call, &parts, body, client_ip).await;
     }
     let Some(call) = call_of(parts.uri.path()) else {
         return Err(ApiError::not_found(format!(

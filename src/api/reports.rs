@@ -382,8 +382,8 @@ impl Fold {
 // ---- answers ----
 
 #[derive(Serialize)]
-struct Summary {
-    total_cost: Pico,
+pub(super) struct Summary {
+    pub(super) total_cost: Pico,
     total_requests: u64,
     total_tokens: u64,
     prompt_tokens: u64,
@@ -415,9 +415,9 @@ impl From<&Sums> for Summary {
 }
 
 #[derive(Serialize)]
-struct ModelRow {
-    model: String,
-    cost: Pico,
+pub(super) struct ModelRow {
+    pub(super) model: String,
+    pub(super) cost: Pico,
     requests: u64,
     tokens: u64,
     prompt_tokens: u64,
@@ -428,21 +428,21 @@ struct ModelRow {
 }
 
 #[derive(Serialize)]
-struct DayRow {
+pub(super) struct DayRow {
     date: String,
-    cost: Pico,
+    pub(super) cost: Pico,
     requests: u64,
     tokens: u64,
 }
 
 #[derive(Serialize)]
-struct Point {
+pub(super) struct Point {
     /// Bucket start, Unix seconds.
-    time: i64,
+    pub(super) time: i64,
     /// `2026-11-23` (day) or `2026-11-23T13:00:00Z` (hour).
     date: String,
-    cost: Pico,
-    requests: u64,
+    pub(super) cost: Pico,
+    pub(super) requests: u64,
     tokens: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -455,7 +455,7 @@ pub(super) struct LogItem {
     /// Unix seconds.
     created_at: i64,
     time: String,
-    model: String,
+    pub(super) model: String,
     upstream: String,
     route: String,
     stream: bool,
@@ -465,7 +465,7 @@ pub(super) struct LogItem {
     completion_tokens: u64,
     reasoning_tokens: u64,
     total_tokens: u64,
-    cost: Pico,
+    pub(super) cost: Pico,
     latency_ms: u32,
     ttfb_ms: u32,
     estimated: bool,
@@ -506,34 +506,34 @@ fn log_item(r: UsageRecord, viewer: Viewer) -> LogItem {
 
 #[derive(Serialize)]
 pub(super) struct Detail {
-    object: &'static str,
+    pub(super) object: &'static str,
     /// The range answered, widened to whole hours (Unix seconds).
-    start: i64,
-    end: i64,
-    summary: Summary,
-    by_model: Vec<ModelRow>,
-    by_day: Vec<DayRow>,
+    pub(super) start: i64,
+    pub(super) end: i64,
+    pub(super) summary: Summary,
+    pub(super) by_model: Vec<ModelRow>,
+    pub(super) by_day: Vec<DayRow>,
     /// The newest records (whatever the range).
     #[serde(skip_serializing_if = "Option::is_none")]
-    recent_logs: Option<Vec<LogItem>>,
+    pub(super) recent_logs: Option<Vec<LogItem>>,
 }
 
 #[derive(Serialize)]
 pub(super) struct Chart {
-    object: &'static str,
-    start: i64,
-    end: i64,
-    granularity: &'static str,
-    data: Vec<Point>,
+    pub(super) object: &'static str,
+    pub(super) start: i64,
+    pub(super) end: i64,
+    pub(super) granularity: &'static str,
+    pub(super) data: Vec<Point>,
 }
 
 #[derive(Serialize)]
 pub(super) struct LogsPage {
-    items: Vec<LogItem>,
-    page: usize,
-    page_size: usize,
+    pub(super) items: Vec<LogItem>,
+    pub(super) page: usize,
+    pub(super) page_size: usize,
     /// The key's records still stored (retention removes old ones).
-    total: u64,
+    pub(super) total: u64,
 }
 
 fn date_of_day(day: i64) -> String {

@@ -26,6 +26,8 @@ use crate::money::Pico;
 /// new-api's envelope.
 #[derive(Serialize)]
 struct Envelope<T> {
+    /// new-api's success flag (its portal reads `success`).
+    success: bool,
     code: bool,
     message: &'static str,
     data: T,
@@ -135,7 +137,8 @@ fn answer(
         }
         UsageCall::Report(view) => {
             let report = reports::key_report(ctx, &live.hash, view, query, now, Viewer::Key)?;
-            ok(&report)
+            let token_id = ctx.store.key_id(&live.hash).map_err(super::store_error)?;
+            ok(&super::compat::newapi::quota_report(ctx, &report, token_id))
         }
     }
 }
@@ -144,6 +147,7 @@ fn ok<T: Serialize>(data: &T) -> Result<Response<crate::Body>, ApiError> {
     json(
         StatusCode::OK,
         &Envelope {
+            success: true,
             code: true,
             message: "ok",
             data,

@@ -19,6 +19,7 @@
 //! - [`filter`]: which key hashes exist, so unknown keys cost no store read.
 
 mod filter;
+mod mode;
 mod reservation;
 
 pub use filter::KeyFilter;
@@ -106,6 +107,9 @@ pub struct Gate {
     unknown_keys: IpLimiter,
     /// Accounts' wallets, which keys with an account's `owner` spend from.
     wallets: crate::billing::Wallets,
+    /// `billing.mode` (0 enforce, 1 observe, 2 off): read per request by
+    /// [`Gate::reserve`], settable on a reload.
+    billing_mode: std::sync::atomic::AtomicU8,
 }
 
 /// One key's state while it is in memory.
@@ -574,6 +578,7 @@ impl Gate {
             generations: std::array::from_fn(|_| AtomicU64::new(0)),
             store_reads: AtomicU64::new(0),
             unknown_keys: RateLimiter::keyed(per_min(unknown_key_per_minute)),
+            billing_mode: std::sync::atomic::AtomicU8::new(0),
         }
     }
 
@@ -890,7 +895,8 @@ impl Gate {
     /// against the tpm window. The key's first request of a UTC day holds
     /// the daily fee in the same commit: no reservation, no fee. A refusal
     /// drops nothing itself: the caller's `Permit` gives the count back.
-    pub fn reserve(
+    /// [`Gate::reserve`] under `billing.mode = "enforce"`.
+    fn reserve_enforced(
         &self,
         key: &Arc<LiveKey>,
         policy: &Policy,
@@ -955,6 +961,7 @@ impl Gate {
             minute: 0,
             settled: false,
             account: None,
+            unmetered: false,
         };
         if fee > Pico::ZERO {
             match key
@@ -1166,6 +1173,7 @@ impl Gate {
             minute: 0,
             settled: false,
             account: None,
+            unmetered: false,
         })
     }
 
@@ -1254,8 +1262,9 @@ pub fn limiter_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The key a request presents: `Authorization: Bearer`, `x-api-key` or
-/// `api-key`. `Ok(None)` when there is none; an error for a malformed one.
+/// The key a request presents: `Authorization: Bearer`, `x-api-key`,
+/// `api-key` or `x-license-key` (a licence client's header, seed 002).
+/// `Ok(None)` when there is none; an error for a malformed one.
 pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
         let v = v.to_str().map_err(|_| {
@@ -1268,7 +1277,7 @@ pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
             .trim();
         return valid_key_text(token).map(Some);
     }
-    for name in ["x-api-key", "api-key"] {
+    for name in ["x-api-key", "api-key", "x-license-key"] {
         if let Some(v) = headers.get(name) {
             let v = v
                 .to_str()
