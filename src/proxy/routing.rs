@@ -325,7 +325,14 @@ impl Routing {
                 },
             });
         }
-        Ok(dest.expect("models is not empty"))
+        let mut dest = dest.expect("models is not empty");
+        // A `[routes]` rule on a known route prices every model on it, over
+        // the model's own price (seed 004: 15 picoUSD a token on chat); the
+        // model still picks the upstreams and bounds the completion.
+        if let Some(pricing) = rule {
+            dest.pricing = pricing;
+        }
+        Ok(dest)
     }
 
     /// Names of the configured models, sorted.
