@@ -348,7 +348,10 @@ async fn seed_002_license_server(mode: RuntimeMode) {
     let extra = format!(
         "{SEED_UPSTREAM}\n[plans.licence]\ndaily_fee = \"0.33\"\n[compat.license]\nplan = \"licence\"\n"
     );
-    let gw = TestGateway::start_mode(mode, &extra, |_| {});
+    // The recorded mock stands for a Hugging Face Space that wants OpenAI's roles.
+    let gw = TestGateway::start_mode(mode, &extra, |c| {
+        c.upstreams[0].role_map = [("model".to_owned(), "assistant".to_owned())].into();
+    });
     let admin = [("content-type", "application/json"), ("x-admin-token", ADMIN)];
     let email = "user@example.com";
 
@@ -450,12 +453,16 @@ async fn seed_002_license_server(mode: RuntimeMode) {
         "POST",
         "/v1/chat/completions",
         &lic_headers,
-        Some(json!({"model": "gemini-2.0-flash-exp", "messages": [
+        Some(json!({"model": "demo-chat", "messages": [
             {"role": "user", "content": "hi"}, {"role": "model", "content": "hello"},
             {"role": "user", "content": "again"}]})),
     )
     .await;
     assert_eq!(s, 200, "{v}");
+    let seen = gw.mock.requests();
+    let sent: Value = serde_json::from_slice(&seen.last().expect("forwarded").body).expect("json");
+    let roles: Vec<&str> = sent["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "user"], "{sent}");
 
     // revoke: the licence no longer verifies.
     let (s, v) = call(&gw, "POST", &format!("/api/v1/license/revoke/{licence}"), &admin, None).await;

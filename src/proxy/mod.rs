@@ -283,7 +283,8 @@ impl Call<'_> {
         for (attempt, &i) in order.iter().enumerate() {
             let up = &routing.upstreams[i];
             let uri = format!("{}{}{}", up.origin, up.base_path, suffix);
-            let mut upstream_req = Request::new(Full::new(body.clone()));
+            let body = crate::meter::rename_roles(&body, &up.role_map)?;
+            let mut upstream_req = Request::new(Full::new(body));
             *upstream_req.method_mut() = parts.method.clone();
             *upstream_req.uri_mut() = uri.parse().map_err(|_| {
                 ApiError::bad_request("invalid_path", "The request path cannot be forwarded.")

@@ -61,6 +61,8 @@ pub struct Upstream {
     /// (`mock_without_key`): its answers are never charged, so a missing
     /// key in production cannot bill customers for mock answers.
     pub demo: bool,
+    /// Message roles renamed in bodies sent here (`role_map`).
+    pub role_map: Vec<(String, String)>,
     /// TLS client settings (webpki roots plus the configured CA).
     tls: rustls::ClientConfig,
     /// Failures in a row.
@@ -157,6 +159,7 @@ impl Routing {
                     .unwrap_or(config.proxy.stream_idle_timeout)
                     .0,
                 demo: mock.is_some() && !up.mock,
+                role_map: up.role_map.clone().into_iter().collect(),
                 tls,
                 failures: AtomicU32::new(0),
                 down_until_ms: AtomicI64::new(0),
