@@ -929,6 +929,14 @@ impl Config {
                 at("quota_per_usd")
             ));
         }
+        if let Some(plan) = &self.compat.license.plan
+            && !self.plans.contains_key(plan)
+        {
+            return Err(format!(
+                "compat.license.plan names no [plans] entry: {plan:?}{}",
+                at("[compat.license]")
+            ));
+        }
         if self.compat.license.credit_unit.0 <= 0 {
             return Err(format!(
                 "compat.license.credit_unit must be more than 0 USD{}",
