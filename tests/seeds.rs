@@ -96,9 +96,11 @@ async fn seed_000_openrouter_trial_keys(mode: RuntimeMode) {
         "POST",
         "/api/v1/keys",
         &[("authorization", &provisioning)],
-        Some(json!({"name": "n", "include_byok_in_limit": false, "workspace_id": "w",
+        Some(
+            json!({"name": "n", "include_byok_in_limit": false, "workspace_id": "w",
                     "creator_user_id": "u", "limit_reset": "monthly",
-                    "expires_at": "2099-01-01T00:00:00Z"})),
+                    "expires_at": "2099-01-01T00:00:00Z"}),
+        ),
     )
     .await;
     assert_eq!(s, 201, "{v}");
@@ -142,7 +144,11 @@ async fn seed_000_openrouter_trial_keys(mode: RuntimeMode) {
     .await;
     assert_eq!(s, 200, "{v}");
     let d = &v["data"];
-    let (usage, limit, remaining) = (pico(&d["usage"]), pico(&d["limit"]), pico(&d["limit_remaining"]));
+    let (usage, limit, remaining) = (
+        pico(&d["usage"]),
+        pico(&d["limit"]),
+        pico(&d["limit_remaining"]),
+    );
     assert!(usage > Pico::ZERO, "{d}");
     assert_eq!(limit, Pico::parse_usd("0.0001").unwrap());
     assert_eq!(remaining, Pico(limit.0 - usage.0), "{d}");
@@ -181,10 +187,24 @@ async fn seed_000_openrouter_trial_keys(mode: RuntimeMode) {
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    let (s, _) = call(&gw, "GET", "/api/v1/auth/key", &[("authorization", &bearer(&key))], None).await;
+    let (s, _) = call(
+        &gw,
+        "GET",
+        "/api/v1/auth/key",
+        &[("authorization", &bearer(&key))],
+        None,
+    )
+    .await;
     assert_eq!(s, 401);
     // A wrong provisioning key.
-    let (s, v) = call(&gw, "GET", "/api/v1/keys", &[("authorization", "Bearer wrong-token")], None).await;
+    let (s, v) = call(
+        &gw,
+        "GET",
+        "/api/v1/keys",
+        &[("authorization", "Bearer wrong-token")],
+        None,
+    )
+    .await;
     assert_error(s, &v, 401, "invalid_api_key");
 
     // checkAndExpireKeys: expired (7 days) and used-up (50 uses) keys are
@@ -205,12 +225,32 @@ async fn seed_000_openrouter_trial_keys(mode: RuntimeMode) {
     .await;
     assert_eq!(s, 200);
     let key_status = |v: Value| v["data"]["status"].as_str().unwrap_or("").to_owned();
-    assert_eq!(key_status(gw.admin_get(&format!("/api/v1/keys/{used_hash}")).await), "exhausted");
-    assert_eq!(key_status(gw.admin_get(&format!("/api/v1/keys/{trial_hash}")).await), "active");
+    assert_eq!(
+        key_status(gw.admin_get(&format!("/api/v1/keys/{used_hash}")).await),
+        "exhausted"
+    );
+    assert_eq!(
+        key_status(gw.admin_get(&format!("/api/v1/keys/{trial_hash}")).await),
+        "active"
+    );
     gw.clock.advance(Duration::from_secs(7 * 86_400 + 1));
-    assert_eq!(key_status(gw.admin_get(&format!("/api/v1/keys/{trial_hash}")).await), "expired");
-    let (s, v) = call(&gw, "GET", "/api/v1/key", &[("authorization", &bearer(&trial))], None).await;
-    assert_eq!((s, v["data"]["status"].as_str()), (200, Some("expired")), "{v}");
+    assert_eq!(
+        key_status(gw.admin_get(&format!("/api/v1/keys/{trial_hash}")).await),
+        "expired"
+    );
+    let (s, v) = call(
+        &gw,
+        "GET",
+        "/api/v1/key",
+        &[("authorization", &bearer(&trial))],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["data"]["status"].as_str()),
+        (200, Some("expired")),
+        "{v}"
+    );
 }
 
 /// Seed 001: the trigger's `net.http_post` to `/api/token/import`, the
@@ -249,14 +289,22 @@ async fn seed_001_newapi_import_and_consumption(mode: RuntimeMode) {
     let token_id = v["data"]["token_id"].as_u64().expect("integer token_id");
     // Duplicate import: same key, same user → same token_id.
     let (s, again) = trigger(body.clone(), ADMIN.into()).await;
-    assert_eq!((s, again["data"]["token_id"].as_u64()), (200, Some(token_id)), "{again}");
+    assert_eq!(
+        (s, again["data"]["token_id"].as_u64()),
+        (200, Some(token_id)),
+        "{again}"
+    );
     // The same key for another user → 409.
     let mut other = body.clone();
     other["external_user_id"] = json!("another-user");
     let (s, v) = trigger(other, ADMIN.into()).await;
     assert_error(s, &v, 409, "key_exists");
     // Bad key formats → 400.
-    for bad in ["short", &format!("sk-{pool_key}"), &format!("{}!", &pool_key[..47])] {
+    for bad in [
+        "short",
+        &format!("sk-{pool_key}"),
+        &format!("{}!", &pool_key[..47]),
+    ] {
         let mut b = body.clone();
         b["key"] = json!(bad);
         let (s, v) = trigger(b, ADMIN.into()).await;
@@ -293,7 +341,11 @@ async fn seed_001_newapi_import_and_consumption(mode: RuntimeMode) {
     let (s, v) = call(
         &gw,
         "GET",
-        &format!("/api/usage/token/detail?start={}&end={}", now - 86_400, now + 60),
+        &format!(
+            "/api/usage/token/detail?start={}&end={}",
+            now - 86_400,
+            now + 60
+        ),
         &h,
         None,
     )
@@ -308,37 +360,96 @@ async fn seed_001_newapi_import_and_consumption(mode: RuntimeMode) {
     let cost = pico(&sum["total_cost"]);
     let quota = sum["total_quota"].as_i64().expect("integer quota");
     // 500,000 quota per USD: quota = cost × 5e5, rounded.
-    assert_eq!(quota, ((cost.0 as i128 * 500_000 + 500_000_000_000) / 1_000_000_000_000) as i64);
+    assert_eq!(
+        quota,
+        ((cost.0 as i128 * 500_000 + 500_000_000_000) / 1_000_000_000_000) as i64
+    );
     let m = &d["by_model"][0];
     assert_eq!(m["model_name"], "demo-chat");
     assert!(m["quota"].is_i64() && m["requests"] == 3 && m["tokens"].is_u64());
     assert_eq!(m["percentage"], 100.0);
     let day = d["by_day"].as_array().unwrap().last().unwrap().clone();
-    assert!(day["date"].is_string() && day["quota"].is_i64() && day["requests"] == 3 && day["tokens"].is_u64(), "{day}");
+    assert!(
+        day["date"].is_string()
+            && day["quota"].is_i64()
+            && day["requests"] == 3
+            && day["tokens"].is_u64(),
+        "{day}"
+    );
     // The document's own example range (2024-01-01): valid, empty.
-    let (s, v) = call(&gw, "GET", "/api/usage/token/detail?start=1704067200&end=1704153600", &h, None).await;
-    assert_eq!((s, &v["data"]["summary"]["total_quota"]), (200, &json!(0)), "{v}");
+    let (s, v) = call(
+        &gw,
+        "GET",
+        "/api/usage/token/detail?start=1704067200&end=1704153600",
+        &h,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, &v["data"]["summary"]["total_quota"]),
+        (200, &json!(0)),
+        "{v}"
+    );
     // chart?granularity=day, and hourly {hour, quota, requests}
-    let (s, v) = call(&gw, "GET", "/api/usage/token/chart?granularity=day", &h, None).await;
+    let (s, v) = call(
+        &gw,
+        "GET",
+        "/api/usage/token/chart?granularity=day",
+        &h,
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
-    assert!(v["data"]["data"].as_array().unwrap().iter().all(|p| p["quota"].is_i64()));
-    let (s, v) = call(&gw, "GET", "/api/usage/token/chart?granularity=hour", &h, None).await;
+    assert!(
+        v["data"]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["quota"].is_i64())
+    );
+    let (s, v) = call(
+        &gw,
+        "GET",
+        "/api/usage/token/chart?granularity=hour",
+        &h,
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let points = v["data"]["data"].as_array().unwrap();
     let busy: Vec<&Value> = points.iter().filter(|p| p["requests"] != 0).collect();
     assert_eq!(busy.len(), 1, "{v}");
-    assert!(busy[0]["hour"].as_str().is_some_and(|h| h.len() == 16 && h.ends_with(":00")));
+    assert!(
+        busy[0]["hour"]
+            .as_str()
+            .is_some_and(|h| h.len() == 16 && h.ends_with(":00"))
+    );
     assert_eq!(busy[0]["quota"].as_i64(), Some(quota));
     // logs?page=1&page_size=10
-    let (s, v) = call(&gw, "GET", "/api/usage/token/logs?page=1&page_size=10", &h, None).await;
+    let (s, v) = call(
+        &gw,
+        "GET",
+        "/api/usage/token/logs?page=1&page_size=10",
+        &h,
+        None,
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let items = v["data"]["items"].as_array().unwrap();
     assert_eq!(items.len(), 3);
-    assert!(items.iter().all(|i| i["model_name"] == "demo-chat" && i["quota"].is_i64()));
+    assert!(
+        items
+            .iter()
+            .all(|i| i["model_name"] == "demo-chat" && i["quota"].is_i64())
+    );
     assert_eq!(v["data"]["token_id"].as_u64(), Some(token_id));
     // the existing GET /api/usage/token/
     let (s, v) = call(&gw, "GET", "/api/usage/token/", &h, None).await;
-    assert_eq!((s, &v["success"], &v["data"]["unlimited_quota"]), (200, &json!(true), &json!(true)), "{v}");
+    assert_eq!(
+        (s, &v["success"], &v["data"]["unlimited_quota"]),
+        (200, &json!(true), &json!(true)),
+        "{v}"
+    );
 }
 
 /// Seed 002: the licence server's endpoints and its client integration
@@ -352,19 +463,40 @@ async fn seed_002_license_server(mode: RuntimeMode) {
     let gw = TestGateway::start_mode(mode, &extra, |c| {
         c.upstreams[0].role_map = [("model".to_owned(), "assistant".to_owned())].into();
     });
-    let admin = [("content-type", "application/json"), ("x-admin-token", ADMIN)];
+    let admin = [
+        ("content-type", "application/json"),
+        ("x-admin-token", ADMIN),
+    ];
     let email = "user@example.com";
 
     let (s, v) = call(&gw, "GET", "/api/v1/health", &[], None).await;
     assert_eq!((s, &v["success"]), (200, &json!(true)));
 
-    let (s, v) = call(&gw, "POST", "/api/v1/license/generate", &admin, Some(json!({"email": email, "credits": 150}))).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/generate",
+        &admin,
+        Some(json!({"email": email, "credits": 150})),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let licence = v["license_key"].as_str().expect("licence key").to_owned();
     assert_eq!(v["credits"], json!(150));
     // One licence per email.
-    let (s, v) = call(&gw, "POST", "/api/v1/license/generate", &admin, Some(json!({"email": email}))).await;
-    assert_eq!((s, &v["success"], &v["error"]["code"]), (409, &json!(false), &json!("license_exists")), "{v}");
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/generate",
+        &admin,
+        Some(json!({"email": email})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["success"], &v["error"]["code"]),
+        (409, &json!(false), &json!("license_exists")),
+        "{v}"
+    );
     // The test email: an unlimited account, any number of licences.
     let (s, v) = call(
         &gw,
@@ -376,19 +508,61 @@ async fn seed_002_license_server(mode: RuntimeMode) {
     .await;
     assert_eq!(s, 201, "{v}");
     for _ in 0..2 {
-        let (s, v) = call(&gw, "POST", "/api/v1/license/generate", &admin, Some(json!({"email": "943113638@qq.com"}))).await;
+        let (s, v) = call(
+            &gw,
+            "POST",
+            "/api/v1/license/generate",
+            &admin,
+            Some(json!({"email": "943113638@qq.com"})),
+        )
+        .await;
         assert_eq!(s, 200, "{v}");
     }
-    let (s, v) = call(&gw, "POST", "/api/v1/license/deduct", &admin, Some(json!({"email": "943113638@qq.com", "amount": 1000}))).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/deduct",
+        &admin,
+        Some(json!({"email": "943113638@qq.com", "amount": 1000})),
+    )
+    .await;
     assert_eq!((s, &v["success"]), (200, &json!(true)), "{v}");
 
     // verify {license_key, device_id}: binds the device.
-    let (s, v) = call(&gw, "POST", "/api/v1/license/verify", &[("content-type", "application/json")],
-        Some(json!({"license_key": licence, "device_id": "device-A"}))).await;
-    assert_eq!((s, &v["success"], &v["valid"]), (200, &json!(true), &json!(true)), "{v}");
-    let (s, v) = call(&gw, "POST", "/api/v1/license/verify", &[], Some(json!({"license_key": licence, "device_id": "device-B"}))).await;
-    assert_eq!((s, &v["success"], &v["error"]["code"]), (403, &json!(false), &json!("device_limit")), "{v}");
-    let (s, v) = call(&gw, "POST", "/api/v1/license/verify", &[], Some(json!({"license_key": "sk-nope", "device_id": "device-A"}))).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/verify",
+        &[("content-type", "application/json")],
+        Some(json!({"license_key": licence, "device_id": "device-A"})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["success"], &v["valid"]),
+        (200, &json!(true), &json!(true)),
+        "{v}"
+    );
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/verify",
+        &[],
+        Some(json!({"license_key": licence, "device_id": "device-B"})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["success"], &v["error"]["code"]),
+        (403, &json!(false), &json!("device_limit")),
+        "{v}"
+    );
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/verify",
+        &[],
+        Some(json!({"license_key": "sk-nope", "device_id": "device-A"})),
+    )
+    .await;
     assert_eq!((s, &v["success"]), (401, &json!(false)), "{v}");
 
     // checkBalance: fetch(`/api/v1/license/balance/${email}`) — not public.
@@ -401,50 +575,152 @@ async fn seed_002_license_server(mode: RuntimeMode) {
     let label = v["license_key"].as_str().expect("label").to_owned();
     let (s, v) = call(&gw, "GET", &path, &[("x-license-key", &licence)], None).await;
     assert_eq!((s, &v["credits"]), (200, &json!(150)), "{v}");
-    let (s, _) = call(&gw, "GET", "/api/v1/license/balance/943113638@qq.com", &[("x-license-key", &licence)], None).await;
+    let (s, _) = call(
+        &gw,
+        "GET",
+        "/api/v1/license/balance/943113638@qq.com",
+        &[("x-license-key", &licence)],
+        None,
+    )
+    .await;
     assert_eq!(s, 401, "another email's balance");
-    let (s, v) = call(&gw, "GET", "/api/v1/license/balance/nobody@example.com", &[("x-admin-token", ADMIN)], None).await;
+    let (s, v) = call(
+        &gw,
+        "GET",
+        "/api/v1/license/balance/nobody@example.com",
+        &[("x-admin-token", ADMIN)],
+        None,
+    )
+    .await;
     assert_eq!((s, &v["success"]), (404, &json!(false)), "{v}");
     let (s, _) = call(&gw, "GET", &path, &[("x-admin-token", "wrong")], None).await;
     assert_eq!(s, 401);
 
     // deduct_credits: result['remaining_credits']
-    let (s, v) = call(&gw, "POST", "/api/v1/license/deduct", &admin, Some(json!({"email": email, "amount": 10.0}))).await;
-    assert_eq!((s, &v["success"], &v["remaining_credits"]), (200, &json!(true), &json!(140)), "{v}");
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/deduct",
+        &admin,
+        Some(json!({"email": email, "amount": 10.0})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["success"], &v["remaining_credits"]),
+        (200, &json!(true), &json!(140)),
+        "{v}"
+    );
     // Beyond the balance: fails, nothing changed.
-    let (s, v) = call(&gw, "POST", "/api/v1/license/deduct", &admin, Some(json!({"email": email, "amount": 1000}))).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/deduct",
+        &admin,
+        Some(json!({"email": email, "amount": 1000})),
+    )
+    .await;
     assert_eq!((s, &v["success"]), (402, &json!(false)), "{v}");
     let (_, v) = call(&gw, "GET", &path, &[("x-admin-token", ADMIN)], None).await;
     assert_eq!(v["credits"], json!(140));
     // Unknown email, wrong admin token.
-    let (s, v) = call(&gw, "POST", "/api/v1/license/deduct", &admin, Some(json!({"email": "nobody@example.com", "amount": 1}))).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/deduct",
+        &admin,
+        Some(json!({"email": "nobody@example.com", "amount": 1})),
+    )
+    .await;
     assert_eq!((s, &v["success"]), (404, &json!(false)), "{v}");
-    let (s, v) = call(&gw, "POST", "/api/v1/license/deduct", &[("x-admin-token", "wrong")], Some(json!({"email": email, "amount": 1}))).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/deduct",
+        &[("x-admin-token", "wrong")],
+        Some(json!({"email": email, "amount": 1})),
+    )
+    .await;
     assert_eq!((s, &v["success"]), (401, &json!(false)), "{v}");
     // add_credits: result['license_info']['credits']
-    let (s, v) = call(&gw, "POST", "/api/v1/license/recharge", &admin, Some(json!({"email": email, "amount": 50.0}))).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/recharge",
+        &admin,
+        Some(json!({"email": email, "amount": 50.0})),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let info = &v["license_info"];
-    assert_eq!((&info["credits"], &info["email"], &info["license_key"]), (&json!(190), &json!(email), &json!(label)));
-    assert!(info["last_updated_at"].as_str().is_some_and(|t| t.len() == 19), "{info}");
-    let (s, v) = call(&gw, "GET", &format!("/api/v1/license/info/{licence}"), &admin, None).await;
-    assert_eq!((s, &v["license_info"]["devices"]), (200, &json!(["device-A"])), "{v}");
+    assert_eq!(
+        (&info["credits"], &info["email"], &info["license_key"]),
+        (&json!(190), &json!(email), &json!(label))
+    );
+    assert!(
+        info["last_updated_at"]
+            .as_str()
+            .is_some_and(|t| t.len() == 19),
+        "{info}"
+    );
+    let (s, v) = call(
+        &gw,
+        "GET",
+        &format!("/api/v1/license/info/{licence}"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, &v["license_info"]["devices"]),
+        (200, &json!(["device-A"])),
+        "{v}"
+    );
 
     // Client integration: licence key and device id as headers; the first
     // request of the day pays the 0.33 credit fee, the second does not.
-    let lic_headers = [("x-license-key", licence.as_str()), ("x-device-id", "device-A")];
-    let (s, v) = call(&gw, "POST", "/v1/chat/completions", &lic_headers, Some(chat("demo-chat", false))).await;
+    let lic_headers = [
+        ("x-license-key", licence.as_str()),
+        ("x-device-id", "device-A"),
+    ];
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        &lic_headers,
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let credits = |v: &Value| pico(&v["credits"]);
     let (_, after_one) = call(&gw, "GET", &path, &[("x-admin-token", ADMIN)], None).await;
     let first = Pico(Pico::usd(190).0 - credits(&after_one).0);
-    assert!(first >= Pico::parse_usd("0.33").unwrap() && first < Pico::parse_usd("0.34").unwrap(), "{first}");
-    let (s, _) = call(&gw, "POST", "/v1/chat/completions", &lic_headers, Some(chat("demo-chat", false))).await;
+    assert!(
+        first >= Pico::parse_usd("0.33").unwrap() && first < Pico::parse_usd("0.34").unwrap(),
+        "{first}"
+    );
+    let (s, _) = call(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        &lic_headers,
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_eq!(s, 200);
     let (_, after_two) = call(&gw, "GET", &path, &[("x-admin-token", ADMIN)], None).await;
     let second = Pico(credits(&after_one).0 - credits(&after_two).0);
-    assert!(second > Pico::ZERO && second < Pico::parse_usd("0.01").unwrap(), "{second}");
-    let (s, v) = call(&gw, "POST", "/v1/chat/completions", &[("x-license-key", &licence)], Some(chat("demo-chat", false))).await;
+    assert!(
+        second > Pico::ZERO && second < Pico::parse_usd("0.01").unwrap(),
+        "{second}"
+    );
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-license-key", &licence)],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_error(s, &v, 403, "device_required");
 
     // Hugging Face Spaces: the `model` role reaches the upstream as `assistant`.
@@ -461,14 +737,37 @@ async fn seed_002_license_server(mode: RuntimeMode) {
     assert_eq!(s, 200, "{v}");
     let seen = gw.mock.requests();
     let sent: Value = serde_json::from_slice(&seen.last().expect("forwarded").body).expect("json");
-    let roles: Vec<&str> = sent["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = sent["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles, ["user", "assistant", "user"], "{sent}");
 
     // revoke: the licence no longer verifies.
-    let (s, v) = call(&gw, "POST", &format!("/api/v1/license/revoke/{licence}"), &admin, None).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        &format!("/api/v1/license/revoke/{licence}"),
+        &admin,
+        None,
+    )
+    .await;
     assert_eq!((s, &v["success"]), (200, &json!(true)), "{v}");
-    let (s, v) = call(&gw, "POST", "/api/v1/license/verify", &[], Some(json!({"license_key": licence, "device_id": "device-A"}))).await;
-    assert_eq!((s, &v["error"]["code"]), (403, &json!("key_disabled")), "{v}");
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/api/v1/license/verify",
+        &[],
+        Some(json!({"license_key": licence, "device_id": "device-A"})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["error"]["code"]),
+        (403, &json!("key_disabled")),
+        "{v}"
+    );
 }
 
 /// Seed 004: 15 picoUSD a token on chat over the model's price, 500
@@ -491,9 +790,17 @@ free = true
 "#;
     let gw = TestGateway::start_mode(mode, ROUTES, |_| {});
     let key = gw.open_key().await;
-    let (s, v) = call(&gw, "POST", "/v1/chat/completions", &[("authorization", &bearer(&key))], Some(chat("demo-chat", false))).await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &bearer(&key))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
-    let tokens = v["usage"]["prompt_tokens"].as_i64().unwrap() + v["usage"]["completion_tokens"].as_i64().unwrap();
+    let tokens = v["usage"]["prompt_tokens"].as_i64().unwrap()
+        + v["usage"]["completion_tokens"].as_i64().unwrap();
     // An upload (multipart), priced per request.
     let boundary = "XyZ";
     let form = format!(
@@ -510,11 +817,27 @@ free = true
     let (s, _, b) = send_raw(upload).await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     gw.flush().await;
-    let (_, logs) = call(&gw, "GET", "/api/usage/token/logs", &[("authorization", &bearer(&key))], None).await;
+    let (_, logs) = call(
+        &gw,
+        "GET",
+        "/api/usage/token/logs",
+        &[("authorization", &bearer(&key))],
+        None,
+    )
+    .await;
     let items = logs["data"]["items"].as_array().unwrap().clone();
-    let by_route = |r: &str| items.iter().find(|i| i["route"].as_str().is_some_and(|x| x.contains(r))).cloned();
+    let by_route = |r: &str| {
+        items
+            .iter()
+            .find(|i| i["route"].as_str().is_some_and(|x| x.contains(r)))
+            .cloned()
+    };
     let chat_row = by_route("chat").expect("chat record");
-    assert_eq!(pico(&chat_row["cost"]), Pico(15 * tokens), "15 picoUSD a token: {chat_row}");
+    assert_eq!(
+        pico(&chat_row["cost"]),
+        Pico(15 * tokens),
+        "15 picoUSD a token: {chat_row}"
+    );
     let upload = items.iter().find(|i| pico(&i["cost"]) == Pico(500));
     assert!(upload.is_some(), "500 picoUSD an upload: {items:?}");
 
@@ -524,36 +847,96 @@ free = true
     assert_eq!(status["today"]["requests"], 2);
     assert_eq!(pico(&status["all_time"]["cost"]), Pico(15 * tokens + 500));
     let stats = gw.admin_get("/api/v1/admin/billing/stats").await;
-    let chat_stats = stats["by_model"].as_array().unwrap().iter().find(|m| m["model"] == "demo-chat").cloned().expect("demo-chat");
+    let chat_stats = stats["by_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == "demo-chat")
+        .cloned()
+        .expect("demo-chat");
     assert_eq!(pico(&chat_stats["cost"]), Pico(15 * tokens));
-    assert!(stats["routes"].as_array().unwrap().iter().any(|r| r["route"] == "/v1/moderations" && r["free"] == true));
-    let (s, _, raw) = send_raw(request("GET", &gw.url("/api/v1/admin/config"), &[("x-admin-token", ADMIN)], None)).await;
+    assert!(
+        stats["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["route"] == "/v1/moderations" && r["free"] == true)
+    );
+    let (s, _, raw) = send_raw(request(
+        "GET",
+        &gw.url("/api/v1/admin/config"),
+        &[("x-admin-token", ADMIN)],
+        None,
+    ))
+    .await;
     assert_eq!(s, 200);
     let text = String::from_utf8_lossy(&raw);
     assert!(text.contains(r#""input":0.000015"#), "exact prices: {text}");
     assert!(text.contains(r#""mode":"enforce""#));
     assert!(!text.contains(ADMIN));
-    let (s, _) = call(&gw, "GET", "/api/v1/admin/config", &[("x-admin-token", "wrong")], None).await;
+    let (s, _) = call(
+        &gw,
+        "GET",
+        "/api/v1/admin/config",
+        &[("x-admin-token", "wrong")],
+        None,
+    )
+    .await;
     assert_eq!(s, 401);
     drop(gw);
 
     // observe: a key below one request's price is served and charged.
     let gw = TestGateway::start_mode(mode, "", |c| c.billing.mode = BillingMode::Observe);
-    let (poor, poor_hash) = gw.create_key(json!({"name": "poor", "limit": "0.00000001"})).await;
-    let (s, v) = call(&gw, "POST", "/v1/chat/completions", &[("authorization", &bearer(&poor))], Some(chat("demo-chat", false))).await;
+    let (poor, poor_hash) = gw
+        .create_key(json!({"name": "poor", "limit": "0.00000001"}))
+        .await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &bearer(&poor))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_eq!(s, 200, "observe never refuses for money: {v}");
     let info = gw.admin_get(&format!("/api/v1/keys/{poor_hash}")).await;
-    assert!(pico(&info["data"]["usage"]) > Pico::parse_usd("0.00000001").unwrap(), "{info}");
-    assert_eq!(gw.admin_get("/api/v1/admin/billing/status").await["mode"], "observe");
+    assert!(
+        pico(&info["data"]["usage"]) > Pico::parse_usd("0.00000001").unwrap(),
+        "{info}"
+    );
+    assert_eq!(
+        gw.admin_get("/api/v1/admin/billing/status").await["mode"],
+        "observe"
+    );
     drop(gw);
 
     // off: keys and limits only, nothing metered.
     let gw = TestGateway::start_mode(mode, "", |c| c.billing.mode = BillingMode::Off);
-    let (zero, zero_hash) = gw.create_key(json!({"name": "zero", "limit": 0, "max_requests": 1})).await;
-    let (s, v) = call(&gw, "POST", "/v1/chat/completions", &[("authorization", &bearer(&zero))], Some(chat("demo-chat", false))).await;
+    let (zero, zero_hash) = gw
+        .create_key(json!({"name": "zero", "limit": 0, "max_requests": 1}))
+        .await;
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &bearer(&zero))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     let info = gw.admin_get(&format!("/api/v1/keys/{zero_hash}")).await;
-    assert_eq!((pico(&info["data"]["usage"]), &info["data"]["requests"]), (Pico::ZERO, &json!(1)), "{info}");
-    let (s, v) = call(&gw, "POST", "/v1/chat/completions", &[("authorization", &bearer(&zero))], Some(chat("demo-chat", false))).await;
+    assert_eq!(
+        (pico(&info["data"]["usage"]), &info["data"]["requests"]),
+        (Pico::ZERO, &json!(1)),
+        "{info}"
+    );
+    let (s, v) = call(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &bearer(&zero))],
+        Some(chat("demo-chat", false)),
+    )
+    .await;
     assert_error(s, &v, 402, "request_limit_reached");
 }

@@ -17,11 +17,11 @@ use serde_json::value::RawValue;
 
 use super::super::reports::{params, range_of};
 use super::super::{Ctx, Fields, json, store_error};
+use crate::Body;
 use crate::clock::{DAY_MS, HOUR_MS};
 use crate::error::ApiError;
 use crate::money::Pico;
 use crate::store::RollupScope;
-use crate::Body;
 
 #[derive(Clone, Copy, Default, Serialize)]
 struct Totals {
@@ -135,7 +135,12 @@ pub(super) fn stats(ctx: &Ctx<'_>, query: Option<&str>) -> Result<Response<Body>
         .into_iter()
         .map(|(model, totals)| ModelStats { model, totals })
         .collect();
-    by_model.sort_by(|a, b| b.totals.cost.cmp(&a.totals.cost).then(a.model.cmp(&b.model)));
+    by_model.sort_by(|a, b| {
+        b.totals
+            .cost
+            .cmp(&a.totals.cost)
+            .then(a.model.cmp(&b.model))
+    });
     json(
         StatusCode::OK,
         &Stats {
@@ -166,17 +171,20 @@ pub(super) fn config(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
     let text = serde_json::to_string(ctx.config)
         .map_err(|e| ApiError::internal(format!("config: {e}")))?;
     let masked = mask(&text, false)?;
-    let data = RawValue::from_string(masked)
-        .map_err(|e| ApiError::internal(format!("config: {e}")))?;
+    let data =
+        RawValue::from_string(masked).map_err(|e| ApiError::internal(format!("config: {e}")))?;
     #[derive(Serialize)]
     struct Answer {
         success: bool,
         data: Box<RawValue>,
     }
-    json(StatusCode::OK, &Answer {
-        success: true,
-        data,
-    })
+    json(
+        StatusCode::OK,
+        &Answer {
+            success: true,
+            data,
+        },
+    )
 }
 
 /// Whether a config field holds a secret (its value is masked). Fields

@@ -198,7 +198,9 @@ fn usd_of(ctx: &Ctx<'_>, f: &Fields, field: &'static str) -> Result<Pico, ApiErr
 
 fn check_email(email: &str) -> Result<(), ApiError> {
     let ok = email.len() <= 254
-        && email.split_once('@').is_some_and(|(a, d)| !a.is_empty() && !d.is_empty())
+        && email
+            .split_once('@')
+            .is_some_and(|(a, d)| !a.is_empty() && !d.is_empty())
         && email.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
     if ok {
         return Ok(());
@@ -395,7 +397,9 @@ fn balance(
 /// check-then-create over an account and a key.
 async fn generate_lock() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
 }
 
 /// `POST /api/v1/license/generate` `{email, credits?}`: the email's
@@ -584,7 +588,9 @@ fn info(ctx: &Ctx<'_>, seg: &str) -> Result<Response<Body>, ApiError> {
                 max_devices: rec.max_devices,
                 issued_at: plain_time(rec.created_at),
                 last_updated_at: plain_time(
-                    account.as_ref().map_or(rec.updated_at, |a| a.updated_at.max(rec.updated_at)),
+                    account
+                        .as_ref()
+                        .map_or(rec.updated_at, |a| a.updated_at.max(rec.updated_at)),
                 ),
             },
         },

@@ -41,15 +41,12 @@ pub(super) async fn import(ctx: &Ctx<'_>, f: &Fields) -> Result<Response<crate::
         Patch::Set(n) => Some(n),
         Patch::Absent | Patch::Null => None,
     };
-    let unlimited: bool = f
-        .opt("unlimited_quota", "true or false")?
-        .unwrap_or(false);
+    let unlimited: bool = f.opt("unlimited_quota", "true or false")?.unwrap_or(false);
     // What the client presents (and the gateway hashes) is the prefix and
     // the 48: new-api strips `sk-` before its lookup, Tollgate hashes the
     // whole key, and both find this one.
     let presented = format!("{}{key}", ctx.config.keys.import_prefix);
-    let (rec, _, created) =
-        keys::import_key(ctx, &presented, owner, name, None, unlimited).await?;
+    let (rec, _, created) = keys::import_key(ctx, &presented, owner, name, None, unlimited).await?;
     let token_id = ctx.store.key_id(&rec.hash).map_err(store_error)?;
     #[derive(Serialize)]
     struct Imported<'a> {

@@ -71,8 +71,8 @@ pub(in crate::api) fn with_extra_fields(
     for (k, v) in extra {
         merged.entry(k).or_insert(v);
     }
-    let text = serde_json::to_string(&merged)
-        .map_err(|e| ApiError::internal(format!("metadata: {e}")))?;
+    let text =
+        serde_json::to_string(&merged).map_err(|e| ApiError::internal(format!("metadata: {e}")))?;
     // Still a JSON object: what `metadata_json` shows back.
     debug_assert!(RawValue::from_string(text.clone()).is_ok());
     Ok(Patch::Set(text))
