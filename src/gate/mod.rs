@@ -895,7 +895,8 @@ impl Gate {
     /// against the tpm window. The key's first request of a UTC day holds
     /// the daily fee in the same commit: no reservation, no fee. A refusal
     /// drops nothing itself: the caller's `Permit` gives the count back.
-    /// [`Gate::reserve`] under `billing.mode = "enforce"`.
+    /// This is [`Gate::reserve`] under `billing.mode = "enforce"` (see
+    /// `mode.rs` for the others).
     fn reserve_enforced(
         &self,
         key: &Arc<LiveKey>,
