@@ -842,6 +842,11 @@ free = true
     assert!(upload.is_some(), "500 picoUSD an upload: {items:?}");
 
     // Admin billing endpoints.
+    let health = gw.admin_get("/api/v1/admin/health").await;
+    assert_eq!(
+        (&health["success"], &health["mode"]),
+        (&json!(true), &json!("enforce"))
+    );
     let status = gw.admin_get("/api/v1/admin/billing/status").await;
     assert_eq!(status["mode"], "enforce");
     assert_eq!(status["today"]["requests"], 2);

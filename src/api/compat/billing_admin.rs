@@ -1,6 +1,8 @@
 //! The admin billing endpoints of seed 004, from the gateway's hourly
 //! rollups and the resolved config:
 //!
+//! - `GET /api/v1/admin/health`: the gateway, its billing mode and whether
+//!   the store takes paid requests;
 //! - `GET /api/v1/admin/billing/status`: the mode, and totals today and
 //!   all time;
 //! - `GET /api/v1/admin/billing/stats?start&end`: per model over the range
@@ -38,6 +40,30 @@ impl Totals {
         self.prompt_tokens += r.prompt_tokens;
         self.completion_tokens += r.completion_tokens;
     }
+}
+
+/// `GET /api/v1/admin/health`
+pub(super) fn health(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
+    #[derive(Serialize)]
+    struct Health {
+        success: bool,
+        status: &'static str,
+        mode: &'static str,
+        /// False while the usage queue is full: paid requests get 503.
+        store_accepting: bool,
+        keys_cached: usize,
+    }
+    let accepting = ctx.store.accepting();
+    json(
+        StatusCode::OK,
+        &Health {
+            success: true,
+            status: if accepting { "ok" } else { "degraded" },
+            mode: ctx.gate.billing_mode().as_str(),
+            store_accepting: accepting,
+            keys_cached: ctx.gate.cached(),
+        },
+    )
 }
 
 /// `GET /api/v1/admin/billing/status`

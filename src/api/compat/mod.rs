@@ -9,8 +9,8 @@
 //!   of the consumption API under `/api/usage/`;
 //! - [`license`]: the licence / credit server under `/api/v1/license/`
 //!   and `/api/v1/health`, over accounts (email) and keys (licence key);
-//! - [`billing_admin`]: `/api/v1/admin/billing/{status,stats}` and
-//!   `/api/v1/admin/config`.
+//! - [`billing_admin`]: `/api/v1/admin/health`,
+//!   `/api/v1/admin/billing/{status,stats}` and `/api/v1/admin/config`.
 
 pub(super) mod billing_admin;
 pub(super) mod license;
@@ -35,6 +35,8 @@ pub(super) enum CompatCall<'a> {
     Health,
     /// `/api/v1/license/{verify,generate,recharge,deduct}`
     License(license::Call<'a>),
+    /// `GET /api/v1/admin/health`
+    AdminHealth,
     /// `GET /api/v1/admin/billing/status`
     BillingStatus,
     /// `GET /api/v1/admin/billing/stats`
@@ -48,6 +50,7 @@ pub(super) fn call_of(path: &str) -> Option<CompatCall<'_>> {
     match path {
         "/api/token/import" => return Some(CompatCall::TokenImport),
         "/api/v1/health" => return Some(CompatCall::Health),
+        "/api/v1/admin/health" => return Some(CompatCall::AdminHealth),
         "/api/v1/admin/billing/status" => return Some(CompatCall::BillingStatus),
         "/api/v1/admin/billing/stats" => return Some(CompatCall::BillingStats),
         "/api/v1/admin/config" => return Some(CompatCall::Config),
@@ -82,7 +85,10 @@ where
         CompatCall::Health if m == Method::GET => license::health(ctx),
         CompatCall::Health => Err(ApiError::method_not_allowed()),
         CompatCall::License(c) => Ok(license::handle(ctx, c, parts, body, client_ip).await),
-        CompatCall::BillingStatus | CompatCall::BillingStats | CompatCall::Config => {
+        CompatCall::AdminHealth
+        | CompatCall::BillingStatus
+        | CompatCall::BillingStats
+        | CompatCall::Config => {
             admin_any(ctx, h, client_ip)?;
             if m != Method::GET {
                 return Err(ApiError::method_not_allowed());
@@ -90,6 +96,7 @@ where
             match call {
                 CompatCall::BillingStatus => billing_admin::status(ctx),
                 CompatCall::BillingStats => billing_admin::stats(ctx, parts.uri.query()),
+                CompatCall::AdminHealth => billing_admin::health(ctx),
                 _ => billing_admin::config(ctx),
             }
         }
