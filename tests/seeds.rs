@@ -904,6 +904,9 @@ free = true
     )
     .await;
     assert_eq!(s, 200, "observe never refuses for money: {v}");
+    let seen = gw.mock.requests();
+    let sent: Value = serde_json::from_slice(&seen.last().expect("forwarded").body).expect("json");
+    assert_eq!(sent["max_completion_tokens"], 256, "not capped: {sent}");
     let info = gw.admin_get(&format!("/api/v1/keys/{poor_hash}")).await;
     assert!(
         pico(&info["data"]["usage"]) > Pico::parse_usd("0.00000001").unwrap(),

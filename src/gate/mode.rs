@@ -2,9 +2,10 @@
 //!
 //! - `enforce`: [`Gate::reserve_enforced`], which refuses (402) what the
 //!   key or its account cannot pay;
-//! - `observe`: the same, but a refusal for money becomes a reservation of
-//!   nothing that still settles the actual cost (and the day's fee) on the
-//!   key and its account: metered, recorded, never refused for money;
+//! - `observe`: the same without lowering `max_tokens` (`cap`), and a
+//!   refusal for money becomes a reservation of nothing that still settles
+//!   the actual cost (and the day's fee) on the key and its account:
+//!   metered, recorded, never refused or cut for money;
 //! - `off`: a reservation of nothing that settles nothing: keys, rates and
 //!   request caps still apply, no money moves.
 //!
@@ -50,7 +51,15 @@ impl Gate {
         match self.billing_mode() {
             BillingMode::Enforce => self.reserve_enforced(key, policy, bound),
             BillingMode::Off => Ok(self.reserve_nothing(key, policy, false)?),
-            BillingMode::Observe => match self.reserve_enforced(key, policy, bound) {
+            // Never lowered either: what the client asked for goes upstream.
+            BillingMode::Observe => match self.reserve_enforced(
+                key,
+                policy,
+                &Bound {
+                    cap: false,
+                    ..*bound
+                },
+            ) {
                 Err(e) if e.status == StatusCode::PAYMENT_REQUIRED => {
                     self.reserve_nothing(key, policy, true)
                 }
