@@ -9,8 +9,8 @@
 //!   of the consumption API under `/api/usage/`;
 //! - [`license`]: the licence / credit server under `/api/v1/license/`
 //!   and `/api/v1/health`, over accounts (email) and keys (licence key);
-//! - [`billing_admin`]: `/api/v1/admin/health`,
-//!   `/api/v1/admin/billing/{status,stats}` and `/api/v1/admin/config`.
+//! - [`billing_admin`]: the admin's health, billing status and stats, and
+//!   the resolved config (`/api/v1/admin/…`).
 
 pub(super) mod billing_admin;
 pub(super) mod license;
