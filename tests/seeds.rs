@@ -450,6 +450,7 @@ async fn seed_001_newapi_import_and_consumption(mode: RuntimeMode) {
         (200, &json!(true), &json!(true)),
         "{v}"
     );
+    assert_eq!(v["data"]["token_id"].as_u64(), Some(token_id));
 }
 
 /// Seed 002: the licence server's endpoints and its client integration

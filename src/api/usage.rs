@@ -37,6 +37,8 @@ struct Envelope<T> {
 #[derive(Serialize)]
 struct TokenUsage<'a> {
     object: &'static str,
+    /// The key's stable integer id (new-api's token id).
+    token_id: u64,
     name: &'a str,
     /// The limit (0 when unlimited).
     total_granted: Pico,
@@ -120,6 +122,7 @@ fn answer(
             let n = live.numbers();
             let data = TokenUsage {
                 object: "token_usage",
+                token_id: ctx.store.key_id(&live.hash).map_err(super::store_error)?,
                 name: &rec.name,
                 total_granted: n.limit.unwrap_or(Pico::ZERO),
                 total_used: if n.limit.is_some() {
