@@ -96,6 +96,7 @@ impl Gateway {
             opts.clock.clone(),
             config.limits.unknown_key_per_minute,
         );
+        gate.wallets().set_plans(&config.plans);
         let metrics = Metrics::new(routing.upstream_names());
         let workers = config.runtime.worker_count();
         let mode = config.runtime.mode;
@@ -277,6 +278,7 @@ async fn sweeper(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
+        crate::billing::subscriptions::sweep(&app).await;
         let evicted = app.gate.sweep();
         if evicted > 0 {
             tracing::debug!(evicted, "idle keys dropped from memory");

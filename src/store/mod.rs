@@ -15,6 +15,7 @@ mod codec;
 mod layout;
 mod log;
 mod records;
+mod subscriptions;
 #[cfg(test)]
 mod tests;
 mod thread;
@@ -34,6 +35,7 @@ use crate::money::Pico;
 use codec::*;
 use layout::*;
 pub use records::*;
+pub use subscriptions::STALE_SUBSCRIPTION;
 pub use thread::MAX_BATCH_OPS;
 use thread::{AccountEdit, Op, StoreThread};
 
