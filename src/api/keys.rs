@@ -582,7 +582,7 @@ pub(super) fn get(ctx: &Ctx<'_>, hash: &KeyHash) -> Result<http::Response<crate:
     let now = ctx.clock.now_ms();
     let live = ctx.gate.lookup(hash, now)?.ok_or_else(key_not_found)?;
     let policy = live.policy();
-    let view = KeyView::new(ctx, &policy.record, &Numbers::live(&live), now)?;
+    let view = KeyView::new(ctx, policy.own_record(), &Numbers::live(&live), now)?;
     json(StatusCode::OK, &Data { data: view })
 }
 
@@ -598,7 +598,7 @@ pub(super) async fn patch(
     let live = ctx.gate.lookup(&hash, now)?.ok_or_else(key_not_found)?;
     // The live record is the freshest (it has device bindings the store
     // thread may not have applied yet).
-    let mut record = live.policy().record.clone();
+    let mut record = live.policy().own_record().clone();
     let limit = apply_patch(spec, &mut record, now);
     ctx.store
         .update_key(record.clone())
@@ -821,6 +821,19 @@ pub(crate) struct KeyView<'a> {
     devices: &'a [String],
     daily_fee: Option<Pico>,
     metadata: Option<Box<RawValue>>,
+    /// `active`, `disabled` or `expired` (past `expires_at`, e.g. a trial key).
+    status: &'static str,
+}
+
+/// A key's status at `now_ms`: disabled first, then expired.
+pub(crate) fn key_status(rec: &KeyRecord, now_ms: i64) -> &'static str {
+    if rec.disabled {
+        "disabled"
+    } else if rec.expires_at.is_some_and(|e| now_ms >= e) {
+        "expired"
+    } else {
+        "active"
+    }
 }
 
 impl<'a> KeyView<'a> {
@@ -861,6 +874,7 @@ impl<'a> KeyView<'a> {
             devices: &rec.devices,
             daily_fee: rec.daily_fee,
             metadata: metadata_json(rec.metadata.as_deref()),
+            status: key_status(rec, now_ms),
         })
     }
 }

@@ -352,27 +352,22 @@ impl<'a> Billing<'a> {
             .with_param("idempotency_key"));
         }
         let _guard = write_lock().await;
-        let mut sub = self.get(sid)?;
         if self
             .store
             .renewal_applied(sid, idempotency_key)
             .map_err(store_failed)?
             .is_some()
         {
-            return Ok((sub, true));
-        }
-        if !sub.status.is_live() {
-            return Err(ended(&sub));
+            return Ok((self.get(sid)?, true));
         }
         let now = self.clock.now_ms();
-        let expect = sub.version;
+        let (mut sub, expect, mut money) = self.live_settled(sid, now).await?;
         sub.paid_through = sub.paid_through.max(sub.period) + 1;
         sub.cancel_at_period_end = false;
         if sub.status == SubscriptionStatus::PastDue {
             sub.status = SubscriptionStatus::Active;
             sub.past_due_since = None;
         }
-        let mut money = Vec::new();
         self.settle_due(&mut sub, &mut money, now)?;
         sub.updated_at = now;
         let out = self
@@ -385,19 +380,13 @@ impl<'a> Billing<'a> {
     /// expires `grace` later unless renewed. Already past due: unchanged.
     pub async fn mark_past_due(&self, sid: &str) -> Result<SubscriptionRecord, ApiError> {
         let _guard = write_lock().await;
-        let mut sub = self.get(sid)?;
-        if !sub.status.is_live() {
-            return Err(ended(&sub));
-        }
-        if sub.status == SubscriptionStatus::PastDue {
-            return Ok(sub);
-        }
         let now = self.clock.now_ms();
-        let expect = sub.version;
-        sub.status = SubscriptionStatus::PastDue;
-        sub.past_due_since = Some(now);
-        let mut money = Vec::new();
-        self.settle_due(&mut sub, &mut money, now)?;
+        let (mut sub, expect, mut money) = self.live_settled(sid, now).await?;
+        if sub.status != SubscriptionStatus::PastDue {
+            sub.status = SubscriptionStatus::PastDue;
+            sub.past_due_since = Some(now);
+            self.settle_due(&mut sub, &mut money, now)?;
+        }
         sub.updated_at = now;
         Ok(self.write(sub, expect, money, None, now).await?.sub)
     }
@@ -410,13 +399,8 @@ impl<'a> Billing<'a> {
         at_period_end: bool,
     ) -> Result<SubscriptionRecord, ApiError> {
         let _guard = write_lock().await;
-        let mut sub = self.get(sid)?;
-        if !sub.status.is_live() {
-            return Err(ended(&sub));
-        }
         let now = self.clock.now_ms();
-        let expect = sub.version;
-        let mut money = Vec::new();
+        let (mut sub, expect, mut money) = self.live_settled(sid, now).await?;
         if at_period_end {
             sub.cancel_at_period_end = true;
         } else {
@@ -440,18 +424,11 @@ impl<'a> Billing<'a> {
             return self.cancel(sid, true).await;
         }
         let _guard = write_lock().await;
-        let mut sub = self.get(sid)?;
-        if !sub.status.is_live() {
-            return Err(ended(&sub));
-        }
-        if !sub.cancel_at_period_end {
-            return Ok(sub);
-        }
         let now = self.clock.now_ms();
-        let expect = sub.version;
+        let (mut sub, expect, money) = self.live_settled(sid, now).await?;
         sub.cancel_at_period_end = false;
         sub.updated_at = now;
-        Ok(self.write(sub, expect, Vec::new(), None, now).await?.sub)
+        Ok(self.write(sub, expect, money, None, now).await?.sub)
     }
 
     /// Changes the plan. An upgrade (a larger grant, or the same grant at
@@ -463,17 +440,9 @@ impl<'a> Billing<'a> {
     pub async fn change_plan(&self, sid: &str, plan: &str) -> Result<SubscriptionRecord, ApiError> {
         let new = self.terms(plan, "plan")?;
         let _guard = write_lock().await;
-        let mut sub = self.get(sid)?;
-        if !sub.status.is_live() {
-            return Err(ended(&sub));
-        }
         let now = self.clock.now_ms();
-        let expect = sub.version;
-        let mut money = Vec::new();
+        let (mut sub, expect, mut money) = self.live_settled(sid, now).await?;
         if sub.plan == plan {
-            if sub.next_plan.is_none() {
-                return Ok(sub);
-            }
             sub.next_plan = None;
         } else {
             let old = self.terms(&sub.plan, "plan")?;
@@ -499,6 +468,30 @@ impl<'a> Billing<'a> {
         }
         sub.updated_at = now;
         Ok(self.write(sub, expect, money, None, now).await?.sub)
+    }
+
+    /// The stored subscription moved through every boundary `now` passed
+    /// (not yet written), with the version read and the money the moves
+    /// make. One that is, or just became, ended: the moves are written and
+    /// the answer is 409 `subscription_ended`. Call under `write_lock`.
+    async fn live_settled(
+        &self,
+        sid: &str,
+        now: i64,
+    ) -> Result<(SubscriptionRecord, u64, Vec<SubscriptionMoney>), ApiError> {
+        let mut sub = self.get(sid)?;
+        let expect = sub.version;
+        if !sub.status.is_live() {
+            return Err(ended(&sub));
+        }
+        let mut money = Vec::new();
+        self.settle_due(&mut sub, &mut money, now)?;
+        if !sub.status.is_live() {
+            sub.updated_at = now;
+            let out = self.write(sub, expect, money, None, now).await?;
+            return Err(ended(&out.sub));
+        }
+        Ok((sub, expect, money))
     }
 
     /// The lifecycle on the clock: moves every live subscription whose

@@ -211,6 +211,12 @@ impl Policy {
         }
     }
 
+    /// The key's own record, without a subscription plan's template over
+    /// it: what the admin API shows and edits.
+    pub fn own_record(&self) -> &KeyRecord {
+        self.base.as_deref().unwrap_or(&self.record)
+    }
+
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|m| m.matches(model))
     }
