@@ -265,7 +265,7 @@ async fn a_month_of_lifecycle_trial_to_expiry(mode: RuntimeMode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollover_carries_unused_allowance_and_without_it_it_lapses() {
     let gw = TestGateway::start_with(PLANS);
-    for (id, plan) in [("r-on", "roll"), ("r-off", "basic")] {
+    for (id, plan) in [("r-off", "basic"), ("r-on", "roll")] {
         new_account(&gw, id).await;
         let s = subscribe(&gw, id, json!({"plan": plan})).await;
         let sid = s["id"].as_str().unwrap().to_owned();
@@ -543,10 +543,12 @@ grant = "3"
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        while !line.contains("listening on http://") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "the gateway did not start");
+        }
         let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
         (child, addr)
     };
