@@ -490,6 +490,30 @@ async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
     assert_eq!(sub(&gw, sid).await["status"], "canceled");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trial_keys_answer_expired_once_past_their_expiry() {
+    let gw = TestGateway::start_with(PLANS);
+    let (key, hash) = gw
+        .create_key(json!({"name": "t", "plan": "trial", "owner": "x1"}))
+        .await;
+    let v = gw.admin_get(&format!("/api/v1/keys/{hash}")).await;
+    assert_eq!(v["data"]["status"], "active", "{v}");
+    gw.clock.advance(Duration::from_millis(8 * DAY_MS as u64));
+    let v = gw.admin_get(&format!("/api/v1/keys/{hash}")).await;
+    assert_eq!(v["data"]["status"], "expired", "{v}");
+    let v = gw.admin_get("/api/v1/keys").await;
+    let listed = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["hash"] == hash.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(listed["status"], "expired");
+    let (st, v) = chat_status(&gw, &key, "demo-chat").await;
+    assert_error(st, &v, 403, "key_expired");
+}
+
 fn hash_bytes(hex_hash: &str) -> KeyHash {
     hex::decode(hex_hash).unwrap().try_into().unwrap()
 }

@@ -699,6 +699,29 @@ mod tests {
     }
 
     #[test]
+    fn plan_terms_are_checked_at_parse() {
+        const MINIMAL: &str = "[[upstreams]]\nname = \"mock\"\nmock = true\n[models.\"m\"]\ninput = \"1\"\noutput = \"1\"\n";
+        let parse = |plan: &str| Config::parse(&format!("{MINIMAL}[plans.p]\n{plan}\n"), "t.toml");
+        let c = parse("interval = \"month\"\ngrant = \"0.000001\"\nprice = \"9.99\"\nrollover = true\ntrial_days = 7\ngrace = \"3d\"\nstripe_price = \"price_1\"").unwrap();
+        let p = &c.plans["p"];
+        assert_eq!(p.interval, Some(Interval::Month));
+        assert_eq!(p.grant, Some(Pico(1_000_000)));
+        assert_eq!(p.price, Some(Pico::parse_usd("9.99").unwrap()));
+        assert!(p.rollover);
+        for (bad, says) in [
+            ("grant = \"1\"", "need interval"),
+            ("interval = \"month\"\ngrant = \"-1\"", "grant must not be negative"),
+            ("interval = \"month\"\nprice = \"0.0000000000001\"", "price"),
+            ("interval = \"fortnight\"", "interval"),
+            ("interval = \"day\"\ntrial_days = 400", "trial_days"),
+            ("interval = \"day\"\nstripe_price = \"\"", "stripe_price"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn the_template_replaces_only_what_the_plan_sets() {
         let mut rec = KeyRecord {
             rpm: Some(5),
