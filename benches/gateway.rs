@@ -53,7 +53,12 @@ async fn round_trip(client: &HttpClient, req: Request<Full<Bytes>>) -> usize {
 static TOTALS: Mutex<BTreeMap<String, (Duration, u64)>> = Mutex::new(BTreeMap::new());
 
 /// An admin POST of a JSON body; asserts its status.
-async fn admin_post(client: &HttpClient, url: String, body: String, want: u16) -> serde_json::Value {
+async fn admin_post(
+    client: &HttpClient,
+    url: String,
+    body: String,
+    want: u16,
+) -> serde_json::Value {
     let req = Request::post(url)
         .header("authorization", format!("Bearer {}", common::ADMIN))
         .header("content-type", "application/json")
@@ -70,7 +75,13 @@ fn account_key(bench: &common::BenchGateway) -> String {
     let base = format!("http://{}/api/v1", bench.gw.addr());
     bench.rt.block_on(async {
         let c = &bench.client;
-        admin_post(c, format!("{base}/accounts"), r#"{"id":"bench-acct"}"#.into(), 201).await;
+        admin_post(
+            c,
+            format!("{base}/accounts"),
+            r#"{"id":"bench-acct"}"#.into(),
+            201,
+        )
+        .await;
         admin_post(
             c,
             format!("{base}/accounts/bench-acct/credits"),

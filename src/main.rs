@@ -98,7 +98,10 @@ fn serve(path: &std::path::Path) -> ExitCode {
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|ms| *ms > 0)
     {
-        tracing::warn!(offset_ms = ms, "TOLLGATE_CLOCK_OFFSET_MS: the clock runs ahead");
+        tracing::warn!(
+            offset_ms = ms,
+            "TOLLGATE_CLOCK_OFFSET_MS: the clock runs ahead"
+        );
         clock.advance(std::time::Duration::from_millis(ms));
     }
     let opts = StartOptions {

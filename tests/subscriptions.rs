@@ -127,7 +127,10 @@ async fn sub(gw: &TestGateway, sid: &str) -> Value {
 /// too: both are serialized and idempotent).
 async fn advance(gw: &TestGateway, by_ms: i64) {
     gw.clock.advance(Duration::from_millis(by_ms as u64));
-    Billing::of(gw.app()).process_due().await.expect("lifecycle");
+    Billing::of(gw.app())
+        .process_due()
+        .await
+        .expect("lifecycle");
 }
 
 async fn chat_status(gw: &TestGateway, key: &str, model: &str) -> (u16, Value) {
@@ -141,7 +144,13 @@ async fn chat_status(gw: &TestGateway, key: &str, model: &str) -> (u16, Value) {
     } else {
         "/v1/chat/completions"
     };
-    let (s, _, v) = send("POST", &gw.url(path), &[("authorization", &bearer(key))], Some(body)).await;
+    let (s, _, v) = send(
+        "POST",
+        &gw.url(path),
+        &[("authorization", &bearer(key))],
+        Some(body),
+    )
+    .await;
     (s, v)
 }
 
@@ -150,7 +159,12 @@ async fn a_month_of_lifecycle_trial_to_expiry(mode: RuntimeMode) {
     new_account(&gw, "u1").await;
     let (key, _) = gw.create_key(json!({"name": "phone", "owner": "u1"})).await;
     let created = gw.clock.now_ms();
-    let s = subscribe(&gw, "u1", json!({"plan": "basic", "trial_days": 7, "external_id": "stripe_sub_1"})).await;
+    let s = subscribe(
+        &gw,
+        "u1",
+        json!({"plan": "basic", "trial_days": 7, "external_id": "stripe_sub_1"}),
+    )
+    .await;
     let sid = s["id"].as_str().unwrap().to_owned();
     assert_eq!(s["status"], "trialing");
     assert_eq!(s["plan"], "basic");
@@ -160,7 +174,11 @@ async fn a_month_of_lifecycle_trial_to_expiry(mode: RuntimeMode) {
     assert!((trial_end - created - 7 * DAY_MS).abs() < 5_000, "{s}");
     assert_eq!(ms(&s["current_period_end"]), trial_end);
     let a = account(&gw, "u1").await;
-    assert_eq!(usd(&a["allowance"]), p("1"), "the trial grants the plan's grant: {a}");
+    assert_eq!(
+        usd(&a["allowance"]),
+        p("1"),
+        "the trial grants the plan's grant: {a}"
+    );
     assert_eq!(a["subscription"]["id"], sid.as_str());
     assert_eq!(a["subscription"]["status"], "trialing");
     assert_eq!(ledger(&gw, "u1").await, vec![("grant".into(), p("1"))]);
@@ -228,7 +246,8 @@ async fn a_month_of_lifecycle_trial_to_expiry(mode: RuntimeMode) {
     let left = Pico(p("1").0 - (spent_before.0 - cost.0));
 
     // Past the grace: expired, by the background sweeper on its own.
-    gw.clock.advance(Duration::from_millis(DAY_MS as u64 + 1_000));
+    gw.clock
+        .advance(Duration::from_millis(DAY_MS as u64 + 1_000));
     let app = gw.app().clone();
     let expired = eventually(Duration::from_secs(5), || {
         app.store
@@ -276,7 +295,10 @@ async fn rollover_carries_unused_allowance_and_without_it_it_lapses() {
         if plan == "roll" {
             assert_eq!(end - start, 7 * DAY_MS, "a week");
         } else {
-            assert!((28 * DAY_MS..=31 * DAY_MS).contains(&(end - start)), "a month");
+            assert!(
+                (28 * DAY_MS..=31 * DAY_MS).contains(&(end - start)),
+                "a month"
+            );
         }
         // Both roll once: advance each to just past its own end.
         let now = gw.clock.now_ms();
@@ -329,8 +351,15 @@ async fn upgrade_grants_pro_rata_now_and_downgrade_waits_for_the_period() {
     assert_eq!(entry["kind"], "grant");
     let at = ms(&entry["at"]);
     let want = (3 * 1_000_000_000_000i128 * i128::from(end - at) / i128::from(end - start)) as i64;
-    assert_eq!(usd(&entry["amount"]), Pico(want), "(4 − 1) × time left / period");
-    assert!(want > p("1.49").0 && want < p("1.51").0, "about half of 3 USD: {want}");
+    assert_eq!(
+        usd(&entry["amount"]),
+        Pico(want),
+        "(4 − 1) × time left / period"
+    );
+    assert!(
+        want > p("1.49").0 && want < p("1.51").0,
+        "about half of 3 USD: {want}"
+    );
     // The same upgrade again grants nothing.
     let (st, _) = admin(
         &gw,
@@ -352,7 +381,11 @@ async fn upgrade_grants_pro_rata_now_and_downgrade_waits_for_the_period() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["data"]["plan"], "pro");
     assert_eq!(v["data"]["next_plan"], "basic");
-    assert_eq!(ledger(&gw, "up").await.len(), 2, "a downgrade moves no money now");
+    assert_eq!(
+        ledger(&gw, "up").await.len(),
+        2,
+        "a downgrade moves no money now"
+    );
     let (st, _) = renew(&gw, &sid, "p1").await;
     assert_eq!(st, 200);
     advance(&gw, end - gw.clock.now_ms() + 1_000).await;
@@ -406,7 +439,11 @@ async fn cancel_at_period_end_ends_cleanly_and_the_template_applies_meanwhile() 
     assert_eq!(st, 200, "still live until the end: {v}");
     gw.flush().await;
     let allowance = usd(&account(&gw, "c1").await["allowance"]);
-    advance(&gw, ms(&s["current_period_end"]) - gw.clock.now_ms() + 1_000).await;
+    advance(
+        &gw,
+        ms(&s["current_period_end"]) - gw.clock.now_ms() + 1_000,
+    )
+    .await;
     let s = sub(&gw, &sid).await;
     assert_eq!(s["status"], "canceled", "{s}");
     assert!(s["ended_at"].is_string());
@@ -434,8 +471,16 @@ async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
     for (body, status, code) in [
         (json!({"plan": "nope"}), 400, "unknown_plan"),
         (json!({"plan": "trial"}), 400, "plan_not_subscribable"),
-        (json!({"plan": "basic", "trial_days": -1}), 400, "invalid_type"),
-        (json!({"plan": "basic", "trial_days": 400}), 400, "invalid_value"),
+        (
+            json!({"plan": "basic", "trial_days": -1}),
+            400,
+            "invalid_type",
+        ),
+        (
+            json!({"plan": "basic", "trial_days": 400}),
+            400,
+            "invalid_value",
+        ),
         (json!({"plan": "basic", "price": "1"}), 400, "unknown_field"),
         (json!({}), 400, "missing_field"),
     ] {
@@ -471,7 +516,13 @@ async fn bad_input_is_a_clear_4xx_and_changes_nothing() {
     let renew_path = format!("/api/v1/subscriptions/{sid}/renew");
     let (s, v) = admin(&gw, "POST", &renew_path, Some(json!({}))).await;
     assert_error(s, &v, 400, "missing_field");
-    let (s, v) = admin(&gw, "POST", &renew_path, Some(json!({"idempotency_key": ""}))).await;
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        &renew_path,
+        Some(json!({"idempotency_key": ""})),
+    )
+    .await;
     assert_error(s, &v, 400, "invalid_value");
     let patch = format!("/api/v1/subscriptions/{sid}");
     let (s, v) = admin(&gw, "PATCH", &patch, Some(json!({"plan": "nope"}))).await;
@@ -563,7 +614,10 @@ grant = "3"
             .args(["serve", "--config", config.to_str().unwrap()])
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
             .env("TOLLGATE_LOG", "warn")
-            .env("TOLLGATE_CLOCK_OFFSET_MS", (offset_days * DAY_MS).to_string())
+            .env(
+                "TOLLGATE_CLOCK_OFFSET_MS",
+                (offset_days * DAY_MS).to_string(),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -571,7 +625,10 @@ grant = "3"
         let mut line = String::new();
         while !line.contains("listening on http://") {
             line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "the gateway did not start");
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "the gateway did not start"
+            );
         }
         let addr = line.trim().rsplit("http://").next().unwrap().to_owned();
         (child, addr)
@@ -587,11 +644,26 @@ grant = "3"
     let mut keys = Vec::new();
     for i in 0..N {
         let id = format!("k{i}");
-        let (s, _, v) = send("POST", &url(&addr, "/api/v1/accounts"), &admin_h, Some(json!({"id": id}))).await;
+        let (s, _, v) = send(
+            "POST",
+            &url(&addr, "/api/v1/accounts"),
+            &admin_h,
+            Some(json!({"id": id})),
+        )
+        .await;
         assert_eq!(s, 201, "{v}");
-        let (s, _, v) = send("POST", &url(&addr, "/api/v1/keys"), &admin_h, Some(json!({"name": "k", "owner": id}))).await;
+        let (s, _, v) = send(
+            "POST",
+            &url(&addr, "/api/v1/keys"),
+            &admin_h,
+            Some(json!({"name": "k", "owner": id})),
+        )
+        .await;
         assert_eq!(s, 201, "{v}");
-        keys.push((v["key"].as_str().unwrap().to_owned(), v["data"]["hash"].as_str().unwrap().to_owned()));
+        keys.push((
+            v["key"].as_str().unwrap().to_owned(),
+            v["data"]["hash"].as_str().unwrap().to_owned(),
+        ));
         let (s, _, v) = send(
             "POST",
             &url(&addr, &format!("/api/v1/accounts/{id}/subscriptions")),
@@ -611,7 +683,10 @@ grant = "3"
         assert_eq!(s, 200, "{v}");
         subs.push((id, sid));
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     child.wait().unwrap();
 
     // Run 2 (day 1, a little after): the sweeper rolls them all at start,
@@ -686,7 +761,13 @@ grant = "3"
     for _ in 0..200 {
         rolled = 0;
         for (_, sid) in &subs {
-            let (_, _, v) = send("GET", &url(&addr, &format!("/api/v1/subscriptions/{sid}")), &admin_h, None).await;
+            let (_, _, v) = send(
+                "GET",
+                &url(&addr, &format!("/api/v1/subscriptions/{sid}")),
+                &admin_h,
+                None,
+            )
+            .await;
             if v["data"]["period"].as_u64() >= Some(1) {
                 rolled += 1;
             }
@@ -697,7 +778,10 @@ grant = "3"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(rolled, N, "every subscription rolled into day 1");
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     child.wait().unwrap();
 
     // The books, straight from the store.
@@ -722,15 +806,27 @@ grant = "3"
             .iter()
             .filter(|e| e.kind == AccountCreditKind::Grant && e.reason.contains("upgrade"))
             .count();
-        assert!(upgrades <= 2, "{id}: at most one upgrade grant per period: {entries:?}");
+        assert!(
+            upgrades <= 2,
+            "{id}: at most one upgrade grant per period: {entries:?}"
+        );
         let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, (1..=entries.len() as u64).collect::<Vec<_>>(), "{id}: ledger gapless");
+        assert_eq!(
+            seqs,
+            (1..=entries.len() as u64).collect::<Vec<_>>(),
+            "{id}: ledger gapless"
+        );
         assert_eq!(a.ledger_seq, entries.len() as u64);
         // spent = Σ records + ledger (no deducts here); every charge came
         // out of allowance + balance, so they are what the grants and
         // lapses and the usage leave.
         let h = hash_bytes(&keys[i].1);
-        let records: i64 = store.usage(&h, 0, 100_000).unwrap().iter().map(|r| r.cost.0).sum();
+        let records: i64 = store
+            .usage(&h, 0, 100_000)
+            .unwrap()
+            .iter()
+            .map(|r| r.cost.0)
+            .sum();
         assert_eq!(a.spent.0, records, "{id}: spent = Σ records + ledger");
         let moved: i64 = entries
             .iter()

@@ -81,12 +81,7 @@ pub(super) fn view<'a>(ctx: &Ctx<'_>, s: &'a SubscriptionRecord) -> Subscription
 }
 
 fn answer(ctx: &Ctx<'_>, status: StatusCode, s: &SubscriptionRecord) -> Answer {
-    json(
-        status,
-        &Data {
-            data: view(ctx, s),
-        },
-    )
+    json(status, &Data { data: view(ctx, s) })
 }
 
 /// `POST /api/v1/accounts/{id}/subscriptions` `{plan, trial_days?, external_id?}` → 201.

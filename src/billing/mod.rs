@@ -16,15 +16,15 @@
 pub mod subscriptions;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
+use crate::config::PlanConfig;
 use crate::error::ApiError;
 use crate::money::Pico;
-use crate::config::PlanConfig;
 use crate::store::{AccountRecord, AccountStatus, Store};
 
 /// One account's wallet while it is in memory.
@@ -57,8 +57,11 @@ pub struct LiveAccount {
     plan_version: AtomicU64,
     /// The live subscription's plan (name, template), read only when
     /// `plan_version` changed.
-    plan: RwLock<Option<(Arc<str>, Arc<PlanConfig>)>>,
+    plan: RwLock<Option<PlanTemplate>>,
 }
+
+/// A live subscription's plan: its name and its key template.
+pub type PlanTemplate = (Arc<str>, Arc<PlanConfig>);
 
 /// `LiveAccount::sub_state`: the account never had a subscription.
 const SUB_NONE: u8 = 0;
@@ -148,7 +151,7 @@ impl LiveAccount {
     }
 
     /// The plan template in force with its version, read together.
-    pub fn plan(&self) -> (u64, Option<(Arc<str>, Arc<PlanConfig>)>) {
+    pub fn plan(&self) -> (u64, Option<PlanTemplate>) {
         let slot = self.plan.read().unwrap_or_else(|e| e.into_inner());
         (self.plan_version.load(Ordering::Acquire), slot.clone())
     }

@@ -234,7 +234,10 @@ impl<'a> Billing<'a> {
     }
 
     /// The newest subscription with this payment-provider id.
-    pub fn by_external_id(&self, external_id: &str) -> Result<Option<SubscriptionRecord>, ApiError> {
+    pub fn by_external_id(
+        &self,
+        external_id: &str,
+    ) -> Result<Option<SubscriptionRecord>, ApiError> {
         let all = self
             .store
             .subscriptions_where(|s| s.external_id.as_deref() == Some(external_id))
@@ -268,7 +271,9 @@ impl<'a> Billing<'a> {
         {
             return Err(ApiError::bad_request(
                 "invalid_value",
-                format!("`external_id` must be 1 to {MAX_EXTERNAL_ID} bytes, no control characters."),
+                format!(
+                    "`external_id` must be 1 to {MAX_EXTERNAL_ID} bytes, no control characters."
+                ),
             )
             .with_param("external_id"));
         }
@@ -525,7 +530,9 @@ impl<'a> Billing<'a> {
             let expect = before.version;
             match self.write(sub, expect, money, None, now).await {
                 Ok(_) => changed += 1,
-                Err(e) => tracing::warn!(sub = %s.id, error = %e.message, "subscription not advanced"),
+                Err(e) => {
+                    tracing::warn!(sub = %s.id, error = %e.message, "subscription not advanced")
+                }
             }
         }
         Ok(changed)
@@ -578,7 +585,10 @@ impl<'a> Billing<'a> {
                     });
                 }
                 let next = match sub.next_plan.take() {
-                    Some(p) => self.terms(&p, "plan").map(|_| p).unwrap_or_else(|_| sub.plan.clone()),
+                    Some(p) => self
+                        .terms(&p, "plan")
+                        .map(|_| p)
+                        .unwrap_or_else(|_| sub.plan.clone()),
                     None => sub.plan.clone(),
                 };
                 let interval = self.terms(&next, "plan")?.interval;
@@ -710,7 +720,10 @@ mod tests {
         assert!(p.rollover);
         for (bad, says) in [
             ("grant = \"1\"", "need interval"),
-            ("interval = \"month\"\ngrant = \"-1\"", "grant must not be negative"),
+            (
+                "interval = \"month\"\ngrant = \"-1\"",
+                "grant must not be negative",
+            ),
             ("interval = \"month\"\nprice = \"0.0000000000001\"", "price"),
             ("interval = \"fortnight\"", "interval"),
             ("interval = \"day\"\ntrial_days = 400", "trial_days"),
