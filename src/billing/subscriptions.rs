@@ -290,6 +290,20 @@ impl<'a> Billing<'a> {
             ));
         }
         let now = self.clock.now_ms();
+        // A live one whose end the sweeper has not reached yet is moved on
+        // first: if that ends it, the account may subscribe again now.
+        if let Some(l) = a.subscription.as_ref().filter(|l| l.status.is_live()) {
+            match self.live_settled(&l.id, now).await {
+                Err(e) if e.code == "subscription_ended" => {}
+                Err(e) => return Err(e),
+                Ok(_) => {
+                    return Err(ApiError::conflict(
+                        "subscription_exists",
+                        "The account already has a live subscription; change its plan instead.",
+                    ));
+                }
+            }
+        }
         let trial = trial_days.or(terms.plan.trial_days).unwrap_or(0);
         let mut sub = SubscriptionRecord {
             id: new_id()?,
