@@ -565,6 +565,42 @@ async fn trial_keys_answer_expired_once_past_their_expiry() {
     assert_error(st, &v, 403, "key_expired");
 }
 
+/// The Rust API payments call: a failed payment marks it past due, a
+/// later payment revives it; unpaid, it expires `grace` after the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_api_past_due_then_paid_then_past_due_to_expiry() {
+    use tollgate::store::SubscriptionStatus as St;
+    let gw = TestGateway::start_with(PLANS);
+    new_account(&gw, "pay").await;
+    let b = Billing::of(gw.app());
+    let s = b
+        .subscribe("pay", "basic", None, Some("ext-9".into()))
+        .await
+        .unwrap();
+    assert_eq!(s.status, St::Active);
+    assert_eq!(b.by_external_id("ext-9").unwrap().unwrap().id, s.id);
+    let s = b.mark_past_due(&s.id).await.unwrap();
+    assert_eq!(s.status, St::PastDue);
+    let (s, replayed) = b.renew(&s.id, "inv-1").await.unwrap();
+    assert!(!replayed);
+    assert_eq!(s.status, St::Active);
+    assert!(s.past_due_since.is_none());
+    let s = b.mark_past_due(&s.id).await.unwrap();
+    advance(&gw, 3 * DAY_MS + 1_000).await;
+    let s = b.get(&s.id).unwrap();
+    assert_eq!(s.status, St::Expired, "grace counts from the failure");
+    assert_eq!(s.period, 0, "it never reached its period end");
+    let e = b.renew(&s.id, "inv-2").await.unwrap_err();
+    assert_eq!(e.code, "subscription_ended");
+    let (_, replayed) = b.renew(&s.id, "inv-1").await.unwrap();
+    assert!(replayed, "an applied renewal replays even once ended");
+    assert_eq!(
+        kinds(&ledger(&gw, "pay").await),
+        vec!["grant", "lapse"],
+        "period 0 granted once, lapsed at expiry"
+    );
+}
+
 fn hash_bytes(hex_hash: &str) -> KeyHash {
     hex::decode(hex_hash).unwrap().try_into().unwrap()
 }
