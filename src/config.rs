@@ -587,6 +587,66 @@ pub struct PlanConfig {
     /// At most one active key of this plan per owner.
     #[serde(default)]
     pub one_per_owner: bool,
+    /// USD per period the operator charges for a subscription (payments
+    /// use it; the gateway itself never charges it).
+    pub price: Option<Pico>,
+    /// Length of a subscription period; a plan without one cannot be
+    /// subscribed to (it stays a key template only).
+    pub interval: Option<Interval>,
+    /// Allowance granted to the account at each period start.
+    pub grant: Option<Pico>,
+    /// Unused allowance carries into the next period instead of lapsing.
+    #[serde(default)]
+    pub rollover: bool,
+    /// Length of the trial period a new subscription starts with (0/none: no trial).
+    pub trial_days: Option<u32>,
+    /// How long a `past_due` subscription keeps its keys working before it expires.
+    pub grace: Option<Dur>,
+    /// The Stripe price id of this plan (payments map checkouts with it).
+    pub stripe_price: Option<String>,
+}
+
+/// The length of a subscription period (calendar months and years: the
+/// same day of the month, clamped to the month's last day).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interval {
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl Interval {
+    /// Unix ms `n` periods after `anchor_ms` (UTC). Periods are counted
+    /// from one anchor so that month ends do not drift (Jan 31 → Feb 28 →
+    /// Mar 31).
+    pub fn nth(self, anchor_ms: i64, n: i64) -> i64 {
+        use crate::clock::{DAY_MS, civil_from_days, days_from_civil};
+        let months = match self {
+            Interval::Day => return anchor_ms.saturating_add(n.saturating_mul(DAY_MS)),
+            Interval::Week => return anchor_ms.saturating_add(n.saturating_mul(7 * DAY_MS)),
+            Interval::Month => n,
+            Interval::Year => n.saturating_mul(12),
+        };
+        let day = anchor_ms.div_euclid(DAY_MS);
+        let in_day = anchor_ms.rem_euclid(DAY_MS);
+        let (y, m, d) = civil_from_days(day);
+        let total = y * 12 + (m as i64 - 1) + months;
+        let (ny, nm) = (total.div_euclid(12), total.rem_euclid(12) as u32 + 1);
+        let (fy, fm) = if nm == 12 { (ny + 1, 1) } else { (ny, nm + 1) };
+        let last = (days_from_civil(fy, fm, 1) - days_from_civil(ny, nm, 1)) as u32;
+        days_from_civil(ny, nm, d.min(last)) * DAY_MS + in_day
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interval::Day => "day",
+            Interval::Week => "week",
+            Interval::Month => "month",
+            Interval::Year => "year",
+        }
+    }
 }
 
 /// A duration written as text: `500ms`, `10s`, `5m`, `2h`, `7d`.
@@ -921,6 +981,30 @@ impl Config {
                 return Err(format!(
                     "plans.{name}: rpm, tpm and concurrency must be at least 1 when set{here}"
                 ));
+            }
+            for (field, amount) in [("price", plan.price), ("grant", plan.grant)] {
+                if let Some(a) = amount
+                    && a.0 < 0
+                {
+                    return Err(format!("plans.{name}.{field} must not be negative{here}"));
+                }
+            }
+            let subscribable = plan.price.is_some()
+                || plan.grant.is_some()
+                || plan.rollover
+                || plan.trial_days.is_some()
+                || plan.grace.is_some()
+                || plan.stripe_price.is_some();
+            if subscribable && plan.interval.is_none() {
+                return Err(format!(
+                    "plans.{name}: price, grant, rollover, trial_days, grace and stripe_price need interval (day, week, month or year){here}"
+                ));
+            }
+            if plan.trial_days.is_some_and(|d| d > 366) {
+                return Err(format!("plans.{name}.trial_days must be at most 366{here}"));
+            }
+            if plan.stripe_price.as_deref().is_some_and(str::is_empty) {
+                return Err(format!("plans.{name}.stripe_price must not be empty{here}"));
             }
         }
         if self.compat.newapi.quota_per_usd == 0 {

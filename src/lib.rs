@@ -24,6 +24,8 @@
 //!   usage scanning, pricing.
 //! - [`store`]: the only module that touches sled.
 //! - [`api`]: provisioning, key status, credits, usage queries.
+//! - [`billing`]: accounts' live wallets; plans subscribed to, their
+//!   periods, grants, lapses and lifecycle (`billing::subscriptions`).
 //! - [`metrics`]: counters and their Prometheus rendering.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the

@@ -89,7 +89,26 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let gateway = match Gateway::start(config, StartOptions::default()) {
+    // Runs the gateway as if it were later: for tests of the subscription
+    // lifecycle across a kill -9 of the real binary (it cannot be moved
+    // from outside while running). Says so loudly: it moves every period.
+    let clock = tollgate::clock::Clock::system();
+    if let Some(ms) = std::env::var("TOLLGATE_CLOCK_OFFSET_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+    {
+        tracing::warn!(
+            offset_ms = ms,
+            "TOLLGATE_CLOCK_OFFSET_MS: the clock runs ahead"
+        );
+        clock.advance(std::time::Duration::from_millis(ms));
+    }
+    let opts = StartOptions {
+        clock,
+        ..StartOptions::default()
+    };
+    let gateway = match Gateway::start(config, opts) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");

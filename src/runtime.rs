@@ -97,6 +97,7 @@ impl Gateway {
             config.limits.unknown_key_per_minute,
         );
         gate.set_billing_mode(config.billing.mode);
+        gate.wallets().set_plans(&config.plans);
         let metrics = Metrics::new(routing.upstream_names());
         let workers = config.runtime.worker_count();
         let mode = config.runtime.mode;
@@ -278,6 +279,7 @@ async fn sweeper(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
+        crate::billing::subscriptions::sweep(&app).await;
         let evicted = app.gate.sweep();
         if evicted > 0 {
             tracing::debug!(evicted, "idle keys dropped from memory");

@@ -603,7 +603,7 @@ pub(super) fn get(ctx: &Ctx<'_>, hash: &KeyHash) -> Result<http::Response<crate:
     let now = ctx.clock.now_ms();
     let live = ctx.gate.lookup(hash, now)?.ok_or_else(key_not_found)?;
     let policy = live.policy();
-    let view = KeyView::new(ctx, &policy.record, &Numbers::live(&live), now)?;
+    let view = KeyView::new(ctx, policy.own_record(), &Numbers::live(&live), now)?;
     json(StatusCode::OK, &Data { data: view })
 }
 
@@ -619,7 +619,7 @@ pub(super) async fn patch(
     let live = ctx.gate.lookup(&hash, now)?.ok_or_else(key_not_found)?;
     // The live record is the freshest (it has device bindings the store
     // thread may not have applied yet).
-    let mut record = live.policy().record.clone();
+    let mut record = live.policy().own_record().clone();
     let limit = apply_patch(spec, &mut record, now);
     ctx.store
         .update_key(record.clone())

@@ -29,6 +29,7 @@ mod keys;
 pub mod pages;
 mod reports;
 mod status;
+mod subscriptions;
 mod usage;
 
 use std::net::IpAddr;
@@ -134,6 +135,14 @@ enum AdminCall<'a> {
     AccountCredits(&'a str),
     /// `/api/v1/accounts/{id}/ledger`
     AccountLedger(&'a str),
+    /// `/api/v1/accounts/{id}/subscriptions`
+    AccountSubscriptions(&'a str),
+    /// `/api/v1/subscriptions/{sid}`
+    Subscription(&'a str),
+    /// `/api/v1/subscriptions/{sid}/renew`
+    SubscriptionRenew(&'a str),
+    /// `/api/v1/subscriptions/{sid}/cancel`
+    SubscriptionCancel(&'a str),
 }
 
 /// The call of a raw (still percent-encoded) path; `None` → 404. The hash
@@ -161,6 +170,10 @@ fn call_of(path: &str) -> Option<AdminCall<'_>> {
         ["accounts", id] => Some(AdminCall::Account(id)),
         ["accounts", id, "credits"] => Some(AdminCall::AccountCredits(id)),
         ["accounts", id, "ledger"] => Some(AdminCall::AccountLedger(id)),
+        ["accounts", id, "subscriptions"] => Some(AdminCall::AccountSubscriptions(id)),
+        ["subscriptions", sid] => Some(AdminCall::Subscription(sid)),
+        ["subscriptions", sid, "renew"] => Some(AdminCall::SubscriptionRenew(sid)),
+        ["subscriptions", sid, "cancel"] => Some(AdminCall::SubscriptionCancel(sid)),
         _ => None,
     }
 }
@@ -247,6 +260,20 @@ where
             accounts::credit(ctx, id, &read_fields(&parts.headers, body).await?).await
         }
         AdminCall::AccountLedger(id) if m == Method::GET => accounts::ledger(ctx, id, query),
+        AdminCall::AccountSubscriptions(id) if m == Method::GET => subscriptions::list(ctx, id),
+        AdminCall::AccountSubscriptions(id) if m == Method::POST => {
+            subscriptions::create(ctx, id, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::Subscription(sid) if m == Method::GET => subscriptions::get(ctx, sid),
+        AdminCall::Subscription(sid) if m == Method::PATCH => {
+            subscriptions::patch(ctx, sid, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::SubscriptionRenew(sid) if m == Method::POST => {
+            subscriptions::renew(ctx, sid, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::SubscriptionCancel(sid) if m == Method::POST => {
+            subscriptions::cancel(ctx, sid, &read_fields(&parts.headers, body).await?).await
+        }
         _ => Err(ApiError::method_not_allowed()),
     }
 }

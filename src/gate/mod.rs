@@ -163,6 +163,11 @@ pub struct Policy {
     /// the policies compiled after this one with the same rpm, so that an
     /// update or a device binding does not give the key a fresh minute.
     rpm: Option<Arc<RpmLimiter>>,
+    /// The key's own record when `record` has a subscription plan's
+    /// template over it (`None`: `record` is the key's own).
+    base: Option<Box<KeyRecord>>,
+    /// `LiveAccount::plan_version` this policy was compiled for (0: none).
+    plan_version: u64,
 }
 
 impl Policy {
@@ -205,7 +210,15 @@ impl Policy {
             models,
             ips,
             rpm,
+            base: None,
+            plan_version: 0,
         }
+    }
+
+    /// The key's own record, without a subscription plan's template over
+    /// it: what the admin API shows and edits.
+    pub fn own_record(&self) -> &KeyRecord {
+        self.base.as_deref().unwrap_or(&self.record)
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
@@ -735,7 +748,7 @@ impl Gate {
     /// Step 2: the key's status and policy. Binds a new device when the key
     /// still has room for one.
     pub fn admit(&self, key: &LiveKey, ask: &Ask<'_>) -> Result<Arc<Policy>, ApiError> {
-        let policy = key.policy();
+        let policy = self.with_plan(key, key.policy(), ask.now_ms)?;
         let rec = &policy.record;
         let now = ask.now_ms;
         if rec.disabled {
@@ -784,6 +797,50 @@ impl Gate {
         Ok(policy)
     }
 
+    /// For a key whose account has a subscription: refuses it once the
+    /// subscription ended (402), and gives it the live plan's key template
+    /// (`billing::subscriptions::template_over`), recompiled only when the
+    /// account's plan version changed. Other keys: one map read.
+    fn with_plan(
+        &self,
+        key: &LiveKey,
+        policy: Arc<Policy>,
+        now: i64,
+    ) -> Result<Arc<Policy>, ApiError> {
+        let Some(owner) = policy.record.owner.as_deref() else {
+            return Ok(policy);
+        };
+        let Some(account) = self.wallets.of(owner, now)? else {
+            return Ok(policy);
+        };
+        account.check_subscription()?;
+        if account.plan_version() == policy.plan_version {
+            return Ok(policy);
+        }
+        // Rare (once per key per plan change): under the device lock, so
+        // a binding or an update does not race the recompile.
+        let _guard = key.device_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = key.policy();
+        let (version, plan) = account.plan();
+        if cur.plan_version == version {
+            return Ok(cur);
+        }
+        let base = cur
+            .base
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| cur.record.clone());
+        let mut record = base.clone();
+        if let Some((name, plan)) = &plan {
+            crate::billing::subscriptions::template_over(&mut record, name, plan);
+        }
+        let mut next = Policy::compile_after(record, &cur);
+        next.base = plan.is_some().then(|| Box::new(base));
+        next.plan_version = version;
+        key.set_policy(next);
+        Ok(key.policy())
+    }
+
     fn bind_device(&self, key: &LiveKey, device: &str, max: u32) -> Result<Arc<Policy>, ApiError> {
         if device.is_empty() || device.len() > 128 || !device.bytes().all(|b| b.is_ascii_graphic())
         {
@@ -806,7 +863,15 @@ impl Gate {
         let mut record = policy.record.clone();
         record.devices.push(device.to_owned());
         self.store.bind_device(record.hash, device.to_owned());
-        key.set_policy(Policy::compile_after(record, &policy));
+        let mut next = Policy::compile_after(record, &policy);
+        // A plan template over the key stays, with the device in its base.
+        next.plan_version = policy.plan_version;
+        next.base = policy.base.as_ref().map(|b| {
+            let mut b = b.clone();
+            b.devices.push(device.to_owned());
+            b
+        });
+        key.set_policy(next);
         Ok(key.policy())
     }
 

@@ -16,6 +16,7 @@ mod compat;
 mod layout;
 mod log;
 mod records;
+mod subscriptions;
 #[cfg(test)]
 mod tests;
 mod thread;
@@ -35,6 +36,7 @@ use crate::money::Pico;
 use codec::*;
 use layout::*;
 pub use records::*;
+pub use subscriptions::STALE_SUBSCRIPTION;
 pub use thread::MAX_BATCH_OPS;
 use thread::{AccountEdit, Op, StoreThread};
 

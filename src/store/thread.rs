@@ -77,6 +77,11 @@ pub(super) enum Op {
         Vec<(KeyRecord, Account)>,
         mpsc::SyncSender<Result<(), StoreError>>,
     ),
+    /// A subscription change and the money it moves (`super::subscriptions`).
+    SubscriptionWrite(
+        Box<SubscriptionWrite>,
+        oneshot::Sender<Result<SubscriptionOutcome, StoreError>>,
+    ),
 }
 
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
@@ -166,7 +171,7 @@ pub(super) struct StoreThread {
     db: Db,
     keys: Tree,
     owners: Tree,
-    book: Tree,
+    pub(super) book: Tree,
     /// Where the batches' usage records go, before sled counts them.
     log: Arc<Log>,
     counters: Arc<Counters>,
@@ -382,10 +387,17 @@ impl StoreThread {
                 }));
                 true
             }
+            Op::SubscriptionWrite(w, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.subscription_write(&w));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
         }
     }
 
-    fn write_count(&self, n: usize) {
+    pub(super) fn write_count(&self, n: usize) {
         self.counters
             .sled_writes
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -850,7 +862,7 @@ impl StoreThread {
         })
     }
 
-    fn read_user_account(&self, id: &str) -> Result<AccountRecord, StoreError> {
+    pub(super) fn read_user_account(&self, id: &str) -> Result<AccountRecord, StoreError> {
         match self.book.get(user_account_key(id))? {
             Some(v) => decode_user_account(&v),
             None => Err(StoreError::NotFound),
@@ -930,6 +942,11 @@ impl StoreThread {
                 a.spent = Pico(a.spent.0 - op.amount.0);
                 a.period_spent = Pico((a.period_spent.0 - op.amount.0).max(0));
             }
+            AccountCreditKind::Grant | AccountCreditKind::Lapse => {
+                return Err(StoreError::Invalid(
+                    "grants and lapses come from subscriptions only".into(),
+                ));
+            }
         }
         a.ledger_seq += 1;
         let entry = AccountLedgerEntry {
@@ -941,6 +958,7 @@ impl StoreThread {
             idempotency_key: op.idempotency_key.clone(),
             balance_after: a.balance,
             spent_after: a.spent,
+            allowance_after: a.allowance,
         };
         let mut batch = Batch::default();
         batch.insert(user_account_key(id), encode_user_account(&a));
