@@ -54,6 +54,15 @@ pub struct Config {
     /// Templates for new keys.
     #[serde(default)]
     pub plans: BTreeMap<String, PlanConfig>,
+    /// Endpoints the outbox's events are POSTed to (Standard Webhooks).
+    #[serde(default)]
+    pub webhooks: Vec<crate::events::config::WebhookConfig>,
+    /// Plain-text mail of chosen events to the account's address.
+    #[serde(default)]
+    pub email: Option<crate::events::config::EmailConfig>,
+    /// Low-balance and anomaly thresholds.
+    #[serde(default)]
+    pub alerts: crate::events::config::AlertsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -176,6 +185,7 @@ impl StorageConfig {
             flush_ms: self.flush_ms,
             queue_capacity: self.queue_capacity,
             cache_mb: self.cache_mb,
+            ..crate::store::StoreOptions::default()
         }
     }
 }
@@ -694,6 +704,7 @@ impl Config {
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
+        crate::events::config::validate(&self.webhooks, self.email.as_ref(), &self.alerts)?;
         let at = |needle: &str| match line_of(text, needle) {
             Some(line) => format!(" (line {line})"),
             None => String::new(),

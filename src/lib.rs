@@ -25,6 +25,7 @@
 //! - [`store`]: the only module that touches sled.
 //! - [`api`]: provisioning, key status, credits, usage queries.
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`events`]: the outbox's events, webhook and email delivery, the audit log.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.
@@ -38,6 +39,7 @@ pub mod billing;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;

@@ -74,7 +74,8 @@ impl Gateway {
         demo_banner(&routing);
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
-        let store = Store::open_with(&config.storage.path, config.storage.store_options())
+        crate::events::deliver::check(&config)?;
+        let store = Store::open_with(&config.storage.path, config.alerts.store_options(&config.storage))
             .map_err(|e| {
                 format!(
                     "opening the store at {}: {e}",
@@ -113,6 +114,7 @@ impl Gateway {
             metrics_token,
             metrics,
             ready: AtomicBool::new(false),
+            events: crate::events::Events::default(),
         });
         let (shutdown, rx) = watch::channel(false);
         let connections = Arc::new(AtomicUsize::new(0));
@@ -272,6 +274,7 @@ async fn sweeper(
     every: Duration,
     retention_days: u32,
 ) {
+    crate::events::deliver::spawn(app.clone());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

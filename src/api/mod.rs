@@ -24,6 +24,7 @@ mod accounts;
 mod admin_guard;
 mod cors;
 mod credits;
+mod events;
 mod keys;
 pub mod pages;
 mod reports;
@@ -70,6 +71,9 @@ pub(crate) struct Ctx<'a> {
     pub clock: &'a Clock,
     pub admin_token: &'a str,
     pub admin_guard: &'a AdminGuard,
+    /// The delivery task's handle, for redeliveries (`None` in unit tests
+    /// that build a context without a running gateway).
+    pub events: Option<&'a crate::events::Events>,
 }
 
 impl<'a> Ctx<'a> {
@@ -82,6 +86,7 @@ impl<'a> Ctx<'a> {
             clock: &app.clock,
             admin_token: &app.admin_token,
             admin_guard: &app.admin_guard,
+            events: Some(&app.events),
         }
     }
 }
@@ -133,6 +138,14 @@ enum AdminCall<'a> {
     AccountCredits(&'a str),
     /// `/api/v1/accounts/{id}/ledger`
     AccountLedger(&'a str),
+    /// `/api/v1/events`
+    Events,
+    /// `/api/v1/events/{id}/redeliver`
+    Redeliver(&'a str),
+    /// `/api/v1/webhooks/deliveries`
+    Deliveries,
+    /// `/api/v1/audit`
+    Audit,
 }
 
 /// The call of a raw (still percent-encoded) path; `None` → 404. The hash
@@ -160,6 +173,10 @@ fn call_of(path: &str) -> Option<AdminCall<'_>> {
         ["accounts", id] => Some(AdminCall::Account(id)),
         ["accounts", id, "credits"] => Some(AdminCall::AccountCredits(id)),
         ["accounts", id, "ledger"] => Some(AdminCall::AccountLedger(id)),
+        ["events"] => Some(AdminCall::Events),
+        ["events", id, "redeliver"] => Some(AdminCall::Redeliver(id)),
+        ["webhooks", "deliveries"] => Some(AdminCall::Deliveries),
+        ["audit"] => Some(AdminCall::Audit),
         _ => None,
     }
 }
@@ -207,6 +224,27 @@ where
     // Everything else is the admin's: authenticate before looking at the
     // method, the hash or the body.
     admin_auth(ctx, &parts.headers, client_ip)?;
+    // Every store write the handler makes is audited under this actor.
+    let actor = crate::events::Actor {
+        name: "root".to_owned(),
+        ip: Some(client_ip),
+        at_ms: ctx.clock.now_ms(),
+    };
+    crate::events::acting_as(actor, admin_call(ctx, call, &parts, body, query)).await
+}
+
+/// One authenticated admin call.
+async fn admin_call<B>(
+    ctx: &Ctx<'_>,
+    call: AdminCall<'_>,
+    parts: &http::request::Parts,
+    body: B,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let m = &parts.method;
     match call {
         AdminCall::Keys if m == Method::GET => keys::list(ctx, query),
@@ -243,6 +281,10 @@ where
             accounts::credit(ctx, id, &read_fields(&parts.headers, body).await?).await
         }
         AdminCall::AccountLedger(id) if m == Method::GET => accounts::ledger(ctx, id, query),
+        AdminCall::Events if m == Method::GET => events::list(ctx, query),
+        AdminCall::Redeliver(id) if m == Method::POST => events::redeliver(ctx, id).await,
+        AdminCall::Deliveries if m == Method::GET => events::deliveries(ctx, query),
+        AdminCall::Audit if m == Method::GET => events::audit(ctx, query),
         _ => Err(ApiError::method_not_allowed()),
     }
 }
