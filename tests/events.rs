@@ -370,6 +370,8 @@ async fn retries_keep_one_webhook_id_and_410_disables() {
     assert_eq!(flaky.got().len(), 1, "no retry before 10m");
     gw.clock.advance(Duration::from_secs(600));
     wait_for("the second try", || flaky.got().len() == 2).await;
+    // Let the worker note the answer (and date the next try) first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     gw.clock.advance(Duration::from_secs(1800));
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(flaky.got().len(), 2, "the second wait is 1h");
@@ -385,8 +387,10 @@ async fn retries_keep_one_webhook_id_and_410_disables() {
     wait_for("the 410", || gone.got().len() == 1).await;
     gw.create_key(json!({"name": "r2"})).await;
     wait_for("the second event's first try", || flaky.got().len() == 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     gw.clock.advance(Duration::from_secs(600));
     wait_for("its second try", || flaky.got().len() == 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     gw.clock.advance(Duration::from_secs(3600));
     wait_for("its third try", || flaky.got().len() == 6).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
