@@ -75,13 +75,16 @@ impl Gateway {
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
         crate::events::deliver::check(&config)?;
-        let store = Store::open_with(&config.storage.path, config.alerts.store_options(&config.storage))
-            .map_err(|e| {
-                format!(
-                    "opening the store at {}: {e}",
-                    config.storage.path.display()
-                )
-            })?;
+        let store = Store::open_with(
+            &config.storage.path,
+            config.alerts.store_options(&config.storage),
+        )
+        .map_err(|e| {
+            format!(
+                "opening the store at {}: {e}",
+                config.storage.path.display()
+            )
+        })?;
         let admin_token = match opts.admin_token {
             Some(t) => t,
             None => admin_token(&config)?,

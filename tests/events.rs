@@ -98,34 +98,53 @@ impl Hook {
         let g = got.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { return };
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
                 let (g, tries, answer) = (g.clone(), tries.clone(), answer.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (g, tries, answer) = (g.clone(), tries.clone(), answer.clone());
-                        async move {
-                            let h = |n: &str| {
-                                req.headers()
-                                    .get(n)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_owned()
-                            };
-                            let (id, ts, sig) = (h("webhook-id"), h("webhook-timestamp"), h("webhook-signature"));
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let n = {
-                                let mut t = tries.lock().unwrap();
-                                let n = t.entry(id.clone()).or_insert(0);
-                                *n += 1;
-                                *n
-                            };
-                            let code = answer(&id, n);
-                            g.lock().unwrap().push(Got { id, ts, sig, body, code });
-                            let mut res = http::Response::new(Full::new(Bytes::new()));
-                            *res.status_mut() = http::StatusCode::from_u16(code).unwrap();
-                            Ok::<_, std::convert::Infallible>(res)
-                        }
-                    });
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (g, tries, answer) = (g.clone(), tries.clone(), answer.clone());
+                            async move {
+                                let h = |n: &str| {
+                                    req.headers()
+                                        .get(n)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("")
+                                        .to_owned()
+                                };
+                                let (id, ts, sig) = (
+                                    h("webhook-id"),
+                                    h("webhook-timestamp"),
+                                    h("webhook-signature"),
+                                );
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let n = {
+                                    let mut t = tries.lock().unwrap();
+                                    let n = t.entry(id.clone()).or_insert(0);
+                                    *n += 1;
+                                    *n
+                                };
+                                let code = answer(&id, n);
+                                g.lock().unwrap().push(Got {
+                                    id,
+                                    ts,
+                                    sig,
+                                    body,
+                                    code,
+                                });
+                                let mut res = http::Response::new(Full::new(Bytes::new()));
+                                *res.status_mut() = http::StatusCode::from_u16(code).unwrap();
+                                Ok::<_, std::convert::Infallible>(res)
+                            }
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                         .await;
@@ -180,7 +199,10 @@ async fn event_types(gw: &TestGateway) -> Vec<String> {
 }
 
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    assert!(eventually(Duration::from_secs(10), &mut f).await, "timed out waiting for {what}");
+    assert!(
+        eventually(Duration::from_secs(10), &mut f).await,
+        "timed out waiting for {what}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,17 +211,41 @@ async fn key_events_once_each_and_none_for_refused_changes() {
     let hook = Hook::start(Arc::new(|_, _| 200)).await;
     let gw = TestGateway::start_with(&webhook(&hook.url(), "[\"key.*\"]", "[\"1s\"]"));
     let (key, hash) = gw.create_key(json!({"name": "a", "limit": "1"})).await;
-    let (s, _) = admin(&gw, "PATCH", &format!("/api/v1/keys/{hash}"), Some(json!({"name": "b"}))).await;
+    let (s, _) = admin(
+        &gw,
+        "PATCH",
+        &format!("/api/v1/keys/{hash}"),
+        Some(json!({"name": "b"})),
+    )
+    .await;
     assert_eq!(s, 200);
-    let (s, _) = admin(&gw, "PATCH", &format!("/api/v1/keys/{hash}"), Some(json!({"disabled": true}))).await;
+    let (s, _) = admin(
+        &gw,
+        "PATCH",
+        &format!("/api/v1/keys/{hash}"),
+        Some(json!({"disabled": true})),
+    )
+    .await;
     assert_eq!(s, 200);
     // Refused: a bad field, an unknown key. No event for either.
-    let (s, _) = admin(&gw, "PATCH", &format!("/api/v1/keys/{hash}"), Some(json!({"rpm": "many"}))).await;
+    let (s, _) = admin(
+        &gw,
+        "PATCH",
+        &format!("/api/v1/keys/{hash}"),
+        Some(json!({"rpm": "many"})),
+    )
+    .await;
     assert_eq!(s, 400);
     let missing = "0".repeat(64);
     let (s, _) = admin(&gw, "DELETE", &format!("/api/v1/keys/{missing}"), None).await;
     assert_eq!(s, 404);
-    let (s, _) = admin(&gw, "POST", "/api/v1/keys", Some(json!({"name": "x", "limit": "-1"}))).await;
+    let (s, _) = admin(
+        &gw,
+        "POST",
+        "/api/v1/keys",
+        Some(json!({"name": "x", "limit": "-1"})),
+    )
+    .await;
     assert_eq!(s, 400);
     let (s, _) = admin(&gw, "DELETE", &format!("/api/v1/keys/{hash}"), None).await;
     assert_eq!(s, 200);
@@ -215,15 +261,27 @@ async fn key_events_once_each_and_none_for_refused_changes() {
     assert_eq!(ev["data"]["hash"], hash.as_str());
     assert_eq!(ev["data"]["name"], "a");
     assert!(!ev.to_string().contains(&key), "never the key: {ev}");
-    assert!(!ev.to_string().contains(&key[key.len() - 12..]), "not even its secret part: {ev}");
+    assert!(
+        !ev.to_string().contains(&key[key.len() - 12..]),
+        "not even its secret part: {ev}"
+    );
     // Each delivered once, signed.
     wait_for("four deliveries", || hook.got().len() >= 4).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = hook.got();
     assert_eq!(got.len(), 4, "each event once: {got:?}");
     for g in &got {
-        assert_eq!(g.sig, expected_signature(&g.id, &g.ts, &g.body), "signature of {}", g.id);
-        assert_eq!(g.event()["id"], g.id.as_str(), "webhook-id is the event's id");
+        assert_eq!(
+            g.sig,
+            expected_signature(&g.id, &g.ts, &g.body),
+            "signature of {}",
+            g.id
+        );
+        assert_eq!(
+            g.event()["id"],
+            g.id.as_str(),
+            "webhook-id is the event's id"
+        );
     }
     // `after` pages from an id.
     let first = got[0].id.clone();
@@ -236,7 +294,9 @@ async fn request_cap_emits_key_exhausted_once() {
     set_env();
     let hook = Hook::start(Arc::new(|_, _| 200)).await;
     let gw = TestGateway::start_with(&webhook(&hook.url(), "[\"key.exhausted\"]", "[\"1s\"]"));
-    let (key, hash) = gw.create_key(json!({"name": "cap", "limit": "1", "max_requests": 2})).await;
+    let (key, hash) = gw
+        .create_key(json!({"name": "cap", "limit": "1", "max_requests": 2}))
+        .await;
     let c = client();
     let mut codes = Vec::new();
     for _ in 0..3 {
@@ -254,8 +314,15 @@ async fn request_cap_emits_key_exhausted_once() {
     }
     assert_eq!(codes, [200, 200, 402], "the third is over the cap");
     let types = event_types(&gw).await;
-    assert_eq!(types.iter().filter(|t| *t == "key.exhausted").count(), 1, "{types:?}");
-    wait_for("the key.exhausted delivery", || !hook.of("key.exhausted").is_empty()).await;
+    assert_eq!(
+        types.iter().filter(|t| *t == "key.exhausted").count(),
+        1,
+        "{types:?}"
+    );
+    wait_for("the key.exhausted delivery", || {
+        !hook.of("key.exhausted").is_empty()
+    })
+    .await;
     let g = &hook.of("key.exhausted")[0];
     assert_eq!(g.event()["data"]["hash"], hash.as_str());
     assert_eq!(g.event()["data"]["reason"], "max_requests");
@@ -269,7 +336,8 @@ async fn money_events_cross_thresholds_once() {
     let gw = TestGateway::start_with("[alerts]\nlow_balance = \"0.6\"\n");
     // A key: credits and its low-balance crossing.
     let (_, hash) = gw.create_key(json!({"name": "m", "limit": "1"})).await;
-    let credit = |amount: &str, kind: &str| json!({"amount": amount, "kind": kind, "reason": "test"});
+    let credit =
+        |amount: &str, kind: &str| json!({"amount": amount, "kind": kind, "reason": "test"});
     let path = format!("/api/v1/keys/{hash}/credits");
     let (s, v) = admin(&gw, "POST", &path, Some(credit("0.5", "deduct"))).await;
     assert_eq!(s, 200, "{v}");
@@ -288,15 +356,51 @@ async fn money_events_cross_thresholds_once() {
     .await;
     assert_eq!(s, 201, "{v}");
     let apath = "/api/v1/accounts/acme/credits";
-    assert_eq!(admin(&gw, "POST", apath, Some(credit("10", "topup"))).await.0, 200);
-    assert_eq!(admin(&gw, "POST", apath, Some(credit("6", "deduct"))).await.0, 200);
-    assert_eq!(admin(&gw, "POST", apath, Some(credit("1", "deduct"))).await.0, 200);
+    assert_eq!(
+        admin(&gw, "POST", apath, Some(credit("10", "topup")))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        admin(&gw, "POST", apath, Some(credit("6", "deduct")))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        admin(&gw, "POST", apath, Some(credit("1", "deduct")))
+            .await
+            .0,
+        200
+    );
     // Too much: refused, nothing emitted.
-    assert_eq!(admin(&gw, "POST", apath, Some(credit("100", "deduct"))).await.0, 402);
-    let (s, v) = admin(&gw, "PATCH", "/api/v1/accounts/acme", Some(json!({"status": "suspended"}))).await;
+    assert_eq!(
+        admin(&gw, "POST", apath, Some(credit("100", "deduct")))
+            .await
+            .0,
+        402
+    );
+    let (s, v) = admin(
+        &gw,
+        "PATCH",
+        "/api/v1/accounts/acme",
+        Some(json!({"status": "suspended"})),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     // Suspending again changes nothing: no second event.
-    assert_eq!(admin(&gw, "PATCH", "/api/v1/accounts/acme", Some(json!({"status": "suspended"}))).await.0, 200);
+    assert_eq!(
+        admin(
+            &gw,
+            "PATCH",
+            "/api/v1/accounts/acme",
+            Some(json!({"status": "suspended"}))
+        )
+        .await
+        .0,
+        200
+    );
     assert_eq!(
         event_types(&gw).await,
         [
@@ -321,7 +425,9 @@ async fn expiry_and_anomaly_events() {
     set_env();
     let gw = TestGateway::start_with("[alerts]\nanomaly_factor = 3\n");
     let expires = tollgate::clock::rfc3339(gw.clock.now_ms() + 3_600_000);
-    let (key, _) = gw.create_key(json!({"name": "e", "expires_at": expires})).await;
+    let (key, _) = gw
+        .create_key(json!({"name": "e", "expires_at": expires}))
+        .await;
     let (busy, _) = gw.create_key(json!({"name": "busy"})).await;
     let c = client();
     let call = |key: String| {
@@ -329,7 +435,12 @@ async fn expiry_and_anomaly_events() {
         let url = gw.url("/v1/chat/completions");
         async move {
             let res = c
-                .request(request("POST", &url, &[("authorization", &bearer(&key))], Some(chat("demo-chat", false))))
+                .request(request(
+                    "POST",
+                    &url,
+                    &[("authorization", &bearer(&key))],
+                    Some(chat("demo-chat", false)),
+                ))
                 .await
                 .unwrap();
             let s = res.status().as_u16();
@@ -347,8 +458,16 @@ async fn expiry_and_anomaly_events() {
     assert_eq!(call(busy.clone()).await, 200);
     assert_eq!(call(busy.clone()).await, 200);
     let types = event_types(&gw).await;
-    assert_eq!(types.iter().filter(|t| *t == "key.expired").count(), 1, "{types:?}");
-    assert_eq!(types.iter().filter(|t| *t == "usage.anomaly").count(), 1, "{types:?}");
+    assert_eq!(
+        types.iter().filter(|t| *t == "key.expired").count(),
+        1,
+        "{types:?}"
+    );
+    assert_eq!(
+        types.iter().filter(|t| *t == "usage.anomaly").count(),
+        1,
+        "{types:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,8 +497,14 @@ async fn retries_keep_one_webhook_id_and_410_disables() {
     gw.clock.advance(Duration::from_secs(1800));
     wait_for("the third try", || flaky.got().len() == 3).await;
     let got = flaky.got();
-    assert!(got.iter().all(|g| g.id == got[0].id), "one webhook-id: {got:?}");
-    assert_eq!(got.iter().map(|g| g.code).collect::<Vec<_>>(), [500, 500, 204]);
+    assert!(
+        got.iter().all(|g| g.id == got[0].id),
+        "one webhook-id: {got:?}"
+    );
+    assert_eq!(
+        got.iter().map(|g| g.code).collect::<Vec<_>>(),
+        [500, 500, 204]
+    );
     for g in &got {
         assert_eq!(g.sig, expected_signature(&g.id, &g.ts, &g.body));
     }
@@ -395,16 +520,29 @@ async fn retries_keep_one_webhook_id_and_410_disables() {
     wait_for("its third try", || flaky.got().len() == 6).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(gone.got().len(), 1, "a disabled endpoint gets nothing more");
-    let v = gw.admin_get("/api/v1/webhooks/deliveries?status=delivered").await;
+    let v = gw
+        .admin_get("/api/v1/webhooks/deliveries?status=delivered")
+        .await;
     assert_eq!(v["data"].as_array().unwrap().len(), 2, "{v}");
-    let v = gw.admin_get("/api/v1/webhooks/deliveries?status=pending").await;
+    let v = gw
+        .admin_get("/api/v1/webhooks/deliveries?status=pending")
+        .await;
     let pending = v["data"].as_array().unwrap();
-    assert!(pending.iter().all(|d| d["target"].as_str().unwrap().contains(&gone.addr.to_string())), "{v}");
+    assert!(
+        pending.iter().all(|d| d["target"]
+            .as_str()
+            .unwrap()
+            .contains(&gone.addr.to_string())),
+        "{v}"
+    );
     // Redelivery: the flaky endpoint gets the first event again, same id.
     let id = got[0].id.clone();
     let (s, v) = admin(&gw, "POST", &format!("/api/v1/events/{id}/redeliver"), None).await;
     assert_eq!(s, 202, "{v}");
-    wait_for("the redelivery", || flaky.got().iter().filter(|g| g.id == id).count() == 4).await;
+    wait_for("the redelivery", || {
+        flaky.got().iter().filter(|g| g.id == id).count() == 4
+    })
+    .await;
 }
 
 /// The SMTP sink: accepts every message and keeps its DATA text.
@@ -415,7 +553,9 @@ async fn smtp_sink() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let m = mails.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = listener.accept().await else { return };
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
             let m = m.clone();
             tokio::spawn(async move {
                 let (r, mut w) = s.into_split();
@@ -471,7 +611,13 @@ async fn email_goes_to_the_accounts_address() {
     let gw = TestGateway::start_with(
         "[email]\nsmtp_url_env = \"TOLLGATE_TEST_SMTP_URL\"\nfrom = \"Tollgate <billing@gate.test>\"\nevents = [\"credit.applied\"]\nretry = [\"1s\"]\n",
     );
-    let (s, v) = admin(&gw, "POST", "/api/v1/accounts", Some(json!({"id": "bob", "email": "bob@example.test"}))).await;
+    let (s, v) = admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts",
+        Some(json!({"id": "bob", "email": "bob@example.test"})),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     let (s, _) = admin(
         &gw,
@@ -488,7 +634,9 @@ async fn email_goes_to_the_accounts_address() {
     assert!(mail.contains("credit.applied"), "{mail}");
     assert!(mail.contains("balance: 12.5"), "{mail}");
     gw.flush().await;
-    let v = gw.admin_get("/api/v1/webhooks/deliveries?status=delivered").await;
+    let v = gw
+        .admin_get("/api/v1/webhooks/deliveries?status=delivered")
+        .await;
     assert_eq!(v["data"][0]["target"], "email", "{v}");
 }
 
@@ -497,19 +645,52 @@ async fn audit_log_records_every_admin_write() {
     set_env();
     let gw = TestGateway::start();
     let (key, hash) = gw.create_key(json!({"name": "au", "limit": "2"})).await;
-    admin(&gw, "PATCH", &format!("/api/v1/keys/{hash}"), Some(json!({"name": "au2", "limit": "3"}))).await;
-    admin(&gw, "POST", &format!("/api/v1/keys/{hash}/credits"), Some(json!({"amount": "1", "kind": "topup", "reason": "r"}))).await;
+    admin(
+        &gw,
+        "PATCH",
+        &format!("/api/v1/keys/{hash}"),
+        Some(json!({"name": "au2", "limit": "3"})),
+    )
+    .await;
+    admin(
+        &gw,
+        "POST",
+        &format!("/api/v1/keys/{hash}/credits"),
+        Some(json!({"amount": "1", "kind": "topup", "reason": "r"})),
+    )
+    .await;
     admin(&gw, "POST", "/api/v1/accounts", Some(json!({"id": "zed"}))).await;
-    admin(&gw, "PATCH", "/api/v1/accounts/zed", Some(json!({"name": "Zed"}))).await;
-    admin(&gw, "POST", "/api/v1/accounts/zed/credits", Some(json!({"amount": "1", "kind": "topup", "reason": "r"}))).await;
+    admin(
+        &gw,
+        "PATCH",
+        "/api/v1/accounts/zed",
+        Some(json!({"name": "Zed"})),
+    )
+    .await;
+    admin(
+        &gw,
+        "POST",
+        "/api/v1/accounts/zed/credits",
+        Some(json!({"amount": "1", "kind": "topup", "reason": "r"})),
+    )
+    .await;
     // Refused writes leave no entry.
-    let (s, _) = admin(&gw, "PATCH", "/api/v1/accounts/nobody", Some(json!({"name": "x"}))).await;
+    let (s, _) = admin(
+        &gw,
+        "PATCH",
+        "/api/v1/accounts/nobody",
+        Some(json!({"name": "x"})),
+    )
+    .await;
     assert_eq!(s, 404);
     admin(&gw, "DELETE", "/api/v1/accounts/zed", None).await;
     admin(&gw, "DELETE", &format!("/api/v1/keys/{hash}"), None).await;
     let v = gw.admin_get("/api/v1/audit").await;
     let entries = v["data"].as_array().unwrap();
-    let actions: Vec<&str> = entries.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
     assert_eq!(
         actions,
         [
@@ -549,18 +730,28 @@ async fn bad_webhook_config_is_refused_with_a_reason() {
             "[server]\nlisten = \"127.0.0.1:0\"\n[[upstreams]]\nname = \"m\"\nmock = true\nmodels = [\"*\"]\n{hook}"
         )
     };
-    let err = tollgate::config::Config::parse(&base(&webhook("ftp://x/hook", "[\"*\"]", "[\"1s\"]")), "t.toml")
-        .unwrap_err()
-        .to_string();
+    let err = tollgate::config::Config::parse(
+        &base(&webhook("ftp://x/hook", "[\"*\"]", "[\"1s\"]")),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("http:// or https://"), "{err}");
-    let err = tollgate::config::Config::parse(&base(&webhook("http://x/hook", "[\"*\"]", "[\"soon\"]")), "t.toml")
-        .unwrap_err()
-        .to_string();
+    let err = tollgate::config::Config::parse(
+        &base(&webhook("http://x/hook", "[\"*\"]", "[\"soon\"]")),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("duration"), "{err}");
-    let hook = "[[webhooks]]\nurl = \"http://x/h\"\nsecret_env = \"TOLLGATE_TEST_NO_SUCH_SECRET\"\n";
+    let hook =
+        "[[webhooks]]\nurl = \"http://x/h\"\nsecret_env = \"TOLLGATE_TEST_NO_SUCH_SECRET\"\n";
     let c = tollgate::config::Config::parse(&base(hook), "t.toml").unwrap();
     let err = tollgate::events::deliver::check(&c).unwrap_err();
-    assert!(err.contains("TOLLGATE_TEST_NO_SUCH_SECRET") && err.contains("not set"), "{err}");
+    assert!(
+        err.contains("TOLLGATE_TEST_NO_SUCH_SECRET") && err.contains("not set"),
+        "{err}"
+    );
 }
 
 /// An event not delivered when the gateway is killed with SIGKILL is
@@ -574,7 +765,11 @@ async fn pending_delivery_survives_sigkill() {
     let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let u = up.clone();
     let hook = Hook::start(Arc::new(move |_, _| {
-        if u.load(std::sync::atomic::Ordering::Relaxed) { 200 } else { 503 }
+        if u.load(std::sync::atomic::Ordering::Relaxed) {
+            200
+        } else {
+            503
+        }
     }))
     .await;
     let data = temp_dir("events-kill");
@@ -621,13 +816,19 @@ async fn pending_delivery_survives_sigkill() {
     assert_eq!(first.code, 503);
     up.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut child, _) = start();
-    wait_for("the delivery after the restart", || hook.got().iter().any(|g| g.code == 200)).await;
+    wait_for("the delivery after the restart", || {
+        hook.got().iter().any(|g| g.code == 200)
+    })
+    .await;
     let _ = child.kill();
     let _ = child.wait();
     let ok: Vec<Got> = hook.got().into_iter().filter(|g| g.code == 200).collect();
     assert_eq!(ok.len(), 1, "delivered once: {ok:?}");
     assert_eq!(ok[0].id, first.id, "the same webhook-id after the restart");
     assert_eq!(ok[0].event()["data"]["hash"], hash.as_str());
-    assert_eq!(ok[0].sig, expected_signature(&ok[0].id, &ok[0].ts, &ok[0].body));
+    assert_eq!(
+        ok[0].sig,
+        expected_signature(&ok[0].id, &ok[0].ts, &ok[0].body)
+    );
     let _ = std::fs::remove_dir_all(&data);
 }

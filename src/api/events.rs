@@ -23,7 +23,10 @@ fn after_of(v: &str) -> Result<u64, ApiError> {
 }
 
 /// `GET /api/v1/events`
-pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Result<http::Response<crate::Body>, ApiError> {
+pub(super) fn list(
+    ctx: &Ctx<'_>,
+    query: Option<&str>,
+) -> Result<http::Response<crate::Body>, ApiError> {
     let pairs = query_pairs(query)?;
     let (_, limit) = offset_limit(&pairs)?;
     let mut q = EventQuery {
@@ -34,10 +37,12 @@ pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Result<http::Response<
         match k.as_str() {
             "after" => q.after = after_of(v)?,
             "type" => {
-                q.kind = Some(
-                    Pattern::parse(v)
-                        .map_err(|_| bad("type", "`type` must be an event type or a glob such as `key.*`."))?,
-                )
+                q.kind = Some(Pattern::parse(v).map_err(|_| {
+                    bad(
+                        "type",
+                        "`type` must be an event type or a glob such as `key.*`.",
+                    )
+                })?)
             }
             _ => {}
         }
@@ -60,14 +65,20 @@ struct DeliveryView {
 }
 
 /// `GET /api/v1/webhooks/deliveries`
-pub(super) fn deliveries(ctx: &Ctx<'_>, query: Option<&str>) -> Result<http::Response<crate::Body>, ApiError> {
+pub(super) fn deliveries(
+    ctx: &Ctx<'_>,
+    query: Option<&str>,
+) -> Result<http::Response<crate::Body>, ApiError> {
     let pairs = query_pairs(query)?;
     let (offset, limit) = offset_limit(&pairs)?;
     let mut status = None;
     for (k, v) in &pairs {
         if k == "status" {
             status = Some(DeliveryStatus::parse(v).ok_or_else(|| {
-                bad("status", "`status` must be pending, delivered, failed or skipped.")
+                bad(
+                    "status",
+                    "`status` must be pending, delivered, failed or skipped.",
+                )
             })?);
         }
     }
@@ -94,7 +105,10 @@ pub(super) fn deliveries(ctx: &Ctx<'_>, query: Option<&str>) -> Result<http::Res
 
 /// `POST /api/v1/events/{id}/redeliver`: every endpoint the event goes to
 /// gets it again, from the first try of its schedule.
-pub(super) async fn redeliver(ctx: &Ctx<'_>, id: &str) -> Result<http::Response<crate::Body>, ApiError> {
+pub(super) async fn redeliver(
+    ctx: &Ctx<'_>,
+    id: &str,
+) -> Result<http::Response<crate::Body>, ApiError> {
     let seq = event_seq(id).ok_or_else(|| ApiError::not_found("No such event."))?;
     let (ev, _) = ctx
         .store
@@ -112,7 +126,10 @@ pub(super) async fn redeliver(ctx: &Ctx<'_>, id: &str) -> Result<http::Response<
         endpoints: Vec::new(),
     };
     // Audited with the write (an admin's delivery write is a redelivery).
-    ctx.store.save_deliveries(write).await.map_err(store_error)?;
+    ctx.store
+        .save_deliveries(write)
+        .await
+        .map_err(store_error)?;
     if let Some(events) = ctx.events {
         events.redeliver(seq);
     }
@@ -125,7 +142,10 @@ pub(super) async fn redeliver(ctx: &Ctx<'_>, id: &str) -> Result<http::Response<
 }
 
 /// `GET /api/v1/audit`
-pub(super) fn audit(ctx: &Ctx<'_>, query: Option<&str>) -> Result<http::Response<crate::Body>, ApiError> {
+pub(super) fn audit(
+    ctx: &Ctx<'_>,
+    query: Option<&str>,
+) -> Result<http::Response<crate::Body>, ApiError> {
     let pairs = query_pairs(query)?;
     let (_, limit) = offset_limit(&pairs)?;
     let mut q = AuditQuery {

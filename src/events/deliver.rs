@@ -421,7 +421,9 @@ async fn worker(
             add(&mut queue, job);
         }
         let now = app.clock.now_ms();
-        let due = queue.first_key_value().is_some_and(|(&(at, _), _)| at <= now);
+        let due = queue
+            .first_key_value()
+            .is_some_and(|(&(at, _), _)| at <= now);
         if due && let Some(((_, seq), state)) = queue.pop_first() {
             let Some(next) = attempt(&app, &ep, &client, seq, state).await else {
                 // 410: the endpoint is off; what is queued stays pending.
@@ -478,13 +480,14 @@ async fn attempt(
         Channel::Webhook { uri, secret } => {
             post(app, client, uri, secret, &ev.id, body, ep.timeout).await
         }
-        Channel::Email(m) => match tokio::time::timeout(ep.timeout, m.send(&app.store, &ev)).await
-        {
-            Ok(Ok(true)) => Outcome::Delivered(None),
-            Ok(Ok(false)) => Outcome::Skipped("no email address for this event".into()),
-            Ok(Err(e)) => Outcome::Failed(None, e),
-            Err(_) => Outcome::Failed(None, "timed out".into()),
-        },
+        Channel::Email(m) => {
+            match tokio::time::timeout(ep.timeout, m.send(&app.store, &ev)).await {
+                Ok(Ok(true)) => Outcome::Delivered(None),
+                Ok(Ok(false)) => Outcome::Skipped("no email address for this event".into()),
+                Ok(Err(e)) => Outcome::Failed(None, e),
+                Err(_) => Outcome::Failed(None, "timed out".into()),
+            }
+        }
     };
     let now = app.clock.now_ms();
     state.attempts += 1;

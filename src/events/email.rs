@@ -3,8 +3,8 @@
 //! events, account credits), else the account named by its `owner` or
 //! `account` field. An event with no address is skipped, not retried.
 
-use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
+use lettre::message::header::ContentType;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde_json::Value;
 

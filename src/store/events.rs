@@ -150,7 +150,10 @@ pub(in crate::store) struct Outbox {
 }
 
 impl Outbox {
-    pub(in crate::store) fn open(book: &sled::Tree, alerts: AlertLevels) -> Result<Outbox, StoreError> {
+    pub(in crate::store) fn open(
+        book: &sled::Tree,
+        alerts: AlertLevels,
+    ) -> Result<Outbox, StoreError> {
         Ok(Outbox {
             next_event: next_seq(book, EVENT)?,
             next_audit: next_seq(book, AUDIT)?,
@@ -328,7 +331,9 @@ impl StoreThread {
             events: !self.pending.events.is_empty(),
         };
         for (d, at) in &self.pending.events {
-            staged.rows.push(Outbox::event_row(staged.next_event, d, *at));
+            staged
+                .rows
+                .push(Outbox::event_row(staged.next_event, d, *at));
             staged.next_event += 1;
         }
         staged
@@ -371,9 +376,9 @@ impl StoreThread {
         if let Some((before, after)) = key {
             let cap = self.cap_of(&rec.key);
             let capped = cap.is_some_and(|m| before.requests < m && after.requests >= m);
-            let spent_out = after.limit.is_some_and(|l| {
-                before.period_spent < l && after.period_spent >= l
-            });
+            let spent_out = after
+                .limit
+                .is_some_and(|l| before.period_spent < l && after.period_spent >= l);
             if capped || spent_out {
                 found.push("key.exhausted");
             }
@@ -389,8 +394,7 @@ impl StoreThread {
                 for kind in found.drain(..) {
                     let mut data = payload::key(&r, &after);
                     if kind == "key.exhausted" {
-                        data["reason"] =
-                            Value::from(if capped { "max_requests" } else { "limit" });
+                        data["reason"] = Value::from(if capped { "max_requests" } else { "limit" });
                     }
                     self.pending
                         .events
@@ -406,10 +410,9 @@ impl StoreThread {
             && after < t
         {
             let data = payload::account(a);
-            self.pending.events.push((
-                EventDraft::new("account.low_balance", data),
-                rec.at_ms,
-            ));
+            self.pending
+                .events
+                .push((EventDraft::new("account.low_balance", data), rec.at_ms));
         }
         if let Some(permille) = self.outbox.alerts.anomaly_permille {
             self.watch_hour(rec, permille);
@@ -588,7 +591,12 @@ impl StoreThread {
     /// `key.created` and its audit entry.
     pub(in crate::store) fn note_key_created(&mut self, rec: &KeyRecord, acct: &Account) {
         let data = payload::key(rec, acct);
-        self.audit("key.create", &hex::encode(rec.hash), None, Some(data.clone()));
+        self.audit(
+            "key.create",
+            &hex::encode(rec.hash),
+            None,
+            Some(data.clone()),
+        );
         self.emit("key.created", data);
         self.forget_cap(&rec.hash);
     }
@@ -602,8 +610,20 @@ impl StoreThread {
         let after = payload::key(rec, &acct);
         let before = old.as_ref().map(|o| payload::key(o, &acct));
         let disabled = old.as_ref().is_some_and(|o| !o.disabled) && rec.disabled;
-        self.audit("key.update", &hex::encode(rec.hash), before, Some(after.clone()));
-        self.emit(if disabled { "key.disabled" } else { "key.updated" }, after);
+        self.audit(
+            "key.update",
+            &hex::encode(rec.hash),
+            before,
+            Some(after.clone()),
+        );
+        self.emit(
+            if disabled {
+                "key.disabled"
+            } else {
+                "key.updated"
+            },
+            after,
+        );
         self.forget_cap(&rec.hash);
         let mut staged = self.stage_outbox();
         if old.is_some_and(|o| o.expires_at != rec.expires_at) {
@@ -628,7 +648,12 @@ impl StoreThread {
 
     /// A key's limit set by an admin: audited (the `key.updated` of the
     /// same request carries the record).
-    pub(in crate::store) fn note_limit(&mut self, hash: &KeyHash, before: &Account, after: &Account) {
+    pub(in crate::store) fn note_limit(
+        &mut self,
+        hash: &KeyHash,
+        before: &Account,
+        after: &Account,
+    ) {
         self.audit(
             "key.set_limit",
             &hex::encode(hash),
@@ -906,7 +931,6 @@ impl Store {
 
 /// An audit note carried by [`Op::Emit`]: (action, target, before, after).
 pub(in crate::store) type AuditNote = (String, String, Option<Value>, Option<Value>);
-
 
 /// What an account can spend before its overdraft: the low-balance measure.
 fn charge_free(a: &crate::store::records::AccountRecord) -> Pico {
