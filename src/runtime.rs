@@ -75,11 +75,8 @@ impl Gateway {
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
         crate::events::deliver::check(&config)?;
-        let store = Store::open_with(
-            &config.storage.path,
-            config.alerts.store_options(&config.storage),
-        )
-        .map_err(|e| {
+        let store_options = config.alerts.store_options(&config.storage);
+        let store = Store::open_with(&config.storage.path, store_options).map_err(|e| {
             format!(
                 "opening the store at {}: {e}",
                 config.storage.path.display()
