@@ -832,3 +832,47 @@ async fn pending_delivery_survives_sigkill() {
     );
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_own_threshold_fires_once_per_crossing() {
+    set_env();
+    let gw = TestGateway::start();
+    let (_, hash) = gw
+        .create_key(json!({"name": "t", "limit": "1", "low_balance_alert": "0.9"}))
+        .await;
+    let v = gw.admin_get(&format!("/api/v1/keys/{hash}")).await;
+    assert_eq!(v["data"]["low_balance_alert"].to_string(), "0.9");
+    let path = format!("/api/v1/keys/{hash}/credits");
+    for (amount, kind) in [
+        ("0.05", "deduct"), // 0.95 left: above
+        ("0.1", "deduct"),  // 0.85: crosses
+        ("0.1", "deduct"),  // 0.75: still below, no second event
+        ("1", "topup"),     // 1.75: above again
+        ("1", "deduct"),    // 0.75: crosses again
+    ] {
+        let (s, v) = admin(
+            &gw,
+            "POST",
+            &path,
+            Some(json!({"amount": amount, "kind": kind, "reason": "t"})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let types = event_types(&gw).await;
+    assert_eq!(
+        types.iter().filter(|t| *t == "key.low_balance").count(),
+        2,
+        "{types:?}"
+    );
+    // A patch moves the threshold; clearing it falls back to [alerts] (none here).
+    let (s, v) = admin(
+        &gw,
+        "PATCH",
+        &format!("/api/v1/keys/{hash}"),
+        Some(json!({"low_balance_alert": null})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["data"]["low_balance_alert"].is_null(), "{v}");
+}

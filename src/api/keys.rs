@@ -45,6 +45,7 @@ const PATCH_FIELDS: &[&str] = &[
     "max_devices",
     "daily_fee",
     "metadata",
+    "low_balance_alert",
 ];
 
 /// Fields of a create body.
@@ -65,6 +66,7 @@ const CREATE_FIELDS: &[&str] = &[
     "metadata",
     "plan",
     "owner",
+    "low_balance_alert",
 ];
 
 /// Fields of an import body.
@@ -92,6 +94,8 @@ pub(crate) struct KeySpec {
     pub plan: Option<String>,
     /// Create only.
     pub owner: Option<String>,
+    /// Threshold of `key.low_balance`.
+    pub low_balance_alert: Patch<Pico>,
 }
 
 /// Parses and validates a create (`create = true`) or patch body.
@@ -158,6 +162,7 @@ pub(crate) fn parse_spec(f: &Fields, create: bool) -> Result<KeySpec, ApiError> 
         metadata: metadata(f)?,
         plan,
         owner,
+        low_balance_alert: amount(f, "low_balance_alert")?,
     })
 }
 
@@ -412,6 +417,7 @@ pub(crate) fn new_record(
         daily_fee: or_plan(spec.daily_fee, p.daily_fee),
         metadata: spec.metadata.apply(None),
         imported: false,
+        low_balance_alert: spec.low_balance_alert.apply(None),
     };
     Ok((record, or_plan(spec.limit, p.limit)))
 }
@@ -442,6 +448,7 @@ pub(crate) fn apply_patch(spec: KeySpec, rec: &mut KeyRecord, now_ms: i64) -> Pa
     rec.max_devices = spec.max_devices.apply(rec.max_devices);
     rec.daily_fee = spec.daily_fee.apply(rec.daily_fee);
     rec.metadata = spec.metadata.apply(rec.metadata.take());
+    rec.low_balance_alert = spec.low_balance_alert.apply(rec.low_balance_alert);
     rec.updated_at = now_ms;
     spec.limit
 }
@@ -717,6 +724,7 @@ pub(super) async fn import(
         metadata: Patch::Absent,
         plan: plan_name,
         owner: Some(owner),
+        low_balance_alert: Patch::Absent,
     };
     let (mut record, plan_limit) = new_record(spec, plan, hash, label_of(&key), now)?;
     record.imported = true;
@@ -821,6 +829,7 @@ pub(crate) struct KeyView<'a> {
     devices: &'a [String],
     daily_fee: Option<Pico>,
     metadata: Option<Box<RawValue>>,
+    low_balance_alert: Option<Pico>,
 }
 
 impl<'a> KeyView<'a> {
@@ -861,6 +870,7 @@ impl<'a> KeyView<'a> {
             devices: &rec.devices,
             daily_fee: rec.daily_fee,
             metadata: metadata_json(rec.metadata.as_deref()),
+            low_balance_alert: rec.low_balance_alert,
         })
     }
 }

@@ -37,6 +37,7 @@ struct KeyData<'a> {
     models: &'a [String],
     daily_fee: Option<Pico>,
     metadata: Option<Box<serde_json::value::RawValue>>,
+    low_balance_alert: Option<Pico>,
 }
 
 /// A key's API shape (`data` of `key.*` events).
@@ -70,6 +71,7 @@ pub fn key(rec: &KeyRecord, acct: &Account) -> Value {
             .metadata
             .as_deref()
             .and_then(|m| serde_json::value::RawValue::from_string(m.to_owned()).ok()),
+        low_balance_alert: rec.low_balance_alert,
     })
 }
 

@@ -116,6 +116,15 @@ pub struct AlertLevels {
     pub anomaly_permille: Option<u64>,
 }
 
+/// A key's settings the records are checked against.
+#[derive(Clone, Copy, Default)]
+struct KeyCaps {
+    /// `max_requests`: reaching it is `key.exhausted`.
+    max_requests: Option<u64>,
+    /// The key's own `low_balance_alert`.
+    low_balance: Option<Pico>,
+}
+
 /// A key's spend in the current hour against its baseline.
 struct HourWatch {
     hour: i64,
@@ -142,9 +151,9 @@ pub(in crate::store) struct Outbox {
     /// Events written since the last flush: the delivery task is told.
     unannounced: bool,
     alerts: AlertLevels,
-    /// `max_requests` by key, read once per key (the records do not carry
-    /// it) and kept right by key updates.
-    caps: HashMap<KeyHash, Option<u64>>,
+    /// What records are checked against, by key: read once per key (the
+    /// records do not carry it) and forgotten by key writes.
+    caps: HashMap<KeyHash, KeyCaps>,
     /// Per-key hourly spend, for `usage.anomaly`.
     hours: HashMap<KeyHash, HourWatch>,
 }
@@ -349,14 +358,20 @@ impl StoreThread {
         decode_account(&v).ok().map(|(a, _)| a)
     }
 
-    /// The key's `max_requests`, read once and then kept by key writes.
-    fn cap_of(&mut self, hash: &KeyHash) -> Option<u64> {
+    /// The key's caps, read once and then kept until a key write.
+    fn caps_of(&mut self, hash: &KeyHash) -> KeyCaps {
         if let Some(c) = self.outbox.caps.get(hash) {
             return *c;
         }
-        let cap = self.key_record(hash).and_then(|r| r.max_requests);
-        self.outbox.caps.insert(*hash, cap);
-        cap
+        let caps = self
+            .key_record(hash)
+            .map(|r| KeyCaps {
+                max_requests: r.max_requests,
+                low_balance: r.low_balance_alert,
+            })
+            .unwrap_or_default();
+        self.outbox.caps.insert(*hash, caps);
+        caps
     }
 
     /// A key write changed (or removed) the record: forget its cached cap.
@@ -374,15 +389,20 @@ impl StoreThread {
     ) {
         let mut found: Vec<&'static str> = Vec::new();
         if let Some((before, after)) = key {
-            let cap = self.cap_of(&rec.key);
-            let capped = cap.is_some_and(|m| before.requests < m && after.requests >= m);
+            let caps = self.caps_of(&rec.key);
+            let capped = caps
+                .max_requests
+                .is_some_and(|m| before.requests < m && after.requests >= m);
             let spent_out = after
                 .limit
                 .is_some_and(|l| before.period_spent < l && after.period_spent >= l);
             if capped || spent_out {
                 found.push("key.exhausted");
             }
-            if let (Some(l), Some(t)) = (after.limit, self.outbox.alerts.low_balance) {
+            if let (Some(l), Some(t)) = (
+                after.limit,
+                caps.low_balance.or(self.outbox.alerts.low_balance),
+            ) {
                 let left = |a: &Account| l.0.saturating_sub(a.period_spent.0);
                 if left(&before) >= t.0 && left(&after) < t.0 {
                     found.push("key.low_balance");
@@ -681,7 +701,11 @@ impl StoreThread {
             Some(data.clone()),
         );
         self.emit("credit.applied", data);
-        if let (Some(l), Some(t), Some(r)) = (after.limit, self.outbox.alerts.low_balance, &rec) {
+        let threshold = rec
+            .as_ref()
+            .and_then(|r| r.low_balance_alert)
+            .or(self.outbox.alerts.low_balance);
+        if let (Some(l), Some(t), Some(r)) = (after.limit, threshold, &rec) {
             let left = |a: &Account| a.limit.unwrap_or(l).0.saturating_sub(a.period_spent.0);
             if left(before) >= t.0 && left(after) < t.0 {
                 self.emit("key.low_balance", payload::key(r, after));

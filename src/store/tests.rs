@@ -68,6 +68,7 @@ fn key(n: u32, owner: Option<&str>, plan: Option<&str>) -> KeyRecord {
         daily_fee: Some(Pico(5)),
         metadata: Some(r#"{"a":1}"#.into()),
         imported: false,
+        low_balance_alert: None,
     }
 }
 
