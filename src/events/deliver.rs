@@ -75,6 +75,7 @@ impl DeliveryStatus {
 /// One delivery of one event to one endpoint (`book` `D` 1 seq target).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryState {
+    /// Where it stands; only `pending` ones are tried.
     pub status: DeliveryStatus,
     /// Tries made so far.
     pub attempts: u32,
@@ -105,15 +106,20 @@ impl DeliveryState {
 /// An endpoint's own state (`book` `D` 2 target): disabled by a 410.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EndpointState {
+    /// Nothing more is sent to it (until the state row is removed).
     pub disabled: bool,
+    /// Why, for the operator.
     pub reason: String,
+    /// When (Unix ms).
     pub at_ms: i64,
 }
 
 /// How an endpoint is reached.
 enum Channel {
     Webhook {
+        /// Where the POST goes.
         uri: http::Uri,
+        /// Signs each try.
         secret: WebhookSecret,
     },
     Email(super::email::Mailer),
@@ -129,6 +135,7 @@ struct Endpoint {
     retry: Vec<Duration>,
     /// Longest one try may take.
     timeout: Duration,
+    /// How it is reached.
     channel: Channel,
 }
 
@@ -206,7 +213,9 @@ pub fn targets_for(config: &Config, kind: &str) -> Vec<String> {
 
 /// A delivery handed to a worker.
 struct Job {
+    /// The event's outbox sequence.
     seq: u64,
+    /// Its delivery's state (when it is due).
     state: DeliveryState,
 }
 

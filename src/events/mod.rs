@@ -54,10 +54,12 @@ impl EventDraft {
 pub struct Event {
     /// `evt_<seq>`: the `webhook-id` of every delivery of it.
     pub id: String,
+    /// `key.created`, …
     #[serde(rename = "type")]
     pub kind: String,
     /// RFC 3339, UTC, of the change.
     pub timestamp: String,
+    /// The object's API shape.
     pub data: Value,
 }
 

@@ -150,6 +150,7 @@ pub(in crate::store) struct Outbox {
     pub(in crate::store) actor: Option<Actor>,
     /// Events written since the last flush: the delivery task is told.
     unannounced: bool,
+    /// `[alerts]` thresholds records are checked against.
     alerts: AlertLevels,
     /// What records are checked against, by key: read once per key (the
     /// records do not carry it) and forgotten by key writes.
@@ -215,10 +216,15 @@ impl Outbox {
 /// the write, then confirmed by [`StoreThread::outbox_written`].
 #[must_use = "put the rows into the write's batch, then call outbox_written"]
 pub(in crate::store) struct Staged {
+    /// `E` and `U` rows (and any marker) to insert with the write.
     rows: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Rows the write also removes (a stale expiry marker).
     removes: Vec<Vec<u8>>,
+    /// The event sequence after these rows: taken once the write succeeded.
     next_event: u64,
+    /// The audit sequence after these rows.
     next_audit: u64,
+    /// Whether any event is among the rows (the delivery task is told).
     events: bool,
 }
 
@@ -790,15 +796,20 @@ pub struct EventQuery {
     pub after: u64,
     /// Only this type (or glob).
     pub kind: Option<crate::config::Pattern>,
+    /// Most events returned.
     pub limit: usize,
 }
 
 /// Which audit entries [`Store::audit_log`] lists.
 #[derive(Debug, Default, Clone)]
 pub struct AuditQuery {
+    /// Only entries with a seq above this.
     pub after: u64,
+    /// Only this actor's entries.
     pub actor: Option<String>,
+    /// Only entries about this target.
     pub target: Option<String>,
+    /// Most entries returned.
     pub limit: usize,
 }
 
