@@ -876,3 +876,108 @@ async fn a_keys_own_threshold_fires_once_per_crossing() {
     assert_eq!(s, 200, "{v}");
     assert!(v["data"]["low_balance_alert"].is_null(), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_huge_or_redirecting_endpoint_delays_nobody() {
+    set_env();
+    // Accepts and never answers.
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = hang.accept().await {
+            h.lock().unwrap().push(s);
+        }
+    });
+    // Answers 200 with 10 MiB.
+    let huge_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let huge_addr = huge_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = huge_listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                        vec![b'x'; 10 * 1024 * 1024],
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let redirect = Hook::start(Arc::new(|_, _| 302)).await;
+    let fast = Hook::start(Arc::new(|_, _| 200)).await;
+    let gw = TestGateway::start_with(&format!(
+        "{}timeout = \"30s\"\n{}{}{}",
+        webhook(&format!("http://{hang_addr}/h"), "[\"*\"]", "[\"1h\"]"),
+        webhook(&format!("http://{huge_addr}/h"), "[\"*\"]", "[\"1h\"]"),
+        webhook(&redirect.url(), "[\"*\"]", "[\"1h\"]"),
+        webhook(&fast.url(), "[\"*\"]", "[\"1h\"]"),
+    ));
+    let started = std::time::Instant::now();
+    let (key, _) = gw.create_key(json!({"name": "one"})).await;
+    gw.create_key(json!({"name": "two"})).await;
+    wait_for("both events at the fast endpoint", || fast.got().len() == 2).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not held up by the hanging one"
+    );
+    // The request path does not wait either.
+    let res = client()
+        .request(request(
+            "POST",
+            &gw.url("/v1/chat/completions"),
+            &[("authorization", &bearer(&key))],
+            Some(chat("demo-chat", false)),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The huge answer counts as delivered (read no further than a few KB);
+    // the redirect is a failure to retry, not followed.
+    let huge = huge_addr.to_string();
+    let store = gw.app().store.clone();
+    wait_for("the huge endpoint's deliveries", || {
+        store
+            .deliveries()
+            .unwrap()
+            .iter()
+            .filter(|(_, t, s)| {
+                t.contains(&huge)
+                    && s.status == tollgate::events::deliver::DeliveryStatus::Delivered
+            })
+            .count()
+            == 2
+    })
+    .await;
+    gw.flush().await;
+    let v = gw
+        .admin_get("/api/v1/webhooks/deliveries?status=pending")
+        .await;
+    let redirected: Vec<&Value> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| {
+            d["target"]
+                .as_str()
+                .unwrap()
+                .contains(&redirect.addr.to_string())
+        })
+        .collect();
+    assert_eq!(redirected.len(), 2, "{v}");
+    assert!(
+        redirected
+            .iter()
+            .all(|d| d["last_status"] == 302 && d["attempts"] == 1),
+        "{v}"
+    );
+    assert_eq!(
+        redirect.got().len(),
+        2,
+        "tried once each, the Location not followed"
+    );
+}
