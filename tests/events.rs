@@ -981,3 +981,30 @@ async fn a_hanging_huge_or_redirecting_endpoint_delays_nobody() {
         "tried once each, the Location not followed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_disk_refused_emits_nothing() {
+    set_env();
+    let gw = TestGateway::start();
+    gw.create_key(json!({"name": "before"})).await;
+    gw.app().store.set_write_fault(true);
+    let (s, _) = admin(&gw, "POST", "/api/v1/keys", Some(json!({"name": "during"}))).await;
+    assert!(s >= 500, "the store refused the write: {s}");
+    gw.app().store.set_write_fault(false);
+    gw.create_key(json!({"name": "after"})).await;
+    gw.flush().await;
+    let v = gw.admin_get("/api/v1/events").await;
+    let names: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["data"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["before", "after"], "no event for the refused write");
+    let v = gw.admin_get("/api/v1/audit").await;
+    assert_eq!(
+        v["data"].as_array().unwrap().len(),
+        2,
+        "nor an audit entry: {v}"
+    );
+}
