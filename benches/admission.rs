@@ -55,6 +55,7 @@ fn record(n: u32, hash: KeyHash, now: i64) -> (KeyRecord, Account) {
         daily_fee: None,
         metadata: None,
         imported: false,
+        low_balance_alert: None,
     };
     let acct = Account {
         limit: Some(Pico::usd(1_000)),

@@ -42,6 +42,7 @@ fn key(n: u32) -> KeyRecord {
         daily_fee: None,
         metadata: None,
         imported: false,
+        low_balance_alert: None,
     }
 }
 

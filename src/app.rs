@@ -29,4 +29,6 @@ pub struct App {
     pub metrics: crate::metrics::Metrics,
     /// False while starting and once draining: `/readyz` answers 503.
     pub ready: AtomicBool,
+    /// The event delivery task's handle (redeliveries wake it).
+    pub events: crate::events::Events,
 }

@@ -58,6 +58,15 @@ pub struct Config {
     /// quota unit, the licence server's credit): `api::compat`.
     #[serde(default)]
     pub compat: CompatConfig,
+    /// Endpoints the outbox's events are POSTed to (Standard Webhooks).
+    #[serde(default)]
+    pub webhooks: Vec<crate::events::config::WebhookConfig>,
+    /// Plain-text mail of chosen events to the account's address.
+    #[serde(default)]
+    pub email: Option<crate::events::config::EmailConfig>,
+    /// Low-balance and anomaly thresholds.
+    #[serde(default)]
+    pub alerts: crate::events::config::AlertsConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -180,6 +189,7 @@ impl StorageConfig {
             flush_ms: self.flush_ms,
             queue_capacity: self.queue_capacity,
             cache_mb: self.cache_mb,
+            ..crate::store::StoreOptions::default()
         }
     }
 }
@@ -767,6 +777,7 @@ impl Config {
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
+        crate::events::config::validate(&self.webhooks, self.email.as_ref(), &self.alerts)?;
         let at = |needle: &str| match line_of(text, needle) {
             Some(line) => format!(" (line {line})"),
             None => String::new(),

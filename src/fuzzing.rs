@@ -273,3 +273,18 @@ pub fn canonical_path(data: &[u8]) {
         "{raw:?} and {c:?} reach different upstream routes"
     );
 }
+
+/// A webhook secret from any text: parsing never panics, and a secret
+/// that parses signs deterministically in the Standard Webhooks shape
+/// (`v1,` + 44 base64 characters of a 32-byte HMAC).
+pub fn webhook_secret(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(secret) = crate::events::signature::WebhookSecret::parse(text) else {
+        return;
+    };
+    let a = secret.sign("msg_1", 1_614_265_330, data);
+    assert_eq!(a, secret.sign("msg_1", 1_614_265_330, data));
+    assert!(a.starts_with("v1,") && a.len() == 3 + 44, "{a}");
+}

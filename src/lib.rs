@@ -27,6 +27,7 @@
 //! - [`billing`]: accounts' live wallets; plans subscribed to, their
 //!   periods, grants, lapses and lifecycle (`billing::subscriptions`).
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`events`]: the outbox's events, webhook and email delivery, the audit log.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.
@@ -40,6 +41,7 @@ pub mod billing;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;

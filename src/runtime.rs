@@ -74,13 +74,14 @@ impl Gateway {
         demo_banner(&routing);
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
-        let store = Store::open_with(&config.storage.path, config.storage.store_options())
-            .map_err(|e| {
-                format!(
-                    "opening the store at {}: {e}",
-                    config.storage.path.display()
-                )
-            })?;
+        crate::events::deliver::check(&config)?;
+        let store_options = config.alerts.store_options(&config.storage);
+        let store = Store::open_with(&config.storage.path, store_options).map_err(|e| {
+            format!(
+                "opening the store at {}: {e}",
+                config.storage.path.display()
+            )
+        })?;
         let admin_token = match opts.admin_token {
             Some(t) => t,
             None => admin_token(&config)?,
@@ -115,6 +116,7 @@ impl Gateway {
             metrics_token,
             metrics,
             ready: AtomicBool::new(false),
+            events: crate::events::Events::default(),
         });
         let (shutdown, rx) = watch::channel(false);
         let connections = Arc::new(AtomicUsize::new(0));
@@ -274,6 +276,7 @@ async fn sweeper(
     every: Duration,
     retention_days: u32,
 ) {
+    crate::events::deliver::spawn(app.clone());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -50,3 +50,8 @@ fn key_headers_corpus() {
 fn canonical_path_corpus() {
     replay("canonical_path", tollgate::fuzzing::canonical_path);
 }
+
+#[test]
+fn webhook_secret_corpus() {
+    replay("webhook_secret", tollgate::fuzzing::webhook_secret);
+}

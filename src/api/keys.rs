@@ -45,6 +45,7 @@ const PATCH_FIELDS: &[&str] = &[
     "max_devices",
     "daily_fee",
     "metadata",
+    "low_balance_alert",
 ];
 
 /// Fields of a create body.
@@ -71,6 +72,7 @@ const CREATE_FIELDS: &[&str] = &[
     "include_byok_in_limit",
     "creator_user_id",
     "workspace_id",
+    "low_balance_alert",
 ];
 
 /// Fields of an import body.
@@ -98,6 +100,8 @@ pub(crate) struct KeySpec {
     pub plan: Option<String>,
     /// Create only.
     pub owner: Option<String>,
+    /// Threshold of `key.low_balance`.
+    pub low_balance_alert: Patch<Pico>,
 }
 
 /// Parses and validates a create (`create = true`) or patch body.
@@ -168,6 +172,7 @@ pub(crate) fn parse_spec(f: &Fields, create: bool) -> Result<KeySpec, ApiError> 
         },
         plan,
         owner,
+        low_balance_alert: amount(f, "low_balance_alert")?,
     })
 }
 
@@ -422,6 +427,7 @@ pub(crate) fn new_record(
         daily_fee: or_plan(spec.daily_fee, p.daily_fee),
         metadata: spec.metadata.apply(None),
         imported: false,
+        low_balance_alert: spec.low_balance_alert.apply(None),
     };
     Ok((record, or_plan(spec.limit, p.limit)))
 }
@@ -452,6 +458,7 @@ pub(crate) fn apply_patch(spec: KeySpec, rec: &mut KeyRecord, now_ms: i64) -> Pa
     rec.max_devices = spec.max_devices.apply(rec.max_devices);
     rec.daily_fee = spec.daily_fee.apply(rec.daily_fee);
     rec.metadata = spec.metadata.apply(rec.metadata.take());
+    rec.low_balance_alert = spec.low_balance_alert.apply(rec.low_balance_alert);
     rec.updated_at = now_ms;
     spec.limit
 }
@@ -758,6 +765,7 @@ pub(super) async fn import_key(
         metadata: Patch::Absent,
         plan: plan_name,
         owner: Some(owner),
+        low_balance_alert: Patch::Absent,
     };
     let (mut record, plan_limit) = new_record(spec, plan, hash, label_of(key), now)?;
     record.imported = true;
@@ -865,6 +873,7 @@ pub(crate) struct KeyView<'a> {
     devices: &'a [String],
     daily_fee: Option<Pico>,
     metadata: Option<Box<RawValue>>,
+    low_balance_alert: Option<Pico>,
 }
 
 impl<'a> KeyView<'a> {
@@ -906,6 +915,7 @@ impl<'a> KeyView<'a> {
             devices: &rec.devices,
             daily_fee: rec.daily_fee,
             metadata: metadata_json(rec.metadata.as_deref()),
+            low_balance_alert: rec.low_balance_alert,
         })
     }
 }

@@ -25,6 +25,7 @@ mod admin_guard;
 mod compat;
 mod cors;
 mod credits;
+mod events;
 mod keys;
 pub mod pages;
 mod reports;
@@ -72,6 +73,9 @@ pub(crate) struct Ctx<'a> {
     pub clock: &'a Clock,
     pub admin_token: &'a str,
     pub admin_guard: &'a AdminGuard,
+    /// The delivery task's handle, for redeliveries (`None` in unit tests
+    /// that build a context without a running gateway).
+    pub events: Option<&'a crate::events::Events>,
 }
 
 impl<'a> Ctx<'a> {
@@ -84,6 +88,7 @@ impl<'a> Ctx<'a> {
             clock: &app.clock,
             admin_token: &app.admin_token,
             admin_guard: &app.admin_guard,
+            events: Some(&app.events),
         }
     }
 }
@@ -143,6 +148,14 @@ enum AdminCall<'a> {
     SubscriptionRenew(&'a str),
     /// `/api/v1/subscriptions/{sid}/cancel`
     SubscriptionCancel(&'a str),
+    /// `/api/v1/events`
+    Events,
+    /// `/api/v1/events/{id}/redeliver`
+    Redeliver(&'a str),
+    /// `/api/v1/webhooks/deliveries`
+    Deliveries,
+    /// `/api/v1/audit`
+    Audit,
 }
 
 /// The call of a raw (still percent-encoded) path; `None` → 404. The hash
@@ -174,6 +187,10 @@ fn call_of(path: &str) -> Option<AdminCall<'_>> {
         ["subscriptions", sid] => Some(AdminCall::Subscription(sid)),
         ["subscriptions", sid, "renew"] => Some(AdminCall::SubscriptionRenew(sid)),
         ["subscriptions", sid, "cancel"] => Some(AdminCall::SubscriptionCancel(sid)),
+        ["events"] => Some(AdminCall::Events),
+        ["events", id, "redeliver"] => Some(AdminCall::Redeliver(id)),
+        ["webhooks", "deliveries"] => Some(AdminCall::Deliveries),
+        ["audit"] => Some(AdminCall::Audit),
         _ => None,
     }
 }
@@ -224,6 +241,27 @@ where
     // Everything else is the admin's: authenticate before looking at the
     // method, the hash or the body.
     admin_auth(ctx, &parts.headers, client_ip)?;
+    // Every store write the handler makes is audited under this actor.
+    let actor = crate::events::Actor {
+        name: "root".to_owned(),
+        ip: Some(client_ip),
+        at_ms: ctx.clock.now_ms(),
+    };
+    crate::events::acting_as(actor, admin_call(ctx, call, &parts, body, query)).await
+}
+
+/// One authenticated admin call.
+async fn admin_call<B>(
+    ctx: &Ctx<'_>,
+    call: AdminCall<'_>,
+    parts: &http::request::Parts,
+    body: B,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let m = &parts.method;
     match call {
         AdminCall::Keys if m == Method::GET => keys::list(ctx, query),
@@ -274,6 +312,10 @@ where
         AdminCall::SubscriptionCancel(sid) if m == Method::POST => {
             subscriptions::cancel(ctx, sid, &read_fields(&parts.headers, body).await?).await
         }
+        AdminCall::Events if m == Method::GET => events::list(ctx, query),
+        AdminCall::Redeliver(id) if m == Method::POST => events::redeliver(ctx, id).await,
+        AdminCall::Deliveries if m == Method::GET => events::deliveries(ctx, query),
+        AdminCall::Audit if m == Method::GET => events::audit(ctx, query),
         _ => Err(ApiError::method_not_allowed()),
     }
 }

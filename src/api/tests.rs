@@ -367,6 +367,7 @@ impl World {
             clock: &self.clock,
             admin_token: &self.token,
             admin_guard: &self.admin_guard,
+            events: None,
         }
     }
 

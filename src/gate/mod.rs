@@ -28,7 +28,7 @@ use reservation::{minute_of, pack_window, unpack_window};
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -150,6 +150,9 @@ pub struct LiveKey {
     last_record_seq: AtomicU64,
     /// Serializes device binding (rare: once per new device).
     device_lock: Mutex<()>,
+    /// `key.expired` was handed to the store (which keeps it to once per
+    /// expiry across restarts): later refusals do not queue it again.
+    expiry_announced: AtomicBool,
 }
 
 /// A key's policy, compiled for fast checks.
@@ -406,6 +409,7 @@ impl LiveKey {
             last_used_ms: AtomicI64::new(now_ms),
             last_record_seq: AtomicU64::new(0),
             device_lock: Mutex::new(()),
+            expiry_announced: AtomicBool::new(false),
             policy: RwLock::new(Arc::new(Policy::compile(record))),
         }
     }
@@ -760,6 +764,9 @@ impl Gate {
         if let Some(exp) = rec.expires_at
             && now >= exp
         {
+            if !key.expiry_announced.swap(true, Ordering::Relaxed) {
+                self.store.key_expired(key.hash, now);
+            }
             return Err(ApiError::permission(
                 "key_expired",
                 "This API key has expired.",

@@ -396,6 +396,9 @@ struct KeyRecordDisk {
     metadata: Option<String>,
     #[serde(default)]
     imported: bool,
+    /// picoUSD; absent in records written before it existed.
+    #[serde(default)]
+    low_balance_alert: Option<i64>,
 }
 
 pub(super) fn encode_key(r: &KeyRecord) -> Vec<u8> {
@@ -420,6 +423,7 @@ pub(super) fn encode_key(r: &KeyRecord) -> Vec<u8> {
         daily_fee: r.daily_fee.map(|p| p.0),
         metadata: r.metadata.clone(),
         imported: r.imported,
+        low_balance_alert: r.low_balance_alert.map(|p| p.0),
     };
     serde_json::to_vec(&d).expect("a struct of strings and integers always serializes")
 }
@@ -449,6 +453,7 @@ pub(super) fn decode_key(hash: &KeyHash, bytes: &[u8]) -> Result<KeyRecord, Stor
         daily_fee: d.daily_fee.map(Pico),
         metadata: d.metadata,
         imported: d.imported,
+        low_balance_alert: d.low_balance_alert.map(Pico),
     })
 }
 

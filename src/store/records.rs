@@ -50,6 +50,9 @@ pub struct KeyRecord {
     pub metadata: Option<String>,
     /// Came from an external key pool rather than generated here.
     pub imported: bool,
+    /// `key.low_balance` fires when what remains of `limit` falls below
+    /// this (else `alerts.low_balance`).
+    pub low_balance_alert: Option<crate::money::Pico>,
 }
 
 /// A key's money and counters: what must agree with its usage records and ledger.

@@ -68,6 +68,7 @@ fn key(n: u32, owner: Option<&str>, plan: Option<&str>) -> KeyRecord {
         daily_fee: Some(Pico(5)),
         metadata: Some(r#"{"a":1}"#.into()),
         imported: false,
+        low_balance_alert: None,
     }
 }
 
@@ -754,6 +755,7 @@ async fn a_failed_commit_keeps_the_batch_refuses_work_and_recovers() {
         flush_ms: 2,
         queue_capacity: 1_000,
         cache_mb: 64,
+        ..StoreOptions::default()
     };
     {
         let store = Store::open_with(&path, opts).unwrap();
@@ -815,6 +817,7 @@ async fn accepting_turns_false_at_the_queue_capacity() {
         flush_ms: 10_000,
         queue_capacity: 10,
         cache_mb: 64,
+        ..StoreOptions::default()
     };
     let store = Store::open_with(&dir.0, opts).unwrap();
     store
@@ -953,6 +956,7 @@ async fn bounded_child() {
         flush_ms: 20,
         queue_capacity: 1 << 20,
         cache_mb: 16,
+        ..StoreOptions::default()
     };
     let store = Store::open_with(Path::new(&dir), opts).unwrap();
     for k in 1..=4 {

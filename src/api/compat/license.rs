@@ -457,6 +457,7 @@ async fn generate(ctx: &Ctx<'_>, f: &Fields) -> Result<Response<Body>, ApiError>
             Patch::Absent
         },
         daily_fee: Patch::Absent,
+        low_balance_alert: Patch::Absent,
         metadata: Patch::Absent,
         plan: ctx.config.compat.license.plan.clone(),
         owner: Some(account.id.clone()),
