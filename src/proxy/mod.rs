@@ -32,7 +32,7 @@ use hyper::body::Incoming;
 use crate::Body;
 use crate::app::App;
 use crate::config::OnInsufficient;
-use crate::error::ApiError;
+use crate::error::{ApiError, Shape};
 use crate::gate::{Ask, Bound, LiveKey, Permit, Policy};
 use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
@@ -277,7 +277,10 @@ impl Call<'_> {
             ));
         }
         let suffix = path.strip_prefix("/v1").unwrap_or(path);
-        let headers = headers::upstream_request(&parts.headers, self.request_id);
+        let mut headers = headers::upstream_request(&parts.headers, self.request_id);
+        if self.route.speaks_anthropic() {
+            headers::default_anthropic_version(&mut headers);
+        }
         let settlement = self.settlement.as_mut().expect("reserve made it");
         let mut last_err = None;
         for (attempt, &i) in order.iter().enumerate() {
@@ -289,10 +292,10 @@ impl Call<'_> {
                 ApiError::bad_request("invalid_path", "The request path cannot be forwarded.")
             })?;
             *upstream_req.headers_mut() = headers.clone();
-            if let Some(auth) = &up.auth {
+            if let Some((name, value)) = &up.auth {
                 upstream_req
                     .headers_mut()
-                    .insert(header::AUTHORIZATION, auth.clone());
+                    .insert(name.clone(), value.clone());
             }
             let last = attempt + 1 == order.len();
             settlement.upstream = Some(i);
@@ -403,6 +406,7 @@ impl Call<'_> {
     /// A refusal or failure: the settlement records it when the request was
     /// admitted (once), the metrics count it otherwise.
     fn refused(&mut self, e: ApiError) -> Response<Body> {
+        let e = self.shaped(e);
         match self.settlement.take() {
             Some(mut s) => {
                 s.failed_status = Some(e.status.as_u16());
@@ -419,6 +423,19 @@ impl Call<'_> {
             }
         }
         e.into_response()
+    }
+
+    /// The error in the route's API shape: Anthropic's on its routes, so
+    /// that every refusal there (key, credit, limits, body, upstream) reads
+    /// as the Anthropic SDK expects.
+    fn shaped(&self, e: ApiError) -> ApiError {
+        if self.route.speaks_anthropic() {
+            e.with_shape(Shape::Anthropic {
+                request_id: self.request_id.to_str().unwrap_or("").to_owned(),
+            })
+        } else {
+            e
+        }
     }
 
     fn list_models(&self, policy: &Policy) -> Response<Body> {
