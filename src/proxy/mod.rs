@@ -14,6 +14,7 @@
 //! the one place that charges, records and counts a request in the
 //! metrics. A request refused before it is counted by [`Call::refused`].
 
+mod anthropic;
 mod body;
 mod headers;
 pub mod routing;
@@ -107,12 +108,18 @@ impl Call<'_> {
             return Ok(self.list_models(&policy));
         }
         let permit = self.limit(&key, &policy, now_ms)?;
+        if self.route == Endpoint::CountTokens {
+            return self.count_tokens(permit, &policy, req, &path).await;
+        }
         let (parts, body) = req.into_parts();
         let inspected = self.inspect(&parts.headers, body, &path, &policy).await?;
         let upstream_body = self.reserve(permit, &policy, &inspected)?;
         let (upstream, answer) = self
             .forward(&parts, &path, upstream_body, &inspected)
             .await?;
+        if self.route.speaks_anthropic() && !answer.status().is_success() {
+            return Ok(self.anthropic_error_answer(upstream, answer).await);
+        }
         Ok(self.stream_back(upstream, answer, &inspected))
     }
 
@@ -281,7 +288,8 @@ impl Call<'_> {
         if self.route.speaks_anthropic() {
             headers::default_anthropic_version(&mut headers);
         }
-        let settlement = self.settlement.as_mut().expect("reserve made it");
+        // Free requests (count_tokens) have no settlement: nothing to charge.
+        let mut settlement = self.settlement.as_mut();
         let mut last_err = None;
         for (attempt, &i) in order.iter().enumerate() {
             let up = &routing.upstreams[i];
@@ -298,8 +306,10 @@ impl Call<'_> {
                     .insert(name.clone(), value.clone());
             }
             let last = attempt + 1 == order.len();
-            settlement.upstream = Some(i);
-            settlement.reach = Reach::Sent;
+            if let Some(s) = settlement.as_mut() {
+                s.upstream = Some(i);
+                s.reach = Reach::Sent;
+            }
             let outcome = tokio::time::timeout(
                 up.first_byte_timeout,
                 self.proxy.clients[i].request(upstream_req),
@@ -320,13 +330,17 @@ impl Call<'_> {
                     } else {
                         routing.succeeded(i);
                     }
-                    settlement.reach = Reach::Answered(s.as_u16());
+                    if let Some(settlement) = settlement.as_mut() {
+                        settlement.reach = Reach::Answered(s.as_u16());
+                    }
                     return Ok((i, res));
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     // Never reached: nothing to charge, safe to try another.
-                    settlement.reach = Reach::NotSent;
-                    settlement.upstream = None;
+                    if let Some(s) = settlement.as_mut() {
+                        s.reach = Reach::NotSent;
+                        s.upstream = None;
+                    }
                     tracing::warn!(upstream = %up.name, error = %e, "upstream could not be reached");
                     routing.failed(i, app.clock.now_ms());
                     app.metrics.upstream_failed(i, !last);

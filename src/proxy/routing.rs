@@ -407,6 +407,20 @@ impl Routing {
     pub fn upstream_names(&self) -> Vec<String> {
         self.upstreams.iter().map(|u| u.name.clone()).collect()
     }
+
+    /// Where a free request about `model` goes (Anthropic's count_tokens):
+    /// the upstreams of a model the gateway serves, priced at nothing.
+    pub fn free_for_model(&self, model: &str) -> Result<Destination, ApiError> {
+        let entry = self
+            .model(model)
+            .filter(|e| !e.group.is_empty())
+            .ok_or_else(|| ApiError::model_not_found(model))?;
+        Ok(Destination {
+            group: entry.group,
+            pricing: Pricing::Flat(Pico::ZERO),
+            max_output_tokens: 0,
+        })
+    }
 }
 
 /// The dearer of two prices: a fallback list is reserved and charged at
