@@ -232,7 +232,35 @@ impl Call<'_> {
             cap,
         };
         let reserved = self.app.gate.reserve(&key, policy, &bound)?;
+        let model_bound = completion_bound;
         let completion_bound = reserved.capped_max_tokens.unwrap_or(completion_bound);
+        if let Some(budget) = info.thinking_budget
+            && completion_bound < info.max_tokens.unwrap_or(0)
+            && budget >= completion_bound
+        {
+            // The gateway lowered max_tokens to the thinking budget or
+            // below: the upstream would refuse the request. Refused here,
+            // the reservation given back.
+            return Err(if completion_bound < model_bound {
+                ApiError::insufficient_quota(
+                    "insufficient_quota",
+                    format!(
+                        "This key's credit covers at most {completion_bound} output tokens, not more than \
+                         thinking.budget_tokens ({budget}); lower the thinking budget or add credit."
+                    ),
+                    "key",
+                )
+            } else {
+                ApiError::bad_request(
+                    "invalid_value",
+                    format!(
+                        "thinking.budget_tokens ({budget}) must be below max_tokens, which this gateway \
+                         bounds to {completion_bound} for this model."
+                    ),
+                )
+                .with_param("thinking")
+            });
+        }
         let inject_usage = info.stream && self.route.usage_on_request() && !info.include_usage;
         let rewrite = Rewrite {
             include_usage: inject_usage,
