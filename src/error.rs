@@ -484,13 +484,25 @@ mod tests {
                 ApiError::insufficient_quota("insufficient_quota", "no credit", "key"),
                 "billing_error",
             ),
-            (ApiError::permission("key_disabled", "off"), "permission_error"),
+            (
+                ApiError::permission("key_disabled", "off"),
+                "permission_error",
+            ),
             (ApiError::model_not_found("claude-x"), "not_found_error"),
             (ApiError::body_too_large(10), "request_too_large"),
             (ApiError::rate_limited("slow", 3), "rate_limit_error"),
-            (ApiError::bad_request("missing_max_tokens", "x"), "invalid_request_error"),
-            (ApiError::upstream(StatusCode::BAD_GATEWAY, "x"), "api_error"),
-            (ApiError::upstream(StatusCode::GATEWAY_TIMEOUT, "x"), "timeout_error"),
+            (
+                ApiError::bad_request("missing_max_tokens", "x"),
+                "invalid_request_error",
+            ),
+            (
+                ApiError::upstream(StatusCode::BAD_GATEWAY, "x"),
+                "api_error",
+            ),
+            (
+                ApiError::upstream(StatusCode::GATEWAY_TIMEOUT, "x"),
+                "timeout_error",
+            ),
         ] {
             let message = e.message.clone();
             let e = e.with_shape(shape.clone());
@@ -505,7 +517,10 @@ mod tests {
             .with_shape(shape)
             .into_response();
         assert_eq!(r.headers()[RETRY_AFTER], "3");
-        assert_eq!(anthropic_type(StatusCode::from_u16(529).unwrap()), "overloaded_error");
+        assert_eq!(
+            anthropic_type(StatusCode::from_u16(529).unwrap()),
+            "overloaded_error"
+        );
     }
 
     #[test]

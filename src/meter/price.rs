@@ -53,10 +53,7 @@ impl Price {
                 self.cache_write.unwrap_or(self.input),
                 priced_5m,
             ))
-            .saturating_add(Pico::per_million(
-                price_1h.unwrap_or(self.input),
-                priced_1h,
-            ))
+            .saturating_add(Pico::per_million(price_1h.unwrap_or(self.input), priced_1h))
             .saturating_add(Pico::per_million(
                 self.cached_input.unwrap_or(self.input),
                 cached,
@@ -80,9 +77,8 @@ impl Price {
             .max(self.cached_input.unwrap_or(self.input))
             .max(self.cache_write.unwrap_or(self.input))
             .max(self.cache_write_1h.unwrap_or(self.input));
-        let parts: u64 = 2
-            + u64::from(self.cache_write.is_some())
-            + u64::from(self.cache_write_1h.is_some());
+        let parts: u64 =
+            2 + u64::from(self.cache_write.is_some()) + u64::from(self.cache_write_1h.is_some());
         let split_rounding = if prompt_price > Pico::ZERO {
             Pico(parts.min(prompt_tokens).saturating_sub(1) as i64)
         } else {
@@ -308,7 +304,9 @@ mod tests {
         };
         assert_eq!(
             pr.cost(&u),
-            Pico(20 * 3_000_000 + 60 * 3_750_000 + 40 * 6_000_000 + 1000 * 300_000 + 8 * 15_000_000)
+            Pico(
+                20 * 3_000_000 + 60 * 3_750_000 + 40 * 6_000_000 + 1000 * 300_000 + 8 * 15_000_000
+            )
         );
         // Without a 1-hour price, 1-hour writes are 5-minute writes.
         let five = Price {

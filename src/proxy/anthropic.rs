@@ -45,10 +45,11 @@ impl Call<'_> {
                 .await?;
         let info = crate::meter::inspect(Endpoint::CountTokens, &body)?;
         let Some(model) = info.model.as_deref() else {
-            return Err(
-                ApiError::bad_request("missing_required_parameter", "model: Field required.")
-                    .with_param("model"),
-            );
+            return Err(ApiError::bad_request(
+                "missing_required_parameter",
+                "model: Field required.",
+            )
+            .with_param("model"));
         };
         policy.check_model(model)?;
         let dest = self.proxy.routing.free_for_model(model)?;
@@ -133,12 +134,11 @@ impl Call<'_> {
                 s.permit().rate.write_headers(&mut head.headers);
                 s.finish(None, 0);
             }
-            None => self.app.metrics.answered(
-                self.route,
-                status.as_u16(),
-                self.started.elapsed(),
-                None,
-            ),
+            None => {
+                self.app
+                    .metrics
+                    .answered(self.route, status.as_u16(), self.started.elapsed(), None)
+            }
         }
         Response::from_parts(head, crate::full_body(body))
     }

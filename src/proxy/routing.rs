@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, HeaderName};
 use http::HeaderValue;
+use http::header::{AUTHORIZATION, HeaderName};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -117,9 +117,7 @@ impl Routing {
                     Ok(k) if !k.is_empty() => {
                         let (name, value) = match up.kind {
                             UpstreamKind::Openai => (AUTHORIZATION, format!("Bearer {k}")),
-                            UpstreamKind::Anthropic => {
-                                (HeaderName::from_static("x-api-key"), k)
-                            }
+                            UpstreamKind::Anthropic => (HeaderName::from_static("x-api-key"), k),
                         };
                         let mut value = HeaderValue::from_str(&value).map_err(|_| {
                             format!("upstream {}: {env} is not a valid header value", up.name)
