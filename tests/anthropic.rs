@@ -692,10 +692,7 @@ async fn count_tokens_is_free_and_not_counted(mode: RuntimeMode) {
     ))
     .await;
     assert_anthropic_error(s, &b, 404, "not_found_error");
-    assert_eq!(
-        gw.mock.served().received_on("/v1/messages/count_tokens"),
-        3
-    );
+    assert_eq!(gw.mock.served().received_on("/v1/messages/count_tokens"), 3);
 }
 
 async fn concurrent_messages_never_overspend(mode: RuntimeMode) {

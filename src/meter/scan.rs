@@ -1081,6 +1081,52 @@ data: {\"type\":\"message_stop\"}\n\n";
                 ..MESSAGES_USAGE
             })
         );
+        assert!(m.usage_incomplete(), "no message_delta yet: not final");
+        let (_, m) = run(
+            Endpoint::Messages,
+            Framing::Sse,
+            false,
+            &[MESSAGES_STREAM.as_bytes()],
+        );
+        assert!(!m.usage_incomplete());
+        // An error event mid-stream: input and cache tokens as reported,
+        // the usage not final.
+        let errored = format!(
+            "{}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}}}\n\n",
+            &MESSAGES_STREAM[..MESSAGES_STREAM
+                .find("event: content_block_stop")
+                .unwrap_or(0)]
+        );
+        let (out, m) = run(
+            Endpoint::Messages,
+            Framing::Sse,
+            false,
+            &[errored.as_bytes()],
+        );
+        assert_eq!(
+            out,
+            errored.as_bytes(),
+            "the error event reaches the client"
+        );
+        assert!(m.usage_incomplete());
+        assert_eq!(m.usage().map(|u| u.cached_tokens), Some(2000));
+        assert_eq!(m.delivered_completion_estimate(), 2);
+        // The TTL split of cache writes.
+        let split = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"cache_creation_input_tokens\":10,\"cache_creation\":{\"ephemeral_5m_input_tokens\":4,\"ephemeral_1h_input_tokens\":6},\"output_tokens\":1}}}\n\n\
+                     data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":5}}\n\n";
+        let (_, m) = run(Endpoint::Messages, Framing::Sse, false, &[split.as_bytes()]);
+        assert_eq!(
+            m.usage(),
+            Some(Usage {
+                prompt_tokens: 13,
+                cached_tokens: 0,
+                cache_write_tokens: 10,
+                cache_write_1h_tokens: 6,
+                completion_tokens: 5,
+                reasoning_tokens: 0,
+            })
+        );
+        assert!(!m.usage_incomplete());
         // A message_delta that repeats input counts replaces them.
         let stream = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n\
                       data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":4,\"cache_read_input_tokens\":6,\"output_tokens\":9}}\n\n";

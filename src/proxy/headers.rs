@@ -132,12 +132,30 @@ mod tests {
     }
 
     #[test]
+    fn the_anthropic_version_defaults_and_is_kept() {
+        let mut h = HeaderMap::new();
+        default_anthropic_version(&mut h);
+        assert_eq!(h["anthropic-version"], DEFAULT_ANTHROPIC_VERSION);
+        h.insert("anthropic-version", HeaderValue::from_static("2023-01-01"));
+        default_anthropic_version(&mut h);
+        assert_eq!(h["anthropic-version"], "2023-01-01");
+    }
+
+    #[test]
     fn upstream_account_headers_are_dropped() {
         let mut h = HeaderMap::new();
         h.insert("openai-organization", HeaderValue::from_static("org-x"));
         h.insert(
             "x-ratelimit-remaining-requests",
             HeaderValue::from_static("9"),
+        );
+        h.insert(
+            "anthropic-ratelimit-tokens-remaining",
+            HeaderValue::from_static("9"),
+        );
+        h.insert(
+            "anthropic-organization-id",
+            HeaderValue::from_static("org-x"),
         );
         h.insert("connection", HeaderValue::from_static("x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
