@@ -645,6 +645,24 @@ async fn the_upstream_gets_its_own_key_and_the_version(mode: RuntimeMode) {
         ids.contains(&MODEL) && ids.contains(&"demo-chat"),
         "{ids:?}"
     );
+    // The Anthropic SDK (it sends anthropic-version) gets Anthropic's shape.
+    let (s, _, v) = send(
+        "GET",
+        &gw.url("/v1/models"),
+        &[("x-api-key", &key), ("anthropic-version", "2023-06-01")],
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["has_more"], false, "{v}");
+    assert!(
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == MODEL && m["type"] == "model"),
+        "{v}"
+    );
 }
 
 async fn count_tokens_is_free_and_not_counted(mode: RuntimeMode) {

@@ -105,7 +105,10 @@ impl Call<'_> {
         };
         let policy = self.admit(&key, &ask)?;
         if self.route == Endpoint::Models && req.method() == Method::GET {
-            return Ok(self.list_models(&policy));
+            // The Anthropic SDK always sends `anthropic-version`: it gets
+            // Anthropic's list shape.
+            let anthropic = req.headers().contains_key("anthropic-version");
+            return Ok(self.list_models(&policy, anthropic));
         }
         let permit = self.limit(&key, &policy, now_ms)?;
         if self.route == Endpoint::CountTokens {
@@ -480,19 +483,33 @@ impl Call<'_> {
         }
     }
 
-    fn list_models(&self, policy: &Policy) -> Response<Body> {
-        let data: Vec<serde_json::Value> = self
+    fn list_models(&self, policy: &Policy, anthropic: bool) -> Response<Body> {
+        let names: Vec<&str> = self
             .proxy
             .routing
             .model_names()
             .into_iter()
             .filter(|m| policy.allows_model(m))
-            .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
             .collect();
-        let res = json_response(
-            StatusCode::OK,
-            &serde_json::json!({"object": "list", "data": data}),
-        );
+        let list = if anthropic {
+            let data: Vec<serde_json::Value> = names
+                .iter()
+                .map(|m| serde_json::json!({"id": m, "type": "model", "display_name": m, "created_at": "1970-01-01T00:00:00Z"}))
+                .collect();
+            serde_json::json!({
+                "data": data,
+                "has_more": false,
+                "first_id": names.first(),
+                "last_id": names.last(),
+            })
+        } else {
+            let data: Vec<serde_json::Value> = names
+                .iter()
+                .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
+                .collect();
+            serde_json::json!({"object": "list", "data": data})
+        };
+        let res = json_response(StatusCode::OK, &list);
         self.app
             .metrics
             .answered(self.route, 200, self.started.elapsed(), None);
