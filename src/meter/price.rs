@@ -68,9 +68,9 @@ impl Price {
     ///
     /// The prompt is priced at the largest of input, cached input and the
     /// cache writes (no discount assumed), plus 1 picoUSD per extra part the
-    /// prompt is split into: each part rounds up, and `⌈a⌉ + ⌈b⌉ ≤ ⌈a + b⌉
-    /// + 1`. Two parts (uncached, cached), one more for each cache-write
-    /// price, and never more parts than tokens.
+    /// prompt is split into: each part rounds up, and
+    /// `⌈a⌉ + ⌈b⌉ ≤ ⌈a + b⌉ + 1`. Two parts (uncached, cached), one more for
+    /// each cache-write price, and never more parts than tokens.
     pub fn upper_bound(&self, prompt_tokens: u64, completion_tokens: u64) -> Pico {
         let prompt_price = self
             .input

@@ -610,7 +610,10 @@ mod tests {
         let mut buf = Vec::new();
         put_usage(&mut buf, &rec);
         let batch = finish_usage_batch(1, &buf);
-        assert_eq!(decode_usage_batch(&batch, &[7; 32]).unwrap(), [rec.clone()]);
+        assert_eq!(
+            decode_usage_batch(&batch, &[7; 32]).unwrap(),
+            std::slice::from_ref(&rec)
+        );
         // A format-1 batch: the same record without the trailing field.
         let mut old = batch.clone();
         old[0] = FORMAT;
