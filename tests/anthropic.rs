@@ -30,6 +30,7 @@ both_modes!(
     the_upstream_gets_its_own_key_and_the_version,
     count_tokens_is_free_and_not_counted,
     concurrent_messages_never_overspend,
+    thinking_budget_counts_within_max_tokens,
 );
 
 const MODEL: &str = "claude-sonnet-4-5";
@@ -784,4 +785,37 @@ async fn concurrent_messages_never_overspend(mode: RuntimeMode) {
     assert!(spent <= limit, "spent {spent} > limit {limit}");
     assert_eq!(recs.len(), ok);
     assert!(recs.iter().all(|r| r.cost <= r.reserved && !r.estimated));
+}
+
+async fn thinking_budget_counts_within_max_tokens(mode: RuntimeMode) {
+    let gw = start(mode, |_| {});
+    let (key, hash) = gw.create_key(json!({"name": "think"})).await;
+    let thinking = |max: u64, budget: u64| {
+        let mut b = body(false, max);
+        b["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
+        b
+    };
+    // The model's bound (1024) lowers max_tokens below the budget: refused
+    // before anything goes upstream.
+    let (s, _, b) = messages(&gw, &[("x-api-key", &key)], thinking(2000, 1500)).await;
+    assert_anthropic_error(s, &b, 400, "invalid_request_error");
+    assert!(String::from_utf8_lossy(&b).contains("budget_tokens"));
+    assert_eq!(gw.mock.served().received_on("/v1/messages"), 0);
+    // A budget that still fits: max_tokens lowered to the bound, thinking
+    // and text within it, charged exactly.
+    let (s, _, b) = messages(
+        &gw,
+        &[("x-api-key", &key), ("x-mock-reasoning-tokens", "5")],
+        thinking(2000, 1000),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let sent: Value = serde_json::from_slice(&gw.mock.requests()[0].body).unwrap();
+    assert_eq!(sent["max_tokens"], 1024);
+    assert_eq!(sent["thinking"]["budget_tokens"], 1000);
+    let v = json_of(&b);
+    assert_eq!(v["content"][0]["type"], "thinking");
+    let (spent, recs) = settled(&gw, &hash).await;
+    assert_eq!(recs.len(), 1, "the refusal left no record");
+    assert_eq!(spent, claude_price().cost(&served_usage(&gw)));
 }
