@@ -150,6 +150,7 @@ fn bound() -> Bound {
             input: Pico::parse_usd("0.15").expect("price"),
             cached_input: None,
             cache_write: None,
+            cache_write_1h: None,
             output: Pico::parse_usd("0.6").expect("price"),
             request: Pico::ZERO,
         }),

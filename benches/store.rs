@@ -68,6 +68,7 @@ fn record(k: u32, at_ms: i64, i: u64) -> UsageRecord {
         estimated: false,
         daily_fee: Pico::ZERO,
         account: None,
+        cache_write_tokens: 0,
     }
 }
 

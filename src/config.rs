@@ -368,7 +368,8 @@ pub struct UpstreamConfig {
     pub name: String,
     /// e.g. `https://api.openai.com/v1`; absent for `mock = true`.
     pub base_url: Option<BaseUrl>,
-    /// Env var holding this upstream's API key (sent as `Authorization: Bearer`).
+    /// Env var holding this upstream's API key (sent as `Authorization:
+    /// Bearer`, or `x-api-key` for `kind = "anthropic"`).
     pub api_key_env: Option<String>,
     /// Glob patterns of the models this upstream serves.
     #[serde(default = "all_models")]
@@ -394,6 +395,21 @@ pub struct UpstreamConfig {
     /// Gemini's `model` turns for an OpenAI-shaped Space).
     #[serde(default)]
     pub role_map: BTreeMap<String, String>,
+    /// Which API the upstream speaks, so the gateway sends its key the way
+    /// it takes it (`x-api-key` and `anthropic-version` for Anthropic).
+    #[serde(default)]
+    pub kind: UpstreamKind,
+}
+
+/// The API an upstream speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// OpenAI-compatible: the key as `Authorization: Bearer`.
+    #[default]
+    Openai,
+    /// Anthropic's API: the key as `x-api-key`, with `anthropic-version`.
+    Anthropic,
 }
 
 fn all_models() -> Vec<Pattern> {
@@ -409,11 +425,17 @@ fn one() -> u32 {
 pub struct ModelConfig {
     /// USD per 1M prompt tokens.
     pub input: Pico,
-    /// USD per 1M cached prompt tokens (defaults to `input`).
+    /// USD per 1M cached prompt tokens (defaults to `input`). Also read as
+    /// `cache_read`, Anthropic's name for them (`cache_read_input_tokens`).
+    #[serde(alias = "cache_read")]
     pub cached_input: Option<Pico>,
     /// USD per 1M prompt tokens written to a prompt cache (Anthropic's
     /// `cache_creation_input_tokens`; defaults to `input`).
     pub cache_write: Option<Pico>,
+    /// USD per 1M prompt tokens written to the cache with Anthropic's
+    /// 1-hour TTL (`cache_creation.ephemeral_1h_input_tokens`; defaults to
+    /// `cache_write`).
+    pub cache_write_1h: Option<Pico>,
     /// USD per 1M completion tokens (reasoning included).
     pub output: Pico,
     /// USD per request, on top of tokens.
@@ -897,6 +919,7 @@ impl Config {
                 ("output", Some(model.output)),
                 ("cached_input", model.cached_input),
                 ("cache_write", model.cache_write),
+                ("cache_write_1h", model.cache_write_1h),
                 ("request", Some(model.request)),
             ] {
                 if let Some(p) = price

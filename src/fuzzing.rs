@@ -107,9 +107,15 @@ pub fn sse_meter(data: &[u8]) {
                 one.delivered_completion_estimate()
             );
             assert_eq!(many.bytes_seen(), stream.len() as u64);
+            assert_eq!(
+                many.usage_incomplete(),
+                one.usage_incomplete(),
+                "completeness depends on frame splits"
+            );
             if let Some(u) = one.usage() {
                 assert!(u.cached_tokens <= u.prompt_tokens);
                 assert!(u.cached_tokens + u.cache_write_tokens <= u.prompt_tokens);
+                assert!(u.cache_write_1h_tokens <= u.cache_write_tokens);
                 assert!(u.reasoning_tokens <= u.completion_tokens);
             }
         }

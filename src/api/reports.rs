@@ -299,6 +299,7 @@ struct Sums {
     latency_ms: u64,
     errors: u64,
     estimated: u64,
+    cache_write: u64,
 }
 
 impl Sums {
@@ -312,6 +313,7 @@ impl Sums {
         self.latency_ms += r.latency_ms_sum;
         self.errors += r.errors;
         self.estimated += r.estimated;
+        self.cache_write += r.cache_write_tokens;
     }
 
     fn merge(&mut self, o: &Sums) {
@@ -324,6 +326,7 @@ impl Sums {
         self.latency_ms += o.latency_ms;
         self.errors += o.errors;
         self.estimated += o.estimated;
+        self.cache_write += o.cache_write;
     }
 
     fn tokens(&self) -> u64 {
@@ -395,6 +398,9 @@ pub(super) struct Summary {
     errors: u64,
     /// Requests charged from an estimate (stream cut, client gone).
     estimated: u64,
+    /// Prompt tokens written to a prompt cache (Anthropic's cache
+    /// creation), part of `prompt_tokens`; `cached_tokens` are the reads.
+    cache_write_tokens: u64,
 }
 
 impl From<&Sums> for Summary {
@@ -410,6 +416,7 @@ impl From<&Sums> for Summary {
             avg_latency_ms: s.latency_ms.checked_div(s.requests).unwrap_or(0),
             errors: s.errors,
             estimated: s.estimated,
+            cache_write_tokens: s.cache_write,
         }
     }
 }
@@ -469,6 +476,9 @@ pub(super) struct LogItem {
     latency_ms: u32,
     ttfb_ms: u32,
     estimated: bool,
+    /// Prompt tokens written to a prompt cache, part of `prompt_tokens`
+    /// (`cached_tokens` are the cache reads).
+    cache_write_tokens: u64,
     /// Admin reports only.
     #[serde(skip_serializing_if = "Option::is_none")]
     client_ip: Option<String>,
@@ -494,6 +504,7 @@ fn log_item(r: UsageRecord, viewer: Viewer) -> LogItem {
         status: r.status,
         prompt_tokens: r.prompt_tokens,
         cached_tokens: r.cached_tokens,
+        cache_write_tokens: r.cache_write_tokens,
         completion_tokens: r.completion_tokens,
         reasoning_tokens: r.reasoning_tokens,
         cost: r.cost,

@@ -197,6 +197,7 @@ mod tests {
             input: Pico::parse_usd("1").unwrap(),
             cached_input: None,
             cache_write: None,
+            cache_write_1h: None,
             output: Pico::parse_usd("2").unwrap(),
             request: Pico::ZERO,
         };

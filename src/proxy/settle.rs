@@ -125,6 +125,27 @@ impl Settlement {
     /// request. `usage` is what the upstream reported; `delivered` the
     /// completion tokens estimated from what reached the client.
     pub fn finish(&mut self, usage: Option<Usage>, delivered: u64) {
+        self.settle(usage.map(|u| (u, false)), delivered);
+    }
+
+    /// Charges a stream that ended before its final usage (an Anthropic
+    /// stream cut, or ended by an `error` event, after `message_start`):
+    /// the reported prompt, cache-write and cache-read tokens, and the
+    /// larger of the reported and the delivered output (the delivered
+    /// estimate within the reservation), marked estimated.
+    pub fn finish_incomplete(&mut self, reported: Usage, delivered: u64) {
+        let completion = reported
+            .completion_tokens
+            .max(delivered.min(self.completion_bound));
+        let usage = Usage {
+            completion_tokens: completion,
+            ..reported
+        };
+        self.settle(Some((usage, true)), delivered);
+    }
+
+    /// `usage`: what to charge and whether it is an estimate.
+    fn settle(&mut self, usage: Option<(Usage, bool)>, delivered: u64) {
         if self.done {
             return;
         }
@@ -138,7 +159,7 @@ impl Settlement {
         };
         let ok = (200..300).contains(&status);
         let (usage, estimated) = match (usage, self.reach) {
-            (Some(u), _) => (u, false),
+            (Some(reported), _) => reported,
             // Never free when the upstream did work, never billed for what
             // did not happen: the measured prompt plus what was delivered.
             (None, Reach::Answered(_)) if ok => (
@@ -231,6 +252,7 @@ impl Settlement {
             status,
             prompt_tokens: usage.prompt_tokens,
             cached_tokens: usage.cached_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
             completion_tokens: usage.completion_tokens,
             reasoning_tokens: usage.reasoning_tokens,
             cost: charged,

@@ -135,6 +135,10 @@ pub struct UsageRecord {
     /// the store thread charges it in the same batch. Not kept in the
     /// stored record (the key's owner says it).
     pub account: Option<std::sync::Arc<str>>,
+    /// Prompt tokens written to the upstream's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), priced apart; part of
+    /// `prompt_tokens`, like the cache reads in `cached_tokens`.
+    pub cache_write_tokens: u64,
 }
 
 /// What a ledger entry did to the account.
@@ -182,6 +186,8 @@ pub struct Rollup {
     pub errors: u64,
     /// Records whose usage was estimated.
     pub estimated: u64,
+    /// Prompt tokens written to a prompt cache (part of `prompt_tokens`).
+    pub cache_write_tokens: u64,
 }
 
 /// A page of keys.

@@ -91,6 +91,7 @@ fn usage(k: u32, at_ms: i64, model: &str, cost: i64, i: u64) -> UsageRecord {
         status: if i % 7 == 0 { 502 } else { 200 },
         prompt_tokens: 10 + i,
         cached_tokens: i % 3,
+        cache_write_tokens: i % 4,
         completion_tokens: 20,
         reasoning_tokens: 1,
         cost: Pico(cost),
@@ -342,6 +343,7 @@ async fn records_agree_with_accounts_rollups_and_survive_reopen() {
                         latency_ms_sum: u64::from(rec.latency_ms),
                         errors: u64::from(rec.status >= 400),
                         estimated: u64::from(rec.estimated),
+                        cache_write_tokens: rec.cache_write_tokens,
                     };
                     add_rollup(
                         expected_key.entry((k, hour, model.into())).or_default(),

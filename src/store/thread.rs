@@ -560,6 +560,7 @@ impl StoreThread {
             latency_ms_sum: u64::from(rec.latency_ms),
             errors: u64::from(rec.status >= 400),
             estimated: u64::from(rec.estimated),
+            cache_write_tokens: rec.cache_write_tokens,
         };
         let k = &mut self.scratch;
         k.clear();
