@@ -25,6 +25,7 @@
 //! - [`store`]: the only module that touches sled.
 //! - [`api`]: provisioning, key status, credits, usage queries.
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`reload`]: SIGHUP / API config reload, the live snapshot requests read.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.
@@ -45,6 +46,7 @@ pub mod meter;
 pub mod metrics;
 pub mod money;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod store;

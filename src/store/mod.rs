@@ -11,6 +11,7 @@
 //! drawn as a table), [`thread`] (the store thread and its group commit),
 //! `codec` (binary encodings).
 
+pub mod admin_tokens;
 mod codec;
 mod layout;
 mod log;

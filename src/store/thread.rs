@@ -77,6 +77,11 @@ pub(super) enum Op {
         Vec<(KeyRecord, Account)>,
         mpsc::SyncSender<Result<(), StoreError>>,
     ),
+    /// A scoped admin token written or removed (`super::admin_tokens`).
+    AdminToken(
+        super::admin_tokens::AdminTokenOp,
+        oneshot::Sender<Result<bool, StoreError>>,
+    ),
 }
 
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
@@ -380,6 +385,14 @@ impl StoreThread {
                 self.replies.push(Box::new(move |flushed| {
                     let _ = tx.send(r.and_then(|()| flushed.map_err(StoreError::Flush)));
                 }));
+                true
+            }
+            Op::AdminToken(op, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| super::admin_tokens::apply(&self.book, op));
+                self.write_count(1);
+                self.replies.push(reply_after_flush(tx, r));
                 true
             }
         }
