@@ -25,6 +25,7 @@
 //! - [`store`]: the only module that touches sled.
 //! - [`api`]: provisioning, key status, credits, usage queries.
 //! - [`metrics`]: counters and their Prometheus rendering.
+//! - [`cli`]: the admin CLI (`tollgate keys …`), a client of the admin API.
 //! - [`reload`]: SIGHUP / API config reload, the live snapshot requests read.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
@@ -36,6 +37,7 @@
 pub mod api;
 pub mod app;
 pub mod billing;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
