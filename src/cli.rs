@@ -146,8 +146,10 @@ pub struct CreditArgs {
     /// Target an account instead of a key.
     #[arg(long)]
     pub account: bool,
-    #[arg(long)]
-    pub reason: Option<String>,
+    /// The ledger's reason for the change.
+    #[arg(long, default_value = "tollgate CLI")]
+    pub reason: String,
+    /// Makes a retry of the same change apply once.
     #[arg(long)]
     pub idempotency_key: Option<String>,
 }
@@ -398,7 +400,7 @@ fn plan(cmd: AdminCommand) -> Result<(Conn, Call), Failure> {
             let mut body = Map::new();
             body.insert("kind".into(), kind.into());
             body.insert("amount".into(), Value::String(a.amount.clone()));
-            put(&mut body, "reason", a.reason.clone());
+            body.insert("reason".into(), Value::String(a.reason.clone()));
             put(&mut body, "idempotency_key", a.idempotency_key.clone());
             let what = if a.account { "accounts" } else { "keys" };
             let path = format!("/api/v1/{what}/{}/credits", segment(&a.target)?);
