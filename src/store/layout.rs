@@ -16,6 +16,7 @@
 //! | `book` | `A` id | user account: profile and wallet (JSON) |
 //! | `book` | `L` u16 len, id, seq | account ledger entry (JSON) |
 //! | `book` | `I` u16 len, id, idempotency-key | account ledger seq (u64 BE) |
+//! | `book` | `W` id | scoped admin token: name, scopes, SHA-256 (JSON; [`super::admin_tokens`]) |
 //!
 //! The usage records themselves, the batch index and the retention counts
 //! live in the redb log ([`super::log`]): sled held every inserted value
