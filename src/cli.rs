@@ -88,6 +88,7 @@ pub struct Sets {
 
 #[derive(Args, Clone, Debug, Default)]
 pub struct KeyFields {
+    /// A name for people.
     #[arg(long)]
     pub name: Option<String>,
     /// Spending limit in USD (exact decimal, e.g. 5.00).
@@ -109,32 +110,47 @@ pub enum KeysCmd {
         /// A plan from config.toml.
         #[arg(long)]
         plan: Option<String>,
+        /// The user or account the key belongs to.
         #[arg(long)]
         owner: Option<String>,
     },
     /// List keys.
     List {
+        /// Only this owner's keys.
         #[arg(long)]
         owner: Option<String>,
+        /// Disabled keys too.
         #[arg(long)]
         include_disabled: bool,
+        /// Page size (1-1000).
         #[arg(long)]
         limit: Option<usize>,
+        /// Keys to skip.
         #[arg(long)]
         offset: Option<usize>,
     },
     /// Show one key.
-    Show { hash: String },
+    Show {
+        /// The key's hash (64 hex characters).
+        hash: String,
+    },
     /// Change a key.
     Patch {
+        /// The key's hash.
         hash: String,
         #[command(flatten)]
         fields: KeyFields,
     },
     /// Disable a key (PATCH disabled=true).
-    Disable { hash: String },
+    Disable {
+        /// The key's hash.
+        hash: String,
+    },
     /// Delete a key.
-    Delete { hash: String },
+    Delete {
+        /// The key's hash.
+        hash: String,
+    },
 }
 
 #[derive(Args, Clone, Debug)]
@@ -164,21 +180,29 @@ pub enum CreditsCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum AccountsCmd {
+    /// List accounts.
     List {
+        /// Page size (1-1000).
         #[arg(long)]
         limit: Option<usize>,
+        /// Accounts to skip.
         #[arg(long)]
         offset: Option<usize>,
     },
+    /// Show one account.
     Show {
+        /// The account id.
         id: String,
     },
+    /// Create an account.
     Create {
         /// The account id (generated when absent).
         #[arg(long)]
         id: Option<String>,
+        /// Where its mails go.
         #[arg(long)]
         email: Option<String>,
+        /// A name for people.
         #[arg(long)]
         name: Option<String>,
         #[command(flatten)]
@@ -207,9 +231,11 @@ pub struct UsageArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum TokensCmd {
+    /// List tokens (never their secrets).
     List,
     /// Create a token; it is printed once.
     Create {
+        /// Who uses it (the audit log's actor).
         name: String,
         /// A scope, repeatable (keys:read, keys:write, credits:write,
         /// accounts:read, accounts:write, payments:read, payments:write,
@@ -217,14 +243,18 @@ pub enum TokensCmd {
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
     },
+    /// Delete a token: refused from its next call on.
     Delete {
+        /// The token's id (`tok_…`).
         id: String,
     },
 }
 
 /// Why a command failed, and its exit code.
 struct Failure {
+    /// The exit code: 1 the gateway (down or refusing), 2 the user.
     code: u8,
+    /// Printed after `error: `.
     message: String,
 }
 
@@ -256,8 +286,11 @@ pub fn run(cmd: AdminCommand) -> ExitCode {
 /// One HTTP call to make and how to show its answer.
 struct Call {
     method: Method,
+    /// Path and query, already percent-encoded.
     path: String,
+    /// The JSON body, if the call sends one.
     body: Option<Value>,
+    /// The table or field list people get.
     show: Show,
 }
 

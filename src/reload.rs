@@ -52,6 +52,8 @@ pub struct Reloader {
 /// The answer of a successful reload.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Reloaded {
+    /// Always true here (a refused reload is an error): the shape the API
+    /// promises, `{reloaded, restart_required}`.
     pub reloaded: bool,
     /// Settings that changed in the file but apply only after a restart,
     /// as `section.field` (`server.listen`, `storage.path`, …).

@@ -20,9 +20,13 @@ const NAME_MAX: usize = 64;
 /// A token as the API shows it: never the token, never its hash.
 #[derive(Serialize)]
 struct TokenView<'a> {
+    /// What DELETE names.
     id: &'a str,
+    /// The actor its calls are recorded under.
     name: &'a str,
+    /// In the canonical order.
     scopes: Vec<&'static str>,
+    /// Unix ms.
     created_at: i64,
 }
 

@@ -111,7 +111,9 @@ struct Rule {
     /// Path segments after `/api/v1/`, `*` matching any one segment; the
     /// rule covers every path that starts with them.
     prefix: &'static [&'static str],
+    /// Needed by GET and HEAD: looking changes nothing.
     read: Scope,
+    /// Needed by every other method.
     write: Scope,
 }
 
