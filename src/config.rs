@@ -67,6 +67,10 @@ pub struct Config {
     /// Low-balance and anomaly thresholds.
     #[serde(default)]
     pub alerts: crate::events::config::AlertsConfig,
+    /// The file this config was loaded from (set by [`Config::load`]): what
+    /// a reload re-reads. `None` for a config built from text or in code.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -783,7 +787,9 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates config text; `origin` names the file in errors.

@@ -28,6 +28,8 @@
 //!   periods, grants, lapses and lifecycle (`billing::subscriptions`).
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`events`]: the outbox's events, webhook and email delivery, the audit log.
+//! - [`cli`]: the admin CLI (`tollgate keys …`), a client of the admin API.
+//! - [`reload`]: SIGHUP / API config reload, the live snapshot requests read.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.
@@ -38,6 +40,7 @@
 pub mod api;
 pub mod app;
 pub mod billing;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -49,6 +52,7 @@ pub mod meter;
 pub mod metrics;
 pub mod money;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod store;

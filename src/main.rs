@@ -46,6 +46,8 @@ enum Command {
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
     },
+    #[command(flatten)]
+    Admin(tollgate::cli::AdminCommand),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Admin(cmd) => tollgate::cli::run(cmd),
     }
 }
 
@@ -116,7 +119,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
     };
     println!("Tollgate listening on http://{}", gateway.addr());
-    wait_for_signal();
+    wait_for_signal(&gateway);
     tracing::info!("shutting down: draining in-flight requests");
     gateway.shutdown();
     ExitCode::SUCCESS
@@ -159,10 +162,26 @@ async fn signal() {
     }
 }
 
-fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM; each SIGHUP meanwhile reloads the config
+/// (a bad file is logged and the running config kept).
+fn wait_for_signal(gateway: &Gateway) {
+    use tokio::signal::unix::{SignalKind, signal as unix_signal};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime builds");
-    rt.block_on(signal());
+    rt.block_on(async {
+        let mut hup = unix_signal(SignalKind::hangup()).expect("SIGHUP can be handled");
+        let stop = signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = hup.recv() => {
+                    // `reload` logs its outcome either way.
+                    let _ = gateway.reload();
+                }
+            }
+        }
+    });
 }

@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::config::{Config, RuntimeMode};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Routing};
+use crate::proxy::{Routing, WorkerProxy};
 use crate::server::{self, Listener};
 use crate::store::Store;
 use tollgate_mock::{MockOptions, MockUpstream};
@@ -106,6 +106,16 @@ impl Gateway {
         let listen = config.server.listen;
         let sweep_every = config.limits.sweep_interval.0;
         let retention_days = config.storage.usage_retention_days;
+        let admin_tokens = crate::api::AdminTokens::from_records(
+            store
+                .admin_tokens()
+                .map_err(|e| format!("reading the admin tokens: {e}"))?,
+        );
+        let live = arc_swap::ArcSwap::from_pointee(crate::reload::Live {
+            config: config.clone(),
+            routing,
+        });
+        let reloader = crate::reload::Reloader::new(config.source.clone(), mock_urls);
         let app = Arc::new(App {
             config,
             gate,
@@ -117,6 +127,9 @@ impl Gateway {
             metrics,
             ready: AtomicBool::new(false),
             events: crate::events::Events::default(),
+            live,
+            reloader,
+            admin_tokens,
         });
         let (shutdown, rx) = watch::channel(false);
         let connections = Arc::new(AtomicUsize::new(0));
@@ -141,7 +154,6 @@ impl Gateway {
                 };
                 for (i, socket) in sockets.into_iter().enumerate() {
                     let app = app.clone();
-                    let routing = routing.clone();
                     let rx = rx.clone();
                     let tls = tls.clone();
                     let connections = connections.clone();
@@ -167,7 +179,7 @@ impl Gateway {
                                 if i == 0 {
                                     tokio::spawn(sweeper(app.clone(), rx.clone(), sweep_every, retention_days));
                                 }
-                                let proxy = Arc::new(Proxy::new(routing.clone()));
+                                let proxy = Arc::new(WorkerProxy::new(&app.live()));
                                 server::run(app, proxy, Listener { listener, tls, connections }, rx).await;
                             });
                         })
@@ -180,7 +192,6 @@ impl Gateway {
                     server::bind(listen, false).map_err(|e| format!("binding {listen}: {e}"))?;
                 addr = socket.local_addr().map_err(|e| e.to_string())?;
                 let app = app.clone();
-                let routing = routing.clone();
                 let rx = rx.clone();
                 let t = std::thread::Builder::new()
                     .name("tollgate-shared".to_owned())
@@ -205,7 +216,7 @@ impl Gateway {
                                 sweep_every,
                                 retention_days,
                             ));
-                            let proxy = Arc::new(Proxy::new(routing.clone()));
+                            let proxy = Arc::new(WorkerProxy::new(&app.live()));
                             server::run(
                                 app,
                                 proxy,
@@ -240,6 +251,12 @@ impl Gateway {
 
     pub fn app(&self) -> &Arc<App> {
         &self.app
+    }
+
+    /// Re-reads the config file and swaps it in (SIGHUP does this), or
+    /// keeps the running one and says why.
+    pub fn reload(&self) -> Result<crate::reload::Reloaded, String> {
+        crate::reload::reload(&self.app)
     }
 
     /// Stops accepting, drains in-flight requests (up to the grace period),

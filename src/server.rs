@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::error::{ApiError, Fault};
-use crate::proxy::{self, Proxy, X_REQUEST_ID};
+use crate::proxy::{self, WorkerProxy, X_REQUEST_ID};
 use crate::{Body, BoxError, full_body};
 
 /// What one accept loop needs.
@@ -38,7 +38,7 @@ pub struct Listener {
 /// requests for up to `server.shutdown_grace`.
 pub async fn run(
     app: Arc<App>,
-    proxy: Arc<Proxy>,
+    proxy: Arc<WorkerProxy>,
     l: Listener,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -157,7 +157,7 @@ impl Drop for ConnGuard {
 /// while unwinding.
 async fn route(
     app: &Arc<App>,
-    proxy: &Proxy,
+    proxy: &WorkerProxy,
     req: Request<Incoming>,
     peer: IpAddr,
 ) -> Response<Body> {

@@ -23,12 +23,14 @@
 mod accounts;
 mod admin_guard;
 mod compat;
+mod admin_tokens;
 mod cors;
 mod credits;
 mod events;
 mod keys;
 pub mod pages;
 mod reports;
+pub mod scopes;
 mod status;
 mod subscriptions;
 mod usage;
@@ -54,6 +56,7 @@ use crate::{Body, BoxError};
 use reports::{Subject, View};
 
 pub use admin_guard::AdminGuard;
+pub use scopes::{AdminCaller, AdminTokens, Scope, Scopes};
 
 /// Largest admin request body: key specs and credits are small; anything
 /// bigger is a mistake or an attack.
@@ -66,7 +69,10 @@ const PAGE_DEFAULT: usize = 100;
 
 /// What the handlers use from [`App`], borrowed, so that tests can build it
 /// from parts without the proxy's routing.
+#[derive(Clone, Copy)]
 pub(crate) struct Ctx<'a> {
+    /// The reloadable configuration as of this request's start (a snapshot
+    /// of [`App::live`]): plans, key import rules, CORS.
     pub config: &'a Config,
     pub gate: &'a Gate,
     pub store: &'a Store,
@@ -76,20 +82,38 @@ pub(crate) struct Ctx<'a> {
     /// The delivery task's handle, for redeliveries (`None` in unit tests
     /// that build a context without a running gateway).
     pub events: Option<&'a crate::events::Events>,
+    /// The scoped admin tokens (in memory).
+    pub admin_tokens: &'a AdminTokens,
+    /// Who made this admin call, once authenticated: the scope check and
+    /// the audit log's actor (`caller.actor`). `None` before, and on the
+    /// calls a key makes about itself.
+    pub caller: Option<&'a AdminCaller>,
+    /// The whole gateway, for calls that act on it (reload); `None` when a
+    /// test builds the context from parts.
+    pub app: Option<&'a App>,
 }
 
 impl<'a> Ctx<'a> {
-    /// The handlers' view of the running gateway.
-    pub fn of(app: &'a App) -> Ctx<'a> {
+    /// The handlers' view of the running gateway, on the `live` snapshot.
+    pub fn of(app: &'a App, live: &'a crate::reload::Live) -> Ctx<'a> {
         Ctx {
-            config: &app.config,
+            config: &live.config,
             gate: &app.gate,
             store: &app.store,
             clock: &app.clock,
             admin_token: &app.admin_token,
             admin_guard: &app.admin_guard,
             events: Some(&app.events),
+            admin_tokens: &app.admin_tokens,
+            caller: None,
+            app: Some(app),
         }
+    }
+
+    /// The authenticated admin caller (root when none was recorded, which
+    /// only happens in tests that call handlers directly).
+    pub fn actor(&self) -> &str {
+        self.caller.map_or("root", |c| c.actor.as_str())
     }
 }
 
@@ -99,7 +123,8 @@ pub async fn handle(
     req: Request<hyper::body::Incoming>,
     client_ip: IpAddr,
 ) -> Response<Body> {
-    serve(&Ctx::of(app), req, client_ip).await
+    let live = app.live();
+    serve(&Ctx::of(app, &live), req, client_ip).await
 }
 
 /// [`handle`] over any body type (tests send `Full` bodies).
@@ -156,6 +181,12 @@ enum AdminCall<'a> {
     Deliveries,
     /// `/api/v1/audit`
     Audit,
+    /// `/api/v1/admin/tokens`
+    AdminTokens,
+    /// `/api/v1/admin/tokens/{id}`
+    AdminToken(&'a str),
+    /// `/api/v1/admin/reload`
+    Reload,
 }
 
 /// The call of a raw (still percent-encoded) path; `None` → 404. The hash
@@ -191,6 +222,9 @@ fn call_of(path: &str) -> Option<AdminCall<'_>> {
         ["events", id, "redeliver"] => Some(AdminCall::Redeliver(id)),
         ["webhooks", "deliveries"] => Some(AdminCall::Deliveries),
         ["audit"] => Some(AdminCall::Audit),
+        ["admin", "tokens"] => Some(AdminCall::AdminTokens),
+        ["admin", "tokens", id] => Some(AdminCall::AdminToken(id)),
+        ["admin", "reload"] => Some(AdminCall::Reload),
         _ => None,
     }
 }
@@ -238,14 +272,19 @@ where
     if call == AdminCall::OwnKey {
         return status::own_key(ctx, &parts.method, &parts.headers, client_ip);
     }
-    // Everything else is the admin's: authenticate before looking at the
-    // method, the hash or the body.
-    admin_auth(ctx, &parts.headers, client_ip)?;
+    // Everything else is the admin's: authenticate and check the scope
+    // (scopes::TABLE) before looking at the hash or the body.
+    let caller = admin_auth(ctx, &parts.headers, client_ip)?;
+    caller.require(scopes::required(&parts.method, parts.uri.path()))?;
     // Every store write the handler makes is audited under this actor.
     let actor = crate::events::Actor {
-        name: "root".to_owned(),
+        name: caller.actor.clone(),
         ip: Some(client_ip),
         at_ms: ctx.clock.now_ms(),
+    };
+    let ctx = &Ctx {
+        caller: Some(&caller),
+        ..*ctx
     };
     crate::events::acting_as(actor, admin_call(ctx, call, &parts, body, query)).await
 }
@@ -316,16 +355,28 @@ where
         AdminCall::Redeliver(id) if m == Method::POST => events::redeliver(ctx, id).await,
         AdminCall::Deliveries if m == Method::GET => events::deliveries(ctx, query),
         AdminCall::Audit if m == Method::GET => events::audit(ctx, query),
+        AdminCall::AdminTokens if m == Method::GET => admin_tokens::list(ctx),
+        AdminCall::AdminTokens if m == Method::POST => {
+            admin_tokens::create(ctx, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::AdminToken(id) if m == Method::DELETE => admin_tokens::delete(ctx, id).await,
+        AdminCall::Reload if m == Method::POST => admin_tokens::reload(ctx),
         _ => Err(ApiError::method_not_allowed()),
     }
 }
 
 // ---- admin authentication ----
 
-/// Checks `Authorization: Bearer <admin token>`. A network that failed
-/// too often is refused (429) before the token is even compared, so that
+/// Checks the admin token, from `Authorization: Bearer <token>` or (seed
+/// 002's clients) `X-Admin-Token: <token>`: the environment's token is
+/// `root`, any other must be a scoped token. A network that failed too
+/// often is refused (429) before the token is even compared, so that
 /// guessing stops paying off; every failure counts against it.
-fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<(), ApiError> {
+fn admin_auth(
+    ctx: &Ctx<'_>,
+    headers: &http::HeaderMap,
+    ip: IpAddr,
+) -> Result<AdminCaller, ApiError> {
     let now = ctx.clock.now_ms();
     ctx.admin_guard.check(ip, now)?;
     let given = headers
@@ -334,13 +385,18 @@ fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<()
         .and_then(|v| {
             v.strip_prefix(b"Bearer ")
                 .or_else(|| v.strip_prefix(b"bearer "))
-        });
-    let ok = match given {
-        Some(token) => token_matches(ctx.admin_token.as_bytes(), token.trim_ascii()),
-        None => false,
-    };
-    if ok {
-        return Ok(());
+        })
+        .or_else(|| headers.get("x-admin-token").map(|v| v.as_bytes()));
+    if let Some(token) = given.map(<[u8]>::trim_ascii) {
+        // Both comparisons always run: which one matched takes no longer.
+        let root = token_matches(ctx.admin_token.as_bytes(), token);
+        let scoped = ctx.admin_tokens.find(&scopes::digest(token));
+        if root {
+            return Ok(AdminCaller::root());
+        }
+        if let Some(caller) = scoped {
+            return Ok(caller);
+        }
     }
     ctx.admin_guard.failed(ip, now);
     let message = if given.is_none() {

@@ -244,7 +244,7 @@ impl Drop for MeteredBody {
             return;
         };
         // The client went away before the end.
-        let billing = &settlement.app.config.billing;
+        let billing = &settlement.live.config.billing;
         let drain = billing.on_client_disconnect == OnClientDisconnect::Drain;
         let timeout = billing.drain_timeout.0;
         if drain

@@ -19,6 +19,7 @@ mod body;
 mod headers;
 pub mod routing;
 mod settle;
+mod worker;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -41,18 +42,22 @@ pub use headers::X_REQUEST_ID;
 use routing::{Destination, Pricing};
 pub use routing::{Proxy, Routing, fast_random};
 use settle::{Admitted, Reach, Settlement};
+pub use worker::WorkerProxy;
 
-/// Proxies one `/v1/*` request.
+/// Proxies one `/v1/*` request, on the configuration live when it starts.
 pub async fn handle(
     app: &Arc<App>,
-    proxy: &Proxy,
+    worker: &WorkerProxy,
     req: Request<Incoming>,
     client_ip: IpAddr,
     request_id: &HeaderValue,
 ) -> Response<Body> {
+    let live = app.live();
+    let proxy = worker.for_live(&live);
     let mut call = Call {
         app,
-        proxy,
+        live: &live,
+        proxy: &proxy,
         request_id,
         client_ip,
         started: Instant::now(),
@@ -69,6 +74,9 @@ pub async fn handle(
 /// One request on its way through the phases.
 struct Call<'a> {
     app: &'a Arc<App>,
+    /// The configuration snapshot this request runs on, start to end (a
+    /// reload meanwhile does not change its prices or routes).
+    live: &'a Arc<crate::reload::Live>,
     /// This worker's routing and upstream clients.
     proxy: &'a Proxy,
     request_id: &'a HeaderValue,
@@ -216,7 +224,8 @@ impl Call<'_> {
         } else {
             0
         };
-        let cap = self.app.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
+        let cap =
+            self.live.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
         let prompt_bound = info.prompt_token_bound();
         // `n` answers of up to `completion_bound` tokens each.
         let choices = u64::from(info.choices.max(1));
@@ -275,7 +284,7 @@ impl Call<'_> {
         let upstream_body = crate::meter::rewrite(self.route, &req.body, &rewrite)?;
         self.settlement = Some(Settlement::new(
             self.app,
-            &self.proxy.routing,
+            self.live,
             Admitted {
                 permit,
                 reservation: reserved.reservation,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
-use super::routing::{Pricing, Routing};
+use super::routing::Pricing;
 use crate::app::App;
 use crate::gate::{Permit, Reservation};
 use crate::meter::{Endpoint, Usage};
@@ -35,8 +35,9 @@ pub enum Reach {
 /// early).
 pub struct Settlement {
     pub(super) app: Arc<App>,
-    /// Upstream names and demo flags for the record.
-    routing: Arc<Routing>,
+    /// The configuration the request started on: upstream names and demo
+    /// flags for the record, billing rules for a client that leaves.
+    pub(super) live: Arc<crate::reload::Live>,
     /// Concurrency slot and request count, released when this is dropped.
     permit: Permit,
     reservation: Option<Reservation>,
@@ -76,7 +77,7 @@ pub struct Admitted {
 impl Settlement {
     pub fn new(
         app: &Arc<App>,
-        routing: &Arc<Routing>,
+        live: &Arc<crate::reload::Live>,
         admitted: Admitted,
         started: Instant,
         request_id: &HeaderValue,
@@ -97,7 +98,7 @@ impl Settlement {
         app.metrics.admitted();
         Settlement {
             app: app.clone(),
-            routing: routing.clone(),
+            live: live.clone(),
             permit,
             reservation: Some(reservation),
             pricing,
@@ -181,7 +182,7 @@ impl Settlement {
             ),
             (None, _) => (Usage::default(), false),
         };
-        let upstream = self.upstream.map(|i| &self.routing.upstreams[i]);
+        let upstream = self.upstream.map(|i| &self.live.routing.upstreams[i]);
         let billable = match self.reach {
             Reach::NotSent => false,
             Reach::Sent => true,

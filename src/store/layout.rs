@@ -22,6 +22,7 @@
 //! | `book` | `T` u16 len, sid, `g`/`u` period (u64 BE) [plan] | empty: that grant was applied |
 //! | `book` | `T` u16 len, sid, `r` idempotency-key | u64 BE: the period the renewal paid |
 //! | `book` | `E` seq / `U` seq / `D` … | outbox events, audit entries, delivery state (see `events.rs`) |
+//! | `book` | `W` id | scoped admin token: name, scopes, SHA-256 (JSON; [`super::admin_tokens`]) |
 //!
 //! The usage records themselves, the batch index and the retention counts
 //! live in the redb log ([`super::log`]): sled held every inserted value

@@ -12,6 +12,7 @@
 //! `codec` (binary encodings), `events` (the outbox and audit log the
 //! store thread writes with each change).
 
+pub mod admin_tokens;
 mod codec;
 mod compat;
 mod layout;

@@ -102,6 +102,11 @@ pub(super) enum Op {
         outbox::DeliveryWrite,
         oneshot::Sender<Result<(), StoreError>>,
     ),
+    /// A scoped admin token written or removed (`super::admin_tokens`).
+    AdminToken(
+        super::admin_tokens::AdminTokenOp,
+        oneshot::Sender<Result<bool, StoreError>>,
+    ),
 }
 
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
@@ -437,6 +442,14 @@ impl StoreThread {
             Op::Noted(_, inner) => self.handle(*inner),
             op @ (Op::Emit(..) | Op::KeyExpired(..) | Op::Deliveries(..)) => {
                 self.handle_outbox_op(op)
+            }
+            Op::AdminToken(op, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| super::admin_tokens::apply(&self.book, op));
+                self.write_count(1);
+                self.replies.push(reply_after_flush(tx, r));
+                true
             }
         }
     }
