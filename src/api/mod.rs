@@ -22,8 +22,8 @@
 
 mod accounts;
 mod admin_guard;
-mod compat;
 mod admin_tokens;
+mod compat;
 mod cors;
 mod credits;
 mod events;
