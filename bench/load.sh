@@ -8,7 +8,9 @@
 #   DURATION=20 bench/load.sh          # seconds per measurement (default 10)
 #
 # For each target and load (non-streamed chat, streamed chat with 16
-# chunks) at 32 connections (wrk -t2) and at 1 connection (wrk -t1) it
+# chunks, and `messages`: an Anthropic Messages stream of 16 text deltas
+# with pings and cache reads, through a `kind = "anthropic"` upstream) at
+# 32 connections (wrk -t2) and at 1 connection (wrk -t1) it
 # prints requests/s, p50 and p99 latency (wrk --latency), and the CPU time
 # per request of the proxy process alone (utime+stime from /proc/PID/stat
 # before and after; nginx: master + workers), and for Tollgate the store
@@ -130,9 +132,20 @@ token_env = "LOAD_BENCH_ADMIN_TOKEN"
 name = "mock"
 base_url = "http://127.0.0.1:$MOCK_PORT/v1"
 models = ["demo-*"]
+[[upstreams]]
+name = "claude"
+kind = "anthropic"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+models = ["claude-*"]
 [models."demo-chat"]
 input = "0.15"
 output = "0.60"
+max_output_tokens = 256
+[models."claude-sonnet-4-5"]
+input = "3"
+cache_write = "3.75"
+cache_read = "0.30"
+output = "15"
 max_output_tokens = 256
 EOF
 LOAD_BENCH_ADMIN_TOKEN=$ADMIN_TOKEN TOLLGATE_LOG=warn \
@@ -168,7 +181,20 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. os.getenv("TG_KEY")
 wrk.body = '{"model":"demo-chat","stream":true,"messages":[{"role":"user","content":"Say hello to the gateway."}]}'
 EOF
+cat >"$WORK/messages.lua" <<'EOF'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-api-key"] = os.getenv("TG_KEY")
+wrk.headers["anthropic-version"] = "2023-06-01"
+wrk.headers["x-mock-cache-read-tokens"] = "4"
+wrk.body = '{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"Say hello to the gateway."}]}'
+EOF
 export TG_KEY=$KEY
+
+# The API path of a load.
+path_of() {
+    case $1 in messages) echo /v1/messages ;; *) echo /v1/chat/completions ;; esac
+}
 
 TICK=$(getconf CLK_TCK)
 
@@ -218,7 +244,7 @@ RESULTS=$WORK/results.tsv
 measure() { # target load conns
     local target=$1 load=$2 conns=$3 threads=$THREADS url out
     if ((conns < threads)); then threads=$conns; fi
-    url="http://127.0.0.1:$(port_of "$target")/v1/chat/completions"
+    url="http://127.0.0.1:$(port_of "$target")$(path_of "$load")"
     local p0 s0 p1 s1
     p0=$(proxy_ticks "$target"); s0=$(store_ticks)
     out=$(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --latency -s "$WORK/$load.lua" "$url")
@@ -242,14 +268,14 @@ measure() { # target load conns
         store="-"
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$load" "$conns" "$rps" "$p50" "$p99" "$cpu" "$store" >>"$RESULTS"
-    printf '  %-8s %-6s c%-3s %8s req/s  p50 %6s µs  p99 %6s µs  cpu/req %6s µs  store/req %s µs\n' \
+    printf '  %-8s %-8s c%-3s %8s req/s  p50 %6s µs  p99 %6s µs  cpu/req %6s µs  store/req %s µs\n' \
         "$target" "$load" "$conns" "$rps" "$p50" "$p99" "$cpu" "$store" >&2
 }
 
 for target in mock nginx tollgate; do
     say "$target (${DURATION}s per measurement)"
-    for load in chat stream; do
-        url="http://127.0.0.1:$(port_of "$target")/v1/chat/completions"
+    for load in chat stream messages; do
+        url="http://127.0.0.1:$(port_of "$target")$(path_of "$load")"
         wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -s "$WORK/$load.lua" "$url" >/dev/null
         measure "$target" "$load" "$CONNS"
         measure "$target" "$load" 1
@@ -267,14 +293,14 @@ echo
 echo "Load bench: $(nproc) cores, wrk -t$THREADS -d${DURATION}s (-t1 at 1 connection), $(nginx -v 2>&1 | sed 's/.*: //'), tollgate $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
 echo "Tollgate: per-core, keys + limit + metering + usage records on; key charged ${USAGE:-?} USD over ${RECORDS:-?} usage records."
 echo
-printf '%-10s %-7s %5s %10s %9s %9s %12s %14s\n' target load conns "req/s" "p50 µs" "p99 µs" "CPU µs/req" "store µs/req"
-printf '%-10s %-7s %5s %10s %9s %9s %12s %14s\n' ---------- ------- ----- ---------- --------- --------- ------------ --------------
+printf '%-10s %-8s %5s %10s %9s %9s %12s %14s\n' target load conns "req/s" "p50 µs" "p99 µs" "CPU µs/req" "store µs/req"
+printf '%-10s %-8s %5s %10s %9s %9s %12s %14s\n' ---------- -------- ----- ---------- --------- --------- ------------ --------------
 sort -t$'\t' -k2,2 -k3,3nr -s "$RESULTS" | while IFS=$'\t' read -r target load conns rps p50 p99 cpu store; do
-    printf '%-10s %-7s %5s %10s %9s %9s %12s %14s\n' "$target" "$load" "$conns" "$rps" "$p50" "$p99" "$cpu" "$store"
+    printf '%-10s %-8s %5s %10s %9s %9s %12s %14s\n' "$target" "$load" "$conns" "$rps" "$p50" "$p99" "$cpu" "$store"
 done
 echo
 echo "Added latency at 1 connection (p50, proxy − mock direct):"
-for load in chat stream; do
+for load in chat stream messages; do
     mock50=$(awk -F'\t' -v l="$load" '$1 == "mock" && $2 == l && $3 == 1 { print $5 }' "$RESULTS")
     for target in nginx tollgate; do
         t50=$(awk -F'\t' -v l="$load" -v t="$target" '$1 == t && $2 == l && $3 == 1 { print $5 }' "$RESULTS")
@@ -282,7 +308,7 @@ for load in chat stream; do
     done
 done
 echo "Tollgate vs nginx requests/s at $CONNS connections:"
-for load in chat stream; do
+for load in chat stream messages; do
     n=$(awk -F'\t' -v l="$load" -v c="$CONNS" '$1 == "nginx" && $2 == l && $3 == c { print $4 }' "$RESULTS")
     g=$(awk -F'\t' -v l="$load" -v c="$CONNS" '$1 == "tollgate" && $2 == l && $3 == c { print $4 }' "$RESULTS")
     awk -v l="$load" -v n="$n" -v g="$g" 'BEGIN { printf "  %-7s %.0f%%\n", l, 100 * g / n }'

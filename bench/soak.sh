@@ -137,3 +137,18 @@ awk -v half=$((DURATION / 2)) '
         printf "second half: %d samples, RSS slope %.3f MB per million records, %.3f MB per minute; peak RSS %.1f MB\n", n, sr * 1e6, st * 60, allpeak
     }' "$WORK/samples"
 grep -E "Requests/sec|requests in" "$WORK/wrk.out" || true
+
+# Recovery: kill -9 the loaded gateway and time a restart on the same data
+# directory until it answers /readyz (open must not read the records).
+RECS=$(records)
+kill -9 "$GW_PID" 2>/dev/null || true
+wait "$GW_PID" 2>/dev/null || true
+T0=$(date +%s%N)
+SOAK_ADMIN_TOKEN=$ADMIN_TOKEN TOLLGATE_LOG=warn \
+    "$BIN" serve --config "$WORK/tollgate.toml" >>"$WORK/tollgate.log" 2>&1 &
+GW_PID=$!
+PIDS+=("$GW_PID")
+wait_for "http://127.0.0.1:$GW_PORT/readyz"
+T1=$(date +%s%N)
+printf 'restart after kill -9 on %d records (%s MB on disk): ready in %d ms\n' \
+    "$RECS" "$(disk_mb)" $(( (T1 - T0) / 1000000 ))

@@ -55,6 +55,7 @@ fn record(n: u32, hash: KeyHash, now: i64) -> (KeyRecord, Account) {
         daily_fee: None,
         metadata: None,
         imported: false,
+        low_balance_alert: None,
     };
     let acct = Account {
         limit: Some(Pico::usd(1_000)),
@@ -149,6 +150,7 @@ fn bound() -> Bound {
             input: Pico::parse_usd("0.15").expect("price"),
             cached_input: None,
             cache_write: None,
+            cache_write_1h: None,
             output: Pico::parse_usd("0.6").expect("price"),
             request: Pico::ZERO,
         }),

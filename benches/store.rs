@@ -42,6 +42,7 @@ fn key(n: u32) -> KeyRecord {
         daily_fee: None,
         metadata: None,
         imported: false,
+        low_balance_alert: None,
     }
 }
 
@@ -67,6 +68,7 @@ fn record(k: u32, at_ms: i64, i: u64) -> UsageRecord {
         estimated: false,
         daily_fee: Pico::ZERO,
         account: None,
+        cache_write_tokens: 0,
     }
 }
 

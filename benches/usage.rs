@@ -62,6 +62,7 @@ fn record(hash: KeyHash, at_ms: i64, i: u64) -> UsageRecord {
         estimated: i % 501 == 0,
         daily_fee: Pico::ZERO,
         account: None,
+        cache_write_tokens: 0,
     }
 }
 

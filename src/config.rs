@@ -57,6 +57,23 @@ pub struct Config {
     /// Payment providers whose notifications credit accounts (issue 11).
     #[serde(default)]
     pub payments: PaymentsConfig,
+    /// The compatible surfaces of the systems users come from (new-api's
+    /// quota unit, the licence server's credit): `api::compat`.
+    #[serde(default)]
+    pub compat: CompatConfig,
+    /// Endpoints the outbox's events are POSTed to (Standard Webhooks).
+    #[serde(default)]
+    pub webhooks: Vec<crate::events::config::WebhookConfig>,
+    /// Plain-text mail of chosen events to the account's address.
+    #[serde(default)]
+    pub email: Option<crate::events::config::EmailConfig>,
+    /// Low-balance and anomaly thresholds.
+    #[serde(default)]
+    pub alerts: crate::events::config::AlertsConfig,
+    /// The file this config was loaded from (set by [`Config::load`]): what
+    /// a reload re-reads. `None` for a config built from text or in code.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -179,6 +196,7 @@ impl StorageConfig {
             flush_ms: self.flush_ms,
             queue_capacity: self.queue_capacity,
             cache_mb: self.cache_mb,
+            ..crate::store::StoreOptions::default()
         }
     }
 }
@@ -277,6 +295,10 @@ pub struct BillingConfig {
     /// it, so a far dearer model an upstream also serves is not sold at a
     /// cheap default.
     pub default_price_models: Vec<Pattern>,
+    /// `enforce` refuses what a key or account cannot pay; `observe`
+    /// meters and records but never refuses for money (a transition);
+    /// `off` meters nothing (keys and limits only).
+    pub mode: BillingMode,
 }
 
 impl Default for BillingConfig {
@@ -287,6 +309,7 @@ impl Default for BillingConfig {
             drain_timeout: Dur::secs(30),
             default_price: None,
             default_price_models: Vec::new(),
+            mode: BillingMode::Enforce,
         }
     }
 }
@@ -352,7 +375,8 @@ pub struct UpstreamConfig {
     pub name: String,
     /// e.g. `https://api.openai.com/v1`; absent for `mock = true`.
     pub base_url: Option<BaseUrl>,
-    /// Env var holding this upstream's API key (sent as `Authorization: Bearer`).
+    /// Env var holding this upstream's API key (sent as `Authorization:
+    /// Bearer`, or `x-api-key` for `kind = "anthropic"`).
     pub api_key_env: Option<String>,
     /// Glob patterns of the models this upstream serves.
     #[serde(default = "all_models")]
@@ -374,6 +398,25 @@ pub struct UpstreamConfig {
     pub first_byte_timeout: Option<Dur>,
     /// Overrides `proxy.stream_idle_timeout` for this upstream.
     pub stream_idle_timeout: Option<Dur>,
+    /// Message roles renamed for this upstream (`{ model = "assistant" }`:
+    /// Gemini's `model` turns for an OpenAI-shaped Space).
+    #[serde(default)]
+    pub role_map: BTreeMap<String, String>,
+    /// Which API the upstream speaks, so the gateway sends its key the way
+    /// it takes it (`x-api-key` and `anthropic-version` for Anthropic).
+    #[serde(default)]
+    pub kind: UpstreamKind,
+}
+
+/// The API an upstream speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    /// OpenAI-compatible: the key as `Authorization: Bearer`.
+    #[default]
+    Openai,
+    /// Anthropic's API: the key as `x-api-key`, with `anthropic-version`.
+    Anthropic,
 }
 
 fn all_models() -> Vec<Pattern> {
@@ -389,11 +432,17 @@ fn one() -> u32 {
 pub struct ModelConfig {
     /// USD per 1M prompt tokens.
     pub input: Pico,
-    /// USD per 1M cached prompt tokens (defaults to `input`).
+    /// USD per 1M cached prompt tokens (defaults to `input`). Also read as
+    /// `cache_read`, Anthropic's name for them (`cache_read_input_tokens`).
+    #[serde(alias = "cache_read")]
     pub cached_input: Option<Pico>,
     /// USD per 1M prompt tokens written to a prompt cache (Anthropic's
     /// `cache_creation_input_tokens`; defaults to `input`).
     pub cache_write: Option<Pico>,
+    /// USD per 1M prompt tokens written to the cache with Anthropic's
+    /// 1-hour TTL (`cache_creation.ephemeral_1h_input_tokens`; defaults to
+    /// `cache_write`).
+    pub cache_write_1h: Option<Pico>,
     /// USD per 1M completion tokens (reasoning included).
     pub output: Pico,
     /// USD per request, on top of tokens.
@@ -577,9 +626,66 @@ pub struct PlanConfig {
     /// At most one active key of this plan per owner.
     #[serde(default)]
     pub one_per_owner: bool,
-    /// The Stripe price (`price_…`) a subscription checkout to this plan sells.
+    /// USD per period the operator charges for a subscription (payments
+    /// use it; the gateway itself never charges it).
+    pub price: Option<Pico>,
+    /// Length of a subscription period; a plan without one cannot be
+    /// subscribed to (it stays a key template only).
+    pub interval: Option<Interval>,
+    /// Allowance granted to the account at each period start.
+    pub grant: Option<Pico>,
+    /// Unused allowance carries into the next period instead of lapsing.
     #[serde(default)]
+    pub rollover: bool,
+    /// Length of the trial period a new subscription starts with (0/none: no trial).
+    pub trial_days: Option<u32>,
+    /// How long a `past_due` subscription keeps its keys working before it expires.
+    pub grace: Option<Dur>,
+    /// The Stripe price id of this plan (payments map checkouts with it).
     pub stripe_price: Option<String>,
+}
+
+/// The length of a subscription period (calendar months and years: the
+/// same day of the month, clamped to the month's last day).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interval {
+    Day,
+    Week,
+    Month,
+    Year,
+}
+
+impl Interval {
+    /// Unix ms `n` periods after `anchor_ms` (UTC). Periods are counted
+    /// from one anchor so that month ends do not drift (Jan 31 → Feb 28 →
+    /// Mar 31).
+    pub fn nth(self, anchor_ms: i64, n: i64) -> i64 {
+        use crate::clock::{DAY_MS, civil_from_days, days_from_civil};
+        let months = match self {
+            Interval::Day => return anchor_ms.saturating_add(n.saturating_mul(DAY_MS)),
+            Interval::Week => return anchor_ms.saturating_add(n.saturating_mul(7 * DAY_MS)),
+            Interval::Month => n,
+            Interval::Year => n.saturating_mul(12),
+        };
+        let day = anchor_ms.div_euclid(DAY_MS);
+        let in_day = anchor_ms.rem_euclid(DAY_MS);
+        let (y, m, d) = civil_from_days(day);
+        let total = y * 12 + (m as i64 - 1) + months;
+        let (ny, nm) = (total.div_euclid(12), total.rem_euclid(12) as u32 + 1);
+        let (fy, fm) = if nm == 12 { (ny + 1, 1) } else { (ny, nm + 1) };
+        let last = (days_from_civil(fy, fm, 1) - days_from_civil(ny, nm, 1)) as u32;
+        days_from_civil(ny, nm, d.min(last)) * DAY_MS + in_day
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interval::Day => "day",
+            Interval::Week => "week",
+            Interval::Month => "month",
+            Interval::Year => "year",
+        }
+    }
 }
 
 /// A duration written as text: `500ms`, `10s`, `5m`, `2h`, `7d`.
@@ -684,7 +790,9 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates config text; `origin` names the file in errors.
@@ -700,6 +808,7 @@ impl Config {
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
+        crate::events::config::validate(&self.webhooks, self.email.as_ref(), &self.alerts)?;
         let at = |needle: &str| match line_of(text, needle) {
             Some(line) => format!(" (line {line})"),
             None => String::new(),
@@ -819,6 +928,7 @@ impl Config {
                 ("output", Some(model.output)),
                 ("cached_input", model.cached_input),
                 ("cache_write", model.cache_write),
+                ("cache_write_1h", model.cache_write_1h),
                 ("request", Some(model.request)),
             ] {
                 if let Some(p) = price
@@ -915,6 +1025,50 @@ impl Config {
                     "plans.{name}: rpm, tpm and concurrency must be at least 1 when set{here}"
                 ));
             }
+            for (field, amount) in [("price", plan.price), ("grant", plan.grant)] {
+                if let Some(a) = amount
+                    && a.0 < 0
+                {
+                    return Err(format!("plans.{name}.{field} must not be negative{here}"));
+                }
+            }
+            let subscribable = plan.price.is_some()
+                || plan.grant.is_some()
+                || plan.rollover
+                || plan.trial_days.is_some()
+                || plan.grace.is_some()
+                || plan.stripe_price.is_some();
+            if subscribable && plan.interval.is_none() {
+                return Err(format!(
+                    "plans.{name}: price, grant, rollover, trial_days, grace and stripe_price need interval (day, week, month or year){here}"
+                ));
+            }
+            if plan.trial_days.is_some_and(|d| d > 366) {
+                return Err(format!("plans.{name}.trial_days must be at most 366{here}"));
+            }
+            if plan.stripe_price.as_deref().is_some_and(str::is_empty) {
+                return Err(format!("plans.{name}.stripe_price must not be empty{here}"));
+            }
+        }
+        if self.compat.newapi.quota_per_usd == 0 {
+            return Err(format!(
+                "compat.newapi.quota_per_usd must be at least 1{}",
+                at("quota_per_usd")
+            ));
+        }
+        if let Some(plan) = &self.compat.license.plan
+            && !self.plans.contains_key(plan)
+        {
+            return Err(format!(
+                "compat.license.plan names no [plans] entry: {plan:?}{}",
+                at("[compat.license]")
+            ));
+        }
+        if self.compat.license.credit_unit.0 <= 0 {
+            return Err(format!(
+                "compat.license.credit_unit must be more than 0 USD{}",
+                at("credit_unit")
+            ));
         }
         Ok(())
     }
@@ -1133,4 +1287,74 @@ pub struct EpayConfig {
     /// shop (a JSON `param` naming the account's email), not by Tollgate.
     #[serde(default)]
     pub accept_external_orders: bool,
+}
+
+/// What money admission does (`billing.mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BillingMode {
+    /// Refuse what a key or account cannot pay (402).
+    #[default]
+    Enforce,
+    /// Meter and record, never refuse for money.
+    Observe,
+    /// Meter nothing: keys and limits only.
+    Off,
+}
+
+impl BillingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingMode::Enforce => "enforce",
+            BillingMode::Observe => "observe",
+            BillingMode::Off => "off",
+        }
+    }
+}
+
+/// `[compat]`: units of the compatible surfaces.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompatConfig {
+    pub newapi: NewApiConfig,
+    pub license: LicenseConfig,
+}
+
+/// `[compat.newapi]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NewApiConfig {
+    /// new-api's quota units per USD (its `QuotaPerUnit`, 500,000), for the
+    /// integer `quota` fields of the consumption API.
+    pub quota_per_usd: u64,
+}
+
+impl Default for NewApiConfig {
+    fn default() -> Self {
+        NewApiConfig {
+            quota_per_usd: 500_000,
+        }
+    }
+}
+
+/// `[compat.license]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LicenseConfig {
+    /// USD one licence credit is worth (credits are the account's balance).
+    pub credit_unit: Pico,
+    /// Devices one licence key may be used from (`X-Device-Id`); 0 = any.
+    pub max_devices: u32,
+    /// Plan a generated licence key is made from (its `daily_fee`, say).
+    pub plan: Option<String>,
+}
+
+impl Default for LicenseConfig {
+    fn default() -> Self {
+        LicenseConfig {
+            credit_unit: Pico::usd(1),
+            max_devices: 1,
+            plan: None,
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! One error type for everything the gateway itself answers, and its mapping
 //! to a status and OpenAI's error JSON:
-//! `{"error":{"message","type","param","code","metadata"?}}`.
+//! `{"error":{"message","type","param","code","metadata"?}}`, or, on
+//! Anthropic's routes ([`Shape::Anthropic`]), Anthropic's:
+//! `{"type":"error","error":{"type","message"},"request_id"}`.
 //!
 //! An error also says where the fault came from ([`Origin`]), which the
 //! proxy uses to decide whether another upstream may be tried and the
@@ -51,7 +53,24 @@ pub type Source = Arc<dyn std::error::Error + Send + Sync>;
 #[derive(Clone, Debug)]
 pub struct Fault(pub ApiError);
 
-/// An error answered to a client in OpenAI's shape.
+/// Which API's error JSON an error is written in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Shape {
+    /// `{"error":{"message","type","param","code"}}`: every route but
+    /// Anthropic's.
+    #[default]
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"},"request_id"}` on
+    /// `/v1/messages` and `/v1/messages/count_tokens`, with Anthropic's
+    /// error types (read from the status), so the Anthropic SDK raises
+    /// the right exception.
+    Anthropic {
+        /// The request's id, which Anthropic's shape carries in the body.
+        request_id: String,
+    },
+}
+
+/// An error answered to a client in OpenAI's shape (or Anthropic's).
 #[derive(Clone, Debug)]
 pub struct ApiError {
     /// HTTP status of the answer.
@@ -75,6 +94,8 @@ pub struct ApiError {
     /// What really went wrong, for the operator's log: a sled error's text
     /// names files and internals a client has no business reading.
     pub source: Option<Source>,
+    /// Which API's JSON the answer is written in.
+    pub shape: Shape,
 }
 
 impl ApiError {
@@ -100,7 +121,20 @@ impl ApiError {
             headers: Vec::new(),
             origin,
             source: None,
+            shape: Shape::OpenAi,
         }
+    }
+
+    /// Written in `shape` (Anthropic's on Anthropic's routes).
+    pub fn with_shape(mut self, shape: Shape) -> ApiError {
+        self.shape = shape;
+        self
+    }
+
+    /// Anthropic's error `type` for this error's status: what the
+    /// Anthropic SDK maps to its exception classes.
+    pub fn anthropic_type(&self) -> &'static str {
+        anthropic_type(self.status)
     }
 
     pub fn with_param(mut self, param: impl Into<Cow<'static, str>>) -> ApiError {
@@ -303,6 +337,14 @@ impl ApiError {
             )),
             None => Cow::Borrowed(&*self.message),
         };
+        if let Shape::Anthropic { request_id } = &self.shape {
+            let v = json!({
+                "type": "error",
+                "error": {"type": self.anthropic_type(), "message": message},
+                "request_id": request_id,
+            });
+            return Bytes::from(serde_json::to_vec(&v).expect("a Value always serializes"));
+        }
         let mut error = json!({
             "message": message,
             "type": self.kind,
@@ -354,6 +396,24 @@ impl std::error::Error for ApiError {
         self.source
             .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Anthropic's error `type` for a status (its documented table; 529 is its
+/// own "overloaded").
+pub fn anthropic_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        s if s >= 500 => "api_error",
+        _ => "invalid_request_error",
     }
 }
 
@@ -411,6 +471,56 @@ mod tests {
         // Client errors carry no fault.
         let res = ApiError::bad_request("x", "y").into_response();
         assert!(res.extensions().get::<Fault>().is_none());
+    }
+
+    #[test]
+    fn anthropic_shape() {
+        let shape = Shape::Anthropic {
+            request_id: "req_7".into(),
+        };
+        for (e, want) in [
+            (ApiError::invalid_api_key("bad key"), "authentication_error"),
+            (
+                ApiError::insufficient_quota("insufficient_quota", "no credit", "key"),
+                "billing_error",
+            ),
+            (
+                ApiError::permission("key_disabled", "off"),
+                "permission_error",
+            ),
+            (ApiError::model_not_found("claude-x"), "not_found_error"),
+            (ApiError::body_too_large(10), "request_too_large"),
+            (ApiError::rate_limited("slow", 3), "rate_limit_error"),
+            (
+                ApiError::bad_request("missing_max_tokens", "x"),
+                "invalid_request_error",
+            ),
+            (
+                ApiError::upstream(StatusCode::BAD_GATEWAY, "x"),
+                "api_error",
+            ),
+            (
+                ApiError::upstream(StatusCode::GATEWAY_TIMEOUT, "x"),
+                "timeout_error",
+            ),
+        ] {
+            let message = e.message.clone();
+            let e = e.with_shape(shape.clone());
+            let v: Value = serde_json::from_slice(&e.to_json()).unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], want, "{v}");
+            assert_eq!(v["error"]["message"], *message);
+            assert_eq!(v["request_id"], "req_7");
+            assert!(v.get("code").is_none() && v["error"].get("code").is_none());
+        }
+        let r = ApiError::rate_limited("slow", 3)
+            .with_shape(shape)
+            .into_response();
+        assert_eq!(r.headers()[RETRY_AFTER], "3");
+        assert_eq!(
+            anthropic_type(StatusCode::from_u16(529).unwrap()),
+            "overloaded_error"
+        );
     }
 
     #[test]

@@ -107,9 +107,15 @@ pub fn sse_meter(data: &[u8]) {
                 one.delivered_completion_estimate()
             );
             assert_eq!(many.bytes_seen(), stream.len() as u64);
+            assert_eq!(
+                many.usage_incomplete(),
+                one.usage_incomplete(),
+                "completeness depends on frame splits"
+            );
             if let Some(u) = one.usage() {
                 assert!(u.cached_tokens <= u.prompt_tokens);
                 assert!(u.cached_tokens + u.cache_write_tokens <= u.prompt_tokens);
+                assert!(u.cache_write_1h_tokens <= u.cache_write_tokens);
                 assert!(u.reasoning_tokens <= u.completion_tokens);
             }
         }
@@ -378,4 +384,19 @@ pub fn epay_params(data: &[u8]) {
             assert!(ext.credits.0 > 0);
         }
     }
+}
+
+/// A webhook secret from any text: parsing never panics, and a secret
+/// that parses signs deterministically in the Standard Webhooks shape
+/// (`v1,` + 44 base64 characters of a 32-byte HMAC).
+pub fn webhook_secret(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(secret) = crate::events::signature::WebhookSecret::parse(text) else {
+        return;
+    };
+    let a = secret.sign("msg_1", 1_614_265_330, data);
+    assert_eq!(a, secret.sign("msg_1", 1_614_265_330, data));
+    assert!(a.starts_with("v1,") && a.len() == 3 + 44, "{a}");
 }

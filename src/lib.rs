@@ -24,9 +24,14 @@
 //!   usage scanning, pricing.
 //! - [`store`]: the only module that touches sled.
 //! - [`api`]: provisioning, key status, credits, usage queries.
+//! - [`billing`]: accounts' live wallets; plans subscribed to, their
+//!   periods, grants, lapses and lifecycle (`billing::subscriptions`).
 //! - [`metrics`]: counters and their Prometheus rendering.
 //! - [`payments`]: Stripe and epay notifications and checkouts, turned
 //!   into credit exactly once.
+//! - [`events`]: the outbox's events, webhook and email delivery, the audit log.
+//! - [`cli`]: the admin CLI (`tollgate keys …`), a client of the admin API.
+//! - [`reload`]: SIGHUP / API config reload, the live snapshot requests read.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.
@@ -37,9 +42,11 @@
 pub mod api;
 pub mod app;
 pub mod billing;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;
@@ -48,6 +55,7 @@ pub mod metrics;
 pub mod money;
 pub mod payments;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod store;

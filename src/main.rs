@@ -46,6 +46,8 @@ enum Command {
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
     },
+    #[command(flatten)]
+    Admin(tollgate::cli::AdminCommand),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Admin(cmd) => tollgate::cli::run(cmd),
     }
 }
 
@@ -89,7 +92,26 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let gateway = match Gateway::start(config, StartOptions::default()) {
+    // Runs the gateway as if it were later: for tests of the subscription
+    // lifecycle across a kill -9 of the real binary (it cannot be moved
+    // from outside while running). Says so loudly: it moves every period.
+    let clock = tollgate::clock::Clock::system();
+    if let Some(ms) = std::env::var("TOLLGATE_CLOCK_OFFSET_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+    {
+        tracing::warn!(
+            offset_ms = ms,
+            "TOLLGATE_CLOCK_OFFSET_MS: the clock runs ahead"
+        );
+        clock.advance(std::time::Duration::from_millis(ms));
+    }
+    let opts = StartOptions {
+        clock,
+        ..StartOptions::default()
+    };
+    let gateway = match Gateway::start(config, opts) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");
@@ -97,7 +119,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
     };
     println!("Tollgate listening on http://{}", gateway.addr());
-    wait_for_signal();
+    wait_for_signal(&gateway);
     tracing::info!("shutting down: draining in-flight requests");
     gateway.shutdown();
     ExitCode::SUCCESS
@@ -140,10 +162,26 @@ async fn signal() {
     }
 }
 
-fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM; each SIGHUP meanwhile reloads the config
+/// (a bad file is logged and the running config kept).
+fn wait_for_signal(gateway: &Gateway) {
+    use tokio::signal::unix::{SignalKind, signal as unix_signal};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime builds");
-    rt.block_on(signal());
+    rt.block_on(async {
+        let mut hup = unix_signal(SignalKind::hangup()).expect("SIGHUP can be handled");
+        let stop = signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                _ = hup.recv() => {
+                    // `reload` logs its outcome either way.
+                    let _ = gateway.reload();
+                }
+            }
+        }
+    });
 }

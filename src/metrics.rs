@@ -83,6 +83,12 @@ struct UpstreamCounters {
 /// An upstream metric family: name, help, and its counter.
 type UpstreamFamily = (&'static str, &'static str, fn(&UpstreamCounters) -> u64);
 
+/// Distinct model names counted apart; later ones are counted as
+/// [`OTHER_MODELS`].
+const MODEL_SERIES: usize = 256;
+/// The series of the models past [`MODEL_SERIES`].
+const OTHER_MODELS: &str = "(other)";
+
 /// Every counter the gateway exposes.
 #[derive(Default)]
 pub struct Metrics {
@@ -90,6 +96,7 @@ pub struct Metrics {
     requests: [[AtomicU64; 5]; ROUTES.len()],
     latency: Histogram,
     ttfb: Histogram,
+    /// Per-model counters: at most `MODEL_SERIES` + 1 entries.
     models: DashMap<String, ModelCounters>,
     upstreams: Vec<UpstreamCounters>,
     /// Upstream names, the `upstream` label, in index order.
@@ -209,13 +216,19 @@ impl Metrics {
                 m.estimated.fetch_add(1, Relaxed);
             }
         };
-        // Models are the configured ones (unknown models are refused before
-        // this), so the map stays small.
+        // Models are the configured ones or, under `default_price_models`
+        // globs, names a client chose: past `MODEL_SERIES` of them the rest
+        // share one series, so neither memory nor the scrape grows with them.
         if let Some(m) = self.models.get(model) {
             record(&m);
             return;
         }
-        record(&self.models.entry(model.to_owned()).or_default());
+        let name = if self.models.len() < MODEL_SERIES {
+            model
+        } else {
+            OTHER_MODELS
+        };
+        record(&self.models.entry(name.to_owned()).or_default());
     }
 
     /// An upstream failed; `failover` when another one is tried next.
@@ -405,4 +418,29 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Client-chosen model names (allowed by a `default_price_models` glob)
+    /// cannot grow the per-model map without bound.
+    #[test]
+    fn model_series_are_capped() {
+        let m = Metrics::new(vec!["up".to_owned()]);
+        let usage = Usage::default();
+        for i in 0..MODEL_SERIES + 50 {
+            m.metered(&format!("gpt-{i}"), None, &usage, Pico(1), false);
+        }
+        assert_eq!(m.models.len(), MODEL_SERIES + 1);
+        let other = m.models.get(OTHER_MODELS).expect("the shared series");
+        assert_eq!(other.requests.load(Relaxed), 50);
+        drop(other);
+        m.metered("gpt-0", None, &usage, Pico(1), false);
+        assert_eq!(
+            m.models.get("gpt-0").expect("kept").requests.load(Relaxed),
+            2
+        );
+    }
 }

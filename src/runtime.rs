@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::config::{Config, RuntimeMode};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Routing};
+use crate::proxy::{Routing, WorkerProxy};
 use crate::server::{self, Listener};
 use crate::store::Store;
 use tollgate_mock::{MockOptions, MockUpstream};
@@ -74,13 +74,14 @@ impl Gateway {
         demo_banner(&routing);
         std::fs::create_dir_all(&config.storage.path)
             .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
-        let store = Store::open_with(&config.storage.path, config.storage.store_options())
-            .map_err(|e| {
-                format!(
-                    "opening the store at {}: {e}",
-                    config.storage.path.display()
-                )
-            })?;
+        crate::events::deliver::check(&config)?;
+        let store_options = config.alerts.store_options(&config.storage);
+        let store = Store::open_with(&config.storage.path, store_options).map_err(|e| {
+            format!(
+                "opening the store at {}: {e}",
+                config.storage.path.display()
+            )
+        })?;
         let admin_token = match opts.admin_token {
             Some(t) => t,
             None => admin_token(&config)?,
@@ -96,6 +97,8 @@ impl Gateway {
             opts.clock.clone(),
             config.limits.unknown_key_per_minute,
         );
+        gate.set_billing_mode(config.billing.mode);
+        gate.wallets().set_plans(&config.plans);
         let metrics = Metrics::new(routing.upstream_names());
         let workers = config.runtime.worker_count();
         let mode = config.runtime.mode;
@@ -103,6 +106,16 @@ impl Gateway {
         let listen = config.server.listen;
         let sweep_every = config.limits.sweep_interval.0;
         let retention_days = config.storage.usage_retention_days;
+        let admin_tokens = crate::api::AdminTokens::from_records(
+            store
+                .admin_tokens()
+                .map_err(|e| format!("reading the admin tokens: {e}"))?,
+        );
+        let live = arc_swap::ArcSwap::from_pointee(crate::reload::Live {
+            config: config.clone(),
+            routing,
+        });
+        let reloader = crate::reload::Reloader::new(config.source.clone(), mock_urls);
         let app = Arc::new(App {
             config,
             gate,
@@ -113,6 +126,10 @@ impl Gateway {
             metrics_token,
             metrics,
             ready: AtomicBool::new(false),
+            events: crate::events::Events::default(),
+            live,
+            reloader,
+            admin_tokens,
         });
         let (shutdown, rx) = watch::channel(false);
         let connections = Arc::new(AtomicUsize::new(0));
@@ -137,7 +154,6 @@ impl Gateway {
                 };
                 for (i, socket) in sockets.into_iter().enumerate() {
                     let app = app.clone();
-                    let routing = routing.clone();
                     let rx = rx.clone();
                     let tls = tls.clone();
                     let connections = connections.clone();
@@ -163,7 +179,7 @@ impl Gateway {
                                 if i == 0 {
                                     tokio::spawn(sweeper(app.clone(), rx.clone(), sweep_every, retention_days));
                                 }
-                                let proxy = Arc::new(Proxy::new(routing.clone()));
+                                let proxy = Arc::new(WorkerProxy::new(&app.live()));
                                 server::run(app, proxy, Listener { listener, tls, connections }, rx).await;
                             });
                         })
@@ -176,7 +192,6 @@ impl Gateway {
                     server::bind(listen, false).map_err(|e| format!("binding {listen}: {e}"))?;
                 addr = socket.local_addr().map_err(|e| e.to_string())?;
                 let app = app.clone();
-                let routing = routing.clone();
                 let rx = rx.clone();
                 let t = std::thread::Builder::new()
                     .name("tollgate-shared".to_owned())
@@ -201,7 +216,7 @@ impl Gateway {
                                 sweep_every,
                                 retention_days,
                             ));
-                            let proxy = Arc::new(Proxy::new(routing.clone()));
+                            let proxy = Arc::new(WorkerProxy::new(&app.live()));
                             server::run(
                                 app,
                                 proxy,
@@ -238,6 +253,12 @@ impl Gateway {
         &self.app
     }
 
+    /// Re-reads the config file and swaps it in (SIGHUP does this), or
+    /// keeps the running one and says why.
+    pub fn reload(&self) -> Result<crate::reload::Reloaded, String> {
+        crate::reload::reload(&self.app)
+    }
+
     /// Stops accepting, drains in-flight requests (up to the grace period),
     /// and makes everything queued to the store durable.
     pub fn shutdown(mut self) {
@@ -272,11 +293,13 @@ async fn sweeper(
     every: Duration,
     retention_days: u32,
 ) {
+    crate::events::deliver::spawn(app.clone());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
+        crate::billing::subscriptions::sweep(&app).await;
         let evicted = app.gate.sweep();
         if evicted > 0 {
             tracing::debug!(evicted, "idle keys dropped from memory");

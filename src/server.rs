@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::error::{ApiError, Fault};
-use crate::proxy::{self, Proxy, X_REQUEST_ID};
+use crate::proxy::{self, WorkerProxy, X_REQUEST_ID};
 use crate::{Body, BoxError, full_body};
 
 /// What one accept loop needs.
@@ -38,7 +38,7 @@ pub struct Listener {
 /// requests for up to `server.shutdown_grace`.
 pub async fn run(
     app: Arc<App>,
-    proxy: Arc<Proxy>,
+    proxy: Arc<WorkerProxy>,
     l: Listener,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -157,12 +157,15 @@ impl Drop for ConnGuard {
 /// while unwinding.
 async fn route(
     app: &Arc<App>,
-    proxy: &Proxy,
+    proxy: &WorkerProxy,
     req: Request<Incoming>,
     peer: IpAddr,
 ) -> Response<Body> {
     let request_id = proxy::request_id(req.headers());
     let ip = client_ip(peer, req.headers(), &app.config.server.trusted_proxies);
+    // For the panic answer, whose shape follows the route (a prefix test:
+    // no allocation per request for a path that is rarely needed).
+    let anthropic_route = req.uri().path().starts_with("/v1/messages");
     let fut = async {
         let path = req.uri().path();
         if path == "/v1" || path.starts_with("/v1/") {
@@ -177,7 +180,17 @@ async fn route(
     };
     let mut res = match std::panic::AssertUnwindSafe(fut).catch_unwind().await {
         Ok(res) => res,
-        Err(_) => ApiError::internal("a request handler panicked").into_response(),
+        Err(_) => {
+            let e = ApiError::internal("a request handler panicked");
+            if anthropic_route {
+                e.with_shape(crate::error::Shape::Anthropic {
+                    request_id: request_id.to_str().unwrap_or("").to_owned(),
+                })
+                .into_response()
+            } else {
+                e.into_response()
+            }
+        }
     };
     if let Some(Fault(e)) = res.extensions_mut().remove::<Fault>() {
         let id = request_id.to_str().unwrap_or("");

@@ -1110,6 +1110,7 @@ fn build_large_store(count: u32) -> LargeStore {
             daily_fee: None,
             metadata: None,
             imported: false,
+            low_balance_alert: None,
         };
         let account = Account {
             limit: Some(Pico::usd(1)),

@@ -46,7 +46,17 @@ fn help_for_every_subcommand() {
     let out = run(&mut tollgate(&["--help"]));
     assert!(out.status.success());
     let top = text(&out.stdout);
-    for sub in ["serve", "mock-upstream", "check-config"] {
+    for sub in [
+        "serve",
+        "mock-upstream",
+        "check-config",
+        "keys",
+        "credits",
+        "accounts",
+        "usage",
+        "tokens",
+        "reload",
+    ] {
         assert!(top.contains(sub), "--help lists {sub}: {top}");
     }
     for (sub, option) in [
@@ -416,4 +426,265 @@ fn serve_answers_then_exits_cleanly_on_sigterm() {
     assert_eq!(status, 200);
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- the admin CLI against a live gateway (issue 12) ----
+
+const CLI_ADMIN: &str = "tg-admin-cli-live-test-0123456789abcdefghij";
+
+/// A free port on 127.0.0.1 (bound, then released for the gateway).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A gateway from `tollgate serve` on a fixed port, so that the CLI's
+/// default URL (from the same config's `server.listen`) is tested too.
+fn live_gateway(tag: &str, extra: &str) -> (Running, PathBuf, PathBuf, SocketAddr) {
+    let dir = temp_dir(tag);
+    let config = dir.join("tollgate.toml");
+    let port = free_port();
+    write_live_config(&config, &dir.join("data"), port, extra);
+    let gw = Running::spawn(
+        tollgate(&["serve", "--config", config.to_str().expect("utf-8")])
+            .env("TOLLGATE_ADMIN_TOKEN", CLI_ADMIN),
+    );
+    let (line, _) = gw.wait_for_line("Tollgate listening on http://");
+    let addr = address_in(&line);
+    assert_eq!(addr.port(), port);
+    (gw, dir, config, addr)
+}
+
+fn write_live_config(config: &Path, data: &Path, port: u16, extra: &str) {
+    std::fs::write(
+        config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[runtime]\nworkers = 1\n[storage]\npath = \"{}\"\nflush_ms = 5\n{MOCK_UPSTREAM}\n[models.\"demo-chat\"]\ninput = \"0.15\"\noutput = \"0.60\"\n{extra}",
+            data.display()
+        ),
+    )
+    .expect("write config");
+}
+
+/// Runs an admin command with `token`; (exit code, stdout, stderr).
+fn admin_cli(config: &Path, token: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all = args.to_vec();
+    let config = config.to_str().expect("utf-8");
+    all.extend(["--config", config]);
+    let out = run(tollgate(&all).env("TOLLGATE_ADMIN_TOKEN", token));
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+/// `--json` output of a command that must succeed.
+fn admin_json(config: &Path, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, out, err) = admin_cli(config, CLI_ADMIN, &all);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} prints JSON ({e}): {out}"))
+}
+
+#[test]
+fn cli_manages_keys_credits_accounts_and_tokens_on_a_live_gateway() {
+    let (gw, dir, config, _) = live_gateway("cli-live", "");
+
+    // Keys: create (shown once), list, show, patch, disable, delete.
+    let created = admin_json(
+        &config,
+        &[
+            "keys", "create", "--name", "alice", "--limit", "5.00", "--owner", "o1", "--set",
+            "rpm=60",
+        ],
+    );
+    let hash = created["data"]["hash"].as_str().expect("hash").to_owned();
+    assert!(created["key"].as_str().unwrap().starts_with("sk-tg-"));
+    assert_eq!(created["data"]["rpm"], 60);
+    let (code, table, err) = admin_cli(&config, CLI_ADMIN, &["keys", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.starts_with("HASH"), "a table with a header: {table}");
+    assert!(table.contains(&hash) && table.contains("alice"), "{table}");
+    let shown = admin_json(&config, &["keys", "show", &hash]);
+    assert_eq!(shown["data"]["name"], "alice");
+    let patched = admin_json(&config, &["keys", "patch", &hash, "--name", "alice2"]);
+    assert_eq!(patched["data"]["name"], "alice2");
+    let (code, human, _) = admin_cli(&config, CLI_ADMIN, &["keys", "show", &hash]);
+    assert_eq!(code, 0);
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("name") && l.ends_with("alice2")),
+        "{human}"
+    );
+
+    // Credits, in exact decimals.
+    let topped = admin_json(
+        &config,
+        &["credits", "topup", &hash, "2.50", "--reason", "gift"],
+    );
+    assert!(
+        topped.to_string().contains("7.5"),
+        "limit 5 + 2.50: {topped}"
+    );
+    let (code, _, err) = admin_cli(&config, CLI_ADMIN, &["credits", "deduct", &hash, "0.5"]);
+    assert_eq!(code, 0, "{err}");
+    let shown = admin_json(&config, &["keys", "show", &hash]);
+    // A deduct takes from what is left: 5 + 2.50 - 0.5.
+    assert_eq!(
+        shown["data"]["limit_remaining"]
+            .to_string()
+            .trim_matches('"'),
+        "7"
+    );
+
+    // Accounts.
+    let acct = admin_json(
+        &config,
+        &["accounts", "create", "--id", "acc-cli", "--name", "Cli Co"],
+    );
+    assert_eq!(acct["data"]["id"], "acc-cli");
+    let (code, table, _) = admin_cli(&config, CLI_ADMIN, &["accounts", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("acc-cli") && table.contains("Cli Co"),
+        "{table}"
+    );
+    assert_eq!(
+        admin_json(&config, &["accounts", "show", "acc-cli"])["data"]["name"],
+        "Cli Co"
+    );
+    let (code, _, err) = admin_cli(
+        &config,
+        CLI_ADMIN,
+        &["credits", "topup", "--account", "acc-cli", "3"],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // Usage reports.
+    let usage = admin_json(&config, &["usage"]);
+    assert!(usage.is_object(), "{usage}");
+    admin_json(&config, &["usage", "--key", &hash]);
+
+    // Scoped tokens: made, used, refused outside their scope, deleted.
+    let tok = admin_json(
+        &config,
+        &["tokens", "create", "reader", "--scope", "keys:read"],
+    );
+    let token = tok["token"].as_str().unwrap().to_owned();
+    let id = tok["data"]["id"].as_str().unwrap().to_owned();
+    let (code, _, err) = admin_cli(&config, &token, &["keys", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = admin_cli(&config, &token, &["keys", "create", "--name", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("403") && err.contains("keys:write"), "{err}");
+    let (code, table, _) = admin_cli(&config, CLI_ADMIN, &["tokens", "list"]);
+    assert_eq!(code, 0);
+    assert!(table.contains(&id) && table.contains("reader") && !table.contains(&token));
+    admin_json(&config, &["tokens", "delete", &id]);
+    let (code, _, err) = admin_cli(&config, &token, &["keys", "list"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+
+    // Disable and delete the key.
+    assert_eq!(
+        admin_json(&config, &["keys", "disable", &hash])["data"]["disabled"],
+        true
+    );
+    admin_json(&config, &["keys", "delete", &hash]);
+    let (code, _, err) = admin_cli(&config, CLI_ADMIN, &["keys", "show", &hash]);
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+
+    // A usage mistake is exit 2, not a call.
+    let (code, _, _) = admin_cli(&config, CLI_ADMIN, &["keys", "show", "../etc"]);
+    assert_eq!(code, 2);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cli_reload_and_sighup_apply_a_new_config() {
+    let (gw, dir, config, addr) = live_gateway("cli-reload", "");
+    let plan = ["keys", "create", "--name", "g", "--plan", "gold"];
+    let (code, _, err) = admin_cli(&config, CLI_ADMIN, &plan);
+    assert_eq!(code, 1, "no such plan yet");
+    assert!(err.contains("400"), "{err}");
+    let data = dir.join("data");
+    write_live_config(&config, &data, addr.port(), "[plans.gold]\nlimit = \"1\"\n");
+    let answer = admin_json(&config, &["reload"]);
+    assert_eq!(answer["reloaded"], true);
+    let (code, _, err) = admin_cli(&config, CLI_ADMIN, &plan);
+    assert_eq!(code, 0, "{err}");
+
+    // A broken file: the CLI says why, the gateway keeps serving.
+    std::fs::write(&config, "[server\n").unwrap();
+    let (code, _, err) = admin_cli(
+        &config,
+        CLI_ADMIN,
+        &["reload", "--url", &format!("http://{addr}")],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid_config"), "{err}");
+    let (status, _) = http(addr, "GET", "/healthz", &[], "");
+    assert_eq!(status, 200);
+
+    // SIGHUP: a plan added to the file becomes usable.
+    write_live_config(
+        &config,
+        &data,
+        addr.port(),
+        "[plans.gold]\nlimit = \"1\"\n[plans.silver]\nlimit = \"1\"\n",
+    );
+    let pid = gw.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + HANG;
+    loop {
+        let (code, _, _) = admin_cli(
+            &config,
+            CLI_ADMIN,
+            &["keys", "create", "--name", "s", "--plan", "silver"],
+        );
+        if code == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP never reloaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cli_against_a_gateway_that_is_down() {
+    let port = free_port();
+    let (code, out, err) = {
+        let o = run(
+            tollgate(&["keys", "list", "--url", &format!("http://127.0.0.1:{port}")])
+                .env("TOLLGATE_ADMIN_TOKEN", CLI_ADMIN),
+        );
+        (o.status.code(), text(&o.stdout), text(&o.stderr))
+    };
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        err.contains("could not reach the gateway") && err.contains(&port.to_string()),
+        "{err}"
+    );
+    // No URL and no config to take it from: a usage error naming why.
+    let o = run(
+        tollgate(&["keys", "list", "--config", "/nonexistent/tollgate.toml"])
+            .env("TOLLGATE_ADMIN_TOKEN", CLI_ADMIN),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).contains("--url"), "{}", text(&o.stderr));
 }

@@ -65,3 +65,8 @@ fn stripe_event_corpus() {
 fn epay_params_corpus() {
     replay("epay_params", tollgate::fuzzing::epay_params);
 }
+
+#[test]
+fn webhook_secret_corpus() {
+    replay("webhook_secret", tollgate::fuzzing::webhook_secret);
+}

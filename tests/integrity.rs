@@ -542,6 +542,7 @@ async fn random_mixes_never_serve_more_than_is_charged() {
         input: tollgate::money::Pico::parse_usd("0.15").unwrap(),
         cached_input: None,
         cache_write: None,
+        cache_write_1h: None,
         output: tollgate::money::Pico::parse_usd("0.60").unwrap(),
         request: tollgate::money::Pico::ZERO,
     };

@@ -35,6 +35,7 @@ fn chat_price() -> Price {
         input: Pico::parse_usd("0.15").unwrap(),
         cached_input: None,
         cache_write: None,
+        cache_write_1h: None,
         output: Pico::parse_usd("0.60").unwrap(),
         request: Pico::ZERO,
     }
@@ -265,6 +266,7 @@ async fn non_streamed_usage_with_cached_and_reasoning_tokens(mode: RuntimeMode) 
         prompt_tokens: r.prompt_tokens,
         cached_tokens: 4,
         cache_write_tokens: 0,
+        cache_write_1h_tokens: 0,
         completion_tokens: r.completion_tokens,
         reasoning_tokens: 3,
     };

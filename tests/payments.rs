@@ -28,7 +28,7 @@ both_modes!(
     bad_deliveries_are_refused_and_change_nothing,
     wrong_currency_and_unknown_account_need_attention,
     a_key_without_account_is_topped_up,
-    subscription_events_are_recorded_for_attention,
+    subscription_events_drive_the_subscription,
     checkout_calls_stripe_with_the_form,
     epay_order_is_applied_once_and_wrong_money_refused,
     epay_external_orders_credit_by_email_once,
@@ -57,6 +57,9 @@ fn payments_config(stripe_api: &str) -> String {
 [plans.pro]
 limit = "20"
 stripe_price = "price_pro_monthly"
+interval = "month"
+grant = "20"
+grace = "3d"
 [payments.stripe]
 secret_key_env = "TOLLGATE_TEST_STRIPE_SK"
 webhook_secret_env = "TOLLGATE_TEST_STRIPE_WHSEC"
@@ -409,52 +412,99 @@ async fn a_key_without_account_is_topped_up(mode: RuntimeMode) {
     assert_eq!(k["data"]["usage"].to_string(), "2.5", "{k}");
 }
 
-async fn subscription_events_are_recorded_for_attention(mode: RuntimeMode) {
+/// Stripe's subscription events start, renew, mark past due, change and
+/// cancel the account's subscription, each once per event id; an event
+/// for a subscription Tollgate does not know is kept for attention.
+async fn subscription_events_drive_the_subscription(mode: RuntimeMode) {
     let gw = start(mode);
     create_account(&gw, "acct-s", "s@example.com").await;
-    let events = [
-        event(
-            "evt_s1",
-            "checkout.session.completed",
-            json!({"id": "cs_s1", "mode": "subscription", "payment_status": "paid",
-                   "amount_total": 2000, "currency": "usd", "subscription": "sub_1",
-                   "client_reference_id": "acct-s", "metadata": {"account": "acct-s", "plan": "pro"}}),
+    let steps: [(&[u8], &str, &str); 5] = [
+        (
+            &event(
+                "evt_s1",
+                "checkout.session.completed",
+                json!({"id": "cs_s1", "mode": "subscription", "payment_status": "paid",
+                       "amount_total": 2000, "currency": "usd", "subscription": "sub_1",
+                       "client_reference_id": "acct-s", "metadata": {"account": "acct-s", "plan": "pro"}}),
+            ),
+            "succeeded",
+            "active",
         ),
-        event(
-            "evt_s2",
-            "invoice.paid",
-            json!({"id": "in_1", "subscription": "sub_1", "amount_paid": 2000, "currency": "usd"}),
+        (
+            &event(
+                "evt_s2",
+                "invoice.paid",
+                json!({"id": "in_1", "subscription": "sub_1", "amount_paid": 2000, "currency": "usd"}),
+            ),
+            "succeeded",
+            "active",
         ),
-        event(
-            "evt_s3",
-            "invoice.payment_failed",
-            json!({"id": "in_2", "parent": {"subscription_details": {"subscription": "sub_1"}},
-                   "amount_due": 2000, "currency": "usd"}),
+        (
+            &event(
+                "evt_s3",
+                "invoice.payment_failed",
+                json!({"id": "in_2", "parent": {"subscription_details": {"subscription": "sub_1"}},
+                       "amount_due": 2000, "currency": "usd"}),
+            ),
+            "failed",
+            "past_due",
         ),
-        event(
-            "evt_s4",
-            "customer.subscription.updated",
-            json!({"id": "sub_1", "status": "active", "cancel_at_period_end": true,
-                   "items": {"data": [{"price": {"id": "price_pro_monthly"}}]}}),
+        (
+            &event(
+                "evt_s4",
+                "customer.subscription.updated",
+                json!({"id": "sub_1", "status": "active", "cancel_at_period_end": true,
+                       "items": {"data": [{"price": {"id": "price_pro_monthly"}}]}}),
+            ),
+            "succeeded",
+            "past_due",
         ),
-        event(
-            "evt_s5",
-            "customer.subscription.deleted",
-            json!({"id": "sub_1", "status": "canceled"}),
+        (
+            &event(
+                "evt_s5",
+                "customer.subscription.deleted",
+                json!({"id": "sub_1", "status": "canceled"}),
+            ),
+            "succeeded",
+            "canceled",
         ),
     ];
-    for e in &events {
+    for (i, (e, payment_status, sub_status)) in steps.iter().enumerate() {
         let (s, v) = deliver(&gw, e).await;
-        assert_eq!((s, &v["status"]), (200, &json!("needs_attention")), "{v}");
+        assert_eq!(
+            (s, &v["status"]),
+            (200, &json!(payment_status)),
+            "step {i}: {v}"
+        );
         let (s, v) = deliver(&gw, e).await;
-        assert_eq!((s, &v["replayed"]), (200, &json!(true)), "{v}");
+        assert_eq!((s, &v["replayed"]), (200, &json!(true)), "step {i}: {v}");
+        let now = gw.admin_get("/api/v1/accounts/acct-s/subscriptions").await["data"][0].clone();
+        assert_eq!(now["status"], *sub_status, "step {i}: {now}");
+        assert_eq!(now["external_id"], "sub_1", "{now}");
+        assert_eq!(now["plan"], "pro", "{now}");
+        if i == 3 {
+            assert_eq!(now["cancel_at_period_end"], true, "{now}");
+        }
     }
-    let list = payments_of(&gw, "provider=stripe").await;
-    assert_eq!(list.len(), 5);
-    assert!(
-        list.iter()
-            .all(|p| p["reason"] == "subscriptions not enabled")
+    // One subscription for all of it, and its grants: the start's and the
+    // renewal's (each once, though every event came twice).
+    let list = gw.admin_get("/api/v1/accounts/acct-s/subscriptions").await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(1), "{list}");
+    let ledger = gw.admin_get("/api/v1/accounts/acct-s/ledger").await;
+    let grants = ledger["data"]
+        .as_array()
+        .map(|l| l.iter().filter(|e| e["kind"] == "grant").count())
+        .unwrap_or(0);
+    assert!((1..=2).contains(&grants), "{ledger}");
+    // A renewal for a subscription nobody started: kept, not applied.
+    let e = event(
+        "evt_s6",
+        "invoice.paid",
+        json!({"id": "in_9", "subscription": "sub_unknown", "amount_paid": 2000, "currency": "usd"}),
     );
+    let (s, v) = deliver(&gw, &e).await;
+    assert_eq!((s, &v["status"]), (200, &json!("needs_attention")), "{v}");
+    assert_eq!(payments_of(&gw, "provider=stripe").await.len(), 6);
     assert_eq!(balance(&gw, "acct-s").await, "0");
 }
 

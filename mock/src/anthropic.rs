@@ -255,11 +255,11 @@ fn event(name: &str, payload: &Value) -> Bytes {
 fn events(id: &str, model: &str, plan: &Plan, cache: &Cache) -> VecDeque<(Bytes, u64)> {
     let reasoning = usize::try_from(plan.reasoning).unwrap_or(usize::MAX);
     let mut events = VecDeque::with_capacity(plan.visible + reasoning + 12);
-    // Anthropic reports a small running output count at the start; the
+    // Anthropic reports a small running output count at the start (with
+    // the input, cache and TTL-split cache-write counts); the
     // `message_delta` carries the final, cumulative one.
     let mut start_usage = cache.usage(plan.completion().min(1));
     if let Some(usage) = start_usage.as_object_mut() {
-        usage.remove("cache_creation");
         usage.remove("service_tier");
     }
     let usage = if plan.usage { start_usage } else { Value::Null };

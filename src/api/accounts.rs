@@ -110,7 +110,7 @@ struct AccountView<'a> {
     low_balance_alert: Option<Pico>,
     spent: Spent,
     keys: usize,
-    subscription: Option<()>,
+    subscription: Option<super::subscriptions::SubscriptionSummary>,
     metadata: Option<Box<serde_json::value::RawValue>>,
     created_at: String,
     updated_at: String,
@@ -142,7 +142,10 @@ fn view<'a>(ctx: &Ctx<'_>, a: &'a AccountRecord) -> Result<AccountView<'a>, ApiE
             total: spent,
         },
         keys,
-        subscription: None,
+        subscription: match &a.subscription {
+            Some(l) => super::subscriptions::summary(ctx, &l.id)?,
+            None => None,
+        },
         metadata: a
             .metadata
             .as_deref()
@@ -276,8 +279,19 @@ pub(super) async fn delete(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answ
     let pairs = super::query_pairs(query)?;
     let force = pairs.iter().any(|(k, v)| k == "force" && v == "true");
     let _guard = admin_write_lock().await;
-    if ctx.store.user_account(id).map_err(store_error)?.is_none() {
+    let Some(acct) = ctx.store.user_account(id).map_err(store_error)? else {
         return Err(not_found());
+    };
+    let live_sub = acct
+        .subscription
+        .as_ref()
+        .filter(|l| l.status.is_live())
+        .map(|l| l.id.clone());
+    if live_sub.is_some() && !force {
+        return Err(ApiError::conflict(
+            "account_has_subscription",
+            "The account has a live subscription; cancel it, or pass ?force=true.",
+        ));
     }
     let keys = ctx.store.owner_keys(id).map_err(store_error)?;
     let live_keys = keys.iter().filter(|(_, disabled)| !disabled).count();
@@ -304,6 +318,11 @@ pub(super) async fn delete(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answ
             ctx.gate.updated(rec);
         }
     }
+    if let Some(sid) = live_sub {
+        super::subscriptions::billing(ctx)
+            .cancel(&sid, false)
+            .await?;
+    }
     ctx.store
         .delete_user_account(id)
         .await
@@ -327,6 +346,7 @@ struct EntryView<'a> {
     idempotency_key: Option<&'a str>,
     balance_after: Pico,
     spent_after: Pico,
+    allowance_after: Pico,
 }
 
 impl<'a> EntryView<'a> {
@@ -340,6 +360,7 @@ impl<'a> EntryView<'a> {
             idempotency_key: e.idempotency_key.as_deref(),
             balance_after: e.balance_after,
             spent_after: e.spent_after,
+            allowance_after: e.allowance_after,
         }
     }
 }

@@ -45,6 +45,7 @@ const PATCH_FIELDS: &[&str] = &[
     "max_devices",
     "daily_fee",
     "metadata",
+    "low_balance_alert",
 ];
 
 /// Fields of a create body.
@@ -65,6 +66,13 @@ const CREATE_FIELDS: &[&str] = &[
     "metadata",
     "plan",
     "owner",
+    // OpenRouter's provisioning fields with no Tollgate meaning of their
+    // own: accepted (so its clients work unchanged) and kept in `metadata`.
+    "label",
+    "include_byok_in_limit",
+    "creator_user_id",
+    "workspace_id",
+    "low_balance_alert",
 ];
 
 /// Fields of an import body.
@@ -92,6 +100,8 @@ pub(crate) struct KeySpec {
     pub plan: Option<String>,
     /// Create only.
     pub owner: Option<String>,
+    /// Threshold of `key.low_balance`.
+    pub low_balance_alert: Patch<Pico>,
 }
 
 /// Parses and validates a create (`create = true`) or patch body.
@@ -155,9 +165,14 @@ pub(crate) fn parse_spec(f: &Fields, create: bool) -> Result<KeySpec, ApiError> 
             "max_devices",
         )?,
         daily_fee: amount(f, "daily_fee")?,
-        metadata: metadata(f)?,
+        metadata: if create {
+            super::compat::openrouter::with_extra_fields(f, metadata(f)?)?
+        } else {
+            metadata(f)?
+        },
         plan,
         owner,
+        low_balance_alert: amount(f, "low_balance_alert")?,
     })
 }
 
@@ -412,6 +427,7 @@ pub(crate) fn new_record(
         daily_fee: or_plan(spec.daily_fee, p.daily_fee),
         metadata: spec.metadata.apply(None),
         imported: false,
+        low_balance_alert: spec.low_balance_alert.apply(None),
     };
     Ok((record, or_plan(spec.limit, p.limit)))
 }
@@ -442,6 +458,7 @@ pub(crate) fn apply_patch(spec: KeySpec, rec: &mut KeyRecord, now_ms: i64) -> Pa
     rec.max_devices = spec.max_devices.apply(rec.max_devices);
     rec.daily_fee = spec.daily_fee.apply(rec.daily_fee);
     rec.metadata = spec.metadata.apply(rec.metadata.take());
+    rec.low_balance_alert = spec.low_balance_alert.apply(rec.low_balance_alert);
     rec.updated_at = now_ms;
     spec.limit
 }
@@ -492,6 +509,30 @@ pub(super) async fn create(
     f: &Fields,
 ) -> Result<http::Response<crate::Body>, ApiError> {
     let spec = parse_spec(f, true)?;
+    let now = ctx.clock.now_ms();
+    let (record, account, key) = create_key(ctx, spec).await?;
+    #[derive(Serialize)]
+    struct Created<'a> {
+        data: KeyView<'a>,
+        /// The key itself: shown this once, never stored.
+        key: &'a str,
+    }
+    let view = KeyView::new(ctx, &record, &Numbers::stored(&record, &account, now), now)?;
+    super::json(
+        StatusCode::CREATED,
+        &Created {
+            data: view,
+            key: &key,
+        },
+    )
+}
+
+/// Creates a key from a validated spec: its record, account and the key
+/// itself (to be shown once).
+pub(super) async fn create_key(
+    ctx: &Ctx<'_>,
+    spec: KeySpec,
+) -> Result<(KeyRecord, Account, String), ApiError> {
     let plan = plan_of(ctx, spec.plan.as_deref())?;
     let key = generate_key();
     let hash = hash_key(&key);
@@ -513,20 +554,7 @@ pub(super) async fn create(
         .map_err(store_error)?;
     ctx.gate.created(&hash);
     tracing::info!(hash = %hex::encode(hash), plan = ?record.plan, "key created");
-    #[derive(Serialize)]
-    struct Created<'a> {
-        data: KeyView<'a>,
-        /// The key itself: shown this once, never stored.
-        key: &'a str,
-    }
-    let view = KeyView::new(ctx, &record, &Numbers::stored(&record, &account, now), now)?;
-    super::json(
-        StatusCode::CREATED,
-        &Created {
-            data: view,
-            key: &key,
-        },
-    )
+    Ok((record, account, key))
 }
 
 /// `GET /api/v1/keys?offset=&limit=&owner=&include_disabled=`
@@ -582,7 +610,7 @@ pub(super) fn get(ctx: &Ctx<'_>, hash: &KeyHash) -> Result<http::Response<crate:
     let now = ctx.clock.now_ms();
     let live = ctx.gate.lookup(hash, now)?.ok_or_else(key_not_found)?;
     let policy = live.policy();
-    let view = KeyView::new(ctx, &policy.record, &Numbers::live(&live), now)?;
+    let view = KeyView::new(ctx, policy.own_record(), &Numbers::live(&live), now)?;
     json(StatusCode::OK, &Data { data: view })
 }
 
@@ -598,7 +626,7 @@ pub(super) async fn patch(
     let live = ctx.gate.lookup(&hash, now)?.ok_or_else(key_not_found)?;
     // The live record is the freshest (it has device bindings the store
     // thread may not have applied yet).
-    let mut record = live.policy().record.clone();
+    let mut record = live.policy().own_record().clone();
     let limit = apply_patch(spec, &mut record, now);
     ctx.store
         .update_key(record.clone())
@@ -669,16 +697,37 @@ pub(super) async fn import(
         ctx.config.keys.import_length,
     )?;
     let owner: String = f.required("owner", "a string")?;
-    check_text("owner", &owner)?;
     let name: Option<String> = f.opt("name", "a string")?;
+    let plan_name: Option<String> = f.opt("plan", "a string")?;
+    let unlimited: bool = f.opt("unlimited", "true or false")?.unwrap_or(false);
+    let (rec, numbers, created) = import_key(ctx, &key, owner, name, plan_name, unlimited).await?;
+    let now = ctx.clock.now_ms();
+    let view = KeyView::new(ctx, &rec, &numbers, now)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    json(status, &Data { data: view })
+}
+
+/// Imports `key` (already checked against the import format) for `owner`:
+/// the record, its numbers, and whether it was created now (`false`: the
+/// same key was imported for the same owner before, nothing changed).
+pub(super) async fn import_key(
+    ctx: &Ctx<'_>,
+    key: &str,
+    owner: String,
+    name: Option<String>,
+    plan_name: Option<String>,
+    unlimited: bool,
+) -> Result<(KeyRecord, Numbers, bool), ApiError> {
+    check_text("owner", &owner)?;
     if let Some(n) = &name {
         check_text("name", n)?;
     }
-    let plan_name: Option<String> = f.opt("plan", "a string")?;
     let plan = plan_of(ctx, plan_name.as_deref())?;
-    let unlimited: bool = f.opt("unlimited", "true or false")?.unwrap_or(false);
-
-    let hash = hash_key(&key);
+    let hash = hash_key(key);
     let _write = admin_write_lock().await;
     let now = ctx.clock.now_ms();
     if let Some((rec, acct)) = ctx.store.key(&hash).map_err(store_error)? {
@@ -692,8 +741,7 @@ pub(super) async fn import(
             Some(live) => Numbers::live(&live),
             None => Numbers::stored(&rec, &acct, now),
         };
-        let view = KeyView::new(ctx, &rec, &numbers, now)?;
-        return json(StatusCode::OK, &Data { data: view });
+        return Ok((rec, numbers, false));
     }
     if let (Some(p), Some(pn)) = (plan, plan_name.as_deref())
         && p.one_per_owner
@@ -717,8 +765,9 @@ pub(super) async fn import(
         metadata: Patch::Absent,
         plan: plan_name,
         owner: Some(owner),
+        low_balance_alert: Patch::Absent,
     };
-    let (mut record, plan_limit) = new_record(spec, plan, hash, label_of(&key), now)?;
+    let (mut record, plan_limit) = new_record(spec, plan, hash, label_of(key), now)?;
     record.imported = true;
     let limit = if unlimited {
         None
@@ -734,8 +783,8 @@ pub(super) async fn import(
         .map_err(store_error)?;
     ctx.gate.created(&hash);
     tracing::info!(hash = %hex::encode(hash), plan = ?record.plan, "key imported");
-    let view = KeyView::new(ctx, &record, &Numbers::stored(&record, &account, now), now)?;
-    json(StatusCode::CREATED, &Data { data: view })
+    let numbers = Numbers::stored(&record, &account, now);
+    Ok((record, numbers, true))
 }
 
 // ---- the Key object ----
@@ -793,6 +842,9 @@ impl Numbers {
 #[derive(Serialize)]
 pub(crate) struct KeyView<'a> {
     hash: String,
+    /// `active`, `disabled`, `expired` or `exhausted`, computed now (a
+    /// provisioning client's sweeper reads it).
+    status: &'static str,
     name: &'a str,
     label: &'a str,
     owner: Option<&'a str>,
@@ -821,6 +873,7 @@ pub(crate) struct KeyView<'a> {
     devices: &'a [String],
     daily_fee: Option<Pico>,
     metadata: Option<Box<RawValue>>,
+    low_balance_alert: Option<Pico>,
 }
 
 impl<'a> KeyView<'a> {
@@ -833,6 +886,7 @@ impl<'a> KeyView<'a> {
         let w = windows_of(ctx, rec, n, now_ms)?;
         Ok(KeyView {
             hash: hex::encode(rec.hash),
+            status: super::compat::openrouter::key_status(rec, n.remaining, n.requests, now_ms),
             name: &rec.name,
             label: &rec.label,
             owner: rec.owner.as_deref(),
@@ -861,6 +915,7 @@ impl<'a> KeyView<'a> {
             devices: &rec.devices,
             daily_fee: rec.daily_fee,
             metadata: metadata_json(rec.metadata.as_deref()),
+            low_balance_alert: rec.low_balance_alert,
         })
     }
 }

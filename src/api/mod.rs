@@ -22,13 +22,18 @@
 
 mod accounts;
 mod admin_guard;
+mod admin_tokens;
+mod compat;
 mod cors;
 mod credits;
+mod events;
 mod keys;
 pub mod pages;
 mod payments;
 mod reports;
+pub mod scopes;
 mod status;
+mod subscriptions;
 mod usage;
 
 use std::net::IpAddr;
@@ -52,6 +57,7 @@ use crate::{Body, BoxError};
 use reports::{Subject, View};
 
 pub use admin_guard::AdminGuard;
+pub use scopes::{AdminCaller, AdminTokens, Scope, Scopes};
 
 /// Largest admin request body: key specs and credits are small; anything
 /// bigger is a mistake or an attack.
@@ -64,26 +70,51 @@ const PAGE_DEFAULT: usize = 100;
 
 /// What the handlers use from [`App`], borrowed, so that tests can build it
 /// from parts without the proxy's routing.
+#[derive(Clone, Copy)]
 pub(crate) struct Ctx<'a> {
+    /// The reloadable configuration as of this request's start (a snapshot
+    /// of [`App::live`]): plans, key import rules, CORS.
     pub config: &'a Config,
     pub gate: &'a Gate,
     pub store: &'a Store,
     pub clock: &'a Clock,
     pub admin_token: &'a str,
     pub admin_guard: &'a AdminGuard,
+    /// The delivery task's handle, for redeliveries (`None` in unit tests
+    /// that build a context without a running gateway).
+    pub events: Option<&'a crate::events::Events>,
+    /// The scoped admin tokens (in memory).
+    pub admin_tokens: &'a AdminTokens,
+    /// Who made this admin call, once authenticated: the scope check and
+    /// the audit log's actor (`caller.actor`). `None` before, and on the
+    /// calls a key makes about itself.
+    pub caller: Option<&'a AdminCaller>,
+    /// The whole gateway, for calls that act on it (reload); `None` when a
+    /// test builds the context from parts.
+    pub app: Option<&'a App>,
 }
 
 impl<'a> Ctx<'a> {
-    /// The handlers' view of the running gateway.
-    pub fn of(app: &'a App) -> Ctx<'a> {
+    /// The handlers' view of the running gateway, on the `live` snapshot.
+    pub fn of(app: &'a App, live: &'a crate::reload::Live) -> Ctx<'a> {
         Ctx {
-            config: &app.config,
+            config: &live.config,
             gate: &app.gate,
             store: &app.store,
             clock: &app.clock,
             admin_token: &app.admin_token,
             admin_guard: &app.admin_guard,
+            events: Some(&app.events),
+            admin_tokens: &app.admin_tokens,
+            caller: None,
+            app: Some(app),
         }
+    }
+
+    /// The authenticated admin caller (root when none was recorded, which
+    /// only happens in tests that call handlers directly).
+    pub fn actor(&self) -> &str {
+        self.caller.map_or("root", |c| c.actor.as_str())
     }
 }
 
@@ -93,7 +124,8 @@ pub async fn handle(
     req: Request<hyper::body::Incoming>,
     client_ip: IpAddr,
 ) -> Response<Body> {
-    serve(&Ctx::of(app), req, client_ip).await
+    let live = app.live();
+    serve(&Ctx::of(app, &live), req, client_ip).await
 }
 
 /// [`handle`] over any body type (tests send `Full` bodies).
@@ -148,6 +180,28 @@ enum AdminCall<'a> {
     AccountCheckout(&'a str),
     /// `/api/v1/key/checkout` (authenticated by the key)
     KeyCheckout,
+    /// `/api/v1/accounts/{id}/subscriptions`
+    AccountSubscriptions(&'a str),
+    /// `/api/v1/subscriptions/{sid}`
+    Subscription(&'a str),
+    /// `/api/v1/subscriptions/{sid}/renew`
+    SubscriptionRenew(&'a str),
+    /// `/api/v1/subscriptions/{sid}/cancel`
+    SubscriptionCancel(&'a str),
+    /// `/api/v1/events`
+    Events,
+    /// `/api/v1/events/{id}/redeliver`
+    Redeliver(&'a str),
+    /// `/api/v1/webhooks/deliveries`
+    Deliveries,
+    /// `/api/v1/audit`
+    Audit,
+    /// `/api/v1/admin/tokens`
+    AdminTokens,
+    /// `/api/v1/admin/tokens/{id}`
+    AdminToken(&'a str),
+    /// `/api/v1/admin/reload`
+    Reload,
 }
 
 /// The call of a raw (still percent-encoded) path; `None` → 404. The hash
@@ -182,6 +236,17 @@ fn call_of(path: &str) -> Option<AdminCall<'_>> {
         ["payments", id] => Some(AdminCall::Payment(id)),
         ["accounts", id, "checkout"] => Some(AdminCall::AccountCheckout(id)),
         ["key", "checkout"] => Some(AdminCall::KeyCheckout),
+        ["accounts", id, "subscriptions"] => Some(AdminCall::AccountSubscriptions(id)),
+        ["subscriptions", sid] => Some(AdminCall::Subscription(sid)),
+        ["subscriptions", sid, "renew"] => Some(AdminCall::SubscriptionRenew(sid)),
+        ["subscriptions", sid, "cancel"] => Some(AdminCall::SubscriptionCancel(sid)),
+        ["events"] => Some(AdminCall::Events),
+        ["events", id, "redeliver"] => Some(AdminCall::Redeliver(id)),
+        ["webhooks", "deliveries"] => Some(AdminCall::Deliveries),
+        ["audit"] => Some(AdminCall::Audit),
+        ["admin", "tokens"] => Some(AdminCall::AdminTokens),
+        ["admin", "tokens", id] => Some(AdminCall::AdminToken(id)),
+        ["admin", "reload"] => Some(AdminCall::Reload),
         _ => None,
     }
 }
@@ -216,6 +281,9 @@ where
             client_ip,
         ));
     }
+    if let Some(call) = compat::call_of(parts.uri.path()) {
+        return compat::handle(ctx, call, &parts, body, client_ip).await;
+    }
     let Some(call) = call_of(parts.uri.path()) else {
         return Err(ApiError::not_found(format!(
             "Unknown API path `{}`.",
@@ -240,9 +308,35 @@ where
         }
         _ => {}
     }
-    // Everything else is the admin's: authenticate before looking at the
-    // method, the hash or the body.
-    admin_auth(ctx, &parts.headers, client_ip)?;
+    // Everything else is the admin's: authenticate and check the scope
+    // (scopes::TABLE) before looking at the hash or the body.
+    let caller = admin_auth(ctx, &parts.headers, client_ip)?;
+    caller.require(scopes::required(&parts.method, parts.uri.path()))?;
+    // Every store write the handler makes is audited under this actor.
+    let actor = crate::events::Actor {
+        name: caller.actor.clone(),
+        ip: Some(client_ip),
+        at_ms: ctx.clock.now_ms(),
+    };
+    let ctx = &Ctx {
+        caller: Some(&caller),
+        ..*ctx
+    };
+    crate::events::acting_as(actor, admin_call(ctx, call, &parts, body, query)).await
+}
+
+/// One authenticated admin call.
+async fn admin_call<B>(
+    ctx: &Ctx<'_>,
+    call: AdminCall<'_>,
+    parts: &http::request::Parts,
+    body: B,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let m = &parts.method;
     match call {
         AdminCall::Keys if m == Method::GET => keys::list(ctx, query),
@@ -288,16 +382,46 @@ where
         AdminCall::AccountCheckout(id) if m == Method::POST => {
             payments::account_checkout(ctx, id, &read_fields(&parts.headers, body).await?).await
         }
+        AdminCall::AccountSubscriptions(id) if m == Method::GET => subscriptions::list(ctx, id),
+        AdminCall::AccountSubscriptions(id) if m == Method::POST => {
+            subscriptions::create(ctx, id, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::Subscription(sid) if m == Method::GET => subscriptions::get(ctx, sid),
+        AdminCall::Subscription(sid) if m == Method::PATCH => {
+            subscriptions::patch(ctx, sid, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::SubscriptionRenew(sid) if m == Method::POST => {
+            subscriptions::renew(ctx, sid, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::SubscriptionCancel(sid) if m == Method::POST => {
+            subscriptions::cancel(ctx, sid, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::Events if m == Method::GET => events::list(ctx, query),
+        AdminCall::Redeliver(id) if m == Method::POST => events::redeliver(ctx, id).await,
+        AdminCall::Deliveries if m == Method::GET => events::deliveries(ctx, query),
+        AdminCall::Audit if m == Method::GET => events::audit(ctx, query),
+        AdminCall::AdminTokens if m == Method::GET => admin_tokens::list(ctx),
+        AdminCall::AdminTokens if m == Method::POST => {
+            admin_tokens::create(ctx, &read_fields(&parts.headers, body).await?).await
+        }
+        AdminCall::AdminToken(id) if m == Method::DELETE => admin_tokens::delete(ctx, id).await,
+        AdminCall::Reload if m == Method::POST => admin_tokens::reload(ctx),
         _ => Err(ApiError::method_not_allowed()),
     }
 }
 
 // ---- admin authentication ----
 
-/// Checks `Authorization: Bearer <admin token>`. A network that failed
-/// too often is refused (429) before the token is even compared, so that
+/// Checks the admin token, from `Authorization: Bearer <token>` or (seed
+/// 002's clients) `X-Admin-Token: <token>`: the environment's token is
+/// `root`, any other must be a scoped token. A network that failed too
+/// often is refused (429) before the token is even compared, so that
 /// guessing stops paying off; every failure counts against it.
-fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<(), ApiError> {
+fn admin_auth(
+    ctx: &Ctx<'_>,
+    headers: &http::HeaderMap,
+    ip: IpAddr,
+) -> Result<AdminCaller, ApiError> {
     let now = ctx.clock.now_ms();
     ctx.admin_guard.check(ip, now)?;
     let given = headers
@@ -306,13 +430,18 @@ fn admin_auth(ctx: &Ctx<'_>, headers: &http::HeaderMap, ip: IpAddr) -> Result<()
         .and_then(|v| {
             v.strip_prefix(b"Bearer ")
                 .or_else(|| v.strip_prefix(b"bearer "))
-        });
-    let ok = match given {
-        Some(token) => token_matches(ctx.admin_token.as_bytes(), token.trim_ascii()),
-        None => false,
-    };
-    if ok {
-        return Ok(());
+        })
+        .or_else(|| headers.get("x-admin-token").map(|v| v.as_bytes()));
+    if let Some(token) = given.map(<[u8]>::trim_ascii) {
+        // Both comparisons always run: which one matched takes no longer.
+        let root = token_matches(ctx.admin_token.as_bytes(), token);
+        let scoped = ctx.admin_tokens.find(&scopes::digest(token));
+        if root {
+            return Ok(AdminCaller::root());
+        }
+        if let Some(caller) = scoped {
+            return Ok(caller);
+        }
     }
     ctx.admin_guard.failed(ip, now);
     let message = if given.is_none() {

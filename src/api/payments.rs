@@ -45,6 +45,12 @@ fn payments_ctx<'a>(ctx: &'a Ctx<'_>) -> PaymentCtx<'a> {
         store: ctx.store,
         gate: ctx.gate,
         now_ms: ctx.clock.now_ms(),
+        subscriptions: Some(crate::billing::subscriptions::Billing {
+            config: ctx.config,
+            gate: ctx.gate,
+            store: ctx.store,
+            clock: ctx.clock,
+        }),
     }
 }
 

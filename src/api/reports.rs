@@ -299,6 +299,7 @@ struct Sums {
     latency_ms: u64,
     errors: u64,
     estimated: u64,
+    cache_write: u64,
 }
 
 impl Sums {
@@ -312,6 +313,7 @@ impl Sums {
         self.latency_ms += r.latency_ms_sum;
         self.errors += r.errors;
         self.estimated += r.estimated;
+        self.cache_write += r.cache_write_tokens;
     }
 
     fn merge(&mut self, o: &Sums) {
@@ -324,6 +326,7 @@ impl Sums {
         self.latency_ms += o.latency_ms;
         self.errors += o.errors;
         self.estimated += o.estimated;
+        self.cache_write += o.cache_write;
     }
 
     fn tokens(&self) -> u64 {
@@ -382,8 +385,8 @@ impl Fold {
 // ---- answers ----
 
 #[derive(Serialize)]
-struct Summary {
-    total_cost: Pico,
+pub(super) struct Summary {
+    pub(super) total_cost: Pico,
     total_requests: u64,
     total_tokens: u64,
     prompt_tokens: u64,
@@ -395,6 +398,9 @@ struct Summary {
     errors: u64,
     /// Requests charged from an estimate (stream cut, client gone).
     estimated: u64,
+    /// Prompt tokens written to a prompt cache (Anthropic's cache
+    /// creation), part of `prompt_tokens`; `cached_tokens` are the reads.
+    cache_write_tokens: u64,
 }
 
 impl From<&Sums> for Summary {
@@ -410,14 +416,15 @@ impl From<&Sums> for Summary {
             avg_latency_ms: s.latency_ms.checked_div(s.requests).unwrap_or(0),
             errors: s.errors,
             estimated: s.estimated,
+            cache_write_tokens: s.cache_write,
         }
     }
 }
 
 #[derive(Serialize)]
-struct ModelRow {
-    model: String,
-    cost: Pico,
+pub(super) struct ModelRow {
+    pub(super) model: String,
+    pub(super) cost: Pico,
     requests: u64,
     tokens: u64,
     prompt_tokens: u64,
@@ -428,21 +435,21 @@ struct ModelRow {
 }
 
 #[derive(Serialize)]
-struct DayRow {
+pub(super) struct DayRow {
     date: String,
-    cost: Pico,
+    pub(super) cost: Pico,
     requests: u64,
     tokens: u64,
 }
 
 #[derive(Serialize)]
-struct Point {
+pub(super) struct Point {
     /// Bucket start, Unix seconds.
-    time: i64,
+    pub(super) time: i64,
     /// `2026-11-23` (day) or `2026-11-23T13:00:00Z` (hour).
     date: String,
-    cost: Pico,
-    requests: u64,
+    pub(super) cost: Pico,
+    pub(super) requests: u64,
     tokens: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
@@ -455,7 +462,7 @@ pub(super) struct LogItem {
     /// Unix seconds.
     created_at: i64,
     time: String,
-    model: String,
+    pub(super) model: String,
     upstream: String,
     route: String,
     stream: bool,
@@ -465,10 +472,13 @@ pub(super) struct LogItem {
     completion_tokens: u64,
     reasoning_tokens: u64,
     total_tokens: u64,
-    cost: Pico,
+    pub(super) cost: Pico,
     latency_ms: u32,
     ttfb_ms: u32,
     estimated: bool,
+    /// Prompt tokens written to a prompt cache, part of `prompt_tokens`
+    /// (`cached_tokens` are the cache reads).
+    cache_write_tokens: u64,
     /// Admin reports only.
     #[serde(skip_serializing_if = "Option::is_none")]
     client_ip: Option<String>,
@@ -494,6 +504,7 @@ fn log_item(r: UsageRecord, viewer: Viewer) -> LogItem {
         status: r.status,
         prompt_tokens: r.prompt_tokens,
         cached_tokens: r.cached_tokens,
+        cache_write_tokens: r.cache_write_tokens,
         completion_tokens: r.completion_tokens,
         reasoning_tokens: r.reasoning_tokens,
         cost: r.cost,
@@ -506,34 +517,34 @@ fn log_item(r: UsageRecord, viewer: Viewer) -> LogItem {
 
 #[derive(Serialize)]
 pub(super) struct Detail {
-    object: &'static str,
+    pub(super) object: &'static str,
     /// The range answered, widened to whole hours (Unix seconds).
-    start: i64,
-    end: i64,
-    summary: Summary,
-    by_model: Vec<ModelRow>,
-    by_day: Vec<DayRow>,
+    pub(super) start: i64,
+    pub(super) end: i64,
+    pub(super) summary: Summary,
+    pub(super) by_model: Vec<ModelRow>,
+    pub(super) by_day: Vec<DayRow>,
     /// The newest records (whatever the range).
     #[serde(skip_serializing_if = "Option::is_none")]
-    recent_logs: Option<Vec<LogItem>>,
+    pub(super) recent_logs: Option<Vec<LogItem>>,
 }
 
 #[derive(Serialize)]
 pub(super) struct Chart {
-    object: &'static str,
-    start: i64,
-    end: i64,
-    granularity: &'static str,
-    data: Vec<Point>,
+    pub(super) object: &'static str,
+    pub(super) start: i64,
+    pub(super) end: i64,
+    pub(super) granularity: &'static str,
+    pub(super) data: Vec<Point>,
 }
 
 #[derive(Serialize)]
 pub(super) struct LogsPage {
-    items: Vec<LogItem>,
-    page: usize,
-    page_size: usize,
+    pub(super) items: Vec<LogItem>,
+    pub(super) page: usize,
+    pub(super) page_size: usize,
     /// The key's records still stored (retention removes old ones).
-    total: u64,
+    pub(super) total: u64,
 }
 
 fn date_of_day(day: i64) -> String {

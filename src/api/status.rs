@@ -23,6 +23,8 @@ struct RateLimit {
 #[derive(Serialize)]
 struct KeyStatus<'a> {
     label: &'a str,
+    /// `active`, `disabled`, `expired` or `exhausted`, computed now.
+    status: &'static str,
     limit: Option<Pico>,
     limit_remaining: Option<Pico>,
     /// The account the key spends from, if its owner has one.
@@ -86,6 +88,7 @@ fn status(
     };
     let view = KeyStatus {
         label: &rec.label,
+        status: super::compat::openrouter::key_status(rec, limit_remaining, n.requests, now),
         limit: n.limit,
         limit_remaining,
         account: rec.owner.as_deref().filter(|_| wallet.is_some()),

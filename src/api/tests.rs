@@ -323,6 +323,8 @@ struct World {
     clock: Clock,
     token: String,
     admin_guard: AdminGuard,
+    /// Scoped admin tokens (none: these tests use the root token).
+    admin_tokens: AdminTokens,
     dir: PathBuf,
 }
 
@@ -355,6 +357,7 @@ impl World {
             clock,
             token: "admin-secret".into(),
             admin_guard: AdminGuard::new(3),
+            admin_tokens: AdminTokens::default(),
             dir,
         }
     }
@@ -367,6 +370,10 @@ impl World {
             clock: &self.clock,
             admin_token: &self.token,
             admin_guard: &self.admin_guard,
+            events: None,
+            admin_tokens: &self.admin_tokens,
+            caller: None,
+            app: None,
         }
     }
 

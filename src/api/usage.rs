@@ -26,6 +26,8 @@ use crate::money::Pico;
 /// new-api's envelope.
 #[derive(Serialize)]
 struct Envelope<T> {
+    /// new-api's success flag (its portal reads `success`).
+    success: bool,
     code: bool,
     message: &'static str,
     data: T,
@@ -35,6 +37,8 @@ struct Envelope<T> {
 #[derive(Serialize)]
 struct TokenUsage<'a> {
     object: &'static str,
+    /// The key's stable integer id (new-api's token id).
+    token_id: u64,
     name: &'a str,
     /// The limit (0 when unlimited).
     total_granted: Pico,
@@ -118,6 +122,7 @@ fn answer(
             let n = live.numbers();
             let data = TokenUsage {
                 object: "token_usage",
+                token_id: ctx.store.key_id(&live.hash).map_err(super::store_error)?,
                 name: &rec.name,
                 total_granted: n.limit.unwrap_or(Pico::ZERO),
                 total_used: if n.limit.is_some() {
@@ -135,7 +140,8 @@ fn answer(
         }
         UsageCall::Report(view) => {
             let report = reports::key_report(ctx, &live.hash, view, query, now, Viewer::Key)?;
-            ok(&report)
+            let token_id = ctx.store.key_id(&live.hash).map_err(super::store_error)?;
+            ok(&super::compat::newapi::quota_report(ctx, &report, token_id))
         }
     }
 }
@@ -144,6 +150,7 @@ fn ok<T: Serialize>(data: &T) -> Result<Response<crate::Body>, ApiError> {
     json(
         StatusCode::OK,
         &Envelope {
+            success: true,
             code: true,
             message: "ok",
             data,

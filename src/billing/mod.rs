@@ -9,13 +9,20 @@
 //! overspend the account. Settlement moves the charge from reserved to
 //! spent (allowance first, then balance); the store thread applies the
 //! same charge to the stored account in the batch of the usage record.
+//!
+//! [`subscriptions`]: plans subscribed to by accounts, their periods,
+//! grants and lapses, and the lifecycle the sweeper drives.
 
-use std::sync::Arc;
+pub mod subscriptions;
+
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
+use crate::config::PlanConfig;
 use crate::error::ApiError;
 use crate::money::Pico;
 use crate::store::{AccountRecord, AccountStatus, Store};
@@ -42,7 +49,29 @@ pub struct LiveAccount {
     unlimited: AtomicBool,
     /// `AccountStatus` as 0 active, 1 suspended, 2 closed.
     status: AtomicU8,
+    /// `SUB_NONE` (prepaid only), `SUB_LIVE` or `SUB_ENDED` (keys get 402):
+    /// one load per admission.
+    sub_state: AtomicU8,
+    /// Which plan template is in force (0: none); a key whose policy was
+    /// compiled for another version recompiles it (`Gate::admit`).
+    plan_version: AtomicU64,
+    /// The live subscription's plan (name, template), read only when
+    /// `plan_version` changed.
+    plan: RwLock<Option<PlanTemplate>>,
 }
+
+/// A live subscription's plan: its name and its key template.
+pub type PlanTemplate = (Arc<str>, Arc<PlanConfig>);
+
+/// `LiveAccount::sub_state`: the account never had a subscription.
+const SUB_NONE: u8 = 0;
+/// Its latest subscription is live.
+const SUB_LIVE: u8 = 1;
+/// Its latest subscription ended: its keys are refused.
+const SUB_ENDED: u8 = 2;
+
+/// Source of `plan_version`s, unique across accounts.
+static PLAN_VERSIONS: AtomicU64 = AtomicU64::new(1);
 
 /// A snapshot of an account's money.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,6 +112,9 @@ impl LiveAccount {
             period: AtomicI64::new(month.max(a.period)),
             unlimited: AtomicBool::new(a.unlimited),
             status: AtomicU8::new(status_code(a.status)),
+            sub_state: AtomicU8::new(SUB_NONE),
+            plan_version: AtomicU64::new(0),
+            plan: RwLock::new(None),
         }
     }
 
@@ -99,6 +131,85 @@ impl LiveAccount {
                 "The account of this key is closed.",
             )),
         }
+    }
+
+    /// Refuses the account's keys once its subscription ended (402).
+    pub fn check_subscription(&self) -> Result<(), ApiError> {
+        if self.sub_state.load(Ordering::Acquire) == SUB_ENDED {
+            return Err(ApiError::insufficient_quota(
+                "subscription_inactive",
+                "The subscription of this key's account has ended; renew it to use this key.",
+                "subscription",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The plan template in force and its version (0 and `None`: none).
+    pub fn plan_version(&self) -> u64 {
+        self.plan_version.load(Ordering::Acquire)
+    }
+
+    /// The plan template in force with its version, read together.
+    pub fn plan(&self) -> (u64, Option<PlanTemplate>) {
+        let slot = self.plan.read().unwrap_or_else(|e| e.into_inner());
+        (self.plan_version.load(Ordering::Acquire), slot.clone())
+    }
+
+    /// Applies the account's subscription link: whether keys are refused,
+    /// and which plan template they get.
+    pub fn set_subscription(
+        &self,
+        link: Option<&crate::store::SubscriptionLink>,
+        plans: &BTreeMap<String, Arc<PlanConfig>>,
+    ) {
+        let (state, plan) = match link {
+            None => (SUB_NONE, None),
+            Some(l) if l.status.is_live() => (
+                SUB_LIVE,
+                plans
+                    .get(&l.plan)
+                    .map(|p| (Arc::<str>::from(l.plan.as_str()), p.clone())),
+            ),
+            Some(_) => (SUB_ENDED, None),
+        };
+        let mut slot = self.plan.write().unwrap_or_else(|e| e.into_inner());
+        let same = match (&*slot, &plan) {
+            (None, None) => true,
+            (Some((a, _)), Some((b, _))) => a == b,
+            _ => false,
+        };
+        if !same {
+            *slot = plan.clone();
+            let v = if plan.is_some() {
+                PLAN_VERSIONS.fetch_add(1, Ordering::AcqRel)
+            } else {
+                0
+            };
+            self.plan_version.store(v, Ordering::Release);
+        }
+        drop(slot);
+        self.sub_state.store(state, Ordering::Release);
+    }
+
+    /// A grant the store applied: allowance and headroom go up.
+    pub fn granted(&self, amount: i64) {
+        self.allowance.fetch_add(amount, Ordering::AcqRel);
+        self.headroom.fetch_add(amount, Ordering::AcqRel);
+    }
+
+    /// A lapse the store applied (its amount from the committed account).
+    /// Charges settled here but not yet committed there may leave the live
+    /// allowance below zero: that part is moved to the balance, which is
+    /// where the store charges those records when they arrive.
+    pub fn lapsed(&self, amount: i64) {
+        let before = self.allowance.fetch_sub(amount, Ordering::AcqRel);
+        let after = before - amount;
+        if after < 0 {
+            self.allowance.fetch_add(-after, Ordering::AcqRel);
+            self.balance.fetch_add(after, Ordering::AcqRel);
+        }
+        self.headroom.fetch_sub(amount, Ordering::AcqRel);
     }
 
     /// Takes `amount` from the headroom if it fits (always, when
@@ -250,6 +361,9 @@ pub struct Wallets {
     /// Bumped (under the entry lock) by every admin change of an account:
     /// a load that read the store before it retries.
     generation: AtomicU64,
+    /// The configured plans, for the template of subscribed accounts' keys
+    /// (set once at start; empty until then).
+    plans: OnceLock<BTreeMap<String, Arc<PlanConfig>>>,
 }
 
 impl Wallets {
@@ -258,7 +372,24 @@ impl Wallets {
             map: DashMap::new(),
             store,
             generation: AtomicU64::new(0),
+            plans: OnceLock::new(),
         }
+    }
+
+    /// The configured plans (once, at start).
+    pub fn set_plans(&self, plans: &BTreeMap<String, PlanConfig>) {
+        let _ = self.plans.set(
+            plans
+                .iter()
+                .map(|(k, v)| (k.clone(), Arc::new(v.clone())))
+                .collect(),
+        );
+    }
+
+    /// The configured plans (empty before `set_plans`).
+    pub fn plans(&self) -> &BTreeMap<String, Arc<PlanConfig>> {
+        static NONE: BTreeMap<String, Arc<PlanConfig>> = BTreeMap::new();
+        self.plans.get().unwrap_or(&NONE)
     }
 
     /// The wallet of `owner`'s account, loading it on first use.
@@ -278,7 +409,11 @@ impl Wallets {
                     if self.generation.load(Ordering::Acquire) != generation {
                         continue;
                     }
-                    let live = read.map(|a| Arc::new(LiveAccount::new(&a, now_ms)));
+                    let live = read.map(|a| {
+                        let live = LiveAccount::new(&a, now_ms);
+                        live.set_subscription(a.subscription.as_ref(), self.plans());
+                        Arc::new(live)
+                    });
                     v.insert(live.clone());
                     return Ok(live);
                 }

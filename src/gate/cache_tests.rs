@@ -78,6 +78,7 @@ fn record(n: u32, now: i64) -> (KeyRecord, Account) {
         daily_fee: None,
         metadata: None,
         imported: false,
+        low_balance_alert: None,
     };
     let acct = Account {
         limit: Some(Pico(1_000_000)),

@@ -19,6 +19,7 @@
 //! - [`filter`]: which key hashes exist, so unknown keys cost no store read.
 
 mod filter;
+mod mode;
 mod reservation;
 
 pub use filter::KeyFilter;
@@ -27,7 +28,7 @@ use reservation::{minute_of, pack_window, unpack_window};
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -106,6 +107,9 @@ pub struct Gate {
     unknown_keys: IpLimiter,
     /// Accounts' wallets, which keys with an account's `owner` spend from.
     wallets: crate::billing::Wallets,
+    /// `billing.mode` (0 enforce, 1 observe, 2 off): read per request by
+    /// [`Gate::reserve`], settable on a reload.
+    billing_mode: std::sync::atomic::AtomicU8,
 }
 
 /// One key's state while it is in memory.
@@ -146,6 +150,9 @@ pub struct LiveKey {
     last_record_seq: AtomicU64,
     /// Serializes device binding (rare: once per new device).
     device_lock: Mutex<()>,
+    /// `key.expired` was handed to the store (which keeps it to once per
+    /// expiry across restarts): later refusals do not queue it again.
+    expiry_announced: AtomicBool,
 }
 
 /// A key's policy, compiled for fast checks.
@@ -159,6 +166,11 @@ pub struct Policy {
     /// the policies compiled after this one with the same rpm, so that an
     /// update or a device binding does not give the key a fresh minute.
     rpm: Option<Arc<RpmLimiter>>,
+    /// The key's own record when `record` has a subscription plan's
+    /// template over it (`None`: `record` is the key's own).
+    base: Option<Box<KeyRecord>>,
+    /// `LiveAccount::plan_version` this policy was compiled for (0: none).
+    plan_version: u64,
 }
 
 impl Policy {
@@ -201,7 +213,15 @@ impl Policy {
             models,
             ips,
             rpm,
+            base: None,
+            plan_version: 0,
         }
+    }
+
+    /// The key's own record, without a subscription plan's template over
+    /// it: what the admin API shows and edits.
+    pub fn own_record(&self) -> &KeyRecord {
+        self.base.as_deref().unwrap_or(&self.record)
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
@@ -389,6 +409,7 @@ impl LiveKey {
             last_used_ms: AtomicI64::new(now_ms),
             last_record_seq: AtomicU64::new(0),
             device_lock: Mutex::new(()),
+            expiry_announced: AtomicBool::new(false),
             policy: RwLock::new(Arc::new(Policy::compile(record))),
         }
     }
@@ -574,6 +595,7 @@ impl Gate {
             generations: std::array::from_fn(|_| AtomicU64::new(0)),
             store_reads: AtomicU64::new(0),
             unknown_keys: RateLimiter::keyed(per_min(unknown_key_per_minute)),
+            billing_mode: std::sync::atomic::AtomicU8::new(0),
         }
     }
 
@@ -730,7 +752,7 @@ impl Gate {
     /// Step 2: the key's status and policy. Binds a new device when the key
     /// still has room for one.
     pub fn admit(&self, key: &LiveKey, ask: &Ask<'_>) -> Result<Arc<Policy>, ApiError> {
-        let policy = key.policy();
+        let policy = self.with_plan(key, key.policy(), ask.now_ms)?;
         let rec = &policy.record;
         let now = ask.now_ms;
         if rec.disabled {
@@ -742,6 +764,9 @@ impl Gate {
         if let Some(exp) = rec.expires_at
             && now >= exp
         {
+            if !key.expiry_announced.swap(true, Ordering::Relaxed) {
+                self.store.key_expired(key.hash, now);
+            }
             return Err(ApiError::permission(
                 "key_expired",
                 "This API key has expired.",
@@ -779,6 +804,50 @@ impl Gate {
         Ok(policy)
     }
 
+    /// For a key whose account has a subscription: refuses it once the
+    /// subscription ended (402), and gives it the live plan's key template
+    /// (`billing::subscriptions::template_over`), recompiled only when the
+    /// account's plan version changed. Other keys: one map read.
+    fn with_plan(
+        &self,
+        key: &LiveKey,
+        policy: Arc<Policy>,
+        now: i64,
+    ) -> Result<Arc<Policy>, ApiError> {
+        let Some(owner) = policy.record.owner.as_deref() else {
+            return Ok(policy);
+        };
+        let Some(account) = self.wallets.of(owner, now)? else {
+            return Ok(policy);
+        };
+        account.check_subscription()?;
+        if account.plan_version() == policy.plan_version {
+            return Ok(policy);
+        }
+        // Rare (once per key per plan change): under the device lock, so
+        // a binding or an update does not race the recompile.
+        let _guard = key.device_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = key.policy();
+        let (version, plan) = account.plan();
+        if cur.plan_version == version {
+            return Ok(cur);
+        }
+        let base = cur
+            .base
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| cur.record.clone());
+        let mut record = base.clone();
+        if let Some((name, plan)) = &plan {
+            crate::billing::subscriptions::template_over(&mut record, name, plan);
+        }
+        let mut next = Policy::compile_after(record, &cur);
+        next.base = plan.is_some().then(|| Box::new(base));
+        next.plan_version = version;
+        key.set_policy(next);
+        Ok(key.policy())
+    }
+
     fn bind_device(&self, key: &LiveKey, device: &str, max: u32) -> Result<Arc<Policy>, ApiError> {
         if device.is_empty() || device.len() > 128 || !device.bytes().all(|b| b.is_ascii_graphic())
         {
@@ -801,7 +870,15 @@ impl Gate {
         let mut record = policy.record.clone();
         record.devices.push(device.to_owned());
         self.store.bind_device(record.hash, device.to_owned());
-        key.set_policy(Policy::compile_after(record, &policy));
+        let mut next = Policy::compile_after(record, &policy);
+        // A plan template over the key stays, with the device in its base.
+        next.plan_version = policy.plan_version;
+        next.base = policy.base.as_ref().map(|b| {
+            let mut b = b.clone();
+            b.devices.push(device.to_owned());
+            b
+        });
+        key.set_policy(next);
         Ok(key.policy())
     }
 
@@ -890,7 +967,9 @@ impl Gate {
     /// against the tpm window. The key's first request of a UTC day holds
     /// the daily fee in the same commit: no reservation, no fee. A refusal
     /// drops nothing itself: the caller's `Permit` gives the count back.
-    pub fn reserve(
+    /// This is [`Gate::reserve`] under `billing.mode = "enforce"` (see
+    /// `mode.rs` for the others).
+    fn reserve_enforced(
         &self,
         key: &Arc<LiveKey>,
         policy: &Policy,
@@ -955,6 +1034,7 @@ impl Gate {
             minute: 0,
             settled: false,
             account: None,
+            unmetered: false,
         };
         if fee > Pico::ZERO {
             match key
@@ -1166,6 +1246,7 @@ impl Gate {
             minute: 0,
             settled: false,
             account: None,
+            unmetered: false,
         })
     }
 
@@ -1254,8 +1335,9 @@ pub fn limiter_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The key a request presents: `Authorization: Bearer`, `x-api-key` or
-/// `api-key`. `Ok(None)` when there is none; an error for a malformed one.
+/// The key a request presents: `Authorization: Bearer`, `x-api-key`,
+/// `api-key` or `x-license-key` (a licence client's header, seed 002).
+/// `Ok(None)` when there is none; an error for a malformed one.
 pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     if let Some(v) = headers.get(http::header::AUTHORIZATION) {
         let v = v.to_str().map_err(|_| {
@@ -1268,7 +1350,7 @@ pub fn key_from_headers(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
             .trim();
         return valid_key_text(token).map(Some);
     }
-    for name in ["x-api-key", "api-key"] {
+    for name in ["x-api-key", "api-key", "x-license-key"] {
         if let Some(v) = headers.get(name) {
             let v = v
                 .to_str()

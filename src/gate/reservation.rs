@@ -102,6 +102,9 @@ pub struct Reservation {
     /// What the key's account holds for the same request (accounts: see
     /// `crate::billing`); settled and released with the key's part.
     pub(super) account: Option<crate::billing::AccountHold>,
+    /// `billing.mode = "off"`: settles nothing (the request is counted,
+    /// never charged).
+    pub(super) unmetered: bool,
 }
 
 impl Reservation {
@@ -119,7 +122,11 @@ impl Reservation {
     /// returned amount). Takes `self`: it runs once.
     pub fn settle(mut self, cost: Pico, tokens: u64) -> Pico {
         self.settled = true;
-        let charge = Pico(cost.0.max(0));
+        let charge = if self.unmetered {
+            Pico::ZERO
+        } else {
+            Pico(cost.0.max(0))
+        };
         let fee = self.daily_fee.map(|f| f.0).unwrap_or(0);
         let k = &self.key;
         // committed = period_spent + reserved: move `charge` and the fee
@@ -190,6 +197,7 @@ mod tests {
             input: Pico::parse_usd("1").unwrap(),
             cached_input: None,
             cache_write: None,
+            cache_write_1h: None,
             output: Pico::parse_usd("2").unwrap(),
             request: Pico::ZERO,
         };

@@ -33,7 +33,7 @@ pub use request::{
     ESTIMATE_IMAGE_TOKENS, ESTIMATE_PART_TOKENS, ESTIMATE_REQUEST_TOKENS, IMAGE_TOKEN_BOUND,
     PART_OVERHEAD_TOKENS, REQUEST_OVERHEAD_TOKENS, RequestInfo, inspect,
 };
-pub use rewrite::{Rewrite, rewrite};
+pub use rewrite::{Rewrite, rename_roles, rewrite};
 pub use route::{Canonical, Endpoint, classify};
 pub use scan::{Framing, Meter};
 pub use usage::Usage;

@@ -14,6 +14,10 @@ pub struct Price {
     /// USD per 1M prompt tokens written to the cache (Anthropic's
     /// `cache_creation_input_tokens`); `None` is `input`.
     pub cache_write: Option<Pico>,
+    /// USD per 1M prompt tokens written to the cache with Anthropic's
+    /// 1-hour TTL (`cache_creation.ephemeral_1h_input_tokens`); `None` is
+    /// `cache_write`.
+    pub cache_write_1h: Option<Pico>,
     /// USD per 1M completion tokens, reasoning included.
     pub output: Pico,
     /// USD per request, whatever its tokens.
@@ -23,21 +27,33 @@ pub struct Price {
 impl Price {
     /// Exact cost of `u`: each part rounded up to the next picoUSD (input on
     /// uncached prompt tokens, cached input on cached ones, cache write on
-    /// cache-written ones, output on completion tokens, reasoning included),
-    /// plus the request price. Without a `cache_write` price, cache-written
-    /// tokens are input tokens. Saturating.
+    /// 5-minute cache writes, cache write 1h on 1-hour ones, output on
+    /// completion tokens, reasoning included), plus the request price.
+    /// Without a `cache_write` price, 5-minute writes are input tokens;
+    /// without a `cache_write_1h` price, 1-hour writes are priced as
+    /// 5-minute ones. Saturating.
     pub fn cost(&self, u: &Usage) -> Pico {
         let cached = u.cached_tokens.min(u.prompt_tokens);
-        let written = match self.cache_write {
-            Some(_) => u.cache_write_tokens.min(u.prompt_tokens - cached),
+        let written = u.cache_write_tokens.min(u.prompt_tokens - cached);
+        let written_1h = u.cache_write_1h_tokens.min(written);
+        let price_1h = self.cache_write_1h.or(self.cache_write);
+        // A part without its own price stays in the input part, so that
+        // its rounding is the input's.
+        let priced_5m = match self.cache_write {
+            Some(_) => written - written_1h,
             None => 0,
         };
-        let uncached = u.prompt_tokens - cached - written;
+        let priced_1h = match price_1h {
+            Some(_) => written_1h,
+            None => 0,
+        };
+        let uncached = u.prompt_tokens - cached - priced_5m - priced_1h;
         Pico::per_million(self.input, uncached)
             .saturating_add(Pico::per_million(
                 self.cache_write.unwrap_or(self.input),
-                written,
+                priced_5m,
             ))
+            .saturating_add(Pico::per_million(price_1h.unwrap_or(self.input), priced_1h))
             .saturating_add(Pico::per_million(
                 self.cached_input.unwrap_or(self.input),
                 cached,
@@ -50,17 +66,19 @@ impl Price {
     /// `completion_tokens`: `cost(u) ≤ upper_bound(p, c)` for every `u` with
     /// `prompt ≤ p` and `completion ≤ c`.
     ///
-    /// The prompt is priced at the largest of input, cached input and cache
-    /// write (no discount assumed), plus 1 picoUSD per extra part the prompt
-    /// is split into: each part rounds up, and `⌈a⌉ + ⌈b⌉ ≤ ⌈a + b⌉ + 1`.
-    /// Without a `cache_write` price there are two parts (uncached,
-    /// cached), with one three, and never more parts than tokens.
+    /// The prompt is priced at the largest of input, cached input and the
+    /// cache writes (no discount assumed), plus 1 picoUSD per extra part the
+    /// prompt is split into: each part rounds up, and
+    /// `⌈a⌉ + ⌈b⌉ ≤ ⌈a + b⌉ + 1`. Two parts (uncached, cached), one more for
+    /// each cache-write price, and never more parts than tokens.
     pub fn upper_bound(&self, prompt_tokens: u64, completion_tokens: u64) -> Pico {
         let prompt_price = self
             .input
             .max(self.cached_input.unwrap_or(self.input))
-            .max(self.cache_write.unwrap_or(self.input));
-        let parts: u64 = if self.cache_write.is_some() { 3 } else { 2 };
+            .max(self.cache_write.unwrap_or(self.input))
+            .max(self.cache_write_1h.unwrap_or(self.input));
+        let parts: u64 =
+            2 + u64::from(self.cache_write.is_some()) + u64::from(self.cache_write_1h.is_some());
         let split_rounding = if prompt_price > Pico::ZERO {
             Pico(parts.min(prompt_tokens).saturating_sub(1) as i64)
         } else {
@@ -100,6 +118,7 @@ mod tests {
             input: p(input),
             cached_input: cached.map(p),
             cache_write: None,
+            cache_write_1h: None,
             output: p(output),
             request: p(request),
         }
@@ -112,6 +131,7 @@ mod tests {
             prompt_tokens: 1000,
             cached_tokens: 200,
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             completion_tokens: 500,
             reasoning_tokens: 100,
         };
@@ -130,6 +150,7 @@ mod tests {
             prompt_tokens: 10,
             cached_tokens: 99,
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             ..Usage::default()
         };
         assert_eq!(pr.cost(&u), Pico(10_000_000 + 10_000_000_000));
@@ -159,6 +180,7 @@ mod tests {
                                 prompt_tokens: prompt,
                                 cached_tokens: cached,
                                 cache_write_tokens: 0,
+                                cache_write_1h_tokens: 0,
                                 completion_tokens: c,
                                 reasoning_tokens: 0,
                             };
@@ -220,6 +242,7 @@ mod tests {
             prompt_tokens: 25 + 100 + 2000,
             cached_tokens: 2000,
             cache_write_tokens: 100,
+            cache_write_1h_tokens: 0,
             completion_tokens: 15,
             reasoning_tokens: 0,
         };
@@ -250,9 +273,72 @@ mod tests {
                             prompt_tokens: p,
                             cached_tokens: cached,
                             cache_write_tokens: written,
+                            cache_write_1h_tokens: 0,
                             ..Usage::default()
                         };
                         assert!(pr.cost(&u) <= bound, "{pr:?} {u:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_hour_cache_writes_have_their_own_price() {
+        let p = |s: &str| Pico::parse_usd(s).unwrap();
+        let pr = Price {
+            input: p("3"),
+            cached_input: Some(p("0.30")),
+            cache_write: Some(p("3.75")),
+            cache_write_1h: Some(p("6")),
+            output: p("15"),
+            request: Pico::ZERO,
+        };
+        let u = Usage {
+            prompt_tokens: 20 + 100 + 1000,
+            cached_tokens: 1000,
+            cache_write_tokens: 100,
+            cache_write_1h_tokens: 40,
+            completion_tokens: 8,
+            reasoning_tokens: 0,
+        };
+        assert_eq!(
+            pr.cost(&u),
+            Pico(
+                20 * 3_000_000 + 60 * 3_750_000 + 40 * 6_000_000 + 1000 * 300_000 + 8 * 15_000_000
+            )
+        );
+        // Without a 1-hour price, 1-hour writes are 5-minute writes.
+        let five = Price {
+            cache_write_1h: None,
+            ..pr
+        };
+        assert_eq!(
+            five.cost(&u),
+            Pico(20 * 3_000_000 + 100 * 3_750_000 + 1000 * 300_000 + 8 * 15_000_000)
+        );
+        // The bound covers every split into four parts.
+        let tiny = Price {
+            input: p("0.000003"),
+            cached_input: Some(p("0.000001")),
+            cache_write: Some(p("0.0000037")),
+            cache_write_1h: Some(p("0.0000061")),
+            output: Pico::ZERO,
+            request: Pico::ZERO,
+        };
+        for n in 0..9u64 {
+            let bound = tiny.upper_bound(n, 0);
+            for cached in 0..=n {
+                for written in 0..=n - cached {
+                    for w1h in 0..=written {
+                        let u = Usage {
+                            prompt_tokens: n,
+                            cached_tokens: cached,
+                            cache_write_tokens: written,
+                            cache_write_1h_tokens: w1h,
+                            ..Usage::default()
+                        };
+                        assert!(tiny.cost(&u) <= bound, "{u:?}");
                     }
                 }
             }

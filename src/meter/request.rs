@@ -72,6 +72,11 @@ pub struct RequestInfo {
     /// (duplicates dropped): each must pass the allowlist, and the
     /// reservation prices the most expensive. Empty when `model` is absent.
     pub models: Vec<String>,
+    /// Anthropic's `thinking.budget_tokens` when thinking is enabled: it
+    /// counts within `max_tokens`, so the reservation bound stays
+    /// `max_tokens`, but a `max_tokens` lowered (by `cap` or the model's
+    /// bound) to the budget or below would be refused by the upstream.
+    pub thinking_budget: Option<u64>,
 }
 
 impl RequestInfo {
@@ -136,6 +141,8 @@ enum TopKey {
     Instructions,
     /// Anthropic's `system`: text or text blocks.
     System,
+    /// Anthropic's extended thinking (`budget_tokens`).
+    Thinking,
     /// `n` / `best_of`: answers per request.
     N,
     BestOf,
@@ -174,6 +181,7 @@ impl TopKey {
             TopKey::Input => "input",
             TopKey::Instructions => "instructions",
             TopKey::System => "system",
+            TopKey::Thinking => "thinking",
             TopKey::N => "n",
             TopKey::BestOf => "best_of",
             TopKey::StoredContext(name) | TopKey::Unbounded(name) => name,
@@ -211,7 +219,7 @@ impl<'de> Deserialize<'de> for TopKey {
                     "container" => TopKey::Unbounded("container"),
                     // Anthropic's extended thinking: its budget counts
                     // within `max_tokens`, so it adds nothing to the bound.
-                    "thinking" => TopKey::Setting,
+                    "thinking" => TopKey::Thinking,
                     "n" => TopKey::N,
                     "best_of" => TopKey::BestOf,
                     "previous_response_id" => TopKey::StoredContext("previous_response_id"),
@@ -277,6 +285,8 @@ pub(super) struct RequestFields<'a> {
     input: Option<&'a RawValue>,
     instructions: Option<&'a RawValue>,
     system: Option<&'a RawValue>,
+    /// Anthropic's `thinking` object.
+    thinking: Option<&'a RawValue>,
     n: Option<&'a RawValue>,
     best_of: Option<&'a RawValue>,
     /// The first stored-context reference met, if any (see `TopKey`).
@@ -325,6 +335,7 @@ impl<'de> Deserialize<'de> for RequestFields<'de> {
                         TopKey::Input => &mut f.input,
                         TopKey::Instructions => &mut f.instructions,
                         TopKey::System => &mut f.system,
+                        TopKey::Thinking => &mut f.thinking,
                         TopKey::N => &mut f.n,
                         TopKey::BestOf => &mut f.best_of,
                         TopKey::Models => &mut f.models,
@@ -800,6 +811,9 @@ pub(super) fn analyze(
         },
         _ => None,
     };
+    if endpoint == Endpoint::Messages {
+        info.thinking_budget = thinking_budget(f.thinking)?;
+    }
     let n = typed::<u64>(f.n, "n", uint)?.unwrap_or(1);
     let best_of = typed::<u64>(f.best_of, "best_of", uint)?.unwrap_or(1);
     for (name, v) in [("n", n), ("best_of", best_of)] {
@@ -900,6 +914,30 @@ pub(super) fn analyze(
     info.prompt_parts = m.parts.saturating_add(f.other_fields);
     info.images = m.images;
     Ok((info, f))
+}
+
+/// `thinking: {"type":"enabled","budget_tokens":N}`: the budget, when
+/// thinking is enabled (`disabled` or absent is `None`).
+fn thinking_budget(raw: Option<&RawValue>) -> Result<Option<u64>, ApiError> {
+    let Some(raw) = raw.filter(|r| !is_null(r)) else {
+        return Ok(None);
+    };
+    #[derive(Deserialize)]
+    struct Thinking<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: Option<&'a RawValue>,
+        budget_tokens: Option<u64>,
+    }
+    let expected = "an object with `type` and an integer `budget_tokens`";
+    if first_byte(raw) != b'{' {
+        return Err(invalid_type("thinking", expected));
+    }
+    let t: Thinking =
+        serde_json::from_str(raw.get()).map_err(|_| invalid_type("thinking", expected))?;
+    match t.kind.and_then(decoded).as_deref() {
+        Some("enabled") => Ok(Some(t.budget_tokens.unwrap_or(0))),
+        _ => Ok(None),
+    }
 }
 
 /// The primary model then the `models` fallback list, without duplicates.
@@ -1382,6 +1420,7 @@ mod tests {
         assert_eq!(i.model.as_deref(), Some("claude-sonnet-4-5"));
         assert!(i.stream && i.include_usage);
         assert_eq!(i.max_tokens, Some(1024));
+        assert_eq!(i.thinking_budget, Some(512));
         assert_eq!(i.images, 2);
         // Text: "Be brief." 9, "hi" 2, "ok" 2, plus the raw extras.
         assert!(i.prompt_bytes > 13, "{}", i.prompt_bytes);
@@ -1410,6 +1449,14 @@ mod tests {
             ),
             (
                 r#"{"model":"c","max_tokens":-5,"messages":[]}"#,
+                "invalid_type",
+            ),
+            (
+                r#"{"model":"c","max_tokens":5,"messages":[],"thinking":{"type":"enabled","budget_tokens":"9"}}"#,
+                "invalid_type",
+            ),
+            (
+                r#"{"model":"c","max_tokens":5,"messages":[],"thinking":true}"#,
                 "invalid_type",
             ),
             (

@@ -166,6 +166,11 @@ pub fn rewrite(endpoint: Endpoint, body: &Bytes, rw: &Rewrite) -> Result<Bytes, 
             text,
         });
     }
+    splice(body, edits)
+}
+
+/// The body with the edits applied (the same `Bytes` when there are none).
+fn splice(body: &Bytes, mut edits: Vec<Edit>) -> Result<Bytes, ApiError> {
     if edits.is_empty() {
         return Ok(body.clone());
     }
@@ -183,6 +188,47 @@ pub fn rewrite(endpoint: Endpoint, body: &Bytes, rw: &Rewrite) -> Result<Bytes, 
     }
     out.extend_from_slice(&body[at..]);
     Ok(Bytes::from(out))
+}
+
+/// A chat body with its messages' roles renamed by `map` (an upstream's
+/// `role_map`: `model` → `assistant` for a Space that speaks OpenAI's roles
+/// to Gemini's clients). Only the role values change, in place; a body
+/// without messages, or none to rename, is the same `Bytes`.
+pub fn rename_roles(body: &Bytes, map: &[(String, String)]) -> Result<Bytes, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Role<'a> {
+        #[serde(borrow)]
+        role: Option<&'a RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Messages<'a> {
+        #[serde(borrow)]
+        messages: Option<Vec<Role<'a>>>,
+    }
+    if map.is_empty() {
+        return Ok(body.clone());
+    }
+    // The body was inspected already: one that does not parse here has no
+    // messages to rename.
+    let Ok(Messages {
+        messages: Some(messages),
+    }) = serde_json::from_slice::<Messages>(body)
+    else {
+        return Ok(body.clone());
+    };
+    let mut edits = Vec::new();
+    for raw in messages.iter().filter_map(|m| m.role) {
+        let Ok(role) = serde_json::from_str::<std::borrow::Cow<'_, str>>(raw.get()) else {
+            continue;
+        };
+        if let Some((_, to)) = map.iter().find(|(from, _)| *from == role) {
+            let (start, end) = span(body, raw)?;
+            let text = serde_json::to_string(to)
+                .map_err(|e| ApiError::internal(format!("rewrite: {e}")))?;
+            edits.push(Edit { start, end, text });
+        }
+    }
+    splice(body, edits)
 }
 
 #[cfg(test)]
@@ -292,5 +338,25 @@ mod tests {
             ),
             r#"{"model":"c","max_tokens":64,"messages":[],"stream":true}"#
         );
+    }
+}
+
+#[cfg(test)]
+mod role_tests {
+    use super::*;
+
+    #[test]
+    fn renames_only_mapped_roles_in_place() {
+        let map = vec![("model".to_owned(), "assistant".to_owned())];
+        let body = Bytes::from_static(
+            br#"{"model":"gemini-x","messages":[{"role":"user","content":"model"},{"content":"hi", "role" : "model"}],"n":1.10}"#,
+        );
+        let out = rename_roles(&body, &map).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"gemini-x","messages":[{"role":"user","content":"model"},{"content":"hi", "role" : "assistant"}],"n":1.10}"#
+        );
+        let plain = Bytes::from_static(br#"{"messages":[{"role":"user"}]}"#);
+        assert_eq!(rename_roles(&plain, &map).unwrap().as_ptr(), plain.as_ptr());
     }
 }

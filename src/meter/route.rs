@@ -81,6 +81,12 @@ impl Endpoint {
         )
     }
 
+    /// Anthropic's API: its errors are in Anthropic's shape, its upstream
+    /// request carries `anthropic-version`.
+    pub fn speaks_anthropic(self) -> bool {
+        matches!(self, Endpoint::Messages | Endpoint::CountTokens)
+    }
+
     /// APIs that generate completion tokens (a `max_tokens` bound applies).
     pub fn produces_tokens(self) -> bool {
         matches!(

@@ -8,7 +8,7 @@ use memchr::memmem::{Finder, FinderRev};
 use serde::Deserialize;
 
 use super::Endpoint;
-use super::usage::{RawUsage, Usage, parse_event};
+use super::usage::{RawUsage, Usage, parse_anthropic_event, parse_event};
 
 /// Which framing an upstream answer uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,6 +256,12 @@ pub struct Meter {
     ends: Vec<(usize, bool)>,
     /// `finish` ran.
     finished: bool,
+    /// Anthropic: a `message_delta` reported the final, cumulative usage
+    /// (until then, `message_start`'s output count is only an opening one).
+    final_usage: bool,
+    /// Anthropic: an `error` event came mid-stream (`overloaded_error`):
+    /// the answer stopped short of its final usage.
+    errored: bool,
 }
 
 impl Meter {
@@ -282,6 +288,8 @@ impl Meter {
             event_usage_only: false,
             ends: Vec::new(),
             finished: false,
+            final_usage: false,
+            errored: false,
         }
     }
 
@@ -357,6 +365,18 @@ impl Meter {
             ) => self.bytes_seen / 4,
             (Framing::Json, _) => 0,
         }
+    }
+
+    /// Whether the reported usage is not the answer's final count: an
+    /// Anthropic stream that ended (cut, or with an `error` event) before
+    /// its `message_delta` usage, or after an `error` event. Its input and
+    /// cache tokens are known from `message_start`, its output only from
+    /// what was delivered: the settlement charges that, marked estimated.
+    pub fn usage_incomplete(&self) -> bool {
+        self.endpoint == Endpoint::Messages
+            && self.framing == Framing::Sse
+            && self.usage.is_some()
+            && (self.errored || !self.final_usage)
     }
 
     /// Bytes the upstream sent so far.
@@ -471,6 +491,11 @@ impl Meter {
             return Line::Other;
         }
         let Some(payload) = line.strip_prefix(b"data:") else {
+            if self.endpoint == Endpoint::Messages
+                && line.strip_prefix(b"event:").map(skip_ws) == Some(b"error")
+            {
+                self.errored = true;
+            }
             return Line::Other;
         };
         let payload = payload.strip_prefix(b" ").unwrap_or(payload);
@@ -480,6 +505,18 @@ impl Meter {
         }
         if carries_content(self.endpoint, payload) {
             self.content_events += 1;
+        }
+        if self.endpoint == Endpoint::Messages {
+            if payload.starts_with(br#"{"type":"error""#) {
+                self.errored = true;
+            }
+            if may_carry_usage(payload)
+                && let Some((usage, last)) = parse_anthropic_event(self.usage, payload)
+            {
+                self.usage = Some(usage);
+                self.final_usage |= last;
+            }
+            return Line::Other;
         }
         if may_carry_usage(payload) {
             if let Some((usage, usage_only)) = parse_event(self.endpoint, self.usage, payload) {
@@ -573,6 +610,7 @@ mod tests {
         prompt_tokens: 19,
         cached_tokens: 3,
         cache_write_tokens: 0,
+        cache_write_1h_tokens: 0,
         completion_tokens: 10,
         reasoning_tokens: 2,
     };
@@ -792,6 +830,7 @@ data: {\"type\":\"response.completed\",\"sequence_number\":3,\"response\":{\"id\
             prompt_tokens: 37,
             cached_tokens: 37,
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             completion_tokens: 11,
             reasoning_tokens: 4,
         });
@@ -835,6 +874,7 @@ data: {\"type\":\"response.completed\",\"sequence_number\":3,\"response\":{\"id\
             prompt_tokens: 9,
             cached_tokens: 2,
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             completion_tokens: 12,
             reasoning_tokens: 3,
         });
@@ -1003,6 +1043,7 @@ data: {\"type\":\"message_stop\"}\n\n";
         prompt_tokens: 25 + 100 + 2000,
         cached_tokens: 2000,
         cache_write_tokens: 100,
+        cache_write_1h_tokens: 0,
         completion_tokens: 15,
         reasoning_tokens: 0,
     };
@@ -1040,6 +1081,52 @@ data: {\"type\":\"message_stop\"}\n\n";
                 ..MESSAGES_USAGE
             })
         );
+        assert!(m.usage_incomplete(), "no message_delta yet: not final");
+        let (_, m) = run(
+            Endpoint::Messages,
+            Framing::Sse,
+            false,
+            &[MESSAGES_STREAM.as_bytes()],
+        );
+        assert!(!m.usage_incomplete());
+        // An error event mid-stream: input and cache tokens as reported,
+        // the usage not final.
+        let errored = format!(
+            "{}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}}}\n\n",
+            &MESSAGES_STREAM[..MESSAGES_STREAM
+                .find("event: content_block_stop")
+                .unwrap_or(0)]
+        );
+        let (out, m) = run(
+            Endpoint::Messages,
+            Framing::Sse,
+            false,
+            &[errored.as_bytes()],
+        );
+        assert_eq!(
+            out,
+            errored.as_bytes(),
+            "the error event reaches the client"
+        );
+        assert!(m.usage_incomplete());
+        assert_eq!(m.usage().map(|u| u.cached_tokens), Some(2000));
+        assert_eq!(m.delivered_completion_estimate(), 2);
+        // The TTL split of cache writes.
+        let split = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"cache_creation_input_tokens\":10,\"cache_creation\":{\"ephemeral_5m_input_tokens\":4,\"ephemeral_1h_input_tokens\":6},\"output_tokens\":1}}}\n\n\
+                     data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":5}}\n\n";
+        let (_, m) = run(Endpoint::Messages, Framing::Sse, false, &[split.as_bytes()]);
+        assert_eq!(
+            m.usage(),
+            Some(Usage {
+                prompt_tokens: 13,
+                cached_tokens: 0,
+                cache_write_tokens: 10,
+                cache_write_1h_tokens: 6,
+                completion_tokens: 5,
+                reasoning_tokens: 0,
+            })
+        );
+        assert!(!m.usage_incomplete());
         // A message_delta that repeats input counts replaces them.
         let stream = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n\
                       data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":4,\"cache_read_input_tokens\":6,\"output_tokens\":9}}\n\n";
@@ -1055,6 +1142,7 @@ data: {\"type\":\"message_stop\"}\n\n";
                 prompt_tokens: 10,
                 cached_tokens: 6,
                 cache_write_tokens: 0,
+                cache_write_1h_tokens: 0,
                 completion_tokens: 9,
                 reasoning_tokens: 0,
             })

@@ -18,6 +18,10 @@ pub struct Usage {
     /// Prompt tokens written to the prompt cache, priced apart (Anthropic's
     /// `cache_creation_input_tokens`). `cached + cache_write ≤ prompt`.
     pub cache_write_tokens: u64,
+    /// Of the cache writes, those with Anthropic's 1-hour TTL
+    /// (`cache_creation.ephemeral_1h_input_tokens`), priced apart from the
+    /// 5-minute ones. `cache_write_1h ≤ cache_write`.
+    pub cache_write_1h_tokens: u64,
     pub completion_tokens: u64,
     pub reasoning_tokens: u64,
 }
@@ -63,6 +67,14 @@ struct RawDetails {
     reasoning_tokens: Option<Count>,
 }
 
+/// Anthropic's `cache_creation`: the cache writes split by TTL.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawCacheCreation {
+    ephemeral_5m_input_tokens: Option<Count>,
+    ephemeral_1h_input_tokens: Option<Count>,
+}
+
 /// The usage object in both of OpenAI's spellings.
 #[derive(Deserialize, Default)]
 #[serde(default)]
@@ -79,6 +91,8 @@ pub(super) struct RawUsage {
     cache_creation_input_tokens: Option<Count>,
     /// Anthropic: prompt tokens read from the cache (not in `input_tokens`).
     cache_read_input_tokens: Option<Count>,
+    /// Anthropic: the cache writes by TTL (5-minute and 1-hour).
+    cache_creation: Option<RawCacheCreation>,
 }
 
 impl RawUsage {
@@ -92,15 +106,31 @@ impl RawUsage {
             && self.output_tokens.is_none()
             && self.cache_creation_input_tokens.is_none()
             && self.cache_read_input_tokens.is_none()
+            && self.cache_creation.is_none()
         {
             return None;
         }
         let prev = prev.unwrap_or_default();
         let prev_input = prev.prompt_tokens - prev.cached_tokens - prev.cache_write_tokens;
         let input = self.input_tokens.map_or(prev_input, |c| c.0);
+        // The TTL split, when given: its parts sum to the writes when the
+        // total is absent.
+        let (split_5m, split_1h) = match &self.cache_creation {
+            Some(c) => (
+                c.ephemeral_5m_input_tokens.map(|c| c.0),
+                c.ephemeral_1h_input_tokens.map(|c| c.0),
+            ),
+            None => (None, None),
+        };
         let write = self
             .cache_creation_input_tokens
-            .map_or(prev.cache_write_tokens, |c| c.0);
+            .map(|c| c.0)
+            .or(match (split_5m, split_1h) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0).saturating_add(b.unwrap_or(0))),
+            })
+            .unwrap_or(prev.cache_write_tokens);
+        let write_1h = split_1h.unwrap_or(prev.cache_write_1h_tokens);
         let read = self
             .cache_read_input_tokens
             .map_or(prev.cached_tokens, |c| c.0);
@@ -109,17 +139,22 @@ impl RawUsage {
         // most the prompt.
         let prompt = input.saturating_add(write).saturating_add(read);
         let read = read.min(prompt);
+        let write = write.min(prompt - read);
         Some(Usage {
             prompt_tokens: prompt,
             cached_tokens: read,
-            cache_write_tokens: write.min(prompt - read),
+            cache_write_tokens: write,
+            cache_write_1h_tokens: write_1h.min(write),
             completion_tokens: output,
             reasoning_tokens: 0,
         })
     }
 
     pub(super) fn into_usage(self) -> Option<Usage> {
-        if self.cache_creation_input_tokens.is_some() || self.cache_read_input_tokens.is_some() {
+        if self.cache_creation_input_tokens.is_some()
+            || self.cache_read_input_tokens.is_some()
+            || self.cache_creation.is_some()
+        {
             return self.merge_anthropic(None);
         }
         let prompt = self.prompt_tokens.or(self.input_tokens);
@@ -149,6 +184,7 @@ impl RawUsage {
             prompt_tokens: prompt,
             cached_tokens: cached.min(prompt),
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
             completion_tokens: completion,
             reasoning_tokens: reasoning.min(completion),
         })
@@ -225,11 +261,10 @@ pub(super) fn parse_event(
     prev: Option<Usage>,
     payload: &[u8],
 ) -> Option<(Usage, bool)> {
-    let ev: UsageEvent = serde_json::from_slice(payload).ok()?;
     if endpoint == Endpoint::Messages {
-        let raw = ev.message.and_then(|m| m.usage).or(ev.usage)?;
-        return raw.merge_anthropic(prev).map(|u| (u, false));
+        return parse_anthropic_event(prev, payload).map(|(u, _)| (u, false));
     }
+    let ev: UsageEvent = serde_json::from_slice(payload).ok()?;
     let top = ev.usage.and_then(RawUsage::into_usage);
     let nested = ev
         .response
@@ -242,4 +277,17 @@ pub(super) fn parse_event(
     }?;
     let usage_only = top.is_some() && matches!(ev.choices, Some(ArrayLen(Some(0))));
     Some((usage, usage_only))
+}
+
+/// Usage in one Anthropic stream event, merged over `prev`, and whether it
+/// is the final count: a top-level `usage` (`message_delta`) carries the
+/// cumulative output, where `message_start`'s `message.usage` only opens it.
+pub(super) fn parse_anthropic_event(prev: Option<Usage>, payload: &[u8]) -> Option<(Usage, bool)> {
+    let ev: UsageEvent = serde_json::from_slice(payload).ok()?;
+    let (raw, last) = match (ev.message.and_then(|m| m.usage), ev.usage) {
+        (Some(start), _) => (start, false),
+        (None, Some(delta)) => (delta, true),
+        (None, None) => return None,
+    };
+    raw.merge_anthropic(prev).map(|u| (u, last))
 }

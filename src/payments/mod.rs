@@ -34,6 +34,9 @@ pub struct PaymentCtx<'a> {
     pub gate: &'a Gate,
     /// The time of the notification's receipt.
     pub now_ms: i64,
+    /// The subscription rules the Stripe subscription events drive (`None`:
+    /// those events are recorded as needing attention).
+    pub subscriptions: Option<crate::billing::subscriptions::Billing<'a>>,
 }
 
 /// A new payment id: `pay_` + 12 hex digits of the ms + 8 random hex
@@ -285,23 +288,53 @@ pub fn charge_refunded(cfg: &StripeConfig, event_id: &str, c: &Charge, now_ms: i
 /// issue's subscriptions land.
 const NO_SUBSCRIPTIONS: &str = "subscriptions not enabled";
 
+/// What a subscription event did: the subscription's id, or why it could
+/// not be applied.
+type SubscriptionDone = Result<String, String>;
+
+/// Records a subscription event's payment once per event id, after its
+/// subscription change was made. The change comes first and is idempotent
+/// on its own (a renewal on the event id, a start on the Stripe
+/// subscription id, a status that is already so), so a crash between the
+/// two, or a duplicate delivery, applies it once: the retry redoes a no-op
+/// and then records.
 async fn subscription_record(
     ctx: &PaymentCtx<'_>,
     event_id: &str,
     mut p: PaymentRecord,
+    done: SubscriptionDone,
+    applied_status: PaymentStatus,
 ) -> Result<PaymentOutcome, StoreError> {
     p.events.push(event_id.to_owned());
+    let p = match done {
+        Ok(sid) => {
+            p.status = applied_status;
+            p.reason = Some(format!("subscription {sid}"));
+            p
+        }
+        Err(why) => attention(p, why),
+    };
     ctx.apply(PaymentOp::Record {
         refs: vec![evt_ref(event_id)],
-        payment: Box::new(attention(p, NO_SUBSCRIPTIONS)),
+        payment: Box::new(p),
         credit: None,
     })
     .await
 }
 
+/// The Tollgate subscription whose `external_id` is Stripe's `sub_…`.
+fn by_external(
+    b: &crate::billing::subscriptions::Billing<'_>,
+    external: Option<&str>,
+) -> Result<crate::store::SubscriptionRecord, String> {
+    let ext = external.ok_or("the event names no subscription")?;
+    b.by_external_id(ext)
+        .map_err(|e| e.message.to_string())?
+        .ok_or_else(|| format!("no subscription with external_id {ext}"))
+}
+
 /// `checkout.session.completed`, `mode = subscription`, `metadata.plan`:
 /// starts a subscription with `external_id` = `s.subscription`.
-/// TODO(subscriptions): call `billing::subscriptions::subscribe` here.
 pub async fn checkout_subscription(
     ctx: &PaymentCtx<'_>,
     cfg: &StripeConfig,
@@ -320,12 +353,26 @@ pub async fn checkout_subscription(
         .amount_total
         .and_then(stripe::cents_to_pico)
         .unwrap_or(Pico::ZERO);
-    subscription_record(ctx, event_id, p).await
+    let done = match &ctx.subscriptions {
+        None => Err(NO_SUBSCRIPTIONS.to_owned()),
+        Some(b) => match (&p.account, s.metadata.get("plan"), s.subscription.as_deref()) {
+            (Some(account), Some(plan), Some(ext)) => match b.by_external_id(ext) {
+                Ok(Some(existing)) => Ok(existing.id),
+                Ok(None) => b
+                    .subscribe(account, plan, None, Some(ext.to_owned()))
+                    .await
+                    .map(|s| s.id)
+                    .map_err(|e| e.message.to_string()),
+                Err(e) => Err(e.message.to_string()),
+            },
+            _ => Err("metadata.account (or client_reference_id), metadata.plan and the subscription id are needed".to_owned()),
+        },
+    };
+    subscription_record(ctx, event_id, p, done, PaymentStatus::Succeeded).await
 }
 
 /// `invoice.paid`: renews the period of the subscription with
 /// `external_id` = `i.subscription_id()` (its grant).
-/// TODO(subscriptions): call `billing::subscriptions::renew` here.
 pub async fn invoice_paid(
     ctx: &PaymentCtx<'_>,
     event_id: &str,
@@ -337,11 +384,23 @@ pub async fn invoice_paid(
         .amount_paid
         .and_then(stripe::cents_to_pico)
         .unwrap_or(Pico::ZERO);
-    subscription_record(ctx, event_id, p).await
+    let done = match &ctx.subscriptions {
+        None => Err(NO_SUBSCRIPTIONS.to_owned()),
+        Some(b) => match by_external(b, i.subscription_id()) {
+            Ok(sub) => {
+                p.account = Some(sub.account.clone());
+                b.renew(&sub.id, &format!("stripe:{event_id}"))
+                    .await
+                    .map(|(s, _)| s.id)
+                    .map_err(|e| e.message.to_string())
+            }
+            Err(why) => Err(why),
+        },
+    };
+    subscription_record(ctx, event_id, p, done, PaymentStatus::Succeeded).await
 }
 
 /// `invoice.payment_failed`: the subscription becomes `past_due`.
-/// TODO(subscriptions): call `billing::subscriptions::mark_past_due` here.
 pub async fn invoice_payment_failed(
     ctx: &PaymentCtx<'_>,
     event_id: &str,
@@ -353,12 +412,24 @@ pub async fn invoice_payment_failed(
         .amount_due
         .and_then(stripe::cents_to_pico)
         .unwrap_or(Pico::ZERO);
-    subscription_record(ctx, event_id, p).await
+    let done = match &ctx.subscriptions {
+        None => Err(NO_SUBSCRIPTIONS.to_owned()),
+        Some(b) => match by_external(b, i.subscription_id()) {
+            Ok(sub) => {
+                p.account = Some(sub.account.clone());
+                b.mark_past_due(&sub.id)
+                    .await
+                    .map(|s| s.id)
+                    .map_err(|e| e.message.to_string())
+            }
+            Err(why) => Err(why),
+        },
+    };
+    subscription_record(ctx, event_id, p, done, PaymentStatus::Failed).await
 }
 
 /// `customer.subscription.updated`: a plan change (`s.price_id()` → the
 /// plan whose `stripe_price` it is) or cancel at period end.
-/// TODO(subscriptions): call `change_plan` / `cancel(at_period_end)` here.
 pub async fn subscription_updated(
     ctx: &PaymentCtx<'_>,
     event_id: &str,
@@ -366,11 +437,44 @@ pub async fn subscription_updated(
 ) -> Result<PaymentOutcome, StoreError> {
     let mut p = new_record("stripe", &s.id, "subscription_update", ctx.now_ms);
     p.account = account_of(&s.metadata, None);
-    subscription_record(ctx, event_id, p).await
+    let done = match &ctx.subscriptions {
+        None => Err(NO_SUBSCRIPTIONS.to_owned()),
+        Some(b) => match by_external(b, Some(&s.id)) {
+            Ok(sub) => {
+                p.account = Some(sub.account.clone());
+                let plan = s.price_id().and_then(|price| {
+                    b.config
+                        .plans
+                        .iter()
+                        .find(|(_, pl)| pl.stripe_price.as_deref() == Some(price))
+                        .map(|(name, _)| name.clone())
+                });
+                let mut r: SubscriptionDone = Ok(sub.id.clone());
+                if let Some(plan) = plan
+                    && plan != sub.plan
+                {
+                    r = b
+                        .change_plan(&sub.id, &plan)
+                        .await
+                        .map(|s| s.id)
+                        .map_err(|e| e.message.to_string());
+                }
+                if r.is_ok() && s.cancel_at_period_end != sub.cancel_at_period_end {
+                    r = b
+                        .set_cancel_at_period_end(&sub.id, s.cancel_at_period_end)
+                        .await
+                        .map(|s| s.id)
+                        .map_err(|e| e.message.to_string());
+                }
+                r
+            }
+            Err(why) => Err(why),
+        },
+    };
+    subscription_record(ctx, event_id, p, done, PaymentStatus::Succeeded).await
 }
 
 /// `customer.subscription.deleted`: the subscription is canceled.
-/// TODO(subscriptions): call `billing::subscriptions::cancel` here.
 pub async fn subscription_deleted(
     ctx: &PaymentCtx<'_>,
     event_id: &str,
@@ -378,5 +482,20 @@ pub async fn subscription_deleted(
 ) -> Result<PaymentOutcome, StoreError> {
     let mut p = new_record("stripe", &s.id, "subscription_cancel", ctx.now_ms);
     p.account = account_of(&s.metadata, None);
-    subscription_record(ctx, event_id, p).await
+    let done = match &ctx.subscriptions {
+        None => Err(NO_SUBSCRIPTIONS.to_owned()),
+        Some(b) => match by_external(b, Some(&s.id)) {
+            Ok(sub) if sub.status.is_live() => {
+                p.account = Some(sub.account.clone());
+                b.cancel(&sub.id, false)
+                    .await
+                    .map(|s| s.id)
+                    .map_err(|e| e.message.to_string())
+            }
+            // Already ended: nothing left to cancel.
+            Ok(sub) => Ok(sub.id),
+            Err(why) => Err(why),
+        },
+    };
+    subscription_record(ctx, event_id, p, done, PaymentStatus::Succeeded).await
 }

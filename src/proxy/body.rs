@@ -87,10 +87,14 @@ impl MeteredBody {
 
     fn settle(&mut self) {
         if let Some(mut s) = self.settlement.take() {
-            s.finish(
-                self.meter.usage(),
-                self.meter.delivered_completion_estimate(),
-            );
+            let delivered = self.meter.delivered_completion_estimate();
+            match self.meter.usage() {
+                // An Anthropic stream cut or errored before its final
+                // usage: input and cache tokens as reported, output as
+                // delivered, marked estimated.
+                Some(u) if self.meter.usage_incomplete() => s.finish_incomplete(u, delivered),
+                usage => s.finish(usage, delivered),
+            }
         }
     }
 
@@ -240,7 +244,7 @@ impl Drop for MeteredBody {
             return;
         };
         // The client went away before the end.
-        let billing = &settlement.app.config.billing;
+        let billing = &settlement.live.config.billing;
         let drain = billing.on_client_disconnect == OnClientDisconnect::Drain;
         let timeout = billing.drain_timeout.0;
         if drain

@@ -41,9 +41,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Answer headers that belong to the operator's upstream account.
-const UPSTREAM_ACCOUNT: [HeaderName; 3] = [
+const UPSTREAM_ACCOUNT: [HeaderName; 4] = [
     HeaderName::from_static("openai-organization"),
     HeaderName::from_static("openai-project"),
+    HeaderName::from_static("anthropic-organization-id"),
     header::SET_COOKIE,
 ];
 
@@ -59,6 +60,15 @@ pub fn upstream_request(client: &HeaderMap, request_id: &HeaderValue) -> HeaderM
     }
     out.insert(X_REQUEST_ID.clone(), request_id.clone());
     out
+}
+
+/// The `anthropic-version` Anthropic requires, when the client sent none.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// Adds `anthropic-version: 2023-06-01` unless the client chose one.
+pub fn default_anthropic_version(h: &mut HeaderMap) {
+    h.entry(HeaderName::from_static("anthropic-version"))
+        .or_insert(HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION));
 }
 
 /// Cleans an upstream's answer head before it goes to the client.
@@ -83,7 +93,9 @@ pub fn clean_answer(h: &mut HeaderMap) {
     // The upstream account's rate limits: the key's own replace them.
     let theirs: Vec<HeaderName> = h
         .keys()
-        .filter(|n| n.as_str().starts_with("x-ratelimit-"))
+        .filter(|n| {
+            n.as_str().starts_with("x-ratelimit-") || n.as_str().starts_with("anthropic-ratelimit-")
+        })
         .cloned()
         .collect();
     for n in theirs {
@@ -120,12 +132,30 @@ mod tests {
     }
 
     #[test]
+    fn the_anthropic_version_defaults_and_is_kept() {
+        let mut h = HeaderMap::new();
+        default_anthropic_version(&mut h);
+        assert_eq!(h["anthropic-version"], DEFAULT_ANTHROPIC_VERSION);
+        h.insert("anthropic-version", HeaderValue::from_static("2023-01-01"));
+        default_anthropic_version(&mut h);
+        assert_eq!(h["anthropic-version"], "2023-01-01");
+    }
+
+    #[test]
     fn upstream_account_headers_are_dropped() {
         let mut h = HeaderMap::new();
         h.insert("openai-organization", HeaderValue::from_static("org-x"));
         h.insert(
             "x-ratelimit-remaining-requests",
             HeaderValue::from_static("9"),
+        );
+        h.insert(
+            "anthropic-ratelimit-tokens-remaining",
+            HeaderValue::from_static("9"),
+        );
+        h.insert(
+            "anthropic-organization-id",
+            HeaderValue::from_static("org-x"),
         );
         h.insert("connection", HeaderValue::from_static("x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));

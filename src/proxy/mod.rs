@@ -14,10 +14,12 @@
 //! the one place that charges, records and counts a request in the
 //! metrics. A request refused before it is counted by [`Call::refused`].
 
+mod anthropic;
 mod body;
 mod headers;
 pub mod routing;
 mod settle;
+mod worker;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -32,7 +34,7 @@ use hyper::body::Incoming;
 use crate::Body;
 use crate::app::App;
 use crate::config::OnInsufficient;
-use crate::error::ApiError;
+use crate::error::{ApiError, Shape};
 use crate::gate::{Ask, Bound, LiveKey, Permit, Policy};
 use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
@@ -40,18 +42,22 @@ pub use headers::X_REQUEST_ID;
 use routing::{Destination, Pricing};
 pub use routing::{Proxy, Routing, fast_random};
 use settle::{Admitted, Reach, Settlement};
+pub use worker::WorkerProxy;
 
-/// Proxies one `/v1/*` request.
+/// Proxies one `/v1/*` request, on the configuration live when it starts.
 pub async fn handle(
     app: &Arc<App>,
-    proxy: &Proxy,
+    worker: &WorkerProxy,
     req: Request<Incoming>,
     client_ip: IpAddr,
     request_id: &HeaderValue,
 ) -> Response<Body> {
+    let live = app.live();
+    let proxy = worker.for_live(&live);
     let mut call = Call {
         app,
-        proxy,
+        live: &live,
+        proxy: &proxy,
         request_id,
         client_ip,
         started: Instant::now(),
@@ -68,6 +74,9 @@ pub async fn handle(
 /// One request on its way through the phases.
 struct Call<'a> {
     app: &'a Arc<App>,
+    /// The configuration snapshot this request runs on, start to end (a
+    /// reload meanwhile does not change its prices or routes).
+    live: &'a Arc<crate::reload::Live>,
     /// This worker's routing and upstream clients.
     proxy: &'a Proxy,
     request_id: &'a HeaderValue,
@@ -104,15 +113,24 @@ impl Call<'_> {
         };
         let policy = self.admit(&key, &ask)?;
         if self.route == Endpoint::Models && req.method() == Method::GET {
-            return Ok(self.list_models(&policy));
+            // The Anthropic SDK always sends `anthropic-version`: it gets
+            // Anthropic's list shape.
+            let anthropic = req.headers().contains_key("anthropic-version");
+            return Ok(self.list_models(&policy, anthropic));
         }
         let permit = self.limit(&key, &policy, now_ms)?;
+        if self.route == Endpoint::CountTokens {
+            return self.count_tokens(permit, &policy, req, &path).await;
+        }
         let (parts, body) = req.into_parts();
         let inspected = self.inspect(&parts.headers, body, &path, &policy).await?;
         let upstream_body = self.reserve(permit, &policy, &inspected)?;
         let (upstream, answer) = self
             .forward(&parts, &path, upstream_body, &inspected)
             .await?;
+        if self.route.speaks_anthropic() && !answer.status().is_success() {
+            return Ok(self.anthropic_error_answer(upstream, answer).await);
+        }
         Ok(self.stream_back(upstream, answer, &inspected))
     }
 
@@ -206,7 +224,8 @@ impl Call<'_> {
         } else {
             0
         };
-        let cap = self.app.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
+        let cap =
+            self.live.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
         let prompt_bound = info.prompt_token_bound();
         // `n` answers of up to `completion_bound` tokens each.
         let choices = u64::from(info.choices.max(1));
@@ -225,7 +244,35 @@ impl Call<'_> {
             cap,
         };
         let reserved = self.app.gate.reserve(&key, policy, &bound)?;
+        let model_bound = completion_bound;
         let completion_bound = reserved.capped_max_tokens.unwrap_or(completion_bound);
+        if let Some(budget) = info.thinking_budget
+            && completion_bound < info.max_tokens.unwrap_or(0)
+            && budget >= completion_bound
+        {
+            // The gateway lowered max_tokens to the thinking budget or
+            // below: the upstream would refuse the request. Refused here,
+            // the reservation given back.
+            return Err(if completion_bound < model_bound {
+                ApiError::insufficient_quota(
+                    "insufficient_quota",
+                    format!(
+                        "This key's credit covers at most {completion_bound} output tokens, not more than \
+                         thinking.budget_tokens ({budget}); lower the thinking budget or add credit."
+                    ),
+                    "key",
+                )
+            } else {
+                ApiError::bad_request(
+                    "invalid_value",
+                    format!(
+                        "thinking.budget_tokens ({budget}) must be below max_tokens, which this gateway \
+                         bounds to {completion_bound} for this model."
+                    ),
+                )
+                .with_param("thinking")
+            });
+        }
         let inject_usage = info.stream && self.route.usage_on_request() && !info.include_usage;
         let rewrite = Rewrite {
             include_usage: inject_usage,
@@ -237,7 +284,7 @@ impl Call<'_> {
         let upstream_body = crate::meter::rewrite(self.route, &req.body, &rewrite)?;
         self.settlement = Some(Settlement::new(
             self.app,
-            &self.proxy.routing,
+            self.live,
             Admitted {
                 permit,
                 reservation: reserved.reservation,
@@ -277,26 +324,33 @@ impl Call<'_> {
             ));
         }
         let suffix = path.strip_prefix("/v1").unwrap_or(path);
-        let headers = headers::upstream_request(&parts.headers, self.request_id);
-        let settlement = self.settlement.as_mut().expect("reserve made it");
+        let mut headers = headers::upstream_request(&parts.headers, self.request_id);
+        if self.route.speaks_anthropic() {
+            headers::default_anthropic_version(&mut headers);
+        }
+        // Free requests (count_tokens) have no settlement: nothing to charge.
+        let mut settlement = self.settlement.as_mut();
         let mut last_err = None;
         for (attempt, &i) in order.iter().enumerate() {
             let up = &routing.upstreams[i];
             let uri = format!("{}{}{}", up.origin, up.base_path, suffix);
-            let mut upstream_req = Request::new(Full::new(body.clone()));
+            let body = crate::meter::rename_roles(&body, &up.role_map)?;
+            let mut upstream_req = Request::new(Full::new(body));
             *upstream_req.method_mut() = parts.method.clone();
             *upstream_req.uri_mut() = uri.parse().map_err(|_| {
                 ApiError::bad_request("invalid_path", "The request path cannot be forwarded.")
             })?;
             *upstream_req.headers_mut() = headers.clone();
-            if let Some(auth) = &up.auth {
+            if let Some((name, value)) = &up.auth {
                 upstream_req
                     .headers_mut()
-                    .insert(header::AUTHORIZATION, auth.clone());
+                    .insert(name.clone(), value.clone());
             }
             let last = attempt + 1 == order.len();
-            settlement.upstream = Some(i);
-            settlement.reach = Reach::Sent;
+            if let Some(s) = settlement.as_mut() {
+                s.upstream = Some(i);
+                s.reach = Reach::Sent;
+            }
             let outcome = tokio::time::timeout(
                 up.first_byte_timeout,
                 self.proxy.clients[i].request(upstream_req),
@@ -317,13 +371,17 @@ impl Call<'_> {
                     } else {
                         routing.succeeded(i);
                     }
-                    settlement.reach = Reach::Answered(s.as_u16());
+                    if let Some(settlement) = settlement.as_mut() {
+                        settlement.reach = Reach::Answered(s.as_u16());
+                    }
                     return Ok((i, res));
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     // Never reached: nothing to charge, safe to try another.
-                    settlement.reach = Reach::NotSent;
-                    settlement.upstream = None;
+                    if let Some(s) = settlement.as_mut() {
+                        s.reach = Reach::NotSent;
+                        s.upstream = None;
+                    }
                     tracing::warn!(upstream = %up.name, error = %e, "upstream could not be reached");
                     routing.failed(i, app.clock.now_ms());
                     app.metrics.upstream_failed(i, !last);
@@ -403,6 +461,7 @@ impl Call<'_> {
     /// A refusal or failure: the settlement records it when the request was
     /// admitted (once), the metrics count it otherwise.
     fn refused(&mut self, e: ApiError) -> Response<Body> {
+        let e = self.shaped(e);
         match self.settlement.take() {
             Some(mut s) => {
                 s.failed_status = Some(e.status.as_u16());
@@ -421,19 +480,46 @@ impl Call<'_> {
         e.into_response()
     }
 
-    fn list_models(&self, policy: &Policy) -> Response<Body> {
-        let data: Vec<serde_json::Value> = self
+    /// The error in the route's API shape: Anthropic's on its routes, so
+    /// that every refusal there (key, credit, limits, body, upstream) reads
+    /// as the Anthropic SDK expects.
+    fn shaped(&self, e: ApiError) -> ApiError {
+        if self.route.speaks_anthropic() {
+            e.with_shape(Shape::Anthropic {
+                request_id: self.request_id.to_str().unwrap_or("").to_owned(),
+            })
+        } else {
+            e
+        }
+    }
+
+    fn list_models(&self, policy: &Policy, anthropic: bool) -> Response<Body> {
+        let names: Vec<&str> = self
             .proxy
             .routing
             .model_names()
             .into_iter()
             .filter(|m| policy.allows_model(m))
-            .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
             .collect();
-        let res = json_response(
-            StatusCode::OK,
-            &serde_json::json!({"object": "list", "data": data}),
-        );
+        let list = if anthropic {
+            let data: Vec<serde_json::Value> = names
+                .iter()
+                .map(|m| serde_json::json!({"id": m, "type": "model", "display_name": m, "created_at": "1970-01-01T00:00:00Z"}))
+                .collect();
+            serde_json::json!({
+                "data": data,
+                "has_more": false,
+                "first_id": names.first(),
+                "last_id": names.last(),
+            })
+        } else {
+            let data: Vec<serde_json::Value> = names
+                .iter()
+                .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
+                .collect();
+            serde_json::json!({"object": "list", "data": data})
+        };
+        let res = json_response(StatusCode::OK, &list);
         self.app
             .metrics
             .answered(self.route, 200, self.started.elapsed(), None);

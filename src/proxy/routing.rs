@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderValue;
+use http::header::{AUTHORIZATION, HeaderName};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Config, Pattern};
+use crate::config::{Config, Pattern, UpstreamKind};
 use crate::error::ApiError;
 pub use crate::gate::Pricing;
 use crate::meter::{Endpoint, Price};
@@ -49,8 +50,11 @@ pub struct Upstream {
     pub origin: String,
     /// Path prefix replacing the client's `/v1`, e.g. `/v1` or `/api/v1`.
     pub base_path: String,
-    /// `Bearer …` for this upstream, from its env var.
-    pub auth: Option<HeaderValue>,
+    /// This upstream's key as it takes it, from its env var:
+    /// `Authorization: Bearer …`, or `x-api-key: …` for Anthropic.
+    pub auth: Option<(HeaderName, HeaderValue)>,
+    /// The API it speaks (how its key is sent, what its errors look like).
+    pub kind: UpstreamKind,
     models: Vec<Pattern>,
     weight: u32,
     pub connect_timeout: Duration,
@@ -61,6 +65,8 @@ pub struct Upstream {
     /// (`mock_without_key`): its answers are never charged, so a missing
     /// key in production cannot bill customers for mock answers.
     pub demo: bool,
+    /// Message roles renamed in bodies sent here (`role_map`).
+    pub role_map: Vec<(String, String)>,
     /// TLS client settings (webpki roots plus the configured CA).
     tls: rustls::ClientConfig,
     /// Failures in a row.
@@ -111,9 +117,15 @@ impl Routing {
             let auth = match up.api_key_env.as_ref().filter(|_| mock.is_none()) {
                 Some(env) => match std::env::var(env) {
                     Ok(k) if !k.is_empty() => {
-                        Some(HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                        let (name, value) = match up.kind {
+                            UpstreamKind::Openai => (AUTHORIZATION, format!("Bearer {k}")),
+                            UpstreamKind::Anthropic => (HeaderName::from_static("x-api-key"), k),
+                        };
+                        let mut value = HeaderValue::from_str(&value).map_err(|_| {
                             format!("upstream {}: {env} is not a valid header value", up.name)
-                        })?)
+                        })?;
+                        value.set_sensitive(true);
+                        Some((name, value))
                     }
                     _ => {
                         tracing::warn!(upstream = %up.name, env = %env, "upstream API key env var is not set; requests go without it");
@@ -145,6 +157,7 @@ impl Routing {
                 origin: base.origin.clone(),
                 base_path: base.path.clone(),
                 auth,
+                kind: up.kind,
                 models: up.models.clone(),
                 weight: up.weight,
                 connect_timeout: up.connect_timeout.unwrap_or(config.proxy.connect_timeout).0,
@@ -157,6 +170,7 @@ impl Routing {
                     .unwrap_or(config.proxy.stream_idle_timeout)
                     .0,
                 demo: mock.is_some() && !up.mock,
+                role_map: up.role_map.clone().into_iter().collect(),
                 tls,
                 failures: AtomicU32::new(0),
                 down_until_ms: AtomicI64::new(0),
@@ -179,6 +193,7 @@ impl Routing {
                         input: m.input,
                         cached_input: m.cached_input,
                         cache_write: m.cache_write,
+                        cache_write_1h: m.cache_write_1h,
                         output: m.output,
                         request: m.request,
                     },
@@ -205,6 +220,7 @@ impl Routing {
                         input: rule.input.unwrap_or(Pico::ZERO),
                         cached_input: None,
                         cache_write: None,
+                        cache_write_1h: None,
                         output: rule.output.unwrap_or(Pico::ZERO),
                         request: rule.request,
                     })
@@ -325,7 +341,14 @@ impl Routing {
                 },
             });
         }
-        Ok(dest.expect("models is not empty"))
+        let mut dest = dest.expect("models is not empty");
+        // A `[routes]` rule on a known route prices every model on it, over
+        // the model's own price (seed 004: 15 picoUSD a token on chat); the
+        // model still picks the upstreams and bounds the completion.
+        if let Some(pricing) = rule {
+            dest.pricing = pricing;
+        }
+        Ok(dest)
     }
 
     /// Names of the configured models, sorted.
@@ -392,6 +415,20 @@ impl Routing {
     pub fn upstream_names(&self) -> Vec<String> {
         self.upstreams.iter().map(|u| u.name.clone()).collect()
     }
+
+    /// Where a free request about `model` goes (Anthropic's count_tokens):
+    /// the upstreams of a model the gateway serves, priced at nothing.
+    pub fn free_for_model(&self, model: &str) -> Result<Destination, ApiError> {
+        let entry = self
+            .model(model)
+            .filter(|e| !e.group.is_empty())
+            .ok_or_else(|| ApiError::model_not_found(model))?;
+        Ok(Destination {
+            group: entry.group,
+            pricing: Pricing::Flat(Pico::ZERO),
+            max_output_tokens: 0,
+        })
+    }
 }
 
 /// The dearer of two prices: a fallback list is reserved and charged at
@@ -407,6 +444,14 @@ fn dearer(a: Pricing, b: Pricing) -> Pricing {
             cache_write: match (x.cache_write, y.cache_write) {
                 (None, None) => None,
                 (p, q) => Some(p.unwrap_or(x.input).max(q.unwrap_or(y.input))),
+            },
+            cache_write_1h: match (x.cache_write_1h, y.cache_write_1h) {
+                (None, None) => None,
+                (p, q) => Some(
+                    p.or(x.cache_write)
+                        .unwrap_or(x.input)
+                        .max(q.or(y.cache_write).unwrap_or(y.input)),
+                ),
             },
             output: x.output.max(y.output),
             request: x.request.max(y.request),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
-use super::routing::{Pricing, Routing};
+use super::routing::Pricing;
 use crate::app::App;
 use crate::gate::{Permit, Reservation};
 use crate::meter::{Endpoint, Usage};
@@ -35,8 +35,9 @@ pub enum Reach {
 /// early).
 pub struct Settlement {
     pub(super) app: Arc<App>,
-    /// Upstream names and demo flags for the record.
-    routing: Arc<Routing>,
+    /// The configuration the request started on: upstream names and demo
+    /// flags for the record, billing rules for a client that leaves.
+    pub(super) live: Arc<crate::reload::Live>,
     /// Concurrency slot and request count, released when this is dropped.
     permit: Permit,
     reservation: Option<Reservation>,
@@ -76,7 +77,7 @@ pub struct Admitted {
 impl Settlement {
     pub fn new(
         app: &Arc<App>,
-        routing: &Arc<Routing>,
+        live: &Arc<crate::reload::Live>,
         admitted: Admitted,
         started: Instant,
         request_id: &HeaderValue,
@@ -97,7 +98,7 @@ impl Settlement {
         app.metrics.admitted();
         Settlement {
             app: app.clone(),
-            routing: routing.clone(),
+            live: live.clone(),
             permit,
             reservation: Some(reservation),
             pricing,
@@ -125,6 +126,27 @@ impl Settlement {
     /// request. `usage` is what the upstream reported; `delivered` the
     /// completion tokens estimated from what reached the client.
     pub fn finish(&mut self, usage: Option<Usage>, delivered: u64) {
+        self.settle(usage.map(|u| (u, false)), delivered);
+    }
+
+    /// Charges a stream that ended before its final usage (an Anthropic
+    /// stream cut, or ended by an `error` event, after `message_start`):
+    /// the reported prompt, cache-write and cache-read tokens, and the
+    /// larger of the reported and the delivered output (the delivered
+    /// estimate within the reservation), marked estimated.
+    pub fn finish_incomplete(&mut self, reported: Usage, delivered: u64) {
+        let completion = reported
+            .completion_tokens
+            .max(delivered.min(self.completion_bound));
+        let usage = Usage {
+            completion_tokens: completion,
+            ..reported
+        };
+        self.settle(Some((usage, true)), delivered);
+    }
+
+    /// `usage`: what to charge and whether it is an estimate.
+    fn settle(&mut self, usage: Option<(Usage, bool)>, delivered: u64) {
         if self.done {
             return;
         }
@@ -138,7 +160,7 @@ impl Settlement {
         };
         let ok = (200..300).contains(&status);
         let (usage, estimated) = match (usage, self.reach) {
-            (Some(u), _) => (u, false),
+            (Some(reported), _) => reported,
             // Never free when the upstream did work, never billed for what
             // did not happen: the measured prompt plus what was delivered.
             (None, Reach::Answered(_)) if ok => (
@@ -160,7 +182,7 @@ impl Settlement {
             ),
             (None, _) => (Usage::default(), false),
         };
-        let upstream = self.upstream.map(|i| &self.routing.upstreams[i]);
+        let upstream = self.upstream.map(|i| &self.live.routing.upstreams[i]);
         let billable = match self.reach {
             Reach::NotSent => false,
             Reach::Sent => true,
@@ -231,6 +253,7 @@ impl Settlement {
             status,
             prompt_tokens: usage.prompt_tokens,
             cached_tokens: usage.cached_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
             completion_tokens: usage.completion_tokens,
             reasoning_tokens: usage.reasoning_tokens,
             cost: charged,

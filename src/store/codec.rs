@@ -19,6 +19,10 @@ use crate::money::Pico;
 /// version when a layout changes.
 const FORMAT: u8 = 1;
 
+/// Format of usage batches and rollups that carry cache-write tokens (after
+/// every field of format 1, so format-1 values still read, as 0 writes).
+const FORMAT_CACHE_WRITES: u8 = 2;
+
 /// Appends values to a buffer.
 pub(super) struct Writer<'a>(pub(super) &'a mut Vec<u8>);
 
@@ -115,6 +119,19 @@ impl<'a> Reader<'a> {
             )));
         }
         Ok(())
+    }
+
+    /// The format byte of a value that may be written in `FORMAT` or in
+    /// the newer `FORMAT_CACHE_WRITES`.
+    fn format_up_to_cache_writes(&mut self) -> Result<u8, StoreError> {
+        let f = self.u8()?;
+        if f != FORMAT && f != FORMAT_CACHE_WRITES {
+            return Err(StoreError::Corrupt(format!(
+                "{} has format {f}, expected {FORMAT} or {FORMAT_CACHE_WRITES}",
+                self.what
+            )));
+        }
+        Ok(f)
     }
 
     #[cfg(test)]
@@ -217,6 +234,7 @@ pub(super) fn put_usage(buf: &mut Vec<u8>, rec: &UsageRecord) {
     w.u64(u64::from(rec.ttfb_ms));
     w.str(&rec.request_id);
     w.str(&rec.client_ip);
+    w.u64(rec.cache_write_tokens);
 }
 
 /// The count written in front of a batch's records; lets readers skip a
@@ -224,7 +242,7 @@ pub(super) fn put_usage(buf: &mut Vec<u8>, rec: &UsageRecord) {
 pub(super) fn finish_usage_batch(count: u64, records: &[u8]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(records.len() + 11);
     let mut w = Writer(&mut buf);
-    w.u8(FORMAT);
+    w.u8(FORMAT_CACHE_WRITES);
     w.u64(count);
     buf.extend_from_slice(records);
     buf
@@ -232,7 +250,7 @@ pub(super) fn finish_usage_batch(count: u64, records: &[u8]) -> Vec<u8> {
 
 pub(super) fn usage_batch_count(bytes: &[u8]) -> Result<u64, StoreError> {
     let mut r = Reader::new(bytes, "usage batch");
-    r.format()?;
+    r.format_up_to_cache_writes()?;
     r.u64()
 }
 
@@ -241,7 +259,7 @@ pub(super) fn decode_usage_batch(
     key: &KeyHash,
 ) -> Result<Vec<UsageRecord>, StoreError> {
     let mut r = Reader::new(bytes, "usage batch");
-    r.format()?;
+    let format = r.format_up_to_cache_writes()?;
     let count = r.u64()?;
     let mut out = Vec::with_capacity(count.min(4096) as usize);
     for _ in 0..count {
@@ -252,7 +270,7 @@ pub(super) fn decode_usage_batch(
         let flags = r.u8()?;
         let status = u16::try_from(r.u64()?)
             .map_err(|_| StoreError::Corrupt("usage status out of range".into()))?;
-        out.push(UsageRecord {
+        let mut rec = UsageRecord {
             at_ms,
             key: *key,
             model,
@@ -274,7 +292,12 @@ pub(super) fn decode_usage_batch(
             // Written as a ledger entry, not in the record.
             daily_fee: Pico::ZERO,
             account: None,
-        });
+            cache_write_tokens: 0,
+        };
+        if format >= FORMAT_CACHE_WRITES {
+            rec.cache_write_tokens = r.u64()?;
+        }
+        out.push(rec);
     }
     Ok(out)
 }
@@ -284,7 +307,7 @@ pub(super) fn decode_usage_batch(
 pub(super) fn encode_rollup(r: &Rollup) -> Vec<u8> {
     let mut buf = Vec::with_capacity(32);
     let mut w = Writer(&mut buf);
-    w.u8(FORMAT);
+    w.u8(FORMAT_CACHE_WRITES);
     w.u64(r.requests);
     w.u64(r.prompt_tokens);
     w.u64(r.cached_tokens);
@@ -294,13 +317,14 @@ pub(super) fn encode_rollup(r: &Rollup) -> Vec<u8> {
     w.u64(r.latency_ms_sum);
     w.u64(r.errors);
     w.u64(r.estimated);
+    w.u64(r.cache_write_tokens);
     buf
 }
 
 pub(super) fn decode_rollup(bytes: &[u8]) -> Result<Rollup, StoreError> {
     let mut r = Reader::new(bytes, "rollup");
-    r.format()?;
-    Ok(Rollup {
+    let format = r.format_up_to_cache_writes()?;
+    let mut rollup = Rollup {
         requests: r.u64()?,
         prompt_tokens: r.u64()?,
         cached_tokens: r.u64()?,
@@ -310,7 +334,12 @@ pub(super) fn decode_rollup(bytes: &[u8]) -> Result<Rollup, StoreError> {
         latency_ms_sum: r.u64()?,
         errors: r.u64()?,
         estimated: r.u64()?,
-    })
+        cache_write_tokens: 0,
+    };
+    if format >= FORMAT_CACHE_WRITES {
+        rollup.cache_write_tokens = r.u64()?;
+    }
+    Ok(rollup)
 }
 
 pub(super) fn add_rollup(into: &mut Rollup, d: &Rollup) {
@@ -323,6 +352,7 @@ pub(super) fn add_rollup(into: &mut Rollup, d: &Rollup) {
     into.latency_ms_sum = into.latency_ms_sum.saturating_add(d.latency_ms_sum);
     into.errors = into.errors.saturating_add(d.errors);
     into.estimated = into.estimated.saturating_add(d.estimated);
+    into.cache_write_tokens = into.cache_write_tokens.saturating_add(d.cache_write_tokens);
 }
 
 // ---- the batch index: which keys a usage batch wrote, for retention ----
@@ -396,6 +426,9 @@ struct KeyRecordDisk {
     metadata: Option<String>,
     #[serde(default)]
     imported: bool,
+    /// picoUSD; absent in records written before it existed.
+    #[serde(default)]
+    low_balance_alert: Option<i64>,
 }
 
 pub(super) fn encode_key(r: &KeyRecord) -> Vec<u8> {
@@ -420,6 +453,7 @@ pub(super) fn encode_key(r: &KeyRecord) -> Vec<u8> {
         daily_fee: r.daily_fee.map(|p| p.0),
         metadata: r.metadata.clone(),
         imported: r.imported,
+        low_balance_alert: r.low_balance_alert.map(|p| p.0),
     };
     serde_json::to_vec(&d).expect("a struct of strings and integers always serializes")
 }
@@ -449,6 +483,7 @@ pub(super) fn decode_key(hash: &KeyHash, bytes: &[u8]) -> Result<KeyRecord, Stor
         daily_fee: d.daily_fee.map(Pico),
         metadata: d.metadata,
         imported: d.imported,
+        low_balance_alert: d.low_balance_alert.map(Pico),
     })
 }
 
@@ -550,6 +585,62 @@ mod tests {
         assert_eq!(r.u64().unwrap(), u64::MAX);
         assert!(r.is_empty());
         assert!(r.u8().is_err());
+    }
+
+    #[test]
+    fn format_one_usage_and_rollups_still_read() {
+        let rec = UsageRecord {
+            at_ms: 5,
+            key: [7; 32],
+            model: "claude-sonnet-4-5".into(),
+            upstream: "claude".into(),
+            route: "messages".into(),
+            stream: true,
+            status: 200,
+            prompt_tokens: 1120,
+            cached_tokens: 1000,
+            completion_tokens: 8,
+            reasoning_tokens: 0,
+            cost: Pico(9),
+            reserved: Pico(10),
+            latency_ms: 3,
+            ttfb_ms: 1,
+            request_id: "req".into(),
+            client_ip: "::1".into(),
+            estimated: false,
+            daily_fee: Pico::ZERO,
+            account: None,
+            cache_write_tokens: 100,
+        };
+        let mut buf = Vec::new();
+        put_usage(&mut buf, &rec);
+        let batch = finish_usage_batch(1, &buf);
+        assert_eq!(
+            decode_usage_batch(&batch, &[7; 32]).unwrap(),
+            std::slice::from_ref(&rec)
+        );
+        // A format-1 batch: the same record without the trailing field.
+        let mut old = batch.clone();
+        old[0] = FORMAT;
+        old.pop();
+        let back = decode_usage_batch(&old, &[7; 32]).unwrap();
+        assert_eq!(back[0].cache_write_tokens, 0);
+        assert_eq!(back[0].cached_tokens, 1000);
+        assert_eq!(usage_batch_count(&old).unwrap(), 1);
+        let r = Rollup {
+            requests: 2,
+            prompt_tokens: 30,
+            cache_write_tokens: 12,
+            ..Rollup::default()
+        };
+        assert_eq!(decode_rollup(&encode_rollup(&r)).unwrap(), r);
+        let mut old = encode_rollup(&r);
+        old[0] = FORMAT;
+        old.pop();
+        let back = decode_rollup(&old).unwrap();
+        assert_eq!((back.requests, back.cache_write_tokens), (2, 0));
+        old[0] = 9;
+        assert!(decode_rollup(&old).is_err());
     }
 
     #[test]

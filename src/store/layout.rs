@@ -19,6 +19,13 @@
 //! | `book` | `P` payment id | payment record (JSON), see [`super::payments`] |
 //! | `book` | `Q` u16 len, provider, provider ref | payment id: the ref applied once |
 //! | `book` | `O` out_trade_no | epay order (JSON) |
+//! | `book` | `N` id (u64 BE) | key hash: a key's stable integer id ([`super::compat`]) |
+//! | `book` | `X` hash | that id (u64 BE) |
+//! | `book` | `S` id | subscription (JSON) |
+//! | `book` | `T` u16 len, sid, `g`/`u` period (u64 BE) [plan] | empty: that grant was applied |
+//! | `book` | `T` u16 len, sid, `r` idempotency-key | u64 BE: the period the renewal paid |
+//! | `book` | `E` seq / `U` seq / `D` … | outbox events, audit entries, delivery state (see `events.rs`) |
+//! | `book` | `W` id | scoped admin token: name, scopes, SHA-256 (JSON; [`super::admin_tokens`]) |
 //!
 //! The usage records themselves, the batch index and the retention counts
 //! live in the redb log ([`super::log`]): sled held every inserted value
@@ -158,4 +165,30 @@ pub(super) fn next_batch_seq(book: &Tree) -> Result<u64, StoreError> {
             .map_err(|_| StoreError::Corrupt("next batch sequence".into())),
         None => Ok(0),
     }
+}
+
+pub(super) fn subscription_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(b'S');
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// `T` marker of one grant: present once that grant was applied.
+pub(super) fn grant_marker_key(sid: &str, m: &super::records::SubscriptionMarker) -> Vec<u8> {
+    let mut k = vec![b'T'];
+    push_len_str(&mut k, sid);
+    k.push(m.tag);
+    k.extend_from_slice(&m.period.to_be_bytes());
+    k.extend_from_slice(m.extra.as_bytes());
+    k
+}
+
+/// `T` marker of a renewal's idempotency key.
+pub(super) fn renewal_marker_key(sid: &str, idem: &str) -> Vec<u8> {
+    let mut k = vec![b'T'];
+    push_len_str(&mut k, sid);
+    k.push(b'r');
+    k.extend_from_slice(idem.as_bytes());
+    k
 }

@@ -9,13 +9,17 @@
 //! reads from the caller's thread.//!
 //! Files: [`records`] (the types kept), [`layout`] (the trees' key layout,
 //! drawn as a table), [`thread`] (the store thread and its group commit),
-//! `codec` (binary encodings).
+//! `codec` (binary encodings), `events` (the outbox and audit log the
+//! store thread writes with each change).
 
+pub mod admin_tokens;
 mod codec;
+mod compat;
 mod layout;
 mod log;
 mod payments;
 mod records;
+mod subscriptions;
 #[cfg(test)]
 mod tests;
 mod thread;
@@ -39,7 +43,9 @@ pub use payments::{
     PaymentQuery, PaymentRecord, PaymentStatus, PaymentTarget,
 };
 pub use records::*;
+pub use subscriptions::STALE_SUBSCRIPTION;
 pub use thread::MAX_BATCH_OPS;
+pub use thread::outbox::{AlertLevels, AuditQuery, DeliveryWrite, EventQuery};
 use thread::{AccountEdit, Op, StoreThread};
 
 /// The layout version written at creation and required at open.
@@ -155,6 +161,8 @@ struct Counters {
     thread_cpu_ns: AtomicU64,
     keys: AtomicI64,
     write_errors: AtomicU64,
+    /// Notified after a flush that wrote events: the delivery task wakes.
+    events_written: tokio::sync::Notify,
 }
 
 /// How the store runs: the `[storage]` settings it uses.
@@ -167,6 +175,8 @@ pub struct StoreOptions {
     pub queue_capacity: u64,
     /// MiB the store may keep in memory (sled's cache and the batch).
     pub cache_mb: u64,
+    /// `[alerts]` thresholds the store thread checks records against.
+    pub alerts: AlertLevels,
 }
 
 impl Default for StoreOptions {
@@ -175,6 +185,7 @@ impl Default for StoreOptions {
             flush_ms: 50,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             cache_mb: 64,
+            alerts: AlertLevels::default(),
         }
     }
 }
@@ -247,6 +258,7 @@ impl Store {
             counters.clone(),
             next_bseq,
             Duration::from_millis(opts.flush_ms),
+            thread::outbox::Outbox::open(&book, opts.alerts)?,
         )?;
         let waker = handle.thread().clone();
         Ok(Store {
@@ -431,7 +443,13 @@ impl Store {
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.send(make(tx))?;
+        let op = make(tx);
+        // An admin request's write is audited under its actor.
+        let op = match crate::events::current_actor() {
+            Some(actor) => Op::Noted(Box::new(actor), Box::new(op)),
+            None => op,
+        };
+        self.send(op)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

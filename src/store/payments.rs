@@ -244,6 +244,25 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl StoreThread {
+    /// An outbox event about a payment: its summary, never an issued key.
+    fn payment_event(&mut self, kind: &str, p: &PaymentRecord) {
+        self.emit(
+            kind,
+            serde_json::json!({
+                "id": p.id,
+                "provider": p.provider,
+                "provider_id": p.provider_id,
+                "account": p.account,
+                "key": p.key,
+                "amount": p.amount.to_string(),
+                "refunded": p.refunded.to_string(),
+                "currency": p.currency,
+                "kind": p.kind,
+                "status": p.status.as_str(),
+            }),
+        );
+    }
+
     pub(super) fn payment(&mut self, op: PaymentOp) -> Result<PaymentOutcome, StoreError> {
         match op {
             PaymentOp::Record {
@@ -404,8 +423,16 @@ impl StoreThread {
         for r in refs {
             batch.insert(ref_key(&p.provider, r), p.id.as_bytes());
         }
+        match p.status {
+            PaymentStatus::Succeeded => self.payment_event("payment.succeeded", &p),
+            PaymentStatus::Failed => self.payment_event("payment.failed", &p),
+            _ => {}
+        }
+        let staged = self.stage_outbox();
+        staged.add_to(&mut batch);
         self.book.apply_batch(batch)?;
         self.write_count(writes + 1 + refs.len());
+        self.outbox_written(staged);
         Ok(PaymentOutcome {
             payment: Some(p),
             replayed: false,
@@ -495,8 +522,14 @@ impl StoreThread {
         p.updated_at = at_ms;
         batch.insert(payment_key(&p.id), encode(&p));
         batch.insert(ref_key(&provider, event), p.id.as_bytes());
+        if newly.0 > 0 {
+            self.payment_event("payment.refunded", &p);
+        }
+        let staged = self.stage_outbox();
+        staged.add_to(&mut batch);
         self.book.apply_batch(batch)?;
         self.write_count(writes + 2);
+        self.outbox_written(staged);
         Ok(PaymentOutcome {
             payment: Some(p),
             replayed: false,

@@ -6,7 +6,7 @@ use crate::money::Pico;
 pub type KeyHash = [u8; 32];
 
 /// A key's identity and policy. Changes only through the admin API (or a device binding).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KeyRecord {
     /// SHA-256 of the whole key: the key itself is never stored.
     pub hash: KeyHash,
@@ -50,6 +50,9 @@ pub struct KeyRecord {
     pub metadata: Option<String>,
     /// Came from an external key pool rather than generated here.
     pub imported: bool,
+    /// `key.low_balance` fires when what remains of `limit` falls below
+    /// this (else `alerts.low_balance`).
+    pub low_balance_alert: Option<crate::money::Pico>,
 }
 
 /// A key's money and counters: what must agree with its usage records and ledger.
@@ -132,6 +135,10 @@ pub struct UsageRecord {
     /// the store thread charges it in the same batch. Not kept in the
     /// stored record (the key's owner says it).
     pub account: Option<std::sync::Arc<str>>,
+    /// Prompt tokens written to the upstream's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), priced apart; part of
+    /// `prompt_tokens`, like the cache reads in `cached_tokens`.
+    pub cache_write_tokens: u64,
 }
 
 /// What a ledger entry did to the account.
@@ -179,6 +186,8 @@ pub struct Rollup {
     pub errors: u64,
     /// Records whose usage was estimated.
     pub estimated: u64,
+    /// Prompt tokens written to a prompt cache (part of `prompt_tokens`).
+    pub cache_write_tokens: u64,
 }
 
 /// A page of keys.
@@ -303,6 +312,10 @@ pub struct AccountRecord {
     pub period_spent: Pico,
     /// Entries in the account's ledger.
     pub ledger_seq: u64,
+    /// The account's latest subscription (live or ended), so the gate
+    /// learns its status and plan from the one account read it does.
+    #[serde(default)]
+    pub subscription: Option<SubscriptionLink>,
 }
 
 impl AccountRecord {
@@ -353,6 +366,10 @@ pub enum AccountCreditKind {
     /// balance −= amount, even below −overdraft: money a payment provider
     /// gave back (a refund or chargeback) after it was credited; not spending.
     Reversal,
+    /// allowance += amount: a subscription period's plan grant (not spending).
+    Grant,
+    /// allowance −= amount: the unused allowance at a period's end (not spending).
+    Lapse,
 }
 
 /// One entry of an account's ledger.
@@ -374,6 +391,9 @@ pub struct AccountLedgerEntry {
     /// Lifetime spent after the entry.
     #[serde(with = "pico_int")]
     pub spent_after: Pico,
+    /// Allowance after the entry (grants and lapses move it; usage too).
+    #[serde(default, with = "pico_int")]
+    pub allowance_after: Pico,
 }
 
 /// A credit to apply to an account.
@@ -428,4 +448,142 @@ pub(super) mod pico_opt_int {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pico>, D::Error> {
         Option::<i64>::deserialize(d).map(|o| o.map(Pico))
     }
+}
+
+/// Where a subscription is in its life. `trialing`, `active` and
+/// `past_due` are live (the keys work); `canceled` and `expired` are ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    #[default]
+    Trialing,
+    Active,
+    PastDue,
+    Canceled,
+    Expired,
+}
+
+impl SubscriptionStatus {
+    /// The account's keys may spend (an account has at most one live subscription).
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            SubscriptionStatus::Trialing | SubscriptionStatus::Active | SubscriptionStatus::PastDue
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Trialing => "trialing",
+            SubscriptionStatus::Active => "active",
+            SubscriptionStatus::PastDue => "past_due",
+            SubscriptionStatus::Canceled => "canceled",
+            SubscriptionStatus::Expired => "expired",
+        }
+    }
+}
+
+/// The account's pointer to its latest subscription, written in the same
+/// batch as the subscription.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubscriptionLink {
+    /// The subscription id (`book` `S` id).
+    pub id: String,
+    /// Its plan now: the key template the account's keys get while live.
+    pub plan: String,
+    /// Its status now: ended ones make the keys answer 402.
+    pub status: SubscriptionStatus,
+}
+
+/// A subscription of an account to a plan (`book` `S` id, JSON).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubscriptionRecord {
+    /// `sub_` + 24 hex characters.
+    pub id: String,
+    /// The account it belongs to (and grants to).
+    pub account: String,
+    /// The plan in force this period.
+    pub plan: String,
+    /// A downgrade waiting for the next period start.
+    pub next_plan: Option<String>,
+    pub status: SubscriptionStatus,
+    /// Number of the current period, 0 for the first: the grant marker's key.
+    pub period: u64,
+    /// Periods up to this number are paid for (or free, a trial's period 0):
+    /// the next period starts only if `paid_through > period`.
+    pub paid_through: u64,
+    /// Unix ms.
+    pub current_period_start: i64,
+    /// Unix ms.
+    pub current_period_end: i64,
+    /// Where periods are counted from (`Interval::nth`), so months do not drift.
+    pub anchor: i64,
+    /// Ends cleanly (`canceled`) at the current period's end.
+    pub cancel_at_period_end: bool,
+    /// End of the trial, when it started with one.
+    pub trial_end: Option<i64>,
+    /// Since when it is past due: it expires `grace` later.
+    pub past_due_since: Option<i64>,
+    /// The payment provider's id (a Stripe subscription), for lookups.
+    pub external_id: Option<String>,
+    /// When it was canceled or expired.
+    pub ended_at: Option<i64>,
+    /// Unix ms.
+    pub created_at: i64,
+    /// Unix ms.
+    pub updated_at: i64,
+    /// Bumped by every write: a write computed from an older read is refused.
+    pub version: u64,
+}
+
+/// Money a subscription change moves on its account, applied by the store
+/// thread in the batch of the change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubscriptionMoney {
+    /// allowance += amount, once per marker (`book` `T`).
+    Grant {
+        amount: Pico,
+        marker: SubscriptionMarker,
+        reason: String,
+    },
+    /// The whole unused allowance lapses (amount decided by the store
+    /// thread, from the account as committed).
+    LapseAll { reason: String },
+}
+
+/// What a `T` marker stands for: one grant of one kind in one period.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionMarker {
+    /// `g` the period's grant, `u` an upgrade's pro-rata grant.
+    pub tag: u8,
+    pub period: u64,
+    /// The upgrade's plan (empty for `g`).
+    pub extra: String,
+}
+
+/// One atomic write of a subscription: the new record, the money it moves,
+/// and the renewal idempotency key it consumes.
+#[derive(Clone, Debug)]
+pub struct SubscriptionWrite {
+    pub sub: SubscriptionRecord,
+    /// `None`: create (refused if the account has a live subscription);
+    /// `Some(v)`: the version read, refused if the stored one differs.
+    pub expect_version: Option<u64>,
+    pub money: Vec<SubscriptionMoney>,
+    /// A renewal's idempotency key: applied once per subscription.
+    pub renewal_key: Option<String>,
+    pub at_ms: i64,
+}
+
+/// What a subscription write did.
+#[derive(Clone, Debug)]
+pub struct SubscriptionOutcome {
+    /// The subscription now.
+    pub sub: SubscriptionRecord,
+    /// The account now.
+    pub account: AccountRecord,
+    /// Ledger entries written (grants and lapses actually applied).
+    pub entries: Vec<AccountLedgerEntry>,
+    /// The renewal key had been used: nothing changed.
+    pub replayed: bool,
 }

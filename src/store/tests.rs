@@ -68,6 +68,7 @@ fn key(n: u32, owner: Option<&str>, plan: Option<&str>) -> KeyRecord {
         daily_fee: Some(Pico(5)),
         metadata: Some(r#"{"a":1}"#.into()),
         imported: false,
+        low_balance_alert: None,
     }
 }
 
@@ -90,6 +91,7 @@ fn usage(k: u32, at_ms: i64, model: &str, cost: i64, i: u64) -> UsageRecord {
         status: if i % 7 == 0 { 502 } else { 200 },
         prompt_tokens: 10 + i,
         cached_tokens: i % 3,
+        cache_write_tokens: i % 4,
         completion_tokens: 20,
         reasoning_tokens: 1,
         cost: Pico(cost),
@@ -341,6 +343,7 @@ async fn records_agree_with_accounts_rollups_and_survive_reopen() {
                         latency_ms_sum: u64::from(rec.latency_ms),
                         errors: u64::from(rec.status >= 400),
                         estimated: u64::from(rec.estimated),
+                        cache_write_tokens: rec.cache_write_tokens,
                     };
                     add_rollup(
                         expected_key.entry((k, hour, model.into())).or_default(),
@@ -535,6 +538,57 @@ async fn retention_removes_old_records_and_keeps_rollups() {
     );
 }
 
+/// Issue 17: with retention on, the log's file stops growing once records
+/// age out (redb reuses the pages they freed, and trims its end). Sixteen
+/// days of 20,000 records a day, two days kept: the second week's file is
+/// never bigger than the first week's largest (redb grows its file in
+/// steps, so day-to-day sizes move; the trend must not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_log_file_flat() {
+    const PER_DAY: u64 = 20_000;
+    let dir = TempDir::new("flat");
+    let store = Store::open(&dir.0, 5).unwrap();
+    for k in 1..=4 {
+        store
+            .create_key(key(k, None, None), account(None))
+            .await
+            .unwrap();
+    }
+    let base = now_ms() - 30 * DAY_MS;
+    let file = dir.0.join(super::log::LOG_FILE);
+    let mut sizes = Vec::new();
+    let mut removed = 0;
+    for day in 0..16u64 {
+        let day_start = base + day as i64 * DAY_MS;
+        for i in 0..PER_DAY {
+            let n = day * PER_DAY + i;
+            store.record(usage((n % 4) as u32 + 1, day_start + i as i64, "m", 1, n));
+            if i % 5_000 == 4_999 {
+                store.flush().await.unwrap();
+            }
+        }
+        store.flush().await.unwrap();
+        removed += store
+            .prune_usage_before(day_start - 2 * DAY_MS)
+            .await
+            .unwrap();
+        sizes.push(std::fs::metadata(&file).unwrap().len());
+    }
+    println!("usage.redb bytes per day: {sizes:?}");
+    // After day 15, everything before day 13 has aged out.
+    assert_eq!(removed, 13 * PER_DAY);
+    let first_week = sizes[..8].iter().copied().max().unwrap_or(0);
+    let second_week = sizes[8..].iter().copied().max().unwrap_or(0);
+    assert!(
+        second_week <= first_week,
+        "the log grew with retention on: {sizes:?}"
+    );
+    let kept: u64 = (1..=4)
+        .map(|k| store.usage(&hash(k), 0, 100_000).unwrap().len() as u64)
+        .sum();
+    assert_eq!(kept, 3 * PER_DAY);
+}
+
 #[test]
 fn bulk_insert_and_open_without_reading_keys() {
     let dir = TempDir::new("bulk");
@@ -703,6 +757,7 @@ async fn a_failed_commit_keeps_the_batch_refuses_work_and_recovers() {
         flush_ms: 2,
         queue_capacity: 1_000,
         cache_mb: 64,
+        ..StoreOptions::default()
     };
     {
         let store = Store::open_with(&path, opts).unwrap();
@@ -764,6 +819,7 @@ async fn accepting_turns_false_at_the_queue_capacity() {
         flush_ms: 10_000,
         queue_capacity: 10,
         cache_mb: 64,
+        ..StoreOptions::default()
     };
     let store = Store::open_with(&dir.0, opts).unwrap();
     store
@@ -902,6 +958,7 @@ async fn bounded_child() {
         flush_ms: 20,
         queue_capacity: 1 << 20,
         cache_mb: 16,
+        ..StoreOptions::default()
     };
     let store = Store::open_with(Path::new(&dir), opts).unwrap();
     for k in 1..=4 {

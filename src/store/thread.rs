@@ -20,6 +20,11 @@ use super::records::*;
 use super::{Counters, StoreError, abort};
 use crate::clock::{DAY_MS, HOUR_MS, Period};
 use crate::money::Pico;
+use outbox::Outbox;
+
+/// The outbox and audit log (events, `E`/`U`/`D` rows): `store/events.rs`.
+#[path = "events.rs"]
+pub(super) mod outbox;
 
 /// Most ops the store thread takes into one batch before committing. Under
 /// load the per-key writes (account, usage value, rollups) are shared by
@@ -82,6 +87,31 @@ pub(super) enum Op {
         Box<super::payments::PaymentOp>,
         oneshot::Sender<Result<super::payments::PaymentOutcome, StoreError>>,
     ),
+    /// A subscription change and the money it moves (`super::subscriptions`).
+    SubscriptionWrite(
+        Box<SubscriptionWrite>,
+        oneshot::Sender<Result<SubscriptionOutcome, StoreError>>,
+    ),
+    /// An admin request's write: the inner op is audited under the actor.
+    Noted(Box<crate::events::Actor>, Box<Op>),
+    /// Events and an audit note with no change of their own.
+    Emit(
+        Vec<crate::events::EventDraft>,
+        Option<outbox::AuditNote>,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
+    /// The gate saw this key expired at this time.
+    KeyExpired(KeyHash, i64),
+    /// Webhook and email delivery state.
+    Deliveries(
+        outbox::DeliveryWrite,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
+    /// A scoped admin token written or removed (`super::admin_tokens`).
+    AdminToken(
+        super::admin_tokens::AdminTokenOp,
+        oneshot::Sender<Result<bool, StoreError>>,
+    ),
 }
 
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
@@ -139,6 +169,9 @@ pub(super) struct Pending {
     /// User accounts charged by the batch's records, read once per batch;
     /// `None` when the account is gone (the record is still written).
     accounts: HashMap<std::sync::Arc<str>, Option<AccountRecord>>,
+    /// Events the records raised (`key.exhausted`…), with their time:
+    /// written by the batch that counts the records.
+    events: Vec<(crate::events::EventDraft, i64)>,
 }
 
 /// The sequence number up to which every record is on disk. Records reach
@@ -187,6 +220,8 @@ pub(super) struct StoreThread {
     mark: Watermark,
     /// Wait before the next retry after a failed commit or flush.
     backoff: Duration,
+    /// Events and audit entries being written with the ops.
+    outbox: Outbox,
 }
 
 /// Queues `result` to be answered after the flush, or the flush's error.
@@ -210,6 +245,7 @@ impl StoreThread {
         counters: Arc<Counters>,
         next_bseq: u64,
         window: Duration,
+        outbox: Outbox,
     ) -> std::io::Result<(Sender<Op>, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
         let thread = StoreThread {
@@ -226,6 +262,7 @@ impl StoreThread {
             unflushed: Vec::new(),
             mark: Watermark::default(),
             backoff: RETRY_MIN,
+            outbox,
         };
         let handle = std::thread::Builder::new()
             .name("tollgate-store".into())
@@ -297,6 +334,19 @@ impl StoreThread {
 
     /// Takes one op into the batch; `true` if someone awaits its flush.
     fn handle(&mut self, op: Op) -> bool {
+        if let Op::Noted(actor, inner) = op {
+            self.outbox.actor = Some(*actor);
+            let urgent = self.handle(*inner);
+            self.outbox.actor = None;
+            return urgent;
+        }
+        let urgent = self.handle_op(op);
+        // What a refused or failed op queued for the outbox goes with it.
+        self.outbox.discard_unstaged();
+        urgent
+    }
+
+    fn handle_op(&mut self, op: Op) -> bool {
         if !matches!(op, Op::Record(..)) {
             // A record leaves the queue depth only once it is on disk.
             self.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
@@ -392,6 +442,25 @@ impl StoreThread {
                 self.replies.push(reply_after_flush(tx, r));
                 true
             }
+            Op::SubscriptionWrite(w, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.subscription_write(&w));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::Noted(_, inner) => self.handle(*inner),
+            op @ (Op::Emit(..) | Op::KeyExpired(..) | Op::Deliveries(..)) => {
+                self.handle_outbox_op(op)
+            }
+            Op::AdminToken(op, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| super::admin_tokens::apply(&self.book, op));
+                self.write_count(1);
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
         }
     }
 
@@ -458,9 +527,12 @@ impl StoreThread {
             },
             None => None,
         };
+        let funds = |w: &AccountRecord| Pico(w.balance.0.saturating_add(w.allowance.0));
+        let wallet_before = wallet.as_ref().map(|w| funds(w));
         if let Some(w) = wallet {
             w.charge(rec.at_ms, rec.cost);
         }
+        let key_before = kb.acct.as_ref().map(|(a, _)| *a);
         if let Some((acct, reset)) = &mut kb.acct {
             charge(acct, *reset, rec.at_ms, rec.cost);
             acct.requests = acct.requests.saturating_add(1);
@@ -493,6 +565,12 @@ impl StoreThread {
         }
         put_usage(&mut kb.records, rec);
         kb.count += 1;
+        let key_change = key_before.zip(kb.acct.as_ref().map(|(a, _)| *a));
+        let wallet_after = match &rec.account {
+            Some(id) => p.accounts.get(id).and_then(|a| a.as_ref()).map(funds),
+            None => None,
+        };
+        let wallet_change = wallet_before.zip(wallet_after);
 
         let hour = rec.at_ms.div_euclid(HOUR_MS);
         let delta = Rollup {
@@ -505,6 +583,7 @@ impl StoreThread {
             latency_ms_sum: u64::from(rec.latency_ms),
             errors: u64::from(rec.status >= 400),
             estimated: u64::from(rec.estimated),
+            cache_write_tokens: rec.cache_write_tokens,
         };
         let k = &mut self.scratch;
         k.clear();
@@ -518,6 +597,7 @@ impl StoreThread {
         k.extend_from_slice(&ord_i64(hour));
         k.extend_from_slice(rec.model.as_bytes());
         add_pending_rollup(&mut p.rollups, k, &delta);
+        self.watch_record(rec, key_change, wallet_change);
     }
 
     /// Fails while the test fault switch is on, as a full disk would.
@@ -612,9 +692,13 @@ impl StoreThread {
         }
         batch.insert(NEXT_BSEQ_KEY, &(bseq + 1).to_be_bytes());
         writes += 1;
+        let staged = self.stage_pending_events();
+        staged.add_to(&mut batch);
         let result = self.book.apply_batch(batch);
         self.write_count(writes);
-        Ok(result?)
+        result?;
+        self.outbox_written(staged);
+        Ok(())
     }
 
     /// Commits, flushes, then answers the writes that awaited the flush.
@@ -644,6 +728,9 @@ impl StoreThread {
                 }
                 c.queue_depth.fetch_sub(durable, Ordering::Relaxed);
                 c.committed_seq.store(self.mark.upto, Ordering::Release);
+                if self.outbox.take_unannounced() {
+                    c.events_written.notify_one();
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "store flush failed; retrying");
@@ -689,10 +776,13 @@ impl StoreThread {
         let record = encode_key(rec);
         let account = encode_account(acct, rec.limit_reset);
         let owner = owner_entry(rec);
+        self.note_key_created(rec, acct);
+        let staged = self.stage_outbox();
         (&self.keys, &self.owners, &self.book).transaction(|(keys, owners, book)| {
             if keys.get(key_record_key(&hash))?.is_some() {
                 return abort(StoreError::Exists);
             }
+            staged.add_to_tx(book)?;
             let count = match read_key_count(&keys.get([b'n'])?) {
                 Ok(n) => n,
                 Err(e) => return abort(e),
@@ -707,6 +797,7 @@ impl StoreThread {
             Ok(())
         })?;
         self.write_count(4 + usize::from(owner.is_some()));
+        self.outbox_written(staged);
         self.counters.keys.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -715,10 +806,12 @@ impl StoreThread {
         let hash = rec.hash;
         let record = encode_key(rec);
         let new_owner = owner_entry(rec);
+        let staged = self.note_key_updated(rec);
         (&self.keys, &self.owners, &self.book).transaction(|(keys, owners, book)| {
             let Some(old) = keys.get(key_record_key(&hash))? else {
                 return abort(StoreError::NotFound);
             };
+            staged.add_to_tx(book)?;
             let old = match decode_key(&hash, &old) {
                 Ok(o) => o,
                 Err(e) => return abort(e),
@@ -749,15 +842,18 @@ impl StoreThread {
             Ok(())
         })?;
         self.write_count(4);
+        self.outbox_written(staged);
         Ok(())
     }
 
     fn delete(&mut self, hash: &KeyHash) -> Result<bool, StoreError> {
+        let staged = self.note_key_deleted(hash);
         let existed =
             (&self.keys, &self.owners, &self.book).transaction(|(keys, owners, book)| {
                 let Some(old) = keys.remove(key_record_key(hash))? else {
                     return Ok(false);
                 };
+                staged.add_to_tx(book)?;
                 let old = match decode_key(hash, &old) {
                     Ok(o) => o,
                     Err(e) => return abort(e),
@@ -776,6 +872,7 @@ impl StoreThread {
             })?;
         if existed {
             self.write_count(5);
+            self.outbox_written(staged);
             self.counters.keys.fetch_sub(1, Ordering::Relaxed);
         }
         Ok(existed)
@@ -793,10 +890,16 @@ impl StoreThread {
 
     fn set_limit(&mut self, hash: &KeyHash, limit: Option<Pico>) -> Result<Account, StoreError> {
         let (mut acct, reset) = self.read_account(hash)?;
+        let before = acct;
         acct.limit = limit;
-        self.book
-            .insert(account_key(hash), encode_account(&acct, reset))?;
+        self.note_limit(hash, &before, &acct);
+        let staged = self.stage_outbox();
+        let mut batch = Batch::default();
+        batch.insert(account_key(hash), encode_account(&acct, reset));
+        staged.add_to(&mut batch);
+        self.book.apply_batch(batch)?;
         self.write_count(1);
+        self.outbox_written(staged);
         Ok(acct)
     }
 
@@ -806,8 +909,11 @@ impl StoreThread {
         let mut batch = Batch::default();
         let (out, writes) = self.credit_into(hash, op, &mut batch)?;
         if writes > 0 {
+            let staged = self.stage_outbox();
+            staged.add_to(&mut batch);
             self.book.apply_batch(batch)?;
             self.write_count(writes);
+            self.outbox_written(staged);
         }
         Ok(out)
     }
@@ -815,7 +921,7 @@ impl StoreThread {
     /// [`Self::credit`]'s writes added to `batch` (none when replayed), and
     /// how many: a payment commits them with its own record.
     pub(super) fn credit_into(
-        &self,
+        &mut self,
         hash: &KeyHash,
         op: &CreditOp,
         batch: &mut Batch,
@@ -840,6 +946,7 @@ impl StoreThread {
                 0,
             ));
         }
+        let before = acct;
         match op.kind {
             LedgerKind::Topup => {
                 if let Some(l) = acct.limit {
@@ -866,6 +973,7 @@ impl StoreThread {
             limit_after: acct.limit,
             spent_after: acct.spent,
         };
+        self.note_key_credit(hash, &before, &acct, &entry);
         batch.insert(account_key(hash), encode_account(&acct, reset));
         batch.insert(ledger_key(hash, entry.seq), encode_ledger(&entry));
         let mut writes = 2;
@@ -895,25 +1003,48 @@ impl StoreThread {
         if self.book.contains_key(&k)? {
             return Err(StoreError::Exists);
         }
-        self.book.insert(k, encode_user_account(a))?;
+        self.note_account_write("account.create", &a.id, None, Some(a));
+        let staged = self.stage_outbox();
+        let mut batch = Batch::default();
+        batch.insert(k, encode_user_account(a));
+        staged.add_to(&mut batch);
+        self.book.apply_batch(batch)?;
         self.write_count(1);
+        self.outbox_written(staged);
         Ok(())
     }
 
     fn account_update(&mut self, id: &str, edit: AccountEdit) -> Result<AccountRecord, StoreError> {
         let mut a = self.read_user_account(id)?;
+        let before = a.clone();
         edit(&mut a)?;
-        self.book
-            .insert(user_account_key(id), encode_user_account(&a))?;
+        self.note_account_write("account.update", id, Some(&before), Some(&a));
+        let staged = self.stage_outbox();
+        let mut batch = Batch::default();
+        batch.insert(user_account_key(id), encode_user_account(&a));
+        staged.add_to(&mut batch);
+        self.book.apply_batch(batch)?;
         self.write_count(1);
+        self.outbox_written(staged);
         Ok(a)
     }
 
     /// Removes the account record; its ledger stays for reports.
     fn account_delete(&mut self, id: &str) -> Result<bool, StoreError> {
-        let existed = self.book.remove(user_account_key(id))?.is_some();
+        let before = match self.read_user_account(id) {
+            Ok(a) => a,
+            Err(StoreError::NotFound) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        self.note_account_write("account.delete", id, Some(&before), None);
+        let staged = self.stage_outbox();
+        let mut batch = Batch::default();
+        batch.remove(user_account_key(id));
+        staged.add_to(&mut batch);
+        self.book.apply_batch(batch)?;
         self.write_count(1);
-        Ok(existed)
+        self.outbox_written(staged);
+        Ok(true)
     }
 
     /// The account, its ledger entry and the idempotency entry in one
@@ -927,8 +1058,11 @@ impl StoreThread {
         let mut batch = Batch::default();
         let (out, writes) = self.account_credit_into(id, op, &mut batch)?;
         if writes > 0 {
+            let staged = self.stage_outbox();
+            staged.add_to(&mut batch);
             self.book.apply_batch(batch)?;
             self.write_count(writes);
+            self.outbox_written(staged);
         }
         Ok(out)
     }
@@ -936,7 +1070,7 @@ impl StoreThread {
     /// [`Self::account_credit`]'s writes added to `batch` (none when
     /// replayed), and how many: a payment commits them with its own record.
     pub(super) fn account_credit_into(
-        &self,
+        &mut self,
         id: &str,
         op: &AccountCreditOp,
         batch: &mut Batch,
@@ -961,6 +1095,7 @@ impl StoreThread {
                 0,
             ));
         }
+        let before = a.clone();
         let too_big = || StoreError::Invalid("amount out of range".into());
         match op.kind {
             AccountCreditKind::Topup => {
@@ -986,6 +1121,11 @@ impl StoreThread {
             AccountCreditKind::Reversal => {
                 a.balance = a.balance.checked_sub(op.amount).ok_or_else(too_big)?;
             }
+            AccountCreditKind::Grant | AccountCreditKind::Lapse => {
+                return Err(StoreError::Invalid(
+                    "grants and lapses come from subscriptions only".into(),
+                ));
+            }
         }
         a.ledger_seq += 1;
         let entry = AccountLedgerEntry {
@@ -997,7 +1137,9 @@ impl StoreThread {
             idempotency_key: op.idempotency_key.clone(),
             balance_after: a.balance,
             spent_after: a.spent,
+            allowance_after: a.allowance,
         };
+        self.note_account_credit(&before, &a, &entry);
         batch.insert(user_account_key(id), encode_user_account(&a));
         batch.insert(
             account_ledger_key(id, entry.seq),
@@ -1028,10 +1170,12 @@ impl StoreThread {
         let mut added = 0u64;
         let mut writes = 0usize;
         let mut seen = std::collections::HashSet::new();
+        let mut created = Vec::new();
         for (rec, acct) in &items {
             if !seen.insert(rec.hash) || self.keys.contains_key(key_record_key(&rec.hash))? {
                 continue;
             }
+            created.push((rec.clone(), *acct));
             book.insert(
                 account_key(&rec.hash),
                 encode_account(acct, rec.limit_reset),
@@ -1050,7 +1194,11 @@ impl StoreThread {
         }
         let count = read_key_count(&self.keys.get([b'n'])?)?;
         keys.insert(b"n", &(count + added).to_le_bytes());
+        self.note_import(&created);
+        let staged = self.stage_outbox();
+        staged.add_to(&mut book);
         self.book.apply_batch(book)?;
+        self.outbox_written(staged);
         self.owners.apply_batch(owners)?;
         self.keys.apply_batch(keys)?;
         self.write_count(writes + 1);

@@ -1,0 +1,199 @@
+//! Subscriptions in the store: their rows (`book` `S`), their grant and
+//! renewal markers (`book` `T`), and the one write that changes them.
+//!
+//! A subscription write is applied by the store thread as one atomic
+//! `apply_batch` of `book`, after the usage records queued before it are
+//! committed: the subscription, its account (allowance, link, ledger
+//! count), the account ledger entries of its grants and lapses, and the
+//! markers. So after a crash either all of a renewal or period roll is on
+//! disk or none of it, and a grant whose `T` marker exists is never
+//! applied again, whatever replays it.
+
+use sled::Batch;
+
+use super::codec::{encode_account_entry, encode_user_account};
+use super::layout::*;
+use super::records::*;
+use super::thread::{Op, StoreThread};
+use super::{Store, StoreError};
+use crate::money::Pico;
+
+fn encode_sub(s: &SubscriptionRecord) -> Vec<u8> {
+    serde_json::to_vec(s).unwrap_or_default()
+}
+
+fn decode_sub(bytes: &[u8]) -> Result<SubscriptionRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("subscription: {e}")))
+}
+
+impl Store {
+    /// A subscription, as stored.
+    pub fn subscription(&self, id: &str) -> Result<Option<SubscriptionRecord>, StoreError> {
+        match self.inner.book.get(subscription_key(id))? {
+            Some(v) => Ok(Some(decode_sub(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every subscription matching `keep`, in id order. A scan of the `S`
+    /// rows: subscriptions are few next to keys and usage.
+    pub fn subscriptions_where(
+        &self,
+        mut keep: impl FnMut(&SubscriptionRecord) -> bool,
+    ) -> Result<Vec<SubscriptionRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.book.scan_prefix([b'S']) {
+            let (_, v) = item?;
+            let s = decode_sub(&v)?;
+            if keep(&s) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The period a renewal with this idempotency key paid, if it was applied.
+    pub fn renewal_applied(&self, sid: &str, idem: &str) -> Result<Option<u64>, StoreError> {
+        match self.inner.book.get(renewal_marker_key(sid, idem))? {
+            Some(v) => <[u8; 8]>::try_from(v.as_ref())
+                .map(|b| Some(u64::from_be_bytes(b)))
+                .map_err(|_| StoreError::Corrupt("renewal marker".into())),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a grant was applied (its `T` marker exists).
+    pub fn grant_applied(&self, sid: &str, m: &SubscriptionMarker) -> Result<bool, StoreError> {
+        Ok(self.inner.book.contains_key(grant_marker_key(sid, m))?)
+    }
+
+    /// Applies a subscription write atomically (see the module docs).
+    /// `Exists`: a create for an account with a live subscription, or an
+    /// id taken; `NotFound`: no such account or subscription; `Invalid`:
+    /// the subscription changed since it was read.
+    pub async fn write_subscription(
+        &self,
+        w: SubscriptionWrite,
+    ) -> Result<SubscriptionOutcome, StoreError> {
+        self.call(|tx| Op::SubscriptionWrite(Box::new(w), tx)).await
+    }
+}
+
+/// The version check failed: the caller reads again and retries.
+pub const STALE_SUBSCRIPTION: &str = "the subscription changed meanwhile";
+
+impl StoreThread {
+    pub(super) fn subscription_write(
+        &mut self,
+        w: &SubscriptionWrite,
+    ) -> Result<SubscriptionOutcome, StoreError> {
+        let sid = w.sub.id.as_str();
+        let skey = subscription_key(sid);
+        let stored = match self.book.get(&skey)? {
+            Some(v) => Some(decode_sub(&v)?),
+            None => None,
+        };
+        let mut a = self.read_user_account(&w.sub.account)?;
+        if let Some(idem) = &w.renewal_key
+            && self.book.contains_key(renewal_marker_key(sid, idem))?
+        {
+            let sub = stored.ok_or(StoreError::NotFound)?;
+            return Ok(SubscriptionOutcome {
+                sub,
+                account: a,
+                entries: Vec::new(),
+                replayed: true,
+            });
+        }
+        match (w.expect_version, &stored) {
+            (None, Some(_)) => return Err(StoreError::Exists),
+            (None, None) => {
+                if a.subscription.as_ref().is_some_and(|l| l.status.is_live()) {
+                    return Err(StoreError::Exists);
+                }
+            }
+            (Some(_), None) => return Err(StoreError::NotFound),
+            (Some(v), Some(s)) => {
+                if s.version != v || s.account != w.sub.account {
+                    return Err(StoreError::Invalid(STALE_SUBSCRIPTION.into()));
+                }
+            }
+        }
+        let mut sub = w.sub.clone();
+        sub.version = stored.as_ref().map(|s| s.version + 1).unwrap_or(1);
+        let mut batch = Batch::default();
+        let mut entries = Vec::new();
+        for m in &w.money {
+            let (kind, amount, reason) = match m {
+                SubscriptionMoney::Grant {
+                    amount,
+                    marker,
+                    reason,
+                } => {
+                    let mk = grant_marker_key(sid, marker);
+                    if amount.0 <= 0 || self.book.contains_key(&mk)? {
+                        continue;
+                    }
+                    a.allowance = a
+                        .allowance
+                        .checked_add(*amount)
+                        .ok_or_else(|| StoreError::Invalid("allowance out of range".into()))?;
+                    batch.insert(mk, &[][..]);
+                    (AccountCreditKind::Grant, *amount, reason)
+                }
+                SubscriptionMoney::LapseAll { reason } => {
+                    let amount = Pico(a.allowance.0.max(0));
+                    if amount.0 == 0 {
+                        continue;
+                    }
+                    a.allowance = Pico::ZERO;
+                    (AccountCreditKind::Lapse, amount, reason)
+                }
+            };
+            a.ledger_seq += 1;
+            let entry = AccountLedgerEntry {
+                seq: a.ledger_seq,
+                at_ms: w.at_ms,
+                kind,
+                amount,
+                reason: reason.clone(),
+                idempotency_key: None,
+                balance_after: a.balance,
+                spent_after: a.spent,
+                allowance_after: a.allowance,
+            };
+            batch.insert(
+                account_ledger_key(&a.id, entry.seq),
+                encode_account_entry(&entry),
+            );
+            entries.push(entry);
+        }
+        if let Some(idem) = &w.renewal_key {
+            batch.insert(
+                renewal_marker_key(sid, idem),
+                &sub.paid_through.to_be_bytes(),
+            );
+        }
+        // The account points at its latest subscription; an older one
+        // changing (it cannot be live) leaves the pointer alone.
+        if a.subscription.as_ref().is_none_or(|l| l.id == sub.id) || w.expect_version.is_none() {
+            a.subscription = Some(SubscriptionLink {
+                id: sub.id.clone(),
+                plan: sub.plan.clone(),
+                status: sub.status,
+            });
+        }
+        a.updated_at = a.updated_at.max(w.at_ms);
+        batch.insert(user_account_key(&a.id), encode_user_account(&a));
+        batch.insert(skey, encode_sub(&sub));
+        let writes = 2 + entries.len() + usize::from(w.renewal_key.is_some());
+        self.book.apply_batch(batch)?;
+        self.write_count(writes);
+        Ok(SubscriptionOutcome {
+            sub,
+            account: a,
+            entries,
+            replayed: false,
+        })
+    }
+}
