@@ -105,7 +105,8 @@ impl Log {
     }
 
     fn drop_uncounted(&self, next_bseq: u64) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(err)?;
+        let mut tx = self.db.begin_write().map_err(err)?;
+        tx.set_quick_repair(true);
         {
             let mut batches = tx.open_table(BATCHES).map_err(err)?;
             let _ = tx.open_table(PRUNED).map_err(err)?;
@@ -137,6 +138,10 @@ impl Log {
     pub(super) fn write(&self, b: &LogBatch<'_>) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().map_err(err)?;
         tx.set_durability(Durability::Immediate);
+        // Each commit saves the allocator state, so that opening after a
+        // crash does not walk the whole file (10.7 s on 4.2 M records
+        // without it; see README, issue 17).
+        tx.set_quick_repair(true);
         {
             let mut usage = tx.open_table(USAGE).map_err(err)?;
             for (hash, v) in &b.values {
@@ -235,6 +240,10 @@ impl Log {
     ) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().map_err(err)?;
         tx.set_durability(Durability::Immediate);
+        // Each commit saves the allocator state, so that opening after a
+        // crash does not walk the whole file (10.7 s on 4.2 M records
+        // without it; see README, issue 17).
+        tx.set_quick_repair(true);
         {
             let mut usage = tx.open_table(USAGE).map_err(err)?;
             let mut batches = tx.open_table(BATCHES).map_err(err)?;
