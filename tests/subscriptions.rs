@@ -890,3 +890,64 @@ grant = "3"
     drop(store);
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// Each subscription change puts its event in the outbox and its audit
+/// entry in the log, once: created, renewed, past_due, canceled; a replayed
+/// renewal adds neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_changes_emit_events_and_audit_once() {
+    let gw = TestGateway::start_with(PLANS);
+    new_account(&gw, "ev1").await;
+    let s = subscribe(&gw, "ev1", json!({"plan": "basic"})).await;
+    let sid = s["id"].as_str().unwrap().to_owned();
+    let (st, v) = renew(&gw, &sid, "pay-1").await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = renew(&gw, &sid, "pay-1").await;
+    assert_eq!(st, 200, "{v}");
+    // Past the paid periods' end without a renewal: past_due.
+    advance(&gw, 62 * 86_400_000).await;
+    let (st, v) = admin(
+        &gw,
+        "POST",
+        &format!("/api/v1/subscriptions/{sid}/cancel"),
+        Some(json!({"at_period_end": false})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, events) = admin(&gw, "GET", "/api/v1/events?limit=100", None).await;
+    assert_eq!(st, 200, "{events}");
+    let kinds: Vec<&str> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .filter(|t| t.starts_with("subscription."))
+        .collect();
+    for k in [
+        "subscription.created",
+        "subscription.renewed",
+        "subscription.past_due",
+        "subscription.canceled",
+    ] {
+        assert_eq!(
+            kinds.iter().filter(|x| **x == k).count(),
+            1,
+            "{k} once: {kinds:?}"
+        );
+    }
+    let (st, audit) = admin(&gw, "GET", &format!("/api/v1/audit?target={sid}"), None).await;
+    assert_eq!(st, 200, "{audit}");
+    let actions: Vec<&str> = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    // create, renew, cancel by the admin (the replay and the clock's
+    // past_due are not admin writes).
+    assert_eq!(actions.len(), 3, "{audit}");
+    assert!(
+        actions.iter().all(|a| *a == "subscription.write"),
+        "{audit}"
+    );
+}

@@ -243,24 +243,32 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("payment records serialize")
 }
 
+/// A payment as events and the audit log show it: never an issued key.
+fn payment_summary(p: &PaymentRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": p.id,
+        "provider": p.provider,
+        "provider_id": p.provider_id,
+        "account": p.account,
+        "key": p.key,
+        "amount": p.amount.to_string(),
+        "refunded": p.refunded.to_string(),
+        "currency": p.currency,
+        "kind": p.kind,
+        "status": p.status.as_str(),
+    })
+}
+
 impl StoreThread {
     /// An outbox event about a payment: its summary, never an issued key.
     fn payment_event(&mut self, kind: &str, p: &PaymentRecord) {
-        self.emit(
-            kind,
-            serde_json::json!({
-                "id": p.id,
-                "provider": p.provider,
-                "provider_id": p.provider_id,
-                "account": p.account,
-                "key": p.key,
-                "amount": p.amount.to_string(),
-                "refunded": p.refunded.to_string(),
-                "currency": p.currency,
-                "kind": p.kind,
-                "status": p.status.as_str(),
-            }),
-        );
+        self.emit(kind, payment_summary(p));
+    }
+
+    /// The audit entry of a payment an operator recorded (a manual one):
+    /// kept only when an admin request made the op.
+    fn payment_audit(&mut self, p: &PaymentRecord) {
+        self.audit("payment.record", &p.id, None, Some(payment_summary(p)));
     }
 
     pub(super) fn payment(&mut self, op: PaymentOp) -> Result<PaymentOutcome, StoreError> {
@@ -423,6 +431,7 @@ impl StoreThread {
         for r in refs {
             batch.insert(ref_key(&p.provider, r), p.id.as_bytes());
         }
+        self.payment_audit(&p);
         match p.status {
             PaymentStatus::Succeeded => self.payment_event("payment.succeeded", &p),
             PaymentStatus::Failed => self.payment_event("payment.failed", &p),

@@ -83,6 +83,38 @@ impl Store {
 pub const STALE_SUBSCRIPTION: &str = "the subscription changed meanwhile";
 
 impl StoreThread {
+    /// The outbox events and the audit entry of a subscription change, in
+    /// its own batch: created, renewed (a paid period), and each status it
+    /// enters (past_due, canceled, expired).
+    fn note_subscription(
+        &mut self,
+        before: Option<&SubscriptionRecord>,
+        after: &SubscriptionRecord,
+        renewed: bool,
+    ) {
+        let data = serde_json::to_value(after).unwrap_or_default();
+        match before {
+            None => self.emit("subscription.created", data.clone()),
+            Some(b) if b.status != after.status => {
+                let kind = match after.status {
+                    SubscriptionStatus::PastDue => Some("subscription.past_due"),
+                    SubscriptionStatus::Canceled => Some("subscription.canceled"),
+                    SubscriptionStatus::Expired => Some("subscription.expired"),
+                    _ => None,
+                };
+                if let Some(k) = kind {
+                    self.emit(k, data.clone());
+                }
+            }
+            Some(_) => {}
+        }
+        if renewed {
+            self.emit("subscription.renewed", data.clone());
+        }
+        let before = before.and_then(|b| serde_json::to_value(b).ok());
+        self.audit("subscription.write", &after.id, before, Some(data));
+    }
+
     pub(super) fn subscription_write(
         &mut self,
         w: &SubscriptionWrite,
@@ -187,8 +219,12 @@ impl StoreThread {
         batch.insert(user_account_key(&a.id), encode_user_account(&a));
         batch.insert(skey, encode_sub(&sub));
         let writes = 2 + entries.len() + usize::from(w.renewal_key.is_some());
+        self.note_subscription(stored.as_ref(), &sub, w.renewal_key.is_some());
+        let staged = self.stage_outbox();
+        staged.add_to(&mut batch);
         self.book.apply_batch(batch)?;
         self.write_count(writes);
+        self.outbox_written(staged);
         Ok(SubscriptionOutcome {
             sub,
             account: a,
