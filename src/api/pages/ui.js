@@ -131,3 +131,23 @@ export function say(node, message, kind = "info") {
   fill(node, message || "");
   node.className = `notice ${message ? kind : ""}`;
 }
+
+// A fresh idempotency key for a money-moving form: the user may send the
+// same form twice (a double click, a retry) and the API applies it once.
+export function randomId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+// A labelled input; `attrs.name` names the API field it carries.
+export function field(id, label, attrs = {}) {
+  return el("div", { class: "field" },
+    el("label", { for: id }, label),
+    el("input", { id, name: id, ...attrs }));
+}
+
+// A small button that calls `f` on click.
+export function button(cls, text, f) {
+  return el("button", { type: "button", class: cls, on: { click: f } }, text);
+}
