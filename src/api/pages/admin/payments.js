@@ -25,7 +25,7 @@ async function mount(root, ctx) {
       el("label", { for: "payment-status" }, "Status"), status,
       el("label", { for: "payment-account" }, "Account"), account,
       button("secondary", "Refresh", () => load().catch(report)),
-      button("secondary", "Reconcile (30 days)", () => reconcile().catch(report))),
+      el("button", { type: "button", id: "reconcile-button", class: "secondary", on: { click: () => reconcile().catch(report) } }, "Reconcile (30 days)")),
     list, recon);
 
   async function load() {
