@@ -376,6 +376,10 @@ webhook_secret_env = "TOLLGATE_PORTAL_TEST_STRIPE_WHSEC"
 api_base = "{}"
 success_url = "https://shop.example/paid"
 cancel_url = "https://shop.example/cancel"
+[plans.pro]
+interval = "month"
+price = "30"
+grant = "4"
 "#,
         stripe.url
     ));
@@ -670,6 +674,64 @@ cancel_url = "https://shop.example/cancel"
             "document.querySelector(\"{row} td:nth-child(4)\")?.textContent === '{want}'"
         ))
         .await;
+
+    // Subscriptions of the account: subscribe, renew, cancel from the
+    // console; the API agrees at each step.
+    browser.click(&format!("{row} .act-account-subs")).await;
+    browser.wait("document.getElementById('subscribe-plan')").await;
+    browser.type_into("#subscribe-plan", "pro").await;
+    browser.type_into("#subscribe-trial", "0").await;
+    browser.click("#subscribe-form button[type=submit]").await;
+    let sid = browser
+        .wait("document.querySelector('#subscriptions-table tbody tr')?.dataset.subscription")
+        .await;
+    let sid = sid.as_str().expect("subscription id").to_owned();
+    let srow = format!("tr[data-subscription='{sid}']");
+    let sub = raw_get(&gw.url(&format!("/api/v1/subscriptions/{sid}")), &admin).await;
+    assert_eq!(sub["plan"], "pro");
+    assert_eq!(
+        browser.text(&format!("{srow} td:nth-child(3)")).await,
+        sub["status"].as_str().unwrap_or("")
+    );
+    assert_eq!(
+        browser.text(&format!("{srow} td:nth-child(7)")).await,
+        sub["grant"].as_str().unwrap_or("")
+    );
+    browser.click(&format!("{srow} .act-renew")).await;
+    browser
+        .wait(&format!(
+            "document.getElementById('notice').textContent === 'Subscription {sid} renewed.'"
+        ))
+        .await;
+    let renewed = raw_get(&gw.url(&format!("/api/v1/subscriptions/{sid}")), &admin).await;
+    assert_eq!(
+        renewed["paid_through"].as_str().and_then(|p| p.parse::<u64>().ok()),
+        sub["paid_through"].as_str().and_then(|p| p.parse::<u64>().ok()).map(|p| p + 1),
+        "one renewal"
+    );
+    browser.click(&format!("{srow} .act-cancel")).await;
+    browser
+        .wait(&format!(
+            "document.querySelector(\"{srow} td:nth-child(3)\")?.textContent === 'canceled'"
+        ))
+        .await;
+    let canceled = raw_get(&gw.url(&format!("/api/v1/subscriptions/{sid}")), &admin).await;
+    assert_eq!(canceled["status"], "canceled");
+
+    // Events: the account's credit is in the outbox; redelivering answers.
+    browser.click("#events .toolbar button").await;
+    browser
+        .wait("Array.from(document.querySelectorAll('#events-table tbody tr')).some(r => r.cells[2].textContent === 'credit.applied')")
+        .await;
+    browser.click("#events-table tbody tr .act-redeliver").await;
+    browser
+        .wait("/^Event evt_\\d+ queued again/.test(document.getElementById('notice').textContent)")
+        .await;
+    browser
+        .js("document.getElementById('accounts').scrollIntoView();", json!([]))
+        .await;
+    browser.screenshot("admin-accounts").await;
+    browser.js("window.scrollTo(0, 0);", json!([])).await;
 
     let evil = "<img src=x onerror=alert(1)>";
     browser.click("details.create summary").await;
