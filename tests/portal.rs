@@ -312,32 +312,42 @@ async fn mock_stripe() -> MockStripe {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let (seen, base) = (seen.clone(), base.clone());
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let (seen, base) = (seen.clone(), base.clone());
-                async move {
-                    let (parts, body) = req.into_parts();
-                    let form = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                    let (status, ctype, text) = if parts.method == "POST"
-                        && parts.uri.path() == "/v1/checkout/sessions"
-                    {
-                        let n = {
-                            let mut g = seen.lock().expect("lock");
-                            g.push(String::from_utf8_lossy(&form).into_owned());
-                            g.len()
-                        };
-                        let v = json!({"id": format!("cs_test_{n}"), "object": "checkout.session",
+            let svc = hyper::service::service_fn(
+                move |req: http::Request<hyper::body::Incoming>| {
+                    let (seen, base) = (seen.clone(), base.clone());
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let form = body
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let (status, ctype, text) = if parts.method == "POST"
+                            && parts.uri.path() == "/v1/checkout/sessions"
+                        {
+                            let n = {
+                                let mut g = seen.lock().expect("lock");
+                                g.push(String::from_utf8_lossy(&form).into_owned());
+                                g.len()
+                            };
+                            let v = json!({"id": format!("cs_test_{n}"), "object": "checkout.session",
                                        "url": format!("{base}/paid/cs_test_{n}")});
-                        (200, "application/json", v.to_string())
-                    } else {
-                        (200, "text/html", "<!doctype html><title>paid</title>paid".to_owned())
-                    };
-                    let mut res = http::Response::new(Full::new(Bytes::from(text)));
-                    *res.status_mut() = http::StatusCode::from_u16(status).expect("status");
-                    res.headers_mut()
-                        .insert("content-type", http::HeaderValue::from_static(ctype));
-                    Ok::<_, Infallible>(res)
-                }
-            });
+                            (200, "application/json", v.to_string())
+                        } else {
+                            (
+                                200,
+                                "text/html",
+                                "<!doctype html><title>paid</title>paid".to_owned(),
+                            )
+                        };
+                        let mut res = http::Response::new(Full::new(Bytes::from(text)));
+                        *res.status_mut() = http::StatusCode::from_u16(status).expect("status");
+                        res.headers_mut()
+                            .insert("content-type", http::HeaderValue::from_static(ctype));
+                        Ok::<_, Infallible>(res)
+                    }
+                },
+            );
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
@@ -365,7 +375,10 @@ async fn portal_and_admin_in_a_browser() {
     #[allow(unsafe_code)]
     unsafe {
         std::env::set_var("TOLLGATE_PORTAL_TEST_STRIPE_SK", "sk_test_portal");
-        std::env::set_var("TOLLGATE_PORTAL_TEST_STRIPE_WHSEC", "whsec_portal_test_0123456789");
+        std::env::set_var(
+            "TOLLGATE_PORTAL_TEST_STRIPE_WHSEC",
+            "whsec_portal_test_0123456789",
+        );
     }
     let stripe = mock_stripe().await;
     let gw = TestGateway::start_with(&format!(
@@ -502,7 +515,6 @@ grant = "4"
             .await,
         json!(true)
     );
-    browser.screenshot("portal").await;
 
     // The deep link: the key from the fragment, then the fragment is gone.
     browser.js("sessionStorage.clear();", json!([])).await;
@@ -563,6 +575,8 @@ grant = "4"
         browser.text("#account-remaining").await,
         format!("{left} USD")
     );
+    browser.js("window.scrollTo(0, 0);", json!([])).await;
+    browser.screenshot("portal").await;
     browser.type_into("#topup-amount", "5").await;
     browser.click("#topup-button").await;
     let landed = browser
@@ -573,7 +587,10 @@ grant = "4"
         .await;
     assert_eq!(landed, json!(format!("{}/paid/cs_test_1", stripe.url)));
     let form = stripe.forms.lock().expect("lock")[0].clone();
-    assert!(form.contains("unit_amount%5D=500") || form.contains("unit_amount]=500"), "{form}");
+    assert!(
+        form.contains("unit_amount%5D=500") || form.contains("unit_amount]=500"),
+        "{form}"
+    );
     assert!(form.contains("acct-portal"), "{form}");
 
     // A manual payment, for the console's payments and reconciliation.
@@ -642,7 +659,9 @@ grant = "4"
     );
     // Reconciliation totals per provider are the API's.
     browser.click("#reconcile-button").await;
-    browser.wait("document.getElementById('reconcile-totals')").await;
+    browser
+        .wait("document.getElementById('reconcile-totals')")
+        .await;
     let recon = gw.admin_get("/api/v1/payments/reconcile").await;
     let providers: Vec<String> = recon["data"]["totals"]
         .as_object()
@@ -658,11 +677,11 @@ grant = "4"
         .await;
     assert_eq!(shown, json!(providers));
     // Top the account up from the console: applied once, exactly.
-    browser
-        .click(&format!("{row} .act-account-topup"))
-        .await;
+    browser.click(&format!("{row} .act-account-topup")).await;
     browser.type_into("#account-topup-amount", "1.25").await;
-    browser.click("#account-topup-form button[type=submit]").await;
+    browser
+        .click("#account-topup-form button[type=submit]")
+        .await;
     browser
         .wait("document.getElementById('notice').textContent.startsWith('Topped up account')")
         .await;
@@ -678,7 +697,9 @@ grant = "4"
     // Subscriptions of the account: subscribe, renew, cancel from the
     // console; the API agrees at each step.
     browser.click(&format!("{row} .act-account-subs")).await;
-    browser.wait("document.getElementById('subscribe-plan')").await;
+    browser
+        .wait("document.getElementById('subscribe-plan')")
+        .await;
     browser.type_into("#subscribe-plan", "pro").await;
     browser.type_into("#subscribe-trial", "0").await;
     browser.click("#subscribe-form button[type=submit]").await;
@@ -705,8 +726,13 @@ grant = "4"
         .await;
     let renewed = raw_get(&gw.url(&format!("/api/v1/subscriptions/{sid}")), &admin).await;
     assert_eq!(
-        renewed["paid_through"].as_str().and_then(|p| p.parse::<u64>().ok()),
-        sub["paid_through"].as_str().and_then(|p| p.parse::<u64>().ok()).map(|p| p + 1),
+        renewed["paid_through"]
+            .as_str()
+            .and_then(|p| p.parse::<u64>().ok()),
+        sub["paid_through"]
+            .as_str()
+            .and_then(|p| p.parse::<u64>().ok())
+            .map(|p| p + 1),
         "one renewal"
     );
     browser.click(&format!("{srow} .act-cancel")).await;
@@ -728,7 +754,10 @@ grant = "4"
         .wait("/^Event evt_\\d+ queued again/.test(document.getElementById('notice').textContent)")
         .await;
     browser
-        .js("document.getElementById('accounts').scrollIntoView();", json!([]))
+        .js(
+            "document.getElementById('accounts').scrollIntoView();",
+            json!([]),
+        )
         .await;
     browser.screenshot("admin-accounts").await;
     browser.js("window.scrollTo(0, 0);", json!([])).await;
