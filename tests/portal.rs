@@ -849,5 +849,16 @@ grant = "4"
         ))
         .await;
     assert_ne!(proxy_chat(&gw, &new_key).await, 200);
+    // The markup name, now in the events' data too, is still only text.
+    browser.click("#events .toolbar button").await;
+    browser
+        .wait("Array.from(document.querySelectorAll('#events-table td')).some(td => td.textContent.includes('name=<img src=x onerror=alert(1)>'))")
+        .await;
+    assert_eq!(
+        browser
+            .js("return document.querySelectorAll('img').length;", json!([]))
+            .await,
+        json!(0)
+    );
     browser.quit().await;
 }

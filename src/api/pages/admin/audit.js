@@ -1,27 +1,7 @@
 // The audit log: who changed what, newest first, filtered by actor and
 // target. Through GET /api/v1/audit.
 
-import { button, el, fill, table } from "../ui.js";
-
-// How many entries a list shows.
-const SHOWN = 200;
-// The outbox and the audit log page oldest first by `after`; a console
-// reads at most this many pages to find the newest.
-const MAX_PAGES = 20;
-
-// The newest SHOWN items of an oldest-first log paged by `after`:
-// `url(after)` is a page's address, `seq(item)` its position.
-export async function newest(ctx, url, seq) {
-  let after = "0";
-  let kept = [];
-  for (let i = 0; i < MAX_PAGES; i++) {
-    const page = (await ctx.api(url(after))).data;
-    kept = kept.concat(page).slice(-SHOWN);
-    if (page.length < 1000) break;
-    after = String(seq(page[page.length - 1]));
-  }
-  return kept.reverse();
-}
+import { button, el, fill, LOG_PAGE, newest, table } from "../ui.js";
 
 async function mount(root, ctx) {
   const actor = el("input", { id: "audit-actor", type: "search", placeholder: "root" });
@@ -36,10 +16,10 @@ async function mount(root, ctx) {
     list);
 
   async function load() {
-    const q = new URLSearchParams({ limit: "1000" });
+    const q = new URLSearchParams({ limit: String(LOG_PAGE) });
     if (actor.value.trim()) q.set("actor", actor.value.trim());
     if (target.value.trim()) q.set("target", target.value.trim());
-    const rows = await newest(ctx, (after) => `/api/v1/audit?after=${after}&${q}`, (a) => a.seq);
+    const rows = await newest(ctx.api, (after) => `/api/v1/audit?after=${after}&${q}`, (a) => a.seq);
     fill(list, rows.length
       ? table(["#Seq", "Time", "Actor", "Action", "Target", "IP", "Before", "After"],
         rows.map((a) => ({

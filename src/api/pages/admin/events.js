@@ -2,8 +2,7 @@
 // glob), each event's JSON, and per event × endpoint the delivery state,
 // with "Redeliver". Through /api/v1/events… and /api/v1/webhooks/deliveries.
 
-import { button, el, fill, table } from "../ui.js";
-import { newest } from "./audit.js";
+import { button, el, fill, LOG_PAGE, newest, table } from "../ui.js";
 
 const DELIVERY = ["all", "pending", "delivered", "failed", "skipped"];
 
@@ -35,7 +34,7 @@ async function mount(root, ctx) {
 
   async function loadEvents() {
     const t = type.value.trim();
-    const evs = await newest(ctx, (after) => `/api/v1/events?after=${after}&limit=1000${t ? `&type=${encodeURIComponent(t)}` : ""}`,
+    const evs = await newest(ctx.api, (after) => `/api/v1/events?after=${after}&limit=${LOG_PAGE}${t ? `&type=${encodeURIComponent(t)}` : ""}`,
       (e) => e.id);
     fill(events, evs.length
       ? table(["Time", "Id", "Type", "Data", "Actions"],
