@@ -609,6 +609,12 @@ grant = "4"
     browser
         .wait("document.querySelector('#token-input[type=password]')")
         .await;
+    // A wrong token stays at sign-in with the API's message.
+    browser.type_into("#token-input", "tg-tok-wrong").await;
+    browser.click("#sign-in-form button[type=submit]").await;
+    browser
+        .wait("document.getElementById('view').hidden && !document.getElementById('sign-in').hidden && document.getElementById('notice').textContent")
+        .await;
     browser.type_into("#token-input", ADMIN).await;
     browser.click("#sign-in-form button[type=submit]").await;
     browser.wait("document.getElementById('keys-table')").await;
@@ -860,5 +866,27 @@ grant = "4"
             .await,
         json!(0)
     );
+
+    // A scoped token without `keys:read` signs in; the sections its scopes
+    // cover work, the others show the API's refusal.
+    let (st, _, v) = send(
+        "POST",
+        &gw.url("/api/v1/admin/tokens"),
+        &[("authorization", &admin)],
+        Some(json!({"name": "billing-viewer", "scopes": ["accounts:read"]})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let scoped = v["token"].as_str().expect("token").to_owned();
+    browser.click("#sign-out").await;
+    browser.type_into("#token-input", &scoped).await;
+    browser.click("#sign-in-form button[type=submit]").await;
+    browser
+        .wait("document.querySelector(\"#accounts-table tr[data-account='acct-portal']\")")
+        .await;
+    browser
+        .wait("document.getElementById('notice').textContent.includes('scope')")
+        .await;
+    assert!(!browser.text("#keys").await.contains("portal-test"));
     browser.quit().await;
 }

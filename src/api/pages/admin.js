@@ -43,11 +43,15 @@ function signedOut(message) {
 
 async function open() {
   try {
-    // Cheapest admin call: proves the token before anything is drawn.
+    // Cheapest admin call: proves the token before anything is drawn. A
+    // 403 is a valid token without `keys:read` (a scoped token): it signs
+    // in, and each section it may not read shows the API's refusal.
     await api("/api/v1/keys?limit=1", token);
   } catch (e) {
-    signedOut(e.message);
-    return;
+    if (e.status !== 403) {
+      signedOut(e.message);
+      return;
+    }
   }
   say($("notice"), "");
   $("sign-in").hidden = true;
