@@ -8,10 +8,14 @@
 
 mod common;
 
+use std::convert::Infallible;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
+use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json, value::RawValue};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -219,6 +223,25 @@ impl Drop for Browser {
     }
 }
 
+/// `a + b` of two non-negative decimals, exactly (as picoUSD integers).
+fn exact_add(a: &str, b: &str) -> String {
+    let pico = |s: &str| -> u128 {
+        let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+        let frac = format!("{frac:0<12}");
+        int.parse::<u128>().expect("integer part") * 1_000_000_000_000
+            + frac[..12].parse::<u128>().expect("fraction")
+    };
+    let sum = pico(a) + pico(b);
+    let (int, frac) = (sum / 1_000_000_000_000, sum % 1_000_000_000_000);
+    let frac = format!("{frac:012}");
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        int.to_string()
+    } else {
+        format!("{int}.{frac}")
+    }
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     let val = |c: u8| match c {
         b'A'..=b'Z' => c - b'A',
@@ -269,6 +292,71 @@ async fn raw_get(url: &str, auth: &str) -> serde_json::Map<String, Value> {
         .collect()
 }
 
+/// A stand-in for Stripe: `POST /v1/checkout/sessions` records the form and
+/// answers a session whose `url` is its own `/paid/cs_N`, a page the
+/// browser can land on; the tests see where the portal sent the payer.
+struct MockStripe {
+    /// `http://127.0.0.1:PORT`.
+    url: String,
+    /// The forms of the checkouts asked for.
+    forms: Arc<Mutex<Vec<String>>>,
+}
+
+async fn mock_stripe() -> MockStripe {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let forms: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (seen, base) = (forms.clone(), url.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (seen, base) = (seen.clone(), base.clone());
+            let svc = hyper::service::service_fn(
+                move |req: http::Request<hyper::body::Incoming>| {
+                    let (seen, base) = (seen.clone(), base.clone());
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let form = body
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let (status, ctype, text) = if parts.method == "POST"
+                            && parts.uri.path() == "/v1/checkout/sessions"
+                        {
+                            let n = {
+                                let mut g = seen.lock().expect("lock");
+                                g.push(String::from_utf8_lossy(&form).into_owned());
+                                g.len()
+                            };
+                            let v = json!({"id": format!("cs_test_{n}"), "object": "checkout.session",
+                                       "url": format!("{base}/paid/cs_test_{n}")});
+                            (200, "application/json", v.to_string())
+                        } else {
+                            (
+                                200,
+                                "text/html",
+                                "<!doctype html><title>paid</title>paid".to_owned(),
+                            )
+                        };
+                        let mut res = http::Response::new(Full::new(Bytes::from(text)));
+                        *res.status_mut() = http::StatusCode::from_u16(status).expect("status");
+                        res.headers_mut()
+                            .insert("content-type", http::HeaderValue::from_static(ctype));
+                        Ok::<_, Infallible>(res)
+                    }
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    MockStripe { url, forms }
+}
+
 async fn proxy_chat(gw: &TestGateway, key: &str) -> u16 {
     send(
         "POST",
@@ -282,7 +370,32 @@ async fn proxy_chat(gw: &TestGateway, key: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portal_and_admin_in_a_browser() {
-    let gw = TestGateway::start();
+    // SAFETY: set before the gateway reads them, always to the same values;
+    // no other test in this binary reads the environment concurrently.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("TOLLGATE_PORTAL_TEST_STRIPE_SK", "sk_test_portal");
+        std::env::set_var(
+            "TOLLGATE_PORTAL_TEST_STRIPE_WHSEC",
+            "whsec_portal_test_0123456789",
+        );
+    }
+    let stripe = mock_stripe().await;
+    let gw = TestGateway::start_with(&format!(
+        r#"
+[payments.stripe]
+secret_key_env = "TOLLGATE_PORTAL_TEST_STRIPE_SK"
+webhook_secret_env = "TOLLGATE_PORTAL_TEST_STRIPE_WHSEC"
+api_base = "{}"
+success_url = "https://shop.example/paid"
+cancel_url = "https://shop.example/cancel"
+[plans.pro]
+interval = "month"
+price = "30"
+grant = "4"
+"#,
+        stripe.url
+    ));
     // Plain HTTP first: the headers hold with or without a browser.
     let (status, headers, _) = send_raw(request("GET", &gw.url("/portal"), &[], None)).await;
     assert_eq!(status, 200);
@@ -402,7 +515,6 @@ async fn portal_and_admin_in_a_browser() {
             .await,
         json!(true)
     );
-    browser.screenshot("portal").await;
 
     // The deep link: the key from the fragment, then the fragment is gone.
     browser.js("sessionStorage.clear();", json!([])).await;
@@ -423,14 +535,239 @@ async fn portal_and_admin_in_a_browser() {
     browser.goto(&gw.url("/portal#key=sk-tg-wrong")).await;
     browser.wait("!document.getElementById('sign-in').hidden && document.getElementById('notice').textContent").await;
 
+    // A key of an account: the portal shows the account and what it has
+    // left, the API's exact decimals; "Top up" sends the payer to Stripe.
+    let admin = bearer(ADMIN);
+    let (s, _, v) = send(
+        "POST",
+        &gw.url("/api/v1/accounts"),
+        &[("authorization", &admin)],
+        Some(json!({"id": "acct-portal", "email": "p@example.com"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, _, v) = send(
+        "POST",
+        &gw.url("/api/v1/accounts/acct-portal/credits"),
+        &[("authorization", &admin)],
+        Some(json!({"amount": "7.000000000001", "kind": "topup", "reason": "test", "idempotency_key": "portal-1"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (owned, _) = gw
+        .create_key(json!({"name": "owned", "owner": "acct-portal"}))
+        .await;
+    assert_eq!(proxy_chat(&gw, &owned).await, 200);
+    gw.flush().await;
+    let own = raw_get(&gw.url("/api/v1/key"), &bearer(&owned)).await;
+    assert_eq!(own["account"], "acct-portal");
+    browser.js("sessionStorage.clear();", json!([])).await;
+    browser.goto(&gw.url(&format!("/portal#key={owned}"))).await;
+    browser
+        .wait("!document.getElementById('view').hidden && !document.getElementById('topup').hidden")
+        .await;
+    assert_eq!(browser.text("#account").await, "acct-portal");
+    let left = own["account_remaining"].as_str().unwrap_or("").to_owned();
+    // 7.000000000001 less the request's cost: twelve decimals a float
+    // would not print back as they are.
+    assert!(left.starts_with("6.99") && left.len() == 14, "{left}");
+    assert_eq!(
+        browser.text("#account-remaining").await,
+        format!("{left} USD")
+    );
+    browser.js("window.scrollTo(0, 0);", json!([])).await;
+    browser.screenshot("portal").await;
+    browser.type_into("#topup-amount", "5").await;
+    browser.click("#topup-button").await;
+    let landed = browser
+        .wait(&format!(
+            "location.href.startsWith('{}/paid/') && location.href",
+            stripe.url
+        ))
+        .await;
+    assert_eq!(landed, json!(format!("{}/paid/cs_test_1", stripe.url)));
+    let form = stripe.forms.lock().expect("lock")[0].clone();
+    assert!(
+        form.contains("unit_amount%5D=500") || form.contains("unit_amount]=500"),
+        "{form}"
+    );
+    assert!(form.contains("acct-portal"), "{form}");
+
+    // A manual payment, for the console's payments and reconciliation.
+    let (s, _, v) = send(
+        "POST",
+        &gw.url("/api/v1/payments"),
+        &[("authorization", &admin)],
+        Some(json!({"account": "acct-portal", "amount": "250.5", "reference": "BANK-PORTAL-1", "kind": "topup"})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let payment_id = v["data"]["id"].as_str().expect("payment id").to_owned();
+
     // The admin console: sign in, create a key whose name is markup.
     browser.goto(&gw.url("/admin")).await;
     browser
         .wait("document.querySelector('#token-input[type=password]')")
         .await;
+    // A wrong token stays at sign-in with the API's message.
+    browser.type_into("#token-input", "tg-tok-wrong").await;
+    browser.click("#sign-in-form button[type=submit]").await;
+    browser
+        .wait("document.getElementById('view').hidden && !document.getElementById('sign-in').hidden && document.getElementById('notice').textContent")
+        .await;
     browser.type_into("#token-input", ADMIN).await;
     browser.click("#sign-in-form button[type=submit]").await;
     browser.wait("document.getElementById('keys-table')").await;
+
+    // Accounts, payments, audit: each shows the API's exact text.
+    let account = raw_get(&gw.url("/api/v1/accounts/acct-portal"), &admin).await;
+    let row = "tr[data-account='acct-portal']";
+    browser
+        .wait(&format!("document.querySelector(\"{row}\")"))
+        .await;
+    assert_eq!(
+        browser.text(&format!("{row} td:nth-child(4)")).await,
+        account["balance"].as_str().unwrap_or("")
+    );
+    assert_eq!(browser.text(&format!("{row} td:nth-child(9)")).await, "1");
+    let payment = raw_get(&gw.url(&format!("/api/v1/payments/{payment_id}")), &admin).await;
+    let prow = format!("tr[data-payment='{payment_id}']");
+    browser
+        .wait(&format!("document.querySelector(\"{prow}\")"))
+        .await;
+    assert_eq!(
+        browser.text(&format!("{prow} td:nth-child(6)")).await,
+        payment["amount"].as_str().unwrap_or("")
+    );
+    assert_eq!(
+        browser.text(&format!("{prow} td:nth-child(9)")).await,
+        payment["status"].as_str().unwrap_or("")
+    );
+    let audit = gw.admin_get("/api/v1/audit?target=acct-portal").await;
+    let created = audit["data"]
+        .as_array()
+        .expect("audit entries")
+        .iter()
+        .find(|a| a["action"] == "account.create")
+        .expect("an account.create entry");
+    let arow = format!("#audit-table tr[data-seq='{}']", created["seq"]);
+    browser
+        .wait(&format!("document.querySelector(\"{arow}\")"))
+        .await;
+    assert_eq!(
+        browser
+            .js(
+                "return Array.from(document.querySelectorAll(arguments[0] + ' td'), t => t.textContent).slice(2, 5);",
+                json!([arow]),
+            )
+            .await,
+        json!(["root", "account.create", "acct-portal"])
+    );
+    // Reconciliation totals per provider are the API's.
+    browser.click("#reconcile-button").await;
+    browser
+        .wait("document.getElementById('reconcile-totals')")
+        .await;
+    let recon = gw.admin_get("/api/v1/payments/reconcile").await;
+    let providers: Vec<String> = recon["data"]["totals"]
+        .as_object()
+        .expect("totals")
+        .keys()
+        .cloned()
+        .collect();
+    let shown = browser
+        .js(
+            "return Array.from(document.querySelectorAll('#reconcile-totals tbody tr'), r => r.cells[0].textContent);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(shown, json!(providers));
+    // Top the account up from the console: applied once, exactly.
+    browser.click(&format!("{row} .act-account-topup")).await;
+    browser.type_into("#account-topup-amount", "1.25").await;
+    browser
+        .click("#account-topup-form button[type=submit]")
+        .await;
+    browser
+        .wait("document.getElementById('notice').textContent.startsWith('Topped up account')")
+        .await;
+    let after = raw_get(&gw.url("/api/v1/accounts/acct-portal"), &admin).await;
+    let want = exact_add(account["balance"].as_str().unwrap_or(""), "1.25");
+    assert_eq!(after["balance"], want.as_str());
+    browser
+        .wait(&format!(
+            "document.querySelector(\"{row} td:nth-child(4)\")?.textContent === '{want}'"
+        ))
+        .await;
+
+    // Subscriptions of the account: subscribe, renew, cancel from the
+    // console; the API agrees at each step.
+    browser.click(&format!("{row} .act-account-subs")).await;
+    browser
+        .wait("document.getElementById('subscribe-plan')")
+        .await;
+    browser.type_into("#subscribe-plan", "pro").await;
+    browser.type_into("#subscribe-trial", "0").await;
+    browser.click("#subscribe-form button[type=submit]").await;
+    let sid = browser
+        .wait("document.querySelector('#subscriptions-table tbody tr')?.dataset.subscription")
+        .await;
+    let sid = sid.as_str().expect("subscription id").to_owned();
+    let srow = format!("tr[data-subscription='{sid}']");
+    let sub = raw_get(&gw.url(&format!("/api/v1/subscriptions/{sid}")), &admin).await;
+    assert_eq!(sub["plan"], "pro");
+    assert_eq!(
+        browser.text(&format!("{srow} td:nth-child(3)")).await,
+        sub["status"].as_str().unwrap_or("")
+    );
+    assert_eq!(
+        browser.text(&format!("{srow} td:nth-child(7)")).await,
+        sub["grant"].as_str().unwrap_or("")
+    );
+    browser.click(&format!("{srow} .act-renew")).await;
+    browser
+        .wait(&format!(
+            "document.getElementById('notice').textContent === 'Subscription {sid} renewed.'"
+        ))
+        .await;
+    let renewed = raw_get(&gw.url(&format!("/api/v1/subscriptions/{sid}")), &admin).await;
+    assert_eq!(
+        renewed["paid_through"]
+            .as_str()
+            .and_then(|p| p.parse::<u64>().ok()),
+        sub["paid_through"]
+            .as_str()
+            .and_then(|p| p.parse::<u64>().ok())
+            .map(|p| p + 1),
+        "one renewal"
+    );
+    browser.click(&format!("{srow} .act-cancel")).await;
+    browser
+        .wait(&format!(
+            "document.querySelector(\"{srow} td:nth-child(3)\")?.textContent === 'canceled'"
+        ))
+        .await;
+    let canceled = raw_get(&gw.url(&format!("/api/v1/subscriptions/{sid}")), &admin).await;
+    assert_eq!(canceled["status"], "canceled");
+
+    // Events: the account's credit is in the outbox; redelivering answers.
+    browser.click("#events .toolbar button").await;
+    browser
+        .wait("Array.from(document.querySelectorAll('#events-table tbody tr')).some(r => r.cells[2].textContent === 'credit.applied')")
+        .await;
+    browser.click("#events-table tbody tr .act-redeliver").await;
+    browser
+        .wait("/^Event evt_\\d+ queued again/.test(document.getElementById('notice').textContent)")
+        .await;
+    browser
+        .js(
+            "document.getElementById('accounts').scrollIntoView();",
+            json!([]),
+        )
+        .await;
+    browser.screenshot("admin-accounts").await;
+    browser.js("window.scrollTo(0, 0);", json!([])).await;
+
     let evil = "<img src=x onerror=alert(1)>";
     browser.click("details.create summary").await;
     browser.type_into("#create-name", evil).await;
@@ -518,5 +855,38 @@ async fn portal_and_admin_in_a_browser() {
         ))
         .await;
     assert_ne!(proxy_chat(&gw, &new_key).await, 200);
+    // The markup name, now in the events' data too, is still only text.
+    browser.click("#events .toolbar button").await;
+    browser
+        .wait("Array.from(document.querySelectorAll('#events-table td')).some(td => td.textContent.includes('name=<img src=x onerror=alert(1)>'))")
+        .await;
+    assert_eq!(
+        browser
+            .js("return document.querySelectorAll('img').length;", json!([]))
+            .await,
+        json!(0)
+    );
+
+    // A scoped token without `keys:read` signs in; the sections its scopes
+    // cover work, the others show the API's refusal.
+    let (st, _, v) = send(
+        "POST",
+        &gw.url("/api/v1/admin/tokens"),
+        &[("authorization", &admin)],
+        Some(json!({"name": "billing-viewer", "scopes": ["accounts:read"]})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let scoped = v["token"].as_str().expect("token").to_owned();
+    browser.click("#sign-out").await;
+    browser.type_into("#token-input", &scoped).await;
+    browser.click("#sign-in-form button[type=submit]").await;
+    browser
+        .wait("document.querySelector(\"#accounts-table tr[data-account='acct-portal']\")")
+        .await;
+    browser
+        .wait("document.getElementById('notice').textContent.includes('scope')")
+        .await;
+    assert!(!browser.text("#keys").await.contains("portal-test"));
     browser.quit().await;
 }

@@ -815,7 +815,7 @@ async fn cors_for_allowed_origins_only() {
     .await;
     assert_eq!(s, 204);
     assert_eq!(h["access-control-allow-origin"], allowed);
-    assert_eq!(h["access-control-allow-methods"], "GET, OPTIONS");
+    assert_eq!(h["access-control-allow-methods"], "GET, POST, OPTIONS");
     let allow_headers = h["access-control-allow-headers"].to_str().unwrap();
     assert!(allow_headers.contains("authorization") && allow_headers.contains("content-type"));
     assert_eq!(h["vary"], "origin");

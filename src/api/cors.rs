@@ -1,6 +1,6 @@
 //! CORS for the routes a browser (the portal) calls with a key:
-//! `/api/usage/*` and `/api/v1/key`. One helper, so both send the same
-//! headers.
+//! `/api/usage/*`, `/api/v1/key` and `/api/v1/key/checkout`. One helper,
+//! so all of them send the same headers.
 //!
 //! An allowed `Origin` is echoed (also under `*`: no credentials mode is
 //! offered, so echoing and `*` allow the same, and echoing works if one is
@@ -17,8 +17,9 @@ use http::{HeaderMap, Response, StatusCode};
 use super::Ctx;
 use crate::Body;
 
-/// Methods a browser may use on these routes.
-const METHODS: &str = "GET, OPTIONS";
+/// Methods a browser may use on these routes (`POST`: the portal's
+/// "Top up" calls `/api/v1/key/checkout`).
+const METHODS: &str = "GET, POST, OPTIONS";
 /// Request headers a browser may send: every way a key can be presented,
 /// and `content-type`.
 const HEADERS: &str = "authorization, content-type, x-api-key, api-key";

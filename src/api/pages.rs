@@ -63,6 +63,10 @@ static ASSETS: &[Asset] = &[
     asset!("/assets/admin.js", "admin.js", JS),
     asset!("/assets/admin/keys.js", "admin/keys.js", JS),
     asset!("/assets/admin/usage.js", "admin/usage.js", JS),
+    asset!("/assets/admin/accounts.js", "admin/accounts.js", JS),
+    asset!("/assets/admin/payments.js", "admin/payments.js", JS),
+    asset!("/assets/admin/events.js", "admin/events.js", JS),
+    asset!("/assets/admin/audit.js", "admin/audit.js", JS),
     asset!("/assets/icon.svg", "icon.svg", "image/svg+xml"),
 ];
 

@@ -1,13 +1,17 @@
 // The operator's console. Each section is one module under admin/ that
 // exports {id, title, mount(root, ctx)}; a section whose API does not exist
-// yet has no module and so is absent. To add one (accounts, payments,
-// audit…) write its module and list it in SECTIONS.
+// yet has no module and so is absent. To add one, write its module and
+// list it in SECTIONS.
 
 import { api, el, fill, say, session } from "./ui.js";
 import keys from "./admin/keys.js";
 import usage from "./admin/usage.js";
+import accounts from "./admin/accounts.js";
+import payments from "./admin/payments.js";
+import events from "./admin/events.js";
+import audit from "./admin/audit.js";
 
-const SECTIONS = [keys, usage];
+const SECTIONS = [keys, accounts, payments, events, audit, usage];
 const $ = (id) => document.getElementById(id);
 let token = null;
 
@@ -39,11 +43,15 @@ function signedOut(message) {
 
 async function open() {
   try {
-    // Cheapest admin call: proves the token before anything is drawn.
+    // Cheapest admin call: proves the token before anything is drawn. A
+    // 403 is a valid token without `keys:read` (a scoped token): it signs
+    // in, and each section it may not read shows the API's refusal.
     await api("/api/v1/keys?limit=1", token);
   } catch (e) {
-    signedOut(e.message);
-    return;
+    if (e.status !== 403) {
+      signedOut(e.message);
+      return;
+    }
   }
   say($("notice"), "");
   $("sign-in").hidden = true;

@@ -1,7 +1,8 @@
 // The key holder's page. Reads only what the key itself may read:
-// /api/v1/key (status and limits) and /api/usage/token/… (usage).
+// /api/v1/key (status, limits, its account's remaining money) and
+// /api/usage/token/… (usage); "Top up" calls /api/v1/key/checkout.
 
-import { api, copyButton, el, facts, fill, keyStatus, say, session, table, usd } from "./ui.js";
+import { api, copyButton, el, facts, fill, keyStatus, randomId, say, session, table, usd } from "./ui.js";
 import { barChart } from "./chart.js";
 
 const $ = (id) => document.getElementById(id);
@@ -36,7 +37,7 @@ async function show() {
       api(`/api/usage/token/chart?granularity=hour&start=${nowS - 48 * 3600}`, key),
     ]);
     render(status.data, detail.data, hourly.data);
-    await logs();
+    await Promise.all([logs(), offerTopUp()]);
     say($("notice"), "");
     $("view").hidden = false;
     $("sign-out").hidden = false;
@@ -57,12 +58,14 @@ function render(k, d, hourly) {
     ["Limit", usd(k.limit) + (k.limit_reset ? ` per ${k.limit_reset}` : ""), "limit"],
     ["Used", usd(k.usage), "usage"],
     ["Remaining", usd(k.limit_remaining), "remaining"],
+    k.account != null ? ["Account", k.account, "account"] : null,
+    k.account != null ? ["Account balance left", usd(k.account_remaining), "account-remaining"] : null,
     ["Used today / this week / this month", `${k.usage_daily} / ${k.usage_weekly} / ${k.usage_monthly} USD`, "windows"],
     ["Requests", k.max_requests != null ? `${k.requests} of ${k.max_requests}` : `${k.requests} (no maximum)`, "requests"],
     ["Expires", k.expires_at || "never", "expires"],
     ["Rate limits", rate, "rate"],
     ["Models", k.models.length ? k.models.join(", ") : "all", "models"],
-  ]));
+  ].filter(Boolean)));
   const days = d.by_day.map((p) => ({ label: p.date, value: p.cost }));
   const dayReq = d.by_day.map((p) => ({ label: p.date, value: p.requests }));
   const hours = hourly.data.map((p) => ({ label: p.date.slice(5, 13).replace("T", " ") + "h", value: p.cost }));
@@ -82,6 +85,39 @@ function render(k, d, hourly) {
   fill($("use"),
     facts([["Base URL", el("code", { id: "base-url" }, base)]]),
     el("div", { class: "snippet" }, el("pre", { id: "snippet" }, el("code", {}, full)), copyButton(full, "Copy snippet")));
+}
+
+// Whether payments are configured: the key checkout answers 404 when they
+// are not, and refuses an empty body (400, nothing started) when they are.
+// No other call tells a key holder, and this one changes nothing.
+async function offerTopUp() {
+  let offered = false;
+  try {
+    await api("/api/v1/key/checkout", key, { method: "POST", body: {} });
+  } catch (e) {
+    if (e.status === 401 || e.status === 403) throw e;
+    offered = e.status === 400;
+  }
+  $("topup").hidden = !offered;
+}
+
+async function topUp(ev) {
+  ev.preventDefault();
+  const amount = $("topup-amount").value.trim();
+  if (!amount) return;
+  $("topup-button").disabled = true;
+  try {
+    const res = await api("/api/v1/key/checkout", key, {
+      method: "POST",
+      body: { amount, idempotency_key: randomId() },
+    });
+    say($("notice"), "Opening the payment page…");
+    location.assign(res.data.url);
+  } catch (e) {
+    failed(e);
+  } finally {
+    $("topup-button").disabled = false;
+  }
 }
 
 async function logs() {
@@ -141,6 +177,7 @@ function start() {
     show();
   });
   $("sign-out").addEventListener("click", () => signedOut(""));
+  $("topup-form").addEventListener("submit", topUp);
   $("prev").addEventListener("click", () => turn(-1));
   $("next").addEventListener("click", () => turn(1));
   key = session.get("tollgate.key");

@@ -131,3 +131,46 @@ export function say(node, message, kind = "info") {
   fill(node, message || "");
   node.className = `notice ${message ? kind : ""}`;
 }
+
+// A fresh idempotency key for a money-moving form: the user may send the
+// same form twice (a double click, a retry) and the API applies it once.
+export function randomId() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+// A labelled input; `attrs.name` names the API field it carries.
+export function field(id, label, attrs = {}) {
+  return el("div", { class: "field" },
+    el("label", { for: id }, label),
+    el("input", { id, name: id, ...attrs }));
+}
+
+// A small button that calls `f` on click.
+export function button(cls, text, f) {
+  return el("button", { type: "button", class: cls, on: { click: f } }, text);
+}
+
+// The outbox and the audit log page oldest first by `after`, LOG_PAGE
+// items at a time (the API's largest page).
+export const LOG_PAGE = 1000;
+// How many items of such a log a list shows, and how many pages it reads
+// at most to find the newest.
+const LOG_SHOWN = 200;
+const LOG_MAX_PAGES = 20;
+
+// The newest LOG_SHOWN items of an oldest-first log, newest first:
+// `call(path)` is the API, `url(after)` a page's address (asking for
+// LOG_PAGE items), `seq(item)` an item's position.
+export async function newest(call, url, seq) {
+  let after = "0";
+  let kept = [];
+  for (let i = 0; i < LOG_MAX_PAGES; i++) {
+    const page = (await call(url(after))).data;
+    kept = kept.concat(page).slice(-LOG_SHOWN);
+    if (page.length < LOG_PAGE) break;
+    after = String(seq(page[page.length - 1]));
+  }
+  return kept.reverse();
+}

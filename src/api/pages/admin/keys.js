@@ -2,23 +2,11 @@
 // enable, edit limits, top up (with an idempotency key), delete (after a
 // confirmation). All through /api/v1/keys….
 
-import { copyButton, el, fill, keyStatus, table, usd } from "../ui.js";
+import { copyButton, el, field, fill, keyStatus, randomId, table, usd } from "../ui.js";
 
 const PAGE = 1000;
 // The admin API pages keys; a console lists at most this many.
 const MAX_KEYS = 10000;
-
-function randomId() {
-  if (crypto.randomUUID) return crypto.randomUUID();
-  const b = crypto.getRandomValues(new Uint8Array(16));
-  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
-}
-
-function field(id, label, attrs = {}) {
-  return el("div", { class: "field" },
-    el("label", { for: id }, label),
-    el("input", { id, name: id, ...attrs }));
-}
 
 // A form's non-empty inputs as {name: string}; numbers stay strings (the
 // API reads amounts exactly from strings) except integer limits.
