@@ -20,6 +20,13 @@ struct RateLimit {
     interval: &'static str,
 }
 
+/// A subscription as its key holder sees it.
+#[derive(Serialize)]
+struct SubscriptionView {
+    plan: String,
+    status: crate::store::SubscriptionStatus,
+}
+
 #[derive(Serialize)]
 struct KeyStatus<'a> {
     label: &'a str,
@@ -31,6 +38,9 @@ struct KeyStatus<'a> {
     account: Option<&'a str>,
     /// What that account has left (None: no account, or unlimited).
     account_remaining: Option<Pico>,
+    /// The account's latest subscription (plan and status), for the
+    /// portal; `None` without an account or a subscription.
+    subscription: Option<SubscriptionView>,
     limit_reset: Option<&'static str>,
     usage: Pico,
     usage_daily: Pico,
@@ -86,6 +96,20 @@ fn status(
         (Some(k), Some(a)) => Some(k.min(a)),
         (k, a) => k.or(a),
     };
+    // Read once per status call (not the proxy path): the plan's name.
+    let subscription = match (rec.owner.as_deref(), wallet) {
+        (Some(owner), Some(_)) => ctx
+            .store
+            .user_account(owner)
+            .ok()
+            .flatten()
+            .and_then(|a| a.subscription)
+            .map(|l| SubscriptionView {
+                plan: l.plan,
+                status: l.status,
+            }),
+        _ => None,
+    };
     let view = KeyStatus {
         label: &rec.label,
         status: super::compat::openrouter::key_status(rec, limit_remaining, n.requests, now),
@@ -93,6 +117,7 @@ fn status(
         limit_remaining,
         account: rec.owner.as_deref().filter(|_| wallet.is_some()),
         account_remaining: wallet.and_then(|w| w.available),
+        subscription,
         limit_reset: rec.limit_reset.map(Period::as_str),
         usage: n.spent,
         usage_daily: w.daily,

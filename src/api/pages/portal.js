@@ -60,6 +60,7 @@ function render(k, d, hourly) {
     ["Remaining", usd(k.limit_remaining), "remaining"],
     k.account != null ? ["Account", k.account, "account"] : null,
     k.account != null ? ["Account balance left", usd(k.account_remaining), "account-remaining"] : null,
+    k.subscription ? ["Plan", `${k.subscription.plan} (${k.subscription.status.replace("_", " ")})`, "plan"] : null,
     ["Used today / this week / this month", `${k.usage_daily} / ${k.usage_weekly} / ${k.usage_monthly} USD`, "windows"],
     ["Requests", k.max_requests != null ? `${k.requests} of ${k.max_requests}` : `${k.requests} (no maximum)`, "requests"],
     ["Expires", k.expires_at || "never", "expires"],
