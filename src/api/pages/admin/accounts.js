@@ -145,7 +145,8 @@ async function mount(root, ctx) {
               s.current_period_start, s.current_period_end, s.cancel_at_period_end ? "yes" : "no",
               s.grant ?? "", s.price ?? "",
               live(s) ? el("div", { class: "actions" },
-                button("act-renew", "Renew", () => act(s, "renew", { idempotency_key: randomId() }, "renewed")),
+                // One key per paid period shown: a double click renews once.
+                button("act-renew", "Renew", () => act(s, "renew", { idempotency_key: `admin-renew:${s.id}:${s.paid_through}` }, "renewed")),
                 button("act-cancel-end", "Cancel at period end", () => act(s, "cancel", { at_period_end: true }, "cancels at the period's end")),
                 button("act-cancel", "Cancel now", () => act(s, "cancel", { at_period_end: false }, "canceled"))) : ""],
           })), { id: "subscriptions-table" })
