@@ -161,7 +161,7 @@ async fn keys_share_one_wallet_and_never_overspend(mode: RuntimeMode) {
         }
     }
     sampler.await.unwrap();
-    assert!(ok >= 5 && refused > 0, "{ok} admitted, {refused} refused");
+    assert!(ok >= 1 && refused > 0, "{ok} admitted, {refused} refused");
     gw.flush().await;
     let (_, a) = admin(&gw, "GET", "/api/v1/accounts/acct-1", None).await;
     let a = &a["data"];
@@ -186,6 +186,18 @@ async fn keys_share_one_wallet_and_never_overspend(mode: RuntimeMode) {
         books(&gw, "acct-1", &hashes),
         usage,
         "spent = Σ records + ledger"
+    );
+    // However the 120 interleave (all at once on a loaded machine, or one
+    // after another), at least what fits in the balance at once is admitted.
+    let recs: Vec<_> = hashes
+        .iter()
+        .flat_map(|h| gw.app().store.usage(&hash_bytes(h), 0, 100_000).unwrap())
+        .collect();
+    assert_eq!(recs.len(), ok, "one record per admitted request");
+    let widest = recs.iter().map(|r| r.reserved.0).max().unwrap_or(1);
+    assert!(
+        ok as i64 >= (topped / widest).max(1),
+        "{ok} admitted, reservations up to {widest}"
     );
     // The stored account agrees with memory.
     let stored = gw.app().store.user_account("acct-1").unwrap().unwrap();

@@ -777,13 +777,18 @@ async fn concurrent_messages_never_overspend(mode: RuntimeMode) {
         }
     }
     sampler.await.unwrap();
-    assert!(
-        (3..=40).contains(&ok),
-        "about 10 fit (some capped), got {ok}"
-    );
     let (spent, recs) = settled(&gw, &hash).await;
     assert!(spent <= limit, "spent {spent} > limit {limit}");
     assert_eq!(recs.len(), ok);
+    // However the 120 interleave (all at once on a loaded machine, or one
+    // after another), at least what fits in the limit at once is admitted,
+    // and never more than the limit pays at the cheapest answer.
+    let widest = recs.iter().map(|r| r.reserved.0).max().unwrap_or(1);
+    let cheapest = recs.iter().map(|r| r.cost.0).min().unwrap_or(1).max(1);
+    assert!(
+        ok as i64 >= (limit.0 / widest).max(1) && ok as i64 <= limit.0 / cheapest,
+        "{ok} admitted; reservations up to {widest}, answers from {cheapest}"
+    );
     assert!(recs.iter().all(|r| r.cost <= r.reserved && !r.estimated));
 }
 

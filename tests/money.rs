@@ -158,13 +158,18 @@ async fn concurrent_streams_never_overspend(mode: RuntimeMode) {
     let ok = statuses.iter().filter(|s| **s == 200).count();
     let refused = statuses.iter().filter(|s| **s == 402).count();
     assert_eq!(ok + refused, 200, "only 200 or 402: {statuses:?}");
-    assert!(
-        (5..=40).contains(&ok),
-        "about 10 fit (some capped), got {ok}"
-    );
     let (spent, recs) = assert_books_balance(&gw, &hash).await;
     assert!(spent <= limit, "spent {spent} > limit {limit}");
     assert_eq!(recs.len(), ok, "one record per admitted request");
+    // However the 200 interleave (all at once on a loaded machine, or one
+    // after another), at least what fits in the limit at once is admitted,
+    // and never more than the limit pays at the cheapest answer.
+    let widest = recs.iter().map(|r| r.reserved.0).max().unwrap_or(1);
+    let cheapest = recs.iter().map(|r| r.cost.0).min().unwrap_or(1).max(1);
+    assert!(
+        ok as i64 >= (limit.0 / widest).max(1) && ok as i64 <= limit.0 / cheapest,
+        "{ok} admitted; reservations up to {widest}, answers from {cheapest}"
+    );
     assert!(
         recs.iter().all(|r| r.cost <= r.reserved),
         "never charged past the reservation"
