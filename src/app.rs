@@ -45,6 +45,9 @@ pub struct App {
     pub reloader: Reloader,
     /// The scoped admin tokens, in memory: the admin guard reads no sled.
     pub admin_tokens: crate::api::AdminTokens,
+    /// `[cluster]` mode: this node's link to the others (set once at start,
+    /// before serving); empty when the node runs alone.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl App {

@@ -74,6 +74,10 @@ pub struct Config {
     /// a reload re-reads. `None` for a config built from text or in code.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// `[cluster]`: run as one of several nodes over PostgreSQL
+    /// (`crate::cluster`); absent, the node runs alone on its sled store.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -808,6 +812,9 @@ impl Config {
     }
 
     fn validate(&self, text: &str) -> Result<(), String> {
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         crate::events::config::validate(&self.webhooks, self.email.as_ref(), &self.alerts)?;
         let at = |needle: &str| match line_of(text, needle) {
             Some(line) => format!(" (line {line})"),

@@ -32,6 +32,8 @@
 //! - [`events`]: the outbox's events, webhook and email delivery, the audit log.
 //! - [`cli`]: the admin CLI (`tollgate keys …`), a client of the admin API.
 //! - [`reload`]: SIGHUP / API config reload, the live snapshot requests read.
+//! - [`cluster`]: `[cluster]` mode: many nodes over PostgreSQL, leased
+//!   budgets, settlement in batches, admin changes synced between nodes.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.
@@ -44,6 +46,7 @@ pub mod app;
 pub mod billing;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod events;

@@ -130,7 +130,12 @@ impl Gateway {
             live,
             reloader,
             admin_tokens,
+            cluster: std::sync::OnceLock::new(),
         });
+        if let Some(cc) = &app.config.cluster {
+            let cluster = crate::cluster::Cluster::start(cc, &app)?;
+            let _ = app.cluster.set(cluster);
+        }
         let (shutdown, rx) = watch::channel(false);
         let connections = Arc::new(AtomicUsize::new(0));
         let mut threads = Vec::new();
@@ -266,6 +271,9 @@ impl Gateway {
         let _ = self.shutdown.send(true);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        if let Some(c) = self.app.cluster.get() {
+            c.shutdown(Duration::from_secs(5));
         }
         let store = self.app.store.clone();
         self.app.gate.stop();

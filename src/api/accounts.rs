@@ -191,6 +191,7 @@ pub(super) async fn create(ctx: &Ctx<'_>, f: &Fields) -> Answer {
         .map_err(account_error)?;
     // Keys of this owner that cached "no account" attach now.
     ctx.gate.wallets().reset(&a.id);
+    super::cluster::account_changed(ctx, &a.id).await;
     answer(ctx, StatusCode::CREATED, &a)
 }
 
@@ -214,10 +215,21 @@ fn get_record(ctx: &Ctx<'_>, id: &str) -> Result<AccountRecord, ApiError> {
         .ok_or_else(not_found)
 }
 
-/// `GET /api/v1/accounts/{id}`.
-pub(super) fn get(ctx: &Ctx<'_>, id: &str) -> Answer {
+/// `GET /api/v1/accounts/{id}`, with, in cluster mode, the balance and
+/// spent as settled in the database (the same on every node).
+pub(super) fn get_settled(
+    ctx: &Ctx<'_>,
+    id: &str,
+    settled: Option<crate::cluster::SettledAccount>,
+) -> Answer {
     let a = get_record(ctx, id)?;
-    answer(ctx, StatusCode::OK, &a)
+    let mut v = view(ctx, &a)?;
+    if let Some(s) = settled {
+        v.balance = s.balance;
+        v.spent.total = s.spent;
+        v.reserved = s.leased;
+    }
+    json(StatusCode::OK, &Data { data: v })
 }
 
 /// `GET /api/v1/accounts?offset=&limit=&email=`, in id order.
@@ -269,6 +281,7 @@ pub(super) async fn patch(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
         .await
         .map_err(account_error)?;
     ctx.gate.wallets().changed(id, |live| live.profile(&a));
+    super::cluster::account_changed(ctx, id).await;
     answer(ctx, StatusCode::OK, &a)
 }
 
@@ -316,6 +329,7 @@ pub(super) async fn delete(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answ
                 .await
                 .map_err(store_error)?;
             ctx.gate.updated(rec);
+            super::cluster::key_changed(ctx, hash).await;
         }
     }
     if let Some(sid) = live_sub {
@@ -328,6 +342,7 @@ pub(super) async fn delete(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answ
         .await
         .map_err(store_error)?;
     ctx.gate.wallets().reset(id);
+    super::cluster::account_changed(ctx, id).await;
     json(
         StatusCode::OK,
         &Data {
@@ -431,6 +446,7 @@ pub(super) async fn credit(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
     };
     let mut hold = None;
     if taking > 0 {
+        super::cluster::lease_for_deduct(ctx, id, taking).await?;
         let live = ctx.gate.wallets().of(id, now)?.ok_or_else(not_found)?;
         if live.try_reserve(taking).is_err() {
             // A replay of one that succeeded answers as the first time.
@@ -490,13 +506,20 @@ pub(super) async fn credit(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
                 .changed(id, |live| live.credited(amount.0, 0, now)),
         }
     }
+    if !out.replayed {
+        super::cluster::account_credited(ctx, id, &out.entry).await;
+    }
     credit_answer(ctx, &out.account, &out.entry, out.replayed)
 }
 
 /// A negative adjust was held (headroom − x) and then applied as a
 /// balance change (headroom − x again): give the hold back once.
 fn live_fix_headroom(h: &crate::billing::AccountHold, amount: i64) {
-    h.account.release(-amount);
+    // A lease (cluster mode) is not moved by the balance change: the hold
+    // stays taken from it, and the cluster settles it as a charge.
+    if !h.account.is_leased() {
+        h.account.release(-amount);
+    }
 }
 
 fn find_idem(ctx: &Ctx<'_>, id: &str, idem: &str) -> Result<Option<AccountLedgerEntry>, ApiError> {

@@ -196,6 +196,7 @@ pub(super) async fn credit(
     };
     check_same_request(&outcome, &req)?;
     if !outcome.replayed {
+        super::cluster::key_changed(ctx, hash).await;
         tracing::info!(
             hash = %hex::encode(hash),
             kind = kind_str(req.kind),

@@ -553,6 +553,7 @@ pub(super) async fn create_key(
         .await
         .map_err(store_error)?;
     ctx.gate.created(&hash);
+    super::cluster::key_changed(ctx, hash).await;
     tracing::info!(hash = %hex::encode(hash), plan = ?record.plan, "key created");
     Ok((record, account, key))
 }
@@ -605,12 +606,21 @@ pub(super) fn list(
     json(StatusCode::OK, &Data { data: views })
 }
 
-/// `GET /api/v1/keys/{hash}`
-pub(super) fn get(ctx: &Ctx<'_>, hash: &KeyHash) -> Result<http::Response<crate::Body>, ApiError> {
+/// `GET /api/v1/keys/{hash}`, with, in cluster mode, the key's `usage` as
+/// settled in the database (the same on every node).
+pub(super) fn get_settled(
+    ctx: &Ctx<'_>,
+    hash: &KeyHash,
+    settled: Option<Pico>,
+) -> Result<http::Response<crate::Body>, ApiError> {
     let now = ctx.clock.now_ms();
     let live = ctx.gate.lookup(hash, now)?.ok_or_else(key_not_found)?;
     let policy = live.policy();
-    let view = KeyView::new(ctx, policy.own_record(), &Numbers::live(&live), now)?;
+    let mut numbers = Numbers::live(&live);
+    if let Some(s) = settled {
+        numbers.spent = s;
+    }
+    let view = KeyView::new(ctx, policy.own_record(), &numbers, now)?;
     json(StatusCode::OK, &Data { data: view })
 }
 
@@ -640,6 +650,7 @@ pub(super) async fn patch(
             ctx.gate.set_limit(&hash, new);
         }
     }
+    super::cluster::key_changed(ctx, hash).await;
     tracing::info!(hash = %hex::encode(hash), "key updated");
     let view = KeyView::new(ctx, &record, &Numbers::live(&live), now)?;
     json(StatusCode::OK, &Data { data: view })
@@ -656,6 +667,7 @@ pub(super) async fn delete(
     if !existed {
         return Err(key_not_found());
     }
+    super::cluster::key_changed(ctx, hash).await;
     tracing::info!(hash = %hex::encode(hash), "key deleted");
     #[derive(Serialize)]
     struct Deleted {
@@ -782,6 +794,7 @@ pub(super) async fn import_key(
         .await
         .map_err(store_error)?;
     ctx.gate.created(&hash);
+    super::cluster::key_changed(ctx, hash).await;
     tracing::info!(hash = %hex::encode(hash), plan = ?record.plan, "key imported");
     let numbers = Numbers::stored(&record, &account, now);
     Ok((record, numbers, true))

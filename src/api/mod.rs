@@ -23,6 +23,7 @@
 mod accounts;
 mod admin_guard;
 mod admin_tokens;
+mod cluster;
 mod compat;
 mod cors;
 mod credits;
@@ -346,7 +347,10 @@ where
         AdminCall::Import if m == Method::POST => {
             keys::import(ctx, &read_fields(&parts.headers, body).await?).await
         }
-        AdminCall::Key(h) if m == Method::GET => keys::get(ctx, &parse_hash(h)?),
+        AdminCall::Key(h) if m == Method::GET => {
+            let hash = parse_hash(h)?;
+            keys::get_settled(ctx, &hash, cluster::key_usage(ctx, &hash).await?)
+        }
         AdminCall::Key(h) if m == Method::PATCH => {
             let hash = parse_hash(h)?;
             keys::patch(ctx, hash, &read_fields(&parts.headers, body).await?).await
@@ -364,7 +368,9 @@ where
         AdminCall::Accounts if m == Method::POST => {
             accounts::create(ctx, &read_fields(&parts.headers, body).await?).await
         }
-        AdminCall::Account(id) if m == Method::GET => accounts::get(ctx, id),
+        AdminCall::Account(id) if m == Method::GET => {
+            accounts::get_settled(ctx, id, cluster::account_money(ctx, id).await?)
+        }
         AdminCall::Account(id) if m == Method::PATCH => {
             accounts::patch(ctx, id, &read_fields(&parts.headers, body).await?).await
         }

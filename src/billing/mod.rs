@@ -58,6 +58,10 @@ pub struct LiveAccount {
     /// The live subscription's plan (name, template), read only when
     /// `plan_version` changed.
     plan: RwLock<Option<PlanTemplate>>,
+    /// Cluster mode (`crate::cluster`): `headroom` is this node's lease of
+    /// the account's credit, not the account's money, so credits and
+    /// profile changes move only the mirrored numbers; leases move it.
+    leased: AtomicBool,
 }
 
 /// A live subscription's plan: its name and its key template.
@@ -115,7 +119,29 @@ impl LiveAccount {
             sub_state: AtomicU8::new(SUB_NONE),
             plan_version: AtomicU64::new(0),
             plan: RwLock::new(None),
+            leased: AtomicBool::new(false),
         }
+    }
+
+    /// Cluster mode: admission draws from leases only; starts with none.
+    pub fn set_leased(&self) {
+        self.leased.store(true, Ordering::Release);
+        self.headroom.store(0, Ordering::Release);
+    }
+
+    /// Whether `headroom` is a lease (cluster mode).
+    pub fn is_leased(&self) -> bool {
+        self.leased.load(Ordering::Acquire)
+    }
+
+    /// What admission may take now (a lease's unused part in cluster mode).
+    pub fn headroom(&self) -> i64 {
+        self.headroom.load(Ordering::Acquire)
+    }
+
+    /// Never refused for money.
+    pub fn is_unlimited(&self) -> bool {
+        self.unlimited.load(Ordering::Acquire)
     }
 
     /// Refuses the account's keys while it is not active.
@@ -195,7 +221,9 @@ impl LiveAccount {
     /// A grant the store applied: allowance and headroom go up.
     pub fn granted(&self, amount: i64) {
         self.allowance.fetch_add(amount, Ordering::AcqRel);
-        self.headroom.fetch_add(amount, Ordering::AcqRel);
+        if !self.is_leased() {
+            self.headroom.fetch_add(amount, Ordering::AcqRel);
+        }
     }
 
     /// A lapse the store applied (its amount from the committed account).
@@ -209,7 +237,9 @@ impl LiveAccount {
             self.allowance.fetch_add(-after, Ordering::AcqRel);
             self.balance.fetch_add(after, Ordering::AcqRel);
         }
-        self.headroom.fetch_sub(amount, Ordering::AcqRel);
+        if !self.is_leased() {
+            self.headroom.fetch_sub(amount, Ordering::AcqRel);
+        }
     }
 
     /// Takes `amount` from the headroom if it fits (always, when
@@ -288,7 +318,9 @@ impl LiveAccount {
     /// (`try_reserve`) and is settled with `settle` instead.
     pub fn credited(&self, balance_delta: i64, spent_delta: i64, now_ms: i64) {
         self.balance.fetch_add(balance_delta, Ordering::AcqRel);
-        self.headroom.fetch_add(balance_delta, Ordering::AcqRel);
+        if !self.is_leased() {
+            self.headroom.fetch_add(balance_delta, Ordering::AcqRel);
+        }
         if spent_delta != 0 {
             self.spent.fetch_add(spent_delta, Ordering::AcqRel);
             self.add_period(spent_delta, now_ms);
@@ -300,8 +332,10 @@ impl LiveAccount {
         self.status.store(status_code(a.status), Ordering::Release);
         self.unlimited.store(a.unlimited, Ordering::Release);
         let old = self.overdraft.swap(a.overdraft.0, Ordering::AcqRel);
-        self.headroom
-            .fetch_add(a.overdraft.0 - old, Ordering::AcqRel);
+        if !self.is_leased() {
+            self.headroom
+                .fetch_add(a.overdraft.0 - old, Ordering::AcqRel);
+        }
     }
 
     pub fn numbers(&self) -> WalletNumbers {
@@ -364,6 +398,9 @@ pub struct Wallets {
     /// The configured plans, for the template of subscribed accounts' keys
     /// (set once at start; empty until then).
     plans: OnceLock<BTreeMap<String, Arc<PlanConfig>>>,
+    /// Cluster mode: every wallet loaded draws from leases
+    /// ([`LiveAccount::set_leased`]).
+    leased: AtomicBool,
 }
 
 impl Wallets {
@@ -373,7 +410,13 @@ impl Wallets {
             store,
             generation: AtomicU64::new(0),
             plans: OnceLock::new(),
+            leased: AtomicBool::new(false),
         }
+    }
+
+    /// Cluster mode (once, at start, before any wallet is loaded).
+    pub fn set_leased(&self) {
+        self.leased.store(true, Ordering::Release);
     }
 
     /// The configured plans (once, at start).
@@ -411,6 +454,9 @@ impl Wallets {
                     }
                     let live = read.map(|a| {
                         let live = LiveAccount::new(&a, now_ms);
+                        if self.leased.load(Ordering::Acquire) {
+                            live.set_leased();
+                        }
                         live.set_subscription(a.subscription.as_ref(), self.plans());
                         Arc::new(live)
                     });

@@ -124,6 +124,14 @@ impl Call<'_> {
         }
         let (parts, body) = req.into_parts();
         let inspected = self.inspect(&parts.headers, body, &path, &policy).await?;
+        if let Some(cluster) = self.app.cluster.get() {
+            // Cluster mode: the account's lease must hold the bound before
+            // the gate reserves it (a round trip only when it does not).
+            let bound = self.bound(&inspected);
+            cluster
+                .ensure_credit(&policy, bound.cost(bound.completion_tokens), bound.cap, now_ms)
+                .await?;
+        }
         let upstream_body = self.reserve(permit, &policy, &inspected)?;
         let (upstream, answer) = self
             .forward(&parts, &path, upstream_body, &inspected)
@@ -206,6 +214,27 @@ impl Call<'_> {
         Ok(Inspected { info, body, dest })
     }
 
+    /// The request's upper bound of cost, as phase 6 reserves it.
+    fn bound(&self, req: &Inspected) -> Bound {
+        let info = &req.info;
+        let produces_tokens = self.route.produces_tokens();
+        let model_max = req.dest.max_output_tokens;
+        let completion_bound = if produces_tokens {
+            info.max_tokens.unwrap_or(model_max).min(model_max)
+        } else {
+            0
+        };
+        let cap =
+            self.live.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
+        Bound {
+            pricing: req.dest.pricing,
+            prompt_tokens: info.prompt_token_bound(),
+            completion_tokens: completion_bound,
+            choices: info.choices,
+            cap,
+        }
+    }
+
     /// Phase 6: take an upper bound of the cost from the key's credit, then
     /// write the body that goes upstream (usage injected for streams,
     /// `max_tokens` set to what was reserved). From here the request has a
@@ -218,15 +247,8 @@ impl Call<'_> {
     ) -> Result<Bytes, ApiError> {
         let info = &req.info;
         let produces_tokens = self.route.produces_tokens();
-        let model_max = req.dest.max_output_tokens;
-        let completion_bound = if produces_tokens {
-            info.max_tokens.unwrap_or(model_max).min(model_max)
-        } else {
-            0
-        };
-        let cap =
-            self.live.config.billing.on_insufficient == OnInsufficient::Cap && produces_tokens;
-        let prompt_bound = info.prompt_token_bound();
+        let bound = self.bound(req);
+        let completion_bound = bound.completion_tokens;
         // `n` answers of up to `completion_bound` tokens each.
         let choices = u64::from(info.choices.max(1));
         let free = matches!(req.dest.pricing, Pricing::Flat(f) if f == crate::money::Pico::ZERO);
@@ -236,13 +258,6 @@ impl Call<'_> {
             return Err(ApiError::store_unavailable());
         }
         let key = permit.key().clone();
-        let bound = Bound {
-            pricing: req.dest.pricing,
-            prompt_tokens: prompt_bound,
-            completion_tokens: completion_bound,
-            choices: info.choices,
-            cap,
-        };
         let reserved = self.app.gate.reserve(&key, policy, &bound)?;
         let model_bound = completion_bound;
         let completion_bound = reserved.capped_max_tokens.unwrap_or(completion_bound);

@@ -243,6 +243,14 @@ impl Settlement {
             Some(u) => u.name.clone(),
             None => String::new(),
         };
+        if let Some(cluster) = self.app.cluster.get() {
+            cluster.charged(
+                key.hash,
+                account.clone(),
+                charged.saturating_add(daily_fee),
+                self.app.clock.now_ms(),
+            );
+        }
         let seq = self.app.store.record(UsageRecord {
             at_ms: self.app.clock.now_ms(),
             key: key.hash,

@@ -14,6 +14,7 @@
 
 pub mod admin_tokens;
 mod codec;
+mod cluster;
 mod compat;
 mod layout;
 mod log;

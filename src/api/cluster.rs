@@ -1,0 +1,127 @@
+//! The admin API's seams to `crate::cluster` (cluster mode only): each
+//! committed admin write is handed on to the database, and what the API
+//! reports of money comes from there, so that every node says the same.
+//! Without `[cluster]` each of these is one `OnceLock` read.
+
+use std::sync::Arc;
+
+use super::Ctx;
+use crate::cluster::sync::Change;
+use crate::cluster::{Charge, Cluster};
+use crate::error::ApiError;
+use crate::store::{AccountCreditKind, AccountLedgerEntry, KeyHash};
+
+/// The node's cluster link, in cluster mode.
+pub(super) fn of<'a>(ctx: &Ctx<'a>) -> Option<&'a Arc<Cluster>> {
+    ctx.app.and_then(|a| a.cluster.get())
+}
+
+/// A key's record or limit changed (or it was deleted) in the local store.
+pub(super) async fn key_changed(ctx: &Ctx<'_>, hash: KeyHash) {
+    if let Some(c) = of(ctx) {
+        c.publish(Change::Key(hash)).await;
+    }
+}
+
+/// An account's profile changed (or it was made or deleted) locally.
+pub(super) async fn account_changed(ctx: &Ctx<'_>, id: &str) {
+    if let Some(c) = of(ctx) {
+        c.publish(Change::Account(id.to_owned())).await;
+    }
+}
+
+/// Before an admin deduct takes `amount` from the account's live wallet:
+/// in cluster mode that wallet is a lease, so the lease must hold it.
+pub(super) async fn lease_for_deduct(ctx: &Ctx<'_>, id: &str, amount: i64) -> Result<(), ApiError> {
+    let Some(c) = of(ctx) else {
+        return Ok(());
+    };
+    let Some(live) = ctx.gate.wallets().of(id, ctx.clock.now_ms())? else {
+        return Ok(());
+    };
+    c.ensure_wallet(&live, amount, false).await
+}
+
+/// An account credit the local store applied (not a replay): money added
+/// goes to the database's balance once per entry; money taken came out of
+/// this node's lease and is settled like a usage charge.
+pub(super) async fn account_credited(
+    ctx: &Ctx<'_>,
+    id: &str,
+    entry: &AccountLedgerEntry,
+) {
+    let Some(c) = of(ctx) else {
+        return;
+    };
+    // The same idempotency key applies once cluster-wide, whichever node
+    // it reaches.
+    let entry_id = match &entry.idempotency_key {
+        Some(k) => format!("credit:{id}:{k}"),
+        None => c.entry_id("credit"),
+    };
+    let amount = entry.amount.0;
+    let (kind, add, spent) = match entry.kind {
+        AccountCreditKind::Topup => ("topup", amount, 0),
+        AccountCreditKind::Refund => ("refund", amount, -amount),
+        AccountCreditKind::Adjust if amount > 0 => ("adjust", amount, 0),
+        AccountCreditKind::Reversal => ("reversal", -amount, 0),
+        AccountCreditKind::Adjust => {
+            c.charge_account(Charge {
+                id: entry_id,
+                kind: "adjust",
+                key: None,
+                account: Some(Arc::from(id)),
+                amount: -amount,
+                spent: 0,
+                at_ms: entry.at_ms,
+            });
+            return;
+        }
+        AccountCreditKind::Deduct => {
+            c.charge_account(Charge {
+                id: entry_id,
+                kind: "deduct",
+                key: None,
+                account: Some(Arc::from(id)),
+                amount,
+                spent: amount,
+                at_ms: entry.at_ms,
+            });
+            return;
+        }
+        // Grants and lapses belong to subscriptions, which are not
+        // distributed yet (README, "Running several nodes").
+        _ => return,
+    };
+    c.publish(Change::Credit {
+        id: entry_id,
+        account: id.to_owned(),
+        kind,
+        amount: add,
+        spent,
+        at_ms: entry.at_ms,
+    })
+    .await;
+}
+
+/// A key's settled usage from the database, in cluster mode.
+pub(super) async fn key_usage(
+    ctx: &Ctx<'_>,
+    hash: &KeyHash,
+) -> Result<Option<crate::money::Pico>, ApiError> {
+    match of(ctx) {
+        Some(c) => c.key_usage(hash).await,
+        None => Ok(None),
+    }
+}
+
+/// An account's settled money from the database, in cluster mode.
+pub(super) async fn account_money(
+    ctx: &Ctx<'_>,
+    id: &str,
+) -> Result<Option<crate::cluster::SettledAccount>, ApiError> {
+    match of(ctx) {
+        Some(c) => c.account_money(id).await,
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,231 @@
+//! How big a slice of an account's credit a node takes, and the
+//! statements that take, settle, renew, return and reclaim it.
+//!
+//! Σ leases ≤ what remains holds because the only statement that raises
+//! `leased` checks `balance + overdraft − leased ≥ grant` on the row it
+//! locks; settling moves a charge out of `balance` and the lease together.
+
+use deadpool_postgres::GenericClient;
+
+use super::config::{ClusterConfig, LeaseSize};
+use super::schema::db;
+
+/// The slice to ask for: `lease` of what remains (`free`), between the
+/// floor and the ceiling, and at least `need` (what the waiting request
+/// lacks). When less than twice the floor remains, just `need`: near the
+/// end every request takes exactly its own bound, so the last cent goes
+/// to whichever request fits it, at the price of a round trip each.
+pub fn slice(cfg: &ClusterConfig, free: i64, need: i64) -> i64 {
+    let need = need.max(1);
+    if free < cfg.lease_floor.0.saturating_mul(2) {
+        return need;
+    }
+    let target = match cfg.lease {
+        LeaseSize::Share(ppm) => ((free as i128 * ppm as i128) / 1_000_000) as i64,
+        LeaseSize::Amount(a) => a.0,
+    };
+    target
+        .clamp(cfg.lease_floor.0, cfg.lease_ceiling.0)
+        .max(need)
+}
+
+/// What a successful take gave this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// picoUSD added to this node's lease.
+    pub amount: i64,
+    /// What remains free on the account after it.
+    pub free_after: i64,
+}
+
+/// Takes a slice of `account`'s free credit for `node`: at least `min`,
+/// up to the sized slice. `None` when not even `min` is free (or the
+/// account is unknown to the database).
+pub async fn take(
+    c: &mut deadpool_postgres::Client,
+    cfg: &ClusterConfig,
+    account: &str,
+    need: i64,
+    min: i64,
+) -> Result<Option<Grant>, String> {
+    let tx = c.transaction().await.map_err(db)?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT balance + overdraft - leased FROM tollgate_accounts \
+             WHERE id = $1 AND NOT deleted FOR UPDATE",
+            &[&account],
+        )
+        .await
+        .map_err(db)?
+    else {
+        return Ok(None);
+    };
+    let free: i64 = row.get(0);
+    let amount = slice(cfg, free, need).min(free);
+    if amount < min.max(1) {
+        return Ok(None);
+    }
+    // The one statement that raises `leased`, guarded on the locked row.
+    let updated = tx
+        .query_opt(
+            "UPDATE tollgate_accounts SET leased = leased + $2 \
+             WHERE id = $1 AND balance + overdraft - leased >= $2 \
+             RETURNING balance + overdraft - leased",
+            &[&account, &amount],
+        )
+        .await
+        .map_err(db)?;
+    let Some(updated) = updated else {
+        return Ok(None);
+    };
+    let ttl_ms = cfg.lease_ttl.as_millis() as i64;
+    tx.execute(
+        "INSERT INTO tollgate_leases (account_id, node_id, amount, expires_at) \
+         VALUES ($1, $2, $3, now() + $4::float8 * interval '1 millisecond') \
+         ON CONFLICT (account_id, node_id) DO UPDATE \
+         SET amount = tollgate_leases.amount + excluded.amount, expires_at = excluded.expires_at",
+        &[&account, &cfg.node_id, &amount, &(ttl_ms as f64)],
+    )
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok(Some(Grant {
+        amount,
+        free_after: updated.get(0),
+    }))
+}
+
+/// Gives `amount` of this node's lease on `account` back; returns what was
+/// given back (less when the lease was reclaimed meanwhile).
+pub async fn give_back(
+    c: &mut deadpool_postgres::Client,
+    node: &str,
+    account: &str,
+    amount: i64,
+) -> Result<i64, String> {
+    let tx = c.transaction().await.map_err(db)?;
+    let back = lease_down(&tx, node, account, amount).await?;
+    tx.execute(
+        "UPDATE tollgate_accounts SET leased = leased - $2 WHERE id = $1",
+        &[&account, &back],
+    )
+    .await
+    .map_err(db)?;
+    tx.execute(
+        "DELETE FROM tollgate_leases WHERE account_id = $1 AND node_id = $2 AND amount <= 0",
+        &[&account, &node],
+    )
+    .await
+    .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok(back)
+}
+
+/// Lowers this node's lease row by up to `amount` (not below 0), inside
+/// the caller's transaction; returns by how much.
+pub async fn lease_down(
+    tx: &impl GenericClient,
+    node: &str,
+    account: &str,
+    amount: i64,
+) -> Result<i64, String> {
+    let row = tx
+        .query_opt(
+            "SELECT amount FROM tollgate_leases WHERE account_id = $1 AND node_id = $2 FOR UPDATE",
+            &[&account, &node],
+        )
+        .await
+        .map_err(db)?;
+    let held: i64 = row.map(|r| r.get(0)).unwrap_or(0);
+    let down = amount.clamp(0, held.max(0));
+    if down > 0 {
+        tx.execute(
+            "UPDATE tollgate_leases SET amount = amount - $3 WHERE account_id = $1 AND node_id = $2",
+            &[&account, &node, &down],
+        )
+        .await
+        .map_err(db)?;
+    }
+    Ok(down)
+}
+
+/// Extends every lease of `node`; returns (account, amount) of those that
+/// still exist (one reclaimed by another node after expiry is gone).
+pub async fn renew(
+    c: &deadpool_postgres::Client,
+    node: &str,
+    ttl_ms: i64,
+) -> Result<Vec<(String, i64)>, String> {
+    let rows = c
+        .query(
+            "UPDATE tollgate_leases SET expires_at = now() + $2::float8 * interval '1 millisecond' \
+             WHERE node_id = $1 RETURNING account_id, amount",
+            &[&node, &(ttl_ms as f64)],
+        )
+        .await
+        .map_err(db)?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Returns every expired lease (of any node: one that was killed, or cut
+/// off for longer than the ttl) to its account; returns how many.
+pub async fn reclaim(c: &deadpool_postgres::Client) -> Result<u64, String> {
+    c.execute(
+        "WITH gone AS (DELETE FROM tollgate_leases WHERE expires_at < now() \
+             RETURNING account_id, amount), \
+         per AS (SELECT account_id, SUM(amount)::bigint AS amount FROM gone GROUP BY account_id) \
+         UPDATE tollgate_accounts a SET leased = a.leased - per.amount \
+         FROM per WHERE a.id = per.account_id",
+        &[],
+    )
+    .await
+    .map_err(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Pico;
+
+    fn cfg(lease: &str) -> ClusterConfig {
+        ClusterConfig {
+            node_id: "n".into(),
+            lease: LeaseSize::parse(lease).unwrap(),
+            lease_floor: Pico::parse_usd("0.01").unwrap(),
+            lease_ceiling: Pico::parse_usd("1").unwrap(),
+            ..ClusterConfig::default()
+        }
+    }
+
+    const USD: i64 = 1_000_000_000_000;
+
+    #[test]
+    fn a_share_between_floor_and_ceiling() {
+        let c = cfg("5%");
+        // 5% of 10 USD = 0.50.
+        assert_eq!(slice(&c, 10 * USD, 1), USD / 2);
+        // 5% of 1000 USD is capped at the ceiling.
+        assert_eq!(slice(&c, 1000 * USD, 1), USD);
+        // 5% of 0.10 USD = 0.005, raised to the floor.
+        assert_eq!(slice(&c, USD / 10, 1), USD / 100);
+        // A request bigger than the slice gets what it needs.
+        assert_eq!(slice(&c, 10 * USD, 3 * USD), 3 * USD);
+    }
+
+    #[test]
+    fn a_fixed_amount() {
+        let c = cfg("0.25");
+        assert_eq!(slice(&c, 10 * USD, 1), USD / 4);
+        assert_eq!(slice(&c, 1000 * USD, 1), USD / 4);
+    }
+
+    #[test]
+    fn little_left_means_one_request_at_a_time() {
+        let c = cfg("5%");
+        // Under twice the floor (0.02 USD): exactly what the request lacks.
+        assert_eq!(slice(&c, USD / 100, 200_000_000), 200_000_000);
+        assert_eq!(slice(&c, 4 * USD / 1000, 7), 7);
+        // Never zero.
+        assert_eq!(slice(&c, 0, 0), 1);
+    }
+}

@@ -1,0 +1,811 @@
+//! Many gateway nodes over one PostgreSQL: `[cluster]` in `config.toml`.
+//!
+//! PostgreSQL is the truth of keys and accounts (their records), of the
+//! money (an account's `balance` and `spent`, a key's `usage`) and of the
+//! usage records and ledger entries that moved it. Each node keeps its sled
+//! store as its local copy and journal, and its hot path in memory as in
+//! single-node mode: the gate and the wallets admit and reserve exactly as
+//! they always did. What changes is where an account's wallet gets the
+//! credit it admits against:
+//!
+//! - **Leases** ([`lease`]): in cluster mode a wallet's `headroom` starts at
+//!   zero and grows only by slices this node took from the account's free
+//!   credit in the database (`balance + overdraft − leased`), with one
+//!   guarded statement. Σ leases never exceeds what remains, so no
+//!   interleaving of nodes overspends. A request that finds too little in
+//!   the lease waits for one round trip ([`Cluster::ensure_credit`]); near
+//!   the end, slices shrink to the request, so the last cent is exact.
+//! - **Settlement**: every settled charge is queued here and written in
+//!   batches (usage/ledger entries inserted once per id, a key's `usage`,
+//!   the account's `balance`/`spent`, and the lease lowered by the same
+//!   amount, in one transaction). A retry never counts twice.
+//! - **Renewal and return**: each tick renews this node's leases, returns
+//!   the unused part of idle ones, and reclaims anyone's expired leases:
+//!   a node killed with SIGKILL gives its lease back after `lease_ttl`,
+//!   losing only what it had not settled.
+//! - **Sync** ([`sync`]): admin writes go to the local store first, then to
+//!   the database with a change number (`seq`); every node pulls the
+//!   changes after the last one it saw (on NOTIFY, and every
+//!   `sync_interval`) and applies them to its store, the gate's cache
+//!   (`Gate::updated`, `Gate::forget`) and the wallets.
+//! - **Faults**: with the database unreachable, a node serves from its
+//!   leases until they run out, then refuses paid requests with 503; queued
+//!   charges and admin changes are written when it is back. Leases not
+//!   renewed for `lease_ttl` stop being spent locally.
+//!
+//! All database work runs on this module's own runtime (one thread), so
+//! the per-core workers never own a database connection.
+
+pub mod config;
+pub mod lease;
+pub mod schema;
+pub mod sync;
+
+pub use config::{ClusterConfig, LeaseSize};
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use http::StatusCode;
+use tokio::sync::Notify;
+use tokio_postgres::NoTls;
+
+use crate::app::App;
+use crate::billing::LiveAccount;
+use crate::error::ApiError;
+use crate::gate::Policy;
+use crate::money::Pico;
+use crate::store::KeyHash;
+use schema::{db, pool as pool_error};
+
+/// One node's part of the cluster.
+pub struct Cluster {
+    /// The settings, as parsed.
+    cfg: ClusterConfig,
+    /// Unique per process: record ids made by this run never collide with
+    /// those of an earlier run of the same node.
+    boot: String,
+    /// The cluster's own runtime, where all database work runs.
+    rt: tokio::runtime::Handle,
+    /// Connections to PostgreSQL.
+    pool: Pool,
+    /// The connection settings, for the LISTEN connection.
+    pg: tokio_postgres::Config,
+    /// The gateway this node serves (set once at start; weak: the app owns
+    /// the cluster).
+    app: OnceLock<Weak<App>>,
+    /// Account id → this node's lease on it.
+    leases: DashMap<Arc<str>, Arc<Held>>,
+    /// Charges settled in memory, not yet in the database (oldest first).
+    charges: Mutex<VecDeque<Charge>>,
+    /// Admin changes not yet written to the database (it was unreachable).
+    pending: Mutex<VecDeque<sync::Change>>,
+    /// Source of this run's entry ids.
+    next_id: AtomicU64,
+    /// The last change number applied from the database.
+    last_seq: AtomicI64,
+    /// Woken by NOTIFY (another node changed something) and by shutdown.
+    wake: Notify,
+    /// Set by shutdown: the tasks end after returning the leases.
+    stopping: AtomicBool,
+    /// The last database call failed (for /readyz-like reporting and logs).
+    db_down: AtomicBool,
+    /// Ends the runtime's thread when the cluster is dropped.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// This node's lease on one account.
+struct Held {
+    /// The account's live wallet, whose `headroom` the lease feeds.
+    wallet: Arc<LiveAccount>,
+    /// One take from the database at a time per account: requests that
+    /// find the lease short wait for it and then look again.
+    taking: tokio::sync::Mutex<()>,
+    /// The numbers of the lease.
+    state: Mutex<LeaseState>,
+}
+
+#[derive(Default)]
+struct LeaseState {
+    /// picoUSD the database holds for this node on the account (the lease
+    /// row's `amount` as this node knows it).
+    granted: i64,
+    /// Taken out of the wallet because the lease was not renewed in time;
+    /// given back if a later renewal finds the lease still there.
+    revoked: i64,
+    /// Instant (ms since the cluster started) after which the lease may
+    /// have expired in the database: spend no more from it.
+    deadline_ms: i64,
+    /// Last time a request looked at the lease: idle leases are returned.
+    last_used_ms: i64,
+    /// When the last slice was asked for: a renewal that started before it
+    /// may not see its row yet, and must not take it for reclaimed.
+    taken_ms: i64,
+    /// The database had nothing free for the account until this instant:
+    /// requests are refused without a round trip each (a short while).
+    exhausted_until_ms: i64,
+}
+
+/// One charge to write to the database: a usage record's cost, or a
+/// deduct made through the admin API.
+#[derive(Clone, Debug)]
+pub struct Charge {
+    /// Unique id: inserting it twice is a no-op (so a retry never counts twice).
+    pub id: String,
+    /// `usage`, `deduct`, `adjust`, `fee`.
+    pub kind: &'static str,
+    /// The key charged (usage records), if any.
+    pub key: Option<KeyHash>,
+    /// The account whose lease paid, if any.
+    pub account: Option<Arc<str>>,
+    /// picoUSD taken from the balance (and from the lease).
+    pub amount: i64,
+    /// picoUSD added to the account's lifetime spent.
+    pub spent: i64,
+    /// Unix ms.
+    pub at_ms: i64,
+}
+
+/// An account's settled money, as the database has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SettledAccount {
+    pub balance: Pico,
+    pub spent: Pico,
+    /// Σ the leases nodes hold on it now.
+    pub leased: Pico,
+}
+
+/// Refusal when the database is needed and unreachable.
+pub fn database_unavailable() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "database_unavailable",
+        "The gateway cannot reach its database to take credit for this request; retry shortly.",
+    )
+    .with_retry_after(1)
+}
+
+/// Milliseconds on a monotonic clock since the first call (lease deadlines
+/// must not move with the wall clock or the test clock).
+fn mono_ms() -> i64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64
+}
+
+impl Cluster {
+    /// Connects, migrates, and pulls every key and account into the local
+    /// store before the node serves; then starts the background work.
+    /// Blocks (called once at start, outside any runtime).
+    pub fn start(cfg: &ClusterConfig, app: &Arc<App>) -> Result<Arc<Cluster>, String> {
+        let url = cfg.postgres_url()?;
+        let mut pg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| format!("cluster: {}: not a valid PostgreSQL URL: {e}", cfg.postgres_url_env))?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(3));
+        }
+        pg.application_name(&format!("tollgate {}", cfg.node_id));
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("tollgate-cluster".to_owned())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(rt.handle().clone()));
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+            })
+            .map_err(|e| format!("cluster: starting its thread: {e}"))?;
+        let rt = handle_rx
+            .recv()
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cluster: its runtime: {e}"))?;
+        let mgr = Manager::from_config(
+            pg.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = {
+            let _enter = rt.enter();
+            Pool::builder(mgr)
+                .max_size(cfg.pool_size)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(Duration::from_secs(3)))
+                .create_timeout(Some(Duration::from_secs(3)))
+                .build()
+                .map_err(|e| format!("cluster: the connection pool: {e}"))?
+        };
+        let mut boot = [0u8; 6];
+        getrandom::fill(&mut boot).map_err(|e| format!("cluster: random source: {e}"))?;
+        let cluster = Arc::new(Cluster {
+            cfg: cfg.clone(),
+            boot: hex::encode(boot),
+            rt,
+            pool,
+            pg,
+            app: OnceLock::new(),
+            leases: DashMap::new(),
+            charges: Mutex::new(VecDeque::new()),
+            pending: Mutex::new(VecDeque::new()),
+            next_id: AtomicU64::new(0),
+            last_seq: AtomicI64::new(0),
+            wake: Notify::new(),
+            stopping: AtomicBool::new(false),
+            db_down: AtomicBool::new(false),
+            _stop: stop_tx,
+        });
+        let _ = cluster.app.set(Arc::downgrade(app));
+        // Before any wallet is loaded: every wallet draws from leases.
+        app.gate.wallets().set_leased();
+        let c = cluster.clone();
+        let started = cluster.block_on(async move {
+            let version = schema::migrate(&c.pool).await?;
+            let n = c.pull().await?;
+            Ok::<_, String>((version, n))
+        })?;
+        tracing::info!(
+            node = %cfg.node_id,
+            schema = started.0,
+            changes = started.1,
+            "cluster: joined; keys and accounts pulled from the database"
+        );
+        cluster.rt.spawn(cluster.clone().ticks());
+        cluster.rt.spawn(cluster.clone().listen());
+        Ok(cluster)
+    }
+
+    /// Runs `fut` on the cluster's runtime and waits for it (from outside
+    /// any runtime: start and shutdown).
+    fn block_on<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, String>> + Send + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .map_err(|_| "cluster: its runtime stopped".to_owned())?
+    }
+
+    /// Runs `fut` on the cluster's runtime and awaits it from any runtime.
+    async fn run<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, String>> + Send + 'static,
+    ) -> Result<T, String> {
+        match self.rt.spawn(fut).await {
+            Ok(r) => r,
+            Err(e) => Err(format!("cluster task: {e}")),
+        }
+    }
+
+    fn app(&self) -> Option<Arc<App>> {
+        self.app.get().and_then(Weak::upgrade)
+    }
+
+    /// This node's name.
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    /// A new entry id, unique across nodes and runs.
+    pub fn entry_id(&self, kind: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{kind}:{}:{}:{n}", self.cfg.node_id, self.boot)
+    }
+
+    fn held(&self, wallet: &Arc<LiveAccount>) -> Arc<Held> {
+        if let Some(h) = self.leases.get(&wallet.id)
+            && Arc::ptr_eq(&h.wallet, wallet)
+        {
+            return h.clone();
+        }
+        let fresh = Arc::new(Held {
+            wallet: wallet.clone(),
+            taking: tokio::sync::Mutex::new(()),
+            state: Mutex::new(LeaseState::default()),
+        });
+        // A wallet replaced (its account deleted and made again) starts a
+        // new lease; the old one's unused part returns on expiry.
+        self.leases
+            .entry(wallet.id.clone())
+            .and_modify(|h| {
+                if !Arc::ptr_eq(&h.wallet, wallet) {
+                    *h = fresh.clone();
+                }
+            })
+            .or_insert_with(|| fresh.clone())
+            .clone()
+    }
+
+    // ---- the request path ----
+
+    /// Before a request reserves: makes sure the lease of the key's account
+    /// holds `want` (the request's bound), taking a slice from the database
+    /// when it does not. A key without an account, or an unlimited account,
+    /// costs one map read. Not enough free credit is not an error here: the
+    /// gate then refuses (402) or lowers the request (`cap`) as it always
+    /// does. The database unreachable while the lease is short: 503.
+    pub async fn ensure_credit(
+        &self,
+        policy: &Policy,
+        want: Pico,
+        cap: bool,
+        now_ms: i64,
+    ) -> Result<(), ApiError> {
+        let Some(app) = self.app() else {
+            return Ok(());
+        };
+        let Some(owner) = policy.record.owner.as_deref() else {
+            return Ok(());
+        };
+        let Some(wallet) = app.gate.wallets().of(owner, now_ms)? else {
+            return Ok(());
+        };
+        self.ensure_wallet(&wallet, want.0, cap).await
+    }
+
+    /// [`Cluster::ensure_credit`] for a wallet (also the admin deduct).
+    pub async fn ensure_wallet(
+        &self,
+        wallet: &Arc<LiveAccount>,
+        want: i64,
+        cap: bool,
+    ) -> Result<(), ApiError> {
+        if wallet.is_unlimited() || want <= 0 {
+            return Ok(());
+        }
+        let held = self.held(wallet);
+        let now = mono_ms();
+        {
+            let mut s = held.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.last_used_ms = now;
+        }
+        if wallet.headroom() >= want {
+            return Ok(());
+        }
+        let _turn = held.taking.lock().await;
+        let have = wallet.headroom();
+        if have >= want {
+            return Ok(());
+        }
+        {
+            let s = held.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.exhausted_until_ms > mono_ms() {
+                return Ok(());
+            }
+        }
+        let need = want - have.max(0);
+        let min = if cap { 1 } else { need };
+        let cfg = self.cfg.clone();
+        let pool = self.pool.clone();
+        let account = wallet.id.to_string();
+        let asked = mono_ms();
+        let grant = self
+            .run(async move {
+                let mut c = pool.get().await.map_err(pool_error)?;
+                lease::take(&mut c, &cfg, &account, need, min).await
+            })
+            .await;
+        match grant {
+            Err(e) => {
+                self.note_down(&e);
+                Err(database_unavailable())
+            }
+            Ok(None) => {
+                self.note_up();
+                let mut s = held.state.lock().unwrap_or_else(|e| e.into_inner());
+                s.exhausted_until_ms = mono_ms() + self.exhausted_pause_ms();
+                Ok(())
+            }
+            Ok(Some(g)) => {
+                self.note_up();
+                let mut s = held.state.lock().unwrap_or_else(|e| e.into_inner());
+                s.granted += g.amount;
+                s.deadline_ms = asked + self.lease_spend_ms();
+                s.taken_ms = mono_ms();
+                drop(s);
+                wallet.release(g.amount);
+                Ok(())
+            }
+        }
+    }
+
+    /// How long a lease may be spent after the renewal that started at
+    /// some instant: the ttl less one tick, so it stops before the
+    /// database may give it to another node.
+    fn lease_spend_ms(&self) -> i64 {
+        self.cfg.lease_ttl.as_millis() as i64 - self.cfg.sync_interval.as_millis() as i64
+    }
+
+    /// After the database had nothing free: how long requests are refused
+    /// without asking again (a fraction of the sync interval, so credit
+    /// another node gives back is found soon).
+    fn exhausted_pause_ms(&self) -> i64 {
+        (self.cfg.sync_interval.as_millis() as i64 / 10).clamp(10, 200)
+    }
+
+    /// A settlement's charge (cost and daily fee) to write to the database.
+    /// Called once per settled request with a cost; never blocks.
+    pub fn charged(&self, key: KeyHash, account: Option<Arc<str>>, amount: Pico, at_ms: i64) {
+        if amount.0 == 0 {
+            return;
+        }
+        let charge = Charge {
+            id: self.entry_id("u"),
+            kind: "usage",
+            key: Some(key),
+            account,
+            amount: amount.0,
+            spent: amount.0,
+            at_ms,
+        };
+        self.charges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(charge);
+    }
+
+    /// An admin charge on an account that came out of its lease (a deduct,
+    /// or a negative adjust), to write to the database.
+    pub fn charge_account(&self, charge: Charge) {
+        self.charges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(charge);
+    }
+
+    fn note_down(&self, e: &str) {
+        if !self.db_down.swap(true, Ordering::AcqRel) {
+            tracing::warn!(error = %e, "cluster: the database is unreachable; serving from leases");
+        }
+    }
+
+    fn note_up(&self) {
+        if self.db_down.swap(false, Ordering::AcqRel) {
+            tracing::info!("cluster: the database is reachable again");
+        }
+    }
+
+    /// Whether the last database call failed.
+    pub fn database_down(&self) -> bool {
+        self.db_down.load(Ordering::Acquire)
+    }
+
+    // ---- what the admin API reads in cluster mode ----
+
+    /// An account's settled money from the database (`None`: not there).
+    pub async fn account_money(&self, id: &str) -> Result<Option<SettledAccount>, ApiError> {
+        let pool = self.pool.clone();
+        let id = id.to_owned();
+        self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let row = c
+                .query_opt(
+                    "SELECT balance, spent, leased FROM tollgate_accounts WHERE id = $1 AND NOT deleted",
+                    &[&id],
+                )
+                .await
+                .map_err(db)?;
+            Ok(row.map(|r| SettledAccount {
+                balance: Pico(r.get(0)),
+                spent: Pico(r.get(1)),
+                leased: Pico(r.get(2)),
+            }))
+        })
+        .await
+        .map_err(|e| {
+            self.note_down(&e);
+            database_unavailable()
+        })
+    }
+
+    /// A key's settled usage from the database (`None`: not there).
+    pub async fn key_usage(&self, hash: &KeyHash) -> Result<Option<Pico>, ApiError> {
+        let pool = self.pool.clone();
+        let hash = hash.to_vec();
+        self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let row = c
+                .query_opt(
+                    "SELECT usage FROM tollgate_keys WHERE hash = $1 AND NOT deleted",
+                    &[&hash],
+                )
+                .await
+                .map_err(db)?;
+            Ok(row.map(|r| Pico(r.get(0))))
+        })
+        .await
+        .map_err(|e| {
+            self.note_down(&e);
+            database_unavailable()
+        })
+    }
+
+    // ---- background work ----
+
+    /// Settles every `sync_interval / 4`; every `sync_interval` (or when
+    /// NOTIFY says so) pulls changes, renews, returns idle leases and
+    /// reclaims expired ones.
+    async fn ticks(self: Arc<Self>) {
+        let sync_every = self.cfg.sync_interval.0;
+        let settle_every = (sync_every / 4).max(Duration::from_millis(20));
+        let mut last_sync = Instant::now();
+        loop {
+            let notified = tokio::select! {
+                _ = tokio::time::sleep(settle_every) => false,
+                _ = self.wake.notified() => true,
+            };
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            self.settle().await;
+            self.push_pending().await;
+            if notified {
+                if let Err(e) = self.pull().await {
+                    self.note_down(&e);
+                }
+            }
+            if last_sync.elapsed() >= sync_every {
+                last_sync = Instant::now();
+                if !notified && let Err(e) = self.pull().await {
+                    self.note_down(&e);
+                }
+                self.renew().await;
+                self.return_idle(false).await;
+                let pool = self.pool.clone();
+                let reclaimed = async move {
+                    let c = pool.get().await.map_err(pool_error)?;
+                    lease::reclaim(&c).await
+                }
+                .await;
+                match reclaimed {
+                    Ok(n) if n > 0 => tracing::info!(accounts = n, "cluster: expired leases reclaimed"),
+                    Ok(_) => {}
+                    Err(e) => self.note_down(&e),
+                }
+            }
+        }
+    }
+
+    /// Writes the queued charges in one transaction; on failure they stay
+    /// queued (first) and are written on a later tick.
+    async fn settle(&self) {
+        let batch: Vec<Charge> = {
+            let mut q = self.charges.lock().unwrap_or_else(|e| e.into_inner());
+            let n = q.len().min(10_000);
+            q.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        match self.write_charges(&batch).await {
+            Ok(taken) => {
+                self.note_up();
+                for (account, down) in taken {
+                    if let Some(h) = self.leases.get(account.as_str()) {
+                        let mut s = h.state.lock().unwrap_or_else(|e| e.into_inner());
+                        s.granted -= down;
+                    }
+                }
+            }
+            Err(e) => {
+                self.note_down(&e);
+                let mut q = self.charges.lock().unwrap_or_else(|e| e.into_inner());
+                for c in batch.into_iter().rev() {
+                    q.push_front(c);
+                }
+            }
+        }
+    }
+
+    /// One transaction: the entries (new ones only), the keys' usage, the
+    /// accounts' balance and spent, and this node's leases lowered by what
+    /// was charged. Returns by how much each account's lease went down.
+    async fn write_charges(&self, batch: &[Charge]) -> Result<Vec<(String, i64)>, String> {
+        let mut c = self.pool.get().await.map_err(pool_error)?;
+        let tx = c.transaction().await.map_err(db)?;
+        let ids: Vec<&str> = batch.iter().map(|c| c.id.as_str()).collect();
+        let kinds: Vec<&str> = batch.iter().map(|c| c.kind).collect();
+        let keys: Vec<Option<Vec<u8>>> = batch.iter().map(|c| c.key.map(|k| k.to_vec())).collect();
+        let accounts: Vec<Option<&str>> = batch.iter().map(|c| c.account.as_deref()).collect();
+        let amounts: Vec<i64> = batch.iter().map(|c| c.amount).collect();
+        let spents: Vec<i64> = batch.iter().map(|c| c.spent).collect();
+        let ats: Vec<i64> = batch.iter().map(|c| c.at_ms).collect();
+        let node = self.cfg.node_id.as_str();
+        let rows = tx
+            .query(
+                "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms) \
+                 SELECT i, k, h, a, m, s, $8, t FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], \
+                 $5::int8[], $6::int8[], $7::int8[]) AS u(i, k, h, a, m, s, t) \
+                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent",
+                &[&ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node],
+            )
+            .await
+            .map_err(db)?;
+        let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut per_account: HashMap<String, (i64, i64)> = HashMap::new();
+        for r in &rows {
+            let key: Option<Vec<u8>> = r.get(0);
+            let account: Option<String> = r.get(1);
+            let amount: i64 = r.get(2);
+            let spent: i64 = r.get(3);
+            if let Some(k) = key {
+                *per_key.entry(k).or_default() += spent;
+            }
+            if let Some(a) = account {
+                let e = per_account.entry(a).or_default();
+                e.0 += amount;
+                e.1 += spent;
+            }
+        }
+        if !per_key.is_empty() {
+            let (hs, cs): (Vec<Vec<u8>>, Vec<i64>) = per_key.into_iter().unzip();
+            tx.execute(
+                "UPDATE tollgate_keys k SET usage = k.usage + d.c \
+                 FROM UNNEST($1::bytea[], $2::int8[]) AS d(h, c) WHERE k.hash = d.h",
+                &[&hs, &cs],
+            )
+            .await
+            .map_err(db)?;
+        }
+        let mut taken = Vec::with_capacity(per_account.len());
+        let mut accounts: Vec<_> = per_account.into_iter().collect();
+        // One lock order for every writer: no deadlock between nodes.
+        accounts.sort();
+        for (account, (amount, spent)) in accounts {
+            let down = lease::lease_down(&tx, node, &account, amount).await?;
+            tx.execute(
+                "UPDATE tollgate_accounts SET balance = balance - $2, spent = spent + $3, \
+                 leased = leased - $4 WHERE id = $1",
+                &[&account, &amount, &spent, &down],
+            )
+            .await
+            .map_err(db)?;
+            taken.push((account, down));
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(taken)
+    }
+
+    /// Renews this node's leases. One that no longer exists (reclaimed
+    /// after the node could not renew in time) is dropped from the wallet;
+    /// one past its local deadline stops being spent until renewed.
+    async fn renew(&self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        let started = mono_ms();
+        let pool = self.pool.clone();
+        let node = self.cfg.node_id.clone();
+        let ttl = self.cfg.lease_ttl.as_millis() as i64;
+        let renewed = async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            lease::renew(&c, &node, ttl).await
+        }
+        .await;
+        match renewed {
+            Ok(rows) => {
+                self.note_up();
+                let live: HashMap<String, i64> = rows.into_iter().collect();
+                for h in self.leases.iter() {
+                    let mut s = h.state.lock().unwrap_or_else(|e| e.into_inner());
+                    match live.get(h.key().as_ref()) {
+                        Some(_) => {
+                            s.deadline_ms = started + self.lease_spend_ms();
+                            if s.revoked > 0 {
+                                h.wallet.release(s.revoked);
+                                s.revoked = 0;
+                            }
+                        }
+                        None if (s.granted > 0 || s.revoked > 0) && s.taken_ms < started => {
+                            // Reclaimed: what is unspent of it is not ours.
+                            let take = h.wallet.headroom().clamp(0, s.granted);
+                            if take > 0 && h.wallet.try_reserve(take).is_err() {
+                                tracing::warn!(account = %h.key(), "cluster: a reclaimed lease was partly spent");
+                            }
+                            tracing::warn!(account = %h.key(), "cluster: this node's lease was reclaimed");
+                            s.granted = 0;
+                            s.revoked = 0;
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Err(e) => {
+                self.note_down(&e);
+                let now = mono_ms();
+                for h in self.leases.iter() {
+                    let mut s = h.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if s.granted > 0 && now > s.deadline_ms {
+                        let take = h.wallet.headroom().clamp(0, s.granted - s.revoked);
+                        if take > 0 && h.wallet.try_reserve(take).is_ok() {
+                            s.revoked += take;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives back the unused part of leases not used for two sync
+    /// intervals (all of them when `all`: shutdown).
+    async fn return_idle(&self, all: bool) {
+        let now = mono_ms();
+        let idle_ms = 2 * self.cfg.sync_interval.as_millis() as i64;
+        let idle: Vec<Arc<Held>> = self
+            .leases
+            .iter()
+            .filter(|h| {
+                let s = h.state.lock().unwrap_or_else(|e| e.into_inner());
+                s.granted > 0 && (all || now - s.last_used_ms > idle_ms)
+            })
+            .map(|h| h.value().clone())
+            .collect();
+        for h in idle {
+            let back = {
+                let s = h.state.lock().unwrap_or_else(|e| e.into_inner());
+                h.wallet.headroom().clamp(0, s.granted - s.revoked)
+            };
+            if back <= 0 || h.wallet.try_reserve(back).is_err() {
+                continue;
+            }
+            let pool = self.pool.clone();
+            let node = self.cfg.node_id.clone();
+            let account = h.wallet.id.to_string();
+            let given = async move {
+                let mut c = pool.get().await.map_err(pool_error)?;
+                lease::give_back(&mut c, &node, &account, back).await
+            }
+            .await;
+            match given {
+                // Less given back than taken out (reclaimed meanwhile): the
+                // rest was not this node's any more, and stays out.
+                Ok(given) => {
+                    let mut s = h.state.lock().unwrap_or_else(|e| e.into_inner());
+                    s.granted -= given;
+                }
+                Err(e) => {
+                    self.note_down(&e);
+                    h.wallet.release(back);
+                }
+            }
+        }
+    }
+
+    /// Shutdown: writes what is queued and gives every lease back, so the
+    /// other nodes need not wait for `lease_ttl`. Blocks, at most `wait`.
+    pub fn shutdown(self: &Arc<Self>, wait: Duration) {
+        let c = self.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            c.settle().await;
+            c.push_pending().await;
+            c.settle().await;
+            c.return_idle(true).await;
+            c.stopping.store(true, Ordering::Release);
+            c.wake.notify_waiters();
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(wait).is_err() {
+            tracing::warn!("cluster: shutdown could not return every lease in time; they expire after lease_ttl");
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The database's tables, as versioned migrations applied at start.
+//!
+//! Each migration runs once, in its own transaction, under an advisory
+//! lock: nodes starting together take turns, and the second finds the
+//! version already there. `tollgate_schema` holds the versions applied.
+//!
+//! | table | row | what it is the truth of |
+//! |---|---|---|
+//! | `tollgate_accounts` | account id | profile (`record`, the store's JSON), `balance`, `spent`, `overdraft`, `leased` = Σ its leases |
+//! | `tollgate_keys` | key hash | policy (`record`), `key_limit`, `usage` = Σ its settled charges |
+//! | `tollgate_leases` | (account, node) | the slice a node holds, and until when |
+//! | `tollgate_entries` | entry id | usage records and ledger entries, once each (idempotent per id) |
+//!
+//! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
+//! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
+//! seq N has seen every change before it.
+
+use deadpool_postgres::Pool;
+
+/// Advisory lock id held while migrating.
+const MIGRATE_LOCK: i64 = 0x746f_6c6c_0001;
+/// Advisory (transaction) lock id held by every record change, so that
+/// changes commit in the order of their `seq`.
+pub const CHANGE_LOCK: i64 = 0x746f_6c6c_0002;
+/// The channel changes are announced on.
+pub const CHANNEL: &str = "tollgate_changes";
+
+/// The migrations, in order; version = index + 1. Never edit one that has
+/// shipped: add the next.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE SEQUENCE tollgate_change_seq;
+CREATE TABLE tollgate_accounts (
+    id text PRIMARY KEY,
+    record bytea NOT NULL,
+    deleted boolean NOT NULL DEFAULT false,
+    balance bigint NOT NULL DEFAULT 0,
+    overdraft bigint NOT NULL DEFAULT 0,
+    unlimited boolean NOT NULL DEFAULT false,
+    spent bigint NOT NULL DEFAULT 0,
+    leased bigint NOT NULL DEFAULT 0,
+    seq bigint NOT NULL,
+    origin text NOT NULL
+);
+CREATE INDEX tollgate_accounts_seq ON tollgate_accounts (seq);
+CREATE TABLE tollgate_keys (
+    hash bytea PRIMARY KEY,
+    record bytea NOT NULL,
+    deleted boolean NOT NULL DEFAULT false,
+    key_limit bigint,
+    usage bigint NOT NULL DEFAULT 0,
+    seq bigint NOT NULL,
+    origin text NOT NULL
+);
+CREATE INDEX tollgate_keys_seq ON tollgate_keys (seq);
+CREATE TABLE tollgate_leases (
+    account_id text NOT NULL,
+    node_id text NOT NULL,
+    amount bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (account_id, node_id)
+);
+CREATE INDEX tollgate_leases_expiry ON tollgate_leases (expires_at);
+CREATE TABLE tollgate_entries (
+    id text PRIMARY KEY,
+    kind text NOT NULL,
+    key_hash bytea,
+    account_id text,
+    amount bigint NOT NULL,
+    spent bigint NOT NULL,
+    node_id text NOT NULL,
+    at_ms bigint NOT NULL
+);
+CREATE INDEX tollgate_entries_account ON tollgate_entries (account_id);
+CREATE INDEX tollgate_entries_key ON tollgate_entries (key_hash);
+"#];
+
+/// The schema version this build writes.
+pub const VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Applies the migrations not yet applied; returns the version now in force.
+pub async fn migrate(pool: &Pool) -> Result<i32, String> {
+    let mut client = pool.get().await.map_err(self::pool)?;
+    loop {
+        let tx = client.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+            .await
+            .map_err(db)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS tollgate_schema (version integer NOT NULL)")
+            .await
+            .map_err(db)?;
+        let row = tx
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM tollgate_schema", &[])
+            .await
+            .map_err(db)?;
+        let have: i32 = row.get(0);
+        if have > VERSION {
+            return Err(format!(
+                "the database's schema is version {have}, newer than this build's {VERSION}: upgrade this node"
+            ));
+        }
+        if have == VERSION {
+            tx.commit().await.map_err(db)?;
+            return Ok(have);
+        }
+        tx.batch_execute(MIGRATIONS[have as usize])
+            .await
+            .map_err(|e| format!("migration {}: {e}", have + 1))?;
+        tx.execute(
+            "INSERT INTO tollgate_schema (version) VALUES ($1)",
+            &[&(have + 1)],
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        tracing::info!(version = have + 1, "cluster: database migration applied");
+    }
+}
+
+/// A database error as text, with PostgreSQL's own message when it has one.
+pub fn db(e: tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} ({})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// A pool error (no connection, timed out) as text.
+pub fn pool(e: deadpool_postgres::PoolError) -> String {
+    format!("database unreachable: {e}")
+}

@@ -1,0 +1,442 @@
+//! Admin changes between nodes: written to the database after the local
+//! store has them, pulled by every other node and applied to its store and
+//! caches.
+//!
+//! A change carries no state of its own: it names what changed, and the
+//! record written is read from the local store when it is written, so a
+//! change retried after an outage writes the latest state, not a stale one.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::Cluster;
+use super::schema::{CHANGE_LOCK, CHANNEL, db, pool as pool_error};
+use crate::app::App;
+use crate::money::Pico;
+use crate::store::{Account, AccountRecord, KeyHash, Store};
+
+/// What an admin write changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A key was created, updated or deleted (its limit too).
+    Key(KeyHash),
+    /// An account's profile was created, updated or deleted.
+    Account(String),
+    /// Money added to an account outside the leases (top-up, refund,
+    /// positive adjust), once per `id`.
+    Credit {
+        /// Entry id: the same id never applies twice, on any node.
+        id: String,
+        account: String,
+        kind: &'static str,
+        /// picoUSD added to the balance.
+        amount: i64,
+        /// picoUSD added to `spent` (a refund: −amount).
+        spent: i64,
+        at_ms: i64,
+    },
+}
+
+impl Cluster {
+    /// Writes an admin change to the database before the API answers; if
+    /// the database cannot take it now, it is kept and written on a later
+    /// tick (the answer stands: the local store has the change).
+    pub async fn publish(&self, change: Change) {
+        if let Err(e) = self.write_change(&change).await {
+            self.note_down(&e);
+            tracing::warn!(error = %e, ?change, "cluster: change kept to write when the database is back");
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(change);
+        } else {
+            self.note_up();
+        }
+    }
+
+    /// Writes the changes kept while the database was unreachable, in order.
+    pub(super) async fn push_pending(&self) {
+        loop {
+            let next = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .front()
+                .cloned();
+            let Some(change) = next else {
+                return;
+            };
+            if let Err(e) = self.write_change(&change).await {
+                self.note_down(&e);
+                return;
+            }
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
+        }
+    }
+
+    async fn write_change(&self, change: &Change) -> Result<(), String> {
+        let Some(app) = self.app() else {
+            return Ok(());
+        };
+        let node = self.cfg.node_id.clone();
+        let pool = self.pool.clone();
+        match change {
+            Change::Key(hash) => {
+                let local = app.store.key(hash).map_err(|e| e.to_string())?;
+                let hash = *hash;
+                self.run(async move {
+                    let mut c = pool.get().await.map_err(pool_error)?;
+                    let tx = c.transaction().await.map_err(db)?;
+                    let seq = next_seq(&tx).await?;
+                    let (record, limit, deleted) = match &local {
+                        Some((rec, acct)) => (
+                            Store::encode_key_record(rec),
+                            acct.limit.map(|l| l.0),
+                            false,
+                        ),
+                        None => (Vec::new(), None, true),
+                    };
+                    tx.execute(
+                        "INSERT INTO tollgate_keys (hash, record, deleted, key_limit, seq, origin) \
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash) DO UPDATE SET \
+                         record = CASE WHEN excluded.deleted THEN tollgate_keys.record ELSE excluded.record END, \
+                         deleted = excluded.deleted, key_limit = excluded.key_limit, \
+                         seq = excluded.seq, origin = excluded.origin",
+                        &[&hash.to_vec(), &record, &deleted, &limit, &seq, &node],
+                    )
+                    .await
+                    .map_err(db)?;
+                    notify(&tx, seq).await?;
+                    tx.commit().await.map_err(db)
+                })
+                .await
+            }
+            Change::Account(id) => {
+                let local = app.store.user_account(id).map_err(|e| e.to_string())?;
+                let id = id.clone();
+                self.run(async move {
+                    let mut c = pool.get().await.map_err(pool_error)?;
+                    let tx = c.transaction().await.map_err(db)?;
+                    let seq = next_seq(&tx).await?;
+                    match &local {
+                        Some(a) => {
+                            let record = Store::encode_account_record(&profile_only(a));
+                            tx.execute(
+                                "INSERT INTO tollgate_accounts (id, record, deleted, overdraft, unlimited, seq, origin) \
+                                 VALUES ($1, $2, false, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                                 record = excluded.record, deleted = false, overdraft = excluded.overdraft, \
+                                 unlimited = excluded.unlimited, seq = excluded.seq, origin = excluded.origin",
+                                &[&id, &record, &a.overdraft.0, &a.unlimited, &seq, &node],
+                            )
+                            .await
+                            .map_err(db)?;
+                        }
+                        None => {
+                            tx.execute(
+                                "UPDATE tollgate_accounts SET deleted = true, seq = $2, origin = $3 WHERE id = $1",
+                                &[&id, &seq, &node],
+                            )
+                            .await
+                            .map_err(db)?;
+                        }
+                    }
+                    notify(&tx, seq).await?;
+                    tx.commit().await.map_err(db)
+                })
+                .await
+            }
+            Change::Credit {
+                id,
+                account,
+                kind,
+                amount,
+                spent,
+                at_ms,
+            } => {
+                let (id, account, kind, amount, spent, at_ms) =
+                    (id.clone(), account.clone(), *kind, *amount, *spent, *at_ms);
+                self.run(async move {
+                    let mut c = pool.get().await.map_err(pool_error)?;
+                    let tx = c.transaction().await.map_err(db)?;
+                    let inserted = tx
+                        .execute(
+                            "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms) \
+                             VALUES ($1, $2, NULL, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                            &[&id, &kind, &account, &amount, &spent, &node, &at_ms],
+                        )
+                        .await
+                        .map_err(db)?;
+                    if inserted == 1 {
+                        tx.execute(
+                            "UPDATE tollgate_accounts SET balance = balance + $2, spent = spent + $3 WHERE id = $1",
+                            &[&account, &amount, &spent],
+                        )
+                        .await
+                        .map_err(db)?;
+                    }
+                    tx.commit().await.map_err(db)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Pulls the changes after the last one applied and applies them:
+    /// accounts first (a key's owner must exist before the key is used),
+    /// then keys. Returns how many.
+    pub(super) async fn pull(&self) -> Result<usize, String> {
+        let Some(app) = self.app() else {
+            return Ok(0);
+        };
+        let last = self.last_seq.load(Ordering::Acquire);
+        // Own changes are in the local store already; at start (last = 0)
+        // everything is pulled, in case the local store is new.
+        let skip = if last == 0 {
+            String::new()
+        } else {
+            self.cfg.node_id.clone()
+        };
+        let pool = self.pool.clone();
+        let (accounts, keys) = self
+            .run(async move {
+                let mut c = pool.get().await.map_err(pool_error)?;
+                let tx = c
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await
+                    .map_err(db)?;
+                let accounts = tx
+                    .query(
+                        "SELECT id, record, deleted, seq FROM tollgate_accounts \
+                         WHERE seq > $1 AND origin <> $2 ORDER BY seq",
+                        &[&last, &skip],
+                    )
+                    .await
+                    .map_err(db)?;
+                let keys = tx
+                    .query(
+                        "SELECT hash, record, deleted, key_limit, seq FROM tollgate_keys \
+                         WHERE seq > $1 AND origin <> $2 ORDER BY seq",
+                        &[&last, &skip],
+                    )
+                    .await
+                    .map_err(db)?;
+                let max = tx
+                    .query_one(
+                        "SELECT GREATEST((SELECT COALESCE(MAX(seq), 0) FROM tollgate_accounts), \
+                         (SELECT COALESCE(MAX(seq), 0) FROM tollgate_keys))",
+                        &[],
+                    )
+                    .await
+                    .map_err(db)?
+                    .get::<_, i64>(0);
+                tx.commit().await.map_err(db)?;
+                let accounts: Vec<(String, Vec<u8>, bool)> = accounts
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect();
+                let keys: Vec<(Vec<u8>, Vec<u8>, bool, Option<i64>)> = keys
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                    .collect();
+                Ok(((accounts, max), keys))
+            })
+            .await?;
+        let (accounts, max) = accounts;
+        let n = accounts.len() + keys.len();
+        for (id, record, deleted) in accounts {
+            apply_account(&app, &id, &record, deleted).await?;
+        }
+        for (hash, record, deleted, limit) in keys {
+            let Ok(hash) = <KeyHash>::try_from(hash.as_slice()) else {
+                continue;
+            };
+            apply_key(&app, hash, &record, deleted, limit.map(Pico)).await?;
+        }
+        // The snapshot saw every change up to `max` (changes commit in seq
+        // order), including this node's own, which need no applying.
+        self.last_seq.fetch_max(max, Ordering::AcqRel);
+        if n > 0 {
+            tracing::debug!(changes = n, seq = max, "cluster: changes applied");
+        }
+        Ok(n)
+    }
+
+    /// Keeps a LISTEN connection open: each NOTIFY wakes the ticks to pull
+    /// at once. Reconnects after a failure; the periodic pull covers gaps.
+    pub(super) async fn listen(self: Arc<Self>) {
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            match self.pg.connect(NoTls).await {
+                Ok((client, mut connection)) => {
+                    let me = self.clone();
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    let driver = tokio::spawn(async move {
+                        while let Some(m) = messages.next().await {
+                            match m {
+                                Ok(AsyncMessage::Notification(_)) => me.wake.notify_one(),
+                                Ok(_) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                    if client
+                        .batch_execute(&format!("LISTEN {CHANNEL}"))
+                        .await
+                        .is_ok()
+                    {
+                        // A change made while not listening is found now.
+                        self.wake.notify_one();
+                        let _ = driver.await;
+                    } else {
+                        driver.abort();
+                    }
+                }
+                Err(e) => self.note_down(&e.to_string()),
+            }
+            tokio::time::sleep(self.cfg.sync_interval.0).await;
+        }
+    }
+}
+
+/// The next change number, taken under the change lock so that changes
+/// commit in seq order.
+async fn next_seq(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, String> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOCK])
+        .await
+        .map_err(db)?;
+    Ok(tx
+        .query_one("SELECT nextval('tollgate_change_seq')", &[])
+        .await
+        .map_err(db)?
+        .get(0))
+}
+
+async fn notify(tx: &deadpool_postgres::Transaction<'_>, seq: i64) -> Result<(), String> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &seq.to_string()])
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+/// An account record without this node's money: the database keeps the
+/// money in its own columns.
+fn profile_only(a: &AccountRecord) -> AccountRecord {
+    AccountRecord {
+        balance: Pico::ZERO,
+        allowance: Pico::ZERO,
+        spent: Pico::ZERO,
+        period_spent: Pico::ZERO,
+        ledger_seq: 0,
+        subscription: None,
+        ..a.clone()
+    }
+}
+
+/// Applies another node's account change to the local store and wallets.
+async fn apply_account(app: &App, id: &str, record: &[u8], deleted: bool) -> Result<(), String> {
+    let local = app.store.user_account(id).map_err(|e| e.to_string())?;
+    if deleted {
+        if local.is_some() {
+            app.store
+                .delete_user_account(id)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        app.gate.wallets().reset(id);
+        return Ok(());
+    }
+    let theirs = Store::decode_account_record(record).map_err(|e| e.to_string())?;
+    match local {
+        None => {
+            app.store
+                .create_user_account(profile_only(&theirs))
+                .await
+                .map_err(|e| e.to_string())?;
+            // A cached "no account" (or nothing) is replaced on next use.
+            app.gate.wallets().reset(id);
+        }
+        Some(_) => {
+            let t = theirs.clone();
+            let a = app
+                .store
+                .update_user_account(id, move |a| {
+                    a.email = t.email;
+                    a.name = t.name;
+                    a.overdraft = t.overdraft;
+                    a.unlimited = t.unlimited;
+                    a.low_balance_alert = t.low_balance_alert;
+                    a.metadata = t.metadata;
+                    a.status = t.status;
+                    a.updated_at = t.updated_at;
+                    Ok(())
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            app.gate.wallets().changed(id, |live| live.profile(&a));
+        }
+    }
+    Ok(())
+}
+
+/// Applies another node's key change to the local store and the gate.
+async fn apply_key(
+    app: &App,
+    hash: KeyHash,
+    record: &[u8],
+    deleted: bool,
+    limit: Option<Pico>,
+) -> Result<(), String> {
+    let local = app.store.key(&hash).map_err(|e| e.to_string())?;
+    if deleted {
+        if local.is_some() {
+            app.store
+                .delete_key(hash)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        app.gate.forget(&hash);
+        return Ok(());
+    }
+    let rec = Store::decode_key_record(&hash, record).map_err(|e| e.to_string())?;
+    match local {
+        None => {
+            let acct = Account {
+                limit,
+                fee_day: -1,
+                ..Account::default()
+            };
+            app.store
+                .create_key(rec, acct)
+                .await
+                .map_err(|e| e.to_string())?;
+            app.gate.created(&hash);
+        }
+        Some((_, acct)) => {
+            app.store
+                .update_key(rec.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            app.gate.updated(rec);
+            if acct.limit != limit {
+                app.store
+                    .set_limit(hash, limit)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                app.gate.set_limit(&hash, limit);
+            }
+        }
+    }
+    Ok(())
+}
