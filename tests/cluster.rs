@@ -1,0 +1,481 @@
+//! `[cluster]` mode: three gateway processes (the debug binary) over one
+//! throwaway PostgreSQL (initdb in a temp dir, loopback port, run as the
+//! unprivileged `postgres` user when the tests run as root).
+//!
+//! Without PostgreSQL installed these tests print why and pass, unless
+//! `TOLLGATE_REQUIRE_POSTGRES=1` (CI), where they fail.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use tollgate::money::Pico;
+use tollgate_mock::{MockOptions, MockUpstream};
+
+const ADMIN: &str = "test-admin-token-cluster-0123456789abcdef";
+
+/// A throwaway PostgreSQL cluster, stopped (immediate) when dropped.
+struct Pg {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    /// Commands run as `postgres` (we are root) or as ourselves.
+    as_postgres: bool,
+}
+
+fn pg_bin() -> Option<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Pg {
+    /// Starts PostgreSQL, or says why it cannot (`None`: skip the test).
+    fn start() -> Option<Pg> {
+        let required = std::env::var("TOLLGATE_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+        let Some(bin) = pg_bin() else {
+            assert!(
+                !required,
+                "TOLLGATE_REQUIRE_POSTGRES=1 but no /usr/lib/postgresql/*/bin/initdb: install postgresql"
+            );
+            eprintln!("skipped: PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)");
+            return None;
+        };
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let dir = common::temp_dir("pg");
+        let port = free_port();
+        let pg = Pg {
+            bin,
+            dir,
+            port,
+            as_postgres,
+        };
+        if as_postgres {
+            // initdb refuses root: the data dir belongs to `postgres`, and
+            // the temp dirs above it must be reachable.
+            let _ = Command::new("chmod").arg("755").arg(pg.dir.parent().expect("parent")).status();
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&pg.dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown of the PostgreSQL data dir to postgres");
+        }
+        let data = pg.dir.join("data");
+        pg.run("initdb", &["-D", path(&data), "--auth=trust", "-U", "postgres", "-E", "UTF8"]);
+        let opts = format!("-p {} -k {} -h 127.0.0.1 -c fsync=off", pg.port, path(&pg.dir));
+        pg.run(
+            "pg_ctl",
+            &["-D", path(&data), "-l", path(&pg.dir.join("log")), "-o", &opts, "-w", "start"],
+        );
+        pg.run(
+            "createdb",
+            &["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "tollgate"],
+        );
+        Some(pg)
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.args(args).output().expect("runs a PostgreSQL tool");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/tollgate", self.port)
+    }
+
+    /// Stops the server at once (no shutdown checkpoint): an outage.
+    fn stop(&self) {
+        let data = self.dir.join("data");
+        self.run("pg_ctl", &["-D", path(&data), "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Starts it again after [`Pg::stop`].
+    fn restart(&self) {
+        let data = self.dir.join("data");
+        let opts = format!("-p {} -k {} -h 127.0.0.1 -c fsync=off", self.port, path(&self.dir));
+        self.run(
+            "pg_ctl",
+            &["-D", path(&data), "-l", path(&self.dir.join("log")), "-o", &opts, "-w", "start"],
+        );
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let exe = self.bin.join("pg_ctl");
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let _ = cmd
+            .args(["-D", path(&data), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// One gateway process of the cluster.
+struct Node {
+    child: Child,
+    port: u16,
+    data: PathBuf,
+}
+
+impl Node {
+    fn start(pg: &Pg, mock: &MockUpstream, id: &str) -> Node {
+        let data = common::temp_dir(id);
+        let port = free_port();
+        let config = format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace = "1s"
+[runtime]
+mode = "per-core"
+workers = 2
+[storage]
+path = "{data}"
+flush_ms = 10
+[admin]
+token_env = "TOLLGATE_ADMIN_TOKEN"
+[[upstreams]]
+name = "mock"
+base_url = "{mock}"
+api_key_env = "TOLLGATE_TEST_UPSTREAM_KEY"
+models = ["demo-*"]
+[models."demo-chat"]
+input = "2.50"
+output = "10.00"
+[cluster]
+postgres_url_env = "TOLLGATE_POSTGRES_URL"
+node_id = "{id}"
+lease_ttl = "5s"
+sync_interval = "1s"
+"#,
+            data = path(&data.join("store")),
+            mock = mock.base_url(),
+        );
+        let file = data.join("config.toml");
+        std::fs::write(&file, config).expect("config written");
+        let log = std::fs::File::create(data.join("log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
+            .env("TOLLGATE_TEST_UPSTREAM_KEY", common::UPSTREAM_KEY)
+            .env("TOLLGATE_POSTGRES_URL", pg.url())
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("the gateway binary starts");
+        let node = Node { child, port, data };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "node {id} did not start: {}",
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("log")).unwrap_or_default()
+    }
+
+    fn url(&self, p: &str) -> String {
+        format!("http://127.0.0.1:{}{p}", self.port)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL: nothing is settled or returned
+        let _ = self.child.wait();
+    }
+
+    async fn admin(&self, method: &str, p: &str, body: Option<Value>) -> (u16, Value) {
+        let auth = format!("Bearer {ADMIN}");
+        let (s, b) = send(method, &self.url(p), &auth, body).await;
+        (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+    }
+
+    /// One chat completion with `key`; status 0 when the node is gone.
+    async fn chat(&self, key: &str, stream: bool) -> u16 {
+        let body = json!({"model": "demo-chat", "stream": stream, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Say hello."}]});
+        send("POST", &self.url("/v1/chat/completions"), &format!("Bearer {key}"), Some(body))
+            .await
+            .0
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// A request over its own connection; (0, empty) when it cannot be sent
+/// or its answer is cut (the node was killed).
+async fn send(method: &str, url: &str, auth: &str, body: Option<Value>) -> (u16, Bytes) {
+    let bytes = body
+        .map(|b| Bytes::from(serde_json::to_vec(&b).expect("json")))
+        .unwrap_or_default();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("authorization", auth)
+        .header("content-type", "application/json")
+        .body(Full::new(bytes))
+        .expect("request builds");
+    let Ok(res) = common::client().request(req).await else {
+        return (0, Bytes::new());
+    };
+    let status = res.status().as_u16();
+    match res.into_body().collect().await {
+        Ok(b) => (status, b.to_bytes()),
+        Err(_) => (0, Bytes::new()),
+    }
+}
+
+fn usd(v: &Value) -> Pico {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    Pico::parse_usd(&text).unwrap_or_else(|e| panic!("not an amount: {v}: {e}"))
+}
+
+async fn create_key(node: &Node, name: &str, owner: &str) -> (String, String) {
+    let (s, v) = node
+        .admin("POST", "/api/v1/keys", Some(json!({"name": name, "owner": owner})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    (
+        v["key"].as_str().expect("key").to_owned(),
+        v["data"]["hash"].as_str().expect("hash").to_owned(),
+    )
+}
+
+fn mock() -> MockUpstream {
+    MockUpstream::start(MockOptions {
+        chunks: 16,
+        chunk_delay: Duration::from_millis(5),
+        ..MockOptions::default()
+    })
+    .expect("mock upstream")
+}
+
+/// The outside check's scenario: one account that pays for about 20
+/// requests raced from three nodes by 600 streams while one node is
+/// SIGKILLed; then a disable made on node 1 is refused by node 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn race_over_three_nodes_with_one_killed() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["node-1", "node-2", "node-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let mut nodes = nodes;
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-c", "email": "c@example.com"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let topup = json!({"amount": "0.004", "kind": "topup", "reason": "test", "idempotency_key": "c1"});
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts/acct-c/credits", Some(topup.clone()))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    // The same top-up sent to another node applies once cluster-wide.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (s, v) = nodes[2]
+        .admin("POST", "/api/v1/accounts/acct-c/credits", Some(topup))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        keys.push(create_key(&nodes[0], &format!("c{i}"), "acct-c").await);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Every node knows the account and the keys (made on node 1).
+    for n in &nodes {
+        let (s, v) = n.admin("GET", "/api/v1/accounts/acct-c", None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(usd(&v["data"]["balance"]), Pico::parse_usd("0.004").unwrap(), "{v}");
+    }
+
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(120));
+    let mut tasks = Vec::new();
+    for i in 0..600usize {
+        let node = if i > 300 && i % 3 == 1 { (i + 1) % 3 } else { i % 3 };
+        let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[node]);
+        let key = keys[i % 3].0.clone();
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.expect("semaphore");
+            let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Say hello."}]});
+            send("POST", &url, &format!("Bearer {key}"), Some(body)).await.0
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nodes[1].kill9();
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.expect("task"));
+    }
+    let admitted = codes.iter().filter(|c| **c == 200).count();
+    let mut kinds: Vec<u16> = codes.clone();
+    kinds.sort();
+    kinds.dedup();
+    // After lease_ttl (5 s) node 2's lease is back; the others returned
+    // theirs when idle.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+
+    let (s, a) = nodes[2].admin("GET", "/api/v1/accounts/acct-c", None).await;
+    assert_eq!(s, 200, "{a}");
+    let balance = usd(&a["data"]["balance"]);
+    let mut usage = Pico::ZERO;
+    for (_, hash) in &keys {
+        let (s, k) = nodes[2].admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+        assert_eq!(s, 200, "{k}");
+        usage = usage.saturating_add(usd(&k["data"]["usage"]));
+    }
+    let total = Pico::parse_usd("0.004").unwrap();
+    eprintln!("{admitted} of 600 admitted over 3 nodes (one killed), balance {balance}, keys charged {usage}, answers {kinds:?}");
+    assert!(balance >= Pico::ZERO, "overspent: balance {balance} (codes {kinds:?})");
+    assert_eq!(
+        Pico(total.0 - balance.0),
+        usage,
+        "topped up {total}, balance {balance}, keys charged {usage}"
+    );
+    assert!(admitted >= 10, "only {admitted} of 600 admitted (codes {kinds:?})");
+    assert!(
+        codes.iter().all(|c| [0, 200, 402, 503].contains(c)),
+        "unexpected answers: {kinds:?}"
+    );
+
+    // The database agrees with itself: spent = Σ entries, no lease left,
+    // remaining = what was topped up − what was settled.
+    let db = pg.client().await;
+    let row = db
+        .query_one(
+            "SELECT balance, spent, leased FROM tollgate_accounts WHERE id = 'acct-c'",
+            &[],
+        )
+        .await
+        .expect("account row");
+    let (db_balance, db_spent, db_leased): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let entries: i64 = db
+        .query_one(
+            "SELECT COALESCE(SUM(spent), 0)::bigint FROM tollgate_entries WHERE account_id = 'acct-c'",
+            &[],
+        )
+        .await
+        .expect("entries")
+        .get(0);
+    let topups: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_entries WHERE account_id = 'acct-c' AND kind = 'topup'",
+            &[],
+        )
+        .await
+        .expect("top-ups")
+        .get(0);
+    assert_eq!(topups, 1, "one top-up, whichever node it reached");
+    assert_eq!(db_balance, balance.0);
+    assert_eq!(db_spent, entries, "spent = Σ usage records + ledger");
+    assert_eq!(db_spent, total.0 - db_balance);
+    assert_eq!(db_leased, 0, "every lease returned or reclaimed");
+    let leases: i64 = db
+        .query_one("SELECT COALESCE(SUM(amount), 0)::bigint FROM tollgate_leases", &[])
+        .await
+        .expect("leases")
+        .get(0);
+    assert_eq!(leases, 0);
+
+    // A disable on node 1 is refused by node 3 within the sync interval
+    // (and at once by node 1).
+    let (s, v) = nodes[0]
+        .admin("PATCH", &format!("/api/v1/keys/{}", keys[0].1), Some(json!({"disabled": true})))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(nodes[0].chat(&keys[0].0, false).await, 403);
+    let start = Instant::now();
+    loop {
+        let s = nodes[2].chat(&keys[0].0, false).await;
+        if s == 403 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(2500),
+            "node 3 still answers {s} for a key disabled on node 1"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(start.elapsed() < Duration::from_secs(1) + Duration::from_millis(500));
+}
