@@ -178,6 +178,11 @@ struct Node {
 
 impl Node {
     fn start(pg: &Pg, mock: &MockUpstream, id: &str) -> Node {
+        Node::start_with(pg, mock, id, "")
+    }
+
+    /// With more `[cluster]` settings.
+    fn start_with(pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
         let data = common::temp_dir(id);
         let port = free_port();
         let config = format!(
@@ -206,6 +211,7 @@ postgres_url_env = "TOLLGATE_POSTGRES_URL"
 node_id = "{id}"
 lease_ttl = "5s"
 sync_interval = "1s"
+{cluster}
 "#,
             data = path(&data.join("store")),
             mock = mock.base_url(),
@@ -478,4 +484,91 @@ async fn race_over_three_nodes_with_one_killed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(start.elapsed() < Duration::from_secs(1) + Duration::from_millis(500));
+}
+
+/// The database stopped under load: the node serves from its lease until
+/// it runs out, then refuses with 503 (never more than the lease); when the
+/// database is back every charge made meanwhile is written, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    // Slices of 0.002 USD: about ten requests each.
+    let node = Node::start_with(&pg, &mock, "node-a", "lease = \"0.002\"\nlease_floor = \"0.0001\"");
+    let (s, v) = node
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-o"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = node
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-o/credits",
+            Some(json!({"amount": "1", "kind": "topup", "reason": "test"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (key, hash) = create_key(&node, "o", "acct-o").await;
+    let mut served = 0;
+    for _ in 0..3 {
+        assert_eq!(node.chat(&key, false).await, 200);
+        served += 1;
+    }
+
+    pg.stop();
+    let mut during = Vec::new();
+    for _ in 0..25 {
+        during.push(node.chat(&key, false).await);
+    }
+    let ok_during = during.iter().filter(|c| **c == 200).count();
+    assert!(ok_during >= 1, "the lease serves while the database is down: {during:?}");
+    assert!(
+        during.iter().all(|c| *c == 200 || *c == 503),
+        "only served or 503: {during:?}"
+    );
+    let first_503 = during.iter().position(|c| *c == 503).expect("the lease runs out: 503");
+    assert!(
+        during[first_503..].iter().all(|c| *c == 503),
+        "once the lease is spent, refused until the database is back: {during:?}"
+    );
+    // The refusal is in the API's error shape.
+    let body = json!({"model": "demo-chat", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Say hello."}]});
+    let (s, b) = send("POST", &node.url("/v1/chat/completions"), &format!("Bearer {key}"), Some(body)).await;
+    let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+    common::assert_error(s, &v, 503, "database_unavailable");
+    served += ok_during;
+
+    pg.restart();
+    // Served again once the pool reconnects; the queued charges land.
+    let start = Instant::now();
+    loop {
+        if node.chat(&key, false).await == 200 {
+            served += 1;
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "not served after the database came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let db = pg.client().await;
+    let row = db
+        .query_one(
+            "SELECT balance, spent, \
+             (SELECT COUNT(*) FROM tollgate_entries WHERE account_id = 'acct-o' AND kind = 'usage'), \
+             (SELECT COALESCE(SUM(spent), 0)::bigint FROM tollgate_entries WHERE account_id = 'acct-o') \
+             FROM tollgate_accounts WHERE id = 'acct-o'",
+            &[],
+        )
+        .await
+        .expect("account row");
+    let (balance, spent, records, entries): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(records as usize, served, "every served request's record, once");
+    assert_eq!(spent, entries, "spent = Σ records");
+    assert_eq!(balance, Pico::usd(1).0 - spent);
+    let (s, k) = node.admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+    assert_eq!(s, 200, "{k}");
+    assert_eq!(usd(&k["data"]["usage"]).0, spent);
 }

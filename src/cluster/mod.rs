@@ -122,12 +122,28 @@ struct LeaseState {
     deadline_ms: i64,
     /// Last time a request looked at the lease: idle leases are returned.
     last_used_ms: i64,
+    /// The size of the last slice taken (the low-water mark is a quarter).
+    last_grant: i64,
+    /// Little is left in the database for the account: slices are one
+    /// request's, and what is unused goes back at once, not when idle.
+    scarce: bool,
     /// When the last slice was asked for: a renewal that started before it
     /// may not see its row yet, and must not take it for reclaimed.
     taken_ms: i64,
     /// The database had nothing free for the account until this instant:
     /// requests are refused without a round trip each (a short while).
     exhausted_until_ms: i64,
+}
+
+/// Which leases [`Cluster::return_idle`] gives back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Return {
+    /// Every one (shutdown).
+    All,
+    /// Those not used for two sync intervals.
+    Idle,
+    /// Those of accounts with little left, unused since the last tick.
+    Scarce,
 }
 
 /// One charge to write to the database: a usage record's cost, or a
@@ -373,12 +389,27 @@ impl Cluster {
             return Ok(());
         }
         let held = self.held(wallet);
-        let now = mono_ms();
-        {
+        let (low_water, scarce) = {
             let mut s = held.state.lock().unwrap_or_else(|e| e.into_inner());
-            s.last_used_ms = now;
-        }
-        if wallet.headroom() >= want {
+            s.last_used_ms = mono_ms();
+            (s.last_grant / 4, s.scarce)
+        };
+        let have = wallet.headroom();
+        if have >= want {
+            // Renew before the slice runs out: a request that leaves less
+            // than a quarter of the last slice starts the next take in the
+            // background, so the requests after it need not wait.
+            if !scarce
+                && have - want < low_water
+                && let Some(me) = self.app().and_then(|a| a.cluster.get().cloned())
+            {
+                let held = held.clone();
+                self.rt.spawn(async move {
+                    if let Ok(_turn) = held.taking.try_lock() {
+                        let _ = me.take_slice(&held, want, want).await;
+                    }
+                });
+            }
             return Ok(());
         }
         let _turn = held.taking.lock().await;
@@ -386,44 +417,53 @@ impl Cluster {
         if have >= want {
             return Ok(());
         }
+        let need = want - have.max(0);
+        let min = if cap { 1 } else { need };
+        match self.take_slice(&held, need, min).await {
+            Err(e) => {
+                self.note_down(&e);
+                Err(database_unavailable())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// One take from the database into `held`'s wallet (the caller holds
+    /// `held.taking`). `Ok(false)`: nothing free (or asked too recently).
+    async fn take_slice(&self, held: &Arc<Held>, need: i64, min: i64) -> Result<bool, String> {
         {
             let s = held.state.lock().unwrap_or_else(|e| e.into_inner());
             if s.exhausted_until_ms > mono_ms() {
-                return Ok(());
+                return Ok(false);
             }
         }
-        let need = want - have.max(0);
-        let min = if cap { 1 } else { need };
         let cfg = self.cfg.clone();
         let pool = self.pool.clone();
-        let account = wallet.id.to_string();
+        let account = held.wallet.id.to_string();
         let asked = mono_ms();
         let grant = self
             .run(async move {
                 let mut c = pool.get().await.map_err(pool_error)?;
                 lease::take(&mut c, &cfg, &account, need, min).await
             })
-            .await;
+            .await?;
+        self.note_up();
+        let mut s = held.state.lock().unwrap_or_else(|e| e.into_inner());
         match grant {
-            Err(e) => {
-                self.note_down(&e);
-                Err(database_unavailable())
-            }
-            Ok(None) => {
-                self.note_up();
-                let mut s = held.state.lock().unwrap_or_else(|e| e.into_inner());
+            None => {
                 s.exhausted_until_ms = mono_ms() + self.exhausted_pause_ms();
-                Ok(())
+                s.scarce = true;
+                Ok(false)
             }
-            Ok(Some(g)) => {
-                self.note_up();
-                let mut s = held.state.lock().unwrap_or_else(|e| e.into_inner());
+            Some(g) => {
                 s.granted += g.amount;
+                s.last_grant = g.amount;
+                s.scarce = g.free_after < self.cfg.lease_floor.0.saturating_mul(2);
                 s.deadline_ms = asked + self.lease_spend_ms();
                 s.taken_ms = mono_ms();
                 drop(s);
-                wallet.release(g.amount);
-                Ok(())
+                held.wallet.release(g.amount);
+                Ok(true)
             }
         }
     }
@@ -558,6 +598,7 @@ impl Cluster {
             }
             self.settle().await;
             self.push_pending().await;
+            self.return_idle(Return::Scarce).await;
             if notified {
                 if let Err(e) = self.pull().await {
                     self.note_down(&e);
@@ -569,7 +610,7 @@ impl Cluster {
                     self.note_down(&e);
                 }
                 self.renew().await;
-                self.return_idle(false).await;
+                self.return_idle(Return::Idle).await;
                 let pool = self.pool.clone();
                 let reclaimed = async move {
                     let c = pool.get().await.map_err(pool_error)?;
@@ -745,17 +786,23 @@ impl Cluster {
         }
     }
 
-    /// Gives back the unused part of leases not used for two sync
-    /// intervals (all of them when `all`: shutdown).
-    async fn return_idle(&self, all: bool) {
+    /// Gives back the unused part of leases, as `which` says.
+    async fn return_idle(&self, which: Return) {
         let now = mono_ms();
-        let idle_ms = 2 * self.cfg.sync_interval.as_millis() as i64;
+        let idle_ms = match which {
+            Return::All => -1,
+            // Scarce: unused for a settle tick; others: two sync intervals.
+            Return::Scarce => self.cfg.sync_interval.as_millis() as i64 / 4,
+            Return::Idle => 2 * self.cfg.sync_interval.as_millis() as i64,
+        };
         let idle: Vec<Arc<Held>> = self
             .leases
             .iter()
             .filter(|h| {
                 let s = h.state.lock().unwrap_or_else(|e| e.into_inner());
-                s.granted > 0 && (all || now - s.last_used_ms > idle_ms)
+                s.granted > 0
+                    && (which != Return::Scarce || s.scarce)
+                    && now - s.last_used_ms > idle_ms
             })
             .map(|h| h.value().clone())
             .collect();
@@ -799,7 +846,7 @@ impl Cluster {
             c.settle().await;
             c.push_pending().await;
             c.settle().await;
-            c.return_idle(true).await;
+            c.return_idle(Return::All).await;
             c.stopping.store(true, Ordering::Release);
             c.wake.notify_waiters();
             let _ = tx.send(());
