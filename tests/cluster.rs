@@ -572,3 +572,93 @@ async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
     assert_eq!(s, 200, "{k}");
     assert_eq!(usd(&k["data"]["usage"]).0, spent);
 }
+
+/// A key with its own limit and no account: the limit holds across the
+/// nodes (each takes slices of it), not once per node; a top-up on one node
+/// raises it for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_own_limit_is_global() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["k-1", "k-2", "k-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/keys", Some(json!({"name": "own", "limit": "0.004"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let race = |n: usize| {
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let url = nodes[i % 3].url("/v1/chat/completions");
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "Say hello."}]});
+                send("POST", &url, &format!("Bearer {key}"), Some(body)).await.0
+            }));
+        }
+        tasks
+    };
+    let mut codes = Vec::new();
+    for t in race(240) {
+        codes.push(t.await.expect("task"));
+    }
+    let admitted = codes.iter().filter(|c| **c == 200).count();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let limit = Pico::parse_usd("0.004").unwrap();
+    let (s, k) = nodes[1].admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+    assert_eq!(s, 200, "{k}");
+    let usage = usd(&k["data"]["usage"]);
+    eprintln!("{admitted} of 240 admitted on a key limited to {limit}: usage {usage}");
+    assert!(usage <= limit, "a key limit of {limit} spent {usage} over three nodes");
+    assert!(admitted >= 10, "only {admitted} admitted (a limit that pays for about 20)");
+    assert!(admitted <= 25, "{admitted} admitted: the limit was not global");
+    assert_eq!(usd(&k["data"]["limit"]), limit, "{k}");
+
+    let db = pg.client().await;
+    let h = hex::decode(&hash).expect("hex");
+    let row = db
+        .query_one(
+            "SELECT usage, leased, (SELECT COALESCE(SUM(spent), 0)::bigint FROM tollgate_entries \
+             WHERE key_hash = $1) FROM tollgate_keys WHERE hash = $1",
+            &[&h],
+        )
+        .await
+        .expect("key row");
+    let (db_usage, _leased, entries): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(db_usage, usage.0);
+    assert_eq!(db_usage, entries, "usage = Σ records");
+
+    // A top-up through node 3 raises the limit everywhere.
+    let (s, v) = nodes[2]
+        .admin(
+            "POST",
+            &format!("/api/v1/keys/{hash}/credits"),
+            Some(json!({"amount": "0.002", "kind": "topup", "reason": "more"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut more = Vec::new();
+    for t in race(120) {
+        more.push(t.await.expect("task"));
+    }
+    let admitted_more = more.iter().filter(|c| **c == 200).count();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (s, k) = nodes[0].admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+    assert_eq!(s, 200, "{k}");
+    let usage = usd(&k["data"]["usage"]);
+    let limit = Pico::parse_usd("0.006").unwrap();
+    eprintln!("after the top-up: {admitted_more} more admitted, usage {usage} of {limit}");
+    assert!(admitted_more >= 3, "the top-up made on node 3 was usable: {admitted_more}");
+    assert!(usage <= limit, "spent {usage} of a limit of {limit}");
+    assert_eq!(usd(&k["data"]["limit"]), limit, "{k}");
+}

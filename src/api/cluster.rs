@@ -108,7 +108,7 @@ pub(super) async fn account_credited(
 pub(super) async fn key_usage(
     ctx: &Ctx<'_>,
     hash: &KeyHash,
-) -> Result<Option<crate::money::Pico>, ApiError> {
+) -> Result<Option<crate::cluster::SettledKey>, ApiError> {
     match of(ctx) {
         Some(c) => c.key_usage(hash).await,
         None => Ok(None),
@@ -123,5 +123,38 @@ pub(super) async fn account_money(
     match of(ctx) {
         Some(c) => c.account_money(id).await,
         None => Ok(None),
+    }
+}
+
+/// Sets a key's live limit: through the cluster in cluster mode (a leased
+/// key keeps its lease counter), else on the gate.
+pub(super) fn set_live_limit(ctx: &Ctx<'_>, hash: &KeyHash, limit: Option<crate::money::Pico>) {
+    match of(ctx) {
+        Some(c) => c.key_limit_changed(ctx.gate, hash, limit),
+        None => ctx.gate.set_limit(hash, limit),
+    }
+}
+
+/// Before an admin deduct takes `amount` from a key's own credit: a key
+/// whose limit is leased needs the lease to hold it.
+pub(super) async fn lease_for_key_deduct(
+    ctx: &Ctx<'_>,
+    key: &Arc<crate::gate::LiveKey>,
+    amount: i64,
+) -> Result<(), ApiError> {
+    let Some(c) = of(ctx) else {
+        return Ok(());
+    };
+    c.ensure_key_own(ctx.gate, key, amount).await
+}
+
+/// A key credit the local store applied (not a replay).
+pub(super) fn key_credited(
+    ctx: &Ctx<'_>,
+    key: &Arc<crate::gate::LiveKey>,
+    entry: &crate::store::LedgerEntry,
+) {
+    if let Some(c) = of(ctx) {
+        c.key_credited(key, entry);
     }
 }

@@ -157,13 +157,14 @@ pub(super) async fn credit(
         LedgerKind::Topup => {
             let out = ctx.store.credit(hash, op).await.map_err(store_error)?;
             if !out.replayed {
-                ctx.gate.set_limit(&hash, out.account.limit);
+                super::cluster::set_live_limit(ctx, &hash, out.account.limit);
             }
             out
         }
         LedgerKind::Deduct => {
             // Taken from the live remaining first, so a deduct can never
             // push spend past the limit while requests are in flight.
+            super::cluster::lease_for_key_deduct(ctx, &live, req.amount.0).await?;
             let hold = match ctx.gate.hold(&live, req.amount) {
                 Ok(h) => h,
                 Err(e) => return replay_or(ctx, &hash, &req, e),
@@ -196,6 +197,7 @@ pub(super) async fn credit(
     };
     check_same_request(&outcome, &req)?;
     if !outcome.replayed {
+        super::cluster::key_credited(ctx, &live, &outcome.entry);
         super::cluster::key_changed(ctx, hash).await;
         tracing::info!(
             hash = %hex::encode(hash),

@@ -611,14 +611,20 @@ pub(super) fn list(
 pub(super) fn get_settled(
     ctx: &Ctx<'_>,
     hash: &KeyHash,
-    settled: Option<Pico>,
+    settled: Option<crate::cluster::SettledKey>,
 ) -> Result<http::Response<crate::Body>, ApiError> {
     let now = ctx.clock.now_ms();
     let live = ctx.gate.lookup(hash, now)?.ok_or_else(key_not_found)?;
     let policy = live.policy();
     let mut numbers = Numbers::live(&live);
     if let Some(s) = settled {
-        numbers.spent = s;
+        numbers.spent = s.usage;
+        // A lifetime limit is the database's (here it may count a lease).
+        if policy.own_record().limit_reset.is_none() {
+            numbers.limit = s.limit;
+            numbers.period_spent = s.usage;
+            numbers.remaining = s.limit.map(|l| Pico(l.0.saturating_sub(s.usage.0).max(0)));
+        }
     }
     let view = KeyView::new(ctx, policy.own_record(), &numbers, now)?;
     json(StatusCode::OK, &Data { data: view })
@@ -647,7 +653,7 @@ pub(super) async fn patch(
         let new = limit.apply(None);
         if new != live.limit() {
             ctx.store.set_limit(hash, new).await.map_err(store_error)?;
-            ctx.gate.set_limit(&hash, new);
+            super::cluster::set_live_limit(ctx, &hash, new);
         }
     }
     super::cluster::key_changed(ctx, hash).await;

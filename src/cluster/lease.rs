@@ -29,62 +29,121 @@ pub fn slice(cfg: &ClusterConfig, free: i64, need: i64) -> i64 {
         .max(need)
 }
 
+/// What a lease is taken from: an account's credit, or the limit of a key
+/// that no account pays for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Account(std::sync::Arc<str>),
+    Key(crate::store::KeyHash),
+}
+
+impl Subject {
+    /// The table holding the subject's money, its key column, and what is
+    /// free of it (not spent, not leased).
+    fn money(&self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Subject::Account(_) => (
+                "tollgate_accounts",
+                "id",
+                "balance + overdraft - leased",
+            ),
+            Subject::Key(_) => ("tollgate_keys", "hash", "key_limit - usage - leased"),
+        }
+    }
+
+    /// The table of its leases and their subject column.
+    fn leases(&self) -> (&'static str, &'static str) {
+        match self {
+            Subject::Account(_) => ("tollgate_leases", "account_id"),
+            Subject::Key(_) => ("tollgate_key_leases", "hash"),
+        }
+    }
+}
+
+/// A subject's id as a statement parameter.
+enum Id {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl Id {
+    fn of(s: &Subject) -> Id {
+        match s {
+            Subject::Account(a) => Id::Text(a.to_string()),
+            Subject::Key(k) => Id::Bytes(k.to_vec()),
+        }
+    }
+
+    fn sql(&self) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+        match self {
+            Id::Text(t) => t,
+            Id::Bytes(b) => b,
+        }
+    }
+}
+
 /// What a successful take gave this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
     /// picoUSD added to this node's lease.
     pub amount: i64,
-    /// What remains free on the account after it.
+    /// What remains free on the subject after it.
     pub free_after: i64,
 }
 
-/// Takes a slice of `account`'s free credit for `node`: at least `min`,
+/// Takes a slice of `subject`'s free credit for this node: at least `min`,
 /// up to the sized slice. `None` when not even `min` is free (or the
-/// account is unknown to the database).
+/// subject is unknown to the database, or has no limit).
 pub async fn take(
     c: &mut deadpool_postgres::Client,
     cfg: &ClusterConfig,
-    account: &str,
+    subject: &Subject,
     need: i64,
     min: i64,
 ) -> Result<Option<Grant>, String> {
+    let (table, col, free) = subject.money();
+    let (leases, lcol) = subject.leases();
+    let id = Id::of(subject);
     let tx = c.transaction().await.map_err(db)?;
     let Some(row) = tx
         .query_opt(
-            "SELECT balance + overdraft - leased FROM tollgate_accounts \
-             WHERE id = $1 AND NOT deleted FOR UPDATE",
-            &[&account],
+            &format!(
+                "SELECT {free} FROM {table} WHERE {col} = $1 AND NOT deleted AND {free} IS NOT NULL FOR UPDATE"
+            ),
+            &[id.sql()],
         )
         .await
         .map_err(db)?
     else {
         return Ok(None);
     };
-    let free: i64 = row.get(0);
-    let amount = slice(cfg, free, need).min(free);
+    let free_now: i64 = row.get(0);
+    let amount = slice(cfg, free_now, need).min(free_now);
     if amount < min.max(1) {
         return Ok(None);
     }
     // The one statement that raises `leased`, guarded on the locked row.
     let updated = tx
         .query_opt(
-            "UPDATE tollgate_accounts SET leased = leased + $2 \
-             WHERE id = $1 AND balance + overdraft - leased >= $2 \
-             RETURNING balance + overdraft - leased",
-            &[&account, &amount],
+            &format!(
+                "UPDATE {table} SET leased = leased + $2 WHERE {col} = $1 AND {free} >= $2 RETURNING {free}"
+            ),
+            &[id.sql(), &amount],
         )
         .await
         .map_err(db)?;
     let Some(updated) = updated else {
         return Ok(None);
     };
-    let ttl_ms = cfg.lease_ttl.as_millis() as i64;
+    let ttl_ms = cfg.lease_ttl.as_millis() as f64;
     tx.execute(
-        "INSERT INTO tollgate_leases (account_id, node_id, amount, expires_at) \
-         VALUES ($1, $2, $3, now() + $4::float8 * interval '1 millisecond') \
-         ON CONFLICT (account_id, node_id) DO UPDATE \
-         SET amount = tollgate_leases.amount + excluded.amount, expires_at = excluded.expires_at",
-        &[&account, &cfg.node_id, &amount, &(ttl_ms as f64)],
+        &format!(
+            "INSERT INTO {leases} ({lcol}, node_id, amount, expires_at) \
+             VALUES ($1, $2, $3, now() + $4::float8 * interval '1 millisecond') \
+             ON CONFLICT ({lcol}, node_id) DO UPDATE \
+             SET amount = {leases}.amount + excluded.amount, expires_at = excluded.expires_at"
+        ),
+        &[id.sql(), &cfg.node_id, &amount, &ttl_ms],
     )
     .await
     .map_err(db)?;
@@ -95,25 +154,28 @@ pub async fn take(
     }))
 }
 
-/// Gives `amount` of this node's lease on `account` back; returns what was
+/// Gives `amount` of this node's lease on `subject` back; returns what was
 /// given back (less when the lease was reclaimed meanwhile).
 pub async fn give_back(
     c: &mut deadpool_postgres::Client,
     node: &str,
-    account: &str,
+    subject: &Subject,
     amount: i64,
 ) -> Result<i64, String> {
+    let (table, col, _) = subject.money();
+    let (leases, lcol) = subject.leases();
+    let id = Id::of(subject);
     let tx = c.transaction().await.map_err(db)?;
-    let back = lease_down(&tx, node, account, amount).await?;
+    let back = lease_down(&tx, node, subject, amount).await?;
     tx.execute(
-        "UPDATE tollgate_accounts SET leased = leased - $2 WHERE id = $1",
-        &[&account, &back],
+        &format!("UPDATE {table} SET leased = leased - $2 WHERE {col} = $1"),
+        &[id.sql(), &back],
     )
     .await
     .map_err(db)?;
     tx.execute(
-        "DELETE FROM tollgate_leases WHERE account_id = $1 AND node_id = $2 AND amount <= 0",
-        &[&account, &node],
+        &format!("DELETE FROM {leases} WHERE {lcol} = $1 AND node_id = $2 AND amount <= 0"),
+        &[id.sql(), &node],
     )
     .await
     .map_err(db)?;
@@ -122,17 +184,20 @@ pub async fn give_back(
 }
 
 /// Lowers this node's lease row by up to `amount` (not below 0), inside
-/// the caller's transaction; returns by how much.
+/// the caller's transaction; returns by how much. The caller lowers the
+/// subject's `leased` by the same.
 pub async fn lease_down(
     tx: &impl GenericClient,
     node: &str,
-    account: &str,
+    subject: &Subject,
     amount: i64,
 ) -> Result<i64, String> {
+    let (leases, lcol) = subject.leases();
+    let id = Id::of(subject);
     let row = tx
         .query_opt(
-            "SELECT amount FROM tollgate_leases WHERE account_id = $1 AND node_id = $2 FOR UPDATE",
-            &[&account, &node],
+            &format!("SELECT amount FROM {leases} WHERE {lcol} = $1 AND node_id = $2 FOR UPDATE"),
+            &[id.sql(), &node],
         )
         .await
         .map_err(db)?;
@@ -140,8 +205,8 @@ pub async fn lease_down(
     let down = amount.clamp(0, held.max(0));
     if down > 0 {
         tx.execute(
-            "UPDATE tollgate_leases SET amount = amount - $3 WHERE account_id = $1 AND node_id = $2",
-            &[&account, &node, &down],
+            &format!("UPDATE {leases} SET amount = amount - $3 WHERE {lcol} = $1 AND node_id = $2"),
+            &[id.sql(), &node, &down],
         )
         .await
         .map_err(db)?;
@@ -149,37 +214,70 @@ pub async fn lease_down(
     Ok(down)
 }
 
-/// Extends every lease of `node`; returns (account, amount) of those that
-/// still exist (one reclaimed by another node after expiry is gone).
+/// Extends every lease of `node`; returns the subjects whose lease still
+/// exists (one reclaimed by another node after expiry is gone).
 pub async fn renew(
     c: &deadpool_postgres::Client,
     node: &str,
     ttl_ms: i64,
-) -> Result<Vec<(String, i64)>, String> {
-    let rows = c
+) -> Result<Vec<Subject>, String> {
+    let ttl = ttl_ms as f64;
+    let accounts = c
         .query(
             "UPDATE tollgate_leases SET expires_at = now() + $2::float8 * interval '1 millisecond' \
-             WHERE node_id = $1 RETURNING account_id, amount",
-            &[&node, &(ttl_ms as f64)],
+             WHERE node_id = $1 RETURNING account_id",
+            &[&node, &ttl],
         )
         .await
         .map_err(db)?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let keys = c
+        .query(
+            "UPDATE tollgate_key_leases SET expires_at = now() + $2::float8 * interval '1 millisecond' \
+             WHERE node_id = $1 RETURNING hash",
+            &[&node, &ttl],
+        )
+        .await
+        .map_err(db)?;
+    let mut out: Vec<Subject> = accounts
+        .iter()
+        .map(|r| Subject::Account(std::sync::Arc::from(r.get::<_, String>(0))))
+        .collect();
+    for r in &keys {
+        let h: Vec<u8> = r.get(0);
+        if let Ok(h) = crate::store::KeyHash::try_from(h.as_slice()) {
+            out.push(Subject::Key(h));
+        }
+    }
+    Ok(out)
 }
 
 /// Returns every expired lease (of any node: one that was killed, or cut
-/// off for longer than the ttl) to its account; returns how many.
+/// off for longer than the ttl) to its account or key; returns how many
+/// subjects got some back.
 pub async fn reclaim(c: &deadpool_postgres::Client) -> Result<u64, String> {
-    c.execute(
-        "WITH gone AS (DELETE FROM tollgate_leases WHERE expires_at < now() \
-             RETURNING account_id, amount), \
-         per AS (SELECT account_id, SUM(amount)::bigint AS amount FROM gone GROUP BY account_id) \
-         UPDATE tollgate_accounts a SET leased = a.leased - per.amount \
-         FROM per WHERE a.id = per.account_id",
-        &[],
-    )
-    .await
-    .map_err(db)
+    let accounts = c
+        .execute(
+            "WITH gone AS (DELETE FROM tollgate_leases WHERE expires_at < now() \
+                 RETURNING account_id, amount), \
+             per AS (SELECT account_id, SUM(amount)::bigint AS amount FROM gone GROUP BY account_id) \
+             UPDATE tollgate_accounts a SET leased = a.leased - per.amount \
+             FROM per WHERE a.id = per.account_id",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    let keys = c
+        .execute(
+            "WITH gone AS (DELETE FROM tollgate_key_leases WHERE expires_at < now() \
+                 RETURNING hash, amount), \
+             per AS (SELECT hash, SUM(amount)::bigint AS amount FROM gone GROUP BY hash) \
+             UPDATE tollgate_keys k SET leased = k.leased - per.amount \
+             FROM per WHERE k.hash = per.hash",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    Ok(accounts + keys)
 }
 
 #[cfg(test)]

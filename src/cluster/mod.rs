@@ -42,6 +42,7 @@ pub mod schema;
 pub mod sync;
 
 pub use config::{ClusterConfig, LeaseSize};
+pub use lease::Subject;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -57,7 +58,7 @@ use tokio_postgres::NoTls;
 use crate::app::App;
 use crate::billing::LiveAccount;
 use crate::error::ApiError;
-use crate::gate::Policy;
+use crate::gate::{LiveKey, Policy};
 use crate::money::Pico;
 use crate::store::KeyHash;
 use schema::{db, pool as pool_error};
@@ -78,8 +79,8 @@ pub struct Cluster {
     /// The gateway this node serves (set once at start; weak: the app owns
     /// the cluster).
     app: OnceLock<Weak<App>>,
-    /// Account id → this node's lease on it.
-    leases: DashMap<Arc<str>, Arc<Held>>,
+    /// Account (or key) → this node's lease on it.
+    leases: DashMap<Subject, Arc<Held>>,
     /// Charges settled in memory, not yet in the database (oldest first).
     charges: Mutex<VecDeque<Charge>>,
     /// Admin changes not yet written to the database (it was unreachable).
@@ -100,8 +101,10 @@ pub struct Cluster {
 
 /// This node's lease on one account.
 struct Held {
-    /// The account's live wallet, whose `headroom` the lease feeds.
-    wallet: Arc<LiveAccount>,
+    /// What the lease feeds: an account's wallet or a key's limit.
+    holder: Holder,
+    /// What it is a lease of, in the database.
+    subject: Subject,
     /// One take from the database at a time per account: requests that
     /// find the lease short wait for it and then look again.
     taking: tokio::sync::Mutex<()>,
@@ -133,6 +136,49 @@ struct LeaseState {
     /// The database had nothing free for the account until this instant:
     /// requests are refused without a round trip each (a short while).
     exhausted_until_ms: i64,
+}
+
+/// The live state a lease feeds.
+enum Holder {
+    /// An account's wallet: its `headroom` is the lease's unused part.
+    Wallet(Arc<LiveAccount>),
+    /// A key no account pays for: its `limit` counts the lease
+    /// (`LiveKey::lease_start`).
+    Key(Arc<LiveKey>),
+}
+
+impl Holder {
+    /// The lease's unused part.
+    fn headroom(&self) -> i64 {
+        match self {
+            Holder::Wallet(w) => w.headroom(),
+            Holder::Key(k) => k.lease_headroom(),
+        }
+    }
+
+    /// A slice taken: admission may spend it.
+    fn release(&self, amount: i64) {
+        match self {
+            Holder::Wallet(w) => w.release(amount),
+            Holder::Key(k) => k.lease_add(amount),
+        }
+    }
+
+    /// Takes `amount` of the unused part out of admission's reach.
+    fn take_back(&self, amount: i64) -> bool {
+        match self {
+            Holder::Wallet(w) => w.try_reserve(amount).is_ok(),
+            Holder::Key(k) => k.lease_take_back(amount),
+        }
+    }
+
+    fn same(&self, other: &Holder) -> bool {
+        match (self, other) {
+            (Holder::Wallet(a), Holder::Wallet(b)) => Arc::ptr_eq(a, b),
+            (Holder::Key(a), Holder::Key(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// Which leases [`Cluster::return_idle`] gives back.
@@ -173,6 +219,15 @@ pub struct SettledAccount {
     pub spent: Pico,
     /// Σ the leases nodes hold on it now.
     pub leased: Pico,
+}
+
+/// A key's settled numbers, as the database has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SettledKey {
+    /// Σ its settled charges.
+    pub usage: Pico,
+    /// Its limit (the truth: a node's live limit may be a lease counter).
+    pub limit: Option<Pico>,
 }
 
 /// Refusal when the database is needed and unreachable.
@@ -327,28 +382,59 @@ impl Cluster {
         format!("{kind}:{}:{}:{n}", self.cfg.node_id, self.boot)
     }
 
-    fn held(&self, wallet: &Arc<LiveAccount>) -> Arc<Held> {
-        if let Some(h) = self.leases.get(&wallet.id)
-            && Arc::ptr_eq(&h.wallet, wallet)
+    /// The lease state of `subject`, made on first use. `None` for a key
+    /// without a limit (it needs no lease). A holder replaced (an account
+    /// deleted and made again, a key evicted from memory and loaded again)
+    /// gets a new state that carries the old one's numbers over.
+    fn held(&self, subject: Subject, holder: Holder) -> Option<Arc<Held>> {
+        use dashmap::mapref::entry::Entry;
+        if let Some(h) = self.leases.get(&subject)
+            && h.holder.same(&holder)
         {
-            return h.clone();
+            return Some(h.clone());
         }
-        let fresh = Arc::new(Held {
-            wallet: wallet.clone(),
-            taking: tokio::sync::Mutex::new(()),
-            state: Mutex::new(LeaseState::default()),
-        });
-        // A wallet replaced (its account deleted and made again) starts a
-        // new lease; the old one's unused part returns on expiry.
-        self.leases
-            .entry(wallet.id.clone())
-            .and_modify(|h| {
-                if !Arc::ptr_eq(&h.wallet, wallet) {
-                    *h = fresh.clone();
+        // Under the entry lock: no request of the key finds the state
+        // before its limit became a lease counter.
+        let start = |holder: &Holder| match holder {
+            Holder::Wallet(_) => true,
+            Holder::Key(k) => k.lease_start(),
+        };
+        match self.leases.entry(subject.clone()) {
+            Entry::Occupied(mut e) => {
+                if e.get().holder.same(&holder) {
+                    return Some(e.get().clone());
                 }
-            })
-            .or_insert_with(|| fresh.clone())
-            .clone()
+                if !start(&holder) {
+                    e.remove();
+                    return None;
+                }
+                let old = e.get().state.lock().unwrap_or_else(|p| p.into_inner()).granted;
+                let fresh = Arc::new(Held {
+                    holder,
+                    subject,
+                    taking: tokio::sync::Mutex::new(()),
+                    state: Mutex::new(LeaseState {
+                        granted: old,
+                        ..LeaseState::default()
+                    }),
+                });
+                e.insert(fresh.clone());
+                Some(fresh)
+            }
+            Entry::Vacant(v) => {
+                if !start(&holder) {
+                    return None;
+                }
+                let fresh = Arc::new(Held {
+                    holder,
+                    subject,
+                    taking: tokio::sync::Mutex::new(()),
+                    state: Mutex::new(LeaseState::default()),
+                });
+                v.insert(fresh.clone());
+                Some(fresh)
+            }
+        }
     }
 
     // ---- the request path ----
@@ -361,6 +447,7 @@ impl Cluster {
     /// does. The database unreachable while the lease is short: 503.
     pub async fn ensure_credit(
         &self,
+        key: &Arc<LiveKey>,
         policy: &Policy,
         want: Pico,
         cap: bool,
@@ -369,13 +456,17 @@ impl Cluster {
         let Some(app) = self.app() else {
             return Ok(());
         };
-        let Some(owner) = policy.record.owner.as_deref() else {
+        if let Some(owner) = policy.record.owner.as_deref()
+            && let Some(wallet) = app.gate.wallets().of(owner, now_ms)?
+        {
+            // The account pays; the key's own limit stays a per-node cap.
+            return self.ensure_wallet(&wallet, want.0, cap).await;
+        }
+        if policy.record.limit_reset.is_some() {
+            // Limits that start again each period are per node (README).
             return Ok(());
-        };
-        let Some(wallet) = app.gate.wallets().of(owner, now_ms)? else {
-            return Ok(());
-        };
-        self.ensure_wallet(&wallet, want.0, cap).await
+        }
+        self.ensure_key(key, want.0, cap).await
     }
 
     /// [`Cluster::ensure_credit`] for a wallet (also the admin deduct).
@@ -388,13 +479,55 @@ impl Cluster {
         if wallet.is_unlimited() || want <= 0 {
             return Ok(());
         }
-        let held = self.held(wallet);
+        let Some(held) = self.held(
+            Subject::Account(wallet.id.clone()),
+            Holder::Wallet(wallet.clone()),
+        ) else {
+            return Ok(());
+        };
+        self.ensure_held(held, want, cap).await
+    }
+
+    /// [`Cluster::ensure_credit`] for a key with its own limit and no
+    /// account (also its admin deduct). A key without a limit: nothing.
+    pub async fn ensure_key(&self, key: &Arc<LiveKey>, want: i64, cap: bool) -> Result<(), ApiError> {
+        if want <= 0 {
+            return Ok(());
+        }
+        let Some(held) = self.held(Subject::Key(key.hash), Holder::Key(key.clone())) else {
+            return Ok(());
+        };
+        self.ensure_held(held, want, cap).await
+    }
+
+    /// An admin deduct from a key's own credit: leased like a request of
+    /// the key would be (nothing when an account pays for the key or its
+    /// limit starts again each period: then its limit is this node's).
+    pub async fn ensure_key_own(
+        &self,
+        gate: &crate::gate::Gate,
+        key: &Arc<LiveKey>,
+        amount: i64,
+    ) -> Result<(), ApiError> {
+        let policy = key.policy();
+        if policy.record.limit_reset.is_some() {
+            return Ok(());
+        }
+        if let Some(owner) = policy.record.owner.as_deref()
+            && gate.wallets().of(owner, gate.clock().now_ms())?.is_some()
+        {
+            return Ok(());
+        }
+        self.ensure_key(key, amount, false).await
+    }
+
+    async fn ensure_held(&self, held: Arc<Held>, want: i64, cap: bool) -> Result<(), ApiError> {
         let (low_water, scarce) = {
             let mut s = held.state.lock().unwrap_or_else(|e| e.into_inner());
             s.last_used_ms = mono_ms();
             (s.last_grant / 4, s.scarce)
         };
-        let have = wallet.headroom();
+        let have = held.holder.headroom();
         if have >= want {
             // Renew before the slice runs out: a request that leaves less
             // than a quarter of the last slice starts the next take in the
@@ -413,7 +546,7 @@ impl Cluster {
             return Ok(());
         }
         let _turn = held.taking.lock().await;
-        let have = wallet.headroom();
+        let have = held.holder.headroom();
         if have >= want {
             return Ok(());
         }
@@ -439,12 +572,12 @@ impl Cluster {
         }
         let cfg = self.cfg.clone();
         let pool = self.pool.clone();
-        let account = held.wallet.id.to_string();
+        let subject = held.subject.clone();
         let asked = mono_ms();
         let grant = self
             .run(async move {
                 let mut c = pool.get().await.map_err(pool_error)?;
-                lease::take(&mut c, &cfg, &account, need, min).await
+                lease::take(&mut c, &cfg, &subject, need, min).await
             })
             .await?;
         self.note_up();
@@ -462,10 +595,76 @@ impl Cluster {
                 s.deadline_ms = asked + self.lease_spend_ms();
                 s.taken_ms = mono_ms();
                 drop(s);
-                held.wallet.release(g.amount);
+                held.holder.release(g.amount);
                 Ok(true)
             }
         }
+    }
+
+    /// A key's limit changed (an update, a top-up, another node's change).
+    /// A key whose limit is a lease counter here keeps it: the database has
+    /// the new limit and hands out slices of it. Otherwise the gate's limit
+    /// is set as in single-node mode.
+    pub fn key_limit_changed(&self, gate: &crate::gate::Gate, hash: &KeyHash, limit: Option<Pico>) {
+        let subject = Subject::Key(*hash);
+        let leased = self
+            .leases
+            .get(&subject)
+            .is_some_and(|h| gate.peek(hash).is_some_and(|k| h.holder.same(&Holder::Key(k))));
+        match (leased, limit) {
+            (true, Some(_)) => {}
+            (true, None) => {
+                // No limit: no lease needed; what the database holds for
+                // this node on it is returned when it expires.
+                self.leases.remove(&subject);
+                gate.set_limit(hash, None);
+            }
+            (false, _) => gate.set_limit(hash, limit),
+        }
+    }
+
+    /// Whether `key`'s limit is leased here (it has a lease state for this
+    /// very key in memory).
+    fn key_leased(&self, key: &Arc<LiveKey>) -> bool {
+        self.leases
+            .get(&Subject::Key(key.hash))
+            .is_some_and(|h| h.holder.same(&Holder::Key(key.clone())))
+    }
+
+    /// A key's own credit changed through the admin API (not a replay):
+    /// a deduct came out of its lease (when it has one) and is settled as
+    /// a charge; a refund gives usage back in the database, and the credit
+    /// it gave back here is the database's to hand out again.
+    pub fn key_credited(
+        &self,
+        key: &Arc<LiveKey>,
+        entry: &crate::store::LedgerEntry,
+    ) {
+        let hash = key.hash;
+        let id = match &entry.idempotency_key {
+            Some(k) => format!("kcredit:{}:{k}", hex::encode(hash)),
+            None => self.entry_id("kcredit"),
+        };
+        let amount = entry.amount.0;
+        let (kind, lease_amount, spent) = match entry.kind {
+            crate::store::LedgerKind::Deduct => ("deduct", amount, amount),
+            crate::store::LedgerKind::Refund => {
+                if self.key_leased(key) {
+                    key.lease_refunded(amount);
+                }
+                ("refund", 0, -amount)
+            }
+            _ => return,
+        };
+        self.charge_account(Charge {
+            id,
+            kind,
+            key: Some(hash),
+            account: None,
+            amount: lease_amount,
+            spent,
+            at_ms: entry.at_ms,
+        });
     }
 
     /// How long a lease may be spent after the renewal that started at
@@ -557,20 +756,23 @@ impl Cluster {
         })
     }
 
-    /// A key's settled usage from the database (`None`: not there).
-    pub async fn key_usage(&self, hash: &KeyHash) -> Result<Option<Pico>, ApiError> {
+    /// A key's settled usage and its limit from the database (`None`: not there).
+    pub async fn key_usage(&self, hash: &KeyHash) -> Result<Option<SettledKey>, ApiError> {
         let pool = self.pool.clone();
         let hash = hash.to_vec();
         self.run(async move {
             let c = pool.get().await.map_err(pool_error)?;
             let row = c
                 .query_opt(
-                    "SELECT usage FROM tollgate_keys WHERE hash = $1 AND NOT deleted",
+                    "SELECT usage, key_limit FROM tollgate_keys WHERE hash = $1 AND NOT deleted",
                     &[&hash],
                 )
                 .await
                 .map_err(db)?;
-            Ok(row.map(|r| Pico(r.get(0))))
+            Ok(row.map(|r| SettledKey {
+                usage: Pico(r.get(0)),
+                limit: r.get::<_, Option<i64>>(1).map(Pico),
+            }))
         })
         .await
         .map_err(|e| {
@@ -640,8 +842,8 @@ impl Cluster {
         match self.write_charges(&batch).await {
             Ok(taken) => {
                 self.note_up();
-                for (account, down) in taken {
-                    if let Some(h) = self.leases.get(account.as_str()) {
+                for (subject, down) in taken {
+                    if let Some(h) = self.leases.get(&subject) {
                         let mut s = h.state.lock().unwrap_or_else(|e| e.into_inner());
                         s.granted -= down;
                     }
@@ -660,7 +862,7 @@ impl Cluster {
     /// One transaction: the entries (new ones only), the keys' usage, the
     /// accounts' balance and spent, and this node's leases lowered by what
     /// was charged. Returns by how much each account's lease went down.
-    async fn write_charges(&self, batch: &[Charge]) -> Result<Vec<(String, i64)>, String> {
+    async fn write_charges(&self, batch: &[Charge]) -> Result<Vec<(Subject, i64)>, String> {
         let mut c = self.pool.get().await.map_err(pool_error)?;
         let tx = c.transaction().await.map_err(db)?;
         let ids: Vec<&str> = batch.iter().map(|c| c.id.as_str()).collect();
@@ -683,18 +885,26 @@ impl Cluster {
             .map_err(db)?;
         let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
         let mut per_account: HashMap<String, (i64, i64)> = HashMap::new();
+        // Charges no account paid: they come out of the key's own lease.
+        let mut per_key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         for r in &rows {
             let key: Option<Vec<u8>> = r.get(0);
             let account: Option<String> = r.get(1);
             let amount: i64 = r.get(2);
             let spent: i64 = r.get(3);
-            if let Some(k) = key {
-                *per_key.entry(k).or_default() += spent;
+            if let Some(k) = &key {
+                *per_key.entry(k.clone()).or_default() += spent;
             }
-            if let Some(a) = account {
-                let e = per_account.entry(a).or_default();
-                e.0 += amount;
-                e.1 += spent;
+            match (account, key) {
+                (Some(a), _) => {
+                    let e = per_account.entry(a).or_default();
+                    e.0 += amount;
+                    e.1 += spent;
+                }
+                (None, Some(k)) if amount > 0 => {
+                    *per_key_lease.entry(k).or_default() += amount;
+                }
+                _ => {}
             }
         }
         if !per_key.is_empty() {
@@ -707,12 +917,13 @@ impl Cluster {
             .await
             .map_err(db)?;
         }
-        let mut taken = Vec::with_capacity(per_account.len());
+        let mut taken = Vec::with_capacity(per_account.len() + per_key_lease.len());
         let mut accounts: Vec<_> = per_account.into_iter().collect();
         // One lock order for every writer: no deadlock between nodes.
         accounts.sort();
         for (account, (amount, spent)) in accounts {
-            let down = lease::lease_down(&tx, node, &account, amount).await?;
+            let subject = Subject::Account(Arc::from(account.as_str()));
+            let down = lease::lease_down(&tx, node, &subject, amount).await?;
             tx.execute(
                 "UPDATE tollgate_accounts SET balance = balance - $2, spent = spent + $3, \
                  leased = leased - $4 WHERE id = $1",
@@ -720,7 +931,25 @@ impl Cluster {
             )
             .await
             .map_err(db)?;
-            taken.push((account, down));
+            taken.push((subject, down));
+        }
+        let mut keys: Vec<_> = per_key_lease.into_iter().collect();
+        keys.sort();
+        for (hash, amount) in keys {
+            let Ok(h) = KeyHash::try_from(hash.as_slice()) else {
+                continue;
+            };
+            let subject = Subject::Key(h);
+            let down = lease::lease_down(&tx, node, &subject, amount).await?;
+            if down > 0 {
+                tx.execute(
+                    "UPDATE tollgate_keys SET leased = leased - $2 WHERE hash = $1",
+                    &[&hash, &down],
+                )
+                .await
+                .map_err(db)?;
+                taken.push((subject, down));
+            }
         }
         tx.commit().await.map_err(db)?;
         Ok(taken)
@@ -745,28 +974,24 @@ impl Cluster {
         match renewed {
             Ok(rows) => {
                 self.note_up();
-                let live: HashMap<String, i64> = rows.into_iter().collect();
+                let live: std::collections::HashSet<Subject> = rows.into_iter().collect();
                 for h in self.leases.iter() {
                     let mut s = h.state.lock().unwrap_or_else(|e| e.into_inner());
-                    match live.get(h.key().as_ref()) {
-                        Some(_) => {
-                            s.deadline_ms = started + self.lease_spend_ms();
-                            if s.revoked > 0 {
-                                h.wallet.release(s.revoked);
-                                s.revoked = 0;
-                            }
-                        }
-                        None if (s.granted > 0 || s.revoked > 0) && s.taken_ms < started => {
-                            // Reclaimed: what is unspent of it is not ours.
-                            let take = h.wallet.headroom().clamp(0, s.granted);
-                            if take > 0 && h.wallet.try_reserve(take).is_err() {
-                                tracing::warn!(account = %h.key(), "cluster: a reclaimed lease was partly spent");
-                            }
-                            tracing::warn!(account = %h.key(), "cluster: this node's lease was reclaimed");
-                            s.granted = 0;
+                    if live.contains(h.key()) {
+                        s.deadline_ms = started + self.lease_spend_ms();
+                        if s.revoked > 0 {
+                            h.holder.release(s.revoked);
                             s.revoked = 0;
                         }
-                        None => {}
+                    } else if (s.granted > 0 || s.revoked > 0) && s.taken_ms < started {
+                        // Reclaimed: what is unspent of it is not ours.
+                        let take = h.holder.headroom().clamp(0, s.granted);
+                        if take > 0 && !h.holder.take_back(take) {
+                            tracing::warn!(lease = ?h.key(), "cluster: a reclaimed lease was partly spent");
+                        }
+                        tracing::warn!(lease = ?h.key(), "cluster: this node's lease was reclaimed");
+                        s.granted = 0;
+                        s.revoked = 0;
                     }
                 }
             }
@@ -776,8 +1001,8 @@ impl Cluster {
                 for h in self.leases.iter() {
                     let mut s = h.state.lock().unwrap_or_else(|e| e.into_inner());
                     if s.granted > 0 && now > s.deadline_ms {
-                        let take = h.wallet.headroom().clamp(0, s.granted - s.revoked);
-                        if take > 0 && h.wallet.try_reserve(take).is_ok() {
+                        let take = h.holder.headroom().clamp(0, s.granted - s.revoked);
+                        if take > 0 && h.holder.take_back(take) {
                             s.revoked += take;
                         }
                     }
@@ -809,17 +1034,17 @@ impl Cluster {
         for h in idle {
             let back = {
                 let s = h.state.lock().unwrap_or_else(|e| e.into_inner());
-                h.wallet.headroom().clamp(0, s.granted - s.revoked)
+                h.holder.headroom().clamp(0, s.granted - s.revoked)
             };
-            if back <= 0 || h.wallet.try_reserve(back).is_err() {
+            if back <= 0 || !h.holder.take_back(back) {
                 continue;
             }
             let pool = self.pool.clone();
             let node = self.cfg.node_id.clone();
-            let account = h.wallet.id.to_string();
+            let subject = h.subject.clone();
             let given = async move {
                 let mut c = pool.get().await.map_err(pool_error)?;
-                lease::give_back(&mut c, &node, &account, back).await
+                lease::give_back(&mut c, &node, &subject, back).await
             }
             .await;
             match given {
@@ -831,7 +1056,7 @@ impl Cluster {
                 }
                 Err(e) => {
                     self.note_down(&e);
-                    h.wallet.release(back);
+                    h.holder.release(back);
                 }
             }
         }

@@ -7,9 +7,10 @@
 //! | table | row | what it is the truth of |
 //! |---|---|---|
 //! | `tollgate_accounts` | account id | profile (`record`, the store's JSON), `balance`, `spent`, `overdraft`, `leased` = Σ its leases |
-//! | `tollgate_keys` | key hash | policy (`record`), `key_limit`, `usage` = Σ its settled charges |
+//! | `tollgate_keys` | key hash | policy (`record`), `key_limit`, `usage` = Σ its settled charges, `leased` |
 //! | `tollgate_leases` | (account, node) | the slice a node holds, and until when |
 //! | `tollgate_entries` | entry id | usage records and ledger entries, once each (idempotent per id) |
+//! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -72,6 +73,16 @@ CREATE TABLE tollgate_entries (
 );
 CREATE INDEX tollgate_entries_account ON tollgate_entries (account_id);
 CREATE INDEX tollgate_entries_key ON tollgate_entries (key_hash);
+"#, r#"
+ALTER TABLE tollgate_keys ADD COLUMN leased bigint NOT NULL DEFAULT 0;
+CREATE TABLE tollgate_key_leases (
+    hash bytea NOT NULL,
+    node_id text NOT NULL,
+    amount bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (hash, node_id)
+);
+CREATE INDEX tollgate_key_leases_expiry ON tollgate_key_leases (expires_at);
 "#];
 
 /// The schema version this build writes.

@@ -434,7 +434,10 @@ async fn apply_key(
                     .set_limit(hash, limit)
                     .await
                     .map_err(|e| e.to_string())?;
-                app.gate.set_limit(&hash, limit);
+                match app.cluster.get() {
+                    Some(c) => c.key_limit_changed(&app.gate, &hash, limit),
+                    None => app.gate.set_limit(&hash, limit),
+                }
             }
         }
     }

@@ -19,6 +19,7 @@
 //! - [`filter`]: which key hashes exist, so unknown keys cost no store read.
 
 mod filter;
+mod lease;
 mod mode;
 mod reservation;
 
