@@ -76,7 +76,10 @@ impl Pg {
         if as_postgres {
             // initdb refuses root: the data dir belongs to `postgres`, and
             // the temp dirs above it must be reachable.
-            let _ = Command::new("chmod").arg("755").arg(pg.dir.parent().expect("parent")).status();
+            let _ = Command::new("chmod")
+                .arg("755")
+                .arg(pg.dir.parent().expect("parent"))
+                .status();
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(&pg.dir)
@@ -85,15 +88,47 @@ impl Pg {
             assert!(ok, "chown of the PostgreSQL data dir to postgres");
         }
         let data = pg.dir.join("data");
-        pg.run("initdb", &["-D", path(&data), "--auth=trust", "-U", "postgres", "-E", "UTF8"]);
-        let opts = format!("-p {} -k {} -h 127.0.0.1 -c fsync=off", pg.port, path(&pg.dir));
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                path(&data),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let opts = format!(
+            "-p {} -k {} -h 127.0.0.1 -c fsync=off",
+            pg.port,
+            path(&pg.dir)
+        );
         pg.run(
             "pg_ctl",
-            &["-D", path(&data), "-l", path(&pg.dir.join("log")), "-o", &opts, "-w", "start"],
+            &[
+                "-D",
+                path(&data),
+                "-l",
+                path(&pg.dir.join("log")),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
         );
         pg.run(
             "createdb",
-            &["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "tollgate"],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "postgres",
+                "tollgate",
+            ],
         );
         Some(pg)
     }
@@ -123,16 +158,32 @@ impl Pg {
     /// Stops the server at once (no shutdown checkpoint): an outage.
     fn stop(&self) {
         let data = self.dir.join("data");
-        self.run("pg_ctl", &["-D", path(&data), "-m", "immediate", "-w", "stop"]);
+        self.run(
+            "pg_ctl",
+            &["-D", path(&data), "-m", "immediate", "-w", "stop"],
+        );
     }
 
     /// Starts it again after [`Pg::stop`].
     fn restart(&self) {
         let data = self.dir.join("data");
-        let opts = format!("-p {} -k {} -h 127.0.0.1 -c fsync=off", self.port, path(&self.dir));
+        let opts = format!(
+            "-p {} -k {} -h 127.0.0.1 -c fsync=off",
+            self.port,
+            path(&self.dir)
+        );
         self.run(
             "pg_ctl",
-            &["-D", path(&data), "-l", path(&self.dir.join("log")), "-o", &opts, "-w", "start"],
+            &[
+                "-D",
+                path(&data),
+                "-l",
+                path(&self.dir.join("log")),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
         );
     }
 
@@ -266,9 +317,14 @@ sync_interval = "1s"
     async fn chat(&self, key: &str, stream: bool) -> u16 {
         let body = json!({"model": "demo-chat", "stream": stream, "max_tokens": 16,
             "messages": [{"role": "user", "content": "Say hello."}]});
-        send("POST", &self.url("/v1/chat/completions"), &format!("Bearer {key}"), Some(body))
-            .await
-            .0
+        send(
+            "POST",
+            &self.url("/v1/chat/completions"),
+            &format!("Bearer {key}"),
+            Some(body),
+        )
+        .await
+        .0
     }
 }
 
@@ -313,7 +369,11 @@ fn usd(v: &Value) -> Pico {
 
 async fn create_key(node: &Node, name: &str, owner: &str) -> (String, String) {
     let (s, v) = node
-        .admin("POST", "/api/v1/keys", Some(json!({"name": name, "owner": owner})))
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": name, "owner": owner})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     (
@@ -346,12 +406,21 @@ async fn race_over_three_nodes_with_one_killed() {
         .collect();
     let mut nodes = nodes;
     let (s, v) = nodes[0]
-        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-c", "email": "c@example.com"})))
+        .admin(
+            "POST",
+            "/api/v1/accounts",
+            Some(json!({"id": "acct-c", "email": "c@example.com"})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
-    let topup = json!({"amount": "0.004", "kind": "topup", "reason": "test", "idempotency_key": "c1"});
+    let topup =
+        json!({"amount": "0.004", "kind": "topup", "reason": "test", "idempotency_key": "c1"});
     let (s, v) = nodes[0]
-        .admin("POST", "/api/v1/accounts/acct-c/credits", Some(topup.clone()))
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-c/credits",
+            Some(topup.clone()),
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     // The same top-up sent to another node applies once cluster-wide.
@@ -370,14 +439,22 @@ async fn race_over_three_nodes_with_one_killed() {
     for n in &nodes {
         let (s, v) = n.admin("GET", "/api/v1/accounts/acct-c", None).await;
         assert_eq!(s, 200, "{v}");
-        assert_eq!(usd(&v["data"]["balance"]), Pico::parse_usd("0.004").unwrap(), "{v}");
+        assert_eq!(
+            usd(&v["data"]["balance"]),
+            Pico::parse_usd("0.004").unwrap(),
+            "{v}"
+        );
     }
 
     let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(120));
     let mut tasks = Vec::new();
     for i in 0..600usize {
-        let node = if i > 300 && i % 3 == 1 { (i + 1) % 3 } else { i % 3 };
+        let node = if i > 300 && i % 3 == 1 {
+            (i + 1) % 3
+        } else {
+            i % 3
+        };
         let url = format!("http://127.0.0.1:{}/v1/chat/completions", ports[node]);
         let key = keys[i % 3].0.clone();
         let sem = sem.clone();
@@ -385,7 +462,9 @@ async fn race_over_three_nodes_with_one_killed() {
             let _p = sem.acquire().await.expect("semaphore");
             let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
                 "messages": [{"role": "user", "content": "Say hello."}]});
-            send("POST", &url, &format!("Bearer {key}"), Some(body)).await.0
+            send("POST", &url, &format!("Bearer {key}"), Some(body))
+                .await
+                .0
         }));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -407,19 +486,29 @@ async fn race_over_three_nodes_with_one_killed() {
     let balance = usd(&a["data"]["balance"]);
     let mut usage = Pico::ZERO;
     for (_, hash) in &keys {
-        let (s, k) = nodes[2].admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+        let (s, k) = nodes[2]
+            .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+            .await;
         assert_eq!(s, 200, "{k}");
         usage = usage.saturating_add(usd(&k["data"]["usage"]));
     }
     let total = Pico::parse_usd("0.004").unwrap();
-    eprintln!("{admitted} of 600 admitted over 3 nodes (one killed), balance {balance}, keys charged {usage}, answers {kinds:?}");
-    assert!(balance >= Pico::ZERO, "overspent: balance {balance} (codes {kinds:?})");
+    eprintln!(
+        "{admitted} of 600 admitted over 3 nodes (one killed), balance {balance}, keys charged {usage}, answers {kinds:?}"
+    );
+    assert!(
+        balance >= Pico::ZERO,
+        "overspent: balance {balance} (codes {kinds:?})"
+    );
     assert_eq!(
         Pico(total.0 - balance.0),
         usage,
         "topped up {total}, balance {balance}, keys charged {usage}"
     );
-    assert!(admitted >= 10, "only {admitted} of 600 admitted (codes {kinds:?})");
+    assert!(
+        admitted >= 10,
+        "only {admitted} of 600 admitted (codes {kinds:?})"
+    );
     assert!(
         codes.iter().all(|c| [0, 200, 402, 503].contains(c)),
         "unexpected answers: {kinds:?}"
@@ -458,7 +547,10 @@ async fn race_over_three_nodes_with_one_killed() {
     assert_eq!(db_spent, total.0 - db_balance);
     assert_eq!(db_leased, 0, "every lease returned or reclaimed");
     let leases: i64 = db
-        .query_one("SELECT COALESCE(SUM(amount), 0)::bigint FROM tollgate_leases", &[])
+        .query_one(
+            "SELECT COALESCE(SUM(amount), 0)::bigint FROM tollgate_leases",
+            &[],
+        )
         .await
         .expect("leases")
         .get(0);
@@ -467,7 +559,11 @@ async fn race_over_three_nodes_with_one_killed() {
     // A disable on node 1 is refused by node 3 within the sync interval
     // (and at once by node 1).
     let (s, v) = nodes[0]
-        .admin("PATCH", &format!("/api/v1/keys/{}", keys[0].1), Some(json!({"disabled": true})))
+        .admin(
+            "PATCH",
+            &format!("/api/v1/keys/{}", keys[0].1),
+            Some(json!({"disabled": true})),
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(nodes[0].chat(&keys[0].0, false).await, 403);
@@ -496,7 +592,12 @@ async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
     };
     let mock = mock();
     // Slices of 0.002 USD: about ten requests each.
-    let node = Node::start_with(&pg, &mock, "node-a", "lease = \"0.002\"\nlease_floor = \"0.0001\"");
+    let node = Node::start_with(
+        &pg,
+        &mock,
+        "node-a",
+        "lease = \"0.002\"\nlease_floor = \"0.0001\"",
+    );
     let (s, v) = node
         .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-o"})))
         .await;
@@ -522,12 +623,18 @@ async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
         during.push(node.chat(&key, false).await);
     }
     let ok_during = during.iter().filter(|c| **c == 200).count();
-    assert!(ok_during >= 1, "the lease serves while the database is down: {during:?}");
+    assert!(
+        ok_during >= 1,
+        "the lease serves while the database is down: {during:?}"
+    );
     assert!(
         during.iter().all(|c| *c == 200 || *c == 503),
         "only served or 503: {during:?}"
     );
-    let first_503 = during.iter().position(|c| *c == 503).expect("the lease runs out: 503");
+    let first_503 = during
+        .iter()
+        .position(|c| *c == 503)
+        .expect("the lease runs out: 503");
     assert!(
         during[first_503..].iter().all(|c| *c == 503),
         "once the lease is spent, refused until the database is back: {during:?}"
@@ -535,7 +642,13 @@ async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
     // The refusal is in the API's error shape.
     let body = json!({"model": "demo-chat", "max_tokens": 16,
         "messages": [{"role": "user", "content": "Say hello."}]});
-    let (s, b) = send("POST", &node.url("/v1/chat/completions"), &format!("Bearer {key}"), Some(body)).await;
+    let (s, b) = send(
+        "POST",
+        &node.url("/v1/chat/completions"),
+        &format!("Bearer {key}"),
+        Some(body),
+    )
+    .await;
     let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
     common::assert_error(s, &v, 503, "database_unavailable");
     served += ok_during;
@@ -548,7 +661,10 @@ async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
             served += 1;
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(15), "not served after the database came back");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "not served after the database came back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -565,10 +681,15 @@ async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
         .expect("account row");
     let (balance, spent, records, entries): (i64, i64, i64, i64) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
-    assert_eq!(records as usize, served, "every served request's record, once");
+    assert_eq!(
+        records as usize, served,
+        "every served request's record, once"
+    );
     assert_eq!(spent, entries, "spent = Σ records");
     assert_eq!(balance, Pico::usd(1).0 - spent);
-    let (s, k) = node.admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+    let (s, k) = node
+        .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+        .await;
     assert_eq!(s, 200, "{k}");
     assert_eq!(usd(&k["data"]["usage"]).0, spent);
 }
@@ -587,7 +708,11 @@ async fn a_keys_own_limit_is_global() {
         .map(|id| Node::start(&pg, &mock, id))
         .collect();
     let (s, v) = nodes[0]
-        .admin("POST", "/api/v1/keys", Some(json!({"name": "own", "limit": "0.004"})))
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "own", "limit": "0.004"})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     let key = v["key"].as_str().expect("key").to_owned();
@@ -602,7 +727,9 @@ async fn a_keys_own_limit_is_global() {
             tasks.push(tokio::spawn(async move {
                 let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
                     "messages": [{"role": "user", "content": "Say hello."}]});
-                send("POST", &url, &format!("Bearer {key}"), Some(body)).await.0
+                send("POST", &url, &format!("Bearer {key}"), Some(body))
+                    .await
+                    .0
             }));
         }
         tasks
@@ -614,13 +741,24 @@ async fn a_keys_own_limit_is_global() {
     let admitted = codes.iter().filter(|c| **c == 200).count();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let limit = Pico::parse_usd("0.004").unwrap();
-    let (s, k) = nodes[1].admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+    let (s, k) = nodes[1]
+        .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+        .await;
     assert_eq!(s, 200, "{k}");
     let usage = usd(&k["data"]["usage"]);
     eprintln!("{admitted} of 240 admitted on a key limited to {limit}: usage {usage}");
-    assert!(usage <= limit, "a key limit of {limit} spent {usage} over three nodes");
-    assert!(admitted >= 10, "only {admitted} admitted (a limit that pays for about 20)");
-    assert!(admitted <= 25, "{admitted} admitted: the limit was not global");
+    assert!(
+        usage <= limit,
+        "a key limit of {limit} spent {usage} over three nodes"
+    );
+    assert!(
+        admitted >= 10,
+        "only {admitted} admitted (a limit that pays for about 20)"
+    );
+    assert!(
+        admitted <= 25,
+        "{admitted} admitted: the limit was not global"
+    );
     assert_eq!(usd(&k["data"]["limit"]), limit, "{k}");
 
     let db = pg.client().await;
@@ -653,12 +791,17 @@ async fn a_keys_own_limit_is_global() {
     }
     let admitted_more = more.iter().filter(|c| **c == 200).count();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (s, k) = nodes[0].admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+    let (s, k) = nodes[0]
+        .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+        .await;
     assert_eq!(s, 200, "{k}");
     let usage = usd(&k["data"]["usage"]);
     let limit = Pico::parse_usd("0.006").unwrap();
     eprintln!("after the top-up: {admitted_more} more admitted, usage {usage} of {limit}");
-    assert!(admitted_more >= 3, "the top-up made on node 3 was usable: {admitted_more}");
+    assert!(
+        admitted_more >= 3,
+        "the top-up made on node 3 was usable: {admitted_more}"
+    );
     assert!(usage <= limit, "spent {usage} of a limit of {limit}");
     assert_eq!(usd(&k["data"]["limit"]), limit, "{k}");
 }

@@ -45,11 +45,7 @@ pub(super) async fn lease_for_deduct(ctx: &Ctx<'_>, id: &str, amount: i64) -> Re
 /// An account credit the local store applied (not a replay): money added
 /// goes to the database's balance once per entry; money taken came out of
 /// this node's lease and is settled like a usage charge.
-pub(super) async fn account_credited(
-    ctx: &Ctx<'_>,
-    id: &str,
-    entry: &AccountLedgerEntry,
-) {
+pub(super) async fn account_credited(ctx: &Ctx<'_>, id: &str, entry: &AccountLedgerEntry) {
     let Some(c) = of(ctx) else {
         return;
     };

@@ -41,7 +41,7 @@ impl Default for ClusterConfig {
             postgres_url_env: "TOLLGATE_POSTGRES_URL".to_owned(),
             node_id: String::new(),
             lease: LeaseSize::Share(50_000),
-            lease_floor: Pico(10_000_000_000),    // 0.01 USD
+            lease_floor: Pico(10_000_000_000),      // 0.01 USD
             lease_ceiling: Pico(1_000_000_000_000), // 1 USD
             lease_ttl: Dur::secs(30),
             sync_interval: Dur::secs(1),
@@ -75,8 +75,9 @@ impl LeaseSize {
             }
             return Ok(LeaseSize::Share(ppm));
         }
-        let a = Pico::parse_usd(t)
-            .map_err(|e| format!("cluster.lease {text:?}: expected e.g. \"5%\" or \"0.50\": {e}"))?;
+        let a = Pico::parse_usd(t).map_err(|e| {
+            format!("cluster.lease {text:?}: expected e.g. \"5%\" or \"0.50\": {e}")
+        })?;
         if a.0 <= 0 {
             return Err(format!("cluster.lease {text:?} must be greater than 0"));
         }
@@ -189,7 +190,10 @@ mod tests {
     fn lease_sizes() {
         assert_eq!(LeaseSize::parse("5%").unwrap(), LeaseSize::Share(50_000));
         assert_eq!(LeaseSize::parse("2.5%").unwrap(), LeaseSize::Share(25_000));
-        assert_eq!(LeaseSize::parse("100%").unwrap(), LeaseSize::Share(1_000_000));
+        assert_eq!(
+            LeaseSize::parse("100%").unwrap(),
+            LeaseSize::Share(1_000_000)
+        );
         assert_eq!(
             LeaseSize::parse("0.50").unwrap(),
             LeaseSize::Amount(Pico(500_000_000_000))

@@ -42,11 +42,7 @@ impl Subject {
     /// free of it (not spent, not leased).
     fn money(&self) -> (&'static str, &'static str, &'static str) {
         match self {
-            Subject::Account(_) => (
-                "tollgate_accounts",
-                "id",
-                "balance + overdraft - leased",
-            ),
+            Subject::Account(_) => ("tollgate_accounts", "id", "balance + overdraft - leased"),
             Subject::Key(_) => ("tollgate_keys", "hash", "key_limit - usage - leased"),
         }
     }

@@ -254,13 +254,16 @@ impl Cluster {
     /// Blocks (called once at start, outside any runtime).
     pub fn start(cfg: &ClusterConfig, app: &Arc<App>) -> Result<Arc<Cluster>, String> {
         let url = cfg.postgres_url()?;
-        let mut pg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| format!("cluster: {}: not a valid PostgreSQL URL: {e}", cfg.postgres_url_env))?;
+        let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
+            format!(
+                "cluster: {}: not a valid PostgreSQL URL: {e}",
+                cfg.postgres_url_env
+            )
+        })?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(Duration::from_secs(3));
         }
-        pg.application_name(&format!("tollgate {}", cfg.node_id));
+        pg.application_name(format!("tollgate {}", cfg.node_id));
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -408,7 +411,12 @@ impl Cluster {
                     e.remove();
                     return None;
                 }
-                let old = e.get().state.lock().unwrap_or_else(|p| p.into_inner()).granted;
+                let old = e
+                    .get()
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .granted;
                 let fresh = Arc::new(Held {
                     holder,
                     subject,
@@ -490,7 +498,12 @@ impl Cluster {
 
     /// [`Cluster::ensure_credit`] for a key with its own limit and no
     /// account (also its admin deduct). A key without a limit: nothing.
-    pub async fn ensure_key(&self, key: &Arc<LiveKey>, want: i64, cap: bool) -> Result<(), ApiError> {
+    pub async fn ensure_key(
+        &self,
+        key: &Arc<LiveKey>,
+        want: i64,
+        cap: bool,
+    ) -> Result<(), ApiError> {
         if want <= 0 {
             return Ok(());
         }
@@ -607,10 +620,10 @@ impl Cluster {
     /// is set as in single-node mode.
     pub fn key_limit_changed(&self, gate: &crate::gate::Gate, hash: &KeyHash, limit: Option<Pico>) {
         let subject = Subject::Key(*hash);
-        let leased = self
-            .leases
-            .get(&subject)
-            .is_some_and(|h| gate.peek(hash).is_some_and(|k| h.holder.same(&Holder::Key(k))));
+        let leased = self.leases.get(&subject).is_some_and(|h| {
+            gate.peek(hash)
+                .is_some_and(|k| h.holder.same(&Holder::Key(k)))
+        });
         match (leased, limit) {
             (true, Some(_)) => {}
             (true, None) => {
@@ -635,11 +648,7 @@ impl Cluster {
     /// a deduct came out of its lease (when it has one) and is settled as
     /// a charge; a refund gives usage back in the database, and the credit
     /// it gave back here is the database's to hand out again.
-    pub fn key_credited(
-        &self,
-        key: &Arc<LiveKey>,
-        entry: &crate::store::LedgerEntry,
-    ) {
+    pub fn key_credited(&self, key: &Arc<LiveKey>, entry: &crate::store::LedgerEntry) {
         let hash = key.hash;
         let id = match &entry.idempotency_key {
             Some(k) => format!("kcredit:{}:{k}", hex::encode(hash)),
@@ -820,7 +829,9 @@ impl Cluster {
                 }
                 .await;
                 match reclaimed {
-                    Ok(n) if n > 0 => tracing::info!(accounts = n, "cluster: expired leases reclaimed"),
+                    Ok(n) if n > 0 => {
+                        tracing::info!(accounts = n, "cluster: expired leases reclaimed")
+                    }
                     Ok(_) => {}
                     Err(e) => self.note_down(&e),
                 }
@@ -1077,7 +1088,9 @@ impl Cluster {
             let _ = tx.send(());
         });
         if rx.recv_timeout(wait).is_err() {
-            tracing::warn!("cluster: shutdown could not return every lease in time; they expire after lease_ttl");
+            tracing::warn!(
+                "cluster: shutdown could not return every lease in time; they expire after lease_ttl"
+            );
         }
     }
 }

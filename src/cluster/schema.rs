@@ -28,7 +28,8 @@ pub const CHANNEL: &str = "tollgate_changes";
 
 /// The migrations, in order; version = index + 1. Never edit one that has
 /// shipped: add the next.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE SEQUENCE tollgate_change_seq;
 CREATE TABLE tollgate_accounts (
     id text PRIMARY KEY,
@@ -73,7 +74,8 @@ CREATE TABLE tollgate_entries (
 );
 CREATE INDEX tollgate_entries_account ON tollgate_entries (account_id);
 CREATE INDEX tollgate_entries_key ON tollgate_entries (key_hash);
-"#, r#"
+"#,
+    r#"
 ALTER TABLE tollgate_keys ADD COLUMN leased bigint NOT NULL DEFAULT 0;
 CREATE TABLE tollgate_key_leases (
     hash bytea NOT NULL,
@@ -83,7 +85,8 @@ CREATE TABLE tollgate_key_leases (
     PRIMARY KEY (hash, node_id)
 );
 CREATE INDEX tollgate_key_leases_expiry ON tollgate_key_leases (expires_at);
-"#];
+"#,
+];
 
 /// The schema version this build writes.
 pub const VERSION: i32 = MIGRATIONS.len() as i32;

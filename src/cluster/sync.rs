@@ -18,6 +18,9 @@ use crate::app::App;
 use crate::money::Pico;
 use crate::store::{Account, AccountRecord, KeyHash, Store};
 
+/// A key's row as pulled: hash, record, deleted, limit.
+type KeyRow = (Vec<u8>, Vec<u8>, bool, Option<i64>);
+
 /// What an admin write changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -243,7 +246,7 @@ impl Cluster {
                     .iter()
                     .map(|r| (r.get(0), r.get(1), r.get(2)))
                     .collect();
-                let keys: Vec<(Vec<u8>, Vec<u8>, bool, Option<i64>)> = keys
+                let keys: Vec<KeyRow> = keys
                     .iter()
                     .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
                     .collect();

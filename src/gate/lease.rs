@@ -24,12 +24,10 @@ impl LiveKey {
                 return false;
             }
             let committed = self.committed.load(Ordering::Acquire);
-            match self.limit.compare_exchange(
-                cur,
-                committed,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match self
+                .limit
+                .compare_exchange(cur, committed, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
             }

@@ -129,7 +129,13 @@ impl Call<'_> {
             // the gate reserves it (a round trip only when it does not).
             let bound = self.bound(&inspected);
             cluster
-                .ensure_credit(&key, &policy, bound.cost(bound.completion_tokens), bound.cap, now_ms)
+                .ensure_credit(
+                    &key,
+                    &policy,
+                    bound.cost(bound.completion_tokens),
+                    bound.cap,
+                    now_ms,
+                )
                 .await?;
         }
         let upstream_body = self.reserve(permit, &policy, &inspected)?;

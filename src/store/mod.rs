@@ -13,8 +13,8 @@
 //! store thread writes with each change).
 
 pub mod admin_tokens;
-mod codec;
 mod cluster;
+mod codec;
 mod compat;
 mod layout;
 mod log;
