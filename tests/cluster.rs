@@ -302,6 +302,23 @@ sync_interval = "1s"
         format!("http://127.0.0.1:{}{p}", self.port)
     }
 
+    /// SIGTERM, and waits for the node to exit (it drains and returns its
+    /// leases first).
+    fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "node did not stop: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL: nothing is settled or returned
         let _ = self.child.wait();
@@ -692,6 +709,35 @@ async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
         .await;
     assert_eq!(s, 200, "{k}");
     assert_eq!(usd(&k["data"]["usage"]).0, spent);
+
+    // A node stopped normally (SIGTERM) settles and returns its lease at
+    // once: the others need not wait for lease_ttl.
+    assert_eq!(node.chat(&key, false).await, 200);
+    let held: i64 = db
+        .query_one(
+            "SELECT COALESCE(SUM(leased), 0)::bigint FROM tollgate_accounts",
+            &[],
+        )
+        .await
+        .expect("leased")
+        .get(0);
+    assert!(held > 0, "the node holds a lease while in use");
+    let mut node = node;
+    node.terminate();
+    let row = db
+        .query_one(
+            "SELECT leased, spent, (SELECT COUNT(*) FROM tollgate_leases) FROM tollgate_accounts WHERE id = 'acct-o'",
+            &[],
+        )
+        .await
+        .expect("account row");
+    let (leased, spent_after, rows): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(leased, 0, "the lease came back on shutdown");
+    assert_eq!(rows, 0);
+    assert!(
+        spent_after > spent,
+        "the last request was settled on shutdown"
+    );
 }
 
 /// A key with its own limit and no account: the limit holds across the

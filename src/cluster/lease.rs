@@ -247,6 +247,33 @@ pub async fn renew(
     Ok(out)
 }
 
+/// Returns every lease `node` holds to its account or key: at start, the
+/// leases of this node's previous run (killed before it could return them:
+/// what it had not settled is lost, its leases need not wait for the ttl).
+pub async fn reclaim_node(c: &deadpool_postgres::Client, node: &str) -> Result<u64, String> {
+    let accounts = c
+        .execute(
+            "WITH gone AS (DELETE FROM tollgate_leases WHERE node_id = $1 \
+                 RETURNING account_id, amount) \
+             UPDATE tollgate_accounts a SET leased = a.leased - gone.amount \
+             FROM gone WHERE a.id = gone.account_id",
+            &[&node],
+        )
+        .await
+        .map_err(db)?;
+    let keys = c
+        .execute(
+            "WITH gone AS (DELETE FROM tollgate_key_leases WHERE node_id = $1 \
+                 RETURNING hash, amount) \
+             UPDATE tollgate_keys k SET leased = k.leased - gone.amount \
+             FROM gone WHERE k.hash = gone.hash",
+            &[&node],
+        )
+        .await
+        .map_err(db)?;
+    Ok(accounts + keys)
+}
+
 /// Returns every expired lease (of any node: one that was killed, or cut
 /// off for longer than the ttl) to its account or key; returns how many
 /// subjects got some back.

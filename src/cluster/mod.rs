@@ -331,6 +331,15 @@ impl Cluster {
         let c = cluster.clone();
         let started = cluster.block_on(async move {
             let version = schema::migrate(&c.pool).await?;
+            let conn = c.pool.get().await.map_err(pool_error)?;
+            let old = lease::reclaim_node(&conn, &c.cfg.node_id).await?;
+            if old > 0 {
+                tracing::warn!(
+                    leases = old,
+                    "cluster: leases of this node's previous run returned"
+                );
+            }
+            drop(conn);
             let n = c.pull().await?;
             Ok::<_, String>((version, n))
         })?;

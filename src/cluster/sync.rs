@@ -108,6 +108,8 @@ impl Cluster {
                     tx.execute(
                         "INSERT INTO tollgate_keys (hash, record, deleted, key_limit, seq, origin) \
                          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash) DO UPDATE SET \
+                         usage = CASE WHEN tollgate_keys.deleted AND NOT excluded.deleted THEN 0 \
+                             ELSE tollgate_keys.usage END, \
                          record = CASE WHEN excluded.deleted THEN tollgate_keys.record ELSE excluded.record END, \
                          deleted = excluded.deleted, key_limit = excluded.key_limit, \
                          seq = excluded.seq, origin = excluded.origin",
@@ -133,6 +135,8 @@ impl Cluster {
                             tx.execute(
                                 "INSERT INTO tollgate_accounts (id, record, deleted, overdraft, unlimited, seq, origin) \
                                  VALUES ($1, $2, false, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                                 balance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.balance END, \
+                                 spent = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.spent END, \
                                  record = excluded.record, deleted = false, overdraft = excluded.overdraft, \
                                  unlimited = excluded.unlimited, seq = excluded.seq, origin = excluded.origin",
                                 &[&id, &record, &a.overdraft.0, &a.unlimited, &seq, &node],
