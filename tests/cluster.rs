@@ -597,6 +597,22 @@ async fn race_over_three_nodes_with_one_killed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(start.elapsed() < Duration::from_secs(1) + Duration::from_millis(500));
+
+    // A payment notified to two nodes (the same provider reference) moves
+    // the account's money once.
+    let pay =
+        json!({"account": "acct-c", "amount": "0.001", "reference": "bank-7", "kind": "topup"});
+    for n in [&nodes[0], &nodes[2]] {
+        let (s, v) = n.admin("POST", "/api/v1/payments", Some(pay.clone())).await;
+        assert!(s == 201 || s == 200, "{s} {v}");
+    }
+    let (s, a) = nodes[0].admin("GET", "/api/v1/accounts/acct-c", None).await;
+    assert_eq!(s, 200, "{a}");
+    assert_eq!(
+        usd(&a["data"]["balance"]),
+        Pico(balance.0 + Pico::parse_usd("0.001").unwrap().0),
+        "one payment, once: {a}"
+    );
 }
 
 /// The database stopped under load: the node serves from its lease until

@@ -51,6 +51,7 @@ fn payments_ctx<'a>(ctx: &'a Ctx<'_>) -> PaymentCtx<'a> {
             store: ctx.store,
             clock: ctx.clock,
         }),
+        cluster: super::cluster::of(ctx),
     }
 }
 

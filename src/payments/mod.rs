@@ -37,6 +37,9 @@ pub struct PaymentCtx<'a> {
     /// The subscription rules the Stripe subscription events drive (`None`:
     /// those events are recorded as needing attention).
     pub subscriptions: Option<crate::billing::subscriptions::Billing<'a>>,
+    /// `[cluster]` mode: money a payment moved goes to the database too,
+    /// once per provider reference cluster-wide.
+    pub cluster: Option<&'a std::sync::Arc<crate::cluster::Cluster>>,
 }
 
 /// A new payment id: `pay_` + 12 hex digits of the ms + 8 random hex
@@ -79,9 +82,20 @@ impl PaymentCtx<'_> {
     /// Applies `op` in the store (durable when this returns), then moves
     /// the in-memory wallet or key if the store applied something new.
     pub async fn apply(&self, op: PaymentOp) -> Result<PaymentOutcome, StoreError> {
+        // The provider's own ids name the money movement everywhere: the
+        // same event reaching two nodes moves the database's money once.
+        let reference = match &op {
+            PaymentOp::Record { refs, .. } => refs.first().map(|r| format!("pay:{r}")),
+            PaymentOp::Refund { event, .. } => Some(format!("payrefund:{event}")),
+            _ => None,
+        };
         let out = self.store.payment_op(op).await?;
         if !out.replayed {
             self.follow(&out.applied);
+            if let Some(c) = self.cluster {
+                c.payment_applied(&out.applied, reference, self.now_ms)
+                    .await;
+            }
             if let Some(p) = &out.payment {
                 tracing::info!(
                     payment = %p.id, provider = %p.provider, status = p.status.as_str(),
@@ -113,7 +127,10 @@ impl PaymentCtx<'_> {
                     // in memory (committed and the period's spent grow).
                     self.gate.refund(&live, Pico(-spent_delta));
                 }
-                self.gate.set_limit(hash, *limit);
+                match self.cluster {
+                    Some(c) => c.key_limit_changed(self.gate, hash, *limit),
+                    None => self.gate.set_limit(hash, *limit),
+                }
             }
         }
     }
