@@ -74,12 +74,8 @@ impl Pg {
             as_postgres,
         };
         if as_postgres {
-            // initdb refuses root: the data dir belongs to `postgres`, and
-            // the temp dirs above it must be reachable.
-            let _ = Command::new("chmod")
-                .arg("755")
-                .arg(pg.dir.parent().expect("parent"))
-                .status();
+            // initdb refuses root: the data dir belongs to `postgres` (the
+            // temp dir above it, /tmp, is reachable by everyone).
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(&pg.dir)
