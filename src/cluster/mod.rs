@@ -513,7 +513,8 @@ impl Cluster {
         want: i64,
         cap: bool,
     ) -> Result<(), ApiError> {
-        if want <= 0 {
+        // No limit (and not a lease counter): nothing to lease, no map write.
+        if want <= 0 || key.limit().is_none() {
             return Ok(());
         }
         let Some(held) = self.held(Subject::Key(key.hash), Holder::Key(key.clone())) else {
