@@ -594,6 +594,24 @@ async fn race_over_three_nodes_with_one_killed() {
     }
     assert!(start.elapsed() < Duration::from_secs(1) + Duration::from_millis(500));
 
+    // The key events were emitted by the node that made the changes, not
+    // once more by each node that applied them.
+    let count = |v: &Value| v["data"].as_array().map(|a| a.len()).unwrap_or(0);
+    let (s, v) = nodes[0]
+        .admin("GET", "/api/v1/events?type=key.*", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        count(&v),
+        4,
+        "3 key.created and 1 key.disabled on node 1: {v}"
+    );
+    let (s, v) = nodes[2]
+        .admin("GET", "/api/v1/events?type=key.*", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(count(&v), 0, "none on node 3: {v}");
+
     // A payment notified to two nodes (the same provider reference) moves
     // the account's money once.
     let pay =

@@ -18,6 +18,17 @@ use crate::app::App;
 use crate::money::Pico;
 use crate::store::{Account, AccountRecord, KeyHash, Store};
 
+tokio::task_local! {
+    /// Set while this node applies changes pulled from the database.
+    static REPLICATING: ();
+}
+
+/// Whether the running task applies another node's change (the store then
+/// writes it without emitting events: they were emitted where it was made).
+pub fn replicating() -> bool {
+    REPLICATING.try_with(|_| ()).is_ok()
+}
+
 /// A key's row as pulled: hash, record, deleted, limit.
 type KeyRow = (Vec<u8>, Vec<u8>, bool, Option<i64>);
 
@@ -285,15 +296,20 @@ impl Cluster {
             .await?;
         let (accounts, max) = accounts;
         let n = accounts.len() + keys.len();
-        for (id, record, deleted) in accounts {
-            apply_account(&app, &id, &record, deleted).await?;
-        }
-        for (hash, record, deleted, limit) in keys {
-            let Ok(hash) = <KeyHash>::try_from(hash.as_slice()) else {
-                continue;
-            };
-            apply_key(&app, hash, &record, deleted, limit.map(Pico)).await?;
-        }
+        REPLICATING
+            .scope((), async {
+                for (id, record, deleted) in accounts {
+                    apply_account(&app, &id, &record, deleted).await?;
+                }
+                for (hash, record, deleted, limit) in keys {
+                    let Ok(hash) = <KeyHash>::try_from(hash.as_slice()) else {
+                        continue;
+                    };
+                    apply_key(&app, hash, &record, deleted, limit.map(Pico)).await?;
+                }
+                Ok::<_, String>(())
+            })
+            .await?;
         // The snapshot saw every change up to `max` (changes commit in seq
         // order), including this node's own, which need no applying.
         self.last_seq.fetch_max(max, Ordering::AcqRel);

@@ -157,6 +157,9 @@ pub(in crate::store) struct Outbox {
     caps: HashMap<KeyHash, KeyCaps>,
     /// Per-key hourly spend, for `usage.anomaly`.
     hours: HashMap<KeyHash, HourWatch>,
+    /// The op being handled applies another node's change (cluster mode):
+    /// that node emitted its events, so this one emits none.
+    pub(in crate::store) replica: bool,
 }
 
 impl Outbox {
@@ -174,6 +177,7 @@ impl Outbox {
             alerts,
             caps: HashMap::new(),
             hours: HashMap::new(),
+            replica: false,
         })
     }
 
@@ -268,6 +272,9 @@ impl StoreThread {
     /// `data` is the object's API shape (see [`crate::events::payload`]);
     /// never put a key or a secret in it.
     pub(in crate::store) fn emit(&mut self, kind: &str, data: Value) {
+        if self.outbox.replica {
+            return;
+        }
         self.outbox.drafts.push(EventDraft::new(kind, data));
     }
 

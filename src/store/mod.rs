@@ -450,6 +450,10 @@ impl Store {
             Some(actor) => Op::Noted(Box::new(actor), Box::new(op)),
             None => op,
         };
+        let op = match crate::cluster::sync::replicating() {
+            true => Op::Replicated(Box::new(op)),
+            false => op,
+        };
         self.send(op)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }

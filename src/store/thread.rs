@@ -26,6 +26,10 @@ use outbox::Outbox;
 #[path = "events.rs"]
 pub(super) mod outbox;
 
+/// Another node's change applied here (cluster mode): `store/replica.rs`.
+#[path = "replica.rs"]
+mod replica;
+
 /// Most ops the store thread takes into one batch before committing. Under
 /// load the per-key writes (account, usage value, rollups) are shared by
 /// more records the larger this is: with 1,000 busy keys, 4,096 gave 0.75
@@ -112,6 +116,9 @@ pub(super) enum Op {
         super::admin_tokens::AdminTokenOp,
         oneshot::Sender<Result<bool, StoreError>>,
     ),
+    /// Another node's change applied here (cluster mode): its events were
+    /// emitted where it was made (`super::cluster`).
+    Replicated(Box<Op>),
 }
 
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
@@ -334,6 +341,10 @@ impl StoreThread {
 
     /// Takes one op into the batch; `true` if someone awaits its flush.
     fn handle(&mut self, op: Op) -> bool {
+        let op = match op {
+            Op::Replicated(inner) => return self.handle_replicated(*inner),
+            op => op,
+        };
         if let Op::Noted(actor, inner) = op {
             self.outbox.actor = Some(*actor);
             let urgent = self.handle(*inner);
@@ -450,6 +461,7 @@ impl StoreThread {
                 true
             }
             Op::Noted(_, inner) => self.handle(*inner),
+            Op::Replicated(inner) => self.handle_replicated(*inner),
             op @ (Op::Emit(..) | Op::KeyExpired(..) | Op::Deliveries(..)) => {
                 self.handle_outbox_op(op)
             }
