@@ -881,3 +881,99 @@ async fn a_keys_own_limit_is_global() {
     assert!(usage <= limit, "spent {usage} of a limit of {limit}");
     assert_eq!(usd(&k["data"]["limit"]), limit, "{k}");
 }
+
+/// A key's concurrency holds across the nodes: never more of its requests
+/// in flight at the upstream than it allows, whichever nodes they reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrency_is_global() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    // Streams of 16 chunks 10 ms apart: long enough to overlap.
+    let mock = MockUpstream::start(MockOptions {
+        chunks: 16,
+        chunk_delay: Duration::from_millis(10),
+        ..MockOptions::default()
+    })
+    .expect("mock upstream");
+    let nodes: Vec<Node> = ["c-1", "c-2", "c-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "two", "concurrency": 2})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = {
+        let done = done.clone();
+        let mock_open = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let peak = mock_open.clone();
+        let mock = std::sync::Arc::new(mock);
+        let m = mock.clone();
+        let h = tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                peak.fetch_max(m.open_streams(), std::sync::atomic::Ordering::AcqRel);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        (h, mock_open, mock)
+    };
+    let mut codes = Vec::new();
+    for round in 0..3 {
+        let mut tasks = Vec::new();
+        for i in 0..45 {
+            let url = nodes[(i + round) % 3].url("/v1/chat/completions");
+            let key = key.clone();
+            tasks.push(tokio::spawn(async move {
+                let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "Say hello."}]});
+                send("POST", &url, &format!("Bearer {key}"), Some(body))
+                    .await
+                    .0
+            }));
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        for t in tasks {
+            codes.push(t.await.expect("task"));
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (h, peak, mock) = watch;
+    h.await.expect("watcher");
+    let peak = peak.load(std::sync::atomic::Ordering::Acquire);
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    eprintln!(
+        "{ok} of {} served, peak {peak} streams in flight at the upstream",
+        codes.len()
+    );
+    assert!(
+        peak <= 2,
+        "{peak} in flight for a key allowed 2, over three nodes"
+    );
+    assert!(ok >= 4, "only {ok} served");
+    assert!(
+        codes.iter().all(|c| *c == 200 || *c == 429),
+        "served or 429: {codes:?}"
+    );
+    assert!(mock.streams_completed() >= ok as u64);
+    // Every slot comes back when the key is idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let db = pg.client().await;
+    let slots: i64 = db
+        .query_one(
+            "SELECT COALESCE(SUM(slots_leased), 0)::bigint FROM tollgate_keys",
+            &[],
+        )
+        .await
+        .expect("slots")
+        .get(0);
+    assert_eq!(slots, 0, "idle slots are returned");
+}

@@ -35,6 +35,8 @@ pub fn slice(cfg: &ClusterConfig, free: i64, need: i64) -> i64 {
 pub enum Subject {
     Account(std::sync::Arc<str>),
     Key(crate::store::KeyHash),
+    /// A key's concurrency slots (counted in slots, not picoUSD).
+    Slots(crate::store::KeyHash),
 }
 
 impl Subject {
@@ -44,6 +46,15 @@ impl Subject {
         match self {
             Subject::Account(_) => ("tollgate_accounts", "id", "balance + overdraft - leased"),
             Subject::Key(_) => ("tollgate_keys", "hash", "key_limit - usage - leased"),
+            Subject::Slots(_) => ("tollgate_keys", "hash", "concurrency - slots_leased"),
+        }
+    }
+
+    /// The column that sums its leases.
+    fn leased(&self) -> &'static str {
+        match self {
+            Subject::Slots(_) => "slots_leased",
+            _ => "leased",
         }
     }
 
@@ -52,6 +63,7 @@ impl Subject {
         match self {
             Subject::Account(_) => ("tollgate_leases", "account_id"),
             Subject::Key(_) => ("tollgate_key_leases", "hash"),
+            Subject::Slots(_) => ("tollgate_slot_leases", "hash"),
         }
     }
 }
@@ -66,7 +78,7 @@ impl Id {
     fn of(s: &Subject) -> Id {
         match s {
             Subject::Account(a) => Id::Text(a.to_string()),
-            Subject::Key(k) => Id::Bytes(k.to_vec()),
+            Subject::Key(k) | Subject::Slots(k) => Id::Bytes(k.to_vec()),
         }
     }
 
@@ -99,6 +111,7 @@ pub async fn take(
 ) -> Result<Option<Grant>, String> {
     let (table, col, free) = subject.money();
     let (leases, lcol) = subject.leases();
+    let leased = subject.leased();
     let id = Id::of(subject);
     let tx = c.transaction().await.map_err(db)?;
     let Some(row) = tx
@@ -114,7 +127,12 @@ pub async fn take(
         return Ok(None);
     };
     let free_now: i64 = row.get(0);
-    let amount = slice(cfg, free_now, need).min(free_now);
+    let amount = match subject {
+        // Slots are taken as needed, one request's at a time.
+        Subject::Slots(_) => need.max(1),
+        _ => slice(cfg, free_now, need),
+    }
+    .min(free_now);
     if amount < min.max(1) {
         return Ok(None);
     }
@@ -122,7 +140,7 @@ pub async fn take(
     let updated = tx
         .query_opt(
             &format!(
-                "UPDATE {table} SET leased = leased + $2 WHERE {col} = $1 AND {free} >= $2 RETURNING {free}"
+                "UPDATE {table} SET {leased} = {leased} + $2 WHERE {col} = $1 AND {free} >= $2 RETURNING {free}"
             ),
             &[id.sql(), &amount],
         )
@@ -160,11 +178,12 @@ pub async fn give_back(
 ) -> Result<i64, String> {
     let (table, col, _) = subject.money();
     let (leases, lcol) = subject.leases();
+    let leased = subject.leased();
     let id = Id::of(subject);
     let tx = c.transaction().await.map_err(db)?;
     let back = lease_down(&tx, node, subject, amount).await?;
     tx.execute(
-        &format!("UPDATE {table} SET leased = leased - $2 WHERE {col} = $1"),
+        &format!("UPDATE {table} SET {leased} = {leased} - $2 WHERE {col} = $1"),
         &[id.sql(), &back],
     )
     .await
@@ -244,6 +263,20 @@ pub async fn renew(
             out.push(Subject::Key(h));
         }
     }
+    let slots = c
+        .query(
+            "UPDATE tollgate_slot_leases SET expires_at = now() + $2::float8 * interval '1 millisecond' \
+             WHERE node_id = $1 RETURNING hash",
+            &[&node, &ttl],
+        )
+        .await
+        .map_err(db)?;
+    for r in &slots {
+        let h: Vec<u8> = r.get(0);
+        if let Ok(h) = crate::store::KeyHash::try_from(h.as_slice()) {
+            out.push(Subject::Slots(h));
+        }
+    }
     Ok(out)
 }
 
@@ -271,7 +304,17 @@ pub async fn reclaim_node(c: &deadpool_postgres::Client, node: &str) -> Result<u
         )
         .await
         .map_err(db)?;
-    Ok(accounts + keys)
+    let slots = c
+        .execute(
+            "WITH gone AS (DELETE FROM tollgate_slot_leases WHERE node_id = $1 \
+                 RETURNING hash, amount) \
+             UPDATE tollgate_keys k SET slots_leased = k.slots_leased - gone.amount \
+             FROM gone WHERE k.hash = gone.hash",
+            &[&node],
+        )
+        .await
+        .map_err(db)?;
+    Ok(accounts + keys + slots)
 }
 
 /// Returns every expired lease (of any node: one that was killed, or cut
@@ -300,7 +343,18 @@ pub async fn reclaim(c: &deadpool_postgres::Client) -> Result<u64, String> {
         )
         .await
         .map_err(db)?;
-    Ok(accounts + keys)
+    let slots = c
+        .execute(
+            "WITH gone AS (DELETE FROM tollgate_slot_leases WHERE expires_at < now() \
+                 RETURNING hash, amount), \
+             per AS (SELECT hash, SUM(amount)::bigint AS amount FROM gone GROUP BY hash) \
+             UPDATE tollgate_keys k SET slots_leased = k.slots_leased - per.amount \
+             FROM per WHERE k.hash = per.hash",
+            &[],
+        )
+        .await
+        .map_err(db)?;
+    Ok(accounts + keys + slots)
 }
 
 #[cfg(test)]

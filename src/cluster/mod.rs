@@ -145,6 +145,9 @@ enum Holder {
     /// A key no account pays for: its `limit` counts the lease
     /// (`LiveKey::lease_start`).
     Key(Arc<LiveKey>),
+    /// A key's concurrency: its `slots` count the slots held
+    /// (`LiveKey::slots_start`).
+    Slots(Arc<LiveKey>),
 }
 
 impl Holder {
@@ -153,6 +156,7 @@ impl Holder {
         match self {
             Holder::Wallet(w) => w.headroom(),
             Holder::Key(k) => k.lease_headroom(),
+            Holder::Slots(k) => k.slots_free(),
         }
     }
 
@@ -161,6 +165,7 @@ impl Holder {
         match self {
             Holder::Wallet(w) => w.release(amount),
             Holder::Key(k) => k.lease_add(amount),
+            Holder::Slots(k) => k.slots_add(amount),
         }
     }
 
@@ -169,13 +174,16 @@ impl Holder {
         match self {
             Holder::Wallet(w) => w.try_reserve(amount).is_ok(),
             Holder::Key(k) => k.lease_take_back(amount),
+            Holder::Slots(k) => k.slots_take_back(amount),
         }
     }
 
     fn same(&self, other: &Holder) -> bool {
         match (self, other) {
             (Holder::Wallet(a), Holder::Wallet(b)) => Arc::ptr_eq(a, b),
-            (Holder::Key(a), Holder::Key(b)) => Arc::ptr_eq(a, b),
+            (Holder::Key(a), Holder::Key(b)) | (Holder::Slots(a), Holder::Slots(b)) => {
+                Arc::ptr_eq(a, b)
+            }
             _ => false,
         }
     }
@@ -410,6 +418,10 @@ impl Cluster {
         let start = |holder: &Holder| match holder {
             Holder::Wallet(_) => true,
             Holder::Key(k) => k.lease_start(),
+            Holder::Slots(k) => {
+                k.slots_start();
+                true
+            }
         };
         match self.leases.entry(subject.clone()) {
             Entry::Occupied(mut e) => {
@@ -484,6 +496,20 @@ impl Cluster {
             return Ok(());
         }
         self.ensure_key(key, want.0, cap).await
+    }
+
+    /// Before a request takes a concurrency slot: a key with its own
+    /// `concurrency` holds slots of it taken from the database, so that
+    /// the requests in flight on all nodes together never exceed it. When
+    /// none is free the gate refuses (429) as it always does.
+    pub async fn ensure_slot(&self, key: &Arc<LiveKey>, policy: &Policy) -> Result<(), ApiError> {
+        if policy.own_record().concurrency.is_none() {
+            return Ok(());
+        }
+        let Some(held) = self.held(Subject::Slots(key.hash), Holder::Slots(key.clone())) else {
+            return Ok(());
+        };
+        self.ensure_held(held, 1, false).await
     }
 
     /// [`Cluster::ensure_credit`] for a wallet (also the admin deduct).

@@ -11,6 +11,7 @@
 //! | `tollgate_leases` | (account, node) | the slice a node holds, and until when |
 //! | `tollgate_entries` | entry id | usage records and ledger entries, once each (idempotent per id) |
 //! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
+//! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -85,6 +86,18 @@ CREATE TABLE tollgate_key_leases (
     PRIMARY KEY (hash, node_id)
 );
 CREATE INDEX tollgate_key_leases_expiry ON tollgate_key_leases (expires_at);
+"#,
+    r#"
+ALTER TABLE tollgate_keys ADD COLUMN concurrency bigint;
+ALTER TABLE tollgate_keys ADD COLUMN slots_leased bigint NOT NULL DEFAULT 0;
+CREATE TABLE tollgate_slot_leases (
+    hash bytea NOT NULL,
+    node_id text NOT NULL,
+    amount bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (hash, node_id)
+);
+CREATE INDEX tollgate_slot_leases_expiry ON tollgate_slot_leases (expires_at);
 "#,
 ];
 

@@ -134,23 +134,25 @@ impl Cluster {
                     let mut c = pool.get().await.map_err(pool_error)?;
                     let tx = c.transaction().await.map_err(db)?;
                     let seq = next_seq(&tx).await?;
-                    let (record, limit, deleted) = match &local {
+                    let (record, limit, deleted, concurrency) = match &local {
                         Some((rec, acct)) => (
                             Store::encode_key_record(rec),
                             acct.limit.map(|l| l.0),
                             false,
+                            rec.concurrency.map(i64::from),
                         ),
-                        None => (Vec::new(), None, true),
+                        None => (Vec::new(), None, true, None),
                     };
                     tx.execute(
-                        "INSERT INTO tollgate_keys (hash, record, deleted, key_limit, seq, origin) \
-                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash) DO UPDATE SET \
+                        "INSERT INTO tollgate_keys (hash, record, deleted, key_limit, seq, origin, concurrency) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (hash) DO UPDATE SET \
+                         concurrency = excluded.concurrency, \
                          usage = CASE WHEN tollgate_keys.deleted AND NOT excluded.deleted THEN 0 \
                              ELSE tollgate_keys.usage END, \
                          record = CASE WHEN excluded.deleted THEN tollgate_keys.record ELSE excluded.record END, \
                          deleted = excluded.deleted, key_limit = excluded.key_limit, \
                          seq = excluded.seq, origin = excluded.origin",
-                        &[&hash.to_vec(), &record, &deleted, &limit, &seq, &node],
+                        &[&hash.to_vec(), &record, &deleted, &limit, &seq, &node, &concurrency],
                     )
                     .await
                     .map_err(db)?;

@@ -71,3 +71,59 @@ impl LiveKey {
         self.limit.fetch_sub(amount, Ordering::AcqRel);
     }
 }
+
+/// The concurrency slots of a key, leased the same way: `slots` caps the
+/// requests in flight on this node, and grows only by slots taken from the
+/// database (where Σ slots ≤ the key's `concurrency`).
+impl LiveKey {
+    /// Starts counting slots with none held (what is in flight counts as
+    /// held: nothing is, on a key's first use in cluster mode).
+    pub fn slots_start(&self) {
+        let _ = self.slots.compare_exchange(
+            u32::MAX,
+            self.in_flight.load(Ordering::Acquire),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Slots held and not in use.
+    pub fn slots_free(&self) -> i64 {
+        i64::from(self.slots.load(Ordering::Acquire)) - i64::from(self.in_flight())
+    }
+
+    /// Slots taken from the database.
+    pub fn slots_add(&self, n: i64) {
+        let n = u32::try_from(n.max(0)).unwrap_or(u32::MAX);
+        let _ = self
+            .slots
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some(s.saturating_add(n).min(u32::MAX - 1))
+            });
+    }
+
+    /// Takes `n` unused slots out of reach (to return them): each is taken
+    /// like a request's (the same compare-and-swap admission uses), so no
+    /// request is admitted into a slot being returned.
+    pub fn slots_take_back(&self, n: i64) -> bool {
+        let Ok(n) = u32::try_from(n) else {
+            return false;
+        };
+        if n == 0 {
+            return true;
+        }
+        let cap = self.slots.load(Ordering::Acquire);
+        let taken = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                (f.saturating_add(n) <= cap).then_some(f + n)
+            });
+        if taken.is_err() {
+            return false;
+        }
+        // slots first: in between, fewer may be admitted, never more.
+        self.slots.fetch_sub(n, Ordering::AcqRel);
+        self.in_flight.fetch_sub(n, Ordering::AcqRel);
+        true
+    }
+}

@@ -154,6 +154,9 @@ pub struct LiveKey {
     /// `key.expired` was handed to the store (which keeps it to once per
     /// expiry across restarts): later refusals do not queue it again.
     expiry_announced: AtomicBool,
+    /// Cluster mode: the slots of the key's `concurrency` this node holds
+    /// (`lease.rs`); `u32::MAX` (no cap of its own) on a single node.
+    slots: AtomicU32,
 }
 
 /// A key's policy, compiled for fast checks.
@@ -411,6 +414,7 @@ impl LiveKey {
             last_record_seq: AtomicU64::new(0),
             device_lock: Mutex::new(()),
             expiry_announced: AtomicBool::new(false),
+            slots: AtomicU32::new(u32::MAX),
             policy: RwLock::new(Arc::new(Policy::compile(record))),
         }
     }
@@ -927,7 +931,12 @@ impl Gate {
         }
         // Concurrency: the slot is taken with a CAS so it can never exceed
         // the limit; the permit gives it back on drop.
-        let max = rec.concurrency.unwrap_or(u32::MAX);
+        // Only a key with a concurrency limit reads its slots (cluster mode:
+        // this node's share of the limit; else `u32::MAX`).
+        let max = match rec.concurrency {
+            Some(c) => c.min(key.slots.load(Ordering::Acquire)),
+            None => u32::MAX,
+        };
         let taken = key
             .in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {

@@ -118,6 +118,11 @@ impl Call<'_> {
             let anthropic = req.headers().contains_key("anthropic-version");
             return Ok(self.list_models(&policy, anthropic));
         }
+        if let Some(cluster) = self.app.cluster.get() {
+            // Cluster mode: this node must hold a slot of the key's
+            // concurrency (a round trip only when it holds none free).
+            cluster.ensure_slot(&key, &policy).await?;
+        }
         let permit = self.limit(&key, &policy, now_ms)?;
         if self.route == Endpoint::CountTokens {
             return self.count_tokens(permit, &policy, req, &path).await;
