@@ -207,8 +207,17 @@ pub async fn lease_down(
     subject: &Subject,
     amount: i64,
 ) -> Result<i64, String> {
+    let (table, col, _) = subject.money();
     let (leases, lcol) = subject.leases();
     let id = Id::of(subject);
+    // One lock order for every writer: the subject's row, then its lease
+    // (as `take` does), so two transactions never wait on each other.
+    tx.execute(
+        &format!("SELECT 1 FROM {table} WHERE {col} = $1 FOR UPDATE"),
+        &[id.sql()],
+    )
+    .await
+    .map_err(db)?;
     let row = tx
         .query_opt(
             &format!("SELECT amount FROM {leases} WHERE {lcol} = $1 AND node_id = $2 FOR UPDATE"),

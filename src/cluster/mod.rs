@@ -626,7 +626,15 @@ impl Cluster {
         let grant = self
             .run(async move {
                 let mut c = pool.get().await.map_err(pool_error)?;
-                lease::take(&mut c, &cfg, &subject, need, min).await
+                match lease::take(&mut c, &cfg, &subject, need, min).await {
+                    // Once more on a failed statement (a lock timeout, a
+                    // connection the server closed): an outage fails twice.
+                    Err(_) => {
+                        let mut c = pool.get().await.map_err(pool_error)?;
+                        lease::take(&mut c, &cfg, &subject, need, min).await
+                    }
+                    ok => ok,
+                }
             })
             .await?;
         self.note_up();
@@ -955,7 +963,18 @@ impl Cluster {
             }
         }
         if !per_key.is_empty() {
+            let mut per_key: Vec<(Vec<u8>, i64)> = per_key.into_iter().collect();
+            per_key.sort();
             let (hs, cs): (Vec<Vec<u8>>, Vec<i64>) = per_key.into_iter().unzip();
+            // Rows locked in one order (keys, then accounts, each sorted; a
+            // subject before its lease) by every writer on every node.
+            tx.execute(
+                "SELECT 1 FROM (SELECT hash FROM tollgate_keys WHERE hash = ANY($1) \
+                 ORDER BY hash FOR UPDATE) AS locked",
+                &[&hs],
+            )
+            .await
+            .map_err(db)?;
             tx.execute(
                 "UPDATE tollgate_keys k SET usage = k.usage + d.c \
                  FROM UNNEST($1::bytea[], $2::int8[]) AS d(h, c) WHERE k.hash = d.h",
