@@ -64,11 +64,29 @@ pub async fn handle(
         // The metrics label of a request refused before `classify`.
         route: Endpoint::from_path(req.uri().path()),
         settlement: None,
+        upstream_wait: std::time::Duration::ZERO,
     };
-    match call.run(req).await {
+    let mut res = match call.run(req).await {
         Ok(res) => res,
         Err(e) => call.refused(e),
-    }
+    };
+    // The gateway's own time up to the answer's head, the upstream's wait
+    // excluded: what this request cost over calling the upstream directly.
+    let own = call.started.elapsed().saturating_sub(call.upstream_wait);
+    app.metrics.overhead(own);
+    res.headers_mut()
+        .append(SERVER_TIMING.clone(), server_timing(own));
+    res
+}
+
+/// `server-timing`, the gateway's own time on every proxied answer.
+pub static SERVER_TIMING: http::HeaderName = http::HeaderName::from_static("server-timing");
+
+/// `tollgate;dur=<ms>` with microsecond precision.
+fn server_timing(own: std::time::Duration) -> HeaderValue {
+    let us = own.as_micros();
+    let text = format!("tollgate;dur={}.{:03}", us / 1000, us % 1000);
+    HeaderValue::from_maybe_shared(Bytes::from(text)).expect("ASCII digits are a valid header value")
 }
 
 /// One request on its way through the phases.
@@ -87,6 +105,9 @@ struct Call<'a> {
     route: Endpoint,
     /// From the reserve phase on: the request's one exit.
     settlement: Option<Settlement>,
+    /// Time spent waiting for the upstream's answer head (excluded from
+    /// the gateway's own time in `server-timing`).
+    upstream_wait: std::time::Duration,
 }
 
 /// The inspected request: what reservation and forwarding need.
@@ -351,11 +372,13 @@ impl Call<'_> {
                 s.upstream = Some(i);
                 s.reach = Reach::Sent;
             }
+            let sent = Instant::now();
             let outcome = tokio::time::timeout(
                 up.first_byte_timeout,
                 self.proxy.clients[i].request(upstream_req),
             )
             .await;
+            self.upstream_wait += sent.elapsed();
             let err = match outcome {
                 Ok(Ok(res)) => {
                     let s = res.status();
