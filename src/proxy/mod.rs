@@ -16,6 +16,7 @@
 
 mod anthropic;
 mod body;
+mod h1pool;
 mod headers;
 pub mod routing;
 mod settle;
@@ -38,8 +39,9 @@ use crate::error::{ApiError, Shape};
 use crate::gate::{Ask, Bound, LiveKey, Permit, Policy};
 use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
+use h1pool::SendError;
 pub use headers::X_REQUEST_ID;
-use routing::{Destination, Pricing};
+use routing::{Destination, Link, Pricing};
 pub use routing::{Proxy, Routing, fast_random};
 use settle::{Admitted, Reach, Settlement};
 pub use worker::WorkerProxy;
@@ -86,7 +88,8 @@ pub static SERVER_TIMING: http::HeaderName = http::HeaderName::from_static("serv
 fn server_timing(own: std::time::Duration) -> HeaderValue {
     let us = own.as_micros();
     let text = format!("tollgate;dur={}.{:03}", us / 1000, us % 1000);
-    HeaderValue::from_maybe_shared(Bytes::from(text)).expect("ASCII digits are a valid header value")
+    HeaderValue::from_maybe_shared(Bytes::from(text))
+        .expect("ASCII digits are a valid header value")
 }
 
 /// One request on its way through the phases.
@@ -354,14 +357,30 @@ impl Call<'_> {
         let mut last_err = None;
         for (attempt, &i) in order.iter().enumerate() {
             let up = &routing.upstreams[i];
-            let uri = format!("{}{}{}", up.origin, up.base_path, suffix);
+            let link = &self.proxy.clients[i];
+            // Plain HTTP/1 takes the origin form and a Host header; the
+            // pooled TLS client takes the absolute URI.
+            let uri = match link {
+                Link::Plain { .. } => {
+                    let mut u = String::with_capacity(up.base_path.len() + suffix.len());
+                    u.push_str(&up.base_path);
+                    u.push_str(suffix);
+                    u
+                }
+                Link::Tls(_) => format!("{}{}{}", up.origin, up.base_path, suffix),
+            };
             let body = crate::meter::rename_roles(&body, &up.role_map)?;
             let mut upstream_req = Request::new(Full::new(body));
             *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() = uri.parse().map_err(|_| {
+            *upstream_req.uri_mut() = http::Uri::try_from(uri).map_err(|_| {
                 ApiError::bad_request("invalid_path", "The request path cannot be forwarded.")
             })?;
             *upstream_req.headers_mut() = headers.clone();
+            if let Link::Plain { host, .. } = link {
+                upstream_req
+                    .headers_mut()
+                    .insert(header::HOST, host.clone());
+            }
             if let Some((name, value)) = &up.auth {
                 upstream_req
                     .headers_mut()
@@ -373,10 +392,18 @@ impl Call<'_> {
                 s.reach = Reach::Sent;
             }
             let sent = Instant::now();
-            let outcome = tokio::time::timeout(
-                up.first_byte_timeout,
-                self.proxy.clients[i].request(upstream_req),
-            )
+            let outcome = tokio::time::timeout(up.first_byte_timeout, async {
+                match link {
+                    Link::Plain { pool, .. } => pool.send(upstream_req).await,
+                    Link::Tls(client) => client.request(upstream_req).await.map_err(|e| {
+                        if e.is_connect() {
+                            SendError::Connect(std::io::Error::other(e.to_string()))
+                        } else {
+                            SendError::Pooled(e)
+                        }
+                    }),
+                }
+            })
             .await;
             self.upstream_wait += sent.elapsed();
             let err = match outcome {
@@ -399,7 +426,7 @@ impl Call<'_> {
                     }
                     return Ok((i, res));
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Ok(Err(e @ SendError::Connect(_))) => {
                     // Never reached: nothing to charge, safe to try another.
                     if let Some(s) = settlement.as_mut() {
                         s.reach = Reach::NotSent;
