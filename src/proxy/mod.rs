@@ -86,10 +86,35 @@ pub static SERVER_TIMING: http::HeaderName = http::HeaderName::from_static("serv
 
 /// `tollgate;dur=<ms>` with microsecond precision.
 fn server_timing(own: std::time::Duration) -> HeaderValue {
-    let us = own.as_micros();
-    let text = format!("tollgate;dur={}.{:03}", us / 1000, us % 1000);
-    HeaderValue::from_maybe_shared(Bytes::from(text))
-        .expect("ASCII digits are a valid header value")
+    let us = own.as_micros().min(u128::from(u64::MAX)) as u64;
+    let mut buf = [0u8; 40];
+    buf[..13].copy_from_slice(b"tollgate;dur=");
+    let mut n = 13 + write_u64(&mut buf[13..], us / 1000);
+    let frac = us % 1000;
+    buf[n] = b'.';
+    buf[n + 1] = b'0' + (frac / 100) as u8;
+    buf[n + 2] = b'0' + (frac / 10 % 10) as u8;
+    buf[n + 3] = b'0' + (frac % 10) as u8;
+    n += 4;
+    HeaderValue::from_bytes(&buf[..n]).expect("ASCII digits are a valid header value")
+}
+
+/// Writes `v` in decimal at the start of `out` (20 bytes are enough),
+/// returning its length.
+fn write_u64(out: &mut [u8], mut v: u64) -> usize {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let len = tmp.len() - i;
+    out[..len].copy_from_slice(&tmp[i..]);
+    len
 }
 
 /// One request on its way through the phases.
@@ -598,8 +623,18 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     {
         return v.clone();
     }
-    let id = format!("req_{:016x}{:08x}", fast_random(), fast_random() as u32);
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    // `req_` and 24 hex digits, written in place (no formatting machinery).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 28];
+    id[..4].copy_from_slice(b"req_");
+    let (a, b) = (fast_random(), fast_random() as u32);
+    for i in 0..16 {
+        id[4 + i] = HEX[((a >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    for i in 0..8 {
+        id[20 + i] = HEX[((b >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
 
 #[cfg(test)]
@@ -617,6 +652,32 @@ mod tests {
         assert_eq!(request_id(&h), "abc-123");
         h.insert("x-request-id", HeaderValue::from_static("has space"));
         assert_ne!(request_id(&h), "has space");
+        let fresh = request_id(&HeaderMap::new());
+        let fresh = fresh.to_str().unwrap();
+        assert_eq!(fresh.len(), 28);
+        assert!(
+            fresh[4..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+    }
+
+    #[test]
+    fn server_timing_is_milliseconds_with_microseconds() {
+        use std::time::Duration;
+        assert_eq!(
+            server_timing(Duration::from_micros(52)),
+            "tollgate;dur=0.052"
+        );
+        assert_eq!(
+            server_timing(Duration::from_micros(1_234_567)),
+            "tollgate;dur=1234.567"
+        );
+        assert_eq!(server_timing(Duration::ZERO), "tollgate;dur=0.000");
+        assert_eq!(
+            server_timing(Duration::from_millis(10)),
+            "tollgate;dur=10.000"
+        );
     }
 
     #[test]
