@@ -30,33 +30,64 @@ const BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// A latency histogram: cumulative on render, per-bucket when recorded.
-#[derive(Default)]
-struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    sum_us: AtomicU64,
+/// Buckets of the gateway's own time per request (`server-timing`),
+/// seconds: it is tens of microseconds, not milliseconds.
+const OVERHEAD_BUCKETS: [f64; 12] = [
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+/// A histogram over `N` bucket bounds (`bounds`, seconds): cumulative on
+/// render, per-bucket when recorded. `B` is `N + 1` (the `+Inf` bucket).
+struct Histogram<const N: usize, const B: usize> {
+    bounds: &'static [f64; N],
+    buckets: [AtomicU64; B],
+    /// Σ observed durations, nanoseconds (microseconds would lose the
+    /// overhead histogram's sub-microsecond parts).
+    sum_ns: AtomicU64,
 }
 
-impl Histogram {
+/// Request latency and time to first byte.
+type Latency = Histogram<14, 15>;
+/// The gateway's own time.
+type Overhead = Histogram<12, 13>;
+
+impl Default for Latency {
+    fn default() -> Self {
+        Histogram::new(&BUCKETS)
+    }
+}
+
+impl Default for Overhead {
+    fn default() -> Self {
+        Histogram::new(&OVERHEAD_BUCKETS)
+    }
+}
+
+impl<const N: usize, const B: usize> Histogram<N, B> {
+    fn new(bounds: &'static [f64; N]) -> Self {
+        Histogram {
+            bounds,
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
     fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
-        let i = BUCKETS
-            .iter()
-            .position(|b| s <= *b)
-            .unwrap_or(BUCKETS.len());
+        let i = self.bounds.iter().position(|b| s <= *b).unwrap_or(N);
         self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str) {
         let mut cum = 0;
-        for (i, b) in BUCKETS.iter().enumerate() {
+        for (i, b) in self.bounds.iter().enumerate() {
             cum += self.buckets[i].load(Relaxed);
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
         }
-        cum += self.buckets[BUCKETS.len()].load(Relaxed);
+        cum += self.buckets[N].load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_sum {}", self.sum_ns.load(Relaxed) as f64 / 1e9);
         let _ = writeln!(out, "{name}_count {cum}");
     }
 }
@@ -94,8 +125,11 @@ const OTHER_MODELS: &str = "(other)";
 pub struct Metrics {
     /// [route][status class 1xx..5xx]
     requests: [[AtomicU64; 5]; ROUTES.len()],
-    latency: Histogram,
-    ttfb: Histogram,
+    latency: Latency,
+    ttfb: Latency,
+    /// The gateway's own time per proxied request, upstream excluded (what
+    /// `server-timing: tollgate;dur=` tells the client).
+    overhead: Overhead,
     /// Per-model counters: at most `MODEL_SERIES` + 1 entries.
     models: DashMap<String, ModelCounters>,
     upstreams: Vec<UpstreamCounters>,
@@ -175,6 +209,11 @@ impl Metrics {
         if let Some(t) = ttfb {
             self.ttfb.observe(t);
         }
+    }
+
+    /// The gateway's own time on one proxied request (upstream excluded).
+    pub fn overhead(&self, d: Duration) {
+        self.overhead.observe(d);
     }
 
     /// A request refused by the gateway, by code and origin.
@@ -262,6 +301,8 @@ impl Metrics {
         out.push_str("# HELP tollgate_time_to_first_byte_seconds Time from request to the first byte of the upstream's body.\n# TYPE tollgate_time_to_first_byte_seconds histogram\n");
         self.ttfb
             .render(&mut out, "tollgate_time_to_first_byte_seconds");
+        out.push_str("# HELP tollgate_overhead_seconds The gateway's own time per proxied request, upstream excluded (the server-timing header).\n# TYPE tollgate_overhead_seconds histogram\n");
+        self.overhead.render(&mut out, "tollgate_overhead_seconds");
         out.push_str("# HELP tollgate_overruns_total Requests whose actual cost exceeded their reservation (charged in full).\n# TYPE tollgate_overruns_total counter\n");
         let _ = writeln!(
             out,

@@ -168,10 +168,13 @@ async fn route(
     let anthropic_route = req.uri().path().starts_with("/v1/messages");
     let fut = async {
         let path = req.uri().path();
+        // Each branch boxed: the admin API's state machine is many KB, and
+        // hyper moves the service future into its connection on every
+        // request; boxed, the move is a pointer.
         if path == "/v1" || path.starts_with("/v1/") {
-            proxy::handle(app, proxy, req, ip, &request_id).await
+            Box::pin(proxy::handle(app, proxy, req, ip, &request_id)).await
         } else if path.starts_with("/api/") {
-            crate::api::handle(app, req, ip).await
+            Box::pin(crate::api::handle(app, req, ip)).await
         } else if crate::api::pages::owns(path) {
             crate::api::pages::serve(req.method(), path, req.headers())
         } else {

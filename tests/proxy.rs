@@ -55,8 +55,25 @@ async fn chat_non_stream_and_headers(mode: RuntimeMode) {
             > 3
     );
     assert_eq!(headers["x-request-id"], "my-req-42");
+    // The gateway's own time, the upstream's excluded, in milliseconds.
+    let timing = headers["server-timing"].to_str().unwrap();
+    let ms = timing
+        .strip_prefix("tollgate;dur=")
+        .unwrap_or_else(|| panic!("server-timing {timing}"));
+    let (whole, frac) = ms.split_once('.').expect("a decimal");
+    assert!(
+        whole.bytes().all(|b| b.is_ascii_digit()) && frac.len() == 3,
+        "{timing}"
+    );
     let seen = gw.mock.requests();
     let last = seen.last().expect("the mock saw the request");
+    // Plain-HTTP upstreams get the origin form and their own Host.
+    let host = gw.mock.base_url();
+    let host = host
+        .strip_prefix("http://")
+        .and_then(|h| h.split('/').next())
+        .unwrap();
+    assert_eq!(last.headers["host"], host);
     // The client's key never goes upstream; the upstream's own key does.
     assert_eq!(
         last.headers["authorization"],
@@ -79,6 +96,19 @@ async fn chat_non_stream_and_headers(mode: RuntimeMode) {
     .await;
     let id = headers["x-request-id"].to_str().unwrap().to_owned();
     assert!(id.starts_with("req_"));
+    // Both answers are in the overhead histogram.
+    let metrics = String::from_utf8(
+        send_raw(request("GET", &gw.url("/metrics"), &[], None))
+            .await
+            .2
+            .to_vec(),
+    )
+    .unwrap();
+    let count = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_overhead_seconds_count "))
+        .expect("the overhead histogram");
+    assert!(count.parse::<u64>().unwrap() >= 2, "{count}");
     assert_eq!(
         gw.mock.requests().last().unwrap().headers["x-request-id"],
         id.as_str()

@@ -39,6 +39,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::{Quota, RateLimiter};
 use http::HeaderMap;
+use http::header::HeaderName;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
@@ -311,18 +312,27 @@ pub struct RateInfo {
 impl RateInfo {
     /// Writes OpenAI's `x-ratelimit-*` headers.
     pub fn write_headers(&self, h: &mut HeaderMap) {
+        // Names built once (a `&str` name is parsed and hashed per insert).
+        static NAMES: [HeaderName; 6] = [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ];
         if let Some((limit, remaining, reset)) = self.rpm {
-            h.insert("x-ratelimit-limit-requests", limit.into());
-            h.insert("x-ratelimit-remaining-requests", remaining.into());
+            h.insert(NAMES[0].clone(), limit.into());
+            h.insert(NAMES[1].clone(), remaining.into());
             if let Ok(v) = format_reset(reset).parse() {
-                h.insert("x-ratelimit-reset-requests", v);
+                h.insert(NAMES[2].clone(), v);
             }
         }
         if let Some((limit, remaining, reset)) = self.tpm {
-            h.insert("x-ratelimit-limit-tokens", limit.into());
-            h.insert("x-ratelimit-remaining-tokens", remaining.into());
+            h.insert(NAMES[3].clone(), limit.into());
+            h.insert(NAMES[4].clone(), remaining.into());
             if let Ok(v) = format_reset(reset).parse() {
-                h.insert("x-ratelimit-reset-tokens", v);
+                h.insert(NAMES[5].clone(), v);
             }
         }
     }

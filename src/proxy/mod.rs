@@ -16,6 +16,7 @@
 
 mod anthropic;
 mod body;
+mod h1pool;
 mod headers;
 pub mod routing;
 mod settle;
@@ -38,8 +39,9 @@ use crate::error::{ApiError, Shape};
 use crate::gate::{Ask, Bound, LiveKey, Permit, Policy};
 use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
+use h1pool::SendError;
 pub use headers::X_REQUEST_ID;
-use routing::{Destination, Pricing};
+use routing::{Destination, Link, Pricing};
 pub use routing::{Proxy, Routing, fast_random};
 use settle::{Admitted, Reach, Settlement};
 pub use worker::WorkerProxy;
@@ -64,11 +66,55 @@ pub async fn handle(
         // The metrics label of a request refused before `classify`.
         route: Endpoint::from_path(req.uri().path()),
         settlement: None,
+        upstream_wait: std::time::Duration::ZERO,
     };
-    match call.run(req).await {
+    let mut res = match call.run(req).await {
         Ok(res) => res,
         Err(e) => call.refused(e),
+    };
+    // The gateway's own time up to the answer's head, the upstream's wait
+    // excluded: what this request cost over calling the upstream directly.
+    let own = call.started.elapsed().saturating_sub(call.upstream_wait);
+    app.metrics.overhead(own);
+    res.headers_mut()
+        .append(SERVER_TIMING.clone(), server_timing(own));
+    res
+}
+
+/// `server-timing`, the gateway's own time on every proxied answer.
+pub static SERVER_TIMING: http::HeaderName = http::HeaderName::from_static("server-timing");
+
+/// `tollgate;dur=<ms>` with microsecond precision.
+fn server_timing(own: std::time::Duration) -> HeaderValue {
+    let us = own.as_micros().min(u128::from(u64::MAX)) as u64;
+    let mut buf = [0u8; 40];
+    buf[..13].copy_from_slice(b"tollgate;dur=");
+    let mut n = 13 + write_u64(&mut buf[13..], us / 1000);
+    let frac = us % 1000;
+    buf[n] = b'.';
+    buf[n + 1] = b'0' + (frac / 100) as u8;
+    buf[n + 2] = b'0' + (frac / 10 % 10) as u8;
+    buf[n + 3] = b'0' + (frac % 10) as u8;
+    n += 4;
+    HeaderValue::from_bytes(&buf[..n]).expect("ASCII digits are a valid header value")
+}
+
+/// Writes `v` in decimal at the start of `out` (20 bytes are enough),
+/// returning its length.
+fn write_u64(out: &mut [u8], mut v: u64) -> usize {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    loop {
+        i -= 1;
+        tmp[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
     }
+    let len = tmp.len() - i;
+    out[..len].copy_from_slice(&tmp[i..]);
+    len
 }
 
 /// One request on its way through the phases.
@@ -87,6 +133,9 @@ struct Call<'a> {
     route: Endpoint,
     /// From the reserve phase on: the request's one exit.
     settlement: Option<Settlement>,
+    /// Time spent waiting for the upstream's answer head (excluded from
+    /// the gateway's own time in `server-timing`).
+    upstream_wait: std::time::Duration,
 }
 
 /// The inspected request: what reservation and forwarding need.
@@ -359,14 +408,30 @@ impl Call<'_> {
         let mut last_err = None;
         for (attempt, &i) in order.iter().enumerate() {
             let up = &routing.upstreams[i];
-            let uri = format!("{}{}{}", up.origin, up.base_path, suffix);
+            let link = &self.proxy.clients[i];
+            // Plain HTTP/1 takes the origin form and a Host header; the
+            // pooled TLS client takes the absolute URI.
+            let uri = match link {
+                Link::Plain { .. } => {
+                    let mut u = String::with_capacity(up.base_path.len() + suffix.len());
+                    u.push_str(&up.base_path);
+                    u.push_str(suffix);
+                    u
+                }
+                Link::Tls(_) => format!("{}{}{}", up.origin, up.base_path, suffix),
+            };
             let body = crate::meter::rename_roles(&body, &up.role_map)?;
             let mut upstream_req = Request::new(Full::new(body));
             *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() = uri.parse().map_err(|_| {
+            *upstream_req.uri_mut() = http::Uri::try_from(uri).map_err(|_| {
                 ApiError::bad_request("invalid_path", "The request path cannot be forwarded.")
             })?;
             *upstream_req.headers_mut() = headers.clone();
+            if let Link::Plain { host, .. } = link {
+                upstream_req
+                    .headers_mut()
+                    .insert(header::HOST, host.clone());
+            }
             if let Some((name, value)) = &up.auth {
                 upstream_req
                     .headers_mut()
@@ -377,11 +442,21 @@ impl Call<'_> {
                 s.upstream = Some(i);
                 s.reach = Reach::Sent;
             }
-            let outcome = tokio::time::timeout(
-                up.first_byte_timeout,
-                self.proxy.clients[i].request(upstream_req),
-            )
+            let sent = Instant::now();
+            let outcome = tokio::time::timeout(up.first_byte_timeout, async {
+                match link {
+                    Link::Plain { pool, .. } => pool.send(upstream_req).await,
+                    Link::Tls(client) => client.request(upstream_req).await.map_err(|e| {
+                        if e.is_connect() {
+                            SendError::Connect(std::io::Error::other(e.to_string()))
+                        } else {
+                            SendError::Pooled(e)
+                        }
+                    }),
+                }
+            })
             .await;
+            self.upstream_wait += sent.elapsed();
             let err = match outcome {
                 Ok(Ok(res)) => {
                     let s = res.status();
@@ -402,7 +477,7 @@ impl Call<'_> {
                     }
                     return Ok((i, res));
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Ok(Err(e @ SendError::Connect(_))) => {
                     // Never reached: nothing to charge, safe to try another.
                     if let Some(s) = settlement.as_mut() {
                         s.reach = Reach::NotSent;
@@ -574,8 +649,18 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     {
         return v.clone();
     }
-    let id = format!("req_{:016x}{:08x}", fast_random(), fast_random() as u32);
-    HeaderValue::from_str(&id).expect("hex is a valid header value")
+    // `req_` and 24 hex digits, written in place (no formatting machinery).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 28];
+    id[..4].copy_from_slice(b"req_");
+    let (a, b) = (fast_random(), fast_random() as u32);
+    for i in 0..16 {
+        id[4 + i] = HEX[((a >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    for i in 0..8 {
+        id[20 + i] = HEX[((b >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex is a valid header value")
 }
 
 #[cfg(test)]
@@ -593,6 +678,32 @@ mod tests {
         assert_eq!(request_id(&h), "abc-123");
         h.insert("x-request-id", HeaderValue::from_static("has space"));
         assert_ne!(request_id(&h), "has space");
+        let fresh = request_id(&HeaderMap::new());
+        let fresh = fresh.to_str().unwrap();
+        assert_eq!(fresh.len(), 28);
+        assert!(
+            fresh[4..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+    }
+
+    #[test]
+    fn server_timing_is_milliseconds_with_microseconds() {
+        use std::time::Duration;
+        assert_eq!(
+            server_timing(Duration::from_micros(52)),
+            "tollgate;dur=0.052"
+        );
+        assert_eq!(
+            server_timing(Duration::from_micros(1_234_567)),
+            "tollgate;dur=1234.567"
+        );
+        assert_eq!(server_timing(Duration::ZERO), "tollgate;dur=0.000");
+        assert_eq!(
+            server_timing(Duration::from_millis(10)),
+            "tollgate;dur=10.000"
+        );
     }
 
     #[test]

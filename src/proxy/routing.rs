@@ -468,7 +468,19 @@ type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<B
 /// its upstream call stay on one thread.
 pub struct Proxy {
     pub routing: Arc<Routing>,
-    pub clients: Vec<UpstreamClient>,
+    pub clients: Vec<Link>,
+}
+
+/// How a worker reaches one upstream.
+pub enum Link {
+    /// `http://`: the worker's own HTTP/1 connections.
+    Plain {
+        pool: super::h1pool::H1Pool,
+        /// `Host` of every request.
+        host: HeaderValue,
+    },
+    /// `https://`: hyper-util's pooled client (HTTP/2 by ALPN).
+    Tls(UpstreamClient),
 }
 
 impl Proxy {
@@ -477,6 +489,25 @@ impl Proxy {
             .upstreams
             .iter()
             .map(|u| {
+                if let Some(authority) = u.origin.strip_prefix("http://")
+                    && let Ok(host) = HeaderValue::from_str(authority)
+                {
+                    let addr = if authority.rsplit_once(':').is_some_and(|(_, p)| {
+                        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+                    }) {
+                        authority.to_owned()
+                    } else {
+                        format!("{authority}:80")
+                    };
+                    return Link::Plain {
+                        pool: super::h1pool::H1Pool::new(
+                            addr,
+                            u.connect_timeout,
+                            routing.pool_idle,
+                        ),
+                        host,
+                    };
+                }
                 let mut http = HttpConnector::new();
                 http.enforce_http(false);
                 http.set_nodelay(true);
@@ -487,12 +518,14 @@ impl Proxy {
                     .enable_http1()
                     .enable_http2()
                     .wrap_connector(http);
-                Client::builder(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(routing.pool_idle)
-                    .pool_max_idle_per_host(1024)
-                    .build(https)
+                Link::Tls(
+                    Client::builder(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .pool_timer(TokioTimer::new())
+                        .pool_idle_timeout(routing.pool_idle)
+                        .pool_max_idle_per_host(1024)
+                        .build(https),
+                )
             })
             .collect();
         Proxy { routing, clients }
