@@ -230,6 +230,15 @@ impl Node {
 
     /// With more `[cluster]` settings.
     fn start_with(pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
+        let mut node = Node::spawn(&pg.url(), mock, id, cluster);
+        if let Err(log) = node.ready() {
+            panic!("node {id} did not start: {log}");
+        }
+        node
+    }
+
+    /// Starts the process; [`Node::ready`] waits for it to listen.
+    fn spawn(url: &str, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
         let data = common::temp_dir(id);
         let port = free_port();
         let config = format!(
@@ -271,23 +280,27 @@ sync_interval = "1s"
             .arg(&file)
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
             .env("TOLLGATE_TEST_UPSTREAM_KEY", common::UPSTREAM_KEY)
-            .env("TOLLGATE_POSTGRES_URL", pg.url())
+            .env("TOLLGATE_POSTGRES_URL", url)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("the gateway binary starts");
-        let node = Node { child, port, data };
+        Node { child, port, data }
+    }
+
+    /// Waits until the node listens; its log when it exits or takes too long.
+    fn ready(&mut self) -> Result<(), String> {
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "node {id} did not start: {}",
-                node.log()
-            );
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if self.child.try_wait().ok().flatten().is_some()
+                || start.elapsed() > Duration::from_secs(20)
+            {
+                return Err(self.log());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        node
+        Ok(())
     }
 
     fn log(&self) -> String {
@@ -980,4 +993,102 @@ async fn concurrency_is_global() {
         .expect("slots")
         .get(0);
     assert_eq!(slots, 0, "idle slots are returned");
+}
+
+/// TLS to the database: with `sslmode=require` the node speaks TLS and
+/// checks the server's certificate (here against `cluster.ca_file`); one
+/// that cannot verify it refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_to_the_database() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Tollgate test database CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .expect("params")
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf certificate");
+    let (ca_file, cert_file, key_file) = (
+        pg.dir.join("ca.pem"),
+        pg.dir.join("server.crt"),
+        pg.dir.join("server.key"),
+    );
+    std::fs::write(&ca_file, ca.pem()).expect("ca.pem");
+    std::fs::write(&cert_file, leaf.pem()).expect("server.crt");
+    std::fs::write(&key_file, leaf_key.serialize_pem()).expect("server.key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    if pg.as_postgres {
+        for f in [&cert_file, &key_file] {
+            let ok = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(f)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown {}", f.display());
+        }
+    }
+    let db = pg.client().await;
+    for stmt in [
+        format!("ALTER SYSTEM SET ssl_cert_file = '{}'", path(&cert_file)),
+        format!("ALTER SYSTEM SET ssl_key_file = '{}'", path(&key_file)),
+        "ALTER SYSTEM SET ssl = on".to_owned(),
+        "SELECT pg_reload_conf()".to_owned(),
+    ] {
+        db.batch_execute(&stmt).await.expect("enable ssl");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mock = mock();
+    let url = format!("{}?sslmode=require", pg.url());
+
+    // The test CA is not a public root: without ca_file the node refuses.
+    let mut untrusting = Node::spawn(&url, &mock, "tls-0", "");
+    let log = untrusting
+        .ready()
+        .expect_err("a certificate it cannot verify");
+    assert!(log.contains("cluster: ") && log.contains("TLS"), "{log}");
+
+    let mut node = Node::spawn(
+        &url,
+        &mock,
+        "tls-1",
+        &format!("ca_file = \"{}\"", path(&ca_file)),
+    );
+    if let Err(log) = node.ready() {
+        panic!("node over TLS did not start: {log}");
+    }
+    let (s, v) = node
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-t"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = node
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-t/credits",
+            Some(json!({"amount": "1", "kind": "topup", "reason": "tls"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (key, _) = create_key(&node, "t", "acct-t").await;
+    assert_eq!(node.chat(&key, false).await, 200);
+    let row = db
+        .query_one(
+            "SELECT COUNT(*) FILTER (WHERE s.ssl), COUNT(*) FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'tollgate tls-1'",
+            &[],
+        )
+        .await
+        .expect("connections");
+    let (ssl, all): (i64, i64) = (row.get(0), row.get(1));
+    assert!(all >= 1, "the node is connected");
+    assert_eq!(ssl, all, "every connection of the node is TLS");
 }

@@ -33,6 +33,9 @@ pub struct ClusterConfig {
     pub sync_interval: Dur,
     /// Connections to PostgreSQL this node keeps at most.
     pub pool_size: usize,
+    /// PEM file of the CA that signed the database's certificate (a private
+    /// CA), trusted besides the public roots when TLS is used.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -46,6 +49,7 @@ impl Default for ClusterConfig {
             lease_ttl: Dur::secs(30),
             sync_interval: Dur::secs(1),
             pool_size: 8,
+            ca_file: None,
         }
     }
 }

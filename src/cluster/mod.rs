@@ -76,6 +76,8 @@ pub struct Cluster {
     pool: Pool,
     /// The connection settings, for the LISTEN connection.
     pg: tokio_postgres::Config,
+    /// TLS to the database (`None`: `sslmode=disable`, plain TCP).
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// The gateway this node serves (set once at start; weak: the app owns
     /// the cluster).
     app: OnceLock<Weak<App>>,
@@ -249,6 +251,28 @@ pub fn database_unavailable() -> ApiError {
     .with_retry_after(1)
 }
 
+/// TLS to the database: the server's certificate is always verified,
+/// against the public roots and `cluster.ca_file` (a private CA).
+fn tls_connector(cfg: &ClusterConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = &cfg.ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .map_err(|e| format!("cluster.ca_file {}: {e}", ca.display()))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("cluster.ca_file {}: {e}", ca.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("cluster.ca_file {}: {e}", ca.display()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 /// Milliseconds on a monotonic clock since the first call (lease deadlines
 /// must not move with the wall clock or the test clock).
 fn mono_ms() -> i64 {
@@ -297,13 +321,17 @@ impl Cluster {
             .recv()
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cluster: its runtime: {e}"))?;
-        let mgr = Manager::from_config(
-            pg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let tls = match pg.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => None,
+            _ => Some(tls_connector(cfg)?),
+        };
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let mgr = match &tls {
+            Some(t) => Manager::from_config(pg.clone(), t.clone(), manager_config),
+            None => Manager::from_config(pg.clone(), NoTls, manager_config),
+        };
         let pool = {
             let _enter = rt.enter();
             Pool::builder(mgr)
@@ -322,6 +350,7 @@ impl Cluster {
             rt,
             pool,
             pg,
+            tls,
             app: OnceLock::new(),
             leases: DashMap::new(),
             charges: Mutex::new(VecDeque::new()),
@@ -337,20 +366,22 @@ impl Cluster {
         // Before any wallet is loaded: every wallet draws from leases.
         app.gate.wallets().set_leased();
         let c = cluster.clone();
-        let started = cluster.block_on(async move {
-            let version = schema::migrate(&c.pool).await?;
-            let conn = c.pool.get().await.map_err(pool_error)?;
-            let old = lease::reclaim_node(&conn, &c.cfg.node_id).await?;
-            if old > 0 {
-                tracing::warn!(
-                    leases = old,
-                    "cluster: leases of this node's previous run returned"
-                );
-            }
-            drop(conn);
-            let n = c.pull().await?;
-            Ok::<_, String>((version, n))
-        })?;
+        let started = cluster
+            .block_on(async move {
+                let version = schema::migrate(&c.pool).await?;
+                let conn = c.pool.get().await.map_err(pool_error)?;
+                let old = lease::reclaim_node(&conn, &c.cfg.node_id).await?;
+                if old > 0 {
+                    tracing::warn!(
+                        leases = old,
+                        "cluster: leases of this node's previous run returned"
+                    );
+                }
+                drop(conn);
+                let n = c.pull().await?;
+                Ok::<_, String>((version, n))
+            })
+            .map_err(|e| format!("cluster: {e}"))?;
         tracing::info!(
             node = %cfg.node_id,
             schema = started.0,

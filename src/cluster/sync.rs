@@ -328,35 +328,55 @@ impl Cluster {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            match self.pg.connect(NoTls).await {
-                Ok((client, mut connection)) => {
-                    let me = self.clone();
-                    let mut messages =
-                        futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                    let driver = tokio::spawn(async move {
-                        while let Some(m) = messages.next().await {
-                            match m {
-                                Ok(AsyncMessage::Notification(_)) => me.wake.notify_one(),
-                                Ok(_) => {}
-                                Err(_) => return,
-                            }
-                        }
-                    });
-                    if client
-                        .batch_execute(&format!("LISTEN {CHANNEL}"))
-                        .await
-                        .is_ok()
-                    {
-                        // A change made while not listening is found now.
-                        self.wake.notify_one();
-                        let _ = driver.await;
-                    } else {
-                        driver.abort();
-                    }
-                }
-                Err(e) => self.note_down(&e.to_string()),
+            let connected = match &self.tls {
+                Some(t) => match self.pg.connect(t.clone()).await {
+                    Ok((client, connection)) => Ok(self.listen_on(client, connection).await),
+                    Err(e) => Err(e),
+                },
+                None => match self.pg.connect(NoTls).await {
+                    Ok((client, connection)) => Ok(self.listen_on(client, connection).await),
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = connected {
+                self.note_down(&db(e));
             }
             tokio::time::sleep(self.cfg.sync_interval.0).await;
+        }
+    }
+}
+
+impl Cluster {
+    /// LISTENs on one connection until it fails.
+    async fn listen_on<S, T>(
+        self: &Arc<Self>,
+        client: tokio_postgres::Client,
+        mut connection: tokio_postgres::Connection<S, T>,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let me = self.clone();
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let driver = tokio::spawn(async move {
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(AsyncMessage::Notification(_)) => me.wake.notify_one(),
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        if client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .is_ok()
+        {
+            // A change made while not listening is found now.
+            self.wake.notify_one();
+            let _ = driver.await;
+        } else {
+            driver.abort();
         }
     }
 }
