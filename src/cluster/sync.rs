@@ -330,11 +330,17 @@ impl Cluster {
             }
             let connected = match &self.tls {
                 Some(t) => match self.pg.connect(t.clone()).await {
-                    Ok((client, connection)) => Ok(self.listen_on(client, connection).await),
+                    Ok((client, connection)) => {
+                        self.listen_on(client, connection).await;
+                        Ok(())
+                    }
                     Err(e) => Err(e),
                 },
                 None => match self.pg.connect(NoTls).await {
-                    Ok((client, connection)) => Ok(self.listen_on(client, connection).await),
+                    Ok((client, connection)) => {
+                        self.listen_on(client, connection).await;
+                        Ok(())
+                    }
                     Err(e) => Err(e),
                 },
             };
