@@ -605,7 +605,8 @@ async fn race_over_three_nodes_with_one_killed() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(start.elapsed() < Duration::from_secs(1) + Duration::from_millis(500));
+    // Within sync_interval (1 s), with room for a loaded 2-core CI machine.
+    assert!(start.elapsed() < Duration::from_secs(2));
 
     // The key events were emitted by the node that made the changes, not
     // once more by each node that applied them.
@@ -626,20 +627,44 @@ async fn race_over_three_nodes_with_one_killed() {
     assert_eq!(count(&v), 0, "none on node 3: {v}");
 
     // A payment notified to two nodes (the same provider reference) moves
-    // the account's money once.
+    // the account's money once. On an account of its own: the disable
+    // above let node 3 serve (and charge) acct-c until it saw the change.
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts",
+            Some(json!({"id": "acct-pay", "email": "pay@example.com"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let start = Instant::now();
+    while nodes[2]
+        .admin("GET", "/api/v1/accounts/acct-pay", None)
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "node 3 never saw the account"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let pay =
-        json!({"account": "acct-c", "amount": "0.001", "reference": "bank-7", "kind": "topup"});
+        json!({"account": "acct-pay", "amount": "0.001", "reference": "bank-7", "kind": "topup"});
     for n in [&nodes[0], &nodes[2]] {
         let (s, v) = n.admin("POST", "/api/v1/payments", Some(pay.clone())).await;
         assert!(s == 201 || s == 200, "{s} {v}");
     }
-    let (s, a) = nodes[0].admin("GET", "/api/v1/accounts/acct-c", None).await;
-    assert_eq!(s, 200, "{a}");
-    assert_eq!(
-        usd(&a["data"]["balance"]),
-        Pico(balance.0 + Pico::parse_usd("0.001").unwrap().0),
-        "one payment, once: {a}"
-    );
+    for n in [&nodes[0], &nodes[2]] {
+        let (s, a) = n.admin("GET", "/api/v1/accounts/acct-pay", None).await;
+        assert_eq!(s, 200, "{a}");
+        assert_eq!(
+            usd(&a["data"]["balance"]),
+            Pico::parse_usd("0.001").unwrap(),
+            "one payment, once: {a}"
+        );
+    }
 }
 
 /// The database stopped under load: the node serves from its lease until

@@ -289,81 +289,65 @@ pub async fn renew(
     Ok(out)
 }
 
+/// The lease tables: (table, its subject column, the subject's table, that
+/// table's id column, the column the leases are counted in).
+const LEASE_TABLES: [(&str, &str, &str, &str, &str); 3] = [
+    (
+        "tollgate_leases",
+        "account_id",
+        "tollgate_accounts",
+        "id",
+        "leased",
+    ),
+    (
+        "tollgate_key_leases",
+        "hash",
+        "tollgate_keys",
+        "hash",
+        "leased",
+    ),
+    (
+        "tollgate_slot_leases",
+        "hash",
+        "tollgate_keys",
+        "hash",
+        "slots_leased",
+    ),
+];
+
+/// Deletes the leases matching `which` (an SQL condition over the lease
+/// table, with `params`) and gives their amounts back to their subjects;
+/// returns how many subjects got some back.
+async fn return_leases(
+    c: &deadpool_postgres::Client,
+    which: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<u64, String> {
+    let mut subjects = 0;
+    for (lease, subject, table, id, column) in LEASE_TABLES {
+        let sql = format!(
+            "WITH gone AS (DELETE FROM {lease} WHERE {which} RETURNING {subject} AS subject, amount), \
+             per AS (SELECT subject, SUM(amount)::bigint AS amount FROM gone GROUP BY subject) \
+             UPDATE {table} t SET {column} = t.{column} - per.amount \
+             FROM per WHERE t.{id} = per.subject"
+        );
+        subjects += c.execute(&sql, params).await.map_err(db)?;
+    }
+    Ok(subjects)
+}
+
 /// Returns every lease `node` holds to its account or key: at start, the
 /// leases of this node's previous run (killed before it could return them:
 /// what it had not settled is lost, its leases need not wait for the ttl).
 pub async fn reclaim_node(c: &deadpool_postgres::Client, node: &str) -> Result<u64, String> {
-    let accounts = c
-        .execute(
-            "WITH gone AS (DELETE FROM tollgate_leases WHERE node_id = $1 \
-                 RETURNING account_id, amount) \
-             UPDATE tollgate_accounts a SET leased = a.leased - gone.amount \
-             FROM gone WHERE a.id = gone.account_id",
-            &[&node],
-        )
-        .await
-        .map_err(db)?;
-    let keys = c
-        .execute(
-            "WITH gone AS (DELETE FROM tollgate_key_leases WHERE node_id = $1 \
-                 RETURNING hash, amount) \
-             UPDATE tollgate_keys k SET leased = k.leased - gone.amount \
-             FROM gone WHERE k.hash = gone.hash",
-            &[&node],
-        )
-        .await
-        .map_err(db)?;
-    let slots = c
-        .execute(
-            "WITH gone AS (DELETE FROM tollgate_slot_leases WHERE node_id = $1 \
-                 RETURNING hash, amount) \
-             UPDATE tollgate_keys k SET slots_leased = k.slots_leased - gone.amount \
-             FROM gone WHERE k.hash = gone.hash",
-            &[&node],
-        )
-        .await
-        .map_err(db)?;
-    Ok(accounts + keys + slots)
+    return_leases(c, "node_id = $1", &[&node]).await
 }
 
 /// Returns every expired lease (of any node: one that was killed, or cut
 /// off for longer than the ttl) to its account or key; returns how many
 /// subjects got some back.
 pub async fn reclaim(c: &deadpool_postgres::Client) -> Result<u64, String> {
-    let accounts = c
-        .execute(
-            "WITH gone AS (DELETE FROM tollgate_leases WHERE expires_at < now() \
-                 RETURNING account_id, amount), \
-             per AS (SELECT account_id, SUM(amount)::bigint AS amount FROM gone GROUP BY account_id) \
-             UPDATE tollgate_accounts a SET leased = a.leased - per.amount \
-             FROM per WHERE a.id = per.account_id",
-            &[],
-        )
-        .await
-        .map_err(db)?;
-    let keys = c
-        .execute(
-            "WITH gone AS (DELETE FROM tollgate_key_leases WHERE expires_at < now() \
-                 RETURNING hash, amount), \
-             per AS (SELECT hash, SUM(amount)::bigint AS amount FROM gone GROUP BY hash) \
-             UPDATE tollgate_keys k SET leased = k.leased - per.amount \
-             FROM per WHERE k.hash = per.hash",
-            &[],
-        )
-        .await
-        .map_err(db)?;
-    let slots = c
-        .execute(
-            "WITH gone AS (DELETE FROM tollgate_slot_leases WHERE expires_at < now() \
-                 RETURNING hash, amount), \
-             per AS (SELECT hash, SUM(amount)::bigint AS amount FROM gone GROUP BY hash) \
-             UPDATE tollgate_keys k SET slots_leased = k.slots_leased - per.amount \
-             FROM per WHERE k.hash = per.hash",
-            &[],
-        )
-        .await
-        .map_err(db)?;
-    Ok(accounts + keys + slots)
+    return_leases(c, "expires_at < now()", &[]).await
 }
 
 #[cfg(test)]
