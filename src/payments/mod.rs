@@ -350,6 +350,31 @@ fn by_external(
         .ok_or_else(|| format!("no subscription with external_id {ext}"))
 }
 
+/// A subscription rule's answer as a [`SubscriptionDone`].
+fn done(r: Result<crate::store::SubscriptionRecord, crate::error::ApiError>) -> SubscriptionDone {
+    r.map(|s| s.id).map_err(|e| e.message.to_string())
+}
+
+/// The shape of every event about an existing subscription: find it by
+/// `external` (Stripe's subscription id), name its account on the payment
+/// record, then apply `act`, one of the subscription rules.
+async fn with_subscription(
+    ctx: &PaymentCtx<'_>,
+    external: Option<&str>,
+    account: &mut Option<String>,
+    act: impl AsyncFnOnce(
+        &crate::billing::subscriptions::Billing<'_>,
+        crate::store::SubscriptionRecord,
+    ) -> SubscriptionDone,
+) -> SubscriptionDone {
+    let Some(b) = &ctx.subscriptions else {
+        return Err(NO_SUBSCRIPTIONS.to_owned());
+    };
+    let sub = by_external(b, external)?;
+    *account = Some(sub.account.clone());
+    act(b, sub).await
+}
+
 /// `checkout.session.completed`, `mode = subscription`, `metadata.plan`:
 /// starts a subscription with `external_id` = `s.subscription`.
 pub async fn checkout_subscription(
@@ -375,11 +400,7 @@ pub async fn checkout_subscription(
         Some(b) => match (&p.account, s.metadata.get("plan"), s.subscription.as_deref()) {
             (Some(account), Some(plan), Some(ext)) => match b.by_external_id(ext) {
                 Ok(Some(existing)) => Ok(existing.id),
-                Ok(None) => b
-                    .subscribe(account, plan, None, Some(ext.to_owned()))
-                    .await
-                    .map(|s| s.id)
-                    .map_err(|e| e.message.to_string()),
+                Ok(None) => done(b.subscribe(account, plan, None, Some(ext.to_owned())).await),
                 Err(e) => Err(e.message.to_string()),
             },
             _ => Err("metadata.account (or client_reference_id), metadata.plan and the subscription id are needed".to_owned()),
@@ -401,19 +422,14 @@ pub async fn invoice_paid(
         .amount_paid
         .and_then(stripe::cents_to_pico)
         .unwrap_or(Pico::ZERO);
-    let done = match &ctx.subscriptions {
-        None => Err(NO_SUBSCRIPTIONS.to_owned()),
-        Some(b) => match by_external(b, i.subscription_id()) {
-            Ok(sub) => {
-                p.account = Some(sub.account.clone());
-                b.renew(&sub.id, &format!("stripe:{event_id}"))
-                    .await
-                    .map(|(s, _)| s.id)
-                    .map_err(|e| e.message.to_string())
-            }
-            Err(why) => Err(why),
-        },
-    };
+    let done = with_subscription(ctx, i.subscription_id(), &mut p.account, async |b, sub| {
+        done(
+            b.renew(&sub.id, &format!("stripe:{event_id}"))
+                .await
+                .map(|(s, _)| s),
+        )
+    })
+    .await;
     subscription_record(ctx, event_id, p, done, PaymentStatus::Succeeded).await
 }
 
@@ -429,19 +445,10 @@ pub async fn invoice_payment_failed(
         .amount_due
         .and_then(stripe::cents_to_pico)
         .unwrap_or(Pico::ZERO);
-    let done = match &ctx.subscriptions {
-        None => Err(NO_SUBSCRIPTIONS.to_owned()),
-        Some(b) => match by_external(b, i.subscription_id()) {
-            Ok(sub) => {
-                p.account = Some(sub.account.clone());
-                b.mark_past_due(&sub.id)
-                    .await
-                    .map(|s| s.id)
-                    .map_err(|e| e.message.to_string())
-            }
-            Err(why) => Err(why),
-        },
-    };
+    let done = with_subscription(ctx, i.subscription_id(), &mut p.account, async |b, sub| {
+        done(b.mark_past_due(&sub.id).await)
+    })
+    .await;
     subscription_record(ctx, event_id, p, done, PaymentStatus::Failed).await
 }
 
@@ -454,40 +461,28 @@ pub async fn subscription_updated(
 ) -> Result<PaymentOutcome, StoreError> {
     let mut p = new_record("stripe", &s.id, "subscription_update", ctx.now_ms);
     p.account = account_of(&s.metadata, None);
-    let done = match &ctx.subscriptions {
-        None => Err(NO_SUBSCRIPTIONS.to_owned()),
-        Some(b) => match by_external(b, Some(&s.id)) {
-            Ok(sub) => {
-                p.account = Some(sub.account.clone());
-                let plan = s.price_id().and_then(|price| {
-                    b.config
-                        .plans
-                        .iter()
-                        .find(|(_, pl)| pl.stripe_price.as_deref() == Some(price))
-                        .map(|(name, _)| name.clone())
-                });
-                let mut r: SubscriptionDone = Ok(sub.id.clone());
-                if let Some(plan) = plan
-                    && plan != sub.plan
-                {
-                    r = b
-                        .change_plan(&sub.id, &plan)
-                        .await
-                        .map(|s| s.id)
-                        .map_err(|e| e.message.to_string());
-                }
-                if r.is_ok() && s.cancel_at_period_end != sub.cancel_at_period_end {
-                    r = b
-                        .set_cancel_at_period_end(&sub.id, s.cancel_at_period_end)
-                        .await
-                        .map(|s| s.id)
-                        .map_err(|e| e.message.to_string());
-                }
-                r
-            }
-            Err(why) => Err(why),
-        },
-    };
+    let done = with_subscription(ctx, Some(&s.id), &mut p.account, async |b, sub| {
+        let plan = s.price_id().and_then(|price| {
+            b.config
+                .plans
+                .iter()
+                .find(|(_, pl)| pl.stripe_price.as_deref() == Some(price))
+                .map(|(name, _)| name.clone())
+        });
+        if let Some(plan) = plan
+            && plan != sub.plan
+        {
+            done(b.change_plan(&sub.id, &plan).await)?;
+        }
+        if s.cancel_at_period_end != sub.cancel_at_period_end {
+            done(
+                b.set_cancel_at_period_end(&sub.id, s.cancel_at_period_end)
+                    .await,
+            )?;
+        }
+        Ok(sub.id)
+    })
+    .await;
     subscription_record(ctx, event_id, p, done, PaymentStatus::Succeeded).await
 }
 
@@ -499,20 +494,14 @@ pub async fn subscription_deleted(
 ) -> Result<PaymentOutcome, StoreError> {
     let mut p = new_record("stripe", &s.id, "subscription_cancel", ctx.now_ms);
     p.account = account_of(&s.metadata, None);
-    let done = match &ctx.subscriptions {
-        None => Err(NO_SUBSCRIPTIONS.to_owned()),
-        Some(b) => match by_external(b, Some(&s.id)) {
-            Ok(sub) if sub.status.is_live() => {
-                p.account = Some(sub.account.clone());
-                b.cancel(&sub.id, false)
-                    .await
-                    .map(|s| s.id)
-                    .map_err(|e| e.message.to_string())
-            }
+    let done = with_subscription(ctx, Some(&s.id), &mut p.account, async |b, sub| {
+        if sub.status.is_live() {
+            done(b.cancel(&sub.id, false).await)
+        } else {
             // Already ended: nothing left to cancel.
-            Ok(sub) => Ok(sub.id),
-            Err(why) => Err(why),
-        },
-    };
+            Ok(sub.id)
+        }
+    })
+    .await;
     subscription_record(ctx, event_id, p, done, PaymentStatus::Succeeded).await
 }
