@@ -17,12 +17,19 @@ MOCK_PORT=${MOCK_PORT:-19190}
 GW_PORT=${GW_PORT:-19192}
 TOKEN=callgrind-admin-$RANDOM$RANDOM
 PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+# KEEP=dir copies the callgrind outputs there (for callgrind_annotate --inclusive=yes).
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [[ -n ${KEEP:-} ]] && mkdir -p "$KEEP" && cp "$WORK"/cg.out* "$KEEP"/; rm -rf "$WORK"' EXIT
 for tool in valgrind callgrind_control wrk curl python3; do
     command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
 done
 cargo build --release --quiet
-"$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16 >"$WORK/mock.log" 2>&1 &
+# MOCK_BIN=path runs another mock (one that reads MOCK_PORT, such as the
+# outside checks' mock_upstream) instead of the built-in one.
+if [[ -n ${MOCK_BIN:-} ]]; then
+    MOCK_PORT=$MOCK_PORT "$MOCK_BIN" >"$WORK/mock.log" 2>&1 &
+else
+    "$BIN" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16 >"$WORK/mock.log" 2>&1 &
+fi
 PIDS+=($!)
 cat >"$WORK/config.toml" <<EOF
 [server]

@@ -400,3 +400,11 @@ pub fn webhook_secret(data: &[u8]) {
     assert_eq!(a, secret.sign("msg_1", 1_614_265_330, data));
     assert!(a.starts_with("v1,") && a.len() == 3 + 44, "{a}");
 }
+
+/// The plain-HTTP upstream client's answer reader: byte 0 picks how the
+/// answer arrives (pieces of 1 to 16 bytes) and the method, the rest is
+/// the answer. Never panics; the same head, body bytes and ending whatever
+/// the pieces.
+pub fn h1_answer(data: &[u8]) {
+    crate::proxy::h1pool::answer_property(data);
+}

@@ -70,3 +70,8 @@ fn epay_params_corpus() {
 fn webhook_secret_corpus() {
     replay("webhook_secret", tollgate::fuzzing::webhook_secret);
 }
+
+#[test]
+fn h1_answer_corpus() {
+    replay("h1_answer", tollgate::fuzzing::h1_answer);
+}

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
+use super::h1pool::UpstreamBody;
 use super::headers::{self, X_REQUEST_ID};
 use super::{Call, Inspected};
 use crate::Body;
@@ -102,7 +103,7 @@ impl Call<'_> {
     pub(super) async fn anthropic_error_answer(
         &mut self,
         upstream: usize,
-        answer: Response<Incoming>,
+        answer: Response<UpstreamBody>,
     ) -> Response<Body> {
         let up = &self.proxy.routing.upstreams[upstream];
         let status = answer.status();
@@ -145,7 +146,7 @@ impl Call<'_> {
 }
 
 /// The whole body if it arrives within `timeout` and `ERROR_BODY_CAP`.
-async fn read_bounded(body: Incoming, timeout: Duration) -> Option<Bytes> {
+async fn read_bounded(body: UpstreamBody, timeout: Duration) -> Option<Bytes> {
     match tokio::time::timeout(timeout, Limited::new(body, ERROR_BODY_CAP).collect()).await {
         Ok(Ok(collected)) => Some(collected.to_bytes()),
         _ => None,

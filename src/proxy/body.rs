@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use super::h1pool::UpstreamBody;
 use super::settle::Settlement;
 use crate::BoxError;
 use crate::config::OnClientDisconnect;
@@ -30,7 +30,7 @@ const YIELDS: u8 = 3;
 const MAX_HELD_FRAMES: usize = 16;
 
 pub struct MeteredBody {
-    inner: Option<Incoming>,
+    inner: Option<UpstreamBody>,
     meter: Meter,
     /// The meter may drop the injected usage event: the length changes.
     withholds: bool,
@@ -43,6 +43,8 @@ pub struct MeteredBody {
     yields: u8,
     /// Handing `ready` on, back to back.
     draining: bool,
+    /// The turn before an upstream error was given (see `poll_frame`).
+    flushed: bool,
     /// What ends the stream (or trailers), met while frames were queued:
     /// handed on after them.
     tail: Option<Tail>,
@@ -63,7 +65,7 @@ enum Tail {
 
 impl MeteredBody {
     pub fn new(
-        inner: Incoming,
+        inner: UpstreamBody,
         meter: Meter,
         withholds: bool,
         settlement: Settlement,
@@ -78,6 +80,7 @@ impl MeteredBody {
             ready: VecDeque::new(),
             yields: 0,
             draining: false,
+            flushed: false,
             tail: None,
             idle_timeout,
             last_frame: Instant::now(),
@@ -151,6 +154,15 @@ impl HttpBody for MeteredBody {
                 }
                 return match this.tail.take() {
                     Some(Tail::Trailers(frame)) => Poll::Ready(Some(Ok(frame))),
+                    Some(Tail::Error(e)) if !this.flushed => {
+                        // hyper drops what it has not flushed yet (the head
+                        // and the frames just handed on) when a body fails:
+                        // one turn first, so the client gets them.
+                        this.flushed = true;
+                        this.tail = Some(Tail::Error(e));
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
                     Some(Tail::Error(e)) => {
                         this.finished = true;
                         Poll::Ready(Some(Err(e)))
@@ -184,7 +196,7 @@ impl HttpBody for MeteredBody {
                 },
                 Poll::Ready(Some(Err(e))) => {
                     this.inner = None;
-                    this.tail = Some(Tail::Error(Box::new(e)));
+                    this.tail = Some(Tail::Error(e));
                     this.settle();
                 }
                 Poll::Ready(None) => {
@@ -214,7 +226,13 @@ impl HttpBody for MeteredBody {
                         }
                         return Poll::Pending;
                     }
-                    if this.yields < YIELDS {
+                    // Our own client's body has read all the kernel had:
+                    // nothing more is on its way yet.
+                    let direct = this
+                        .inner
+                        .as_ref()
+                        .is_some_and(|b| !b.delivered_by_a_task());
+                    if this.yields < YIELDS && !direct {
                         this.yields += 1;
                         cx.waker().wake_by_ref();
                         return Poll::Pending;

@@ -16,7 +16,7 @@
 
 mod anthropic;
 mod body;
-mod h1pool;
+pub(crate) mod h1pool;
 mod headers;
 pub mod routing;
 mod settle;
@@ -39,7 +39,7 @@ use crate::error::{ApiError, Shape};
 use crate::gate::{Ask, Bound, LiveKey, Permit, Policy};
 use crate::meter::{Endpoint, Framing, Meter, RequestInfo, Rewrite};
 use body::MeteredBody;
-use h1pool::SendError;
+use h1pool::{SendError, UpstreamBody};
 pub use headers::X_REQUEST_ID;
 use routing::{Destination, Link, Pricing};
 pub use routing::{Proxy, Routing, fast_random};
@@ -388,7 +388,7 @@ impl Call<'_> {
         path: &str,
         body: Bytes,
         req: &Inspected,
-    ) -> Result<(usize, Response<Incoming>), ApiError> {
+    ) -> Result<(usize, Response<UpstreamBody>), ApiError> {
         let app = self.app;
         let routing = &self.proxy.routing;
         let order = routing.candidates(&req.dest.group, app.clock.now_ms());
@@ -409,53 +409,70 @@ impl Call<'_> {
         for (attempt, &i) in order.iter().enumerate() {
             let up = &routing.upstreams[i];
             let link = &self.proxy.clients[i];
-            // Plain HTTP/1 takes the origin form and a Host header; the
-            // pooled TLS client takes the absolute URI.
-            let uri = match link {
-                Link::Plain { .. } => {
-                    let mut u = String::with_capacity(up.base_path.len() + suffix.len());
-                    u.push_str(&up.base_path);
-                    u.push_str(suffix);
-                    u
-                }
-                Link::Tls(_) => format!("{}{}{}", up.origin, up.base_path, suffix),
-            };
             let body = crate::meter::rename_roles(&body, &up.role_map)?;
-            let mut upstream_req = Request::new(Full::new(body));
-            *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() = http::Uri::try_from(uri).map_err(|_| {
-                ApiError::bad_request("invalid_path", "The request path cannot be forwarded.")
-            })?;
-            *upstream_req.headers_mut() = headers.clone();
-            if let Link::Plain { host, .. } = link {
-                upstream_req
-                    .headers_mut()
-                    .insert(header::HOST, host.clone());
-            }
-            if let Some((name, value)) = &up.auth {
-                upstream_req
-                    .headers_mut()
-                    .insert(name.clone(), value.clone());
-            }
             let last = attempt + 1 == order.len();
             if let Some(s) = settlement.as_mut() {
                 s.upstream = Some(i);
                 s.reach = Reach::Sent;
             }
             let sent = Instant::now();
-            let outcome = tokio::time::timeout(up.first_byte_timeout, async {
-                match link {
-                    Link::Plain { pool, .. } => pool.send(upstream_req).await,
-                    Link::Tls(client) => client.request(upstream_req).await.map_err(|e| {
-                        if e.is_connect() {
-                            SendError::Connect(std::io::Error::other(e.to_string()))
-                        } else {
-                            SendError::Pooled(e)
-                        }
-                    }),
+            let outcome = match link {
+                // Plain HTTP/1 takes the origin form and a Host header.
+                Link::Plain { pool, host } => {
+                    let mut target = String::with_capacity(up.base_path.len() + suffix.len());
+                    target.push_str(&up.base_path);
+                    target.push_str(suffix);
+                    // Written into the request line as it is: no spaces, no
+                    // control bytes (what `http::Uri` refuses too).
+                    if !target.bytes().all(|b| b > b' ' && b != 0x7f) {
+                        return Err(ApiError::bad_request(
+                            "invalid_path",
+                            "The request path cannot be forwarded.",
+                        ));
+                    }
+                    let out = h1pool::Outgoing {
+                        method: &parts.method,
+                        target: &target,
+                        host,
+                        auth: up.auth.as_ref(),
+                        headers: &headers,
+                        body: &body,
+                    };
+                    tokio::time::timeout(up.first_byte_timeout, pool.send(out)).await
                 }
-            })
-            .await;
+                // The pooled TLS client takes the absolute URI.
+                Link::Tls(client) => {
+                    let uri = format!("{}{}{}", up.origin, up.base_path, suffix);
+                    let mut upstream_req = Request::new(Full::new(body));
+                    *upstream_req.method_mut() = parts.method.clone();
+                    *upstream_req.uri_mut() = http::Uri::try_from(uri).map_err(|_| {
+                        ApiError::bad_request(
+                            "invalid_path",
+                            "The request path cannot be forwarded.",
+                        )
+                    })?;
+                    *upstream_req.headers_mut() = headers.clone();
+                    if let Some((name, value)) = &up.auth {
+                        upstream_req
+                            .headers_mut()
+                            .insert(name.clone(), value.clone());
+                    }
+                    tokio::time::timeout(up.first_byte_timeout, async {
+                        client
+                            .request(upstream_req)
+                            .await
+                            .map(|res| res.map(UpstreamBody::Hyper))
+                            .map_err(|e| {
+                                if e.is_connect() {
+                                    SendError::Connect(std::io::Error::other(e.to_string()))
+                                } else {
+                                    SendError::Pooled(e)
+                                }
+                            })
+                    })
+                    .await
+                }
+            };
             self.upstream_wait += sent.elapsed();
             let err = match outcome {
                 Ok(Ok(res)) => {
@@ -522,7 +539,7 @@ impl Call<'_> {
     fn stream_back(
         &mut self,
         upstream: usize,
-        answer: Response<Incoming>,
+        answer: Response<UpstreamBody>,
         req: &Inspected,
     ) -> Response<Body> {
         let settlement = self.settlement.take().expect("reserve made it");

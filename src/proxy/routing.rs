@@ -480,7 +480,7 @@ pub enum Link {
         host: HeaderValue,
     },
     /// `https://`: hyper-util's pooled client (HTTP/2 by ALPN).
-    Tls(UpstreamClient),
+    Tls(Box<UpstreamClient>),
 }
 
 impl Proxy {
@@ -518,14 +518,14 @@ impl Proxy {
                     .enable_http1()
                     .enable_http2()
                     .wrap_connector(http);
-                Link::Tls(
+                Link::Tls(Box::new(
                     Client::builder(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .pool_timer(TokioTimer::new())
                         .pool_idle_timeout(routing.pool_idle)
                         .pool_max_idle_per_host(1024)
                         .build(https),
-                )
+                ))
             })
             .collect();
         Proxy { routing, clients }
