@@ -242,8 +242,11 @@ pub struct Outgoing<'a> {
     pub host: &'a HeaderValue,
     /// The upstream's own key.
     pub auth: Option<&'a (HeaderName, HeaderValue)>,
-    /// The allowlisted client headers and the request id.
-    pub headers: &'a HeaderMap,
+    /// The client's headers: the allowlisted ones go (`headers::forwarded`).
+    pub client: &'a HeaderMap,
+    pub request_id: &'a HeaderValue,
+    /// `anthropic-version` to send when the client sent none.
+    pub anthropic_version: Option<&'static str>,
     pub body: &'a Bytes,
 }
 
@@ -321,17 +324,22 @@ fn encode_head(out: &Outgoing<'_>) -> Vec<u8> {
         buf.extend_from_slice(value.as_bytes());
         buf.extend_from_slice(b"\r\n");
     };
-    for (name, value) in out.headers {
-        // The gateway frames the request itself.
-        if name != header::HOST
-            && name != header::CONTENT_LENGTH
-            && name != header::TRANSFER_ENCODING
-            && name != header::CONNECTION
-            && out.auth.is_none_or(|(n, _)| n != name)
-        {
+    // The allowlisted client headers, written as they are: no header map
+    // is built for the upstream.
+    let mut has_version = false;
+    for (name, value) in out.client {
+        if super::headers::forwarded(name) && out.auth.is_none_or(|(n, _)| n != name) {
+            has_version |= name.as_str() == "anthropic-version";
             line(name, value);
         }
     }
+    if let (Some(version), false) = (out.anthropic_version, has_version) {
+        line(
+            &HeaderName::from_static("anthropic-version"),
+            &HeaderValue::from_static(version),
+        );
+    }
+    line(&super::headers::X_REQUEST_ID, out.request_id);
     if let Some((name, value)) = out.auth {
         line(name, value);
     }
@@ -922,6 +930,10 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer client"),
         );
+        h.insert(header::HOST, HeaderValue::from_static("gateway"));
+        h.insert("x-api-key", HeaderValue::from_static("client"));
+        h.insert("openai-organization", HeaderValue::from_static("org-x"));
+        h.insert("x-stainless-lang", HeaderValue::from_static("python"));
         let auth = (
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer upstream"),
@@ -932,15 +944,20 @@ mod tests {
             target: "/v1/chat/completions?x=1",
             host: &HeaderValue::from_static("127.0.0.1:9"),
             auth: Some(&auth),
-            headers: &h,
+            client: &h,
+            request_id: &HeaderValue::from_static("req_1"),
+            anthropic_version: Some("2023-06-01"),
             body: &body,
         };
         let text = String::from_utf8(encode_head(&out)).unwrap();
+        // Only allowlisted client headers, the request id, the upstream's
+        // key, the gateway's own framing.
         assert_eq!(
             text,
             "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\n\
-             content-type: application/json\r\nauthorization: Bearer upstream\r\n\
-             content-length: 2\r\n\r\n{}"
+             content-type: application/json\r\nx-stainless-lang: python\r\n\
+             anthropic-version: 2023-06-01\r\nx-request-id: req_1\r\n\
+             authorization: Bearer upstream\r\ncontent-length: 2\r\n\r\n{}"
         );
     }
 
@@ -1020,7 +1037,9 @@ mod tests {
                 target: "/v1/x",
                 host: &HeaderValue::from_static("up"),
                 auth: None,
-                headers: &headers,
+                client: &headers,
+                request_id: &HeaderValue::from_static("req_1"),
+                anthropic_version: None,
                 body: &body,
             })
             .await?;
@@ -1073,7 +1092,7 @@ mod tests {
         assert!(requests.iter().all(|(conn, _)| *conn == 1), "{requests:?}");
         assert_eq!(
             String::from_utf8(requests[0].1.clone()).unwrap(),
-            "POST /v1/x HTTP/1.1\r\nhost: up\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+            "POST /v1/x HTTP/1.1\r\nhost: up\r\nx-request-id: req_1\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
         );
         assert!(String::from_utf8_lossy(&requests[2].1).ends_with("content-length: 0\r\n\r\n"));
     }

@@ -53,13 +53,20 @@ const UPSTREAM_ACCOUNT: [HeaderName; 4] = [
 pub fn upstream_request(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(8);
     for (name, value) in client {
-        let n = name.as_str();
-        if FORWARDED.contains(name) || FORWARDED_PREFIXES.iter().any(|p| n.starts_with(p)) {
+        if forwarded(name) {
             out.append(name.clone(), value.clone());
         }
     }
     out.insert(X_REQUEST_ID.clone(), request_id.clone());
     out
+}
+
+/// True for a client header an upstream may see.
+pub fn forwarded(name: &HeaderName) -> bool {
+    FORWARDED.contains(name)
+        || FORWARDED_PREFIXES
+            .iter()
+            .any(|p| name.as_str().starts_with(p))
 }
 
 /// The `anthropic-version` Anthropic requires, when the client sent none.

@@ -399,10 +399,10 @@ impl Call<'_> {
             ));
         }
         let suffix = path.strip_prefix("/v1").unwrap_or(path);
-        let mut headers = headers::upstream_request(&parts.headers, self.request_id);
-        if self.route.speaks_anthropic() {
-            headers::default_anthropic_version(&mut headers);
-        }
+        let anthropic_version = self
+            .route
+            .speaks_anthropic()
+            .then_some(headers::DEFAULT_ANTHROPIC_VERSION);
         // Free requests (count_tokens) have no settlement: nothing to charge.
         let mut settlement = self.settlement.as_mut();
         let mut last_err = None;
@@ -435,7 +435,9 @@ impl Call<'_> {
                         target: &target,
                         host,
                         auth: up.auth.as_ref(),
-                        headers: &headers,
+                        client: &parts.headers,
+                        request_id: self.request_id,
+                        anthropic_version,
                         body: &body,
                     };
                     tokio::time::timeout(up.first_byte_timeout, pool.send(out)).await
@@ -451,7 +453,11 @@ impl Call<'_> {
                             "The request path cannot be forwarded.",
                         )
                     })?;
-                    *upstream_req.headers_mut() = headers.clone();
+                    let mut headers = headers::upstream_request(&parts.headers, self.request_id);
+                    if anthropic_version.is_some() {
+                        headers::default_anthropic_version(&mut headers);
+                    }
+                    *upstream_req.headers_mut() = headers;
                     if let Some((name, value)) = &up.auth {
                         upstream_req
                             .headers_mut()

@@ -272,7 +272,7 @@ impl Settlement {
                 .map(|t| t.as_millis().min(u32::MAX as u128) as u32)
                 .unwrap_or(0),
             request_id: self.request_id.to_str().unwrap_or("").to_owned(),
-            client_ip: self.client_ip.to_string(),
+            client_ip: ip_text(self.client_ip),
             estimated,
             daily_fee,
             account,
@@ -281,8 +281,55 @@ impl Settlement {
     }
 }
 
+/// The address as text; IPv4 (nearly every request) without the
+/// formatting machinery, which cost more than the rest of the record.
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut out = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+    out
+}
+
 impl Drop for Settlement {
     fn drop(&mut self) {
         self.finish(None, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_text;
+    use std::net::IpAddr;
+
+    #[test]
+    fn ip_text_is_what_display_writes() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "1.99.100.9",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        for n in (0..=u32::MAX).step_by(7_919_021) {
+            let ip = IpAddr::from(n.to_be_bytes());
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 }
