@@ -365,6 +365,17 @@ impl Drop for Node {
 /// A request over its own connection; (0, empty) when it cannot be sent
 /// or its answer is cut (the node was killed).
 async fn send(method: &str, url: &str, auth: &str, body: Option<Value>) -> (u16, Bytes) {
+    let (status, _, body) = send_full(method, url, auth, body).await;
+    (status, body)
+}
+
+/// [`send`] with the answer's headers.
+async fn send_full(
+    method: &str,
+    url: &str,
+    auth: &str,
+    body: Option<Value>,
+) -> (u16, http::HeaderMap, Bytes) {
     let bytes = body
         .map(|b| Bytes::from(serde_json::to_vec(&b).expect("json")))
         .unwrap_or_default();
@@ -376,12 +387,13 @@ async fn send(method: &str, url: &str, auth: &str, body: Option<Value>) -> (u16,
         .body(Full::new(bytes))
         .expect("request builds");
     let Ok(res) = common::client().request(req).await else {
-        return (0, Bytes::new());
+        return (0, http::HeaderMap::new(), Bytes::new());
     };
     let status = res.status().as_u16();
+    let headers = res.headers().clone();
     match res.into_body().collect().await {
-        Ok(b) => (status, b.to_bytes()),
-        Err(_) => (0, Bytes::new()),
+        Ok(b) => (status, headers, b.to_bytes()),
+        Err(_) => (0, headers, Bytes::new()),
     }
 }
 
@@ -1116,4 +1128,204 @@ async fn tls_to_the_database() {
     let (ssl, all): (i64, i64) = (row.get(0), row.get(1));
     assert!(all >= 1, "the node is connected");
     assert_eq!(ssl, all, "every connection of the node is TLS");
+}
+
+/// The UTC minute now (the window rpm and tpm count in, cluster-wide).
+fn minute_now() -> i64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    ms.div_euclid(60_000)
+}
+
+/// Waits for the next minute when less than 30 s are left of this one,
+/// so a short burst usually falls in one window (the assertions still
+/// allow for every window it spans).
+async fn early_in_a_minute() {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64;
+    let into = ms % 60_000;
+    if into > 30_000 {
+        tokio::time::sleep(Duration::from_millis(60_000 - into + 200)).await;
+    }
+}
+
+/// `n` non-streamed chats with `key`, spread over `nodes`, at most 20 at
+/// once: each answer's status, headers and body.
+async fn burst(nodes: &[Node], key: &str, n: usize) -> Vec<(u16, http::HeaderMap, Bytes)> {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(20));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let url = nodes[i % nodes.len()].url("/v1/chat/completions");
+        let auth = format!("Bearer {key}");
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.expect("semaphore");
+            let body = json!({"model": "demo-chat", "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Say hello."}]});
+            send_full("POST", &url, &auth, Some(body)).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+/// A key's rpm holds across the nodes: in a UTC minute at most rpm of its
+/// requests reach the upstream, whichever nodes they are sent to (not
+/// rpm × nodes); the rest are 429 in the OpenAI shape with the headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rpm_is_global() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["r-1", "r-2", "r-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "rpm", "rpm": 30})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    early_in_a_minute().await;
+    let first = minute_now();
+    let answers = burst(&nodes, &key, 120).await;
+    let windows = (minute_now() - first + 1) as u64;
+    let served = mock.served().received_on("/v1/chat/completions");
+    let ok = answers.iter().filter(|a| a.0 == 200).count() as u64;
+    eprintln!(
+        "{ok} of 120 served over 3 nodes for rpm 30 ({windows} window(s)); the mock saw {served}"
+    );
+    assert!(
+        served <= 30 * windows,
+        "{served} requests reached the upstream for rpm 30 in {windows} minute(s)"
+    );
+    assert_eq!(ok, served, "every served request reached the upstream once");
+    assert!(ok >= 15, "only {ok} served of a window of 30");
+    assert!(
+        answers.iter().all(|a| a.0 == 200 || a.0 == 429),
+        "served or 429: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    let (status, headers, body) = answers
+        .iter()
+        .find(|a| a.0 == 429)
+        .expect("requests past the window are refused");
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    common::assert_error(*status, &v, 429, "rate_limit_exceeded");
+    assert_eq!(headers["x-ratelimit-limit-requests"], "30");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    assert!(headers.contains_key("x-ratelimit-reset-requests"));
+    let retry: u64 = headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    // A served answer says what is left (of 30).
+    let (_, headers, _) = answers.iter().find(|a| a.0 == 200).expect("served");
+    assert_eq!(headers["x-ratelimit-limit-requests"], "30");
+    let left: u32 = headers["x-ratelimit-remaining-requests"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("a count");
+    assert!(left < 30);
+
+    // The database never handed out more than the limit.
+    let db = pg.client().await;
+    let over: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_rate_windows WHERE unit = 'requests' AND taken > 30",
+            &[],
+        )
+        .await
+        .expect("windows")
+        .get(0);
+    assert_eq!(over, 0);
+}
+
+/// A key's tpm holds across the nodes the same way: the tokens the upstream
+/// served in a minute stay within the key's tpm, whichever nodes the
+/// requests are sent to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpm_is_global() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["t-1", "t-2", "t-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let tpm = 600u64;
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "tpm", "tpm": tpm})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    early_in_a_minute().await;
+    let first = minute_now();
+    let answers = burst(&nodes, &key, 120).await;
+    let windows = (minute_now() - first + 1) as u64;
+    let served = mock.served();
+    let tokens = served.tokens_of("demo-chat");
+    let used = tokens.input + tokens.output;
+    let ok = answers.iter().filter(|a| a.0 == 200).count() as u64;
+    eprintln!(
+        "{ok} of 120 served over 3 nodes for tpm {tpm} ({windows} window(s)): {used} tokens at the upstream"
+    );
+    assert!(
+        used <= tpm * windows,
+        "{used} tokens served for tpm {tpm} in {windows} minute(s)"
+    );
+    assert_eq!(ok, served.received_on("/v1/chat/completions"));
+    assert!(ok >= 3, "only {ok} served");
+    assert!(
+        answers.iter().all(|a| a.0 == 200 || a.0 == 429),
+        "served or 429: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    let (status, headers, body) = answers
+        .iter()
+        .find(|a| a.0 == 429)
+        .expect("requests past the window are refused");
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    common::assert_error(*status, &v, 429, "rate_limit_exceeded");
+    assert_eq!(
+        headers["x-ratelimit-limit-tokens"],
+        tpm.to_string().as_str()
+    );
+    assert!(headers.contains_key("x-ratelimit-remaining-tokens"));
+    assert!(headers.contains_key("retry-after"));
+
+    let db = pg.client().await;
+    let over: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_rate_windows WHERE unit = 'tokens' AND taken > $1",
+            &[&(tpm as i64)],
+        )
+        .await
+        .expect("windows")
+        .get(0);
+    assert_eq!(over, 0);
 }

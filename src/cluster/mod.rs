@@ -15,6 +15,9 @@
 //!   interleaving of nodes overspends. A request that finds too little in
 //!   the lease waits for one round trip ([`Cluster::ensure_credit`]); near
 //!   the end, slices shrink to the request, so the last cent is exact.
+//! - **Rate windows** ([`rate`]): a key's rpm and tpm count per UTC
+//!   minute over all nodes; a node takes shares of the minute's window
+//!   with one guarded statement and admits against them in memory.
 //! - **Settlement**: every settled charge is queued here and written in
 //!   batches (usage/ledger entries inserted once per id, a key's `usage`,
 //!   the account's `balance`/`spent`, and the lease lowered by the same
@@ -38,6 +41,7 @@
 
 pub mod config;
 pub mod lease;
+pub mod rate;
 pub mod schema;
 pub mod sync;
 
@@ -83,6 +87,8 @@ pub struct Cluster {
     app: OnceLock<Weak<App>>,
     /// Account (or key) → this node's lease on it.
     leases: DashMap<Subject, Arc<Held>>,
+    /// Key → this node's takes of its rpm and tpm windows ([`rate`]).
+    rates: DashMap<KeyHash, Arc<rate::RateHeld>>,
     /// Charges settled in memory, not yet in the database (oldest first).
     charges: Mutex<VecDeque<Charge>>,
     /// Admin changes not yet written to the database (it was unreachable).
@@ -353,6 +359,7 @@ impl Cluster {
             tls,
             app: OnceLock::new(),
             leases: DashMap::new(),
+            rates: DashMap::new(),
             charges: Mutex::new(VecDeque::new()),
             pending: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(0),
@@ -874,6 +881,7 @@ impl Cluster {
         let sync_every = self.cfg.sync_interval.0;
         let settle_every = (sync_every / 4).max(Duration::from_millis(20));
         let mut last_sync = Instant::now();
+        let mut pruned_minute = 0;
         loop {
             let notified = tokio::select! {
                 _ = tokio::time::sleep(settle_every) => false,
@@ -885,6 +893,7 @@ impl Cluster {
             self.settle().await;
             self.push_pending().await;
             self.return_idle(Return::Scarce).await;
+            self.return_rates(false).await;
             if notified {
                 if let Err(e) = self.pull().await {
                     self.note_down(&e);
@@ -897,6 +906,15 @@ impl Cluster {
                 }
                 self.renew().await;
                 self.return_idle(Return::Idle).await;
+                if let Some(app) = self.app() {
+                    let minute = crate::gate::minute_of(app.clock.now_ms());
+                    if minute != pruned_minute && !self.rates.is_empty() {
+                        match self.prune_rates(minute).await {
+                            Ok(()) => pruned_minute = minute,
+                            Err(e) => self.note_down(&e),
+                        }
+                    }
+                }
                 let pool = self.pool.clone();
                 let reclaimed = async move {
                     let c = pool.get().await.map_err(pool_error)?;
@@ -1169,6 +1187,7 @@ impl Cluster {
             c.push_pending().await;
             c.settle().await;
             c.return_idle(Return::All).await;
+            c.return_rates(true).await;
             c.stopping.store(true, Ordering::Release);
             c.wake.notify_waiters();
             let _ = tx.send(());

@@ -12,6 +12,7 @@
 //! | `tollgate_entries` | entry id | usage records and ledger entries, once each (idempotent per id) |
 //! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
 //! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
+//! | `tollgate_rate_windows` | (key, minute, unit) | (version 4) requests (`rpm`) or tokens (`tpm`) the nodes took of a key's window of one UTC minute: `taken` ≤ the limit; `last_grant` is what the last take gave (so the statement can return it) |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -98,6 +99,16 @@ CREATE TABLE tollgate_slot_leases (
     PRIMARY KEY (hash, node_id)
 );
 CREATE INDEX tollgate_slot_leases_expiry ON tollgate_slot_leases (expires_at);
+"#,
+    r#"
+CREATE TABLE tollgate_rate_windows (
+    hash bytea NOT NULL,
+    minute bigint NOT NULL,
+    unit text NOT NULL,
+    taken bigint NOT NULL,
+    last_grant bigint NOT NULL,
+    PRIMARY KEY (hash, minute, unit)
+);
 "#,
 ];
 
