@@ -1329,3 +1329,103 @@ async fn tpm_is_global() {
         .get(0);
     assert_eq!(over, 0);
 }
+
+/// In cluster mode the usage and report APIs answer from the database:
+/// requests served by three nodes are listed, and summed the same, by
+/// every node, the key's own `/api/usage/` endpoints included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_reports_are_the_same_on_every_node() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["u-1", "u-2", "u-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/keys", Some(json!({"name": "reports"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let n = 30;
+    let answers = burst(&nodes, &key, n).await;
+    assert!(answers.iter().all(|a| a.0 == 200), "every request served");
+    // Settled charges are written every sync_interval / 4.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let mut totals = Vec::new();
+    let mut ids = Vec::new();
+    for node in &nodes {
+        let (s, d) = node
+            .admin("GET", &format!("/api/v1/keys/{hash}/usage"), None)
+            .await;
+        assert_eq!(s, 200, "{d}");
+        let summary = &d["data"]["summary"];
+        assert_eq!(summary["total_requests"], n, "{d}");
+        let cost = usd(&summary["total_cost"]);
+        assert!(cost > Pico::ZERO, "{d}");
+        assert_eq!(
+            d["data"]["by_model"][0]["model"], "demo-chat",
+            "by model: {d}"
+        );
+        let (s, l) = node
+            .admin(
+                "GET",
+                &format!("/api/v1/keys/{hash}/usage/logs?page_size=100"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{l}");
+        assert_eq!(l["data"]["total"], n, "{l}");
+        let items = l["data"]["items"].as_array().expect("items");
+        assert_eq!(items.len(), n);
+        let sum = items
+            .iter()
+            .fold(Pico::ZERO, |acc, i| acc.saturating_add(usd(&i["cost"])));
+        assert_eq!(sum, cost, "Σ records = the summary's cost");
+        let mut these: Vec<String> = items
+            .iter()
+            .map(|i| i["request_id"].as_str().expect("id").to_owned())
+            .collect();
+        these.sort();
+        these.dedup();
+        assert_eq!(these.len(), n, "each record once");
+        ids.push(these);
+
+        let (s, g) = node.admin("GET", "/api/v1/usage", None).await;
+        assert_eq!(s, 200, "{g}");
+        assert_eq!(g["data"]["summary"]["total_requests"], n, "{g}");
+        assert_eq!(usd(&g["data"]["summary"]["total_cost"]), cost, "{g}");
+        assert_eq!(g["data"]["by_key"][0]["hash"], hash.as_str(), "{g}");
+        assert_eq!(g["data"]["by_key"][0]["requests"], n, "{g}");
+
+        // The key's own view, new-api's envelope.
+        let (s, b) = send(
+            "GET",
+            &node.url("/api/usage/token/logs?page_size=100"),
+            &format!("Bearer {key}"),
+            None,
+        )
+        .await;
+        let own: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+        assert_eq!(s, 200, "{own}");
+        assert_eq!(own["data"]["total"], n, "{own}");
+        totals.push(cost);
+    }
+    assert!(totals.windows(2).all(|w| w[0] == w[1]), "{totals:?}");
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "the same records");
+
+    // The records' sum is what the database charged the key.
+    let db = pg.client().await;
+    let h = hex::decode(&hash).expect("hex");
+    let usage: i64 = db
+        .query_one("SELECT usage FROM tollgate_keys WHERE hash = $1", &[&h])
+        .await
+        .expect("key row")
+        .get(0);
+    assert_eq!(usage, totals[0].0);
+}

@@ -44,6 +44,7 @@ pub mod lease;
 pub mod rate;
 pub mod schema;
 pub mod sync;
+pub mod usage;
 
 pub use config::{ClusterConfig, LeaseSize};
 pub use lease::Subject;
@@ -226,6 +227,9 @@ pub struct Charge {
     pub spent: i64,
     /// Unix ms.
     pub at_ms: i64,
+    /// The usage record behind a `usage` charge (what the usage and report
+    /// APIs show in cluster mode).
+    pub record: Option<Box<crate::store::UsageRecord>>,
 }
 
 /// An account's settled money, as the database has it.
@@ -755,6 +759,7 @@ impl Cluster {
             amount: lease_amount,
             spent,
             at_ms: entry.at_ms,
+            record: None,
         });
     }
 
@@ -772,20 +777,20 @@ impl Cluster {
         (self.cfg.sync_interval.as_millis() as i64 / 10).clamp(10, 200)
     }
 
-    /// A settlement's charge (cost and daily fee) to write to the database.
-    /// Called once per settled request with a cost; never blocks.
-    pub fn charged(&self, key: KeyHash, account: Option<Arc<str>>, amount: Pico, at_ms: i64) {
-        if amount.0 == 0 {
-            return;
-        }
+    /// A settlement's charge (cost and daily fee) and its usage record, to
+    /// write to the database (every record, also one that cost nothing: the
+    /// usage API reads them there). Called once per settled request; never
+    /// blocks.
+    pub fn charged(&self, record: &crate::store::UsageRecord, amount: Pico) {
         let charge = Charge {
             id: self.entry_id("u"),
             kind: "usage",
-            key: Some(key),
-            account,
+            key: Some(record.key),
+            account: record.account.clone(),
             amount: amount.0,
             spent: amount.0,
-            at_ms,
+            at_ms: record.at_ms,
+            record: Some(Box::new(record.clone())),
         };
         self.charges
             .lock()
@@ -977,13 +982,26 @@ impl Cluster {
         let spents: Vec<i64> = batch.iter().map(|c| c.spent).collect();
         let ats: Vec<i64> = batch.iter().map(|c| c.at_ms).collect();
         let node = self.cfg.node_id.as_str();
+        let r = usage::RecordColumns::of(batch);
         let rows = tx
             .query(
-                "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms) \
-                 SELECT i, k, h, a, m, s, $8, t FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], \
-                 $5::int8[], $6::int8[], $7::int8[]) AS u(i, k, h, a, m, s, t) \
+                "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms, \
+                 model, upstream, route, stream, status, prompt_tokens, cached_tokens, cache_write_tokens, \
+                 completion_tokens, reasoning_tokens, cost, reserved, latency_ms, ttfb_ms, request_id, \
+                 client_ip, estimated) \
+                 SELECT i, k, h, a, m, s, $8, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, \
+                 r15, r16, r17 FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], \
+                 $5::int8[], $6::int8[], $7::int8[], $9::text[], $10::text[], $11::text[], $12::bool[], \
+                 $13::int4[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
+                 $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[]) \
+                 AS u(i, k, h, a, m, s, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15, r16, r17) \
                  ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent",
-                &[&ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node],
+                &[
+                    &ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node, &r.model,
+                    &r.upstream, &r.route, &r.stream, &r.status, &r.prompt, &r.cached,
+                    &r.cache_write, &r.completion, &r.reasoning, &r.cost, &r.reserved,
+                    &r.latency, &r.ttfb, &r.request_id, &r.client_ip, &r.estimated,
+                ],
             )
             .await
             .map_err(db)?;
@@ -996,11 +1014,14 @@ impl Cluster {
             let account: Option<String> = r.get(1);
             let amount: i64 = r.get(2);
             let spent: i64 = r.get(3);
-            if let Some(k) = &key {
+            // A record that cost nothing moves no money (no row to lock).
+            if let Some(k) = &key
+                && spent != 0
+            {
                 *per_key.entry(k.clone()).or_default() += spent;
             }
             match (account, key) {
-                (Some(a), _) => {
+                (Some(a), _) if amount != 0 || spent != 0 => {
                     let e = per_account.entry(a).or_default();
                     e.0 += amount;
                     e.1 += spent;

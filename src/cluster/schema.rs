@@ -9,7 +9,7 @@
 //! | `tollgate_accounts` | account id | profile (`record`, the store's JSON), `balance`, `spent`, `overdraft`, `leased` = Σ its leases |
 //! | `tollgate_keys` | key hash | policy (`record`), `key_limit`, `usage` = Σ its settled charges, `leased` |
 //! | `tollgate_leases` | (account, node) | the slice a node holds, and until when |
-//! | `tollgate_entries` | entry id | usage records and ledger entries, once each (idempotent per id) |
+//! | `tollgate_entries` | entry id | usage records and ledger entries, once each (idempotent per id); (version 5) a usage record's fields (`model` … `estimated`, NULL on ledger entries), which the usage and report APIs read in cluster mode |
 //! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
 //! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
 //! | `tollgate_rate_windows` | (key, minute, unit) | (version 4) requests (`rpm`) or tokens (`tpm`) the nodes took of a key's window of one UTC minute: `taken` ≤ the limit; `last_grant` is what the last take gave (so the statement can return it) |
@@ -109,6 +109,17 @@ CREATE TABLE tollgate_rate_windows (
     last_grant bigint NOT NULL,
     PRIMARY KEY (hash, minute, unit)
 );
+"#,
+    r#"
+ALTER TABLE tollgate_entries
+    ADD COLUMN model text, ADD COLUMN upstream text, ADD COLUMN route text,
+    ADD COLUMN stream boolean, ADD COLUMN status integer,
+    ADD COLUMN prompt_tokens bigint, ADD COLUMN cached_tokens bigint,
+    ADD COLUMN cache_write_tokens bigint, ADD COLUMN completion_tokens bigint,
+    ADD COLUMN reasoning_tokens bigint, ADD COLUMN cost bigint, ADD COLUMN reserved bigint,
+    ADD COLUMN latency_ms bigint, ADD COLUMN ttfb_ms bigint,
+    ADD COLUMN request_id text, ADD COLUMN client_ip text, ADD COLUMN estimated boolean;
+CREATE INDEX tollgate_entries_records ON tollgate_entries (key_hash, at_ms) WHERE model IS NOT NULL;
 "#,
 ];
 
