@@ -1245,6 +1245,24 @@ async fn rpm_is_global() {
         .expect("a count");
     assert!(left < 30);
 
+    // The round trips are counted by kind in /metrics: shares were taken.
+    let mut rate_trips = 0u64;
+    for node in &nodes {
+        let (s, b) = send("GET", &node.url("/metrics"), "", None).await;
+        assert_eq!(s, 200);
+        let text = String::from_utf8_lossy(&b);
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_cluster_db_roundtrips_total{kind=\"rate\"} "))
+            .expect("the rate round trips are counted")
+            .parse()
+            .expect("a count");
+        assert!(text.contains("tollgate_cluster_db_roundtrips_total{kind=\"settle\"} "));
+        rate_trips += n;
+    }
+    eprintln!("{rate_trips} round trips for rate shares over 3 nodes");
+    assert!(rate_trips > 0);
+
     // The database never handed out more than the limit.
     let db = pg.client().await;
     let over: i64 = db
@@ -1328,6 +1346,22 @@ async fn tpm_is_global() {
         .expect("windows")
         .get(0);
     assert_eq!(over, 0);
+
+    // Idle, the nodes give back what their shares did not use (a request
+    // held its bound, and used fewer): the window then counts exactly the
+    // tokens served. Only checked when all of it happened in one minute.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if windows == 1 && minute_now() == first {
+        let taken: i64 = db
+            .query_one(
+                "SELECT taken FROM tollgate_rate_windows WHERE unit = 'tokens' AND minute = $1",
+                &[&first],
+            )
+            .await
+            .expect("the window's row")
+            .get(0);
+        assert_eq!(taken as u64, used, "unused shares are returned");
+    }
 }
 
 /// In cluster mode the usage and report APIs answer from the database:

@@ -44,6 +44,7 @@ pub mod lease;
 pub mod rate;
 pub mod schema;
 pub mod sync;
+pub mod trips;
 pub mod usage;
 
 pub use config::{ClusterConfig, LeaseSize};
@@ -67,6 +68,7 @@ use crate::gate::{LiveKey, Policy};
 use crate::money::Pico;
 use crate::store::KeyHash;
 use schema::{db, pool as pool_error};
+use trips::{Kind, count};
 
 /// One node's part of the cluster.
 pub struct Cluster {
@@ -838,7 +840,7 @@ impl Cluster {
                     &[&id],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db).map(count(Kind::Read, 2))?;
             Ok(row.map(|r| SettledAccount {
                 balance: Pico(r.get(0)),
                 spent: Pico(r.get(1)),
@@ -864,7 +866,8 @@ impl Cluster {
                     &[&hash],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db)
+                .map(count(Kind::Read, 2))?;
             Ok(row.map(|r| SettledKey {
                 usage: Pico(r.get(0)),
                 limit: r.get::<_, Option<i64>>(1).map(Pico),
@@ -973,7 +976,11 @@ impl Cluster {
     /// was charged. Returns by how much each account's lease went down.
     async fn write_charges(&self, batch: &[Charge]) -> Result<Vec<(Subject, i64)>, String> {
         let mut c = self.pool.get().await.map_err(pool_error)?;
-        let tx = c.transaction().await.map_err(db)?;
+        let tx = c
+            .transaction()
+            .await
+            .map_err(db)
+            .map(count(Kind::Settle, 1))?;
         let ids: Vec<&str> = batch.iter().map(|c| c.id.as_str()).collect();
         let kinds: Vec<&str> = batch.iter().map(|c| c.kind).collect();
         let keys: Vec<Option<Vec<u8>>> = batch.iter().map(|c| c.key.map(|k| k.to_vec())).collect();
@@ -1004,7 +1011,7 @@ impl Cluster {
                 ],
             )
             .await
-            .map_err(db)?;
+            .map_err(db).map(count(Kind::Settle, 2))?;
         let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
         let mut per_account: HashMap<String, (i64, i64)> = HashMap::new();
         // Charges no account paid: they come out of the key's own lease.
@@ -1044,14 +1051,16 @@ impl Cluster {
                 &[&hs],
             )
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Settle, 2))?;
             tx.execute(
                 "UPDATE tollgate_keys k SET usage = k.usage + d.c \
                  FROM UNNEST($1::bytea[], $2::int8[]) AS d(h, c) WHERE k.hash = d.h",
                 &[&hs, &cs],
             )
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Settle, 2))?;
         }
         let mut taken = Vec::with_capacity(per_account.len() + per_key_lease.len());
         let mut accounts: Vec<_> = per_account.into_iter().collect();
@@ -1066,7 +1075,8 @@ impl Cluster {
                 &[&account, &amount, &spent, &down],
             )
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Settle, 2))?;
             taken.push((subject, down));
         }
         let mut keys: Vec<_> = per_key_lease.into_iter().collect();
@@ -1083,11 +1093,12 @@ impl Cluster {
                     &[&hash, &down],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db)
+                .map(count(Kind::Settle, 2))?;
                 taken.push((subject, down));
             }
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(db).map(count(Kind::Settle, 1))?;
         Ok(taken)
     }
 

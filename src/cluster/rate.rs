@@ -22,6 +22,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::schema::{db, pool as pool_error};
+use super::trips::{Kind, count};
 use super::{Cluster, database_unavailable, mono_ms};
 use crate::error::ApiError;
 use crate::gate::{LiveKey, Policy, Unit, minute_of};
@@ -228,7 +229,7 @@ impl Cluster {
                     &[&hash, &i64::from(minute), &unit.as_str(), &limit_i, &want_i, &need_i],
                 )
                 .await
-                .map_err(db)
+                .map_err(db).map(count(Kind::Rate, 2))
             })
             .await?;
         self.note_up();
@@ -311,6 +312,7 @@ impl Cluster {
                         )
                         .await
                         .map_err(db)
+                        .map(count(Kind::RateReturn, 2))
                     })
                     .await;
                 match given {
@@ -342,6 +344,7 @@ impl Cluster {
             )
             .await
             .map_err(db)
+            .map(count(Kind::RateReturn, 2))
         })
         .await
         .map(|_| ())

@@ -18,6 +18,7 @@
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
 //! seq N has seen every change before it.
 
+use super::trips::{Kind, count};
 use deadpool_postgres::Pool;
 
 /// Advisory lock id held while migrating.
@@ -130,17 +131,24 @@ pub const VERSION: i32 = MIGRATIONS.len() as i32;
 pub async fn migrate(pool: &Pool) -> Result<i32, String> {
     let mut client = pool.get().await.map_err(self::pool)?;
     loop {
-        let tx = client.transaction().await.map_err(db)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db)
+            .map(count(Kind::Migrate, 1))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Migrate, 2))?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS tollgate_schema (version integer NOT NULL)")
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Migrate, 1))?;
         let row = tx
             .query_one("SELECT COALESCE(MAX(version), 0) FROM tollgate_schema", &[])
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Migrate, 2))?;
         let have: i32 = row.get(0);
         if have > VERSION {
             return Err(format!(
@@ -148,7 +156,7 @@ pub async fn migrate(pool: &Pool) -> Result<i32, String> {
             ));
         }
         if have == VERSION {
-            tx.commit().await.map_err(db)?;
+            tx.commit().await.map_err(db).map(count(Kind::Migrate, 1))?;
             return Ok(have);
         }
         tx.batch_execute(MIGRATIONS[have as usize])
@@ -159,8 +167,9 @@ pub async fn migrate(pool: &Pool) -> Result<i32, String> {
             &[&(have + 1)],
         )
         .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
+        .map_err(db)
+        .map(count(Kind::Migrate, 2))?;
+        tx.commit().await.map_err(db).map(count(Kind::Migrate, 1))?;
         tracing::info!(version = have + 1, "cluster: database migration applied");
     }
 }

@@ -8,6 +8,7 @@
 //! the store's rollups: the same JSON shapes on one node or many.
 
 use super::schema::{db, pool as pool_error};
+use super::trips::{Kind, count};
 use super::{Charge, Cluster, database_unavailable};
 use crate::clock::HOUR_MS;
 use crate::error::ApiError;
@@ -37,7 +38,7 @@ pub(super) struct RecordColumns<'a> {
 }
 
 /// A token count as a column (counts past i64 do not occur; saturated).
-fn count(n: u64) -> i64 {
+fn column(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
@@ -59,11 +60,11 @@ impl<'a> RecordColumns<'a> {
                 .iter()
                 .map(|r| r.map(|r| i32::from(r.status)))
                 .collect(),
-            prompt: col(&|r| count(r.prompt_tokens)),
-            cached: col(&|r| count(r.cached_tokens)),
-            cache_write: col(&|r| count(r.cache_write_tokens)),
-            completion: col(&|r| count(r.completion_tokens)),
-            reasoning: col(&|r| count(r.reasoning_tokens)),
+            prompt: col(&|r| column(r.prompt_tokens)),
+            cached: col(&|r| column(r.cached_tokens)),
+            cache_write: col(&|r| column(r.cache_write_tokens)),
+            completion: col(&|r| column(r.completion_tokens)),
+            reasoning: col(&|r| column(r.reasoning_tokens)),
             cost: col(&|r| r.cost.0),
             reserved: col(&|r| r.reserved.0),
             latency: col(&|r| i64::from(r.latency_ms)),
@@ -161,7 +162,8 @@ impl Cluster {
                     &[&keys, &from, &to],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db)
+                .map(count(Kind::Read, 2))?;
             Ok(rows
                 .iter()
                 .map(|r| (r.get(0), r.get(1), rollup(r, 2)))
@@ -193,7 +195,8 @@ impl Cluster {
                     &[&from, &to],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db)
+                .map(count(Kind::Read, 2))?;
             Ok(rows
                 .iter()
                 .filter_map(|r| {
@@ -227,7 +230,7 @@ impl Cluster {
                     &[&keys, &offset, &limit],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db).map(count(Kind::Read, 2))?;
             Ok(rows.iter().filter_map(record).collect())
         })
         .await
@@ -245,7 +248,7 @@ impl Cluster {
                     &[&key],
                 )
                 .await
-                .map_err(db)?
+                .map_err(db).map(count(Kind::Read, 2))?
                 .get(0);
             Ok(n.max(0) as u64)
         })
