@@ -1378,7 +1378,11 @@ async fn usage_reports_are_the_same_on_every_node() {
         .map(|id| Node::start(&pg, &mock, id))
         .collect();
     let (s, v) = nodes[0]
-        .admin("POST", "/api/v1/keys", Some(json!({"name": "reports"})))
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "reports", "owner": "team-u"})),
+        )
         .await;
     assert_eq!(s, 201, "{v}");
     let key = v["key"].as_str().expect("key").to_owned();
@@ -1436,6 +1440,28 @@ async fn usage_reports_are_the_same_on_every_node() {
         assert_eq!(usd(&g["data"]["summary"]["total_cost"]), cost, "{g}");
         assert_eq!(g["data"]["by_key"][0]["hash"], hash.as_str(), "{g}");
         assert_eq!(g["data"]["by_key"][0]["requests"], n, "{g}");
+
+        let (s, o) = node.admin("GET", "/api/v1/owners/team-u/usage", None).await;
+        assert_eq!(s, 200, "{o}");
+        assert_eq!(o["data"]["summary"]["total_requests"], n, "{o}");
+        assert_eq!(usd(&o["data"]["summary"]["total_cost"]), cost, "{o}");
+        let (s, c) = node
+            .admin(
+                "GET",
+                &format!("/api/v1/keys/{hash}/usage/chart?granularity=hour"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{c}");
+        let points = c["data"]["data"].as_array().expect("points");
+        let requests: u64 = points.iter().filter_map(|p| p["requests"].as_u64()).sum();
+        assert_eq!(requests, n as u64, "{c}");
+        let (s, b) = node
+            .admin("GET", "/api/v1/admin/billing/status", None)
+            .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["all_time"]["requests"], n, "{b}");
+        assert_eq!(usd(&b["all_time"]["cost"]), cost, "{b}");
 
         // The key's own view, new-api's envelope.
         let (s, b) = send(

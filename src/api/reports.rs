@@ -383,29 +383,55 @@ impl Fold {
         Ok(())
     }
 
-    /// Folds the usage of `keys` (`None`: the whole gateway's): from the
-    /// database in cluster mode (every node answers the same), else from
-    /// the store's rollups.
+    /// Folds the usage of `keys` (`None`: the whole gateway's), as
+    /// [`rollups`] reads it.
     async fn usage(&mut self, ctx: &Ctx<'_>, keys: Option<&[KeyHash]>) -> Result<(), ApiError> {
-        if let Some(c) = super::cluster::of(ctx) {
-            let rows = c
-                .usage_rollups(keys, self.range.first_hour(), self.range.end_hour())
-                .await?;
-            for (hour, model, r) in rows {
-                self.add(hour, model, &r);
-            }
-            return Ok(());
-        }
-        match keys {
-            None => self.scope(ctx, RollupScope::Gateway),
-            Some(keys) => {
-                for hash in keys {
-                    self.scope(ctx, RollupScope::Key(*hash))?;
+        if super::cluster::of(ctx).is_none() {
+            // One key's rollups at a time, straight from the store.
+            match keys {
+                None => return self.scope(ctx, RollupScope::Gateway),
+                Some(keys) => {
+                    for hash in keys {
+                        self.scope(ctx, RollupScope::Key(*hash))?;
+                    }
+                    return Ok(());
                 }
-                Ok(())
             }
         }
+        let rows = rollups(ctx, keys, self.range.first_hour(), self.range.end_hour()).await?;
+        for (hour, model, r) in rows {
+            self.add(hour, model, &r);
+        }
+        Ok(())
     }
+}
+
+/// Hourly sums by model of the usage of `keys` (`None`: the whole
+/// gateway's, deleted keys included) in hours `[first_hour, end_hour)`:
+/// from the database's usage records in cluster mode (every node answers
+/// the same), else the store's rollups.
+pub(super) async fn rollups(
+    ctx: &Ctx<'_>,
+    keys: Option<&[KeyHash]>,
+    first_hour: i64,
+    end_hour: i64,
+) -> Result<Vec<(i64, String, Rollup)>, ApiError> {
+    if let Some(c) = super::cluster::of(ctx) {
+        return c.usage_rollups(keys, first_hour, end_hour).await;
+    }
+    let scopes: Vec<RollupScope> = match keys {
+        None => vec![RollupScope::Gateway],
+        Some(keys) => keys.iter().map(|h| RollupScope::Key(*h)).collect(),
+    };
+    let mut out = Vec::new();
+    for scope in scopes {
+        out.extend(
+            ctx.store
+                .rollups(scope, first_hour, end_hour)
+                .map_err(store_error)?,
+        );
+    }
+    Ok(out)
 }
 
 /// The newest records of `keys` from `offset`: from the database in
