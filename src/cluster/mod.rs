@@ -31,6 +31,9 @@
 //!   changes after the last one it saw (on NOTIFY, and every
 //!   `sync_interval`) and applies them to its store, the gate's cache
 //!   (`Gate::updated`, `Gate::forget`) and the wallets.
+//! - **Usage** ([`usage`]): each usage record is written with its charge;
+//!   in cluster mode the usage and report APIs read them back from there.
+//!   [`trips`] counts the round trips all of this costs, by kind.
 //! - **Faults**: with the database unreachable, a node serves from its
 //!   leases until they run out, then refuses paid requests with 503; queued
 //!   charges and admin changes are written when it is back. Leases not
