@@ -1130,6 +1130,26 @@ async fn tls_to_the_database() {
     assert_eq!(ssl, all, "every connection of the node is TLS");
 }
 
+/// Waits until every node knows the key (its change pulled), with room
+/// for a loaded machine.
+async fn known_everywhere(nodes: &[Node], hash: &str) {
+    let start = Instant::now();
+    for node in nodes {
+        while node
+            .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+            .await
+            .0
+            != 200
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "a node never saw the key"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 /// The UTC minute now (the window rpm and tpm count in, cluster-wide).
 fn minute_now() -> i64 {
     let ms = std::time::SystemTime::now()
@@ -1198,7 +1218,7 @@ async fn rpm_is_global() {
         .await;
     assert_eq!(s, 201, "{v}");
     let key = v["key"].as_str().expect("key").to_owned();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    known_everywhere(&nodes, v["data"]["hash"].as_str().expect("hash")).await;
 
     early_in_a_minute().await;
     let first = minute_now();
@@ -1299,7 +1319,7 @@ async fn tpm_is_global() {
         .await;
     assert_eq!(s, 201, "{v}");
     let key = v["key"].as_str().expect("key").to_owned();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    known_everywhere(&nodes, v["data"]["hash"].as_str().expect("hash")).await;
 
     early_in_a_minute().await;
     let first = minute_now();
@@ -1387,13 +1407,33 @@ async fn usage_reports_are_the_same_on_every_node() {
     assert_eq!(s, 201, "{v}");
     let key = v["key"].as_str().expect("key").to_owned();
     let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    known_everywhere(&nodes, &hash).await;
 
     let n = 30;
     let answers = burst(&nodes, &key, n).await;
     assert!(answers.iter().all(|a| a.0 == 200), "every request served");
-    // Settled charges are written every sync_interval / 4.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Settled charges are written every sync_interval / 4: wait (with room
+    // for a loaded machine) until the database has every record.
+    let db = pg.client().await;
+    let start = Instant::now();
+    loop {
+        let records: i64 = db
+            .query_one(
+                "SELECT COUNT(*) FROM tollgate_entries WHERE kind = 'usage'",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if records as usize >= n {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "only {records} of {n} records reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let mut totals = Vec::new();
     let mut ids = Vec::new();
@@ -1480,7 +1520,6 @@ async fn usage_reports_are_the_same_on_every_node() {
     assert!(ids.windows(2).all(|w| w[0] == w[1]), "the same records");
 
     // The records' sum is what the database charged the key.
-    let db = pg.client().await;
     let h = hex::decode(&hash).expect("hex");
     let usage: i64 = db
         .query_one("SELECT usage FROM tollgate_keys WHERE hash = $1", &[&h])
