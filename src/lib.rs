@@ -33,7 +33,8 @@
 //! - [`cli`]: the admin CLI (`tollgate keys …`), a client of the admin API.
 //! - [`reload`]: SIGHUP / API config reload, the live snapshot requests read.
 //! - [`cluster`]: `[cluster]` mode: many nodes over PostgreSQL, leased
-//!   budgets, settlement in batches, admin changes synced between nodes.
+//!   budgets and rate windows, settlement in batches, admin changes synced
+//!   between nodes.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.

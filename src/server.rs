@@ -297,11 +297,13 @@ fn ops(app: &App, req: &Request<Incoming>) -> Response<Body> {
                 .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
                 .into_response();
             }
-            text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                app.metrics.render(app.gate.cached(), &app.store.stats()),
-            )
+            text(StatusCode::OK, "text/plain; version=0.0.4", {
+                let mut out = app.metrics.render(app.gate.cached(), &app.store.stats());
+                if app.cluster.get().is_some() {
+                    crate::cluster::trips::render(&mut out);
+                }
+                out
+            })
         }
         _ => ApiError::not_found(format!(
             "Unknown path {}.",

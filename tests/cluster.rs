@@ -365,6 +365,17 @@ impl Drop for Node {
 /// A request over its own connection; (0, empty) when it cannot be sent
 /// or its answer is cut (the node was killed).
 async fn send(method: &str, url: &str, auth: &str, body: Option<Value>) -> (u16, Bytes) {
+    let (status, _, body) = send_full(method, url, auth, body).await;
+    (status, body)
+}
+
+/// [`send`] with the answer's headers.
+async fn send_full(
+    method: &str,
+    url: &str,
+    auth: &str,
+    body: Option<Value>,
+) -> (u16, http::HeaderMap, Bytes) {
     let bytes = body
         .map(|b| Bytes::from(serde_json::to_vec(&b).expect("json")))
         .unwrap_or_default();
@@ -376,12 +387,13 @@ async fn send(method: &str, url: &str, auth: &str, body: Option<Value>) -> (u16,
         .body(Full::new(bytes))
         .expect("request builds");
     let Ok(res) = common::client().request(req).await else {
-        return (0, Bytes::new());
+        return (0, http::HeaderMap::new(), Bytes::new());
     };
     let status = res.status().as_u16();
+    let headers = res.headers().clone();
     match res.into_body().collect().await {
-        Ok(b) => (status, b.to_bytes()),
-        Err(_) => (0, Bytes::new()),
+        Ok(b) => (status, headers, b.to_bytes()),
+        Err(_) => (0, headers, Bytes::new()),
     }
 }
 
@@ -1116,4 +1128,403 @@ async fn tls_to_the_database() {
     let (ssl, all): (i64, i64) = (row.get(0), row.get(1));
     assert!(all >= 1, "the node is connected");
     assert_eq!(ssl, all, "every connection of the node is TLS");
+}
+
+/// Waits until every node knows the key (its change pulled), with room
+/// for a loaded machine.
+async fn known_everywhere(nodes: &[Node], hash: &str) {
+    let start = Instant::now();
+    for node in nodes {
+        while node
+            .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+            .await
+            .0
+            != 200
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "a node never saw the key"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The UTC minute now (the window rpm and tpm count in, cluster-wide).
+fn minute_now() -> i64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    ms.div_euclid(60_000)
+}
+
+/// Waits for the next minute when less than 30 s are left of this one,
+/// so a short burst usually falls in one window (the assertions still
+/// allow for every window it spans).
+async fn early_in_a_minute() {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64;
+    let into = ms % 60_000;
+    if into > 30_000 {
+        tokio::time::sleep(Duration::from_millis(60_000 - into + 200)).await;
+    }
+}
+
+/// `n` non-streamed chats with `key`, spread over `nodes`, at most 20 at
+/// once: each answer's status, headers and body.
+async fn burst(nodes: &[Node], key: &str, n: usize) -> Vec<(u16, http::HeaderMap, Bytes)> {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(20));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let url = nodes[i % nodes.len()].url("/v1/chat/completions");
+        let auth = format!("Bearer {key}");
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.expect("semaphore");
+            let body = json!({"model": "demo-chat", "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Say hello."}]});
+            send_full("POST", &url, &auth, Some(body)).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+/// A key's rpm holds across the nodes: in a UTC minute at most rpm of its
+/// requests reach the upstream, whichever nodes they are sent to (not
+/// rpm × nodes); the rest are 429 in the OpenAI shape with the headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rpm_is_global() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["r-1", "r-2", "r-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "rpm", "rpm": 30})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    known_everywhere(&nodes, v["data"]["hash"].as_str().expect("hash")).await;
+
+    early_in_a_minute().await;
+    let first = minute_now();
+    let answers = burst(&nodes, &key, 120).await;
+    let windows = (minute_now() - first + 1) as u64;
+    let served = mock.served().received_on("/v1/chat/completions");
+    let ok = answers.iter().filter(|a| a.0 == 200).count() as u64;
+    eprintln!(
+        "{ok} of 120 served over 3 nodes for rpm 30 ({windows} window(s)); the mock saw {served}"
+    );
+    assert!(
+        served <= 30 * windows,
+        "{served} requests reached the upstream for rpm 30 in {windows} minute(s)"
+    );
+    assert_eq!(ok, served, "every served request reached the upstream once");
+    assert!(ok >= 15, "only {ok} served of a window of 30");
+    assert!(
+        answers.iter().all(|a| a.0 == 200 || a.0 == 429),
+        "served or 429: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    let (status, headers, body) = answers
+        .iter()
+        .find(|a| a.0 == 429)
+        .expect("requests past the window are refused");
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    common::assert_error(*status, &v, 429, "rate_limit_exceeded");
+    assert_eq!(headers["x-ratelimit-limit-requests"], "30");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+    assert!(headers.contains_key("x-ratelimit-reset-requests"));
+    let retry: u64 = headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    // A served answer says what is left (of 30).
+    let (_, headers, _) = answers.iter().find(|a| a.0 == 200).expect("served");
+    assert_eq!(headers["x-ratelimit-limit-requests"], "30");
+    let left: u32 = headers["x-ratelimit-remaining-requests"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("a count");
+    assert!(left < 30);
+
+    // The round trips are counted by kind in /metrics: shares were taken.
+    let mut rate_trips = 0u64;
+    for node in &nodes {
+        let (s, b) = send("GET", &node.url("/metrics"), "", None).await;
+        assert_eq!(s, 200);
+        let text = String::from_utf8_lossy(&b);
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_cluster_db_roundtrips_total{kind=\"rate\"} "))
+            .expect("the rate round trips are counted")
+            .parse()
+            .expect("a count");
+        assert!(text.contains("tollgate_cluster_db_roundtrips_total{kind=\"settle\"} "));
+        rate_trips += n;
+    }
+    eprintln!("{rate_trips} round trips for rate shares over 3 nodes");
+    assert!(rate_trips > 0);
+
+    // The database never handed out more than the limit.
+    let db = pg.client().await;
+    let over: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_rate_windows WHERE unit = 'requests' AND taken > 30",
+            &[],
+        )
+        .await
+        .expect("windows")
+        .get(0);
+    assert_eq!(over, 0);
+}
+
+/// A key's tpm holds across the nodes the same way: the tokens the upstream
+/// served in a minute stay within the key's tpm, whichever nodes the
+/// requests are sent to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tpm_is_global() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["t-1", "t-2", "t-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let tpm = 600u64;
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "tpm", "tpm": tpm})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    known_everywhere(&nodes, v["data"]["hash"].as_str().expect("hash")).await;
+
+    early_in_a_minute().await;
+    let first = minute_now();
+    let answers = burst(&nodes, &key, 120).await;
+    let windows = (minute_now() - first + 1) as u64;
+    let served = mock.served();
+    let tokens = served.tokens_of("demo-chat");
+    let used = tokens.input + tokens.output;
+    let ok = answers.iter().filter(|a| a.0 == 200).count() as u64;
+    eprintln!(
+        "{ok} of 120 served over 3 nodes for tpm {tpm} ({windows} window(s)): {used} tokens at the upstream"
+    );
+    assert!(
+        used <= tpm * windows,
+        "{used} tokens served for tpm {tpm} in {windows} minute(s)"
+    );
+    assert_eq!(ok, served.received_on("/v1/chat/completions"));
+    assert!(ok >= 3, "only {ok} served");
+    assert!(
+        answers.iter().all(|a| a.0 == 200 || a.0 == 429),
+        "served or 429: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
+    let (status, headers, body) = answers
+        .iter()
+        .find(|a| a.0 == 429)
+        .expect("requests past the window are refused");
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    common::assert_error(*status, &v, 429, "rate_limit_exceeded");
+    assert_eq!(
+        headers["x-ratelimit-limit-tokens"],
+        tpm.to_string().as_str()
+    );
+    assert!(headers.contains_key("x-ratelimit-remaining-tokens"));
+    assert!(headers.contains_key("retry-after"));
+
+    let db = pg.client().await;
+    let over: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_rate_windows WHERE unit = 'tokens' AND taken > $1",
+            &[&(tpm as i64)],
+        )
+        .await
+        .expect("windows")
+        .get(0);
+    assert_eq!(over, 0);
+
+    // Idle, the nodes give back what their shares did not use (a request
+    // held its bound, and used fewer): the window then counts exactly the
+    // tokens served. Only checked when all of it happened in one minute.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if windows == 1 && minute_now() == first {
+        let taken: i64 = db
+            .query_one(
+                "SELECT taken FROM tollgate_rate_windows WHERE unit = 'tokens' AND minute = $1",
+                &[&first],
+            )
+            .await
+            .expect("the window's row")
+            .get(0);
+        assert_eq!(taken as u64, used, "unused shares are returned");
+    }
+}
+
+/// In cluster mode the usage and report APIs answer from the database:
+/// requests served by three nodes are listed, and summed the same, by
+/// every node, the key's own `/api/usage/` endpoints included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_reports_are_the_same_on_every_node() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["u-1", "u-2", "u-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "reports", "owner": "team-u"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
+    known_everywhere(&nodes, &hash).await;
+
+    let n = 30;
+    let answers = burst(&nodes, &key, n).await;
+    assert!(answers.iter().all(|a| a.0 == 200), "every request served");
+    // Settled charges are written every sync_interval / 4: wait (with room
+    // for a loaded machine) until the database has every record.
+    let db = pg.client().await;
+    let start = Instant::now();
+    loop {
+        let records: i64 = db
+            .query_one(
+                "SELECT COUNT(*) FROM tollgate_entries WHERE kind = 'usage'",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if records as usize >= n {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "only {records} of {n} records reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut totals = Vec::new();
+    let mut ids = Vec::new();
+    for node in &nodes {
+        let (s, d) = node
+            .admin("GET", &format!("/api/v1/keys/{hash}/usage"), None)
+            .await;
+        assert_eq!(s, 200, "{d}");
+        let summary = &d["data"]["summary"];
+        assert_eq!(summary["total_requests"], n, "{d}");
+        let cost = usd(&summary["total_cost"]);
+        assert!(cost > Pico::ZERO, "{d}");
+        assert_eq!(
+            d["data"]["by_model"][0]["model"], "demo-chat",
+            "by model: {d}"
+        );
+        let (s, l) = node
+            .admin(
+                "GET",
+                &format!("/api/v1/keys/{hash}/usage/logs?page_size=100"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{l}");
+        assert_eq!(l["data"]["total"], n, "{l}");
+        let items = l["data"]["items"].as_array().expect("items");
+        assert_eq!(items.len(), n);
+        let sum = items
+            .iter()
+            .fold(Pico::ZERO, |acc, i| acc.saturating_add(usd(&i["cost"])));
+        assert_eq!(sum, cost, "Σ records = the summary's cost");
+        let mut these: Vec<String> = items
+            .iter()
+            .map(|i| i["request_id"].as_str().expect("id").to_owned())
+            .collect();
+        these.sort();
+        these.dedup();
+        assert_eq!(these.len(), n, "each record once");
+        ids.push(these);
+
+        let (s, g) = node.admin("GET", "/api/v1/usage", None).await;
+        assert_eq!(s, 200, "{g}");
+        assert_eq!(g["data"]["summary"]["total_requests"], n, "{g}");
+        assert_eq!(usd(&g["data"]["summary"]["total_cost"]), cost, "{g}");
+        assert_eq!(g["data"]["by_key"][0]["hash"], hash.as_str(), "{g}");
+        assert_eq!(g["data"]["by_key"][0]["requests"], n, "{g}");
+
+        let (s, o) = node.admin("GET", "/api/v1/owners/team-u/usage", None).await;
+        assert_eq!(s, 200, "{o}");
+        assert_eq!(o["data"]["summary"]["total_requests"], n, "{o}");
+        assert_eq!(usd(&o["data"]["summary"]["total_cost"]), cost, "{o}");
+        let (s, c) = node
+            .admin(
+                "GET",
+                &format!("/api/v1/keys/{hash}/usage/chart?granularity=hour"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{c}");
+        let points = c["data"]["data"].as_array().expect("points");
+        let requests: u64 = points.iter().filter_map(|p| p["requests"].as_u64()).sum();
+        assert_eq!(requests, n as u64, "{c}");
+        let (s, b) = node
+            .admin("GET", "/api/v1/admin/billing/status", None)
+            .await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["all_time"]["requests"], n, "{b}");
+        assert_eq!(usd(&b["all_time"]["cost"]), cost, "{b}");
+
+        // The key's own view, new-api's envelope.
+        let (s, b) = send(
+            "GET",
+            &node.url("/api/usage/token/logs?page_size=100"),
+            &format!("Bearer {key}"),
+            None,
+        )
+        .await;
+        let own: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+        assert_eq!(s, 200, "{own}");
+        assert_eq!(own["data"]["total"], n, "{own}");
+        totals.push(cost);
+    }
+    assert!(totals.windows(2).all(|w| w[0] == w[1]), "{totals:?}");
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "the same records");
+
+    // The records' sum is what the database charged the key.
+    let h = hex::decode(&hash).expect("hex");
+    let usage: i64 = db
+        .query_one("SELECT usage FROM tollgate_keys WHERE hash = $1", &[&h])
+        .await
+        .expect("key row")
+        .get(0);
+    assert_eq!(usage, totals[0].0);
 }

@@ -70,6 +70,7 @@ pub(super) async fn account_credited(ctx: &Ctx<'_>, id: &str, entry: &AccountLed
                 amount: -amount,
                 spent: 0,
                 at_ms: entry.at_ms,
+                record: None,
             });
             return;
         }
@@ -82,6 +83,7 @@ pub(super) async fn account_credited(ctx: &Ctx<'_>, id: &str, entry: &AccountLed
                 amount,
                 spent: amount,
                 at_ms: entry.at_ms,
+                record: None,
             });
             return;
         }

@@ -280,7 +280,8 @@ where
             parts.uri.query(),
             &parts.headers,
             client_ip,
-        ));
+        )
+        .await);
     }
     if let Some(call) = compat::call_of(parts.uri.path()) {
         return compat::handle(ctx, call, &parts, body, client_ip).await;
@@ -362,7 +363,7 @@ where
         }
         AdminCall::Ledger(h) if m == Method::GET => credits::ledger(ctx, &parse_hash(h)?, query),
         AdminCall::Usage(subject, view) if m == Method::GET => {
-            reports::admin(ctx, subject, view, query)
+            reports::admin(ctx, subject, view, query).await
         }
         AdminCall::Accounts if m == Method::GET => accounts::list(ctx, query),
         AdminCall::Accounts if m == Method::POST => {

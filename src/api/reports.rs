@@ -1,4 +1,6 @@
-//! Usage reports, read from the hourly rollups: the detail (summary, by
+//! Usage reports, read from the hourly rollups (in cluster mode from the
+//! database's usage records, summed the same way, so every node answers
+//! the same): the detail (summary, by
 //! model, by day, recent records), the chart (a gap-free series) and pages
 //! of records, for one key, an owner's keys, or the whole gateway.
 //!
@@ -380,6 +382,74 @@ impl Fold {
         }
         Ok(())
     }
+
+    /// Folds the usage of `keys` (`None`: the whole gateway's), as
+    /// [`rollups`] reads it.
+    async fn usage(&mut self, ctx: &Ctx<'_>, keys: Option<&[KeyHash]>) -> Result<(), ApiError> {
+        if super::cluster::of(ctx).is_none() {
+            // One key's rollups at a time, straight from the store.
+            match keys {
+                None => return self.scope(ctx, RollupScope::Gateway),
+                Some(keys) => {
+                    for hash in keys {
+                        self.scope(ctx, RollupScope::Key(*hash))?;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let rows = rollups(ctx, keys, self.range.first_hour(), self.range.end_hour()).await?;
+        for (hour, model, r) in rows {
+            self.add(hour, model, &r);
+        }
+        Ok(())
+    }
+}
+
+/// Hourly sums by model of the usage of `keys` (`None`: the whole
+/// gateway's, deleted keys included) in hours `[first_hour, end_hour)`:
+/// from the database's usage records in cluster mode (every node answers
+/// the same), else the store's rollups.
+pub(super) async fn rollups(
+    ctx: &Ctx<'_>,
+    keys: Option<&[KeyHash]>,
+    first_hour: i64,
+    end_hour: i64,
+) -> Result<Vec<(i64, String, Rollup)>, ApiError> {
+    if let Some(c) = super::cluster::of(ctx) {
+        return c.usage_rollups(keys, first_hour, end_hour).await;
+    }
+    let scopes: Vec<RollupScope> = match keys {
+        None => vec![RollupScope::Gateway],
+        Some(keys) => keys.iter().map(|h| RollupScope::Key(*h)).collect(),
+    };
+    let mut out = Vec::new();
+    for scope in scopes {
+        out.extend(
+            ctx.store
+                .rollups(scope, first_hour, end_hour)
+                .map_err(store_error)?,
+        );
+    }
+    Ok(out)
+}
+
+/// The newest records of `keys` from `offset`: from the database in
+/// cluster mode, else from the store (one key's at a time).
+async fn records(
+    ctx: &Ctx<'_>,
+    keys: &[KeyHash],
+    offset: usize,
+    limit: usize,
+) -> Result<Vec<UsageRecord>, ApiError> {
+    if let Some(c) = super::cluster::of(ctx) {
+        return c.usage_records(keys, offset, limit).await;
+    }
+    let mut out = Vec::new();
+    for hash in keys {
+        out.extend(ctx.store.usage(hash, offset, limit).map_err(store_error)?);
+    }
+    Ok(out)
 }
 
 // ---- answers ----
@@ -641,18 +711,15 @@ impl Fold {
 // ---- the reports ----
 
 /// A detail over the given keys' rollups, with their newest records merged.
-pub(super) fn detail(
+pub(super) async fn detail(
     ctx: &Ctx<'_>,
     keys: &[KeyHash],
     range: Range,
     viewer: Viewer,
 ) -> Result<Detail, ApiError> {
     let mut fold = Fold::new(range, Granularity::Day);
-    let mut recent = Vec::new();
-    for hash in keys {
-        fold.scope(ctx, RollupScope::Key(*hash))?;
-        recent.extend(ctx.store.usage(hash, 0, RECENT_LOGS).map_err(store_error)?);
-    }
+    fold.usage(ctx, Some(keys)).await?;
+    let mut recent = records(ctx, keys, 0, RECENT_LOGS).await?;
     // Each key's list is newest first; merged, the newest RECENT_LOGS win.
     if keys.len() > 1 {
         recent.sort_by_key(|r| std::cmp::Reverse(r.at_ms));
@@ -662,23 +729,22 @@ pub(super) fn detail(
     Ok(fold.detail(Some(items)))
 }
 
-pub(super) fn chart(
+pub(super) async fn chart(
     ctx: &Ctx<'_>,
     keys: &[KeyHash],
     range: Range,
     granularity: Granularity,
 ) -> Result<Chart, ApiError> {
     let mut fold = Fold::new(range, granularity);
-    for hash in keys {
-        fold.scope(ctx, RollupScope::Key(*hash))?;
-    }
+    fold.usage(ctx, Some(keys)).await?;
     Ok(fold.chart())
 }
 
 /// A page of one key's records, newest first. The total is the key's
 /// record count minus what retention removed: nothing is counted, and a
-/// page past the end reads nothing.
-pub(super) fn logs(
+/// page past the end reads nothing. In cluster mode the total is the
+/// database's count of the key's records.
+pub(super) async fn logs(
     ctx: &Ctx<'_>,
     hash: &KeyHash,
     page: usize,
@@ -690,13 +756,17 @@ pub(super) fn logs(
         .key(hash)
         .map_err(store_error)?
         .ok_or_else(key_not_found)?;
-    let pruned = ctx.store.pruned_usage(hash).map_err(store_error)?;
-    let total = account.requests.saturating_sub(pruned);
+    let total = match super::cluster::of(ctx) {
+        Some(c) => c.usage_count(hash).await?,
+        None => {
+            let pruned = ctx.store.pruned_usage(hash).map_err(store_error)?;
+            account.requests.saturating_sub(pruned)
+        }
+    };
     let offset = (page - 1).saturating_mul(page_size);
     let items = if (offset as u64) < total {
-        ctx.store
-            .usage(hash, offset, page_size)
-            .map_err(store_error)?
+        records(ctx, &[*hash], offset, page_size)
+            .await?
             .into_iter()
             .map(|r| log_item(r, viewer))
             .collect()
@@ -733,7 +803,7 @@ pub(super) enum Subject<'a> {
 }
 
 /// An admin report; the admin token has been checked.
-pub(super) fn admin(
+pub(super) async fn admin(
     ctx: &Ctx<'_>,
     subject: Subject<'_>,
     view: View,
@@ -746,7 +816,7 @@ pub(super) fn admin(
             if ctx.store.key(&hash).map_err(store_error)?.is_none() {
                 return Err(key_not_found());
             }
-            let report = key_report(ctx, &hash, view, query, now, Viewer::Admin)?;
+            let report = key_report(ctx, &hash, view, query, now, Viewer::Admin).await?;
             json(StatusCode::OK, &Data { data: report })
         }
         Subject::Owner(seg) => {
@@ -772,13 +842,13 @@ pub(super) fn admin(
                 View::Detail => {
                     let pairs = params(query, &["start", "end"])?;
                     let range = range_of(&pairs, now)?;
-                    Report::Detail(detail(ctx, &hashes, range, Viewer::Admin)?)
+                    Report::Detail(detail(ctx, &hashes, range, Viewer::Admin).await?)
                 }
                 View::Chart => {
                     let pairs = params(query, &["start", "end", "granularity"])?;
                     let range = range_of(&pairs, now)?;
                     let g = granularity_of(&pairs, range)?;
-                    Report::Chart(chart(ctx, &hashes, range, g)?)
+                    Report::Chart(chart(ctx, &hashes, range, g).await?)
                 }
                 View::Logs => {
                     return Err(ApiError::not_found(
@@ -803,7 +873,7 @@ pub(super) fn admin(
             };
             json(StatusCode::OK, &Data { data })
         }
-        Subject::Gateway => gateway(ctx, query, now),
+        Subject::Gateway => gateway(ctx, query, now).await,
     }
 }
 
@@ -817,7 +887,7 @@ pub(super) enum Report {
 }
 
 /// One key's report, parameters read from the query.
-pub(super) fn key_report(
+pub(super) async fn key_report(
     ctx: &Ctx<'_>,
     hash: &KeyHash,
     view: View,
@@ -828,18 +898,18 @@ pub(super) fn key_report(
     Ok(match view {
         View::Detail => {
             let pairs = params(query, &["start", "end"])?;
-            Report::Detail(detail(ctx, &[*hash], range_of(&pairs, now)?, viewer)?)
+            Report::Detail(detail(ctx, &[*hash], range_of(&pairs, now)?, viewer).await?)
         }
         View::Chart => {
             let pairs = params(query, &["start", "end", "granularity"])?;
             let range = range_of(&pairs, now)?;
             let g = granularity_of(&pairs, range)?;
-            Report::Chart(chart(ctx, &[*hash], range, g)?)
+            Report::Chart(chart(ctx, &[*hash], range, g).await?)
         }
         View::Logs => {
             let pairs = params(query, &["page", "page_size"])?;
             let (page, size) = page_and_size(&pairs)?;
-            Report::Logs(logs(ctx, hash, page, size, viewer)?)
+            Report::Logs(logs(ctx, hash, page, size, viewer).await?)
         }
     })
 }
@@ -884,7 +954,7 @@ struct GatewayReport {
 
 /// `/api/v1/usage?start&end&top`: the gateway-wide rollups for the totals,
 /// and each listed key's rollups for the split by key.
-fn gateway(
+async fn gateway(
     ctx: &Ctx<'_>,
     query: Option<&str>,
     now: i64,
@@ -903,7 +973,17 @@ fn gateway(
         }
     };
     let mut fold = Fold::new(range, Granularity::Day);
-    fold.scope(ctx, RollupScope::Gateway)?;
+    fold.usage(ctx, None).await?;
+    // Cluster mode: every key's sums in one read of the database.
+    let by_key: Option<std::collections::HashMap<KeyHash, Rollup>> = match super::cluster::of(ctx) {
+        Some(c) => Some(
+            c.usage_by_key(range.first_hour(), range.end_hour())
+                .await?
+                .into_iter()
+                .collect(),
+        ),
+        None => None,
+    };
 
     let mut rows: Vec<(KeyRow, Sums)> = Vec::new();
     let mut scanned = 0usize;
@@ -922,16 +1002,25 @@ fn gateway(
         let n = page.len();
         for (rec, _) in page {
             let mut s = Sums::default();
-            for (_, _, r) in ctx
-                .store
-                .rollups(
-                    RollupScope::Key(rec.hash),
-                    range.first_hour(),
-                    range.end_hour(),
-                )
-                .map_err(store_error)?
-            {
-                s.add(&r);
+            match &by_key {
+                Some(m) => {
+                    if let Some(r) = m.get(&rec.hash) {
+                        s.add(r);
+                    }
+                }
+                None => {
+                    for (_, _, r) in ctx
+                        .store
+                        .rollups(
+                            RollupScope::Key(rec.hash),
+                            range.first_hour(),
+                            range.end_hour(),
+                        )
+                        .map_err(store_error)?
+                    {
+                        s.add(&r);
+                    }
+                }
             }
             if s.requests > 0 || s.cost != 0 {
                 rows.push((

@@ -76,7 +76,7 @@ fn call_of(path: &str) -> Option<UsageCall> {
 
 /// Answers a request under `/api/usage/`, CORS included (on errors too, so
 /// that a portal can read them).
-pub(super) fn handle(
+pub(super) async fn handle(
     ctx: &Ctx<'_>,
     method: &Method,
     path: &str,
@@ -90,11 +90,12 @@ pub(super) fn handle(
     }
     cors.apply(
         answer(ctx, method, path, query, headers, client_ip)
+            .await
             .unwrap_or_else(ApiError::into_response),
     )
 }
 
-fn answer(
+async fn answer(
     ctx: &Ctx<'_>,
     method: &Method,
     path: &str,
@@ -119,7 +120,17 @@ fn answer(
             reports::params(query, &[])?;
             let policy = live.policy();
             let rec = &policy.record;
-            let n = live.numbers();
+            let mut n = live.numbers();
+            // Cluster mode: a lifetime limit and what counts against it are
+            // the database's (here the live limit may count a lease).
+            if let Some(s) = super::cluster::key_usage(ctx, &live.hash).await? {
+                n.spent = s.usage;
+                if policy.own_record().limit_reset.is_none() {
+                    n.limit = s.limit;
+                    n.period_spent = s.usage;
+                    n.remaining = s.limit.map(|l| Pico(l.0.saturating_sub(s.usage.0).max(0)));
+                }
+            }
             let data = TokenUsage {
                 object: "token_usage",
                 token_id: ctx.store.key_id(&live.hash).map_err(super::store_error)?,
@@ -139,7 +150,8 @@ fn answer(
             ok(&data)
         }
         UsageCall::Report(view) => {
-            let report = reports::key_report(ctx, &live.hash, view, query, now, Viewer::Key)?;
+            let report =
+                reports::key_report(ctx, &live.hash, view, query, now, Viewer::Key).await?;
             let token_id = ctx.store.key_id(&live.hash).map_err(super::store_error)?;
             ok(&super::compat::newapi::quota_report(ctx, &report, token_id))
         }

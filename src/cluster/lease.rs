@@ -9,6 +9,7 @@ use deadpool_postgres::GenericClient;
 
 use super::config::{ClusterConfig, LeaseSize};
 use super::schema::db;
+use super::trips::{Kind, count};
 
 /// The slice to ask for: `lease` of what remains (`free`), between the
 /// floor and the ceiling, and at least `need` (what the waiting request
@@ -113,7 +114,11 @@ pub async fn take(
     let (leases, lcol) = subject.leases();
     let leased = subject.leased();
     let id = Id::of(subject);
-    let tx = c.transaction().await.map_err(db)?;
+    let tx = c
+        .transaction()
+        .await
+        .map_err(db)
+        .map(count(Kind::Lease, 1))?;
     let Some(row) = tx
         .query_opt(
             &format!(
@@ -122,7 +127,7 @@ pub async fn take(
             &[id.sql()],
         )
         .await
-        .map_err(db)?
+        .map_err(db).map(count(Kind::Lease, 2))?
     else {
         return Ok(None);
     };
@@ -145,7 +150,7 @@ pub async fn take(
             &[id.sql(), &amount],
         )
         .await
-        .map_err(db)?;
+        .map_err(db).map(count(Kind::Lease, 2))?;
     let Some(updated) = updated else {
         return Ok(None);
     };
@@ -160,8 +165,9 @@ pub async fn take(
         &[id.sql(), &cfg.node_id, &amount, &ttl_ms],
     )
     .await
-    .map_err(db)?;
-    tx.commit().await.map_err(db)?;
+    .map_err(db)
+    .map(count(Kind::Lease, 2))?;
+    tx.commit().await.map_err(db).map(count(Kind::Lease, 1))?;
     Ok(Some(Grant {
         amount,
         free_after: updated.get(0),
@@ -180,21 +186,27 @@ pub async fn give_back(
     let (leases, lcol) = subject.leases();
     let leased = subject.leased();
     let id = Id::of(subject);
-    let tx = c.transaction().await.map_err(db)?;
+    let tx = c
+        .transaction()
+        .await
+        .map_err(db)
+        .map(count(Kind::Lease, 1))?;
     let back = lease_down(&tx, node, subject, amount).await?;
     tx.execute(
         &format!("UPDATE {table} SET {leased} = {leased} - $2 WHERE {col} = $1"),
         &[id.sql(), &back],
     )
     .await
-    .map_err(db)?;
+    .map_err(db)
+    .map(count(Kind::Lease, 2))?;
     tx.execute(
         &format!("DELETE FROM {leases} WHERE {lcol} = $1 AND node_id = $2 AND amount <= 0"),
         &[id.sql(), &node],
     )
     .await
-    .map_err(db)?;
-    tx.commit().await.map_err(db)?;
+    .map_err(db)
+    .map(count(Kind::Lease, 2))?;
+    tx.commit().await.map_err(db).map(count(Kind::Lease, 1))?;
     Ok(back)
 }
 
@@ -217,14 +229,16 @@ pub async fn lease_down(
         &[id.sql()],
     )
     .await
-    .map_err(db)?;
+    .map_err(db)
+    .map(count(Kind::Lease, 2))?;
     let row = tx
         .query_opt(
             &format!("SELECT amount FROM {leases} WHERE {lcol} = $1 AND node_id = $2 FOR UPDATE"),
             &[id.sql(), &node],
         )
         .await
-        .map_err(db)?;
+        .map_err(db)
+        .map(count(Kind::Lease, 2))?;
     let held: i64 = row.map(|r| r.get(0)).unwrap_or(0);
     let down = amount.clamp(0, held.max(0));
     if down > 0 {
@@ -233,7 +247,8 @@ pub async fn lease_down(
             &[id.sql(), &node, &down],
         )
         .await
-        .map_err(db)?;
+        .map_err(db)
+        .map(count(Kind::Lease, 2))?;
     }
     Ok(down)
 }
@@ -253,7 +268,8 @@ pub async fn renew(
             &[&node, &ttl],
         )
         .await
-        .map_err(db)?;
+        .map_err(db)
+        .map(count(Kind::Renew, 2))?;
     let keys = c
         .query(
             "UPDATE tollgate_key_leases SET expires_at = now() + $2::float8 * interval '1 millisecond' \
@@ -261,7 +277,7 @@ pub async fn renew(
             &[&node, &ttl],
         )
         .await
-        .map_err(db)?;
+        .map_err(db).map(count(Kind::Renew, 2))?;
     let mut out: Vec<Subject> = accounts
         .iter()
         .map(|r| Subject::Account(std::sync::Arc::from(r.get::<_, String>(0))))
@@ -279,7 +295,7 @@ pub async fn renew(
             &[&node, &ttl],
         )
         .await
-        .map_err(db)?;
+        .map_err(db).map(count(Kind::Renew, 2))?;
     for r in &slots {
         let h: Vec<u8> = r.get(0);
         if let Ok(h) = crate::store::KeyHash::try_from(h.as_slice()) {
@@ -331,7 +347,11 @@ async fn return_leases(
              UPDATE {table} t SET {column} = t.{column} - per.amount \
              FROM per WHERE t.{id} = per.subject"
         );
-        subjects += c.execute(&sql, params).await.map_err(db)?;
+        subjects += c
+            .execute(&sql, params)
+            .await
+            .map_err(db)
+            .map(count(Kind::Reclaim, 2))?;
     }
     Ok(subjects)
 }

@@ -15,6 +15,9 @@
 //!   interleaving of nodes overspends. A request that finds too little in
 //!   the lease waits for one round trip ([`Cluster::ensure_credit`]); near
 //!   the end, slices shrink to the request, so the last cent is exact.
+//! - **Rate windows** ([`rate`]): a key's rpm and tpm count per UTC
+//!   minute over all nodes; a node takes shares of the minute's window
+//!   with one guarded statement and admits against them in memory.
 //! - **Settlement**: every settled charge is queued here and written in
 //!   batches (usage/ledger entries inserted once per id, a key's `usage`,
 //!   the account's `balance`/`spent`, and the lease lowered by the same
@@ -28,6 +31,9 @@
 //!   changes after the last one it saw (on NOTIFY, and every
 //!   `sync_interval`) and applies them to its store, the gate's cache
 //!   (`Gate::updated`, `Gate::forget`) and the wallets.
+//! - **Usage** ([`usage`]): each usage record is written with its charge;
+//!   in cluster mode the usage and report APIs read them back from there.
+//!   [`trips`] counts the round trips all of this costs, by kind.
 //! - **Faults**: with the database unreachable, a node serves from its
 //!   leases until they run out, then refuses paid requests with 503; queued
 //!   charges and admin changes are written when it is back. Leases not
@@ -38,8 +44,11 @@
 
 pub mod config;
 pub mod lease;
+pub mod rate;
 pub mod schema;
 pub mod sync;
+pub mod trips;
+pub mod usage;
 
 pub use config::{ClusterConfig, LeaseSize};
 pub use lease::Subject;
@@ -62,6 +71,7 @@ use crate::gate::{LiveKey, Policy};
 use crate::money::Pico;
 use crate::store::KeyHash;
 use schema::{db, pool as pool_error};
+use trips::{Kind, count};
 
 /// One node's part of the cluster.
 pub struct Cluster {
@@ -83,6 +93,8 @@ pub struct Cluster {
     app: OnceLock<Weak<App>>,
     /// Account (or key) → this node's lease on it.
     leases: DashMap<Subject, Arc<Held>>,
+    /// Key → this node's takes of its rpm and tpm windows ([`rate`]).
+    rates: DashMap<KeyHash, Arc<rate::RateHeld>>,
     /// Charges settled in memory, not yet in the database (oldest first).
     charges: Mutex<VecDeque<Charge>>,
     /// Admin changes not yet written to the database (it was unreachable).
@@ -220,6 +232,9 @@ pub struct Charge {
     pub spent: i64,
     /// Unix ms.
     pub at_ms: i64,
+    /// The usage record behind a `usage` charge (what the usage and report
+    /// APIs show in cluster mode).
+    pub record: Option<Box<crate::store::UsageRecord>>,
 }
 
 /// An account's settled money, as the database has it.
@@ -353,6 +368,7 @@ impl Cluster {
             tls,
             app: OnceLock::new(),
             leases: DashMap::new(),
+            rates: DashMap::new(),
             charges: Mutex::new(VecDeque::new()),
             pending: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(0),
@@ -748,6 +764,7 @@ impl Cluster {
             amount: lease_amount,
             spent,
             at_ms: entry.at_ms,
+            record: None,
         });
     }
 
@@ -765,20 +782,20 @@ impl Cluster {
         (self.cfg.sync_interval.as_millis() as i64 / 10).clamp(10, 200)
     }
 
-    /// A settlement's charge (cost and daily fee) to write to the database.
-    /// Called once per settled request with a cost; never blocks.
-    pub fn charged(&self, key: KeyHash, account: Option<Arc<str>>, amount: Pico, at_ms: i64) {
-        if amount.0 == 0 {
-            return;
-        }
+    /// A settlement's charge (cost and daily fee) and its usage record, to
+    /// write to the database (every record, also one that cost nothing: the
+    /// usage API reads them there). Called once per settled request; never
+    /// blocks.
+    pub fn charged(&self, record: &crate::store::UsageRecord, amount: Pico) {
         let charge = Charge {
             id: self.entry_id("u"),
             kind: "usage",
-            key: Some(key),
-            account,
+            key: Some(record.key),
+            account: record.account.clone(),
             amount: amount.0,
             spent: amount.0,
-            at_ms,
+            at_ms: record.at_ms,
+            record: Some(Box::new(record.clone())),
         };
         self.charges
             .lock()
@@ -826,7 +843,7 @@ impl Cluster {
                     &[&id],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db).map(count(Kind::Read, 2))?;
             Ok(row.map(|r| SettledAccount {
                 balance: Pico(r.get(0)),
                 spent: Pico(r.get(1)),
@@ -852,7 +869,8 @@ impl Cluster {
                     &[&hash],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db)
+                .map(count(Kind::Read, 2))?;
             Ok(row.map(|r| SettledKey {
                 usage: Pico(r.get(0)),
                 limit: r.get::<_, Option<i64>>(1).map(Pico),
@@ -874,6 +892,7 @@ impl Cluster {
         let sync_every = self.cfg.sync_interval.0;
         let settle_every = (sync_every / 4).max(Duration::from_millis(20));
         let mut last_sync = Instant::now();
+        let mut pruned_minute = 0;
         loop {
             let notified = tokio::select! {
                 _ = tokio::time::sleep(settle_every) => false,
@@ -885,6 +904,7 @@ impl Cluster {
             self.settle().await;
             self.push_pending().await;
             self.return_idle(Return::Scarce).await;
+            self.return_rates(false).await;
             if notified {
                 if let Err(e) = self.pull().await {
                     self.note_down(&e);
@@ -897,6 +917,15 @@ impl Cluster {
                 }
                 self.renew().await;
                 self.return_idle(Return::Idle).await;
+                if let Some(app) = self.app() {
+                    let minute = crate::gate::minute_of(app.clock.now_ms());
+                    if minute != pruned_minute && !self.rates.is_empty() {
+                        match self.prune_rates(minute).await {
+                            Ok(()) => pruned_minute = minute,
+                            Err(e) => self.note_down(&e),
+                        }
+                    }
+                }
                 let pool = self.pool.clone();
                 let reclaimed = async move {
                     let c = pool.get().await.map_err(pool_error)?;
@@ -950,7 +979,11 @@ impl Cluster {
     /// was charged. Returns by how much each account's lease went down.
     async fn write_charges(&self, batch: &[Charge]) -> Result<Vec<(Subject, i64)>, String> {
         let mut c = self.pool.get().await.map_err(pool_error)?;
-        let tx = c.transaction().await.map_err(db)?;
+        let tx = c
+            .transaction()
+            .await
+            .map_err(db)
+            .map(count(Kind::Settle, 1))?;
         let ids: Vec<&str> = batch.iter().map(|c| c.id.as_str()).collect();
         let kinds: Vec<&str> = batch.iter().map(|c| c.kind).collect();
         let keys: Vec<Option<Vec<u8>>> = batch.iter().map(|c| c.key.map(|k| k.to_vec())).collect();
@@ -959,16 +992,29 @@ impl Cluster {
         let spents: Vec<i64> = batch.iter().map(|c| c.spent).collect();
         let ats: Vec<i64> = batch.iter().map(|c| c.at_ms).collect();
         let node = self.cfg.node_id.as_str();
+        let r = usage::RecordColumns::of(batch);
         let rows = tx
             .query(
-                "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms) \
-                 SELECT i, k, h, a, m, s, $8, t FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], \
-                 $5::int8[], $6::int8[], $7::int8[]) AS u(i, k, h, a, m, s, t) \
+                "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms, \
+                 model, upstream, route, stream, status, prompt_tokens, cached_tokens, cache_write_tokens, \
+                 completion_tokens, reasoning_tokens, cost, reserved, latency_ms, ttfb_ms, request_id, \
+                 client_ip, estimated) \
+                 SELECT i, k, h, a, m, s, $8, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, \
+                 r15, r16, r17 FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], \
+                 $5::int8[], $6::int8[], $7::int8[], $9::text[], $10::text[], $11::text[], $12::bool[], \
+                 $13::int4[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
+                 $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[]) \
+                 AS u(i, k, h, a, m, s, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15, r16, r17) \
                  ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent",
-                &[&ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node],
+                &[
+                    &ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node, &r.model,
+                    &r.upstream, &r.route, &r.stream, &r.status, &r.prompt, &r.cached,
+                    &r.cache_write, &r.completion, &r.reasoning, &r.cost, &r.reserved,
+                    &r.latency, &r.ttfb, &r.request_id, &r.client_ip, &r.estimated,
+                ],
             )
             .await
-            .map_err(db)?;
+            .map_err(db).map(count(Kind::Settle, 2))?;
         let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
         let mut per_account: HashMap<String, (i64, i64)> = HashMap::new();
         // Charges no account paid: they come out of the key's own lease.
@@ -978,11 +1024,14 @@ impl Cluster {
             let account: Option<String> = r.get(1);
             let amount: i64 = r.get(2);
             let spent: i64 = r.get(3);
-            if let Some(k) = &key {
+            // A record that cost nothing moves no money (no row to lock).
+            if let Some(k) = &key
+                && spent != 0
+            {
                 *per_key.entry(k.clone()).or_default() += spent;
             }
             match (account, key) {
-                (Some(a), _) => {
+                (Some(a), _) if amount != 0 || spent != 0 => {
                     let e = per_account.entry(a).or_default();
                     e.0 += amount;
                     e.1 += spent;
@@ -1005,14 +1054,16 @@ impl Cluster {
                 &[&hs],
             )
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Settle, 2))?;
             tx.execute(
                 "UPDATE tollgate_keys k SET usage = k.usage + d.c \
                  FROM UNNEST($1::bytea[], $2::int8[]) AS d(h, c) WHERE k.hash = d.h",
                 &[&hs, &cs],
             )
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Settle, 2))?;
         }
         let mut taken = Vec::with_capacity(per_account.len() + per_key_lease.len());
         let mut accounts: Vec<_> = per_account.into_iter().collect();
@@ -1027,7 +1078,8 @@ impl Cluster {
                 &[&account, &amount, &spent, &down],
             )
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Settle, 2))?;
             taken.push((subject, down));
         }
         let mut keys: Vec<_> = per_key_lease.into_iter().collect();
@@ -1044,11 +1096,12 @@ impl Cluster {
                     &[&hash, &down],
                 )
                 .await
-                .map_err(db)?;
+                .map_err(db)
+                .map(count(Kind::Settle, 2))?;
                 taken.push((subject, down));
             }
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(db).map(count(Kind::Settle, 1))?;
         Ok(taken)
     }
 
@@ -1169,6 +1222,7 @@ impl Cluster {
             c.push_pending().await;
             c.settle().await;
             c.return_idle(Return::All).await;
+            c.return_rates(true).await;
             c.stopping.store(true, Ordering::Release);
             c.wake.notify_waiters();
             let _ = tx.send(());

@@ -9,14 +9,16 @@
 //! | `tollgate_accounts` | account id | profile (`record`, the store's JSON), `balance`, `spent`, `overdraft`, `leased` = Σ its leases |
 //! | `tollgate_keys` | key hash | policy (`record`), `key_limit`, `usage` = Σ its settled charges, `leased` |
 //! | `tollgate_leases` | (account, node) | the slice a node holds, and until when |
-//! | `tollgate_entries` | entry id | usage records and ledger entries, once each (idempotent per id) |
+//! | `tollgate_entries` | entry id | usage records and ledger entries, once each (idempotent per id); (version 5) a usage record's fields (`model` … `estimated`, NULL on ledger entries), which the usage and report APIs read in cluster mode |
 //! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
 //! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
+//! | `tollgate_rate_windows` | (key, minute, unit) | (version 4) requests (`rpm`) or tokens (`tpm`) the nodes took of a key's window of one UTC minute: `taken` ≤ the limit; `last_grant` is what the last take gave (so the statement can return it) |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
 //! seq N has seen every change before it.
 
+use super::trips::{Kind, count};
 use deadpool_postgres::Pool;
 
 /// Advisory lock id held while migrating.
@@ -99,6 +101,27 @@ CREATE TABLE tollgate_slot_leases (
 );
 CREATE INDEX tollgate_slot_leases_expiry ON tollgate_slot_leases (expires_at);
 "#,
+    r#"
+CREATE TABLE tollgate_rate_windows (
+    hash bytea NOT NULL,
+    minute bigint NOT NULL,
+    unit text NOT NULL,
+    taken bigint NOT NULL,
+    last_grant bigint NOT NULL,
+    PRIMARY KEY (hash, minute, unit)
+);
+"#,
+    r#"
+ALTER TABLE tollgate_entries
+    ADD COLUMN model text, ADD COLUMN upstream text, ADD COLUMN route text,
+    ADD COLUMN stream boolean, ADD COLUMN status integer,
+    ADD COLUMN prompt_tokens bigint, ADD COLUMN cached_tokens bigint,
+    ADD COLUMN cache_write_tokens bigint, ADD COLUMN completion_tokens bigint,
+    ADD COLUMN reasoning_tokens bigint, ADD COLUMN cost bigint, ADD COLUMN reserved bigint,
+    ADD COLUMN latency_ms bigint, ADD COLUMN ttfb_ms bigint,
+    ADD COLUMN request_id text, ADD COLUMN client_ip text, ADD COLUMN estimated boolean;
+CREATE INDEX tollgate_entries_records ON tollgate_entries (key_hash, at_ms) WHERE model IS NOT NULL;
+"#,
 ];
 
 /// The schema version this build writes.
@@ -108,17 +131,24 @@ pub const VERSION: i32 = MIGRATIONS.len() as i32;
 pub async fn migrate(pool: &Pool) -> Result<i32, String> {
     let mut client = pool.get().await.map_err(self::pool)?;
     loop {
-        let tx = client.transaction().await.map_err(db)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db)
+            .map(count(Kind::Migrate, 1))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Migrate, 2))?;
         tx.batch_execute("CREATE TABLE IF NOT EXISTS tollgate_schema (version integer NOT NULL)")
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Migrate, 1))?;
         let row = tx
             .query_one("SELECT COALESCE(MAX(version), 0) FROM tollgate_schema", &[])
             .await
-            .map_err(db)?;
+            .map_err(db)
+            .map(count(Kind::Migrate, 2))?;
         let have: i32 = row.get(0);
         if have > VERSION {
             return Err(format!(
@@ -126,7 +156,7 @@ pub async fn migrate(pool: &Pool) -> Result<i32, String> {
             ));
         }
         if have == VERSION {
-            tx.commit().await.map_err(db)?;
+            tx.commit().await.map_err(db).map(count(Kind::Migrate, 1))?;
             return Ok(have);
         }
         tx.batch_execute(MIGRATIONS[have as usize])
@@ -137,8 +167,9 @@ pub async fn migrate(pool: &Pool) -> Result<i32, String> {
             &[&(have + 1)],
         )
         .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
+        .map_err(db)
+        .map(count(Kind::Migrate, 2))?;
+        tx.commit().await.map_err(db).map(count(Kind::Migrate, 1))?;
         tracing::info!(version = have + 1, "cluster: database migration applied");
     }
 }

@@ -14,6 +14,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::Cluster;
 use super::schema::{CHANGE_LOCK, CHANNEL, db, pool as pool_error};
+use super::trips::{Kind, count};
 use crate::app::App;
 use crate::money::Pico;
 use crate::store::{Account, AccountRecord, KeyHash, Store};
@@ -132,7 +133,7 @@ impl Cluster {
                 let hash = *hash;
                 self.run(async move {
                     let mut c = pool.get().await.map_err(pool_error)?;
-                    let tx = c.transaction().await.map_err(db)?;
+                    let tx = c.transaction().await.map_err(db).map(count(Kind::Change, 1))?;
                     let seq = next_seq(&tx).await?;
                     let (record, limit, deleted, concurrency) = match &local {
                         Some((rec, acct)) => (
@@ -155,9 +156,9 @@ impl Cluster {
                         &[&hash.to_vec(), &record, &deleted, &limit, &seq, &node, &concurrency],
                     )
                     .await
-                    .map_err(db)?;
+                    .map_err(db).map(count(Kind::Change, 2))?;
                     notify(&tx, seq).await?;
-                    tx.commit().await.map_err(db)
+                    tx.commit().await.map_err(db).map(count(Kind::Change, 1))
                 })
                 .await
             }
@@ -166,7 +167,7 @@ impl Cluster {
                 let id = id.clone();
                 self.run(async move {
                     let mut c = pool.get().await.map_err(pool_error)?;
-                    let tx = c.transaction().await.map_err(db)?;
+                    let tx = c.transaction().await.map_err(db).map(count(Kind::Change, 1))?;
                     let seq = next_seq(&tx).await?;
                     match &local {
                         Some(a) => {
@@ -181,7 +182,7 @@ impl Cluster {
                                 &[&id, &record, &a.overdraft.0, &a.unlimited, &seq, &node],
                             )
                             .await
-                            .map_err(db)?;
+                            .map_err(db).map(count(Kind::Change, 2))?;
                         }
                         None => {
                             tx.execute(
@@ -189,11 +190,11 @@ impl Cluster {
                                 &[&id, &seq, &node],
                             )
                             .await
-                            .map_err(db)?;
+                            .map_err(db).map(count(Kind::Change, 2))?;
                         }
                     }
                     notify(&tx, seq).await?;
-                    tx.commit().await.map_err(db)
+                    tx.commit().await.map_err(db).map(count(Kind::Change, 1))
                 })
                 .await
             }
@@ -209,7 +210,7 @@ impl Cluster {
                     (id.clone(), account.clone(), *kind, *amount, *spent, *at_ms);
                 self.run(async move {
                     let mut c = pool.get().await.map_err(pool_error)?;
-                    let tx = c.transaction().await.map_err(db)?;
+                    let tx = c.transaction().await.map_err(db).map(count(Kind::Change, 1))?;
                     let inserted = tx
                         .execute(
                             "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms) \
@@ -217,16 +218,16 @@ impl Cluster {
                             &[&id, &kind, &account, &amount, &spent, &node, &at_ms],
                         )
                         .await
-                        .map_err(db)?;
+                        .map_err(db).map(count(Kind::Change, 2))?;
                     if inserted == 1 {
                         tx.execute(
                             "UPDATE tollgate_accounts SET balance = balance + $2, spent = spent + $3 WHERE id = $1",
                             &[&account, &amount, &spent],
                         )
                         .await
-                        .map_err(db)?;
+                        .map_err(db).map(count(Kind::Change, 2))?;
                     }
-                    tx.commit().await.map_err(db)
+                    tx.commit().await.map_err(db).map(count(Kind::Change, 1))
                 })
                 .await
             }
@@ -258,7 +259,8 @@ impl Cluster {
                     .read_only(true)
                     .start()
                     .await
-                    .map_err(db)?;
+                    .map_err(db)
+                    .map(count(Kind::Pull, 1))?;
                 let accounts = tx
                     .query(
                         "SELECT id, record, deleted, seq FROM tollgate_accounts \
@@ -266,7 +268,8 @@ impl Cluster {
                         &[&last, &skip],
                     )
                     .await
-                    .map_err(db)?;
+                    .map_err(db)
+                    .map(count(Kind::Pull, 2))?;
                 let keys = tx
                     .query(
                         "SELECT hash, record, deleted, key_limit, seq FROM tollgate_keys \
@@ -274,7 +277,8 @@ impl Cluster {
                         &[&last, &skip],
                     )
                     .await
-                    .map_err(db)?;
+                    .map_err(db)
+                    .map(count(Kind::Pull, 2))?;
                 let max = tx
                     .query_one(
                         "SELECT GREATEST((SELECT COALESCE(MAX(seq), 0) FROM tollgate_accounts), \
@@ -282,9 +286,10 @@ impl Cluster {
                         &[],
                     )
                     .await
-                    .map_err(db)?
+                    .map_err(db)
+                    .map(count(Kind::Pull, 2))?
                     .get::<_, i64>(0);
-                tx.commit().await.map_err(db)?;
+                tx.commit().await.map_err(db).map(count(Kind::Pull, 1))?;
                 let accounts: Vec<(String, Vec<u8>, bool)> = accounts
                     .iter()
                     .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -392,18 +397,21 @@ impl Cluster {
 async fn next_seq(tx: &deadpool_postgres::Transaction<'_>) -> Result<i64, String> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOCK])
         .await
-        .map_err(db)?;
+        .map_err(db)
+        .map(count(Kind::Change, 2))?;
     Ok(tx
         .query_one("SELECT nextval('tollgate_change_seq')", &[])
         .await
-        .map_err(db)?
+        .map_err(db)
+        .map(count(Kind::Change, 2))?
         .get(0))
 }
 
 async fn notify(tx: &deadpool_postgres::Transaction<'_>, seq: i64) -> Result<(), String> {
     tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &seq.to_string()])
         .await
-        .map_err(db)?;
+        .map_err(db)
+        .map(count(Kind::Change, 2))?;
     Ok(())
 }
 

@@ -403,3 +403,64 @@ fn limit_reset_change_follows_the_store_rule() {
     let n = gate.numbers_now(&key);
     assert_eq!((n.period_spent, n.spent), (Pico(400), Pico(400)));
 }
+
+/// Cluster mode: once a key has rate shares, its rpm and tpm admit against
+/// what this node took of the minute's window (nothing taken: refused), a
+/// settled request's unused tokens stay in the share, and a share taken
+/// back is out of admission's reach.
+#[test]
+fn rate_shares_cap_rpm_and_tpm() {
+    let f = fixture("shares");
+    let gate = &f.gate;
+    // One second into a minute (test time): the whole test is in it.
+    let into = gate.clock().now_ms().rem_euclid(60_000);
+    gate.clock()
+        .advance(Duration::from_millis((60_000 - into + 1_000) as u64));
+    let now = gate.clock().now_ms();
+    let (mut rec, acct) = record(1, now);
+    rec.rpm = Some(5);
+    rec.tpm = Some(1_000);
+    f.insert([(rec, acct)]);
+    let key = gate.lookup(&hash_of(1), now).unwrap().unwrap();
+    let policy = key.policy();
+    let now = gate.clock().now_ms();
+    let minute = minute_of(now);
+    // A single node's rpm (GCRA) admits until the key has shares.
+    drop(gate.limit(&key, &policy, now).expect("a single node's rpm"));
+    key.rate_share();
+    let e = gate.limit(&key, &policy, now).err().expect("no share yet");
+    assert_eq!(e.status, http::StatusCode::TOO_MANY_REQUESTS);
+    key.share_add(Unit::Requests, minute, 2, 4);
+    let p = gate.limit(&key, &policy, now).expect("first of the share");
+    // 5 − 4 taken by all + 1 unused here.
+    assert_eq!(p.rate.rpm.map(|r| r.1), Some(2));
+    drop(p);
+    drop(gate.limit(&key, &policy, now).expect("second of the share"));
+    assert!(gate.limit(&key, &policy, now).is_err(), "share used up");
+    assert_eq!(key.share_free(Unit::Requests, now), 0);
+
+    // Tokens: none taken, nothing reserved.
+    assert!(gate.reserve(&key, &policy, &flat(10, 100)).is_err());
+    key.share_add(Unit::Tokens, minute, 150, 150);
+    let r = gate
+        .reserve(&key, &policy, &flat(10, 100))
+        .expect("fits the share");
+    assert!(
+        gate.reserve(&key, &policy, &flat(10, 100)).is_err(),
+        "50 left"
+    );
+    assert_eq!(key.share_free(Unit::Tokens, now), 50);
+    r.reservation.settle(Pico(10), 40);
+    assert_eq!(key.share_free(Unit::Tokens, now), 110);
+    let held = gate
+        .reserve(&key, &policy, &flat(10, 100))
+        .expect("fits again");
+    assert!(
+        !key.share_take_back(Unit::Tokens, minute, 20),
+        "only 10 are free"
+    );
+    assert!(key.share_take_back(Unit::Tokens, minute, 10));
+    assert_eq!(key.share_free(Unit::Tokens, now), 0);
+    drop(held);
+    assert_eq!(key.share_free(Unit::Tokens, now), 100);
+}

@@ -22,15 +22,18 @@ mod filter;
 mod lease;
 mod mode;
 mod reservation;
+mod share;
 
 pub use filter::KeyFilter;
+pub use reservation::minute_of;
 pub use reservation::{Bound, Pricing, Reservation, Reserved};
-use reservation::{minute_of, pack_window, unpack_window};
+use reservation::{pack_window, unpack_window};
+pub use share::{RateShare, Unit};
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -158,6 +161,10 @@ pub struct LiveKey {
     /// Cluster mode: the slots of the key's `concurrency` this node holds
     /// (`lease.rs`); `u32::MAX` (no cap of its own) on a single node.
     slots: AtomicU32,
+    /// Cluster mode: this node's shares of the key's rpm and tpm windows
+    /// (`share.rs`), made on first use; never made on a single node, whose
+    /// rpm and tpm stay its own.
+    rate_share: OnceLock<Box<RateShare>>,
 }
 
 /// A key's policy, compiled for fast checks.
@@ -425,6 +432,7 @@ impl LiveKey {
             device_lock: Mutex::new(()),
             expiry_announced: AtomicBool::new(false),
             slots: AtomicU32::new(u32::MAX),
+            rate_share: OnceLock::new(),
             policy: RwLock::new(Arc::new(Policy::compile(record))),
         }
     }
@@ -531,13 +539,17 @@ impl LiveKey {
     /// they are held in, or the tokens already used.
     fn tpm_reserve(&self, tpm: u64, tokens: u64, now_ms: i64) -> Result<u32, u64> {
         let minute = minute_of(now_ms);
+        // Cluster mode: this node's share of the window (a single node has
+        // none and the whole tpm).
+        let share = self.rate_share.get();
         let mut cur = self.tpm_window.load(Ordering::Acquire);
         loop {
             let (m, used) = unpack_window(cur);
             // Windows only move forward (`>`, never `!=`).
             let (m, used) = if minute > m { (minute, 0) } else { (m, used) };
             let next = used.saturating_add(tokens);
-            if next > tpm {
+            let cap = share.map_or(tpm, |s| tpm.min(s.tokens_in(m)));
+            if next > cap {
                 return Err(used);
             }
             match self.tpm_window.compare_exchange_weak(
@@ -562,6 +574,15 @@ impl LiveKey {
                 (m == minute)
                     .then(|| pack_window(m, used.saturating_sub(held).saturating_add(actual)))
             });
+    }
+
+    /// What the headers say remains of the tpm window, with `used` tokens
+    /// of it held or used here (cluster mode: as this node knows it).
+    fn tpm_remaining(&self, tpm: u64, used: u64, now_ms: i64) -> u64 {
+        match self.rate_share.get() {
+            Some(s) => s.tokens_remaining(tpm, used, now_ms),
+            None => tpm.saturating_sub(used),
+        }
     }
 
     /// Takes `amount` from what remains, if it fits.
@@ -906,7 +927,8 @@ impl Gate {
             // A full window is refused here, before the rpm limiter counts
             // the request; the request's own tokens are taken at reserve.
             let (used, reset) = key.tpm_used(now);
-            if used >= tpm {
+            let remaining = key.tpm_remaining(tpm, used, now);
+            if used >= tpm || remaining == 0 {
                 return Err(ApiError::rate_limited(
                     format!("Rate limit reached: {tpm} tokens per minute."),
                     reset.as_secs().max(1),
@@ -916,26 +938,44 @@ impl Gate {
                     tpm: Some((tpm, 0, reset)),
                 }));
             }
-            rate.tpm = Some((tpm, tpm.saturating_sub(used), reset));
+            rate.tpm = Some((tpm, remaining, reset));
         }
         if let Some(limiter) = &policy.rpm {
             let limit = rec.rpm.unwrap_or(0);
-            match limiter.check() {
-                Ok(snapshot) => {
-                    let snapshot: StateSnapshot = snapshot;
-                    let remaining = snapshot.remaining_burst_capacity();
-                    let refill = Duration::from_millis(60_000 / limit.max(1) as u64);
-                    rate.rpm = Some((limit, remaining, refill));
+            // Cluster mode: the key's rpm counts per minute on all nodes,
+            // admitted against this node's share of the window.
+            if let Some(share) = key.rate_share.get() {
+                match share.admit(limit, now) {
+                    Ok(remaining) => {
+                        rate.rpm = Some((limit, remaining, share::window_reset(now)));
+                    }
+                    Err(reset) => {
+                        rate.rpm = Some((limit, 0, reset));
+                        return Err(ApiError::rate_limited(
+                            format!("Rate limit reached: {limit} requests per minute."),
+                            reset.as_secs().max(1),
+                        )
+                        .with_rate(&rate));
+                    }
                 }
-                Err(not_until) => {
-                    use governor::clock::Clock as _;
-                    let wait = not_until.wait_time_from(limiter.clock().now());
-                    rate.rpm = Some((limit, 0, wait));
-                    return Err(ApiError::rate_limited(
-                        format!("Rate limit reached: {limit} requests per minute."),
-                        wait.as_secs().max(1),
-                    )
-                    .with_rate(&rate));
+            } else {
+                match limiter.check() {
+                    Ok(snapshot) => {
+                        let snapshot: StateSnapshot = snapshot;
+                        let remaining = snapshot.remaining_burst_capacity();
+                        let refill = Duration::from_millis(60_000 / limit.max(1) as u64);
+                        rate.rpm = Some((limit, remaining, refill));
+                    }
+                    Err(not_until) => {
+                        use governor::clock::Clock as _;
+                        let wait = not_until.wait_time_from(limiter.clock().now());
+                        rate.rpm = Some((limit, 0, wait));
+                        return Err(ApiError::rate_limited(
+                            format!("Rate limit reached: {limit} requests per minute."),
+                            wait.as_secs().max(1),
+                        )
+                        .with_rate(&rate));
+                    }
                 }
             }
         }
@@ -1088,9 +1128,11 @@ impl Gate {
                 Err(used) => {
                     // Dropping `reservation` gives back the credit and fee.
                     let (_, reset) = key.tpm_used(now);
+                    let remaining = key.tpm_remaining(tpm, used, now);
+                    let used = tpm - remaining.min(tpm);
                     let rate = RateInfo {
                         rpm: None,
-                        tpm: Some((tpm, tpm.saturating_sub(used), reset)),
+                        tpm: Some((tpm, remaining, reset)),
                     };
                     let message = if tokens > tpm {
                         format!(

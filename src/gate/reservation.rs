@@ -183,7 +183,7 @@ pub(super) fn unpack_window(w: u64) -> (u32, u64) {
 }
 
 /// The minute of `now_ms`, as the window stores it.
-pub(super) fn minute_of(now_ms: i64) -> u32 {
+pub fn minute_of(now_ms: i64) -> u32 {
     now_ms.div_euclid(60_000).clamp(0, i64::from(u32::MAX)) as u32
 }
 

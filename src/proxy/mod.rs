@@ -171,6 +171,8 @@ impl Call<'_> {
             // Cluster mode: this node must hold a slot of the key's
             // concurrency (a round trip only when it holds none free).
             cluster.ensure_slot(&key, &policy).await?;
+            // …and a share of its rpm window (and, for its tpm, shares).
+            cluster.ensure_rate(&key, &policy, now_ms).await?;
         }
         let permit = self.limit(&key, &policy, now_ms)?;
         if self.route == Endpoint::CountTokens {
@@ -182,6 +184,15 @@ impl Call<'_> {
             // Cluster mode: the account's lease must hold the bound before
             // the gate reserves it (a round trip only when it does not).
             let bound = self.bound(&inspected);
+            cluster
+                .ensure_tokens(
+                    &key,
+                    &policy,
+                    bound.tokens(bound.completion_tokens),
+                    // The clock the reservation reads: the same minute.
+                    self.app.clock.now_ms(),
+                )
+                .await?;
             cluster
                 .ensure_credit(
                     &key,

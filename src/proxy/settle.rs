@@ -243,15 +243,7 @@ impl Settlement {
             Some(u) => u.name.clone(),
             None => String::new(),
         };
-        if let Some(cluster) = self.app.cluster.get() {
-            cluster.charged(
-                key.hash,
-                account.clone(),
-                charged.saturating_add(daily_fee),
-                self.app.clock.now_ms(),
-            );
-        }
-        let seq = self.app.store.record(UsageRecord {
+        let record = UsageRecord {
             at_ms: self.app.clock.now_ms(),
             key: key.hash,
             model: std::mem::take(&mut self.model),
@@ -276,7 +268,11 @@ impl Settlement {
             estimated,
             daily_fee,
             account,
-        });
+        };
+        if let Some(cluster) = self.app.cluster.get() {
+            cluster.charged(&record, charged.saturating_add(daily_fee));
+        }
+        let seq = self.app.store.record(record);
         key.recorded(seq);
     }
 }

@@ -1,5 +1,6 @@
 //! The admin billing endpoints of seed 004, from the gateway's hourly
-//! rollups and the resolved config:
+//! rollups (in cluster mode the database's usage records, summed the same
+//! way) and the resolved config:
 //!
 //! - `GET /api/v1/admin/health`: the gateway, its billing mode and whether
 //!   the store takes paid requests;
@@ -17,13 +18,12 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use super::super::reports::{params, range_of};
-use super::super::{Ctx, Fields, json, store_error};
+use super::super::reports::{params, range_of, rollups};
+use super::super::{Ctx, Fields, json};
 use crate::Body;
 use crate::clock::{DAY_MS, HOUR_MS};
 use crate::error::ApiError;
 use crate::money::Pico;
-use crate::store::RollupScope;
 
 #[derive(Clone, Copy, Default, Serialize)]
 struct Totals {
@@ -67,17 +67,13 @@ pub(super) fn health(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
 }
 
 /// `GET /api/v1/admin/billing/status`
-pub(super) fn status(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
+pub(super) async fn status(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
     let now = ctx.clock.now_ms();
     let end_hour = now.div_euclid(HOUR_MS) + 1;
     let today_hour = now.div_euclid(DAY_MS) * 24;
     let mut today = Totals::default();
     let mut all_time = Totals::default();
-    for (hour, _, r) in ctx
-        .store
-        .rollups(RollupScope::Gateway, i64::MIN / 2, end_hour)
-        .map_err(store_error)?
-    {
+    for (hour, _, r) in rollups(ctx, None, i64::MIN / 2, end_hour).await? {
         all_time.add(&r);
         if hour >= today_hour {
             today.add(&r);
@@ -113,19 +109,13 @@ pub(super) fn status(ctx: &Ctx<'_>) -> Result<Response<Body>, ApiError> {
 
 /// `GET /api/v1/admin/billing/stats?start&end` (Unix seconds, default the
 /// last 30 days).
-pub(super) fn stats(ctx: &Ctx<'_>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+pub(super) async fn stats(ctx: &Ctx<'_>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
     let pairs = params(query, &["start", "end"])?;
     let range = range_of(&pairs, ctx.clock.now_ms())?;
     let mut total = Totals::default();
     let mut by_model: BTreeMap<String, Totals> = BTreeMap::new();
-    for (_, model, r) in ctx
-        .store
-        .rollups(
-            RollupScope::Gateway,
-            range.start_ms / HOUR_MS,
-            range.end_ms / HOUR_MS,
-        )
-        .map_err(store_error)?
+    for (_, model, r) in
+        rollups(ctx, None, range.start_ms / HOUR_MS, range.end_ms / HOUR_MS).await?
     {
         total.add(&r);
         by_model.entry(model).or_default().add(&r);

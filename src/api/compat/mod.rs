@@ -94,8 +94,8 @@ where
                 return Err(ApiError::method_not_allowed());
             }
             match call {
-                CompatCall::BillingStatus => billing_admin::status(ctx),
-                CompatCall::BillingStats => billing_admin::stats(ctx, parts.uri.query()),
+                CompatCall::BillingStatus => billing_admin::status(ctx).await,
+                CompatCall::BillingStats => billing_admin::stats(ctx, parts.uri.query()).await,
                 CompatCall::AdminHealth => billing_admin::health(ctx),
                 _ => billing_admin::config(ctx),
             }
