@@ -277,17 +277,12 @@ impl H1Pool {
             out.body
         };
         let head: &[u8] = &head;
-        let mut conn = match self.shared.checkout() {
-            Some(mut conn) => match conn.write_request(head, body).await {
-                Ok(()) => conn,
-                Err(_) => {
-                    let mut conn = self.shared.connect().await?;
-                    conn.write_request(head, body)
-                        .await
-                        .map_err(SendError::Io)?;
-                    conn
-                }
-            },
+        let reused = match self.shared.checkout() {
+            Some(mut conn) => conn.write_request(head, body).await.is_ok().then_some(conn),
+            None => None,
+        };
+        let mut conn = match reused {
+            Some(conn) => conn,
             None => {
                 let mut conn = self.shared.connect().await?;
                 conn.write_request(head, body)
@@ -754,9 +749,14 @@ impl H1Body {
         }
     }
 
-    fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// The end without reuse: the connection is closed.
+    fn close(&mut self) {
         self.state = State::Done;
         self.conn = None;
+    }
+
+    fn fail(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.close();
         Poll::Ready(Some(Err(why.into())))
     }
 }
@@ -800,8 +800,7 @@ impl HttpBody for H1Body {
             }
             match ready!(conn.poll_fill(cx)) {
                 Ok(0) if this.state == State::UntilClose => {
-                    this.state = State::Done;
-                    this.conn = None;
+                    this.close();
                     return Poll::Ready(None);
                 }
                 Ok(0) => {
@@ -809,8 +808,7 @@ impl HttpBody for H1Body {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    this.state = State::Done;
-                    this.conn = None;
+                    this.close();
                     return Poll::Ready(Some(Err(e.into())));
                 }
             }
