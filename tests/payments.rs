@@ -876,10 +876,25 @@ async fn epay_external_orders_credit_by_email_once(mode: RuntimeMode) {
     );
     let p = &payments_of(&gw, "account=acct-x").await[0];
     assert_eq!(p["kind"], "activation");
-    let issued = p["issued_key"]["key"]
-        .as_str()
-        .expect("the issued key is shown");
     assert_eq!(p["issued_key"]["hash"], keys["data"][0]["hash"]);
+    assert!(
+        p["issued_key"].get("key").is_none(),
+        "a list never shows the key: {p}"
+    );
+    // The first read of the record shows the key, once.
+    let path = format!("/api/v1/payments/{}", p["id"].as_str().unwrap());
+    let first = gw.admin_get(&path).await;
+    let issued = first["data"]["issued_key"]["key"]
+        .as_str()
+        .expect("the first read shows the issued key")
+        .to_owned();
+    let issued = issued.as_str();
+    let again = gw.admin_get(&path).await;
+    assert_eq!(again["data"]["issued_key"]["hash"], keys["data"][0]["hash"]);
+    assert!(
+        again["data"]["issued_key"].get("key").is_none(),
+        "a second read shows no key: {again}"
+    );
     // The issued key works against its account.
     let (s, _, v) = send(
         "GET",

@@ -385,7 +385,7 @@ where
             payments::manual(ctx, &read_fields(&parts.headers, body).await?).await
         }
         AdminCall::PaymentsReconcile if m == Method::GET => payments::reconcile(ctx, query),
-        AdminCall::Payment(id) if m == Method::GET => payments::get(ctx, id),
+        AdminCall::Payment(id) if m == Method::GET => payments::get(ctx, id).await,
         AdminCall::AccountCheckout(id) if m == Method::POST => {
             payments::account_checkout(ctx, id, &read_fields(&parts.headers, body).await?).await
         }
