@@ -412,7 +412,7 @@ where
             admin_tokens::create(ctx, &read_fields(&parts.headers, body).await?).await
         }
         AdminCall::AdminToken(id) if m == Method::DELETE => admin_tokens::delete(ctx, id).await,
-        AdminCall::Reload if m == Method::POST => admin_tokens::reload(ctx),
+        AdminCall::Reload if m == Method::POST => admin_tokens::reload(ctx).await,
         _ => Err(ApiError::method_not_allowed()),
     }
 }

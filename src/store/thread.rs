@@ -466,10 +466,7 @@ impl StoreThread {
                 self.handle_outbox_op(op)
             }
             Op::AdminToken(op, tx) => {
-                let r = self
-                    .commit_pending()
-                    .and_then(|()| super::admin_tokens::apply(&self.book, op));
-                self.write_count(1);
+                let r = self.commit_pending().and_then(|()| self.admin_token(op));
                 self.replies.push(reply_after_flush(tx, r));
                 true
             }
