@@ -186,6 +186,9 @@ pub struct StorageConfig {
     pub flush_ms: u64,
     /// Usage records older than this are pruned (rollups stay); 0 = keep.
     pub usage_retention_days: u32,
+    /// Outbox events older than this whose deliveries all finished are
+    /// pruned with their delivery rows (pending ones never); 0 = keep.
+    pub event_retention_days: u32,
     /// Records waiting for their commit at which paid requests are refused
     /// (503 `store_unavailable`): bounds the queue and what a crash loses.
     pub queue_capacity: u64,
@@ -211,6 +214,7 @@ impl Default for StorageConfig {
             path: PathBuf::from("./data"),
             flush_ms: 50,
             usage_retention_days: 0,
+            event_retention_days: 30,
             queue_capacity: crate::store::DEFAULT_QUEUE_CAPACITY,
             cache_mb: 64,
         }

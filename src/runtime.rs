@@ -318,6 +318,15 @@ async fn sweeper(
                 tracing::warn!(error = %e, "pruning old usage records failed");
             }
         }
+        let event_days = app.live().config.storage.event_retention_days;
+        if event_days > 0 {
+            let before = app.clock.now_ms() - i64::from(event_days) * crate::clock::DAY_MS;
+            match app.store.prune_events_before(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(events = n, "old delivered events pruned"),
+                Err(e) => tracing::warn!(error = %e, "pruning old events failed"),
+            }
+        }
     }
 }
 

@@ -299,6 +299,30 @@ async fn tokens_are_shown_once_listed_without_secrets_and_deleted() {
     )
     .await;
     assert_error(s, &v, 404, "not_found");
+
+    // Both writes are audited with actor, address and the record's summary,
+    // never the token; the refused second delete left nothing.
+    let (s, audit) = call(
+        &gw,
+        ADMIN,
+        "GET",
+        &format!("/api/v1/audit?target={id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{audit}");
+    let rows = audit["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{audit}");
+    assert_eq!(rows[0]["action"], "admin_token.create");
+    assert_eq!(rows[0]["actor"], "root");
+    assert_eq!(rows[0]["ip"], "127.0.0.1");
+    assert_eq!(rows[0]["before"], Value::Null);
+    assert_eq!(rows[0]["after"]["name"], "billing-bot");
+    assert_eq!(rows[0]["after"]["hash"], stored[0].hash.as_str());
+    assert_eq!(rows[1]["action"], "admin_token.delete");
+    assert_eq!(rows[1]["before"]["id"], id.as_str());
+    assert_eq!(rows[1]["after"], Value::Null);
+    assert!(!audit.to_string().contains(&token), "{audit}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

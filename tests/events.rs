@@ -1008,3 +1008,57 @@ async fn a_write_the_disk_refused_emits_nothing() {
         "nor an audit entry: {v}"
     );
 }
+
+/// Retention: an old event whose deliveries finished goes, with its
+/// delivery rows; one still pending stays, however old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_finished_events_and_keeps_pending_ones() {
+    set_env();
+    let ok = Hook::start(Arc::new(|_, _| 204)).await;
+    let down = Hook::start(Arc::new(|_, _| 500)).await;
+    let gw = TestGateway::start_with(&format!(
+        "{}{}",
+        webhook(&ok.url(), "[\"key.created\"]", "[\"1s\"]"),
+        webhook(&down.url(), "[\"key.deleted\"]", "[\"90d\"]")
+    ));
+    let (_, hash) = gw.create_key(json!({"name": "old"})).await;
+    let (s, v) = admin(&gw, "DELETE", &format!("/api/v1/keys/{hash}"), None).await;
+    assert_eq!(s, 200, "{v}");
+    wait_for("both first tries", || {
+        ok.got().len() == 1 && down.got().len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered = gw
+        .admin_get("/api/v1/webhooks/deliveries?status=delivered")
+        .await;
+    assert_eq!(
+        delivered["data"].as_array().unwrap().len(),
+        1,
+        "{delivered}"
+    );
+
+    // Nothing is old enough yet.
+    let day = 86_400_000;
+    let store = &gw.app().store;
+    let cut = gw.clock.now_ms() - 30 * day;
+    assert_eq!(store.prune_events_before(cut).await.unwrap(), 0);
+
+    gw.clock.advance(Duration::from_secs(31 * 86_400));
+    let cut = gw.clock.now_ms() - 30 * day;
+    assert_eq!(store.prune_events_before(cut).await.unwrap(), 1);
+    assert_eq!(
+        event_types(&gw).await,
+        ["key.deleted"],
+        "the pending one stays"
+    );
+    let all = gw.admin_get("/api/v1/webhooks/deliveries").await;
+    let rows = all["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{all}");
+    assert_eq!(rows[0]["status"], "pending");
+    // Again: nothing more goes.
+    assert_eq!(store.prune_events_before(cut).await.unwrap(), 0);
+    // A new event is listed as before.
+    gw.create_key(json!({"name": "new"})).await;
+    assert_eq!(event_types(&gw).await, ["key.deleted", "key.created"]);
+}

@@ -876,10 +876,25 @@ async fn epay_external_orders_credit_by_email_once(mode: RuntimeMode) {
     );
     let p = &payments_of(&gw, "account=acct-x").await[0];
     assert_eq!(p["kind"], "activation");
-    let issued = p["issued_key"]["key"]
-        .as_str()
-        .expect("the issued key is shown");
     assert_eq!(p["issued_key"]["hash"], keys["data"][0]["hash"]);
+    assert!(
+        p["issued_key"].get("key").is_none(),
+        "a list never shows the key: {p}"
+    );
+    // The first read of the record shows the key, once.
+    let path = format!("/api/v1/payments/{}", p["id"].as_str().unwrap());
+    let first = gw.admin_get(&path).await;
+    let issued = first["data"]["issued_key"]["key"]
+        .as_str()
+        .expect("the first read shows the issued key")
+        .to_owned();
+    let issued = issued.as_str();
+    let again = gw.admin_get(&path).await;
+    assert_eq!(again["data"]["issued_key"]["hash"], keys["data"][0]["hash"]);
+    assert!(
+        again["data"]["issued_key"].get("key").is_none(),
+        "a second read shows no key: {again}"
+    );
     // The issued key works against its account.
     let (s, _, v) = send(
         "GET",
@@ -967,6 +982,38 @@ async fn manual_payments_are_idempotent_on_reference(mode: RuntimeMode) {
     let (s, _, _) = send("POST", &gw.url("/api/v1/payments"), &[], Some(body)).await;
     assert_eq!(s, 401, "manual payments are the admin's");
     assert_eq!(balance(&gw, "acct-m").await, "250.5");
+
+    // The list pages with offset and limit, newest first, as keys do.
+    for r in ["BANK-2", "BANK-3"] {
+        // Ids order by creation time: one per ms apart.
+        gw.clock.advance(std::time::Duration::from_millis(5));
+        let (s, _, v) =
+            post(json!({"account": "acct-m", "amount": "1", "reference": r, "kind": "topup"}))
+                .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let refs = |ps: Vec<Value>| -> Vec<String> {
+        ps.iter()
+            .map(|p| p["provider_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        refs(payments_of(&gw, "account=acct-m&limit=2").await),
+        ["BANK-3", "BANK-2"]
+    );
+    assert_eq!(
+        refs(payments_of(&gw, "account=acct-m&limit=2&offset=2").await),
+        ["BANK-2026-001"]
+    );
+    assert!(payments_of(&gw, "account=acct-m&offset=3").await.is_empty());
+    let (s, _, v) = send(
+        "GET",
+        &gw.url("/api/v1/payments?limit=0"),
+        &[("authorization", &admin())],
+        None,
+    )
+    .await;
+    assert_error(s, &v, 400, "invalid_query");
 }
 
 async fn reconcile_finds_what_does_not_match(mode: RuntimeMode) {

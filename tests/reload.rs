@@ -102,6 +102,12 @@ async fn reload_swaps_prices_and_reports_restart_settings(mode: RuntimeMode) {
     let (s, v) = reload(&gw).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v, json!({"reloaded": true, "restart_required": []}));
+    // Audited as an admin write: actor, address, what it answered.
+    let audit = gw.admin_get("/api/v1/audit?target=config").await;
+    assert_eq!(audit["data"][0]["action"], "config.reload", "{audit}");
+    assert_eq!(audit["data"][0]["actor"], "root");
+    assert_eq!(audit["data"][0]["ip"], "127.0.0.1");
+    assert_eq!(audit["data"][0]["after"], v);
     let new = one_request_cost(&gw, &key, &hash).await;
     assert_eq!(new.0, old.0 * 1000, "old {old}, new {new}");
 

@@ -174,13 +174,23 @@ pub(super) async fn delete(
 
 /// `POST /api/v1/admin/reload`: `{reloaded: true, restart_required: […]}`,
 /// or 400 `invalid_config` saying why the running config was kept.
-pub(super) fn reload(ctx: &Ctx<'_>) -> Result<http::Response<crate::Body>, ApiError> {
+/// A reload that applied is audited (`config.reload`, target `config`,
+/// `after` = the answer); a refused one changed nothing and is not.
+pub(super) async fn reload(ctx: &Ctx<'_>) -> Result<http::Response<crate::Body>, ApiError> {
     let Some(app) = ctx.app else {
         return Err(ApiError::unavailable("Reload needs a running gateway."));
     };
     tracing::info!(by = ctx.actor(), "configuration reload asked");
     match crate::reload::reload(app) {
-        Ok(done) => json(StatusCode::OK, &done),
+        Ok(done) => {
+            let after = serde_json::to_value(&done)
+                .map_err(|e| ApiError::internal(format!("reload answer: {e}")))?;
+            ctx.store
+                .record_audit("config.reload", "config", None, Some(after))
+                .await
+                .map_err(store_error)?;
+            json(StatusCode::OK, &done)
+        }
         Err(why) => Err(ApiError::bad_request(
             "invalid_config",
             format!("The configuration was not reloaded; the running one is kept: {why}"),

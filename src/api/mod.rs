@@ -385,7 +385,7 @@ where
             payments::manual(ctx, &read_fields(&parts.headers, body).await?).await
         }
         AdminCall::PaymentsReconcile if m == Method::GET => payments::reconcile(ctx, query),
-        AdminCall::Payment(id) if m == Method::GET => payments::get(ctx, id),
+        AdminCall::Payment(id) if m == Method::GET => payments::get(ctx, id).await,
         AdminCall::AccountCheckout(id) if m == Method::POST => {
             payments::account_checkout(ctx, id, &read_fields(&parts.headers, body).await?).await
         }
@@ -412,7 +412,7 @@ where
             admin_tokens::create(ctx, &read_fields(&parts.headers, body).await?).await
         }
         AdminCall::AdminToken(id) if m == Method::DELETE => admin_tokens::delete(ctx, id).await,
-        AdminCall::Reload if m == Method::POST => admin_tokens::reload(ctx),
+        AdminCall::Reload if m == Method::POST => admin_tokens::reload(ctx).await,
         _ => Err(ApiError::method_not_allowed()),
     }
 }

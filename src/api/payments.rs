@@ -330,7 +330,7 @@ async fn issue_first_key(ctx: &Ctx<'_>, payment: &str, account: &str) -> Result<
             payment.to_owned(),
             IssuedKey {
                 hash: hex::encode(hash),
-                key,
+                key: Some(key),
             },
         ))
         .await
@@ -351,6 +351,15 @@ struct EntryView<'a> {
     amount: Pico,
 }
 
+/// An issued key as answered: its secret only in the one answer that took
+/// it from the store (`get`); lists never show it.
+#[derive(Serialize)]
+struct IssuedKeyView<'a> {
+    hash: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+}
+
 #[derive(Serialize)]
 struct PaymentView<'a> {
     id: &'a str,
@@ -366,13 +375,18 @@ struct PaymentView<'a> {
     reason: Option<&'a str>,
     ledger: Vec<EntryView<'a>>,
     events: &'a [String],
-    issued_key: Option<&'a IssuedKey>,
+    issued_key: Option<IssuedKeyView<'a>>,
     created_at: String,
     updated_at: String,
 }
 
 impl<'a> PaymentView<'a> {
+    /// Without an issued key's secret.
     fn new(p: &'a PaymentRecord) -> PaymentView<'a> {
+        PaymentView::showing(p, false)
+    }
+
+    fn showing(p: &'a PaymentRecord, secret: bool) -> PaymentView<'a> {
         PaymentView {
             id: &p.id,
             provider: &p.provider,
@@ -403,7 +417,10 @@ impl<'a> PaymentView<'a> {
                 })
                 .collect(),
             events: &p.events,
-            issued_key: p.issued_key.as_ref(),
+            issued_key: p.issued_key.as_ref().map(|k| IssuedKeyView {
+                hash: &k.hash,
+                key: k.key.as_deref().filter(|_| secret),
+            }),
             created_at: rfc3339(p.created_at),
             updated_at: rfc3339(p.updated_at),
         }
@@ -570,17 +587,30 @@ pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
     json(StatusCode::OK, &Data { data: views })
 }
 
-/// `GET /api/v1/payments/{id}`.
-pub(super) fn get(ctx: &Ctx<'_>, id: &str) -> Answer {
-    let p = ctx
+/// `GET /api/v1/payments/{id}`. The first read of a payment that issued a
+/// key answers the key's secret and removes it from the store in the same
+/// step: the key is shown once, then only its hash remains.
+pub(super) async fn get(ctx: &Ctx<'_>, id: &str) -> Answer {
+    let not_found = || ApiError::not_found("No payment with this id.").with_param("id");
+    let mut p = ctx
         .store
         .payment(id)
         .map_err(store_error)?
-        .ok_or_else(|| ApiError::not_found("No payment with this id.").with_param("id"))?;
+        .ok_or_else(not_found)?;
+    if p.issued_key.as_ref().is_some_and(|k| k.key.is_some()) {
+        // The store thread takes it: of two reads at once, one gets it.
+        p = ctx
+            .store
+            .payment_op(PaymentOp::TakeIssuedKey(id.to_owned()))
+            .await
+            .map_err(store_error)?
+            .payment
+            .ok_or_else(not_found)?;
+    }
     json(
         StatusCode::OK,
         &Data {
-            data: PaymentView::new(&p),
+            data: PaymentView::showing(&p, true),
         },
     )
 }

@@ -9,8 +9,9 @@
 //! so this module only writes them and reads them all at start-up.
 
 use serde::{Deserialize, Serialize};
-use sled::Tree;
+use sled::Batch;
 
+use super::thread::StoreThread;
 use super::{Op, Store, StoreError};
 
 /// One scoped admin token as stored.
@@ -45,22 +46,52 @@ fn row_key(id: &str) -> Vec<u8> {
     k
 }
 
-/// Applies `op` to `book` (called by the store thread, after it committed
-/// what was pending). `Ok(true)`: the row was written or removed.
-pub(super) fn apply(book: &Tree, op: AdminTokenOp) -> Result<bool, StoreError> {
-    match op {
-        AdminTokenOp::Put(rec) => {
-            let k = row_key(&rec.id);
-            if book.contains_key(&k)? {
-                return Err(StoreError::Exists);
+impl StoreThread {
+    /// Applies `op` with its audit entry (`admin_token.create` /
+    /// `admin_token.delete`) in one batch of `book`. The summary is the
+    /// record's id, name, scopes and hash: never the token.
+    pub(super) fn admin_token(&mut self, op: AdminTokenOp) -> Result<bool, StoreError> {
+        let mut batch = Batch::default();
+        match op {
+            AdminTokenOp::Put(rec) => {
+                let k = row_key(&rec.id);
+                if self.book.contains_key(&k)? {
+                    return Err(StoreError::Exists);
+                }
+                let v = serde_json::to_vec(&*rec)
+                    .map_err(|e| StoreError::Invalid(format!("admin token: {e}")))?;
+                batch.insert(k, v);
+                self.audit("admin_token.create", &rec.id, None, Some(summary(&rec)));
             }
-            let v = serde_json::to_vec(&*rec)
-                .map_err(|e| StoreError::Invalid(format!("admin token: {e}")))?;
-            book.insert(k, v)?;
-            Ok(true)
+            AdminTokenOp::Delete(id) => {
+                let k = row_key(&id);
+                let Some(old) = self.book.get(&k)? else {
+                    return Ok(false);
+                };
+                let old: AdminTokenRecord = serde_json::from_slice(&old)
+                    .map_err(|_| StoreError::Corrupt("admin token record".into()))?;
+                batch.remove(k);
+                self.audit("admin_token.delete", &id, Some(summary(&old)), None);
+            }
         }
-        AdminTokenOp::Delete(id) => Ok(book.remove(row_key(&id))?.is_some()),
+        let staged = self.stage_outbox();
+        staged.add_to(&mut batch);
+        self.book.apply_batch(batch)?;
+        self.write_count(1);
+        self.outbox_written(staged);
+        Ok(true)
     }
+}
+
+/// A token as the audit log shows it.
+fn summary(r: &AdminTokenRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id,
+        "name": r.name,
+        "scopes": r.scopes,
+        "hash": r.hash,
+        "created_at": r.created_at,
+    })
 }
 
 impl Store {

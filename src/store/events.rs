@@ -46,7 +46,7 @@ use sled::Batch;
 use super::super::{Store, StoreError};
 use super::{Op, StoreThread, reply_after_flush};
 use crate::clock::{HOUR_MS, rfc3339};
-use crate::events::deliver::{DeliveryState, EndpointState};
+use crate::events::deliver::{DeliveryState, DeliveryStatus, EndpointState};
 use crate::events::{Actor, AuditEntry, Event, EventDraft, event_id, payload};
 use crate::money::Pico;
 use crate::store::codec::{decode_account, decode_key, decode_rollup, ord_i64};
@@ -60,6 +60,10 @@ const D_CURSOR: &[u8] = b"D\x00cursor";
 const D_DELIVERY: u8 = 1;
 const D_ENDPOINT: u8 = 2;
 const D_EXPIRED: u8 = 3;
+
+/// Most events one retention pass removes: the store thread takes no other
+/// op meanwhile; the next sweep goes on.
+const PRUNE_EVENTS_MAX: u64 = 10_000;
 
 /// Hours of spend the anomaly baseline averages.
 const ANOMALY_BASELINE_HOURS: i64 = 24;
@@ -545,8 +549,70 @@ impl StoreThread {
                 self.replies.push(reply_after_flush(tx, r));
                 true
             }
+            Op::PruneEvents(before, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.prune_events(before));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
             _ => false,
         }
+    }
+
+    /// Retention: removes events older than `before_ms` whose deliveries
+    /// have all finished (delivered, failed or skipped), with their
+    /// delivery rows, in one batch. An event with a delivery still pending
+    /// (or retrying), or not yet planned (at or past the delivery cursor),
+    /// is kept whatever its age. Events are written in time order, so the
+    /// scan stops at the first one that is new enough.
+    fn prune_events(&mut self, before_ms: i64) -> Result<u64, StoreError> {
+        let cursor = match self.book.get(D_CURSOR)? {
+            None => 1,
+            Some(v) => <[u8; 8]>::try_from(v.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("delivery cursor".into()))?,
+        };
+        let mut batch = Batch::default();
+        let mut removed = 0u64;
+        let mut writes = 0usize;
+        let planned = seq_key(EVENT, 0).to_vec()..seq_key(EVENT, cursor).to_vec();
+        'events: for row in self.book.range(planned) {
+            if removed >= PRUNE_EVENTS_MAX {
+                break;
+            }
+            let (k, v) = row?;
+            let ev: Event = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::Corrupt(format!("outbox event: {e}")))?;
+            let at = crate::clock::parse_rfc3339(&ev.timestamp)
+                .ok_or_else(|| StoreError::Corrupt("outbox event timestamp".into()))?;
+            if at >= before_ms {
+                break;
+            }
+            let mut prefix = vec![DELIVERY, D_DELIVERY];
+            prefix.extend_from_slice(&k[1..]);
+            let mut rows = Vec::new();
+            for d in self.book.scan_prefix(&prefix) {
+                let (dk, dv) = d?;
+                let state: DeliveryState = serde_json::from_slice(&dv)
+                    .map_err(|e| StoreError::Corrupt(format!("delivery state: {e}")))?;
+                if state.status == DeliveryStatus::Pending {
+                    continue 'events;
+                }
+                rows.push(dk);
+            }
+            writes += 1 + rows.len();
+            batch.remove(k);
+            for r in rows {
+                batch.remove(r);
+            }
+            removed += 1;
+        }
+        if removed > 0 {
+            self.book.apply_batch(batch)?;
+            self.write_count(writes);
+        }
+        Ok(removed)
     }
 
     fn write_outbox_only(&mut self) -> Result<(), StoreError> {
@@ -928,6 +994,13 @@ impl Store {
             out.push((target, state));
         }
         Ok(out)
+    }
+
+    /// Retention of the outbox: removes events older than `before_ms`
+    /// whose deliveries all finished, and their delivery rows; returns how
+    /// many events went. One still pending (or retrying) stays.
+    pub async fn prune_events_before(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.call(|tx| Op::PruneEvents(before_ms, tx)).await
     }
 
     /// Writes delivery state (flushed before it returns).

@@ -103,8 +103,8 @@ pub struct PaymentRecord {
     pub entries: Vec<PaymentEntry>,
     /// Provider event ids applied to it, in order.
     pub events: Vec<String>,
-    /// A key issued with it (epay activation): hash, and the key itself so
-    /// the operator's shop can hand it over (admin-only reads).
+    /// A key issued with it (epay activation): its hash, and its secret
+    /// until the operator's first read of this record takes it.
     pub issued_key: Option<IssuedKey>,
     /// Unix ms.
     pub created_at: i64,
@@ -117,8 +117,13 @@ pub struct PaymentRecord {
 pub struct IssuedKey {
     /// Hex hash.
     pub hash: String,
-    /// The secret, shown once to whoever reads the payment.
-    pub key: String,
+    /// The secret, kept only until the first `GET /api/v1/payments/{id}`
+    /// answers it: that read removes it ([`PaymentOp::TakeIssuedKey`]), so
+    /// the key is shown once and afterwards only its hash is stored.
+    /// Records of earlier versions kept it for good; their next read takes
+    /// it the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// An epay order Tollgate made (`book` `O` out_trade_no), JSON.
@@ -170,6 +175,9 @@ pub enum PaymentOp {
     Order(EpayOrder),
     /// Records the key issued with a payment (after it was created).
     IssuedKey(String, IssuedKey),
+    /// Removes the issued key's secret from the payment: answered with the
+    /// record as it was (secret included) once, then never again.
+    TakeIssuedKey(String),
 }
 
 /// What the in-memory state must follow after a payment applied.
@@ -305,6 +313,22 @@ impl StoreThread {
                 self.write_count(1);
                 Ok(PaymentOutcome {
                     payment: Some(p),
+                    replayed: false,
+                    applied: Applied::Nothing,
+                })
+            }
+            PaymentOp::TakeIssuedKey(id) => {
+                let shown = self.read_payment(&id)?.ok_or(StoreError::NotFound)?;
+                if shown.issued_key.as_ref().is_some_and(|k| k.key.is_some()) {
+                    let mut kept = shown.clone();
+                    if let Some(k) = kept.issued_key.as_mut() {
+                        k.key = None;
+                    }
+                    self.book.insert(payment_key(&id), encode(&kept))?;
+                    self.write_count(1);
+                }
+                Ok(PaymentOutcome {
+                    payment: Some(shown),
                     replayed: false,
                     applied: Applied::Nothing,
                 })

@@ -111,6 +111,8 @@ pub(super) enum Op {
         outbox::DeliveryWrite,
         oneshot::Sender<Result<(), StoreError>>,
     ),
+    /// Outbox retention: events before this time whose deliveries finished.
+    PruneEvents(i64, oneshot::Sender<Result<u64, StoreError>>),
     /// A scoped admin token written or removed (`super::admin_tokens`).
     AdminToken(
         super::admin_tokens::AdminTokenOp,
@@ -462,14 +464,11 @@ impl StoreThread {
             }
             Op::Noted(_, inner) => self.handle(*inner),
             Op::Replicated(inner) => self.handle_replicated(*inner),
-            op @ (Op::Emit(..) | Op::KeyExpired(..) | Op::Deliveries(..)) => {
+            op @ (Op::Emit(..) | Op::KeyExpired(..) | Op::Deliveries(..) | Op::PruneEvents(..)) => {
                 self.handle_outbox_op(op)
             }
             Op::AdminToken(op, tx) => {
-                let r = self
-                    .commit_pending()
-                    .and_then(|()| super::admin_tokens::apply(&self.book, op));
-                self.write_count(1);
+                let r = self.commit_pending().and_then(|()| self.admin_token(op));
                 self.replies.push(reply_after_flush(tx, r));
                 true
             }

@@ -174,3 +174,30 @@ export async function newest(call, url, seq) {
   }
   return kept.reverse();
 }
+
+// Offset paging over a list endpoint that takes `offset` and `limit`
+// (keys, accounts, payments, webhook deliveries): `load(offset, limit)`
+// fills the list and answers how many rows it got; the returned pager
+// holds Previous / Next buttons (Next only while a page came back full)
+// and `reset()`, for a changed filter, goes back to the first page.
+export const LIST_PAGE = 100;
+export function pager(id, load) {
+  let offset = 0;
+  const info = el("span", { class: "hint", id: `${id}-page` });
+  const prev = button("secondary", "Previous", () => go(Math.max(0, offset - LIST_PAGE)));
+  const next = button("secondary", "Next", () => go(offset + LIST_PAGE));
+  prev.id = `${id}-prev`;
+  next.id = `${id}-next`;
+  async function go(to) {
+    const got = await load(to, LIST_PAGE);
+    offset = to;
+    prev.disabled = offset === 0;
+    next.disabled = got < LIST_PAGE;
+    info.textContent = got ? `${offset + 1}–${offset + got}` : "";
+  }
+  return {
+    node: el("div", { class: "toolbar pager" }, prev, info, next),
+    reset: () => go(0),
+    reload: () => go(offset),
+  };
+}

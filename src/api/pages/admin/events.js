@@ -2,7 +2,7 @@
 // glob), each event's JSON, and per event × endpoint the delivery state,
 // with "Redeliver". Through /api/v1/events… and /api/v1/webhooks/deliveries.
 
-import { button, el, fill, LOG_PAGE, newest, table } from "../ui.js";
+import { button, el, fill, LOG_PAGE, newest, pager, table } from "../ui.js";
 
 const DELIVERY = ["all", "pending", "delivered", "failed", "skipped"];
 
@@ -13,6 +13,7 @@ async function mount(root, ctx) {
   const deliveries = el("div", { id: "delivery-list" }, "Loading…");
   const report = (e) => ctx.say(e.message, "error");
 
+  const pages = pager("deliveries", loadDeliveries);
   root.append(
     el("div", { class: "toolbar" },
       el("label", { for: "event-type" }, "Type"), type,
@@ -20,13 +21,13 @@ async function mount(root, ctx) {
     events,
     el("h3", {}, "Webhook deliveries"),
     el("div", { class: "toolbar" }, el("label", { for: "delivery-status" }, "Status"), dstatus),
-    deliveries);
+    deliveries, pages.node);
 
   async function redeliver(id) {
     try {
       const res = await ctx.api(`/api/v1/events/${encodeURIComponent(id)}/redeliver`, { method: "POST" });
       ctx.say(`Event ${res.id} queued again for ${res.targets.length} endpoint(s).`);
-      await loadDeliveries();
+      await pages.reload();
     } catch (e) {
       report(e);
     }
@@ -46,9 +47,10 @@ async function mount(root, ctx) {
       : el("p", {}, "No events."));
   }
 
-  async function loadDeliveries() {
+  // One page of the deliveries; answers how many it got.
+  async function loadDeliveries(offset, limit) {
     const q = dstatus.value === "all" ? "" : `&status=${dstatus.value}`;
-    const ds = (await ctx.api(`/api/v1/webhooks/deliveries?limit=200${q}`)).data;
+    const ds = (await ctx.api(`/api/v1/webhooks/deliveries?offset=${offset}&limit=${limit}${q}`)).data;
     fill(deliveries, ds.length
       ? table(["Event", "Endpoint", "Status", "#Attempts", "Next attempt", "#Last status", "Last error", "Updated", "Actions"],
         ds.map((d) => [d.event_id, d.target, d.status, d.attempts, d.next_attempt_at || "", d.last_status ?? "",
@@ -56,11 +58,12 @@ async function mount(root, ctx) {
           el("div", { class: "actions" }, button("act-redeliver", "Redeliver", () => redeliver(d.event_id)))]),
         { id: "deliveries-table" })
       : el("p", {}, "No deliveries (no webhook endpoint is configured, or none matched)."));
+    return ds.length;
   }
 
-  const load = () => Promise.all([loadEvents(), loadDeliveries()]);
+  const load = () => Promise.all([loadEvents(), pages.reload()]);
   type.addEventListener("change", () => loadEvents().catch(report));
-  dstatus.addEventListener("change", () => loadDeliveries().catch(report));
+  dstatus.addEventListener("change", () => pages.reset().catch(report));
   await load();
 }
 

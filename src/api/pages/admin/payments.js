@@ -2,7 +2,7 @@
 // a manual payment (a bank transfer, idempotent on its reference), and the
 // reconciliation report. Through /api/v1/payments….
 
-import { button, el, facts, field, fill, table } from "../ui.js";
+import { button, el, facts, field, fill, pager, table } from "../ui.js";
 
 const STATUSES = ["all", "succeeded", "refunded", "partially_refunded", "needs_attention", "failed"];
 
@@ -18,18 +18,20 @@ async function mount(root, ctx) {
     field("manual-reference", "Reference", { name: "reference", required: true, placeholder: "BANK-2026-001" }),
     el("button", { type: "submit" }, "Record payment"));
 
+  const pages = pager("payments", load);
   root.append(
     el("details", { class: "create" }, el("summary", {}, "Record a manual payment"),
       el("p", { class: "hint" }, "The same reference again applies nothing twice."), manual),
     el("div", { class: "toolbar" },
       el("label", { for: "payment-status" }, "Status"), status,
       el("label", { for: "payment-account" }, "Account"), account,
-      button("secondary", "Refresh", () => load().catch(report)),
+      button("secondary", "Refresh", () => pages.reload().catch(report)),
       el("button", { type: "button", id: "reconcile-button", class: "secondary", on: { click: () => reconcile().catch(report) } }, "Reconcile (30 days)")),
-    list, recon);
+    list, pages.node, recon);
 
-  async function load() {
-    const q = new URLSearchParams({ limit: "200" });
+  // One page of the records (newest first); answers how many it got.
+  async function load(offset, limit) {
+    const q = new URLSearchParams({ offset: String(offset), limit: String(limit) });
     if (status.value !== "all") q.set("status", status.value);
     if (account.value.trim()) q.set("account", account.value.trim());
     const ps = (await ctx.api(`/api/v1/payments?${q}`)).data;
@@ -41,6 +43,7 @@ async function mount(root, ctx) {
             p.amount, p.currency, p.kind, el("span", { class: `status ${p.status}` }, p.status), p.refunded, p.reason || ""],
         })), { id: "payments-table" })
       : el("p", {}, "No payments."));
+    return ps.length;
   }
 
   async function reconcile() {
@@ -75,14 +78,14 @@ async function mount(root, ctx) {
         ? `Payment ${body.reference} was already recorded (${res.data.id}).`
         : `Payment ${res.data.id} recorded: ${res.data.amount} USD to ${body.account}.`);
       manual.reset();
-      await load();
+      await pages.reset();
     } catch (e) {
       report(e);
     }
   });
-  status.addEventListener("change", () => load().catch(report));
-  account.addEventListener("change", () => load().catch(report));
-  await load();
+  status.addEventListener("change", () => pages.reset().catch(report));
+  account.addEventListener("change", () => pages.reset().catch(report));
+  await pages.reset();
 }
 
 export default { id: "payments", title: "Payments", mount };
