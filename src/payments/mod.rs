@@ -83,9 +83,9 @@ impl PaymentCtx<'_> {
     /// the in-memory wallet or key if the store applied something new.
     pub async fn apply(&self, op: PaymentOp) -> Result<PaymentOutcome, StoreError> {
         // The provider's own ids name the money movement everywhere: the
-        // same event reaching two nodes moves the database's money once.
+        // same payment reaching two nodes moves the database's money once.
         let reference = match &op {
-            PaymentOp::Record { refs, .. } => refs.first().map(|r| format!("pay:{r}")),
+            PaymentOp::Record { refs, .. } => money_reference(refs),
             PaymentOp::Refund { event, .. } => Some(format!("payrefund:{event}")),
             _ => None,
         };
@@ -169,6 +169,18 @@ pub async fn stripe_event(
         EventBody::Ignored => return Ok(None),
     };
     ctx.apply(op).await.map(Some)
+}
+
+/// The id a payment's money moves under in the database (cluster mode):
+/// the payment's own reference (`cs:`, `order:`, `ref:` …) rather than the
+/// event that told of it, so two different events of one checkout session
+/// reaching two nodes credit it once; an event id only when it is all
+/// there is.
+fn money_reference(refs: &[String]) -> Option<String> {
+    refs.iter()
+        .find(|r| !r.starts_with("evt:"))
+        .or_else(|| refs.first())
+        .map(|r| format!("pay:{r}"))
 }
 
 fn evt_ref(event_id: &str) -> String {
@@ -504,4 +516,33 @@ pub async fn subscription_deleted(
     })
     .await;
     subscription_record(ctx, event_id, p, done, PaymentStatus::Succeeded).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::money_reference;
+
+    #[test]
+    fn money_moves_under_the_payments_own_reference() {
+        let refs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Two different events of one checkout session name the same money.
+        assert_eq!(
+            money_reference(&refs(&["evt:evt_1", "cs:cs_9", "pi:pi_3"])),
+            Some("pay:cs:cs_9".to_owned())
+        );
+        assert_eq!(
+            money_reference(&refs(&["evt:evt_2", "cs:cs_9"])),
+            Some("pay:cs:cs_9".to_owned())
+        );
+        assert_eq!(
+            money_reference(&refs(&["order:A-1"])),
+            Some("pay:order:A-1".to_owned())
+        );
+        // An event id only when nothing else names the payment.
+        assert_eq!(
+            money_reference(&refs(&["evt:evt_3"])),
+            Some("pay:evt:evt_3".to_owned())
+        );
+        assert_eq!(money_reference(&[]), None);
+    }
 }
