@@ -1528,3 +1528,83 @@ async fn usage_reports_are_the_same_on_every_node() {
         .get(0);
     assert_eq!(usage, totals[0].0);
 }
+
+/// Polls `GET path` on `node` with `token` until it answers `want`.
+async fn answers_within(node: &Node, token: &str, path: &str, want: u16, within: Duration) {
+    let start = Instant::now();
+    let auth = format!("Bearer {token}");
+    loop {
+        let (s, _) = send("GET", &node.url(path), &auth, None).await;
+        if s == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "node on port {} still answers {s} to {path}, not {want}",
+            node.port
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_tokens_are_known_to_every_node() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["t-1", "t-2", "t-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/admin/tokens",
+            Some(json!({"name": "billing-app", "scopes": ["keys:read"]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let token = v["token"].as_str().expect("token shown once").to_owned();
+    let id = v["data"]["id"].as_str().expect("id").to_owned();
+    // sync_interval is 1 s; the bound leaves room for a loaded CI machine.
+    let within = Duration::from_secs(15);
+    for node in &nodes {
+        answers_within(node, &token, "/api/v1/keys", 200, within).await;
+        // Its scopes came with it: a write it may not make is refused.
+        let (s, b) = send(
+            "POST",
+            &node.url("/api/v1/keys"),
+            &format!("Bearer {token}"),
+            Some(json!({"name": "no"})),
+        )
+        .await;
+        assert_eq!(s, 403, "{}", String::from_utf8_lossy(&b));
+        let (s, list) = node.admin("GET", "/api/v1/admin/tokens", None).await;
+        assert_eq!(s, 200);
+        assert!(list.to_string().contains(&id), "{list}");
+    }
+    // The database has its hash, never the token.
+    let db = pg.client().await;
+    let row = db
+        .query_one(
+            "SELECT record FROM tollgate_admin_tokens WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("token row");
+    let record: Vec<u8> = row.get(0);
+    assert!(
+        !String::from_utf8_lossy(&record).contains(&token),
+        "the token itself reached the database"
+    );
+
+    // Deleted on another node: refused everywhere.
+    let (s, v) = nodes[1]
+        .admin("DELETE", &format!("/api/v1/admin/tokens/{id}"), None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    for node in &nodes {
+        answers_within(node, &token, "/api/v1/keys", 401, within).await;
+    }
+}

@@ -128,6 +128,7 @@ pub(super) async fn create(
         .ok_or_else(|| ApiError::internal("a token record just made does not parse"))?;
     tracing::info!(id = %entry.record.id, name = %entry.record.name, by = ctx.actor(), "admin token created");
     ctx.admin_tokens.insert(entry.clone());
+    super::cluster::admin_token_changed(ctx, &entry.record.id).await;
     #[derive(Serialize)]
     struct Created<'a> {
         data: TokenView<'a>,
@@ -163,6 +164,7 @@ pub(super) async fn delete(
         return Err(not_found());
     }
     ctx.admin_tokens.remove(id);
+    super::cluster::admin_token_changed(ctx, id).await;
     tracing::info!(id, by = ctx.actor(), "admin token deleted");
     #[derive(Serialize)]
     struct Deleted<'a> {

@@ -23,6 +23,14 @@ pub(super) async fn key_changed(ctx: &Ctx<'_>, hash: KeyHash) {
     }
 }
 
+/// An admin token was made or deleted locally (only its hash and scopes
+/// go to the database, never the token).
+pub(super) async fn admin_token_changed(ctx: &Ctx<'_>, id: &str) {
+    if let Some(c) = of(ctx) {
+        c.publish(Change::AdminToken(id.to_owned())).await;
+    }
+}
+
 /// An account's profile changed (or it was made or deleted) locally.
 pub(super) async fn account_changed(ctx: &Ctx<'_>, id: &str) {
     if let Some(c) = of(ctx) {

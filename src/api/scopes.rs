@@ -327,6 +327,24 @@ impl AdminTokens {
         });
     }
 
+    /// Adds or replaces the token `record` names (another node's change,
+    /// in cluster mode); `false` when the record does not parse.
+    pub fn put_record(&self, record: AdminTokenRecord) -> bool {
+        let Some(e) = TokenEntry::of(record) else {
+            return false;
+        };
+        self.list.rcu(|l| {
+            let mut l: Vec<TokenEntry> = l
+                .iter()
+                .filter(|x| x.record.id != e.record.id)
+                .cloned()
+                .collect();
+            l.push(e.clone());
+            l
+        });
+        true
+    }
+
     /// Forgets a token; its next call is refused.
     pub fn remove(&self, id: &str) {
         self.list.rcu(|l| {

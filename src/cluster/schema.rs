@@ -122,6 +122,16 @@ ALTER TABLE tollgate_entries
     ADD COLUMN request_id text, ADD COLUMN client_ip text, ADD COLUMN estimated boolean;
 CREATE INDEX tollgate_entries_records ON tollgate_entries (key_hash, at_ms) WHERE model IS NOT NULL;
 "#,
+    r#"
+CREATE TABLE tollgate_admin_tokens (
+    id text PRIMARY KEY,
+    record bytea NOT NULL,
+    deleted boolean NOT NULL DEFAULT false,
+    seq bigint NOT NULL,
+    origin text NOT NULL
+);
+CREATE INDEX tollgate_admin_tokens_seq ON tollgate_admin_tokens (seq);
+"#,
 ];
 
 /// The schema version this build writes.

@@ -1,6 +1,6 @@
-//! Admin changes between nodes: written to the database after the local
-//! store has them, pulled by every other node and applied to its store and
-//! caches.
+//! Admin changes between nodes (keys, accounts, money outside the leases,
+//! scoped admin tokens): written to the database after the local store has
+//! them, pulled by every other node and applied to its store and caches.
 //!
 //! A change carries no state of its own: it names what changed, and the
 //! record written is read from the local store when it is written, so a
@@ -40,6 +40,9 @@ pub enum Change {
     Key(KeyHash),
     /// An account's profile was created, updated or deleted.
     Account(String),
+    /// A scoped admin token was created or deleted (its id). The database
+    /// gets its record (name, scopes, SHA-256 of the token), never the token.
+    AdminToken(String),
     /// Money added to an account outside the leases (top-up, refund,
     /// positive adjust), once per `id`.
     Credit {
@@ -154,6 +157,37 @@ impl Cluster {
                          deleted = excluded.deleted, key_limit = excluded.key_limit, \
                          seq = excluded.seq, origin = excluded.origin",
                         &[&hash.to_vec(), &record, &deleted, &limit, &seq, &node, &concurrency],
+                    )
+                    .await
+                    .map_err(db).map(count(Kind::Change, 2))?;
+                    notify(&tx, seq).await?;
+                    tx.commit().await.map_err(db).map(count(Kind::Change, 1))
+                })
+                .await
+            }
+            Change::AdminToken(id) => {
+                let local = app
+                    .store
+                    .admin_tokens()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|t| &t.id == id);
+                let record = match &local {
+                    Some(t) => serde_json::to_vec(t).map_err(|e| e.to_string())?,
+                    None => Vec::new(),
+                };
+                let deleted = local.is_none();
+                let id = id.clone();
+                self.run(async move {
+                    let mut c = pool.get().await.map_err(pool_error)?;
+                    let tx = c.transaction().await.map_err(db).map(count(Kind::Change, 1))?;
+                    let seq = next_seq(&tx).await?;
+                    tx.execute(
+                        "INSERT INTO tollgate_admin_tokens (id, record, deleted, seq, origin) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET \
+                         record = CASE WHEN excluded.deleted THEN tollgate_admin_tokens.record ELSE excluded.record END, \
+                         deleted = excluded.deleted, seq = excluded.seq, origin = excluded.origin",
+                        &[&id, &record, &deleted, &seq, &node],
                     )
                     .await
                     .map_err(db).map(count(Kind::Change, 2))?;
@@ -279,10 +313,20 @@ impl Cluster {
                     .await
                     .map_err(db)
                     .map(count(Kind::Pull, 2))?;
+                let tokens = tx
+                    .query(
+                        "SELECT id, record, deleted FROM tollgate_admin_tokens \
+                         WHERE seq > $1 AND origin <> $2 ORDER BY seq",
+                        &[&last, &skip],
+                    )
+                    .await
+                    .map_err(db)
+                    .map(count(Kind::Pull, 2))?;
                 let max = tx
                     .query_one(
                         "SELECT GREATEST((SELECT COALESCE(MAX(seq), 0) FROM tollgate_accounts), \
-                         (SELECT COALESCE(MAX(seq), 0) FROM tollgate_keys))",
+                         (SELECT COALESCE(MAX(seq), 0) FROM tollgate_keys), \
+                         (SELECT COALESCE(MAX(seq), 0) FROM tollgate_admin_tokens))",
                         &[],
                     )
                     .await
@@ -298,11 +342,16 @@ impl Cluster {
                     .iter()
                     .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
                     .collect();
-                Ok(((accounts, max), keys))
+                let tokens: Vec<(String, Vec<u8>, bool)> = tokens
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect();
+                Ok(((accounts, max), (keys, tokens)))
             })
             .await?;
         let (accounts, max) = accounts;
-        let n = accounts.len() + keys.len();
+        let (keys, tokens) = keys;
+        let n = accounts.len() + keys.len() + tokens.len();
         REPLICATING
             .scope((), async {
                 for (id, record, deleted) in accounts {
@@ -313,6 +362,9 @@ impl Cluster {
                         continue;
                     };
                     apply_key(&app, hash, &record, deleted, limit.map(Pico)).await?;
+                }
+                for (id, record, deleted) in tokens {
+                    apply_admin_token(&app, &id, &record, deleted).await?;
                 }
                 Ok::<_, String>(())
             })
@@ -471,6 +523,48 @@ async fn apply_account(app: &App, id: &str, record: &[u8], deleted: bool) -> Res
                 .map_err(|e| e.to_string())?;
             app.gate.wallets().changed(id, |live| live.profile(&a));
         }
+    }
+    Ok(())
+}
+
+/// Applies another node's admin-token change to the local store and the
+/// in-memory tokens: a token made on one node authenticates on every node,
+/// a deleted one is refused everywhere.
+async fn apply_admin_token(
+    app: &App,
+    id: &str,
+    record: &[u8],
+    deleted: bool,
+) -> Result<(), String> {
+    let known = app
+        .store
+        .admin_tokens()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .any(|t| t.id == id);
+    if deleted {
+        if known {
+            app.store
+                .delete_admin_token(id)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        app.admin_tokens.remove(id);
+        return Ok(());
+    }
+    let rec: crate::store::admin_tokens::AdminTokenRecord =
+        serde_json::from_slice(record).map_err(|e| format!("admin token {id}: {e}"))?;
+    if !known {
+        app.store
+            .put_admin_token(rec.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if !app.admin_tokens.put_record(rec) {
+        tracing::warn!(
+            id,
+            "cluster: an admin token pulled does not parse; it authenticates nothing"
+        );
     }
     Ok(())
 }
