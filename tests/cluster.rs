@@ -1608,3 +1608,95 @@ async fn admin_tokens_are_known_to_every_node() {
         answers_within(node, &token, "/api/v1/keys", 401, within).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_is_the_same_on_every_node() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["a-1", "a-2", "a-3"]
+        .iter()
+        .map(|id| Node::start(&pg, &mock, id))
+        .collect();
+    // One admin write on each node.
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/keys", Some(json!({"name": "audited"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
+    let (s, v) = nodes[1]
+        .admin(
+            "POST",
+            "/api/v1/accounts",
+            Some(json!({"id": "acct-audit", "name": "Audit Ltd"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[2]
+        .admin(
+            "POST",
+            "/api/v1/admin/tokens",
+            Some(json!({"name": "auditor", "scopes": ["audit:read"]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let token_id = v["data"]["id"].as_str().expect("id").to_owned();
+
+    // Every node lists all three, in one order, with the same seqs.
+    let start = Instant::now();
+    let mut lists = Vec::new();
+    for node in &nodes {
+        loop {
+            let (s, v) = node.admin("GET", "/api/v1/audit", None).await;
+            assert_eq!(s, 200, "{v}");
+            let rows = v["data"].as_array().cloned().unwrap_or_default();
+            if rows.len() >= 3 {
+                lists.push(rows);
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "a node lists {} entries: {v}",
+                rows.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[1], lists[2]);
+    let targets: Vec<&str> = lists[0]
+        .iter()
+        .map(|e| e["target"].as_str().unwrap_or(""))
+        .collect();
+    for t in [hash.as_str(), "acct-audit", token_id.as_str()] {
+        assert_eq!(
+            targets.iter().filter(|x| **x == t).count(),
+            1,
+            "{t} audited once: {targets:?}"
+        );
+    }
+    // Paging and filters as in single-node mode.
+    let first = lists[0][0]["seq"].as_u64().expect("seq");
+    let (_, v) = nodes[1]
+        .admin("GET", &format!("/api/v1/audit?after={first}&limit=1"), None)
+        .await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["data"][0], lists[0][1]);
+    let (_, v) = nodes[0]
+        .admin("GET", "/api/v1/audit?target=acct-audit", None)
+        .await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["data"][0]["actor"], "root");
+
+    // A restarted node ships nothing twice.
+    let mut nodes = nodes;
+    nodes[0].terminate();
+    let again = Node::start(&pg, &mock, "a-1");
+    let (_, v) = again.admin("GET", "/api/v1/audit", None).await;
+    assert_eq!(
+        v["data"].as_array().map(Vec::len),
+        Some(lists[0].len()),
+        "{v}"
+    );
+}

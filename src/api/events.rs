@@ -142,7 +142,7 @@ pub(super) async fn redeliver(
 }
 
 /// `GET /api/v1/audit`
-pub(super) fn audit(
+pub(super) async fn audit(
     ctx: &Ctx<'_>,
     query: Option<&str>,
 ) -> Result<http::Response<crate::Body>, ApiError> {
@@ -164,6 +164,9 @@ pub(super) fn audit(
             _ => {}
         }
     }
-    let rows = ctx.store.audit_log(&q).map_err(store_error)?;
+    let rows = match super::cluster::of(ctx) {
+        Some(c) => c.audit_log(&q).await?,
+        None => ctx.store.audit_log(&q).map_err(store_error)?,
+    };
     json(StatusCode::OK, &Data { data: rows })
 }

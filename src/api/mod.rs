@@ -406,7 +406,7 @@ where
         AdminCall::Events if m == Method::GET => events::list(ctx, query),
         AdminCall::Redeliver(id) if m == Method::POST => events::redeliver(ctx, id).await,
         AdminCall::Deliveries if m == Method::GET => events::deliveries(ctx, query),
-        AdminCall::Audit if m == Method::GET => events::audit(ctx, query),
+        AdminCall::Audit if m == Method::GET => events::audit(ctx, query).await,
         AdminCall::AdminTokens if m == Method::GET => admin_tokens::list(ctx),
         AdminCall::AdminTokens if m == Method::POST => {
             admin_tokens::create(ctx, &read_fields(&parts.headers, body).await?).await

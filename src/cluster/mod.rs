@@ -31,6 +31,8 @@
 //!   changes after the last one it saw (on NOTIFY, and every
 //!   `sync_interval`) and applies them to its store, the gate's cache
 //!   (`Gate::updated`, `Gate::forget`) and the wallets.
+//! - **Audit** ([`audit`]): each node's audit entries are shipped to the
+//!   database once each; the audit API reads them back from there.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
@@ -42,6 +44,7 @@
 //! All database work runs on this module's own runtime (one thread), so
 //! the per-core workers never own a database connection.
 
+pub mod audit;
 pub mod config;
 pub mod lease;
 pub mod rate;
@@ -103,6 +106,8 @@ pub struct Cluster {
     next_id: AtomicU64,
     /// The last change number applied from the database.
     last_seq: AtomicI64,
+    /// This node's audit entries up to this local seq are in the database.
+    audit_shipped: AtomicU64,
     /// Woken by NOTIFY (another node changed something) and by shutdown.
     wake: Notify,
     /// Set by shutdown: the tasks end after returning the leases.
@@ -373,6 +378,7 @@ impl Cluster {
             pending: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(0),
             last_seq: AtomicI64::new(0),
+            audit_shipped: AtomicU64::new(0),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             db_down: AtomicBool::new(false),
@@ -903,6 +909,7 @@ impl Cluster {
             }
             self.settle().await;
             self.push_pending().await;
+            self.ship_audit().await;
             self.return_idle(Return::Scarce).await;
             self.return_rates(false).await;
             if notified {

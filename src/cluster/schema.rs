@@ -132,6 +132,15 @@ CREATE TABLE tollgate_admin_tokens (
 );
 CREATE INDEX tollgate_admin_tokens_seq ON tollgate_admin_tokens (seq);
 "#,
+    r#"
+CREATE TABLE tollgate_audit (
+    seq bigserial PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    entry text NOT NULL,
+    actor text NOT NULL,
+    target text NOT NULL
+);
+"#,
 ];
 
 /// The schema version this build writes.

@@ -257,7 +257,7 @@ impl Cluster {
 
     /// A read for the API on the cluster's runtime: the database
     /// unreachable is 503, as for a request that needs it.
-    async fn read<T: Send + 'static>(
+    pub(super) async fn read<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = Result<T, String>> + Send + 'static,
     ) -> Result<T, ApiError> {
