@@ -228,6 +228,11 @@ impl Node {
         Node::start_with(pg, mock, id, "")
     }
 
+    /// One node per id, each started and listening.
+    fn start_all(pg: &Pg, mock: &MockUpstream, ids: &[&str]) -> Vec<Node> {
+        ids.iter().map(|id| Node::start(pg, mock, id)).collect()
+    }
+
     /// With more `[cluster]` settings.
     fn start_with(pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
         let mut node = Node::spawn(&pg.url(), mock, id, cluster);
@@ -438,10 +443,7 @@ async fn race_over_three_nodes_with_one_killed() {
         return;
     };
     let mock = mock();
-    let nodes: Vec<Node> = ["node-1", "node-2", "node-3"]
-        .iter()
-        .map(|id| Node::start(&pg, &mock, id))
-        .collect();
+    let nodes = Node::start_all(&pg, &mock, &["node-1", "node-2", "node-3"]);
     let mut nodes = nodes;
     let (s, v) = nodes[0]
         .admin(
@@ -829,10 +831,7 @@ async fn a_keys_own_limit_is_global() {
         return;
     };
     let mock = mock();
-    let nodes: Vec<Node> = ["k-1", "k-2", "k-3"]
-        .iter()
-        .map(|id| Node::start(&pg, &mock, id))
-        .collect();
+    let nodes = Node::start_all(&pg, &mock, &["k-1", "k-2", "k-3"]);
     let (s, v) = nodes[0]
         .admin(
             "POST",
@@ -950,10 +949,7 @@ async fn concurrency_is_global() {
         ..MockOptions::default()
     })
     .expect("mock upstream");
-    let nodes: Vec<Node> = ["c-1", "c-2", "c-3"]
-        .iter()
-        .map(|id| Node::start(&pg, &mock, id))
-        .collect();
+    let nodes = Node::start_all(&pg, &mock, &["c-1", "c-2", "c-3"]);
     let (s, v) = nodes[0]
         .admin(
             "POST",
@@ -1205,10 +1201,7 @@ async fn rpm_is_global() {
         return;
     };
     let mock = mock();
-    let nodes: Vec<Node> = ["r-1", "r-2", "r-3"]
-        .iter()
-        .map(|id| Node::start(&pg, &mock, id))
-        .collect();
+    let nodes = Node::start_all(&pg, &mock, &["r-1", "r-2", "r-3"]);
     let (s, v) = nodes[0]
         .admin(
             "POST",
@@ -1305,10 +1298,7 @@ async fn tpm_is_global() {
         return;
     };
     let mock = mock();
-    let nodes: Vec<Node> = ["t-1", "t-2", "t-3"]
-        .iter()
-        .map(|id| Node::start(&pg, &mock, id))
-        .collect();
+    let nodes = Node::start_all(&pg, &mock, &["t-1", "t-2", "t-3"]);
     let tpm = 600u64;
     let (s, v) = nodes[0]
         .admin(
@@ -1393,10 +1383,7 @@ async fn usage_reports_are_the_same_on_every_node() {
         return;
     };
     let mock = mock();
-    let nodes: Vec<Node> = ["u-1", "u-2", "u-3"]
-        .iter()
-        .map(|id| Node::start(&pg, &mock, id))
-        .collect();
+    let nodes = Node::start_all(&pg, &mock, &["u-1", "u-2", "u-3"]);
     let (s, v) = nodes[0]
         .admin(
             "POST",
@@ -1553,10 +1540,7 @@ async fn admin_tokens_are_known_to_every_node() {
         return;
     };
     let mock = mock();
-    let nodes: Vec<Node> = ["t-1", "t-2", "t-3"]
-        .iter()
-        .map(|id| Node::start(&pg, &mock, id))
-        .collect();
+    let nodes = Node::start_all(&pg, &mock, &["t-1", "t-2", "t-3"]);
     let (s, v) = nodes[0]
         .admin(
             "POST",
@@ -1615,10 +1599,7 @@ async fn the_audit_log_is_the_same_on_every_node() {
         return;
     };
     let mock = mock();
-    let nodes: Vec<Node> = ["a-1", "a-2", "a-3"]
-        .iter()
-        .map(|id| Node::start(&pg, &mock, id))
-        .collect();
+    let nodes = Node::start_all(&pg, &mock, &["a-1", "a-2", "a-3"]);
     // One admin write on each node.
     let (s, v) = nodes[0]
         .admin("POST", "/api/v1/keys", Some(json!({"name": "audited"})))
