@@ -28,7 +28,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use crate::BoxError;
@@ -131,10 +131,29 @@ impl Conn {
             if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
                 self.buf.reserve(READ_SIZE);
             }
-            match self.io.try_read_buf(&mut self.buf) {
+            let Conn { io, buf } = self;
+            let room = buf.capacity() - buf.len();
+            let mut got = None;
+            // A read shorter than the room left drained the socket: with
+            // edge-triggered readiness (epoll, kqueue) no more can come
+            // without a new event, so readiness is cleared here, as
+            // tokio's own `poll_read` does. Without it, `still_open`
+            // would find the socket "readable" at the next checkout and
+            // probe it with a system call that can only say would-block.
+            let r = io.try_io(Interest::READABLE, || {
+                let n = io.try_read_buf(buf)?;
+                got = Some(n);
+                if n > 0 && n < room {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(n)
+                }
+            });
+            match (r, got) {
+                (Ok(n), _) | (Err(_), Some(n)) => return Poll::Ready(Ok(n)),
                 // Readiness is cleared by the would-block: poll again.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
+                (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                (Err(e), None) => return Poll::Ready(Err(e)),
             }
         }
     }
@@ -414,16 +433,29 @@ enum Parsed {
 /// Parses the head at the start of `buf` (and takes it off); `None` if
 /// incomplete.
 fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, SendError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    // Most heads have a handful of lines: a small table first (clearing
+    // and scanning the large one cost more than parsing the head), the
+    // large one only when the small one overflows.
+    match parse_head_in::<FEW_HEADERS>(buf, method) {
+        Err(SendError::Protocol(TOO_MANY_HEADERS)) => parse_head_in::<MAX_HEADERS>(buf, method),
+        r => r,
+    }
+}
+
+/// Header lines a head is first parsed for.
+const FEW_HEADERS: usize = 24;
+const TOO_MANY_HEADERS: &str = "the upstream's answer has too many headers";
+
+fn parse_head_in<const N: usize>(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<Parsed>, SendError> {
+    let mut slots = [httparse::EMPTY_HEADER; N];
     let mut res = httparse::Response::new(&mut slots);
     let len = match res.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(SendError::Protocol(
-                "the upstream's answer has too many headers",
-            ));
-        }
+        Err(httparse::Error::TooManyHeaders) => return Err(SendError::Protocol(TOO_MANY_HEADERS)),
         Err(_) => {
             return Err(SendError::Protocol(
                 "the upstream's answer head is malformed",
@@ -448,7 +480,7 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Sen
     // Where each name and value lies in the head, so that values can share
     // its bytes instead of being copied.
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); N];
     let count = res.headers.len();
     for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
         let n = h.name.as_ptr() as usize - base;
