@@ -19,6 +19,14 @@ use tollgate::money::Pico;
 use tollgate_mock::{MockOptions, MockUpstream};
 
 const ADMIN: &str = "test-admin-token-cluster-0123456789abcdef";
+/// The Stripe webhook secret the nodes' `[payments.stripe]` names.
+const WHSEC: &str = "whsec_tollgate_cluster_secret_0123456789";
+/// `[payments.stripe]` for [`Node::start_with`].
+const STRIPE: &str = r#"
+[payments.stripe]
+secret_key_env = "TOLLGATE_TEST_STRIPE_SK"
+webhook_secret_env = "TOLLGATE_TEST_STRIPE_WHSEC"
+"#;
 
 /// A throwaway PostgreSQL cluster, stopped (immediate) when dropped.
 struct Pg {
@@ -286,6 +294,8 @@ sync_interval = "1s"
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
             .env("TOLLGATE_TEST_UPSTREAM_KEY", common::UPSTREAM_KEY)
             .env("TOLLGATE_POSTGRES_URL", url)
+            .env("TOLLGATE_TEST_STRIPE_WHSEC", WHSEC)
+            .env("TOLLGATE_TEST_STRIPE_SK", "sk_test_tollgate")
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -1680,4 +1690,220 @@ async fn the_audit_log_is_the_same_on_every_node() {
         Some(lists[0].len()),
         "{v}"
     );
+}
+
+/// A Stripe event as Stripe signs it (`t=…,v1=HMAC-SHA256(t.body)`), now.
+fn stripe_signature(body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(WHSEC.as_bytes()).expect("any key size");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Delivers a Stripe event to a node's webhook.
+async fn deliver(node: &Node, body: &[u8]) -> (u16, Value) {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(node.url("/api/v1/payments/stripe/webhook"))
+        .header("stripe-signature", stripe_signature(body))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("request builds");
+    let res = common::client()
+        .request(req)
+        .await
+        .expect("the node answers");
+    let status = res.status().as_u16();
+    let b = res.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn stripe_event(id: &str, kind: &str, object: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": id, "object": "event", "type": kind, "created": 1_700_000_000,
+        "data": {"object": object}
+    }))
+    .expect("json")
+}
+
+/// One paid checkout session `cs` of `cents` for `account`, told by event `id`.
+fn paid_session(id: &str, kind: &str, cs: &str, account: &str, cents: i64) -> Vec<u8> {
+    stripe_event(
+        id,
+        kind,
+        json!({"id": cs, "object": "checkout.session", "mode": "payment",
+               "payment_status": "paid", "status": "complete", "amount_total": cents,
+               "currency": "usd", "client_reference_id": account,
+               "payment_intent": format!("pi_{cs}"),
+               "metadata": {"account": account, "kind": "topup"}}),
+    )
+}
+
+/// A Stripe event POSTed to two nodes at once, and another event of the
+/// same checkout session to the third: the account is credited once, the
+/// database has one payment record (and its references once), and every
+/// node lists it with the same id; a retry later, and a refund through
+/// another node than the one that applied it, apply once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_applies_once_over_three_nodes() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["p-1", "p-2", "p-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, STRIPE))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts",
+            Some(json!({"id": "acct-pay", "email": "pay@example.com"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let completed = paid_session(
+        "evt_done",
+        "checkout.session.completed",
+        "cs_once",
+        "acct-pay",
+        1000,
+    );
+    let async_paid = paid_session(
+        "evt_async",
+        "checkout.session.async_payment_succeeded",
+        "cs_once",
+        "acct-pay",
+        1000,
+    );
+    let (a, b, c) = tokio::join!(
+        deliver(&nodes[0], &completed),
+        deliver(&nodes[1], &completed),
+        deliver(&nodes[2], &async_paid),
+    );
+    let answers = [a, b, c];
+    for (s, v) in &answers {
+        assert_eq!(*s, 200, "{v}");
+        assert_eq!(v["status"], "succeeded", "{v}");
+    }
+    let applied = answers
+        .iter()
+        .filter(|(_, v)| v["replayed"] == false)
+        .count();
+    assert_eq!(applied, 1, "one node applied it, two replayed: {answers:?}");
+    let id = answers[0].1["payment"]
+        .as_str()
+        .expect("payment id")
+        .to_owned();
+    for (_, v) in &answers {
+        assert_eq!(v["payment"], id.as_str(), "every answer names one payment");
+    }
+
+    let ten = Pico::parse_usd("10").unwrap();
+    for n in &nodes {
+        let (s, v) = n.admin("GET", "/api/v1/accounts/acct-pay", None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(usd(&v["data"]["balance"]), ten, "credited once: {v}");
+    }
+    let db = pg.client().await;
+    let one = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.expect(sql).get::<_, i64>(0) }
+    };
+    assert_eq!(one("SELECT COUNT(*) FROM tollgate_payments").await, 1);
+    // The winner's three references (its event, the session, the intent).
+    assert_eq!(one("SELECT COUNT(*) FROM tollgate_payment_refs").await, 3);
+    assert_eq!(
+        one("SELECT COUNT(*) FROM tollgate_payment_refs WHERE reference = 'cs:cs_once'").await,
+        1
+    );
+    assert_eq!(
+        one("SELECT COALESCE(SUM(amount), 0)::int8 FROM tollgate_entries WHERE kind = 'payment'")
+            .await,
+        ten.0
+    );
+    assert_eq!(
+        one("SELECT balance FROM tollgate_accounts WHERE id = 'acct-pay'").await,
+        ten.0
+    );
+
+    // Every node lists it, once, with the same id and record.
+    let mut lists = Vec::new();
+    for n in &nodes {
+        let (s, v) = n.admin("GET", "/api/v1/payments", None).await;
+        assert_eq!(s, 200, "{v}");
+        let rows = v["data"].as_array().cloned().unwrap_or_default();
+        assert_eq!(rows.len(), 1, "{v}");
+        assert_eq!(rows[0]["id"], id.as_str());
+        assert_eq!(rows[0]["amount"].to_string(), "10");
+        lists.push(rows);
+        let (s, v) = n
+            .admin(
+                "GET",
+                "/api/v1/payments?account=acct-pay&status=succeeded",
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
+        let (s, v) = n.admin("GET", "/api/v1/payments?provider=epay", None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(0), "{v}");
+        let (s, v) = n
+            .admin("GET", &format!("/api/v1/payments/{id}"), None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["data"]["id"], id.as_str());
+    }
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[1], lists[2]);
+
+    // Stripe retries, later, on another node: a replay.
+    let (s, v) = deliver(&nodes[2], &completed).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["replayed"], true, "{v}");
+    assert_eq!(v["payment"], id.as_str());
+
+    // A partial refund through each node at once (one event): taken back once.
+    let refund = stripe_event(
+        "evt_refund",
+        "charge.refunded",
+        json!({"id": "ch_once", "object": "charge", "amount": 1000,
+               "amount_refunded": 400, "currency": "usd", "payment_intent": "pi_cs_once",
+               "refunded": false}),
+    );
+    let (a, b, c) = tokio::join!(
+        deliver(&nodes[0], &refund),
+        deliver(&nodes[1], &refund),
+        deliver(&nodes[2], &refund),
+    );
+    let answers = [a, b, c];
+    for (s, v) in &answers {
+        assert_eq!(*s, 200, "{v}");
+        assert_eq!(v["payment"], id.as_str(), "{v}");
+    }
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|(_, v)| v["replayed"] == false)
+            .count(),
+        1,
+        "{answers:?}"
+    );
+    let six = Pico::parse_usd("6").unwrap();
+    for n in &nodes {
+        let (_, v) = n.admin("GET", "/api/v1/accounts/acct-pay", None).await;
+        assert_eq!(usd(&v["data"]["balance"]), six, "refunded once: {v}");
+        let (_, v) = n.admin("GET", "/api/v1/payments", None).await;
+        assert_eq!(v["data"][0]["status"], "partially_refunded", "{v}");
+        assert_eq!(v["data"][0]["refunded"].to_string(), "4", "{v}");
+    }
+    assert_eq!(one("SELECT COUNT(*) FROM tollgate_payments").await, 1);
 }

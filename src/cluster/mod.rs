@@ -33,6 +33,10 @@
 //!   (`Gate::updated`, `Gate::forget`) and the wallets.
 //! - **Audit** ([`audit`]): each node's audit entries are shipped to the
 //!   database once each; the audit API reads them back from there.
+//! - **Payments** ([`payments`]): a payment claims its provider
+//!   references, writes its record and moves its money in one database
+//!   transaction, so it applies once cluster-wide; the payments API reads
+//!   the records back from there.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
@@ -47,6 +51,7 @@
 pub mod audit;
 pub mod config;
 pub mod lease;
+pub mod payments;
 pub mod rate;
 pub mod schema;
 pub mod sync;

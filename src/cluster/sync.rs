@@ -75,32 +75,6 @@ impl Cluster {
         }
     }
 
-    /// A payment the local store applied (not a replay): its money goes to
-    /// the database once per provider reference, whichever node it reached.
-    pub async fn payment_applied(
-        &self,
-        applied: &crate::store::Applied,
-        reference: Option<String>,
-        at_ms: i64,
-    ) {
-        match applied {
-            crate::store::Applied::Nothing => {}
-            crate::store::Applied::Account { id, balance_delta } => {
-                let entry = reference.unwrap_or_else(|| self.entry_id("pay"));
-                self.publish(Change::Credit {
-                    id: entry,
-                    account: id.clone(),
-                    kind: "payment",
-                    amount: *balance_delta,
-                    spent: 0,
-                    at_ms,
-                })
-                .await;
-            }
-            crate::store::Applied::Key { hash, .. } => self.publish(Change::Key(*hash)).await,
-        }
-    }
-
     /// Writes the changes kept while the database was unreachable, in order.
     pub(super) async fn push_pending(&self) {
         loop {
