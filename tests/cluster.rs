@@ -243,7 +243,12 @@ impl Node {
 
     /// With more `[cluster]` settings.
     fn start_with(pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
-        let mut node = Node::spawn(&pg.url(), mock, id, cluster);
+        Node::start_later(pg, mock, id, cluster, 0)
+    }
+
+    /// With its clock `offset_ms` ahead (`TOLLGATE_CLOCK_OFFSET_MS`).
+    fn start_later(pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str, offset_ms: i64) -> Node {
+        let mut node = Node::spawn_later(&pg.url(), mock, id, cluster, offset_ms);
         if let Err(log) = node.ready() {
             panic!("node {id} did not start: {log}");
         }
@@ -252,6 +257,16 @@ impl Node {
 
     /// Starts the process; [`Node::ready`] waits for it to listen.
     fn spawn(url: &str, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
+        Node::spawn_later(url, mock, id, cluster, 0)
+    }
+
+    fn spawn_later(
+        url: &str,
+        mock: &MockUpstream,
+        id: &str,
+        cluster: &str,
+        offset_ms: i64,
+    ) -> Node {
         let data = common::temp_dir(id);
         let port = free_port();
         let config = format!(
@@ -296,6 +311,7 @@ sync_interval = "1s"
             .env("TOLLGATE_POSTGRES_URL", url)
             .env("TOLLGATE_TEST_STRIPE_WHSEC", WHSEC)
             .env("TOLLGATE_TEST_STRIPE_SK", "sk_test_tollgate")
+            .env("TOLLGATE_CLOCK_OFFSET_MS", offset_ms.to_string())
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -1906,4 +1922,175 @@ async fn a_payment_applies_once_over_three_nodes() {
         assert_eq!(v["data"][0]["refunded"].to_string(), "4", "{v}");
     }
     assert_eq!(one("SELECT COUNT(*) FROM tollgate_payments").await, 1);
+}
+
+/// A daily plan, and a sweeper that looks often.
+const DAILY: &str = r#"
+[limits]
+sweep_interval = "50ms"
+[plans.daily]
+interval = "day"
+grant = "1"
+grace = "1d"
+"#;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// A subscription as `node` answers it, once it satisfies `want`.
+async fn subscription_where(node: &Node, sid: &str, want: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let (s, v) = node
+            .admin("GET", &format!("/api/v1/subscriptions/{sid}"), None)
+            .await;
+        if s == 200 && want(&v["data"]) {
+            return v["data"].clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "node {}: {s} {v}",
+            node.port
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The grants of `period` in the ledgers of all `nodes` (each node's own).
+async fn grants_of_period(nodes: &[Node], account: &str, period: u64) -> usize {
+    let mut n = 0;
+    for node in nodes {
+        let (s, v) = node
+            .admin("GET", &format!("/api/v1/accounts/{account}/ledger"), None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        n += v["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| {
+                e["kind"] == "grant"
+                    && e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(&format!("period {period} grant")))
+            })
+            .count();
+    }
+    n
+}
+
+/// A subscription made through node 1 is known to every node; a renewal
+/// key applies once whichever node it reaches; when the period ends with
+/// three nodes running (their clocks a day on), one node rolls it and the
+/// period's grant is made once; with node 1 down the others renew it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_renews_once_over_three_nodes() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let ids = ["s-1", "s-2", "s-3"];
+    let mut nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, DAILY))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-sub"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-sub/subscriptions",
+            Some(json!({"plan": "daily"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let sid = v["data"]["id"].as_str().expect("id").to_owned();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/renew"),
+            Some(json!({"idempotency_key": "day1"})),
+        )
+        .await;
+    assert_eq!((s, &v["replayed"]), (200, &json!(false)), "{v}");
+    // Every node knows it, as node 1 wrote it.
+    let mine = subscription_where(&nodes[0], &sid, |_| true).await;
+    for n in &nodes[1..] {
+        let theirs = subscription_where(n, &sid, |d| d["paid_through"] == 1).await;
+        assert_eq!(theirs, mine);
+    }
+    // The same renewal key through another node: a replay, nothing paid twice.
+    let (s, v) = nodes[2]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/renew"),
+            Some(json!({"idempotency_key": "day1"})),
+        )
+        .await;
+    assert_eq!((s, &v["replayed"]), (200, &json!(true)), "{v}");
+    assert_eq!(v["data"]["paid_through"], 1, "{v}");
+    let db = pg.client().await;
+    let claims = |id: String| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT COUNT(*) FROM tollgate_entries WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(claims(format!("grant:{sid}:g:0:")).await, 1);
+    assert_eq!(claims(format!("renewal:{sid}:day1")).await, 1);
+
+    // A day later, three nodes running: period 1 starts once.
+    for n in &mut nodes {
+        n.terminate();
+    }
+    nodes = ids
+        .iter()
+        .map(|id| Node::start_later(&pg, &mock, id, DAILY, DAY_MS + 60_000))
+        .collect();
+    let rolled = subscription_where(&nodes[0], &sid, |d| d["period"] == 1).await;
+    assert_eq!(rolled["status"], "active", "{rolled}");
+    for n in &nodes[1..] {
+        let theirs = subscription_where(n, &sid, |d| d["period"] == 1).await;
+        assert_eq!(theirs, rolled, "every node lists it the same");
+    }
+    // Some passes later it is still granted once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(claims(format!("grant:{sid}:g:1:")).await, 1);
+    assert_eq!(grants_of_period(&nodes, "acct-sub", 1).await, 1);
+
+    // Node 1 down: renewed through node 2, the next period rolls elsewhere.
+    nodes[0].terminate();
+    let (s, v) = nodes[1]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/renew"),
+            Some(json!({"idempotency_key": "day2"})),
+        )
+        .await;
+    assert_eq!((s, &v["replayed"]), (200, &json!(false)), "{v}");
+    subscription_where(&nodes[2], &sid, |d| d["paid_through"] == 2).await;
+    for n in &mut nodes[1..] {
+        n.terminate();
+    }
+    let mut later: Vec<Node> = ids[1..]
+        .iter()
+        .map(|id| Node::start_later(&pg, &mock, id, DAILY, 2 * DAY_MS + 120_000))
+        .collect();
+    for n in &later {
+        subscription_where(n, &sid, |d| d["period"] == 2).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(claims(format!("grant:{sid}:g:2:")).await, 1);
+    assert_eq!(grants_of_period(&later, "acct-sub", 2).await, 1);
+    for n in &mut later {
+        n.terminate();
+    }
 }

@@ -50,6 +50,7 @@ fn payments_ctx<'a>(ctx: &'a Ctx<'_>) -> PaymentCtx<'a> {
             gate: ctx.gate,
             store: ctx.store,
             clock: ctx.clock,
+            cluster: super::cluster::of(ctx),
         }),
         cluster: super::cluster::of(ctx),
     }

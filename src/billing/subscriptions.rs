@@ -52,6 +52,10 @@ pub struct Billing<'a> {
     pub gate: &'a Gate,
     pub store: &'a Store,
     pub clock: &'a Clock,
+    /// `[cluster]` mode: each write is published to the other nodes, and
+    /// its grants and renewal key are claimed once cluster-wide first
+    /// (`cluster::subscriptions`).
+    pub cluster: Option<&'a std::sync::Arc<crate::cluster::Cluster>>,
 }
 
 /// A plan that can be subscribed to: its period length and money terms.
@@ -179,6 +183,7 @@ impl<'a> Billing<'a> {
             gate: &app.gate,
             store: &app.store,
             clock: &app.clock,
+            cluster: app.cluster.get(),
         }
     }
 
@@ -332,13 +337,13 @@ impl<'a> Billing<'a> {
             format!("{plan}: period 0 grant"),
         )];
         let out = self
-            .store
-            .write_subscription(SubscriptionWrite {
+            .store_write(SubscriptionWrite {
                 sub,
                 expect_version: None,
                 money,
                 renewal_key: None,
                 at_ms: now,
+                replica: false,
             })
             .await
             .map_err(|e| match e {
@@ -652,13 +657,13 @@ impl<'a> Billing<'a> {
         now: i64,
     ) -> Result<SubscriptionOutcome, ApiError> {
         let out = self
-            .store
-            .write_subscription(SubscriptionWrite {
+            .store_write(SubscriptionWrite {
                 sub,
                 expect_version: Some(expect),
                 money,
                 renewal_key,
                 at_ms: now,
+                replica: false,
             })
             .await
             .map_err(|e| match e {
@@ -673,6 +678,74 @@ impl<'a> Billing<'a> {
             self.follow(&out);
         }
         Ok(out)
+    }
+
+    /// The store's write; in cluster mode its grants and renewal key are
+    /// claimed in the database first (a grant another node claimed is not
+    /// applied here; a renewal key another node claimed is a replay), and
+    /// the write is published to the other nodes after.
+    async fn store_write(
+        &self,
+        mut w: SubscriptionWrite,
+    ) -> Result<SubscriptionOutcome, StoreError> {
+        use crate::cluster::subscriptions::{grant_entry_id, renewal_entry_id};
+        let Some(c) = self.cluster else {
+            return self.store.write_subscription(w).await;
+        };
+        let sid = w.sub.id.clone();
+        let mut ids: Vec<(String, &'static str)> = w
+            .money
+            .iter()
+            .filter_map(|m| match m {
+                SubscriptionMoney::Grant { marker, amount, .. } if amount.0 > 0 => {
+                    Some((grant_entry_id(&sid, marker), "grant"))
+                }
+                _ => None,
+            })
+            .collect();
+        let renewal = w.renewal_key.as_deref().map(|k| renewal_entry_id(&sid, k));
+        if let Some(r) = &renewal {
+            ids.push((r.clone(), "renewal"));
+        }
+        let (held, new) = c
+            .claim_once(&w.sub.account, ids, w.at_ms)
+            .await
+            .map_err(StoreError::Database)?;
+        if let Some(r) = &renewal
+            && !held.contains(r)
+        {
+            // Another node applied this renewal: as the store answers a
+            // renewal key used before.
+            c.unclaim(new).await;
+            let sub = self.store.subscription(&sid)?.ok_or(StoreError::NotFound)?;
+            let account = self
+                .store
+                .user_account(&sub.account)?
+                .ok_or(StoreError::NotFound)?;
+            return Ok(SubscriptionOutcome {
+                sub,
+                account,
+                entries: Vec::new(),
+                replayed: true,
+            });
+        }
+        w.money.retain(|m| match m {
+            SubscriptionMoney::Grant { marker, .. } => held.contains(&grant_entry_id(&sid, marker)),
+            SubscriptionMoney::LapseAll { .. } => true,
+        });
+        match self.store.write_subscription(w).await {
+            Ok(out) if !out.replayed => {
+                c.publish(crate::cluster::sync::Change::Subscription(
+                    out.sub.id.clone(),
+                ))
+                .await;
+                Ok(out)
+            }
+            other => {
+                c.unclaim(new).await;
+                other
+            }
+        }
     }
 
     /// Applies to the live wallet what the store applied.
@@ -691,8 +764,16 @@ impl<'a> Billing<'a> {
     }
 }
 
-/// The sweeper's call: runs the lifecycle, logging failures.
+/// The sweeper's call: runs the lifecycle, logging failures. In cluster
+/// mode only on the node holding the lifecycle lock for this pass.
 pub async fn sweep(app: &App) {
+    let _lock = match app.cluster.get() {
+        Some(c) => match c.sweep_lock().await {
+            Some(lock) => Some(lock),
+            None => return,
+        },
+        None => None,
+    };
     match Billing::of(app).process_due().await {
         Ok(0) => {}
         Ok(n) => tracing::debug!(n, "subscriptions advanced"),

@@ -37,6 +37,9 @@
 //!   references, writes its record and moves its money in one database
 //!   transaction, so it applies once cluster-wide; the payments API reads
 //!   the records back from there.
+//! - **Subscriptions** ([`subscriptions`]): records shared through the
+//!   database like accounts; the lifecycle pass runs on one node at a
+//!   time (an advisory lock); each grant is claimed once cluster-wide.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
@@ -54,6 +57,7 @@ pub mod lease;
 pub mod payments;
 pub mod rate;
 pub mod schema;
+pub mod subscriptions;
 pub mod sync;
 pub mod trips;
 pub mod usage;

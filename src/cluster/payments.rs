@@ -541,7 +541,7 @@ impl Cluster {
     }
 
     /// Notes the database up or down from a write's result.
-    fn noted<T>(&self, out: Result<T, String>) -> Result<T, String> {
+    pub(super) fn noted<T>(&self, out: Result<T, String>) -> Result<T, String> {
         match &out {
             Ok(_) => self.note_up(),
             Err(e) => self.note_down(e),
