@@ -130,6 +130,10 @@ fn ended(s: &SubscriptionRecord) -> ApiError {
 fn store_failed(e: StoreError) -> ApiError {
     match e {
         StoreError::NotFound => account_not_found(),
+        StoreError::Database(why) => {
+            tracing::warn!(error = %why, "subscription not written: the database is unreachable");
+            crate::cluster::database_unavailable()
+        }
         StoreError::Invalid(m) => ApiError::bad_request("invalid_request", m),
         other => {
             let mut e = ApiError::internal(other);
@@ -688,7 +692,7 @@ impl<'a> Billing<'a> {
         &self,
         mut w: SubscriptionWrite,
     ) -> Result<SubscriptionOutcome, StoreError> {
-        use crate::cluster::subscriptions::{grant_entry_id, renewal_entry_id};
+        use crate::cluster::subscriptions::{external_entry_id, grant_entry_id, renewal_entry_id};
         let Some(c) = self.cluster else {
             return self.store.write_subscription(w).await;
         };
@@ -706,6 +710,15 @@ impl<'a> Billing<'a> {
         let renewal = w.renewal_key.as_deref().map(|k| renewal_entry_id(&sid, k));
         if let Some(r) = &renewal {
             ids.push((r.clone(), "renewal"));
+        }
+        // One subscription per provider subscription: a checkout event
+        // reaching two nodes starts it once.
+        let external = match (&w.sub.external_id, w.expect_version) {
+            (Some(e), None) => Some(external_entry_id(e)),
+            _ => None,
+        };
+        if let Some(e) = &external {
+            ids.push((e.clone(), "subscribe"));
         }
         let (held, new) = c
             .claim_once(&w.sub.account, ids, w.at_ms)
@@ -728,6 +741,12 @@ impl<'a> Billing<'a> {
                 entries: Vec::new(),
                 replayed: true,
             });
+        }
+        if let Some(e) = &external
+            && !held.contains(e)
+        {
+            c.unclaim(new).await;
+            return Err(StoreError::Exists);
         }
         w.money.retain(|m| match m {
             SubscriptionMoney::Grant { marker, .. } => held.contains(&grant_entry_id(&sid, marker)),

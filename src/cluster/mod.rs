@@ -117,6 +117,9 @@ pub struct Cluster {
     last_seq: AtomicI64,
     /// This node's audit entries up to this local seq are in the database.
     audit_shipped: AtomicU64,
+    /// One pull at a time: the ticks and the subscription sweeper (which
+    /// pulls before its pass) would otherwise apply one change twice.
+    pulling: tokio::sync::Mutex<()>,
     /// Woken by NOTIFY (another node changed something) and by shutdown.
     wake: Notify,
     /// Set by shutdown: the tasks end after returning the leases.
@@ -388,6 +391,7 @@ impl Cluster {
             next_id: AtomicU64::new(0),
             last_seq: AtomicI64::new(0),
             audit_shipped: AtomicU64::new(0),
+            pulling: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             db_down: AtomicBool::new(false),

@@ -14,7 +14,8 @@
 //!   the grant's id ([`grant_entry_id`]: subscription, period, kind) as a
 //!   `tollgate_entries` row (unique per id), and a renewal's idempotency
 //!   key likewise ([`renewal_entry_id`]); what another node claimed is not
-//!   applied here. So two nodes rolling the same period (the lock moved
+//!   applied here (and a start for a provider's subscription id, so one
+//!   checkout event reaching two nodes starts one subscription). So two nodes rolling the same period (the lock moved
 //!   between passes before the first node's write was pulled) grant once.
 //!   The rows are markers (amount 0): the allowance a grant gives is kept
 //!   by the node that applied it, not in the database.
@@ -36,6 +37,12 @@ pub fn grant_entry_id(sid: &str, m: &SubscriptionMarker) -> String {
 /// The `tollgate_entries` id of a renewal's idempotency key.
 pub fn renewal_entry_id(sid: &str, key: &str) -> String {
     format!("renewal:{sid}:{key}")
+}
+
+/// The `tollgate_entries` id of a subscription started for a payment
+/// provider's subscription (`external_id`): one start cluster-wide.
+pub fn external_entry_id(external_id: &str) -> String {
+    format!("subscribe:{external_id}")
 }
 
 /// Held while this node runs the subscription lifecycle pass: dropping it
@@ -147,7 +154,7 @@ impl Cluster {
                 let c = pool.get().await.map_err(pool_error)?;
                 c.execute(
                     "DELETE FROM tollgate_entries WHERE id = ANY($1) AND node_id = $2 \
-                     AND kind IN ('grant', 'renewal')",
+                     AND kind IN ('grant', 'renewal', 'subscribe')",
                     &[&ids, &node],
                 )
                 .await
@@ -191,5 +198,6 @@ mod tests {
             grant_entry_id("sub_2", &m(b'g', 3, ""))
         );
         assert_eq!(renewal_entry_id("sub_1", "inv_9"), "renewal:sub_1:inv_9");
+        assert_eq!(external_entry_id("sub_Stripe1"), "subscribe:sub_Stripe1");
     }
 }

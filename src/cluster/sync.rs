@@ -275,6 +275,7 @@ impl Cluster {
         let Some(app) = self.app() else {
             return Ok(0);
         };
+        let _one = self.pulling.lock().await;
         let last = self.last_seq.load(Ordering::Acquire);
         // Own changes are in the local store already; at start (last = 0)
         // everything is pulled, in case the local store is new.
