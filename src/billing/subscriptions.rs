@@ -724,11 +724,16 @@ impl<'a> Billing<'a> {
             .claim_once(&w.sub.account, ids, w.at_ms)
             .await
             .map_err(StoreError::Database)?;
+        // A renewal key claimed before, even by this node, is a replay: a
+        // node whose store was made anew (it pulls the record, not the
+        // key) must not pay the period twice. (A node killed between the
+        // claim and its store's write loses that renewal; the provider's
+        // retry is answered as a replay.)
         if let Some(r) = &renewal
-            && !held.contains(r)
+            && !new.contains(r)
         {
-            // Another node applied this renewal: as the store answers a
-            // renewal key used before.
+            // Applied already (here or on another node): as the store
+            // answers a renewal key used before.
             c.unclaim(new).await;
             let sub = self.store.subscription(&sid)?.ok_or(StoreError::NotFound)?;
             let account = self

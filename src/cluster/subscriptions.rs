@@ -13,8 +13,8 @@
 //! - **Once per period**: before a node's store applies a grant it claims
 //!   the grant's id ([`grant_entry_id`]: subscription, period, kind) as a
 //!   `tollgate_entries` row (unique per id), and a renewal's idempotency
-//!   key likewise ([`renewal_entry_id`]); what another node claimed is not
-//!   applied here (and a start for a provider's subscription id, so one
+//!   key likewise ([`renewal_entry_id`], a replay unless claimed now);
+//!   what another node claimed is not applied here (and a start for a provider's subscription id, so one
 //!   checkout event reaching two nodes starts one subscription). So two nodes rolling the same period (the lock moved
 //!   between passes before the first node's write was pulled) grant once.
 //!   The rows are markers (amount 0): the allowance a grant gives is kept
