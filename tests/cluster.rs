@@ -21,6 +21,17 @@ use tollgate_mock::{MockOptions, MockUpstream};
 const ADMIN: &str = "test-admin-token-cluster-0123456789abcdef";
 /// The Stripe webhook secret the nodes' `[payments.stripe]` names.
 const WHSEC: &str = "whsec_tollgate_cluster_secret_0123456789";
+/// The epay merchant key the nodes' `[payments.epay]` names.
+const EPAY_KEY: &str = "KEY123";
+/// `[payments.epay]` for [`Node::start_with`].
+const EPAY: &str = r#"
+[payments.epay]
+pid = "1001"
+key_env = "TOLLGATE_TEST_EPAY_KEY"
+submit_url = "https://pay.example/submit.php"
+notify_url = "https://gw.example/api/v1/payments/epay/notify"
+accept_external_orders = true
+"#;
 /// `[payments.stripe]` for [`Node::start_with`].
 const STRIPE: &str = r#"
 [payments.stripe]
@@ -311,6 +322,7 @@ sync_interval = "1s"
             .env("TOLLGATE_POSTGRES_URL", url)
             .env("TOLLGATE_TEST_STRIPE_WHSEC", WHSEC)
             .env("TOLLGATE_TEST_STRIPE_SK", "sk_test_tollgate")
+            .env("TOLLGATE_TEST_EPAY_KEY", EPAY_KEY)
             .env("TOLLGATE_CLOCK_OFFSET_MS", offset_ms.to_string())
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
@@ -2093,4 +2105,195 @@ async fn a_subscription_renews_once_over_three_nodes() {
     for n in &mut later {
         n.terminate();
     }
+}
+
+/// An epay notification, signed as the provider signs it, POSTed to `node`.
+async fn epay_notify(node: &Node, params: &[(&str, &str)]) -> (u16, String) {
+    let mut all: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let sign = tollgate::payments::epay::sign(&all, EPAY_KEY);
+    all.push(("sign".into(), sign));
+    all.push(("sign_type".into(), "MD5".into()));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(node.url("/api/v1/payments/epay/notify"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(tollgate::payments::stripe::form(
+            &all,
+        ))))
+        .expect("request builds");
+    let res = common::client()
+        .request(req)
+        .await
+        .expect("the node answers");
+    let status = res.status().as_u16();
+    let b = res.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&b).into_owned())
+}
+
+/// An epay order made through node 1 is paid by a notification reaching
+/// nodes 2 and 3 at once: credited once. An activation reaching two nodes
+/// at once credits once and issues one key, whose secret one read on any
+/// node shows, and no read after. A manual payment's reference sent to two
+/// nodes at once applies once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn epay_and_manual_payments_apply_once_over_three_nodes() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["e-1", "e-2", "e-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, EPAY))
+        .collect();
+    for (id, email) in [("acct-e", "e@example.com"), ("acct-f", "f@example.com")] {
+        let (s, v) = nodes[0]
+            .admin(
+                "POST",
+                "/api/v1/accounts",
+                Some(json!({"id": id, "email": email})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-e/checkout",
+            Some(json!({"provider": "epay", "kind": "topup", "amount": "10", "type": "alipay"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let order = v["data"]["out_trade_no"]
+        .as_str()
+        .expect("order")
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The order's notification, to the two nodes that did not make it.
+    let paid = [
+        ("pid", "1001"),
+        ("trade_no", "T-ORDER-1"),
+        ("out_trade_no", order.as_str()),
+        ("money", "10.00"),
+        ("trade_status", "TRADE_SUCCESS"),
+        ("type", "alipay"),
+    ];
+    let (a, b) = tokio::join!(epay_notify(&nodes[1], &paid), epay_notify(&nodes[2], &paid));
+    assert_eq!(a, (200, "success".to_owned()));
+    assert_eq!(b, (200, "success".to_owned()));
+    let ten = Pico::parse_usd("10").unwrap();
+    for n in &nodes {
+        let (_, v) = n.admin("GET", "/api/v1/accounts/acct-e", None).await;
+        assert_eq!(usd(&v["data"]["balance"]), ten, "credited once: {v}");
+    }
+
+    // An activation (an order the shop made) reaching two nodes at once.
+    let param = json!({"email": "f@example.com", "type": "activation", "credits": "5",
+        "original_amount": "10.00"})
+    .to_string();
+    let activation = [
+        ("pid", "1001"),
+        ("trade_no", "X-ACT-1"),
+        ("out_trade_no", "SHOP-ORDER-1"),
+        ("money", "10.00"),
+        ("trade_status", "TRADE_SUCCESS"),
+        ("type", "wxpay"),
+        ("param", param.as_str()),
+    ];
+    let (a, b) = tokio::join!(
+        epay_notify(&nodes[1], &activation),
+        epay_notify(&nodes[2], &activation)
+    );
+    assert_eq!(a, (200, "success".to_owned()));
+    assert_eq!(b, (200, "success".to_owned()));
+    let five = Pico::parse_usd("5").unwrap();
+    let (_, v) = nodes[0].admin("GET", "/api/v1/accounts/acct-f", None).await;
+    assert_eq!(usd(&v["data"]["balance"]), five, "credited once: {v}");
+    let (_, v) = nodes[0]
+        .admin("GET", "/api/v1/payments?account=acct-f", None)
+        .await;
+    let list = v["data"].as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 1, "{v}");
+    let pid = list[0]["id"].as_str().expect("id").to_owned();
+    let hash = list[0]["issued_key"]["hash"]
+        .as_str()
+        .expect("a key was issued")
+        .to_owned();
+    assert!(
+        list[0]["issued_key"].get("key").is_none(),
+        "lists never show it"
+    );
+    // One key, known to every node.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for n in &nodes {
+        let (_, v) = n.admin("GET", "/api/v1/keys?owner=acct-f", None).await;
+        let keys = v["data"].as_array().cloned().unwrap_or_default();
+        assert_eq!(keys.len(), 1, "one activation key: {v}");
+        assert_eq!(keys[0]["hash"], hash.as_str());
+    }
+    // Read on all three nodes at once: the secret is shown once.
+    let path = format!("/api/v1/payments/{pid}");
+    let (a, b, c) = tokio::join!(
+        nodes[0].admin("GET", &path, None),
+        nodes[1].admin("GET", &path, None),
+        nodes[2].admin("GET", &path, None),
+    );
+    let reads = [a, b, c];
+    let shown: Vec<&str> = reads
+        .iter()
+        .filter_map(|(s, v)| {
+            assert_eq!(*s, 200, "{v}");
+            v["data"]["issued_key"]["key"].as_str()
+        })
+        .collect();
+    assert_eq!(shown.len(), 1, "shown once: {reads:?}");
+    assert_eq!(
+        hex::encode(tollgate::gate::hash_key(shown[0])),
+        hash,
+        "the secret shown is the issued key's"
+    );
+    let (_, v) = nodes[1].admin("GET", &path, None).await;
+    assert!(v["data"]["issued_key"].get("key").is_none(), "{v}");
+    let db = pg.client().await;
+    let records: Vec<String> = db
+        .query("SELECT record FROM tollgate_payments", &[])
+        .await
+        .expect("records")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(records.len(), 2);
+    assert!(
+        records.iter().all(|r| !r.contains(shown[0])),
+        "the database no longer holds the secret"
+    );
+
+    // A manual payment's reference, to two nodes at once.
+    let manual =
+        json!({"account": "acct-e", "amount": "2", "reference": "wire-7", "kind": "topup"});
+    let (a, b) = tokio::join!(
+        nodes[0].admin("POST", "/api/v1/payments", Some(manual.clone())),
+        nodes[2].admin("POST", "/api/v1/payments", Some(manual.clone())),
+    );
+    let mut codes = [a.0, b.0];
+    codes.sort();
+    assert_eq!(codes, [200, 201], "{a:?} {b:?}");
+    assert_eq!(a.1["data"]["id"], b.1["data"]["id"]);
+    let twelve = Pico::parse_usd("12").unwrap();
+    for n in &nodes {
+        let (_, v) = n.admin("GET", "/api/v1/accounts/acct-e", None).await;
+        assert_eq!(usd(&v["data"]["balance"]), twelve, "{v}");
+        let (_, v) = n.admin("GET", "/api/v1/payments", None).await;
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(3), "{v}");
+    }
+    // Reconcile on any node sees every node's payments.
+    let (s, v) = nodes[1]
+        .admin("GET", "/api/v1/payments/reconcile", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["totals"]["epay"]["payments"], 2, "{v}");
+    assert_eq!(v["data"]["totals"]["manual"]["payments"], 1, "{v}");
 }

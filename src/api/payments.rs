@@ -294,15 +294,13 @@ async fn epay_apply(ctx: &Ctx<'_>, cfg: &EpayConfig, key: &str, text: &str) -> R
         })
         .await
         .map_err(retry)?;
-    // In cluster mode a replay heals only a payment that issued no key
-    // yet: the node that applied it may have made the key a moment ago,
-    // and this node's store may not have it yet.
-    let cluster = super::cluster::of(ctx).is_some();
     if ext.kind == epay::ExternalKind::Activation
         && let Some(p) = out.payment
         && p.status == PaymentStatus::Succeeded
-        && !(cluster && out.replayed && p.issued_key.is_some())
         && let Some(account) = p.account.as_deref()
+        && may_issue(ctx, &p.id, account)
+            .await
+            .map_err(Refusal::Retry)?
     {
         // Also on a replay: a crash after the payment and before the key
         // is healed by the provider's retry.
@@ -311,6 +309,23 @@ async fn epay_apply(ctx: &Ctx<'_>, cfg: &EpayConfig, key: &str, text: &str) -> R
             .map_err(Refusal::Retry)?;
     }
     Ok(())
+}
+
+/// Whether this node issues the activation key of payment `id`. In
+/// cluster mode one node does, cluster-wide: the one that claims
+/// `issue:{id}` (again after a crash of its own, to heal it); another
+/// node's store may not have the key it made yet, so its own check of
+/// "no key yet" would make a second one.
+async fn may_issue(ctx: &Ctx<'_>, id: &str, account: &str) -> Result<bool, ApiError> {
+    let Some(c) = super::cluster::of(ctx) else {
+        return Ok(true);
+    };
+    let claim = format!("issue:{id}");
+    let (held, _) = c
+        .claim_once(account, vec![(claim.clone(), "issue")], ctx.clock.now_ms())
+        .await
+        .map_err(|e| crate::cluster::payments::unavailable(&e))?;
+    Ok(held.contains(&claim))
 }
 
 /// Seed 002's activation: the account's first key, when it has none.
