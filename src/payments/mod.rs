@@ -11,7 +11,10 @@
 //! Exactly once holds because the store thread checks the payment's
 //! provider references and writes the payment, its ledger entry and the
 //! balance in one batch (`store::payments`); memory moves only when that
-//! batch was new. The HTTP side is `api::payments`.
+//! batch was new. In `[cluster]` mode the database applies it first, in
+//! one transaction that claims the payment's references cluster-wide
+//! (`cluster::payments`), and the store follows only what that applied.
+//! The HTTP side is `api::payments`.
 
 pub mod checkout;
 pub mod epay;
