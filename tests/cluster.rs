@@ -2073,8 +2073,19 @@ async fn a_subscription_renews_once_over_three_nodes() {
         let theirs = subscription_where(n, &sid, |d| d["period"] == 1).await;
         assert_eq!(theirs, rolled, "every node lists it the same");
     }
-    // Some passes later it is still granted once.
+    // Some passes later it is still granted once, and listed the same.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut lists = Vec::new();
+    for n in &nodes {
+        let (s, v) = n
+            .admin("GET", "/api/v1/accounts/acct-sub/subscriptions", None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
+        lists.push(v["data"].clone());
+    }
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[1], lists[2]);
     assert_eq!(claims(format!("grant:{sid}:g:1:")).await, 1);
     assert_eq!(grants_of_period(&nodes, "acct-sub", 1).await, 1);
 
