@@ -19,6 +19,25 @@ use tollgate::money::Pico;
 use tollgate_mock::{MockOptions, MockUpstream};
 
 const ADMIN: &str = "test-admin-token-cluster-0123456789abcdef";
+/// The Stripe webhook secret the nodes' `[payments.stripe]` names.
+const WHSEC: &str = "whsec_tollgate_cluster_secret_0123456789";
+/// The epay merchant key the nodes' `[payments.epay]` names.
+const EPAY_KEY: &str = "KEY123";
+/// `[payments.epay]` for [`Node::start_with`].
+const EPAY: &str = r#"
+[payments.epay]
+pid = "1001"
+key_env = "TOLLGATE_TEST_EPAY_KEY"
+submit_url = "https://pay.example/submit.php"
+notify_url = "https://gw.example/api/v1/payments/epay/notify"
+accept_external_orders = true
+"#;
+/// `[payments.stripe]` for [`Node::start_with`].
+const STRIPE: &str = r#"
+[payments.stripe]
+secret_key_env = "TOLLGATE_TEST_STRIPE_SK"
+webhook_secret_env = "TOLLGATE_TEST_STRIPE_WHSEC"
+"#;
 
 /// A throwaway PostgreSQL cluster, stopped (immediate) when dropped.
 struct Pg {
@@ -235,7 +254,12 @@ impl Node {
 
     /// With more `[cluster]` settings.
     fn start_with(pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
-        let mut node = Node::spawn(&pg.url(), mock, id, cluster);
+        Node::start_later(pg, mock, id, cluster, 0)
+    }
+
+    /// With its clock `offset_ms` ahead (`TOLLGATE_CLOCK_OFFSET_MS`).
+    fn start_later(pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str, offset_ms: i64) -> Node {
+        let mut node = Node::spawn_later(&pg.url(), mock, id, cluster, offset_ms);
         if let Err(log) = node.ready() {
             panic!("node {id} did not start: {log}");
         }
@@ -244,6 +268,16 @@ impl Node {
 
     /// Starts the process; [`Node::ready`] waits for it to listen.
     fn spawn(url: &str, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
+        Node::spawn_later(url, mock, id, cluster, 0)
+    }
+
+    fn spawn_later(
+        url: &str,
+        mock: &MockUpstream,
+        id: &str,
+        cluster: &str,
+        offset_ms: i64,
+    ) -> Node {
         let data = common::temp_dir(id);
         let port = free_port();
         let config = format!(
@@ -286,6 +320,10 @@ sync_interval = "1s"
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
             .env("TOLLGATE_TEST_UPSTREAM_KEY", common::UPSTREAM_KEY)
             .env("TOLLGATE_POSTGRES_URL", url)
+            .env("TOLLGATE_TEST_STRIPE_WHSEC", WHSEC)
+            .env("TOLLGATE_TEST_STRIPE_SK", "sk_test_tollgate")
+            .env("TOLLGATE_TEST_EPAY_KEY", EPAY_KEY)
+            .env("TOLLGATE_CLOCK_OFFSET_MS", offset_ms.to_string())
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -1680,4 +1718,593 @@ async fn the_audit_log_is_the_same_on_every_node() {
         Some(lists[0].len()),
         "{v}"
     );
+}
+
+/// A Stripe event as Stripe signs it (`t=…,v1=HMAC-SHA256(t.body)`), now.
+fn stripe_signature(body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(WHSEC.as_bytes()).expect("any key size");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Delivers a Stripe event to a node's webhook.
+async fn deliver(node: &Node, body: &[u8]) -> (u16, Value) {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(node.url("/api/v1/payments/stripe/webhook"))
+        .header("stripe-signature", stripe_signature(body))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("request builds");
+    let res = common::client()
+        .request(req)
+        .await
+        .expect("the node answers");
+    let status = res.status().as_u16();
+    let b = res.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn stripe_event(id: &str, kind: &str, object: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": id, "object": "event", "type": kind, "created": 1_700_000_000,
+        "data": {"object": object}
+    }))
+    .expect("json")
+}
+
+/// One paid checkout session `cs` of `cents` for `account`, told by event `id`.
+fn paid_session(id: &str, kind: &str, cs: &str, account: &str, cents: i64) -> Vec<u8> {
+    stripe_event(
+        id,
+        kind,
+        json!({"id": cs, "object": "checkout.session", "mode": "payment",
+               "payment_status": "paid", "status": "complete", "amount_total": cents,
+               "currency": "usd", "client_reference_id": account,
+               "payment_intent": format!("pi_{cs}"),
+               "metadata": {"account": account, "kind": "topup"}}),
+    )
+}
+
+/// A Stripe event POSTed to two nodes at once, and another event of the
+/// same checkout session to the third: the account is credited once, the
+/// database has one payment record (and its references once), and every
+/// node lists it with the same id; a retry later, and a refund through
+/// another node than the one that applied it, apply once too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_payment_applies_once_over_three_nodes() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["p-1", "p-2", "p-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, STRIPE))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts",
+            Some(json!({"id": "acct-pay", "email": "pay@example.com"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let completed = paid_session(
+        "evt_done",
+        "checkout.session.completed",
+        "cs_once",
+        "acct-pay",
+        1000,
+    );
+    let async_paid = paid_session(
+        "evt_async",
+        "checkout.session.async_payment_succeeded",
+        "cs_once",
+        "acct-pay",
+        1000,
+    );
+    let (a, b, c) = tokio::join!(
+        deliver(&nodes[0], &completed),
+        deliver(&nodes[1], &completed),
+        deliver(&nodes[2], &async_paid),
+    );
+    let answers = [a, b, c];
+    for (s, v) in &answers {
+        assert_eq!(*s, 200, "{v}");
+        assert_eq!(v["status"], "succeeded", "{v}");
+    }
+    let applied = answers
+        .iter()
+        .filter(|(_, v)| v["replayed"] == false)
+        .count();
+    assert_eq!(applied, 1, "one node applied it, two replayed: {answers:?}");
+    let id = answers[0].1["payment"]
+        .as_str()
+        .expect("payment id")
+        .to_owned();
+    for (_, v) in &answers {
+        assert_eq!(v["payment"], id.as_str(), "every answer names one payment");
+    }
+
+    let ten = Pico::parse_usd("10").unwrap();
+    for n in &nodes {
+        let (s, v) = n.admin("GET", "/api/v1/accounts/acct-pay", None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(usd(&v["data"]["balance"]), ten, "credited once: {v}");
+    }
+    let db = pg.client().await;
+    let one = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.expect(sql).get::<_, i64>(0) }
+    };
+    assert_eq!(one("SELECT COUNT(*) FROM tollgate_payments").await, 1);
+    // The winner's three references (its event, the session, the intent).
+    assert_eq!(one("SELECT COUNT(*) FROM tollgate_payment_refs").await, 3);
+    assert_eq!(
+        one("SELECT COUNT(*) FROM tollgate_payment_refs WHERE reference = 'cs:cs_once'").await,
+        1
+    );
+    assert_eq!(
+        one("SELECT COALESCE(SUM(amount), 0)::int8 FROM tollgate_entries WHERE kind = 'payment'")
+            .await,
+        ten.0
+    );
+    assert_eq!(
+        one("SELECT balance FROM tollgate_accounts WHERE id = 'acct-pay'").await,
+        ten.0
+    );
+
+    // Every node lists it, once, with the same id and record.
+    let mut lists = Vec::new();
+    for n in &nodes {
+        let (s, v) = n.admin("GET", "/api/v1/payments", None).await;
+        assert_eq!(s, 200, "{v}");
+        let rows = v["data"].as_array().cloned().unwrap_or_default();
+        assert_eq!(rows.len(), 1, "{v}");
+        assert_eq!(rows[0]["id"], id.as_str());
+        assert_eq!(rows[0]["amount"].to_string(), "10");
+        lists.push(rows);
+        let (s, v) = n
+            .admin(
+                "GET",
+                "/api/v1/payments?account=acct-pay&status=succeeded",
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
+        let (s, v) = n.admin("GET", "/api/v1/payments?provider=epay", None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(0), "{v}");
+        let (s, v) = n
+            .admin("GET", &format!("/api/v1/payments/{id}"), None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["data"]["id"], id.as_str());
+    }
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[1], lists[2]);
+
+    // Stripe retries, later, on another node: a replay.
+    let (s, v) = deliver(&nodes[2], &completed).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["replayed"], true, "{v}");
+    assert_eq!(v["payment"], id.as_str());
+
+    // A partial refund through each node at once (one event): taken back once.
+    let refund = stripe_event(
+        "evt_refund",
+        "charge.refunded",
+        json!({"id": "ch_once", "object": "charge", "amount": 1000,
+               "amount_refunded": 400, "currency": "usd", "payment_intent": "pi_cs_once",
+               "refunded": false}),
+    );
+    let (a, b, c) = tokio::join!(
+        deliver(&nodes[0], &refund),
+        deliver(&nodes[1], &refund),
+        deliver(&nodes[2], &refund),
+    );
+    let answers = [a, b, c];
+    for (s, v) in &answers {
+        assert_eq!(*s, 200, "{v}");
+        assert_eq!(v["payment"], id.as_str(), "{v}");
+    }
+    assert_eq!(
+        answers
+            .iter()
+            .filter(|(_, v)| v["replayed"] == false)
+            .count(),
+        1,
+        "{answers:?}"
+    );
+    let six = Pico::parse_usd("6").unwrap();
+    for n in &nodes {
+        let (_, v) = n.admin("GET", "/api/v1/accounts/acct-pay", None).await;
+        assert_eq!(usd(&v["data"]["balance"]), six, "refunded once: {v}");
+        let (_, v) = n.admin("GET", "/api/v1/payments", None).await;
+        assert_eq!(v["data"][0]["status"], "partially_refunded", "{v}");
+        assert_eq!(v["data"][0]["refunded"].to_string(), "4", "{v}");
+    }
+    assert_eq!(one("SELECT COUNT(*) FROM tollgate_payments").await, 1);
+}
+
+/// A daily plan, and a sweeper that looks often.
+const DAILY: &str = r#"
+[limits]
+sweep_interval = "50ms"
+[plans.daily]
+interval = "day"
+grant = "1"
+grace = "1d"
+"#;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// A subscription as `node` answers it, once it satisfies `want`.
+async fn subscription_where(node: &Node, sid: &str, want: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let (s, v) = node
+            .admin("GET", &format!("/api/v1/subscriptions/{sid}"), None)
+            .await;
+        if s == 200 && want(&v["data"]) {
+            return v["data"].clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "node {}: {s} {v}",
+            node.port
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The grants of `period` in the ledgers of all `nodes` (each node's own).
+async fn grants_of_period(nodes: &[Node], account: &str, period: u64) -> usize {
+    let mut n = 0;
+    for node in nodes {
+        let (s, v) = node
+            .admin("GET", &format!("/api/v1/accounts/{account}/ledger"), None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        n += v["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| {
+                e["kind"] == "grant"
+                    && e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(&format!("period {period} grant")))
+            })
+            .count();
+    }
+    n
+}
+
+/// A subscription made through node 1 is known to every node; a renewal
+/// key applies once whichever node it reaches; when the period ends with
+/// three nodes running (their clocks a day on), one node rolls it and the
+/// period's grant is made once; with node 1 down the others renew it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_renews_once_over_three_nodes() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let ids = ["s-1", "s-2", "s-3"];
+    let mut nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, DAILY))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-sub"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-sub/subscriptions",
+            Some(json!({"plan": "daily"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let sid = v["data"]["id"].as_str().expect("id").to_owned();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/renew"),
+            Some(json!({"idempotency_key": "day1"})),
+        )
+        .await;
+    assert_eq!((s, &v["replayed"]), (200, &json!(false)), "{v}");
+    // Every node knows it, as node 1 wrote it.
+    let mine = subscription_where(&nodes[0], &sid, |_| true).await;
+    for n in &nodes[1..] {
+        let theirs = subscription_where(n, &sid, |d| d["paid_through"] == 1).await;
+        assert_eq!(theirs, mine);
+    }
+    // The same renewal key through another node: a replay, nothing paid twice.
+    let (s, v) = nodes[2]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/renew"),
+            Some(json!({"idempotency_key": "day1"})),
+        )
+        .await;
+    assert_eq!((s, &v["replayed"]), (200, &json!(true)), "{v}");
+    assert_eq!(v["data"]["paid_through"], 1, "{v}");
+    let db = pg.client().await;
+    let claims = |id: String| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT COUNT(*) FROM tollgate_entries WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(claims(format!("grant:{sid}:g:0:")).await, 1);
+    assert_eq!(claims(format!("renewal:{sid}:day1")).await, 1);
+
+    // A day later, three nodes running: period 1 starts once.
+    for n in &mut nodes {
+        n.terminate();
+    }
+    nodes = ids
+        .iter()
+        .map(|id| Node::start_later(&pg, &mock, id, DAILY, DAY_MS + 60_000))
+        .collect();
+    let rolled = subscription_where(&nodes[0], &sid, |d| d["period"] == 1).await;
+    assert_eq!(rolled["status"], "active", "{rolled}");
+    for n in &nodes[1..] {
+        let theirs = subscription_where(n, &sid, |d| d["period"] == 1).await;
+        assert_eq!(theirs, rolled, "every node lists it the same");
+    }
+    // Some passes later it is still granted once, and listed the same.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut lists = Vec::new();
+    for n in &nodes {
+        let (s, v) = n
+            .admin("GET", "/api/v1/accounts/acct-sub/subscriptions", None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
+        lists.push(v["data"].clone());
+    }
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[1], lists[2]);
+    assert_eq!(claims(format!("grant:{sid}:g:1:")).await, 1);
+    assert_eq!(grants_of_period(&nodes, "acct-sub", 1).await, 1);
+
+    // Node 1 down: renewed through node 2, the next period rolls elsewhere.
+    nodes[0].terminate();
+    let (s, v) = nodes[1]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/renew"),
+            Some(json!({"idempotency_key": "day2"})),
+        )
+        .await;
+    assert_eq!((s, &v["replayed"]), (200, &json!(false)), "{v}");
+    subscription_where(&nodes[2], &sid, |d| d["paid_through"] == 2).await;
+    for n in &mut nodes[1..] {
+        n.terminate();
+    }
+    let mut later: Vec<Node> = ids[1..]
+        .iter()
+        .map(|id| Node::start_later(&pg, &mock, id, DAILY, 2 * DAY_MS + 120_000))
+        .collect();
+    for n in &later {
+        subscription_where(n, &sid, |d| d["period"] == 2).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(claims(format!("grant:{sid}:g:2:")).await, 1);
+    assert_eq!(grants_of_period(&later, "acct-sub", 2).await, 1);
+    for n in &mut later {
+        n.terminate();
+    }
+}
+
+/// An epay notification, signed as the provider signs it, POSTed to `node`.
+async fn epay_notify(node: &Node, params: &[(&str, &str)]) -> (u16, String) {
+    let mut all: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let sign = tollgate::payments::epay::sign(&all, EPAY_KEY);
+    all.push(("sign".into(), sign));
+    all.push(("sign_type".into(), "MD5".into()));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(node.url("/api/v1/payments/epay/notify"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(tollgate::payments::stripe::form(
+            &all,
+        ))))
+        .expect("request builds");
+    let res = common::client()
+        .request(req)
+        .await
+        .expect("the node answers");
+    let status = res.status().as_u16();
+    let b = res.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&b).into_owned())
+}
+
+/// An epay order made through node 1 is paid by a notification reaching
+/// nodes 2 and 3 at once: credited once. An activation reaching two nodes
+/// at once credits once and issues one key, whose secret one read on any
+/// node shows, and no read after. A manual payment's reference sent to two
+/// nodes at once applies once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn epay_and_manual_payments_apply_once_over_three_nodes() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["e-1", "e-2", "e-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, EPAY))
+        .collect();
+    for (id, email) in [("acct-e", "e@example.com"), ("acct-f", "f@example.com")] {
+        let (s, v) = nodes[0]
+            .admin(
+                "POST",
+                "/api/v1/accounts",
+                Some(json!({"id": id, "email": email})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-e/checkout",
+            Some(json!({"provider": "epay", "kind": "topup", "amount": "10", "type": "alipay"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let order = v["data"]["out_trade_no"]
+        .as_str()
+        .expect("order")
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The order's notification, to the two nodes that did not make it.
+    let paid = [
+        ("pid", "1001"),
+        ("trade_no", "T-ORDER-1"),
+        ("out_trade_no", order.as_str()),
+        ("money", "10.00"),
+        ("trade_status", "TRADE_SUCCESS"),
+        ("type", "alipay"),
+    ];
+    let (a, b) = tokio::join!(epay_notify(&nodes[1], &paid), epay_notify(&nodes[2], &paid));
+    assert_eq!(a, (200, "success".to_owned()));
+    assert_eq!(b, (200, "success".to_owned()));
+    let ten = Pico::parse_usd("10").unwrap();
+    for n in &nodes {
+        let (_, v) = n.admin("GET", "/api/v1/accounts/acct-e", None).await;
+        assert_eq!(usd(&v["data"]["balance"]), ten, "credited once: {v}");
+    }
+
+    // An activation (an order the shop made) reaching two nodes at once.
+    let param = json!({"email": "f@example.com", "type": "activation", "credits": "5",
+        "original_amount": "10.00"})
+    .to_string();
+    let activation = [
+        ("pid", "1001"),
+        ("trade_no", "X-ACT-1"),
+        ("out_trade_no", "SHOP-ORDER-1"),
+        ("money", "10.00"),
+        ("trade_status", "TRADE_SUCCESS"),
+        ("type", "wxpay"),
+        ("param", param.as_str()),
+    ];
+    let (a, b) = tokio::join!(
+        epay_notify(&nodes[1], &activation),
+        epay_notify(&nodes[2], &activation)
+    );
+    assert_eq!(a, (200, "success".to_owned()));
+    assert_eq!(b, (200, "success".to_owned()));
+    let five = Pico::parse_usd("5").unwrap();
+    let (_, v) = nodes[0].admin("GET", "/api/v1/accounts/acct-f", None).await;
+    assert_eq!(usd(&v["data"]["balance"]), five, "credited once: {v}");
+    let (_, v) = nodes[0]
+        .admin("GET", "/api/v1/payments?account=acct-f", None)
+        .await;
+    let list = v["data"].as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 1, "{v}");
+    let pid = list[0]["id"].as_str().expect("id").to_owned();
+    let hash = list[0]["issued_key"]["hash"]
+        .as_str()
+        .expect("a key was issued")
+        .to_owned();
+    assert!(
+        list[0]["issued_key"].get("key").is_none(),
+        "lists never show it"
+    );
+    // One key, known to every node.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for n in &nodes {
+        let (_, v) = n.admin("GET", "/api/v1/keys?owner=acct-f", None).await;
+        let keys = v["data"].as_array().cloned().unwrap_or_default();
+        assert_eq!(keys.len(), 1, "one activation key: {v}");
+        assert_eq!(keys[0]["hash"], hash.as_str());
+    }
+    // Read on all three nodes at once: the secret is shown once.
+    let path = format!("/api/v1/payments/{pid}");
+    let (a, b, c) = tokio::join!(
+        nodes[0].admin("GET", &path, None),
+        nodes[1].admin("GET", &path, None),
+        nodes[2].admin("GET", &path, None),
+    );
+    let reads = [a, b, c];
+    let shown: Vec<&str> = reads
+        .iter()
+        .filter_map(|(s, v)| {
+            assert_eq!(*s, 200, "{v}");
+            v["data"]["issued_key"]["key"].as_str()
+        })
+        .collect();
+    assert_eq!(shown.len(), 1, "shown once: {reads:?}");
+    assert_eq!(
+        hex::encode(tollgate::gate::hash_key(shown[0])),
+        hash,
+        "the secret shown is the issued key's"
+    );
+    let (_, v) = nodes[1].admin("GET", &path, None).await;
+    assert!(v["data"]["issued_key"].get("key").is_none(), "{v}");
+    let db = pg.client().await;
+    let records: Vec<String> = db
+        .query("SELECT record FROM tollgate_payments", &[])
+        .await
+        .expect("records")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(records.len(), 2);
+    assert!(
+        records.iter().all(|r| !r.contains(shown[0])),
+        "the database no longer holds the secret"
+    );
+
+    // A manual payment's reference, to two nodes at once.
+    let manual =
+        json!({"account": "acct-e", "amount": "2", "reference": "wire-7", "kind": "topup"});
+    let (a, b) = tokio::join!(
+        nodes[0].admin("POST", "/api/v1/payments", Some(manual.clone())),
+        nodes[2].admin("POST", "/api/v1/payments", Some(manual.clone())),
+    );
+    let mut codes = [a.0, b.0];
+    codes.sort();
+    assert_eq!(codes, [200, 201], "{a:?} {b:?}");
+    assert_eq!(a.1["data"]["id"], b.1["data"]["id"]);
+    let twelve = Pico::parse_usd("12").unwrap();
+    for n in &nodes {
+        let (_, v) = n.admin("GET", "/api/v1/accounts/acct-e", None).await;
+        assert_eq!(usd(&v["data"]["balance"]), twelve, "{v}");
+        let (_, v) = n.admin("GET", "/api/v1/payments", None).await;
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(3), "{v}");
+    }
+    // Reconcile on any node sees every node's payments.
+    let (s, v) = nodes[1]
+        .admin("GET", "/api/v1/payments/reconcile", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"]["totals"]["epay"]["payments"], 2, "{v}");
+    assert_eq!(v["data"]["totals"]["manual"]["payments"], 1, "{v}");
 }

@@ -380,11 +380,11 @@ where
             accounts::credit(ctx, id, &read_fields(&parts.headers, body).await?).await
         }
         AdminCall::AccountLedger(id) if m == Method::GET => accounts::ledger(ctx, id, query),
-        AdminCall::Payments if m == Method::GET => payments::list(ctx, query),
+        AdminCall::Payments if m == Method::GET => payments::list(ctx, query).await,
         AdminCall::Payments if m == Method::POST => {
             payments::manual(ctx, &read_fields(&parts.headers, body).await?).await
         }
-        AdminCall::PaymentsReconcile if m == Method::GET => payments::reconcile(ctx, query),
+        AdminCall::PaymentsReconcile if m == Method::GET => payments::reconcile(ctx, query).await,
         AdminCall::Payment(id) if m == Method::GET => payments::get(ctx, id).await,
         AdminCall::AccountCheckout(id) if m == Method::POST => {
             payments::account_checkout(ctx, id, &read_fields(&parts.headers, body).await?).await

@@ -50,6 +50,7 @@ fn payments_ctx<'a>(ctx: &'a Ctx<'_>) -> PaymentCtx<'a> {
             gate: ctx.gate,
             store: ctx.store,
             clock: ctx.clock,
+            cluster: super::cluster::of(ctx),
         }),
         cluster: super::cluster::of(ctx),
     }
@@ -75,6 +76,9 @@ fn secret(var: &str, setting: &str) -> Result<String, ApiError> {
 /// Store failures while applying a notification: 503, so the provider
 /// retries; nothing was applied (the batch is all or nothing).
 fn apply_error(e: crate::store::StoreError) -> ApiError {
+    if let crate::store::StoreError::Database(why) = &e {
+        return crate::cluster::payments::unavailable(why);
+    }
     tracing::error!(error = %e, "payment not recorded; the provider will retry");
     store_error(e)
 }
@@ -221,7 +225,15 @@ async fn epay_apply(ctx: &Ctx<'_>, cfg: &EpayConfig, key: &str, text: &str) -> R
     }
     let pctx = payments_ctx(ctx);
     let retry = |e| Refusal::Retry(apply_error(e));
-    if let Some(order) = ctx.store.epay_order(&n.out_trade_no).map_err(retry)? {
+    let order = match super::cluster::of(ctx) {
+        // An order made through any node.
+        Some(c) => c
+            .epay_order(&n.out_trade_no)
+            .await
+            .map_err(Refusal::Retry)?,
+        None => ctx.store.epay_order(&n.out_trade_no).map_err(retry)?,
+    };
+    if let Some(order) = order {
         if n.money != order.amount {
             return Err(Refusal::Bad(format!(
                 "money {} for order {} of {}",
@@ -286,6 +298,9 @@ async fn epay_apply(ctx: &Ctx<'_>, cfg: &EpayConfig, key: &str, text: &str) -> R
         && let Some(p) = out.payment
         && p.status == PaymentStatus::Succeeded
         && let Some(account) = p.account.as_deref()
+        && may_issue(ctx, &p.id, account)
+            .await
+            .map_err(Refusal::Retry)?
     {
         // Also on a replay: a crash after the payment and before the key
         // is healed by the provider's retry.
@@ -294,6 +309,23 @@ async fn epay_apply(ctx: &Ctx<'_>, cfg: &EpayConfig, key: &str, text: &str) -> R
             .map_err(Refusal::Retry)?;
     }
     Ok(())
+}
+
+/// Whether this node issues the activation key of payment `id`. In
+/// cluster mode one node does, cluster-wide: the one that claims
+/// `issue:{id}` (again after a crash of its own, to heal it); another
+/// node's store may not have the key it made yet, so its own check of
+/// "no key yet" would make a second one.
+async fn may_issue(ctx: &Ctx<'_>, id: &str, account: &str) -> Result<bool, ApiError> {
+    let Some(c) = super::cluster::of(ctx) else {
+        return Ok(true);
+    };
+    let claim = format!("issue:{id}");
+    let (held, _) = c
+        .claim_once(account, vec![(claim.clone(), "issue")], ctx.clock.now_ms())
+        .await
+        .map_err(|e| crate::cluster::payments::unavailable(&e))?;
+    Ok(held.contains(&claim))
 }
 
 /// Seed 002's activation: the account's first key, when it has none.
@@ -325,16 +357,30 @@ async fn issue_first_key(ctx: &Ctx<'_>, payment: &str, account: &str) -> Result<
         .await
         .map_err(store_error)?;
     ctx.gate.created(&hash);
-    ctx.store
-        .payment_op(PaymentOp::IssuedKey(
-            payment.to_owned(),
-            IssuedKey {
-                hash: hex::encode(hash),
-                key: Some(key),
-            },
-        ))
-        .await
-        .map_err(store_error)?;
+    super::cluster::key_changed(ctx, hash).await;
+    let issued = IssuedKey {
+        hash: hex::encode(hash),
+        key: Some(key),
+    };
+    match super::cluster::of(ctx) {
+        // The secret waits in the database's record (never in this
+        // node's store) until the first read on any node takes it.
+        Some(c) => {
+            if !c
+                .set_issued_key(payment, issued)
+                .await
+                .map_err(|e| crate::cluster::payments::unavailable(&e))?
+            {
+                return Err(ApiError::internal("the payment of an issued key is gone"));
+            }
+        }
+        None => {
+            ctx.store
+                .payment_op(PaymentOp::IssuedKey(payment.to_owned(), issued))
+                .await
+                .map_err(store_error)?;
+        }
+    }
     tracing::info!(account, payment, hash = %hex::encode(hash), "first key issued on activation");
     Ok(())
 }
@@ -555,8 +601,9 @@ fn status_of(text: &str) -> Option<PaymentStatus> {
     .find(|s| s.as_str() == text)
 }
 
-/// `GET /api/v1/payments?account=&status=&provider=&offset=&limit=`, newest first.
-pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
+/// `GET /api/v1/payments?account=&status=&provider=&offset=&limit=`, newest
+/// first; in cluster mode every node's, from the database.
+pub(super) async fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
     let pairs = super::query_pairs(query)?;
     let (offset, limit) = super::offset_limit(&pairs)?;
     let get = |name: &str| {
@@ -582,7 +629,10 @@ pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
         offset,
         limit,
     };
-    let all = ctx.store.payments(&q).map_err(store_error)?;
+    let all = match super::cluster::of(ctx) {
+        Some(c) => c.payments(&q).await?,
+        None => ctx.store.payments(&q).map_err(store_error)?,
+    };
     let views: Vec<PaymentView<'_>> = all.iter().map(PaymentView::new).collect();
     json(StatusCode::OK, &Data { data: views })
 }
@@ -592,6 +642,16 @@ pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
 /// step: the key is shown once, then only its hash remains.
 pub(super) async fn get(ctx: &Ctx<'_>, id: &str) -> Answer {
     let not_found = || ApiError::not_found("No payment with this id.").with_param("id");
+    if let Some(c) = super::cluster::of(ctx) {
+        // The database's row lock makes the secret shown once cluster-wide.
+        let p = c.take_payment(id).await?.ok_or_else(not_found)?;
+        return json(
+            StatusCode::OK,
+            &Data {
+                data: PaymentView::showing(&p, true),
+            },
+        );
+    }
     let mut p = ctx
         .store
         .payment(id)
@@ -617,8 +677,10 @@ pub(super) async fn get(ctx: &Ctx<'_>, id: &str) -> Answer {
 
 /// `GET /api/v1/payments/reconcile?start=&end=` (Unix seconds; default
 /// the last 30 days): payments that made no ledger entry, ledger top-ups
-/// that no payment made, and totals per provider.
-pub(super) fn reconcile(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
+/// that no payment made, and totals per provider. In cluster mode the
+/// payments are every node's (the database's); the ledger top-ups are
+/// this node's own store's.
+pub(super) async fn reconcile(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
     let pairs = super::query_pairs(query)?;
     let range = super::reports::range_of(&pairs, ctx.clock.now_ms())?;
     let within = |at: i64| at >= range.start_ms && at < range.end_ms;
@@ -632,8 +694,15 @@ pub(super) fn reconcile(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
         needs_attention: u64,
     }
     let mut totals: BTreeMap<String, Total> = BTreeMap::new();
-    for p in ctx.store.all_payments() {
-        let p = p.map_err(store_error)?;
+    let payments: Vec<PaymentRecord> = match super::cluster::of(ctx) {
+        Some(c) => c.all_payments().await?,
+        None => ctx
+            .store
+            .all_payments()
+            .collect::<Result<_, _>>()
+            .map_err(store_error)?,
+    };
+    for p in payments {
         ids.insert(p.id.clone());
         if !within(p.created_at) {
             continue;
@@ -922,16 +991,30 @@ async fn epay_checkout(ctx: &Ctx<'_>, id: &str, f: &Fields) -> Answer {
     let mut r = [0u8; 4];
     getrandom::fill(&mut r).map_err(|e| ApiError::internal(e.to_string()))?;
     let out_trade_no = format!("TG{now}{}", hex::encode(r));
-    ctx.store
-        .payment_op(PaymentOp::Order(crate::store::EpayOrder {
-            out_trade_no: out_trade_no.clone(),
-            account: id.to_owned(),
-            amount,
-            pay_type: pay_type.clone(),
-            created_at: now,
-        }))
-        .await
-        .map_err(store_error)?;
+    let order = crate::store::EpayOrder {
+        out_trade_no: out_trade_no.clone(),
+        account: id.to_owned(),
+        amount,
+        pay_type: pay_type.clone(),
+        created_at: now,
+    };
+    match super::cluster::of(ctx) {
+        // Its notification may reach any node.
+        Some(c) => {
+            if !c.put_epay_order(&order).await? {
+                return Err(ApiError::conflict(
+                    "key_exists",
+                    "This order number is taken; retry.",
+                ));
+            }
+        }
+        None => {
+            ctx.store
+                .payment_op(PaymentOp::Order(order))
+                .await
+                .map_err(store_error)?;
+        }
+    }
     let mut params = vec![
         pair("pid", &cfg.pid),
         pair("type", &pay_type),

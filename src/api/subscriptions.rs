@@ -25,6 +25,7 @@ pub(super) fn billing<'a>(ctx: &'a Ctx<'_>) -> Billing<'a> {
         gate: ctx.gate,
         store: ctx.store,
         clock: ctx.clock,
+        cluster: super::cluster::of(ctx),
     }
 }
 

@@ -52,6 +52,10 @@ pub struct Billing<'a> {
     pub gate: &'a Gate,
     pub store: &'a Store,
     pub clock: &'a Clock,
+    /// `[cluster]` mode: each write is published to the other nodes, and
+    /// its grants and renewal key are claimed once cluster-wide first
+    /// (`cluster::subscriptions`).
+    pub cluster: Option<&'a std::sync::Arc<crate::cluster::Cluster>>,
 }
 
 /// A plan that can be subscribed to: its period length and money terms.
@@ -126,6 +130,10 @@ fn ended(s: &SubscriptionRecord) -> ApiError {
 fn store_failed(e: StoreError) -> ApiError {
     match e {
         StoreError::NotFound => account_not_found(),
+        StoreError::Database(why) => {
+            tracing::warn!(error = %why, "subscription not written: the database is unreachable");
+            crate::cluster::database_unavailable()
+        }
         StoreError::Invalid(m) => ApiError::bad_request("invalid_request", m),
         other => {
             let mut e = ApiError::internal(other);
@@ -179,6 +187,7 @@ impl<'a> Billing<'a> {
             gate: &app.gate,
             store: &app.store,
             clock: &app.clock,
+            cluster: app.cluster.get(),
         }
     }
 
@@ -332,13 +341,13 @@ impl<'a> Billing<'a> {
             format!("{plan}: period 0 grant"),
         )];
         let out = self
-            .store
-            .write_subscription(SubscriptionWrite {
+            .store_write(SubscriptionWrite {
                 sub,
                 expect_version: None,
                 money,
                 renewal_key: None,
                 at_ms: now,
+                replica: false,
             })
             .await
             .map_err(|e| match e {
@@ -652,13 +661,13 @@ impl<'a> Billing<'a> {
         now: i64,
     ) -> Result<SubscriptionOutcome, ApiError> {
         let out = self
-            .store
-            .write_subscription(SubscriptionWrite {
+            .store_write(SubscriptionWrite {
                 sub,
                 expect_version: Some(expect),
                 money,
                 renewal_key,
                 at_ms: now,
+                replica: false,
             })
             .await
             .map_err(|e| match e {
@@ -673,6 +682,94 @@ impl<'a> Billing<'a> {
             self.follow(&out);
         }
         Ok(out)
+    }
+
+    /// The store's write; in cluster mode its grants and renewal key are
+    /// claimed in the database first (a grant another node claimed is not
+    /// applied here; a renewal key another node claimed is a replay), and
+    /// the write is published to the other nodes after.
+    async fn store_write(
+        &self,
+        mut w: SubscriptionWrite,
+    ) -> Result<SubscriptionOutcome, StoreError> {
+        use crate::cluster::subscriptions::{external_entry_id, grant_entry_id, renewal_entry_id};
+        let Some(c) = self.cluster else {
+            return self.store.write_subscription(w).await;
+        };
+        let sid = w.sub.id.clone();
+        let mut ids: Vec<(String, &'static str)> = w
+            .money
+            .iter()
+            .filter_map(|m| match m {
+                SubscriptionMoney::Grant { marker, amount, .. } if amount.0 > 0 => {
+                    Some((grant_entry_id(&sid, marker), "grant"))
+                }
+                _ => None,
+            })
+            .collect();
+        let renewal = w.renewal_key.as_deref().map(|k| renewal_entry_id(&sid, k));
+        if let Some(r) = &renewal {
+            ids.push((r.clone(), "renewal"));
+        }
+        // One subscription per provider subscription: a checkout event
+        // reaching two nodes starts it once.
+        let external = match (&w.sub.external_id, w.expect_version) {
+            (Some(e), None) => Some(external_entry_id(e)),
+            _ => None,
+        };
+        if let Some(e) = &external {
+            ids.push((e.clone(), "subscribe"));
+        }
+        let (held, new) = c
+            .claim_once(&w.sub.account, ids, w.at_ms)
+            .await
+            .map_err(StoreError::Database)?;
+        // A renewal key claimed before, even by this node, is a replay: a
+        // node whose store was made anew (it pulls the record, not the
+        // key) must not pay the period twice. (A node killed between the
+        // claim and its store's write loses that renewal; the provider's
+        // retry is answered as a replay.)
+        if let Some(r) = &renewal
+            && !new.contains(r)
+        {
+            // Applied already (here or on another node): as the store
+            // answers a renewal key used before.
+            c.unclaim(new).await;
+            let sub = self.store.subscription(&sid)?.ok_or(StoreError::NotFound)?;
+            let account = self
+                .store
+                .user_account(&sub.account)?
+                .ok_or(StoreError::NotFound)?;
+            return Ok(SubscriptionOutcome {
+                sub,
+                account,
+                entries: Vec::new(),
+                replayed: true,
+            });
+        }
+        if let Some(e) = &external
+            && !held.contains(e)
+        {
+            c.unclaim(new).await;
+            return Err(StoreError::Exists);
+        }
+        w.money.retain(|m| match m {
+            SubscriptionMoney::Grant { marker, .. } => held.contains(&grant_entry_id(&sid, marker)),
+            SubscriptionMoney::LapseAll { .. } => true,
+        });
+        match self.store.write_subscription(w).await {
+            Ok(out) if !out.replayed => {
+                c.publish(crate::cluster::sync::Change::Subscription(
+                    out.sub.id.clone(),
+                ))
+                .await;
+                Ok(out)
+            }
+            other => {
+                c.unclaim(new).await;
+                other
+            }
+        }
     }
 
     /// Applies to the live wallet what the store applied.
@@ -691,8 +788,16 @@ impl<'a> Billing<'a> {
     }
 }
 
-/// The sweeper's call: runs the lifecycle, logging failures.
+/// The sweeper's call: runs the lifecycle, logging failures. In cluster
+/// mode only on the node holding the lifecycle lock for this pass.
 pub async fn sweep(app: &App) {
+    let _lock = match app.cluster.get() {
+        Some(c) => match c.sweep_lock().await {
+            Some(lock) => Some(lock),
+            None => return,
+        },
+        None => None,
+    };
     match Billing::of(app).process_due().await {
         Ok(0) => {}
         Ok(n) => tracing::debug!(n, "subscriptions advanced"),

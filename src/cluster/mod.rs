@@ -33,6 +33,13 @@
 //!   (`Gate::updated`, `Gate::forget`) and the wallets.
 //! - **Audit** ([`audit`]): each node's audit entries are shipped to the
 //!   database once each; the audit API reads them back from there.
+//! - **Payments** ([`payments`]): a payment claims its provider
+//!   references, writes its record and moves its money in one database
+//!   transaction, so it applies once cluster-wide; the payments API reads
+//!   the records back from there.
+//! - **Subscriptions** ([`subscriptions`]): records shared through the
+//!   database like accounts; the lifecycle pass runs on one node at a
+//!   time (an advisory lock); each grant is claimed once cluster-wide.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
@@ -47,8 +54,10 @@
 pub mod audit;
 pub mod config;
 pub mod lease;
+pub mod payments;
 pub mod rate;
 pub mod schema;
+pub mod subscriptions;
 pub mod sync;
 pub mod trips;
 pub mod usage;
@@ -108,6 +117,9 @@ pub struct Cluster {
     last_seq: AtomicI64,
     /// This node's audit entries up to this local seq are in the database.
     audit_shipped: AtomicU64,
+    /// One pull at a time: the ticks and the subscription sweeper (which
+    /// pulls before its pass) would otherwise apply one change twice.
+    pulling: tokio::sync::Mutex<()>,
     /// Woken by NOTIFY (another node changed something) and by shutdown.
     wake: Notify,
     /// Set by shutdown: the tasks end after returning the leases.
@@ -379,6 +391,7 @@ impl Cluster {
             next_id: AtomicU64::new(0),
             last_seq: AtomicI64::new(0),
             audit_shipped: AtomicU64::new(0),
+            pulling: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             db_down: AtomicBool::new(false),

@@ -13,6 +13,10 @@
 //! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
 //! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
 //! | `tollgate_rate_windows` | (key, minute, unit) | (version 4) requests (`rpm`) or tokens (`tpm`) the nodes took of a key's window of one UTC minute: `taken` ≤ the limit; `last_grant` is what the last take gave (so the statement can return it) |
+//! | `tollgate_payments` | payment id | (version 8) a payment: `provider`, `account_id` or `key_hash` (hex), `amount` (picoUSD), `status`, `money_entry` (the `tollgate_entries` id that moved its money, NULL if none), `record` (the JSON the payments API shows), `created_ms`/`updated_ms` |
+//! | `tollgate_payment_refs` | (provider, reference) | (version 8) every provider reference a payment claimed (`evt:`, `cs:`, `pi:`, `order:`, `trade:`, `ref:`): unique, so a payment applies once cluster-wide |
+//! | `tollgate_subscriptions` | subscription id | (version 8) the subscription's record (the store's JSON, with its `version`), `status`; `seq`/`origin` as accounts: every node pulls it into its store |
+//! | `tollgate_epay_orders` | out_trade_no | (version 8) epay orders made through any node, so a notification reaching another node finds its order |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -26,6 +30,9 @@ const MIGRATE_LOCK: i64 = 0x746f_6c6c_0001;
 /// Advisory (transaction) lock id held by every record change, so that
 /// changes commit in the order of their `seq`.
 pub const CHANGE_LOCK: i64 = 0x746f_6c6c_0002;
+/// Advisory (transaction) lock id held by the node running the
+/// subscription lifecycle pass (`cluster::subscriptions`).
+pub const SWEEP_LOCK: i64 = 0x746f_6c6c_0003;
 /// The channel changes are announced on.
 pub const CHANNEL: &str = "tollgate_changes";
 
@@ -140,6 +147,45 @@ CREATE TABLE tollgate_audit (
     actor text NOT NULL,
     target text NOT NULL
 );
+"#,
+    r#"
+CREATE TABLE tollgate_payments (
+    id text PRIMARY KEY,
+    provider text NOT NULL,
+    provider_id text NOT NULL,
+    account_id text,
+    key_hash text,
+    amount bigint NOT NULL,
+    status text NOT NULL,
+    money_entry text,
+    record text NOT NULL,
+    node_id text NOT NULL,
+    created_ms bigint NOT NULL,
+    updated_ms bigint NOT NULL
+);
+CREATE INDEX tollgate_payments_account ON tollgate_payments (account_id, id);
+CREATE TABLE tollgate_payment_refs (
+    provider text NOT NULL,
+    reference text NOT NULL,
+    payment_id text NOT NULL,
+    PRIMARY KEY (provider, reference)
+);
+CREATE INDEX tollgate_payment_refs_payment ON tollgate_payment_refs (payment_id);
+CREATE TABLE tollgate_epay_orders (
+    out_trade_no text PRIMARY KEY,
+    record text NOT NULL,
+    node_id text NOT NULL
+);
+CREATE TABLE tollgate_subscriptions (
+    id text PRIMARY KEY,
+    account_id text NOT NULL,
+    status text NOT NULL,
+    record text NOT NULL,
+    seq bigint NOT NULL,
+    origin text NOT NULL
+);
+CREATE INDEX tollgate_subscriptions_seq ON tollgate_subscriptions (seq);
+CREATE INDEX tollgate_subscriptions_account ON tollgate_subscriptions (account_id);
 "#,
 ];
 

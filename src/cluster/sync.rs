@@ -43,6 +43,9 @@ pub enum Change {
     /// A scoped admin token was created or deleted (its id). The database
     /// gets its record (name, scopes, SHA-256 of the token), never the token.
     AdminToken(String),
+    /// A subscription was written by this node (its id): the database gets
+    /// its record, the other nodes pull it (`cluster::subscriptions`).
+    Subscription(String),
     /// Money added to an account outside the leases (top-up, refund,
     /// positive adjust), once per `id`.
     Credit {
@@ -72,32 +75,6 @@ impl Cluster {
                 .push_back(change);
         } else {
             self.note_up();
-        }
-    }
-
-    /// A payment the local store applied (not a replay): its money goes to
-    /// the database once per provider reference, whichever node it reached.
-    pub async fn payment_applied(
-        &self,
-        applied: &crate::store::Applied,
-        reference: Option<String>,
-        at_ms: i64,
-    ) {
-        match applied {
-            crate::store::Applied::Nothing => {}
-            crate::store::Applied::Account { id, balance_delta } => {
-                let entry = reference.unwrap_or_else(|| self.entry_id("pay"));
-                self.publish(Change::Credit {
-                    id: entry,
-                    account: id.clone(),
-                    kind: "payment",
-                    amount: *balance_delta,
-                    spent: 0,
-                    at_ms,
-                })
-                .await;
-            }
-            crate::store::Applied::Key { hash, .. } => self.publish(Change::Key(*hash)).await,
         }
     }
 
@@ -196,6 +173,29 @@ impl Cluster {
                 })
                 .await
             }
+            Change::Subscription(id) => {
+                let Some(sub) = app.store.subscription(id).map_err(|e| e.to_string())? else {
+                    return Ok(());
+                };
+                let record = serde_json::to_string(&sub).map_err(|e| e.to_string())?;
+                self.run(async move {
+                    let mut c = pool.get().await.map_err(pool_error)?;
+                    let tx = c.transaction().await.map_err(db).map(count(Kind::Change, 1))?;
+                    let seq = next_seq(&tx).await?;
+                    tx.execute(
+                        "INSERT INTO tollgate_subscriptions (id, account_id, status, record, seq, origin) \
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                         status = excluded.status, record = excluded.record, seq = excluded.seq, \
+                         origin = excluded.origin",
+                        &[&sub.id, &sub.account, &sub.status.as_str(), &record, &seq, &node],
+                    )
+                    .await
+                    .map_err(db).map(count(Kind::Change, 2))?;
+                    notify(&tx, seq).await?;
+                    tx.commit().await.map_err(db).map(count(Kind::Change, 1))
+                })
+                .await
+            }
             Change::Account(id) => {
                 let local = app.store.user_account(id).map_err(|e| e.to_string())?;
                 let id = id.clone();
@@ -275,6 +275,7 @@ impl Cluster {
         let Some(app) = self.app() else {
             return Ok(0);
         };
+        let _one = self.pulling.lock().await;
         let last = self.last_seq.load(Ordering::Acquire);
         // Own changes are in the local store already; at start (last = 0)
         // everything is pulled, in case the local store is new.
@@ -322,11 +323,21 @@ impl Cluster {
                     .await
                     .map_err(db)
                     .map(count(Kind::Pull, 2))?;
+                let subs = tx
+                    .query(
+                        "SELECT record FROM tollgate_subscriptions \
+                         WHERE seq > $1 AND origin <> $2 ORDER BY seq",
+                        &[&last, &skip],
+                    )
+                    .await
+                    .map_err(db)
+                    .map(count(Kind::Pull, 2))?;
                 let max = tx
                     .query_one(
                         "SELECT GREATEST((SELECT COALESCE(MAX(seq), 0) FROM tollgate_accounts), \
                          (SELECT COALESCE(MAX(seq), 0) FROM tollgate_keys), \
-                         (SELECT COALESCE(MAX(seq), 0) FROM tollgate_admin_tokens))",
+                         (SELECT COALESCE(MAX(seq), 0) FROM tollgate_admin_tokens), \
+                         (SELECT COALESCE(MAX(seq), 0) FROM tollgate_subscriptions))",
                         &[],
                     )
                     .await
@@ -346,16 +357,21 @@ impl Cluster {
                     .iter()
                     .map(|r| (r.get(0), r.get(1), r.get(2)))
                     .collect();
-                Ok(((accounts, max), (keys, tokens)))
+                let subs: Vec<String> = subs.iter().map(|r| r.get(0)).collect();
+                Ok(((accounts, max), (keys, tokens, subs)))
             })
             .await?;
         let (accounts, max) = accounts;
-        let (keys, tokens) = keys;
-        let n = accounts.len() + keys.len() + tokens.len();
+        let (keys, tokens, subs) = keys;
+        let n = accounts.len() + keys.len() + tokens.len() + subs.len();
         REPLICATING
             .scope((), async {
                 for (id, record, deleted) in accounts {
                     apply_account(&app, &id, &record, deleted).await?;
+                }
+                // After the accounts: a subscription's account is there.
+                for record in subs {
+                    apply_subscription(&app, &record).await?;
                 }
                 for (hash, record, deleted, limit) in keys {
                     let Ok(hash) = <KeyHash>::try_from(hash.as_slice()) else {
@@ -524,6 +540,41 @@ async fn apply_account(app: &App, id: &str, record: &[u8], deleted: bool) -> Res
             app.gate.wallets().changed(id, |live| live.profile(&a));
         }
     }
+    Ok(())
+}
+
+/// Applies another node's subscription write to the local store (as it
+/// is, no money: that node applied it) and the account's live wallet (its
+/// subscription state, the plan's key template).
+async fn apply_subscription(app: &App, record: &str) -> Result<(), String> {
+    let sub: crate::store::SubscriptionRecord =
+        serde_json::from_str(record).map_err(|e| format!("a subscription row: {e}"))?;
+    if app
+        .store
+        .user_account(&sub.account)
+        .map_err(|e| e.to_string())?
+        .is_none()
+    {
+        tracing::warn!(sub = %sub.id, account = %sub.account, "cluster: a subscription of an unknown account skipped");
+        return Ok(());
+    }
+    let at_ms = sub.updated_at;
+    let out = app
+        .store
+        .write_subscription(crate::store::SubscriptionWrite {
+            sub,
+            expect_version: None,
+            money: Vec::new(),
+            renewal_key: None,
+            at_ms,
+            replica: true,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let wallets = app.gate.wallets();
+    wallets.changed(&out.account.id, |live| {
+        live.set_subscription(out.account.subscription.as_ref(), wallets.plans())
+    });
     Ok(())
 }
 

@@ -11,7 +11,10 @@
 //! Exactly once holds because the store thread checks the payment's
 //! provider references and writes the payment, its ledger entry and the
 //! balance in one batch (`store::payments`); memory moves only when that
-//! batch was new. The HTTP side is `api::payments`.
+//! batch was new. In `[cluster]` mode the database applies it first, in
+//! one transaction that claims the payment's references cluster-wide
+//! (`cluster::payments`), and the store follows only what that applied.
+//! The HTTP side is `api::payments`.
 
 pub mod checkout;
 pub mod epay;
@@ -37,8 +40,8 @@ pub struct PaymentCtx<'a> {
     /// The subscription rules the Stripe subscription events drive (`None`:
     /// those events are recorded as needing attention).
     pub subscriptions: Option<crate::billing::subscriptions::Billing<'a>>,
-    /// `[cluster]` mode: money a payment moved goes to the database too,
-    /// once per provider reference cluster-wide.
+    /// `[cluster]` mode: the payment is applied in the database first,
+    /// once cluster-wide (`cluster::payments`), then in the local store.
     pub cluster: Option<&'a std::sync::Arc<crate::cluster::Cluster>>,
 }
 
@@ -82,27 +85,125 @@ impl PaymentCtx<'_> {
     /// Applies `op` in the store (durable when this returns), then moves
     /// the in-memory wallet or key if the store applied something new.
     pub async fn apply(&self, op: PaymentOp) -> Result<PaymentOutcome, StoreError> {
-        // The provider's own ids name the money movement everywhere: the
-        // same payment reaching two nodes moves the database's money once.
-        let reference = match &op {
-            PaymentOp::Record { refs, .. } => money_reference(refs),
-            PaymentOp::Refund { event, .. } => Some(format!("payrefund:{event}")),
-            _ => None,
-        };
+        if let Some(c) = self.cluster {
+            return self.apply_cluster(c, op).await;
+        }
         let out = self.store.payment_op(op).await?;
         if !out.replayed {
             self.follow(&out.applied);
-            if let Some(c) = self.cluster {
-                c.payment_applied(&out.applied, reference, self.now_ms)
-                    .await;
+            log_recorded(&out);
+        }
+        Ok(out)
+    }
+
+    /// Cluster mode: the database applies the payment first, once
+    /// cluster-wide (`cluster::payments`); then this node's store and
+    /// memory follow what it applied. A replay there is a replay here,
+    /// whichever node applied it.
+    async fn apply_cluster(
+        &self,
+        c: &std::sync::Arc<crate::cluster::Cluster>,
+        op: PaymentOp,
+    ) -> Result<PaymentOutcome, StoreError> {
+        use crate::cluster::payments::Claim;
+        let (claim, local) = match op {
+            PaymentOp::Record {
+                refs,
+                payment,
+                credit,
+            } => {
+                // The provider's own ids name the money movement: the
+                // same payment reaching two nodes moves it once.
+                let money = money_reference(&refs);
+                let claim = c
+                    .claim_payment(refs.clone(), *payment, credit, money)
+                    .await
+                    .map_err(StoreError::Database)?;
+                let local = match &claim {
+                    Claim::New { payment, credit } => Some(PaymentOp::Record {
+                        refs,
+                        payment: Box::new(payment.clone()),
+                        credit: credit.clone(),
+                    }),
+                    _ => None,
+                };
+                (claim, local)
             }
-            if let Some(p) = &out.payment {
-                tracing::info!(
-                    payment = %p.id, provider = %p.provider, status = p.status.as_str(),
-                    amount = %p.amount, "payment recorded"
-                );
+            PaymentOp::Refund {
+                event,
+                of,
+                refunded_total,
+                at_ms,
+                unknown,
+            } => {
+                let claim = c
+                    .claim_refund(event.clone(), of.clone(), refunded_total, at_ms, *unknown)
+                    .await
+                    .map_err(StoreError::Database)?;
+                let local = match &claim {
+                    Claim::New { payment, .. } => Some(PaymentOp::Record {
+                        refs: vec![event],
+                        payment: Box::new(payment.clone()),
+                        credit: None,
+                    }),
+                    // This node's store mirrors the reversal when it holds
+                    // the payment (made here); else the database has it all.
+                    Claim::Refunded(p) => {
+                        self.store
+                            .payment_by_ref(&p.provider, &of)?
+                            .map(|_| PaymentOp::Refund {
+                                event,
+                                of,
+                                refunded_total,
+                                at_ms,
+                                unknown: Box::new(p.clone()),
+                            })
+                    }
+                    Claim::Replay(_) => None,
+                };
+                (claim, local)
+            }
+            other => return self.store.payment_op(other).await,
+        };
+        let db_record = match claim {
+            Claim::Replay(p) => {
+                return Ok(PaymentOutcome {
+                    payment: Some(p),
+                    replayed: true,
+                    applied: Applied::Nothing,
+                });
+            }
+            Claim::New { payment, .. } | Claim::Refunded(payment) => payment,
+        };
+        let mut applied = Applied::Nothing;
+        if let Some(op) = local {
+            match self.store.payment_op(op).await {
+                Ok(out) if !out.replayed => {
+                    self.follow(&out.applied);
+                    if let Applied::Key { hash, .. } = &out.applied {
+                        c.publish(crate::cluster::sync::Change::Key(*hash)).await;
+                    }
+                    if let Some(local) = &out.payment {
+                        c.payment_kept(&db_record, local).await;
+                    }
+                    applied = out.applied;
+                }
+                Ok(_) => {}
+                // The database has the payment and its money: the local
+                // mirror missing it is logged, not answered as a failure
+                // (a retry would be a replay).
+                Err(e) => tracing::warn!(
+                    payment = %db_record.id, error = %e,
+                    "cluster: a payment applied in the database was not mirrored in the local store"
+                ),
             }
         }
+        let out = PaymentOutcome {
+            payment: Some(db_record),
+            replayed: false,
+            applied,
+        };
+        log_recorded(&out);
         Ok(out)
     }
 
@@ -133,6 +234,15 @@ impl PaymentCtx<'_> {
                 }
             }
         }
+    }
+}
+
+fn log_recorded(out: &PaymentOutcome) {
+    if let Some(p) = &out.payment {
+        tracing::info!(
+            payment = %p.id, provider = %p.provider, status = p.status.as_str(),
+            amount = %p.amount, "payment recorded"
+        );
     }
 }
 

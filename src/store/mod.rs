@@ -81,6 +81,10 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("usage log: {0}")]
     Log(String),
+    /// Cluster mode: the database a payment is applied in first did not
+    /// answer; nothing was applied (the provider retries).
+    #[error("the cluster's database: {0}")]
+    Database(String),
 }
 
 impl From<TransactionError<StoreError>> for StoreError {

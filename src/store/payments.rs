@@ -121,7 +121,9 @@ pub struct IssuedKey {
     /// answers it: that read removes it ([`PaymentOp::TakeIssuedKey`]), so
     /// the key is shown once and afterwards only its hash is stored.
     /// Records of earlier versions kept it for good; their next read takes
-    /// it the same way.
+    /// it the same way. In cluster mode the secret is never in a node's
+    /// store: it waits in the database's record, and the first read on
+    /// any node takes it under the row's lock (`cluster::payments`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }

@@ -573,6 +573,10 @@ pub struct SubscriptionWrite {
     /// A renewal's idempotency key: applied once per subscription.
     pub renewal_key: Option<String>,
     pub at_ms: i64,
+    /// Cluster mode: another node's write, pulled from the database. The
+    /// record is stored as it is (its version kept, nothing checked) and
+    /// moves no money: the node that made the write applied it.
+    pub replica: bool,
 }
 
 /// What a subscription write did.

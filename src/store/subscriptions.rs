@@ -138,6 +138,7 @@ impl StoreThread {
             });
         }
         match (w.expect_version, &stored) {
+            _ if w.replica => {}
             (None, Some(_)) => return Err(StoreError::Exists),
             (None, None) => {
                 if a.subscription.as_ref().is_some_and(|l| l.status.is_live()) {
@@ -152,7 +153,9 @@ impl StoreThread {
             }
         }
         let mut sub = w.sub.clone();
-        sub.version = stored.as_ref().map(|s| s.version + 1).unwrap_or(1);
+        if !w.replica {
+            sub.version = stored.as_ref().map(|s| s.version + 1).unwrap_or(1);
+        }
         let mut batch = Batch::default();
         let mut entries = Vec::new();
         for m in &w.money {
@@ -208,7 +211,10 @@ impl StoreThread {
         }
         // The account points at its latest subscription; an older one
         // changing (it cannot be live) leaves the pointer alone.
-        if a.subscription.as_ref().is_none_or(|l| l.id == sub.id) || w.expect_version.is_none() {
+        if a.subscription.as_ref().is_none_or(|l| l.id == sub.id)
+            || (w.expect_version.is_none() && !w.replica)
+            || (w.replica && sub.status.is_live())
+        {
             a.subscription = Some(SubscriptionLink {
                 id: sub.id.clone(),
                 plan: sub.plan.clone(),
