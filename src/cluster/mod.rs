@@ -33,6 +33,9 @@
 //!   (`Gate::updated`, `Gate::forget`) and the wallets.
 //! - **Audit** ([`audit`]): each node's audit entries are shipped to the
 //!   database once each; the audit API reads them back from there.
+//! - **Events** ([`outbox`]): each node's events are shipped to the
+//!   database once each, with a delivery per endpoint; any node delivers
+//!   any of them, one node at a time (a claim that expires).
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
@@ -47,6 +50,7 @@
 pub mod audit;
 pub mod config;
 pub mod lease;
+pub mod outbox;
 pub mod rate;
 pub mod schema;
 pub mod sync;
@@ -110,6 +114,9 @@ pub struct Cluster {
     audit_shipped: AtomicU64,
     /// Woken by NOTIFY (another node changed something) and by shutdown.
     wake: Notify,
+    /// Woken when this node shipped events: its delivery workers look at
+    /// once instead of at their next poll.
+    outbox_shipped: Notify,
     /// Set by shutdown: the tasks end after returning the leases.
     stopping: AtomicBool,
     /// The last database call failed (for /readyz-like reporting and logs).
@@ -380,6 +387,7 @@ impl Cluster {
             last_seq: AtomicI64::new(0),
             audit_shipped: AtomicU64::new(0),
             wake: Notify::new(),
+            outbox_shipped: Notify::new(),
             stopping: AtomicBool::new(false),
             db_down: AtomicBool::new(false),
             _stop: stop_tx,
@@ -910,6 +918,7 @@ impl Cluster {
             self.settle().await;
             self.push_pending().await;
             self.ship_audit().await;
+            self.ship_events().await;
             self.return_idle(Return::Scarce).await;
             self.return_rates(false).await;
             if notified {
@@ -1228,6 +1237,7 @@ impl Cluster {
             c.settle().await;
             c.push_pending().await;
             c.settle().await;
+            c.ship_events().await;
             c.return_idle(Return::All).await;
             c.return_rates(true).await;
             c.stopping.store(true, Ordering::Release);

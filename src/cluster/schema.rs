@@ -14,6 +14,10 @@
 //! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
 //! | `tollgate_rate_windows` | (key, minute, unit) | (version 4) requests (`rpm`) or tokens (`tpm`) the nodes took of a key's window of one UTC minute: `taken` ≤ the limit; `last_grant` is what the last take gave (so the statement can return it) |
 //!
+//! | `tollgate_audit` | entry id | (version 7) every node's audit entries, in `seq` order |
+//! | `tollgate_events` | event id | (version 9) every node's events: type, the signed body, origin; `seq` is the listing order |
+//! | `tollgate_deliveries` | (event, endpoint) | (version 9) where each delivery stands, and which node holds it (`claimed_by` until `claim_until_ms`, the database's clock) |
+//!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
 //! seq N has seen every change before it.
@@ -140,6 +144,34 @@ CREATE TABLE tollgate_audit (
     actor text NOT NULL,
     target text NOT NULL
 );
+"#,
+    // The event outbox (depends on no other migration, so it may follow
+    // any version): `body` is the signed webhook body, the same bytes on
+    // every try from every node; a delivery is one (event, endpoint).
+    r#"
+CREATE TABLE tollgate_events (
+    seq bigserial PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    kind text NOT NULL,
+    body bytea NOT NULL,
+    created_ms bigint NOT NULL,
+    origin text NOT NULL
+);
+CREATE TABLE tollgate_deliveries (
+    event_id text NOT NULL REFERENCES tollgate_events (id) ON DELETE CASCADE,
+    endpoint text NOT NULL,
+    status text NOT NULL DEFAULT 'pending',
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_ms bigint NOT NULL,
+    claimed_by text,
+    claim_until_ms bigint,
+    last_status integer,
+    last_error text,
+    updated_ms bigint NOT NULL,
+    PRIMARY KEY (event_id, endpoint)
+);
+CREATE INDEX tollgate_deliveries_due ON tollgate_deliveries (endpoint, next_attempt_ms)
+    WHERE status = 'pending';
 "#,
 ];
 

@@ -1,0 +1,409 @@
+//! The event outbox cluster-wide: each node ships the events its local
+//! outbox records to `tollgate_events` on the settle tick (once per event
+//! id), with one `tollgate_deliveries` row per endpoint the event goes to;
+//! any node then delivers any of them, one node at a time.
+//!
+//! - **Shipping**: the local outbox is written in the change's own batch
+//!   as in single-node mode; the tick ships what is past the store's
+//!   delivery cursor and then moves it (so in cluster mode the cursor
+//!   means "in the database"). With the database unreachable the events
+//!   wait in the local outbox and go when it is back; a restart ships
+//!   from the cursor again, and what is there already is skipped.
+//! - **Ids**: a local outbox numbers its events `evt_<seq>` from 1, so two
+//!   nodes (or one whose store was wiped) would name different events
+//!   alike, and a receiver deduping on `webhook-id` would drop one. In the
+//!   database an event is `evt_<node>_<seq>_<ms>` ([`cluster_event_id`]),
+//!   the body carries that id, and those bytes are what every try from
+//!   every node signs.
+//! - **Claims**: a node's worker for an endpoint takes the next due
+//!   delivery with one statement ([`CLAIM`]): it sets `claimed_by` and
+//!   `claim_until_ms` (the database's clock, so nodes' clocks cannot make
+//!   two claims overlap) on a row nobody holds or whose claim has expired,
+//!   skipping rows another node is claiming (`FOR UPDATE SKIP LOCKED`).
+//!   The claim lasts one try (the endpoint's `timeout`) plus a sync
+//!   interval to record it ([`RECORD`], only while the claim is still
+//!   this node's). A node killed mid-try leaves its claim to expire; then
+//!   another node makes the try again, with the same `webhook-id`.
+//! - **Schedule**: `next_attempt_ms` and the retry waits are on the
+//!   gateway's clock, as in single-node mode.
+
+use std::sync::atomic::Ordering;
+
+use super::Cluster;
+use super::schema::{db, pool as pool_error};
+use super::trips::{Kind, count};
+use crate::events::Event;
+use crate::events::deliver::{DeliveryState, DeliveryStatus, targets_for};
+use crate::store::{DeliveryWrite, EventQuery};
+
+/// Events shipped per transaction.
+const SHIP_BATCH: usize = 256;
+
+/// Takes the next due delivery of endpoint `$1` (due at `$2` on the
+/// gateway's clock) for node `$3`, for `$4` ms: one row nobody holds, or
+/// whose holder's claim expired; rows another node is taking are skipped.
+pub const CLAIM: &str = "WITH due AS ( \
+     SELECT event_id, endpoint FROM tollgate_deliveries \
+     WHERE endpoint = $1 AND status = 'pending' AND next_attempt_ms <= $2 \
+     AND (claimed_by IS NULL OR claim_until_ms IS NULL \
+          OR claim_until_ms < (extract(epoch FROM clock_timestamp()) * 1000)::bigint) \
+     ORDER BY next_attempt_ms, event_id LIMIT 1 \
+     FOR UPDATE SKIP LOCKED) \
+     UPDATE tollgate_deliveries d SET claimed_by = $3, \
+     claim_until_ms = (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $4 \
+     FROM due, tollgate_events e \
+     WHERE d.event_id = due.event_id AND d.endpoint = due.endpoint AND e.id = d.event_id \
+     RETURNING d.event_id, e.body, d.attempts, d.next_attempt_ms, d.last_status, d.last_error, d.updated_ms";
+
+/// Writes a try's outcome (`$4`…`$9`) on delivery (`$1`, `$2`) while node
+/// `$3` still holds it: a node whose claim expired and was taken by
+/// another writes nothing. A retry releases the claim (any node may make
+/// the next try); a finished delivery keeps the name of the node that
+/// finished it.
+pub const RECORD: &str = "UPDATE tollgate_deliveries SET status = $4, attempts = $5, \
+     next_attempt_ms = $6, last_status = $7, last_error = $8, updated_ms = $9, \
+     claimed_by = CASE WHEN $4 = 'pending' THEN NULL ELSE claimed_by END, claim_until_ms = NULL \
+     WHERE event_id = $1 AND endpoint = $2 AND claimed_by = $3 AND status = 'pending'";
+
+/// The id of a node's event in the database: unique across nodes (the
+/// node's name), across a wiped store (the time) and stable across
+/// restarts (all three are stored with the event).
+pub fn cluster_event_id(node: &str, seq: u64, at_ms: i64) -> String {
+    format!("evt_{node}_{seq}_{at_ms}")
+}
+
+/// One delivery this node holds a claim on.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The event's id: the `webhook-id` of every try.
+    pub event_id: String,
+    /// The signed body (the event's JSON, as shipped).
+    pub body: Vec<u8>,
+    /// Where the delivery stood when claimed.
+    pub state: DeliveryState,
+}
+
+/// The text of a status in the database.
+fn status_text(s: DeliveryStatus) -> &'static str {
+    match s {
+        DeliveryStatus::Pending => "pending",
+        DeliveryStatus::Delivered => "delivered",
+        DeliveryStatus::Failed => "failed",
+        DeliveryStatus::Skipped => "skipped",
+    }
+}
+
+/// The rows one node ships for some events of its local outbox.
+#[derive(Debug, Default, PartialEq)]
+struct Shipment {
+    ids: Vec<String>,
+    kinds: Vec<String>,
+    bodies: Vec<Vec<u8>>,
+    created: Vec<i64>,
+    /// One per (event, endpoint): event id, endpoint.
+    delivery_events: Vec<String>,
+    delivery_endpoints: Vec<String>,
+}
+
+impl Shipment {
+    /// The rows for `events` (local seq, event) from node `node`, each
+    /// with a delivery to every target `targets` gives its type.
+    fn of(
+        node: &str,
+        events: &[(u64, Event)],
+        targets: impl Fn(&str) -> Vec<String>,
+        now_ms: i64,
+    ) -> Shipment {
+        let mut s = Shipment::default();
+        for (seq, ev) in events {
+            let at = crate::clock::parse_rfc3339(&ev.timestamp).unwrap_or(now_ms);
+            let id = cluster_event_id(node, *seq, at);
+            let shipped = Event {
+                id: id.clone(),
+                ..ev.clone()
+            };
+            for t in targets(&ev.kind) {
+                s.delivery_events.push(id.clone());
+                s.delivery_endpoints.push(t);
+            }
+            s.ids.push(id);
+            s.kinds.push(ev.kind.clone());
+            s.bodies
+                .push(serde_json::to_vec(&shipped).unwrap_or_default());
+            s.created.push(at);
+        }
+        s
+    }
+}
+
+impl Cluster {
+    /// Ships the events of the local outbox not yet in the database, with
+    /// their deliveries; moves the store's delivery cursor past them.
+    pub(super) async fn ship_events(&self) {
+        let Some(app) = self.app() else {
+            return;
+        };
+        loop {
+            let cursor = match app.store.delivery_cursor() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: the outbox cursor not read");
+                    return;
+                }
+            };
+            let q = EventQuery {
+                after: cursor.saturating_sub(1),
+                kind: None,
+                limit: SHIP_BATCH,
+            };
+            let events = match app.store.events(&q) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: outbox events not read");
+                    return;
+                }
+            };
+            let Some(last) = events.last().map(|(seq, _)| *seq) else {
+                return;
+            };
+            let full = events.len() == SHIP_BATCH;
+            let now = app.clock.now_ms();
+            let s = Shipment::of(
+                &self.cfg.node_id,
+                &events,
+                |kind| targets_for(&app.config, kind),
+                now,
+            );
+            let node = self.cfg.node_id.clone();
+            let pool = self.pool.clone();
+            let written = self
+                .run(async move {
+                    let mut c = pool.get().await.map_err(pool_error)?;
+                    let tx = c
+                        .transaction()
+                        .await
+                        .map_err(db)
+                        .map(count(Kind::Settle, 1))?;
+                    tx.execute(
+                        "INSERT INTO tollgate_events (id, kind, body, created_ms, origin) \
+                         SELECT i, k, b, c, $5 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[]) \
+                         AS u(i, k, b, c) ORDER BY c, i ON CONFLICT (id) DO NOTHING",
+                        &[&s.ids, &s.kinds, &s.bodies, &s.created, &node],
+                    )
+                    .await
+                    .map_err(db)
+                    .map(count(Kind::Settle, 2))?;
+                    tx.execute(
+                        "INSERT INTO tollgate_deliveries (event_id, endpoint, next_attempt_ms, updated_ms) \
+                         SELECT e, t, $3, $3 FROM unnest($1::text[], $2::text[]) AS u(e, t) \
+                         ON CONFLICT (event_id, endpoint) DO NOTHING",
+                        &[&s.delivery_events, &s.delivery_endpoints, &now],
+                    )
+                    .await
+                    .map_err(db)
+                    .map(count(Kind::Settle, 2))?;
+                    tx.commit().await.map_err(db).map(count(Kind::Settle, 1))
+                })
+                .await;
+            if let Err(e) = written {
+                self.note_down(&e);
+                return;
+            }
+            let moved = DeliveryWrite {
+                cursor: Some(last + 1),
+                ..DeliveryWrite::default()
+            };
+            if let Err(e) = app.store.save_deliveries(moved).await {
+                // Shipped again next tick: the database skips what it has.
+                tracing::warn!(error = %e, "cluster: the outbox cursor not moved");
+                return;
+            }
+            self.outbox_shipped.notify_waiters();
+            if !full {
+                return;
+            }
+        }
+    }
+
+    /// Wakes this node's delivery workers when it shipped events.
+    pub fn outbox_shipped(&self) -> &tokio::sync::Notify {
+        &self.outbox_shipped
+    }
+
+    /// How long a claim on a delivery to an endpoint with this `timeout`
+    /// lasts: the try, and a sync interval to write what it came to.
+    pub fn claim_ms(&self, timeout: std::time::Duration) -> i64 {
+        (timeout + self.cfg.sync_interval.0).as_millis() as i64
+    }
+
+    /// Takes the next delivery to `endpoint` due at `now_ms` (the gateway's
+    /// clock) that no node holds, for `claim_ms`.
+    pub async fn claim_delivery(
+        &self,
+        endpoint: &str,
+        now_ms: i64,
+        claim_ms: i64,
+    ) -> Result<Option<Claimed>, String> {
+        if self.stopping.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let pool = self.pool.clone();
+        let node = self.cfg.node_id.clone();
+        let endpoint = endpoint.to_owned();
+        let row = self
+            .run(async move {
+                let c = pool.get().await.map_err(pool_error)?;
+                c.query_opt(CLAIM, &[&endpoint, &now_ms, &node, &claim_ms])
+                    .await
+                    .map_err(db)
+                    .map(count(Kind::Settle, 2))
+            })
+            .await;
+        let row = match row {
+            Ok(r) => {
+                self.note_up();
+                r
+            }
+            Err(e) => {
+                self.note_down(&e);
+                return Err(e);
+            }
+        };
+        Ok(row.map(|r| Claimed {
+            event_id: r.get(0),
+            body: r.get(1),
+            state: DeliveryState {
+                status: DeliveryStatus::Pending,
+                attempts: r.get::<_, i32>(2).max(0) as u32,
+                next_at_ms: r.get(3),
+                last_status: r
+                    .get::<_, Option<i32>>(4)
+                    .and_then(|s| u16::try_from(s).ok()),
+                last_error: r.get(5),
+                updated_at_ms: r.get(6),
+            },
+        }))
+    }
+
+    /// Writes what a try of a claimed delivery came to. `Ok(false)`: the
+    /// claim had expired and another node took it (nothing written).
+    pub async fn record_delivery(
+        &self,
+        event_id: &str,
+        endpoint: &str,
+        state: &DeliveryState,
+    ) -> Result<bool, String> {
+        let pool = self.pool.clone();
+        let node = self.cfg.node_id.clone();
+        let (event_id, endpoint) = (event_id.to_owned(), endpoint.to_owned());
+        let status = status_text(state.status);
+        let attempts = i32::try_from(state.attempts).unwrap_or(i32::MAX);
+        let next = state.next_at_ms;
+        let code = state.last_status.map(i32::from);
+        let error = state.last_error.clone();
+        let updated = state.updated_at_ms;
+        let n = self
+            .run(async move {
+                let c = pool.get().await.map_err(pool_error)?;
+                c.execute(
+                    RECORD,
+                    &[
+                        &event_id, &endpoint, &node, &status, &attempts, &next, &code, &error,
+                        &updated,
+                    ],
+                )
+                .await
+                .map_err(db)
+                .map(count(Kind::Settle, 2))
+            })
+            .await;
+        match n {
+            Ok(n) => {
+                self.note_up();
+                Ok(n == 1)
+            }
+            Err(e) => {
+                self.note_down(&e);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(id: &str, kind: &str, ts: &str) -> Event {
+        Event {
+            id: id.to_owned(),
+            kind: kind.to_owned(),
+            timestamp: ts.to_owned(),
+            data: json!({"hash": "ab"}),
+        }
+    }
+
+    #[test]
+    fn ids_differ_across_nodes_and_wiped_stores_and_are_stable() {
+        let a = cluster_event_id("node-1", 1, 1_000);
+        assert_eq!(a, "evt_node-1_1_1000");
+        assert_ne!(a, cluster_event_id("node-2", 1, 1_000));
+        // The same node's seq 1 again after its store was wiped.
+        assert_ne!(a, cluster_event_id("node-1", 1, 2_000));
+        assert_eq!(a, cluster_event_id("node-1", 1, 1_000));
+    }
+
+    #[test]
+    fn a_shipment_carries_the_cluster_id_in_the_signed_body() {
+        let events = vec![
+            (7, ev("evt_7", "key.created", "2026-12-03T10:00:00.000Z")),
+            (
+                8,
+                ev("evt_8", "payment.succeeded", "2026-12-03T10:00:01.500Z"),
+            ),
+        ];
+        let targets = |kind: &str| {
+            if kind.starts_with("key.") {
+                vec!["webhook:a".to_owned(), "webhook:b".to_owned()]
+            } else {
+                vec!["webhook:a".to_owned()]
+            }
+        };
+        let s = Shipment::of("n1", &events, targets, 0);
+        let at = crate::clock::parse_rfc3339("2026-12-03T10:00:00.000Z").unwrap();
+        assert_eq!(s.ids[0], format!("evt_n1_7_{at}"));
+        assert_eq!(s.created[0], at);
+        assert_eq!(s.created[1], at + 1500);
+        let body: Event = serde_json::from_slice(&s.bodies[0]).unwrap();
+        assert_eq!(body.id, s.ids[0], "the body's id is the webhook-id");
+        assert_eq!(body.kind, "key.created");
+        assert_eq!(body.data, json!({"hash": "ab"}));
+        assert_eq!(s.kinds, ["key.created", "payment.succeeded"]);
+        assert_eq!(
+            s.delivery_events,
+            [s.ids[0].clone(), s.ids[0].clone(), s.ids[1].clone()]
+        );
+        assert_eq!(
+            s.delivery_endpoints,
+            ["webhook:a", "webhook:b", "webhook:a"]
+        );
+    }
+
+    #[test]
+    fn claims_skip_held_rows_and_use_the_databases_clock() {
+        // The guards that make one node at a time hold a delivery.
+        assert!(CLAIM.contains("FOR UPDATE SKIP LOCKED"));
+        assert!(CLAIM.contains("claim_until_ms < (extract(epoch FROM clock_timestamp())"));
+        assert!(CLAIM.contains("status = 'pending'"));
+        assert!(RECORD.contains("claimed_by = $3 AND status = 'pending'"));
+        for s in [
+            DeliveryStatus::Pending,
+            DeliveryStatus::Delivered,
+            DeliveryStatus::Failed,
+            DeliveryStatus::Skipped,
+        ] {
+            assert_eq!(DeliveryStatus::parse(status_text(s)), Some(s));
+        }
+    }
+}
