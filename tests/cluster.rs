@@ -19,6 +19,8 @@ use tollgate::money::Pico;
 use tollgate_mock::{MockOptions, MockUpstream};
 
 const ADMIN: &str = "test-admin-token-cluster-0123456789abcdef";
+/// The webhook secret every node signs with (the Standard Webhooks vector's).
+const HOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// A throwaway PostgreSQL cluster, stopped (immediate) when dropped.
 struct Pg {
@@ -286,6 +288,7 @@ sync_interval = "1s"
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
             .env("TOLLGATE_TEST_UPSTREAM_KEY", common::UPSTREAM_KEY)
             .env("TOLLGATE_POSTGRES_URL", url)
+            .env("TOLLGATE_TEST_HOOK_SECRET", HOOK_SECRET)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -1680,4 +1683,311 @@ async fn the_audit_log_is_the_same_on_every_node() {
         Some(lists[0].len()),
         "{v}"
     );
+}
+
+/// What a [`Hook`] answers the next try with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum HookMode {
+    /// 500 at once.
+    Refuse,
+    /// Holds the try for half a minute (a node killed meanwhile never
+    /// learns its outcome), then 500.
+    Hang,
+    /// 204.
+    Accept,
+}
+
+/// One try a [`Hook`] got.
+#[derive(Clone, Debug)]
+struct HookTry {
+    id: String,
+    ts: String,
+    sig: String,
+    body: Bytes,
+    mode: HookMode,
+    at: Instant,
+}
+
+/// A webhook receiver on 127.0.0.1 answering as its mode says.
+struct Hook {
+    addr: std::net::SocketAddr,
+    mode: std::sync::Arc<std::sync::Mutex<HookMode>>,
+    got: std::sync::Arc<std::sync::Mutex<Vec<HookTry>>>,
+}
+
+impl Hook {
+    async fn start(mode: HookMode) -> Hook {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the receiver");
+        let addr = listener.local_addr().expect("addr");
+        let mode = std::sync::Arc::new(std::sync::Mutex::new(mode));
+        let got: std::sync::Arc<std::sync::Mutex<Vec<HookTry>>> = Default::default();
+        let (m, g) = (mode.clone(), got.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (m, g) = (m.clone(), g.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (m, g) = (m.clone(), g.clone());
+                            async move {
+                                let h = |n: &str| {
+                                    req.headers()
+                                        .get(n)
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("")
+                                        .to_owned()
+                                };
+                                let (id, ts, sig) = (
+                                    h("webhook-id"),
+                                    h("webhook-timestamp"),
+                                    h("webhook-signature"),
+                                );
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let mode = *m.lock().expect("mode");
+                                g.lock().expect("got").push(HookTry {
+                                    id,
+                                    ts,
+                                    sig,
+                                    body,
+                                    mode,
+                                    at: Instant::now(),
+                                });
+                                let code = match mode {
+                                    HookMode::Refuse => 500,
+                                    HookMode::Hang => {
+                                        tokio::time::sleep(Duration::from_secs(30)).await;
+                                        500
+                                    }
+                                    HookMode::Accept => 204,
+                                };
+                                let mut res = http::Response::new(Full::new(Bytes::new()));
+                                *res.status_mut() =
+                                    http::StatusCode::from_u16(code).expect("status");
+                                Ok::<_, std::convert::Infallible>(res)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Hook { addr, mode, got }
+    }
+
+    fn set(&self, mode: HookMode) {
+        *self.mode.lock().expect("mode") = mode;
+    }
+
+    fn got(&self) -> Vec<HookTry> {
+        self.got.lock().expect("got").clone()
+    }
+
+    /// `[[webhooks]]` for this receiver (after `[cluster]` in a node's config).
+    fn config(&self, retry: &str, timeout: &str) -> String {
+        format!(
+            "[[webhooks]]\nurl = \"http://{}/hook\"\nsecret_env = \"TOLLGATE_TEST_HOOK_SECRET\"\n\
+             retry = {retry}\ntimeout = \"{timeout}\"\n",
+            self.addr
+        )
+    }
+}
+
+/// The signature a receiver computes (the Standard Webhooks way).
+fn hook_signature(id: &str, ts: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use hmac::{Hmac, Mac};
+    let key = STANDARD
+        .decode(HOOK_SECRET.strip_prefix("whsec_").expect("whsec_"))
+        .expect("base64");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).expect("any key length");
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// Each try is signed, and carries its event's id as `webhook-id`.
+fn assert_signed(tries: &[HookTry]) {
+    for t in tries {
+        assert_eq!(t.sig, hook_signature(&t.id, &t.ts, &t.body), "{t:?}");
+        let ev: Value = serde_json::from_slice(&t.body).expect("a JSON body");
+        assert_eq!(ev["id"], t.id.as_str(), "the body's id is the webhook-id");
+    }
+}
+
+/// Every node runs a deliverer, yet each event (one made on each node,
+/// each its node's first, `evt_1` in every local outbox) reaches the
+/// receiver once, under an id no other node's event has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_is_delivered_once_by_one_of_three_nodes() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let hook = Hook::start(HookMode::Accept).await;
+    let extra = hook.config(r#"["1s"]"#, "5s");
+    let nodes: Vec<Node> = ["e-1", "e-2", "e-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, &extra))
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        let (s, v) = n
+            .admin(
+                "POST",
+                "/api/v1/keys",
+                Some(json!({"name": format!("hooked-{i}")})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let start = Instant::now();
+    while hook.got().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "tries: {:?}",
+            hook.got()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for a second node to deliver one again, if it would.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = hook.got();
+    assert_eq!(tries.len(), 3, "one try per event: {tries:?}");
+    let mut ids: Vec<&str> = tries.iter().map(|t| t.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three events, three ids: {ids:?}");
+    assert_signed(&tries);
+    let names: Vec<Value> = tries
+        .iter()
+        .map(|t| serde_json::from_slice::<Value>(&t.body).expect("json")["data"]["name"].clone())
+        .collect();
+    for i in 0..3 {
+        assert!(names.contains(&json!(format!("hooked-{i}"))), "{names:?}");
+    }
+    // The database says delivered, once each, by some node.
+    let db = pg.client().await;
+    let rows = db
+        .query(
+            "SELECT d.status, d.attempts, d.claimed_by, e.origin, e.kind \
+             FROM tollgate_deliveries d JOIN tollgate_events e ON e.id = d.event_id",
+            &[],
+        )
+        .await
+        .expect("deliveries");
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(0), "delivered");
+        assert_eq!(r.get::<_, i32>(1), 1);
+        assert!(
+            r.get::<_, Option<String>>(2)
+                .is_some_and(|n| n.starts_with("e-"))
+        );
+        assert_eq!(r.get::<_, String>(4), "key.created");
+    }
+    let mut origins: Vec<String> = rows.iter().map(|r| r.get(3)).collect();
+    origins.sort();
+    assert_eq!(origins, ["e-1", "e-2", "e-3"]);
+}
+
+/// The node holding a delivery is SIGKILLed mid-try (after a refused
+/// one): the others, running deliverers all along, leave it alone while
+/// the claim lasts, then one of them delivers it, with the same
+/// webhook-id, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_pending_delivery_is_made_by_another_after_its_claim() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let hook = Hook::start(HookMode::Refuse).await;
+    // A claim lasts the timeout (8 s) and a sync interval (1 s).
+    let extra = hook.config(r#"["1s", "1s", "1s", "1s", "1s", "1s"]"#, "8s");
+    let mut n1 = Node::start_with(&pg, &mock, "k-1", &extra);
+    let (s, v) = n1
+        .admin("POST", "/api/v1/keys", Some(json!({"name": "pending"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let start = Instant::now();
+    while hook.got().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no first try");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hook.set(HookMode::Hang);
+    while !hook.got().iter().any(|t| t.mode == HookMode::Hang) {
+        assert!(start.elapsed() < Duration::from_secs(15), "no second try");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = pg.client().await;
+    let held = db
+        .query_one(
+            "SELECT claimed_by, attempts, status FROM tollgate_deliveries",
+            &[],
+        )
+        .await
+        .expect("the delivery");
+    assert_eq!(held.get::<_, Option<String>>(0).as_deref(), Some("k-1"));
+    assert_eq!(held.get::<_, i32>(1), 1, "the refused try is recorded");
+    assert_eq!(held.get::<_, String>(2), "pending");
+    // Two more deliverers while k-1 holds the claim.
+    let others: Vec<Node> = ["k-2", "k-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, &extra))
+        .collect();
+    n1.kill9();
+    hook.set(HookMode::Accept);
+    let hung_at = hook
+        .got()
+        .iter()
+        .find(|t| t.mode == HookMode::Hang)
+        .map(|t| t.at)
+        .expect("the hung try");
+    while !hook.got().iter().any(|t| t.mode == HookMode::Accept) {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "not delivered after the claim: {:?}",
+            hook.got()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = hook.got();
+    let accepted: Vec<&HookTry> = tries
+        .iter()
+        .filter(|t| t.mode == HookMode::Accept)
+        .collect();
+    assert_eq!(accepted.len(), 1, "delivered once: {tries:?}");
+    assert_eq!(tries.len(), 3, "refused, hung, delivered: {tries:?}");
+    assert!(
+        accepted[0].at.duration_since(hung_at) >= Duration::from_secs(8),
+        "not before k-1's claim expired: {:?}",
+        accepted[0].at.duration_since(hung_at)
+    );
+    assert!(
+        tries.iter().all(|t| t.id == tries[0].id),
+        "one webhook-id: {tries:?}"
+    );
+    assert_signed(&tries);
+    let done = db
+        .query_one(
+            "SELECT claimed_by, attempts, status, last_status FROM tollgate_deliveries",
+            &[],
+        )
+        .await
+        .expect("the delivery");
+    let by = done.get::<_, Option<String>>(0).unwrap_or_default();
+    assert!(by == "k-2" || by == "k-3", "delivered by {by}");
+    assert_eq!(done.get::<_, i32>(1), 2, "the cut try left no outcome");
+    assert_eq!(done.get::<_, String>(2), "delivered");
+    assert_eq!(done.get::<_, Option<i32>>(3), Some(204));
+    drop(others);
 }
