@@ -1897,6 +1897,62 @@ async fn each_event_is_delivered_once_by_one_of_three_nodes() {
     let mut origins: Vec<String> = rows.iter().map(|r| r.get(3)).collect();
     origins.sort();
     assert_eq!(origins, ["e-1", "e-2", "e-3"]);
+
+    // Every node lists the same events (the ids the receiver got) and
+    // deliveries, from the database.
+    let mut lists = Vec::new();
+    for n in &nodes {
+        let (s, v) = n.admin("GET", "/api/v1/events?type=key.*", None).await;
+        assert_eq!(s, 200, "{v}");
+        lists.push(v["data"].clone());
+        let (s, v) = n
+            .admin("GET", "/api/v1/webhooks/deliveries?status=delivered", None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let d = v["data"].as_array().cloned().unwrap_or_default();
+        assert_eq!(d.len(), 3, "{v}");
+        assert!(
+            d.iter()
+                .all(|d| d["attempts"] == 1 && d["last_status"] == 204),
+            "{v}"
+        );
+    }
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[1], lists[2]);
+    let listed: Vec<&str> = lists[0]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id"))
+        .collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "the listed ids are the webhook-ids");
+    let (_, v) = nodes[2]
+        .admin("GET", &format!("/api/v1/events?after={}", listed[0]), None)
+        .await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(2), "{v}");
+    let (_, v) = nodes[2]
+        .admin("GET", "/api/v1/events?type=payment.*", None)
+        .await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(0), "{v}");
+
+    // A redelivery asked of one node is made once, by some node, same id.
+    let again = listed[1].to_owned();
+    let (s, v) = nodes[1]
+        .admin("POST", &format!("/api/v1/events/{again}/redeliver"), None)
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let start = Instant::now();
+    while hook.got().len() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no redelivery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = hook.got();
+    assert_eq!(tries.len(), 4, "{tries:?}");
+    assert_eq!(tries[3].id, again);
+    assert_signed(&tries);
 }
 
 /// The node holding a delivery is SIGKILLed mid-try (after a refused

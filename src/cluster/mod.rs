@@ -117,6 +117,8 @@ pub struct Cluster {
     /// Woken when this node shipped events: its delivery workers look at
     /// once instead of at their next poll.
     outbox_shipped: Notify,
+    /// Held while events are shipped: one shipment at a time.
+    shipping: tokio::sync::Mutex<()>,
     /// Set by shutdown: the tasks end after returning the leases.
     stopping: AtomicBool,
     /// The last database call failed (for /readyz-like reporting and logs).
@@ -388,6 +390,7 @@ impl Cluster {
             audit_shipped: AtomicU64::new(0),
             wake: Notify::new(),
             outbox_shipped: Notify::new(),
+            shipping: tokio::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
             db_down: AtomicBool::new(false),
             _stop: stop_tx,

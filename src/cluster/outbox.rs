@@ -32,6 +32,8 @@ use std::sync::atomic::Ordering;
 use super::Cluster;
 use super::schema::{db, pool as pool_error};
 use super::trips::{Kind, count};
+use crate::config::Pattern;
+use crate::error::ApiError;
 use crate::events::Event;
 use crate::events::deliver::{DeliveryState, DeliveryStatus, targets_for};
 use crate::store::{DeliveryWrite, EventQuery};
@@ -143,6 +145,9 @@ impl Cluster {
         let Some(app) = self.app() else {
             return;
         };
+        // One shipment at a time (the tick and an admin list): the cursor
+        // only moves forward.
+        let _turn = self.shipping.lock().await;
         loop {
             let cursor = match app.store.delivery_cursor() {
                 Ok(c) => c,
@@ -327,6 +332,185 @@ impl Cluster {
                 Err(e)
             }
         }
+    }
+}
+
+/// What the admin API lists in cluster mode reads from the database.
+impl Cluster {
+    /// `GET /api/v1/events` in cluster mode: every node's events in the
+    /// database's order, oldest first, in the shape of the local outbox.
+    /// `after` is an event's id or the database's `seq` (`None`: from the
+    /// first). This node's new events are shipped first, so one it just
+    /// made is listed. `Ok(None)`: `after` names no event.
+    pub async fn events_list(
+        &self,
+        after: Option<&str>,
+        kind: Option<Pattern>,
+        limit: usize,
+    ) -> Result<Option<Vec<Event>>, ApiError> {
+        self.ship_events().await;
+        let after = after.map(|a| match a.parse::<i64>() {
+            Ok(seq) => Err(seq),
+            Err(_) => Ok(a.to_owned()),
+        });
+        let pool = self.pool.clone();
+        let want = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Option<Vec<Vec<u8>>> = self
+            .read(async move {
+                let c = pool.get().await.map_err(pool_error)?;
+                let mut from = match after {
+                    None => 0,
+                    Some(Err(seq)) => seq,
+                    Some(Ok(id)) => {
+                        let row = c
+                            .query_opt("SELECT seq FROM tollgate_events WHERE id = $1", &[&id])
+                            .await
+                            .map_err(db)
+                            .map(count(Kind::Read, 2))?;
+                        match row {
+                            Some(r) => r.get(0),
+                            None => return Ok(None),
+                        }
+                    }
+                };
+                // A type filter is a glob: matched here, page by page.
+                let page = if kind.is_some() { want.max(500) } else { want };
+                let mut out = Vec::new();
+                loop {
+                    let rows = c
+                        .query(
+                            "SELECT seq, kind, body FROM tollgate_events WHERE seq > $1 \
+                             ORDER BY seq LIMIT $2",
+                            &[&from, &page],
+                        )
+                        .await
+                        .map_err(db)
+                        .map(count(Kind::Read, 2))?;
+                    let full = rows.len() as i64 == page;
+                    for r in &rows {
+                        from = r.get(0);
+                        let k: String = r.get(1);
+                        if kind.as_ref().is_none_or(|p| p.is_match(&k)) {
+                            out.push(r.get::<_, Vec<u8>>(2));
+                            if out.len() as i64 >= want {
+                                return Ok(Some(out));
+                            }
+                        }
+                    }
+                    if !full {
+                        return Ok(Some(out));
+                    }
+                }
+            })
+            .await?;
+        Ok(rows.map(|bodies| {
+            bodies
+                .iter()
+                .filter_map(|b| match serde_json::from_slice::<Event>(b) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: an event row does not parse");
+                        None
+                    }
+                })
+                .collect()
+        }))
+    }
+
+    /// `GET /api/v1/webhooks/deliveries` in cluster mode: (event id,
+    /// endpoint, state) of every node's deliveries, by event then endpoint.
+    pub async fn deliveries_list(
+        &self,
+        status: Option<DeliveryStatus>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<(String, String, DeliveryState)>, ApiError> {
+        self.ship_events().await;
+        let status = status.map(status_text);
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let pool = self.pool.clone();
+        self.read(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            let rows = c
+                .query(
+                    "SELECT d.event_id, d.endpoint, d.status, d.attempts, d.next_attempt_ms, \
+                     d.last_status, d.last_error, d.updated_ms \
+                     FROM tollgate_deliveries d JOIN tollgate_events e ON e.id = d.event_id \
+                     WHERE ($1::text IS NULL OR d.status = $1) \
+                     ORDER BY e.seq, d.endpoint OFFSET $2 LIMIT $3",
+                    &[&status, &offset, &limit],
+                )
+                .await
+                .map_err(db)
+                .map(count(Kind::Read, 2))?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let status: String = r.get(2);
+                    let state = DeliveryState {
+                        status: DeliveryStatus::parse(&status).unwrap_or(DeliveryStatus::Pending),
+                        attempts: r.get::<_, i32>(3).max(0) as u32,
+                        next_at_ms: r.get(4),
+                        last_status: r
+                            .get::<_, Option<i32>>(5)
+                            .and_then(|s| u16::try_from(s).ok()),
+                        last_error: r.get(6),
+                        updated_at_ms: r.get(7),
+                    };
+                    (r.get(0), r.get(1), state)
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// `POST /api/v1/events/{id}/redeliver` in cluster mode: every endpoint
+    /// the event goes to (`targets` of its type) gets it again from the
+    /// first try, from whichever node claims it; a try under way is
+    /// released (its outcome is not written). `Ok(None)`: no such event.
+    pub async fn redeliver(
+        &self,
+        id: &str,
+        targets: impl FnOnce(&str) -> Vec<String>,
+        now_ms: i64,
+    ) -> Result<Option<(Event, Vec<String>)>, ApiError> {
+        self.ship_events().await;
+        let pool = self.pool.clone();
+        let key = id.to_owned();
+        let body: Option<Vec<u8>> = self
+            .read(async move {
+                let c = pool.get().await.map_err(pool_error)?;
+                c.query_opt("SELECT body FROM tollgate_events WHERE id = $1", &[&key])
+                    .await
+                    .map_err(db)
+                    .map(count(Kind::Read, 2))
+                    .map(|r| r.map(|r| r.get(0)))
+            })
+            .await?;
+        let Some(ev) = body.and_then(|b| serde_json::from_slice::<Event>(&b).ok()) else {
+            return Ok(None);
+        };
+        let targets = targets(&ev.kind);
+        let pool = self.pool.clone();
+        let (key, ts) = (ev.id.clone(), targets.clone());
+        self.read(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            c.execute(
+                "INSERT INTO tollgate_deliveries (event_id, endpoint, next_attempt_ms, updated_ms) \
+                 SELECT $1, t, $3, $3 FROM unnest($2::text[]) AS u(t) \
+                 ON CONFLICT (event_id, endpoint) DO UPDATE SET status = 'pending', attempts = 0, \
+                 next_attempt_ms = $3, claimed_by = NULL, claim_until_ms = NULL, \
+                 last_status = NULL, last_error = NULL, updated_ms = $3",
+                &[&key, &ts, &now_ms],
+            )
+            .await
+            .map_err(db)
+            .map(count(Kind::Settle, 2))
+        })
+        .await?;
+        self.outbox_shipped.notify_waiters();
+        Ok(Some((ev, targets)))
     }
 }
 
