@@ -246,7 +246,24 @@ impl Node {
 
     /// Starts the process; [`Node::ready`] waits for it to listen.
     fn spawn(url: &str, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
-        let data = common::temp_dir(id);
+        Node::spawn_in(common::temp_dir(id), url, mock, id, cluster)
+    }
+
+    /// Starts this node's process again on its own store (after
+    /// [`Node::terminate`] or [`Node::kill9`]).
+    fn restart(&mut self, pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data = std::mem::take(&mut self.data);
+        let fresh = Node::spawn_in(data, &pg.url(), mock, id, cluster);
+        // The old one's `data` is empty now: dropping it removes nothing.
+        drop(std::mem::replace(self, fresh));
+        if let Err(log) = self.ready() {
+            panic!("node {id} did not start again: {log}");
+        }
+    }
+
+    fn spawn_in(data: PathBuf, url: &str, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
         let port = free_port();
         let config = format!(
             r#"
@@ -2046,4 +2063,55 @@ async fn a_killed_nodes_pending_delivery_is_made_by_another_after_its_claim() {
     assert_eq!(done.get::<_, String>(2), "delivered");
     assert_eq!(done.get::<_, Option<i32>>(3), Some(204));
     drop(others);
+}
+
+/// The database down: events made meanwhile wait in the node's own
+/// outbox (a key made, a node SIGTERMed and started again), and are
+/// shipped and delivered, once each, when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_made_while_the_database_is_down_are_delivered_when_it_is_back() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let hook = Hook::start(HookMode::Accept).await;
+    let extra = hook.config(r#"["1s"]"#, "5s");
+    let mut nodes: Vec<Node> = ["o-1", "o-2"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, &extra))
+        .collect();
+    pg.stop();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "made-offline"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        hook.got().is_empty(),
+        "nothing delivered without the database"
+    );
+    // A restart meanwhile loses nothing: the event is in the local store.
+    nodes[0].terminate();
+    pg.restart();
+    nodes[0].restart(&pg, &mock, "o-1", &extra);
+    let start = Instant::now();
+    while hook.got().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not delivered after the outage: {}",
+            nodes[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = hook.got();
+    assert_eq!(tries.len(), 1, "{tries:?}");
+    assert_signed(&tries);
+    let ev: Value = serde_json::from_slice(&tries[0].body).expect("json");
+    assert_eq!(ev["type"], "key.created");
+    assert_eq!(ev["data"]["name"], "made-offline");
 }
