@@ -188,7 +188,7 @@ impl Cluster {
                         .transaction()
                         .await
                         .map_err(db)
-                        .map(count(Kind::Settle, 1))?;
+                        .map(count(Kind::Outbox, 1))?;
                     tx.execute(
                         "INSERT INTO tollgate_events (id, kind, body, created_ms, origin) \
                          SELECT i, k, b, c, $5 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[]) \
@@ -197,7 +197,7 @@ impl Cluster {
                     )
                     .await
                     .map_err(db)
-                    .map(count(Kind::Settle, 2))?;
+                    .map(count(Kind::Outbox, 2))?;
                     tx.execute(
                         "INSERT INTO tollgate_deliveries (event_id, endpoint, next_attempt_ms, updated_ms) \
                          SELECT e, t, $3, $3 FROM unnest($1::text[], $2::text[]) AS u(e, t) \
@@ -206,8 +206,8 @@ impl Cluster {
                     )
                     .await
                     .map_err(db)
-                    .map(count(Kind::Settle, 2))?;
-                    tx.commit().await.map_err(db).map(count(Kind::Settle, 1))
+                    .map(count(Kind::Outbox, 2))?;
+                    tx.commit().await.map_err(db).map(count(Kind::Outbox, 1))
                 })
                 .await;
             if let Err(e) = written {
@@ -261,7 +261,7 @@ impl Cluster {
                 c.query_opt(CLAIM, &[&endpoint, &now_ms, &node, &claim_ms])
                     .await
                     .map_err(db)
-                    .map(count(Kind::Settle, 2))
+                    .map(count(Kind::Outbox, 2))
             })
             .await;
         let row = match row {
@@ -319,7 +319,7 @@ impl Cluster {
                 )
                 .await
                 .map_err(db)
-                .map(count(Kind::Settle, 2))
+                .map(count(Kind::Outbox, 2))
             })
             .await;
         match n {
@@ -506,7 +506,7 @@ impl Cluster {
             )
             .await
             .map_err(db)
-            .map(count(Kind::Settle, 2))
+            .map(count(Kind::Outbox, 2))
         })
         .await?;
         self.outbox_shipped.notify_waiters();
