@@ -2124,3 +2124,67 @@ async fn events_made_while_the_database_is_down_are_delivered_when_it_is_back() 
     assert_eq!(ev["type"], "key.created");
     assert_eq!(ev["data"]["name"], "made-offline");
 }
+
+/// Retention in the database: an event older than
+/// `storage.event_retention_days` whose deliveries finished goes, with
+/// its delivery rows; an old one still pending stays, and so does a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_finished_events_are_pruned_from_the_database() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let node = Node::start_with(&pg, &mock, "r-1", "[limits]\nsweep_interval = \"1s\"\n");
+    let db = pg.client().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let old = now - 31 * 86_400_000;
+    for (id, at, status) in [
+        ("evt_x_1_1", old, "delivered"),
+        ("evt_x_2_1", old, "pending"),
+        ("evt_x_3_1", now, "delivered"),
+    ] {
+        db.execute(
+            "INSERT INTO tollgate_events (id, kind, body, created_ms, origin) \
+             VALUES ($1, 'key.created', '\\x7b7d', $2, 'x')",
+            &[&id, &at],
+        )
+        .await
+        .expect("an event");
+        // The pending one is due far ahead: no node tries it meanwhile.
+        db.execute(
+            "INSERT INTO tollgate_deliveries (event_id, endpoint, status, next_attempt_ms, updated_ms) \
+             VALUES ($1, 'webhook:http://127.0.0.1:9/none', $2, $3, $3)",
+            &[&id, &status, &(now + 86_400_000)],
+        )
+        .await
+        .expect("a delivery");
+    }
+    let start = Instant::now();
+    loop {
+        let left: Vec<String> = db
+            .query("SELECT id FROM tollgate_events ORDER BY id", &[])
+            .await
+            .expect("events")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if left.len() == 2 {
+            assert_eq!(left, ["evt_x_2_1", "evt_x_3_1"]);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not pruned: {left:?} {}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = db
+        .query("SELECT event_id FROM tollgate_deliveries", &[])
+        .await
+        .expect("deliveries");
+    assert_eq!(rows.len(), 2, "the pruned event's delivery went with it");
+}

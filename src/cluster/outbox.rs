@@ -41,6 +41,10 @@ use crate::store::{DeliveryWrite, EventQuery};
 /// Events shipped per transaction.
 const SHIP_BATCH: usize = 256;
 
+/// Most events one retention pass removes from the database (the next
+/// sweep goes on).
+const PRUNE_MAX: i64 = 10_000;
+
 /// Takes the next due delivery of endpoint `$1` (due at `$2` on the
 /// gateway's clock) for node `$3`, for `$4` ms: one row nobody holds, or
 /// whose holder's claim expired; rows another node is taking are skipped.
@@ -331,6 +335,35 @@ impl Cluster {
                 self.note_down(&e);
                 Err(e)
             }
+        }
+    }
+}
+
+impl Cluster {
+    /// Retention in the database (`storage.event_retention_days`, as the
+    /// local outbox): removes events made before `before_ms` whose
+    /// deliveries all finished, with their delivery rows. Any node may do
+    /// it; one still pending stays, whatever its age.
+    pub async fn prune_events_before(&self, before_ms: i64) {
+        let pool = self.pool.clone();
+        let pruned = self
+            .run(async move {
+                let c = pool.get().await.map_err(pool_error)?;
+                c.execute(
+                    "DELETE FROM tollgate_events WHERE seq IN (SELECT seq FROM tollgate_events e \
+                     WHERE e.created_ms < $1 AND NOT EXISTS (SELECT 1 FROM tollgate_deliveries d \
+                     WHERE d.event_id = e.id AND d.status = 'pending') ORDER BY seq LIMIT $2)",
+                    &[&before_ms, &PRUNE_MAX],
+                )
+                .await
+                .map_err(db)
+                .map(count(Kind::Outbox, 2))
+            })
+            .await;
+        match pruned {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(events = n, "cluster: old finished events pruned"),
+            Err(e) => self.note_down(&e),
         }
     }
 }

@@ -157,6 +157,7 @@ CREATE TABLE tollgate_events (
     created_ms bigint NOT NULL,
     origin text NOT NULL
 );
+CREATE INDEX tollgate_events_created ON tollgate_events (created_ms);
 CREATE TABLE tollgate_deliveries (
     event_id text NOT NULL REFERENCES tollgate_events (id) ON DELETE CASCADE,
     endpoint text NOT NULL,
