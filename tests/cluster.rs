@@ -10,17 +10,17 @@ mod common;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::hook::{Got, HOOK_SECRET, Hook, expected_signature};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tollgate::money::Pico;
 use tollgate_mock::{MockOptions, MockUpstream};
 
 const ADMIN: &str = "test-admin-token-cluster-0123456789abcdef";
-/// The webhook secret every node signs with (the Standard Webhooks vector's).
-const HOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// A throwaway PostgreSQL cluster, stopped (immediate) when dropped.
 struct Pg {
@@ -1711,140 +1711,57 @@ async fn the_audit_log_is_the_same_on_every_node() {
     );
 }
 
-/// What a [`Hook`] answers the next try with.
+/// What a receiver of [`receiver`] answers the next try with.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum HookMode {
     /// 500 at once.
     Refuse,
-    /// Holds the try for half a minute (a node killed meanwhile never
-    /// learns its outcome), then 500.
+    /// Holds the try for half a minute, then 503 (a node killed meanwhile
+    /// never learns its outcome).
     Hang,
     /// 204.
     Accept,
 }
 
-/// One try a [`Hook`] got.
-#[derive(Clone, Debug)]
-struct HookTry {
-    id: String,
-    ts: String,
-    sig: String,
-    body: Bytes,
-    mode: HookMode,
-    at: Instant,
-}
-
-/// A webhook receiver on 127.0.0.1 answering as its mode says.
-struct Hook {
-    addr: std::net::SocketAddr,
-    mode: std::sync::Arc<std::sync::Mutex<HookMode>>,
-    got: std::sync::Arc<std::sync::Mutex<Vec<HookTry>>>,
-}
-
-impl Hook {
-    async fn start(mode: HookMode) -> Hook {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the receiver");
-        let addr = listener.local_addr().expect("addr");
-        let mode = std::sync::Arc::new(std::sync::Mutex::new(mode));
-        let got: std::sync::Arc<std::sync::Mutex<Vec<HookTry>>> = Default::default();
-        let (m, g) = (mode.clone(), got.clone());
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let (m, g) = (m.clone(), g.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let (m, g) = (m.clone(), g.clone());
-                            async move {
-                                let h = |n: &str| {
-                                    req.headers()
-                                        .get(n)
-                                        .and_then(|v| v.to_str().ok())
-                                        .unwrap_or("")
-                                        .to_owned()
-                                };
-                                let (id, ts, sig) = (
-                                    h("webhook-id"),
-                                    h("webhook-timestamp"),
-                                    h("webhook-signature"),
-                                );
-                                let body = req
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                let mode = *m.lock().expect("mode");
-                                g.lock().expect("got").push(HookTry {
-                                    id,
-                                    ts,
-                                    sig,
-                                    body,
-                                    mode,
-                                    at: Instant::now(),
-                                });
-                                let code = match mode {
-                                    HookMode::Refuse => 500,
-                                    HookMode::Hang => {
-                                        tokio::time::sleep(Duration::from_secs(30)).await;
-                                        500
-                                    }
-                                    HookMode::Accept => 204,
-                                };
-                                let mut res = http::Response::new(Full::new(Bytes::new()));
-                                *res.status_mut() =
-                                    http::StatusCode::from_u16(code).expect("status");
-                                Ok::<_, std::convert::Infallible>(res)
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        Hook { addr, mode, got }
-    }
-
-    fn set(&self, mode: HookMode) {
-        *self.mode.lock().expect("mode") = mode;
-    }
-
-    fn got(&self) -> Vec<HookTry> {
-        self.got.lock().expect("got").clone()
-    }
-
-    /// `[[webhooks]]` for this receiver (after `[cluster]` in a node's config).
-    fn config(&self, retry: &str, timeout: &str) -> String {
-        format!(
-            "[[webhooks]]\nurl = \"http://{}/hook\"\nsecret_env = \"TOLLGATE_TEST_HOOK_SECRET\"\n\
-             retry = {retry}\ntimeout = \"{timeout}\"\n",
-            self.addr
-        )
+/// The status a try answered in `mode` is recorded with.
+fn code_of(mode: HookMode) -> u16 {
+    match mode {
+        HookMode::Refuse => 500,
+        HookMode::Hang => 503,
+        HookMode::Accept => 204,
     }
 }
 
-/// The signature a receiver computes (the Standard Webhooks way).
-fn hook_signature(id: &str, ts: &str, body: &[u8]) -> String {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    use hmac::{Hmac, Mac};
-    let key = STANDARD
-        .decode(HOOK_SECRET.strip_prefix("whsec_").expect("whsec_"))
-        .expect("base64");
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).expect("any key length");
-    mac.update(format!("{id}.{ts}.").as_bytes());
-    mac.update(body);
-    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+/// A webhook receiver answering as the returned mode says (set it to
+/// change the answers of the tries after).
+async fn receiver(mode: HookMode) -> (Hook, Arc<Mutex<HookMode>>) {
+    let m = Arc::new(Mutex::new(mode));
+    let now = m.clone();
+    let hook = Hook::start_slow(Arc::new(move |_, _| {
+        let mode = *now.lock().expect("mode");
+        let hold = match mode {
+            HookMode::Hang => Duration::from_secs(30),
+            _ => Duration::ZERO,
+        };
+        (code_of(mode), hold)
+    }))
+    .await;
+    (hook, m)
+}
+
+/// `[[webhooks]]` for `hook` (after `[cluster]` in a node's config).
+fn hook_config(hook: &Hook, retry: &str, timeout: &str) -> String {
+    format!(
+        "[[webhooks]]\nurl = \"{}\"\nsecret_env = \"TOLLGATE_TEST_HOOK_SECRET\"\n\
+         retry = {retry}\ntimeout = \"{timeout}\"\n",
+        hook.url()
+    )
 }
 
 /// Each try is signed, and carries its event's id as `webhook-id`.
-fn assert_signed(tries: &[HookTry]) {
+fn assert_signed(tries: &[Got]) {
     for t in tries {
-        assert_eq!(t.sig, hook_signature(&t.id, &t.ts, &t.body), "{t:?}");
+        assert_eq!(t.sig, expected_signature(&t.id, &t.ts, &t.body), "{t:?}");
         let ev: Value = serde_json::from_slice(&t.body).expect("a JSON body");
         assert_eq!(ev["id"], t.id.as_str(), "the body's id is the webhook-id");
     }
@@ -1859,8 +1776,8 @@ async fn each_event_is_delivered_once_by_one_of_three_nodes() {
         return;
     };
     let mock = mock();
-    let hook = Hook::start(HookMode::Accept).await;
-    let extra = hook.config(r#"["1s"]"#, "5s");
+    let (hook, _) = receiver(HookMode::Accept).await;
+    let extra = hook_config(&hook, r#"["1s"]"#, "5s");
     let nodes: Vec<Node> = ["e-1", "e-2", "e-3"]
         .iter()
         .map(|id| Node::start_with(&pg, &mock, id, &extra))
@@ -1991,9 +1908,10 @@ async fn a_killed_nodes_pending_delivery_is_made_by_another_after_its_claim() {
         return;
     };
     let mock = mock();
-    let hook = Hook::start(HookMode::Refuse).await;
+    let (hook, mode) = receiver(HookMode::Refuse).await;
+    let set = |m: HookMode| *mode.lock().expect("mode") = m;
     // A claim lasts the timeout (8 s) and a sync interval (1 s).
-    let extra = hook.config(r#"["1s", "1s", "1s", "1s", "1s", "1s"]"#, "8s");
+    let extra = hook_config(&hook, r#"["1s", "1s", "1s", "1s", "1s", "1s"]"#, "8s");
     let mut n1 = Node::start_with(&pg, &mock, "k-1", &extra);
     let (s, v) = n1
         .admin("POST", "/api/v1/keys", Some(json!({"name": "pending"})))
@@ -2004,8 +1922,8 @@ async fn a_killed_nodes_pending_delivery_is_made_by_another_after_its_claim() {
         assert!(start.elapsed() < Duration::from_secs(10), "no first try");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    hook.set(HookMode::Hang);
-    while !hook.got().iter().any(|t| t.mode == HookMode::Hang) {
+    set(HookMode::Hang);
+    while !hook.got().iter().any(|t| t.code == code_of(HookMode::Hang)) {
         assert!(start.elapsed() < Duration::from_secs(15), "no second try");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -2026,14 +1944,18 @@ async fn a_killed_nodes_pending_delivery_is_made_by_another_after_its_claim() {
         .map(|id| Node::start_with(&pg, &mock, id, &extra))
         .collect();
     n1.kill9();
-    hook.set(HookMode::Accept);
+    set(HookMode::Accept);
     let hung_at = hook
         .got()
         .iter()
-        .find(|t| t.mode == HookMode::Hang)
+        .find(|t| t.code == code_of(HookMode::Hang))
         .map(|t| t.at)
         .expect("the hung try");
-    while !hook.got().iter().any(|t| t.mode == HookMode::Accept) {
+    while !hook
+        .got()
+        .iter()
+        .any(|t| t.code == code_of(HookMode::Accept))
+    {
         assert!(
             start.elapsed() < Duration::from_secs(40),
             "not delivered after the claim: {:?}",
@@ -2043,9 +1965,9 @@ async fn a_killed_nodes_pending_delivery_is_made_by_another_after_its_claim() {
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let tries = hook.got();
-    let accepted: Vec<&HookTry> = tries
+    let accepted: Vec<&Got> = tries
         .iter()
-        .filter(|t| t.mode == HookMode::Accept)
+        .filter(|t| t.code == code_of(HookMode::Accept))
         .collect();
     assert_eq!(accepted.len(), 1, "delivered once: {tries:?}");
     assert_eq!(tries.len(), 3, "refused, hung, delivered: {tries:?}");
@@ -2083,8 +2005,8 @@ async fn events_made_while_the_database_is_down_are_delivered_when_it_is_back() 
         return;
     };
     let mock = mock();
-    let hook = Hook::start(HookMode::Accept).await;
-    let extra = hook.config(r#"["1s"]"#, "5s");
+    let (hook, _) = receiver(HookMode::Accept).await;
+    let extra = hook_config(&hook, r#"["1s"]"#, "5s");
     let mut nodes: Vec<Node> = ["o-1", "o-2"]
         .iter()
         .map(|id| Node::start_with(&pg, &mock, id, &extra))
