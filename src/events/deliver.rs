@@ -518,19 +518,10 @@ async fn cluster_try(
     claimed: crate::cluster::outbox::Claimed,
 ) -> bool {
     let id = claimed.event_id;
-    let outcome = match &ep.channel {
-        Channel::Webhook { uri, secret } => {
-            post(app, client, uri, secret, &id, claimed.body, ep.timeout).await
-        }
-        Channel::Email(m) => match serde_json::from_slice::<super::Event>(&claimed.body) {
-            Err(e) => Outcome::Skipped(format!("the event does not parse: {e}")),
-            Ok(ev) => match tokio::time::timeout(ep.timeout, m.send(&app.store, &ev)).await {
-                Ok(Ok(true)) => Outcome::Delivered(None),
-                Ok(Ok(false)) => Outcome::Skipped("no email address for this event".into()),
-                Ok(Err(e)) => Outcome::Failed(None, e),
-                Err(_) => Outcome::Failed(None, "timed out".into()),
-            },
-        },
+    // The body is the event's JSON, with this id (as shipped).
+    let outcome = match serde_json::from_slice::<super::Event>(&claimed.body) {
+        Ok(ev) => send(app, ep, client, &ev, claimed.body).await,
+        Err(e) => Outcome::Skipped(format!("the event does not parse: {e}")),
     };
     let now = app.clock.now_ms();
     let gone = matches!(outcome, Outcome::Gone);
@@ -559,6 +550,27 @@ async fn cluster_try(
         }
     }
     !gone
+}
+
+/// One try of `ev` (whose stored bytes are `body`) to `ep`.
+async fn send(
+    app: &App,
+    ep: &Endpoint,
+    client: &HookClient,
+    ev: &super::Event,
+    body: Vec<u8>,
+) -> Outcome {
+    match &ep.channel {
+        Channel::Webhook { uri, secret } => {
+            post(app, client, uri, secret, &ev.id, body, ep.timeout).await
+        }
+        Channel::Email(m) => match tokio::time::timeout(ep.timeout, m.send(&app.store, ev)).await {
+            Ok(Ok(true)) => Outcome::Delivered(None),
+            Ok(Ok(false)) => Outcome::Skipped("no email address for this event".into()),
+            Ok(Err(e)) => Outcome::Failed(None, e),
+            Err(_) => Outcome::Failed(None, "timed out".into()),
+        },
+    }
 }
 
 /// What one try came to.
@@ -593,19 +605,7 @@ async fn attempt(
         }
     };
     let (ev, body) = event;
-    let outcome = match &ep.channel {
-        Channel::Webhook { uri, secret } => {
-            post(app, client, uri, secret, &ev.id, body, ep.timeout).await
-        }
-        Channel::Email(m) => {
-            match tokio::time::timeout(ep.timeout, m.send(&app.store, &ev)).await {
-                Ok(Ok(true)) => Outcome::Delivered(None),
-                Ok(Ok(false)) => Outcome::Skipped("no email address for this event".into()),
-                Ok(Err(e)) => Outcome::Failed(None, e),
-                Err(_) => Outcome::Failed(None, "timed out".into()),
-            }
-        }
-    };
+    let outcome = send(app, ep, client, &ev, body).await;
     let now = app.clock.now_ms();
     let gone = matches!(outcome, Outcome::Gone);
     let state = after_try(state, outcome, &ep.retry, now);
