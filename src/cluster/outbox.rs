@@ -26,6 +26,9 @@
 //!   another node makes the try again, with the same `webhook-id`.
 //! - **Schedule**: `next_attempt_ms` and the retry waits are on the
 //!   gateway's clock, as in single-node mode.
+//! - **Reads**: in cluster mode the admin API's events and deliveries
+//!   lists, and redelivery, work on these tables (same shapes); retention
+//!   (`storage.event_retention_days`) prunes them as it prunes the store.
 
 use std::sync::atomic::Ordering;
 
