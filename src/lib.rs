@@ -34,7 +34,7 @@
 //! - [`reload`]: SIGHUP / API config reload, the live snapshot requests read.
 //! - [`cluster`]: `[cluster]` mode: many nodes over PostgreSQL, leased
 //!   budgets and rate windows, settlement in batches, admin changes synced
-//!   between nodes.
+//!   between nodes, the event outbox delivered by one node at a time.
 //!
 //! The mock upstream (`tollgate mock-upstream`, `mock = true` upstreams, the
 //! tests and benches) is its own crate, `tollgate_mock`, in `mock/`.

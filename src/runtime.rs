@@ -326,6 +326,9 @@ async fn sweeper(
                 Ok(n) => tracing::debug!(events = n, "old delivered events pruned"),
                 Err(e) => tracing::warn!(error = %e, "pruning old events failed"),
             }
+            if let Some(c) = app.cluster.get() {
+                c.prune_events_before(before).await;
+            }
         }
     }
 }

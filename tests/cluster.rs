@@ -10,9 +10,11 @@ mod common;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::hook::{Got, HOOK_SECRET, Hook, expected_signature};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tollgate::money::Pico;
@@ -268,9 +270,10 @@ impl Node {
 
     /// Starts the process; [`Node::ready`] waits for it to listen.
     fn spawn(url: &str, mock: &MockUpstream, id: &str, cluster: &str) -> Node {
-        Node::spawn_later(url, mock, id, cluster, 0)
+        Node::spawn_in(common::temp_dir(id), url, mock, id, cluster, 0)
     }
 
+    /// Starts a node whose clock runs `offset_ms` ahead, on a new store.
     fn spawn_later(
         url: &str,
         mock: &MockUpstream,
@@ -278,7 +281,31 @@ impl Node {
         cluster: &str,
         offset_ms: i64,
     ) -> Node {
-        let data = common::temp_dir(id);
+        Node::spawn_in(common::temp_dir(id), url, mock, id, cluster, offset_ms)
+    }
+
+    /// Starts this node's process again on its own store (after
+    /// [`Node::terminate`] or [`Node::kill9`]).
+    fn restart(&mut self, pg: &Pg, mock: &MockUpstream, id: &str, cluster: &str) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data = std::mem::take(&mut self.data);
+        let fresh = Node::spawn_in(data, &pg.url(), mock, id, cluster, 0);
+        // The old one's `data` is empty now: dropping it removes nothing.
+        drop(std::mem::replace(self, fresh));
+        if let Err(log) = self.ready() {
+            panic!("node {id} did not start again: {log}");
+        }
+    }
+
+    fn spawn_in(
+        data: PathBuf,
+        url: &str,
+        mock: &MockUpstream,
+        id: &str,
+        cluster: &str,
+        offset_ms: i64,
+    ) -> Node {
         let port = free_port();
         let config = format!(
             r#"
@@ -324,6 +351,7 @@ sync_interval = "1s"
             .env("TOLLGATE_TEST_STRIPE_SK", "sk_test_tollgate")
             .env("TOLLGATE_TEST_EPAY_KEY", EPAY_KEY)
             .env("TOLLGATE_CLOCK_OFFSET_MS", offset_ms.to_string())
+            .env("TOLLGATE_TEST_HOOK_SECRET", HOOK_SECRET)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -661,7 +689,8 @@ async fn race_over_three_nodes_with_one_killed() {
     assert!(start.elapsed() < Duration::from_secs(2));
 
     // The key events were emitted by the node that made the changes, not
-    // once more by each node that applied them.
+    // once more by each node that applied them; every node lists them
+    // (the outbox is the database's).
     let count = |v: &Value| v["data"].as_array().map(|a| a.len()).unwrap_or(0);
     let (s, v) = nodes[0]
         .admin("GET", "/api/v1/events?type=key.*", None)
@@ -672,11 +701,19 @@ async fn race_over_three_nodes_with_one_killed() {
         4,
         "3 key.created and 1 key.disabled on node 1: {v}"
     );
-    let (s, v) = nodes[2]
+    let made_on_1 = v["data"].as_array().is_some_and(|a| {
+        a.iter().all(|e| {
+            e["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("evt_node-1_"))
+        })
+    });
+    assert!(made_on_1, "all made by node 1: {v}");
+    let (s, v3) = nodes[2]
         .admin("GET", "/api/v1/events?type=key.*", None)
         .await;
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(count(&v), 0, "none on node 3: {v}");
+    assert_eq!(s, 200, "{v3}");
+    assert_eq!(v3, v, "node 3 lists the same events, none of its own");
 
     // A payment notified to two nodes (the same provider reference) moves
     // the account's money once. On an account of its own: the disable
@@ -1708,11 +1745,11 @@ async fn the_audit_log_is_the_same_on_every_node() {
     assert_eq!(v["data"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["data"][0]["actor"], "root");
 
-    // A restarted node ships nothing twice.
+    // A restarted node (on its own store) ships nothing twice.
     let mut nodes = nodes;
     nodes[0].terminate();
-    let again = Node::start(&pg, &mock, "a-1");
-    let (_, v) = again.admin("GET", "/api/v1/audit", None).await;
+    nodes[0].restart(&pg, &mock, "a-1", "");
+    let (_, v) = nodes[0].admin("GET", "/api/v1/audit", None).await;
     assert_eq!(
         v["data"].as_array().map(Vec::len),
         Some(lists[0].len()),
@@ -2307,4 +2344,404 @@ async fn epay_and_manual_payments_apply_once_over_three_nodes() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["data"]["totals"]["epay"]["payments"], 2, "{v}");
     assert_eq!(v["data"]["totals"]["manual"]["payments"], 1, "{v}");
+}
+
+/// What a receiver of [`receiver`] answers the next try with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum HookMode {
+    /// 500 at once.
+    Refuse,
+    /// Holds the try for half a minute, then 503 (a node killed meanwhile
+    /// never learns its outcome).
+    Hang,
+    /// 204.
+    Accept,
+}
+
+/// The status a try answered in `mode` is recorded with.
+fn code_of(mode: HookMode) -> u16 {
+    match mode {
+        HookMode::Refuse => 500,
+        HookMode::Hang => 503,
+        HookMode::Accept => 204,
+    }
+}
+
+/// A webhook receiver answering as the returned mode says (set it to
+/// change the answers of the tries after).
+async fn receiver(mode: HookMode) -> (Hook, Arc<Mutex<HookMode>>) {
+    let m = Arc::new(Mutex::new(mode));
+    let now = m.clone();
+    let hook = Hook::start_slow(Arc::new(move |_, _| {
+        let mode = *now.lock().expect("mode");
+        let hold = match mode {
+            HookMode::Hang => Duration::from_secs(30),
+            _ => Duration::ZERO,
+        };
+        (code_of(mode), hold)
+    }))
+    .await;
+    (hook, m)
+}
+
+/// `[[webhooks]]` for `hook` (after `[cluster]` in a node's config).
+fn hook_config(hook: &Hook, retry: &str, timeout: &str) -> String {
+    format!(
+        "[[webhooks]]\nurl = \"{}\"\nsecret_env = \"TOLLGATE_TEST_HOOK_SECRET\"\n\
+         retry = {retry}\ntimeout = \"{timeout}\"\n",
+        hook.url()
+    )
+}
+
+/// Each try is signed, and carries its event's id as `webhook-id`.
+fn assert_signed(tries: &[Got]) {
+    for t in tries {
+        assert_eq!(t.sig, expected_signature(&t.id, &t.ts, &t.body), "{t:?}");
+        let ev: Value = serde_json::from_slice(&t.body).expect("a JSON body");
+        assert_eq!(ev["id"], t.id.as_str(), "the body's id is the webhook-id");
+    }
+}
+
+/// Every node runs a deliverer, yet each event (one made on each node,
+/// each its node's first, `evt_1` in every local outbox) reaches the
+/// receiver once, under an id no other node's event has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_is_delivered_once_by_one_of_three_nodes() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let (hook, _) = receiver(HookMode::Accept).await;
+    let extra = hook_config(&hook, r#"["1s"]"#, "5s");
+    let nodes: Vec<Node> = ["e-1", "e-2", "e-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, &extra))
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        let (s, v) = n
+            .admin(
+                "POST",
+                "/api/v1/keys",
+                Some(json!({"name": format!("hooked-{i}")})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let start = Instant::now();
+    while hook.got().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "tries: {:?}",
+            hook.got()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for a second node to deliver one again, if it would.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = hook.got();
+    assert_eq!(tries.len(), 3, "one try per event: {tries:?}");
+    let mut ids: Vec<&str> = tries.iter().map(|t| t.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three events, three ids: {ids:?}");
+    assert_signed(&tries);
+    let names: Vec<Value> = tries
+        .iter()
+        .map(|t| serde_json::from_slice::<Value>(&t.body).expect("json")["data"]["name"].clone())
+        .collect();
+    for i in 0..3 {
+        assert!(names.contains(&json!(format!("hooked-{i}"))), "{names:?}");
+    }
+    // The database says delivered, once each, by some node.
+    let db = pg.client().await;
+    let rows = db
+        .query(
+            "SELECT d.status, d.attempts, d.claimed_by, e.origin, e.kind \
+             FROM tollgate_deliveries d JOIN tollgate_events e ON e.id = d.event_id",
+            &[],
+        )
+        .await
+        .expect("deliveries");
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(0), "delivered");
+        assert_eq!(r.get::<_, i32>(1), 1);
+        assert!(
+            r.get::<_, Option<String>>(2)
+                .is_some_and(|n| n.starts_with("e-"))
+        );
+        assert_eq!(r.get::<_, String>(4), "key.created");
+    }
+    let mut origins: Vec<String> = rows.iter().map(|r| r.get(3)).collect();
+    origins.sort();
+    assert_eq!(origins, ["e-1", "e-2", "e-3"]);
+
+    // Every node lists the same events (the ids the receiver got) and
+    // deliveries, from the database.
+    let mut lists = Vec::new();
+    for n in &nodes {
+        let (s, v) = n.admin("GET", "/api/v1/events?type=key.*", None).await;
+        assert_eq!(s, 200, "{v}");
+        lists.push(v["data"].clone());
+        let (s, v) = n
+            .admin("GET", "/api/v1/webhooks/deliveries?status=delivered", None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        let d = v["data"].as_array().cloned().unwrap_or_default();
+        assert_eq!(d.len(), 3, "{v}");
+        assert!(
+            d.iter()
+                .all(|d| d["attempts"] == 1 && d["last_status"] == 204),
+            "{v}"
+        );
+    }
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[1], lists[2]);
+    let listed: Vec<&str> = lists[0]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id"))
+        .collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "the listed ids are the webhook-ids");
+    let (_, v) = nodes[2]
+        .admin("GET", &format!("/api/v1/events?after={}", listed[0]), None)
+        .await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(2), "{v}");
+    let (_, v) = nodes[2]
+        .admin("GET", "/api/v1/events?type=payment.*", None)
+        .await;
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(0), "{v}");
+
+    // A redelivery asked of one node is made once, by some node, same id.
+    let again = listed[1].to_owned();
+    let (s, v) = nodes[1]
+        .admin("POST", &format!("/api/v1/events/{again}/redeliver"), None)
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let start = Instant::now();
+    while hook.got().len() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no redelivery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = hook.got();
+    assert_eq!(tries.len(), 4, "{tries:?}");
+    assert_eq!(tries[3].id, again);
+    assert_signed(&tries);
+}
+
+/// The node holding a delivery is SIGKILLed mid-try (after a refused
+/// one): the others, running deliverers all along, leave it alone while
+/// the claim lasts, then one of them delivers it, with the same
+/// webhook-id, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_pending_delivery_is_made_by_another_after_its_claim() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let (hook, mode) = receiver(HookMode::Refuse).await;
+    let set = |m: HookMode| *mode.lock().expect("mode") = m;
+    // A claim lasts the timeout (8 s) and a sync interval (1 s).
+    let extra = hook_config(&hook, r#"["1s", "1s", "1s", "1s", "1s", "1s"]"#, "8s");
+    let mut n1 = Node::start_with(&pg, &mock, "k-1", &extra);
+    let (s, v) = n1
+        .admin("POST", "/api/v1/keys", Some(json!({"name": "pending"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let start = Instant::now();
+    while hook.got().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no first try");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set(HookMode::Hang);
+    while !hook.got().iter().any(|t| t.code == code_of(HookMode::Hang)) {
+        assert!(start.elapsed() < Duration::from_secs(15), "no second try");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = pg.client().await;
+    let held = db
+        .query_one(
+            "SELECT claimed_by, attempts, status FROM tollgate_deliveries",
+            &[],
+        )
+        .await
+        .expect("the delivery");
+    assert_eq!(held.get::<_, Option<String>>(0).as_deref(), Some("k-1"));
+    assert_eq!(held.get::<_, i32>(1), 1, "the refused try is recorded");
+    assert_eq!(held.get::<_, String>(2), "pending");
+    // Two more deliverers while k-1 holds the claim.
+    let others: Vec<Node> = ["k-2", "k-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, &extra))
+        .collect();
+    n1.kill9();
+    set(HookMode::Accept);
+    let hung_at = hook
+        .got()
+        .iter()
+        .find(|t| t.code == code_of(HookMode::Hang))
+        .map(|t| t.at)
+        .expect("the hung try");
+    while !hook
+        .got()
+        .iter()
+        .any(|t| t.code == code_of(HookMode::Accept))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "not delivered after the claim: {:?}",
+            hook.got()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = hook.got();
+    let accepted: Vec<&Got> = tries
+        .iter()
+        .filter(|t| t.code == code_of(HookMode::Accept))
+        .collect();
+    assert_eq!(accepted.len(), 1, "delivered once: {tries:?}");
+    assert_eq!(tries.len(), 3, "refused, hung, delivered: {tries:?}");
+    assert!(
+        accepted[0].at.duration_since(hung_at) >= Duration::from_secs(8),
+        "not before k-1's claim expired: {:?}",
+        accepted[0].at.duration_since(hung_at)
+    );
+    assert!(
+        tries.iter().all(|t| t.id == tries[0].id),
+        "one webhook-id: {tries:?}"
+    );
+    assert_signed(&tries);
+    let done = db
+        .query_one(
+            "SELECT claimed_by, attempts, status, last_status FROM tollgate_deliveries",
+            &[],
+        )
+        .await
+        .expect("the delivery");
+    let by = done.get::<_, Option<String>>(0).unwrap_or_default();
+    assert!(by == "k-2" || by == "k-3", "delivered by {by}");
+    assert_eq!(done.get::<_, i32>(1), 2, "the cut try left no outcome");
+    assert_eq!(done.get::<_, String>(2), "delivered");
+    assert_eq!(done.get::<_, Option<i32>>(3), Some(204));
+    drop(others);
+}
+
+/// The database down: events made meanwhile wait in the node's own
+/// outbox (a key made, a node SIGTERMed and started again), and are
+/// shipped and delivered, once each, when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_made_while_the_database_is_down_are_delivered_when_it_is_back() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let (hook, _) = receiver(HookMode::Accept).await;
+    let extra = hook_config(&hook, r#"["1s"]"#, "5s");
+    let mut nodes: Vec<Node> = ["o-1", "o-2"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, &extra))
+        .collect();
+    pg.stop();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "made-offline"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        hook.got().is_empty(),
+        "nothing delivered without the database"
+    );
+    // A restart meanwhile loses nothing: the event is in the local store.
+    nodes[0].terminate();
+    pg.restart();
+    nodes[0].restart(&pg, &mock, "o-1", &extra);
+    let start = Instant::now();
+    while hook.got().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not delivered after the outage: {}",
+            nodes[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tries = hook.got();
+    assert_eq!(tries.len(), 1, "{tries:?}");
+    assert_signed(&tries);
+    let ev: Value = serde_json::from_slice(&tries[0].body).expect("json");
+    assert_eq!(ev["type"], "key.created");
+    assert_eq!(ev["data"]["name"], "made-offline");
+}
+
+/// Retention in the database: an event older than
+/// `storage.event_retention_days` whose deliveries finished goes, with
+/// its delivery rows; an old one still pending stays, and so does a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_finished_events_are_pruned_from_the_database() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let node = Node::start_with(&pg, &mock, "r-1", "[limits]\nsweep_interval = \"1s\"\n");
+    let db = pg.client().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let old = now - 31 * 86_400_000;
+    for (id, at, status) in [
+        ("evt_x_1_1", old, "delivered"),
+        ("evt_x_2_1", old, "pending"),
+        ("evt_x_3_1", now, "delivered"),
+    ] {
+        db.execute(
+            "INSERT INTO tollgate_events (id, kind, body, created_ms, origin) \
+             VALUES ($1, 'key.created', '\\x7b7d', $2, 'x')",
+            &[&id, &at],
+        )
+        .await
+        .expect("an event");
+        // The pending one is due far ahead: no node tries it meanwhile.
+        db.execute(
+            "INSERT INTO tollgate_deliveries (event_id, endpoint, status, next_attempt_ms, updated_ms) \
+             VALUES ($1, 'webhook:http://127.0.0.1:9/none', $2, $3, $3)",
+            &[&id, &status, &(now + 86_400_000)],
+        )
+        .await
+        .expect("a delivery");
+    }
+    let start = Instant::now();
+    loop {
+        let left: Vec<String> = db
+            .query("SELECT id FROM tollgate_events ORDER BY id", &[])
+            .await
+            .expect("events")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if left.len() == 2 {
+            assert_eq!(left, ["evt_x_2_1", "evt_x_3_1"]);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "not pruned: {left:?} {}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = db
+        .query("SELECT event_id FROM tollgate_deliveries", &[])
+        .await
+        .expect("deliveries");
+    assert_eq!(rows.len(), 2, "the pruned event's delivery went with it");
 }

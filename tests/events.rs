@@ -4,23 +4,16 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
+use common::hook::*;
 use common::*;
-use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
-use sha2::Sha256;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-/// The Standard Webhooks test vector's secret.
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 fn set_env() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -30,20 +23,9 @@ fn set_env() {
         // these are written once, always to the same values.
         #[allow(unsafe_code)]
         unsafe {
-            std::env::set_var("TOLLGATE_TEST_HOOK_SECRET", SECRET);
+            std::env::set_var("TOLLGATE_TEST_HOOK_SECRET", HOOK_SECRET);
         }
     });
-}
-
-/// The signature a receiver computes, the test vector's way.
-fn expected_signature(id: &str, ts: &str, body: &[u8]) -> String {
-    let key = STANDARD
-        .decode(SECRET.strip_prefix("whsec_").unwrap())
-        .unwrap();
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
-    mac.update(format!("{id}.{ts}.").as_bytes());
-    mac.update(body);
-    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
 #[test]
@@ -58,117 +40,6 @@ fn the_receivers_algorithm_matches_the_vector() {
         ),
         "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
     );
-}
-
-/// One request a receiver got.
-#[derive(Clone, Debug)]
-struct Got {
-    id: String,
-    ts: String,
-    sig: String,
-    body: Bytes,
-    code: u16,
-}
-
-impl Got {
-    fn event(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-}
-
-type Answer = Arc<dyn Fn(&str, usize) -> u16 + Send + Sync>;
-
-/// A webhook receiver on 127.0.0.1: answers each try with
-/// `answer(webhook-id, nth try of that id)`.
-struct Hook {
-    addr: SocketAddr,
-    got: Arc<Mutex<Vec<Got>>>,
-}
-
-impl Hook {
-    async fn start(answer: Answer) -> Hook {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        Hook::serve(listener, answer)
-    }
-
-    fn serve(listener: tokio::net::TcpListener, answer: Answer) -> Hook {
-        let addr = listener.local_addr().unwrap();
-        let got: Arc<Mutex<Vec<Got>>> = Arc::default();
-        let tries: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-        let g = got.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((s, _)) = listener.accept().await else {
-                    return;
-                };
-                let (g, tries, answer) = (g.clone(), tries.clone(), answer.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let (g, tries, answer) = (g.clone(), tries.clone(), answer.clone());
-                            async move {
-                                let h = |n: &str| {
-                                    req.headers()
-                                        .get(n)
-                                        .and_then(|v| v.to_str().ok())
-                                        .unwrap_or("")
-                                        .to_owned()
-                                };
-                                let (id, ts, sig) = (
-                                    h("webhook-id"),
-                                    h("webhook-timestamp"),
-                                    h("webhook-signature"),
-                                );
-                                let body = req
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                let n = {
-                                    let mut t = tries.lock().unwrap();
-                                    let n = t.entry(id.clone()).or_insert(0);
-                                    *n += 1;
-                                    *n
-                                };
-                                let code = answer(&id, n);
-                                g.lock().unwrap().push(Got {
-                                    id,
-                                    ts,
-                                    sig,
-                                    body,
-                                    code,
-                                });
-                                let mut res = http::Response::new(Full::new(Bytes::new()));
-                                *res.status_mut() = http::StatusCode::from_u16(code).unwrap();
-                                Ok::<_, std::convert::Infallible>(res)
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        Hook { addr, got }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
-
-    fn got(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-
-    /// The tries for events of `kind`.
-    fn of(&self, kind: &str) -> Vec<Got> {
-        self.got()
-            .into_iter()
-            .filter(|g| g.event()["type"] == kind)
-            .collect()
-    }
 }
 
 fn webhook(url: &str, events: &str, retry: &str) -> String {
@@ -787,7 +658,7 @@ async fn pending_delivery_survives_sigkill() {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["serve", "--config", config.to_str().unwrap()])
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
-            .env("TOLLGATE_TEST_HOOK_SECRET", SECRET)
+            .env("TOLLGATE_TEST_HOOK_SECRET", HOOK_SECRET)
             .env("TOLLGATE_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()

@@ -22,8 +22,9 @@ fn after_of(v: &str) -> Result<u64, ApiError> {
     event_seq(v).ok_or_else(|| bad("after", "`after` must be an event id or a sequence number."))
 }
 
-/// `GET /api/v1/events`
-pub(super) fn list(
+/// `GET /api/v1/events` (in cluster mode every node's, from the database,
+/// where `after` is an event id or the database's seq).
+pub(super) async fn list(
     ctx: &Ctx<'_>,
     query: Option<&str>,
 ) -> Result<http::Response<crate::Body>, ApiError> {
@@ -33,9 +34,10 @@ pub(super) fn list(
         limit,
         ..EventQuery::default()
     };
+    let mut after = None;
     for (k, v) in &pairs {
         match k.as_str() {
-            "after" => q.after = after_of(v)?,
+            "after" => after = Some(v.as_str()),
             "type" => {
                 q.kind = Some(Pattern::parse(v).map_err(|_| {
                     bad(
@@ -46,6 +48,16 @@ pub(super) fn list(
             }
             _ => {}
         }
+    }
+    if let Some(c) = super::cluster::of(ctx) {
+        let events = c
+            .events_list(after, q.kind, q.limit)
+            .await?
+            .ok_or_else(|| bad("after", "`after` must be an event id or a sequence number."))?;
+        return json(StatusCode::OK, &Data { data: events });
+    }
+    if let Some(a) = after {
+        q.after = after_of(a)?;
     }
     let rows = ctx.store.events(&q).map_err(store_error)?;
     let events: Vec<Event> = rows.into_iter().map(|(_, e)| e).collect();
@@ -64,8 +76,25 @@ struct DeliveryView {
     updated_at: String,
 }
 
-/// `GET /api/v1/webhooks/deliveries`
-pub(super) fn deliveries(
+impl DeliveryView {
+    fn of(event_id: String, target: String, s: DeliveryState) -> DeliveryView {
+        DeliveryView {
+            event_id,
+            target,
+            status: s.status,
+            attempts: s.attempts,
+            next_attempt_at: (s.status == DeliveryStatus::Pending)
+                .then(|| crate::clock::rfc3339(s.next_at_ms)),
+            last_status: s.last_status,
+            last_error: s.last_error,
+            updated_at: crate::clock::rfc3339(s.updated_at_ms),
+        }
+    }
+}
+
+/// `GET /api/v1/webhooks/deliveries` (in cluster mode every node's, from
+/// the database).
+pub(super) async fn deliveries(
     ctx: &Ctx<'_>,
     query: Option<&str>,
 ) -> Result<http::Response<crate::Body>, ApiError> {
@@ -82,23 +111,21 @@ pub(super) fn deliveries(
             })?);
         }
     }
+    if let Some(c) = super::cluster::of(ctx) {
+        let rows = c.deliveries_list(status, offset, limit).await?;
+        let views: Vec<DeliveryView> = rows
+            .into_iter()
+            .map(|(id, target, s)| DeliveryView::of(id, target, s))
+            .collect();
+        return json(StatusCode::OK, &Data { data: views });
+    }
     let rows = ctx.store.deliveries().map_err(store_error)?;
     let views: Vec<DeliveryView> = rows
         .into_iter()
         .filter(|(_, _, s)| status.is_none_or(|want| s.status == want))
         .skip(offset)
         .take(limit)
-        .map(|(seq, target, s)| DeliveryView {
-            event_id: event_id(seq),
-            target,
-            status: s.status,
-            attempts: s.attempts,
-            next_attempt_at: (s.status == DeliveryStatus::Pending)
-                .then(|| crate::clock::rfc3339(s.next_at_ms)),
-            last_status: s.last_status,
-            last_error: s.last_error,
-            updated_at: crate::clock::rfc3339(s.updated_at_ms),
-        })
+        .map(|(seq, target, s)| DeliveryView::of(event_id(seq), target, s))
         .collect();
     json(StatusCode::OK, &Data { data: views })
 }
@@ -109,6 +136,24 @@ pub(super) async fn redeliver(
     ctx: &Ctx<'_>,
     id: &str,
 ) -> Result<http::Response<crate::Body>, ApiError> {
+    #[derive(Serialize)]
+    struct Redelivered {
+        id: String,
+        targets: Vec<String>,
+    }
+    if let Some(c) = super::cluster::of(ctx) {
+        let now = ctx.clock.now_ms();
+        let (ev, targets) = c
+            .redeliver(id, |kind| targets_for(ctx.config, kind), now)
+            .await?
+            .ok_or_else(|| ApiError::not_found("No such event."))?;
+        let note = serde_json::json!({ "targets": targets });
+        ctx.store
+            .record_audit("event.redeliver", &ev.id, None, Some(note))
+            .await
+            .map_err(store_error)?;
+        return json(StatusCode::ACCEPTED, &Redelivered { id: ev.id, targets });
+    }
     let seq = event_seq(id).ok_or_else(|| ApiError::not_found("No such event."))?;
     let (ev, _) = ctx
         .store
@@ -132,11 +177,6 @@ pub(super) async fn redeliver(
         .map_err(store_error)?;
     if let Some(events) = ctx.events {
         events.redeliver(seq);
-    }
-    #[derive(Serialize)]
-    struct Redelivered {
-        id: String,
-        targets: Vec<String>,
     }
     json(StatusCode::ACCEPTED, &Redelivered { id: ev.id, targets })
 }

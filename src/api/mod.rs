@@ -403,9 +403,9 @@ where
         AdminCall::SubscriptionCancel(sid) if m == Method::POST => {
             subscriptions::cancel(ctx, sid, &read_fields(&parts.headers, body).await?).await
         }
-        AdminCall::Events if m == Method::GET => events::list(ctx, query),
+        AdminCall::Events if m == Method::GET => events::list(ctx, query).await,
         AdminCall::Redeliver(id) if m == Method::POST => events::redeliver(ctx, id).await,
-        AdminCall::Deliveries if m == Method::GET => events::deliveries(ctx, query),
+        AdminCall::Deliveries if m == Method::GET => events::deliveries(ctx, query).await,
         AdminCall::Audit if m == Method::GET => events::audit(ctx, query).await,
         AdminCall::AdminTokens if m == Method::GET => admin_tokens::list(ctx),
         AdminCall::AdminTokens if m == Method::POST => {

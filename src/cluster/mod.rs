@@ -40,6 +40,9 @@
 //! - **Subscriptions** ([`subscriptions`]): records shared through the
 //!   database like accounts; the lifecycle pass runs on one node at a
 //!   time (an advisory lock); each grant is claimed once cluster-wide.
+//! - **Events** ([`outbox`]): each node's events are shipped to the
+//!   database once each, with a delivery per endpoint; any node delivers
+//!   any of them, one node at a time (a claim that expires).
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
@@ -55,6 +58,7 @@ pub mod audit;
 pub mod config;
 pub mod lease;
 pub mod payments;
+pub mod outbox;
 pub mod rate;
 pub mod schema;
 pub mod subscriptions;
@@ -122,6 +126,11 @@ pub struct Cluster {
     pulling: tokio::sync::Mutex<()>,
     /// Woken by NOTIFY (another node changed something) and by shutdown.
     wake: Notify,
+    /// Woken when this node shipped events: its delivery workers look at
+    /// once instead of at their next poll.
+    outbox_shipped: Notify,
+    /// Held while events are shipped: one shipment at a time.
+    shipping: tokio::sync::Mutex<()>,
     /// Set by shutdown: the tasks end after returning the leases.
     stopping: AtomicBool,
     /// The last database call failed (for /readyz-like reporting and logs).
@@ -393,6 +402,8 @@ impl Cluster {
             audit_shipped: AtomicU64::new(0),
             pulling: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
+            outbox_shipped: Notify::new(),
+            shipping: tokio::sync::Mutex::new(()),
             stopping: AtomicBool::new(false),
             db_down: AtomicBool::new(false),
             _stop: stop_tx,
@@ -923,6 +934,7 @@ impl Cluster {
             self.settle().await;
             self.push_pending().await;
             self.ship_audit().await;
+            self.ship_events().await;
             self.return_idle(Return::Scarce).await;
             self.return_rates(false).await;
             if notified {
@@ -1241,6 +1253,7 @@ impl Cluster {
             c.settle().await;
             c.push_pending().await;
             c.settle().await;
+            c.ship_events().await;
             c.return_idle(Return::All).await;
             c.return_rates(true).await;
             c.stopping.store(true, Ordering::Release);

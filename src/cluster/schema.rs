@@ -13,10 +13,14 @@
 //! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
 //! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
 //! | `tollgate_rate_windows` | (key, minute, unit) | (version 4) requests (`rpm`) or tokens (`tpm`) the nodes took of a key's window of one UTC minute: `taken` ≤ the limit; `last_grant` is what the last take gave (so the statement can return it) |
+//!
+//! | `tollgate_audit` | entry id | (version 7) every node's audit entries, in `seq` order |
 //! | `tollgate_payments` | payment id | (version 8) a payment: `provider`, `account_id` or `key_hash` (hex), `amount` (picoUSD), `status`, `money_entry` (the `tollgate_entries` id that moved its money, NULL if none), `record` (the JSON the payments API shows), `created_ms`/`updated_ms` |
 //! | `tollgate_payment_refs` | (provider, reference) | (version 8) every provider reference a payment claimed (`evt:`, `cs:`, `pi:`, `order:`, `trade:`, `ref:`): unique, so a payment applies once cluster-wide |
 //! | `tollgate_subscriptions` | subscription id | (version 8) the subscription's record (the store's JSON, with its `version`), `status`; `seq`/`origin` as accounts: every node pulls it into its store |
 //! | `tollgate_epay_orders` | out_trade_no | (version 8) epay orders made through any node, so a notification reaching another node finds its order |
+//! | `tollgate_events` | event id | (version 9) every node's events: type, the signed body, origin; `seq` is the listing order |
+//! | `tollgate_deliveries` | (event, endpoint) | (version 9) where each delivery stands, and which node holds it (`claimed_by` until `claim_until_ms`, the database's clock) |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -186,6 +190,35 @@ CREATE TABLE tollgate_subscriptions (
 );
 CREATE INDEX tollgate_subscriptions_seq ON tollgate_subscriptions (seq);
 CREATE INDEX tollgate_subscriptions_account ON tollgate_subscriptions (account_id);
+"#,
+    // The event outbox (depends on no other migration, so it may follow
+    // any version): `body` is the signed webhook body, the same bytes on
+    // every try from every node; a delivery is one (event, endpoint).
+    r#"
+CREATE TABLE tollgate_events (
+    seq bigserial PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    kind text NOT NULL,
+    body bytea NOT NULL,
+    created_ms bigint NOT NULL,
+    origin text NOT NULL
+);
+CREATE INDEX tollgate_events_created ON tollgate_events (created_ms);
+CREATE TABLE tollgate_deliveries (
+    event_id text NOT NULL REFERENCES tollgate_events (id) ON DELETE CASCADE,
+    endpoint text NOT NULL,
+    status text NOT NULL DEFAULT 'pending',
+    attempts integer NOT NULL DEFAULT 0,
+    next_attempt_ms bigint NOT NULL,
+    claimed_by text,
+    claim_until_ms bigint,
+    last_status integer,
+    last_error text,
+    updated_ms bigint NOT NULL,
+    PRIMARY KEY (event_id, endpoint)
+);
+CREATE INDEX tollgate_deliveries_due ON tollgate_deliveries (endpoint, next_attempt_ms)
+    WHERE status = 'pending';
 "#,
 ];
 

@@ -34,9 +34,11 @@ pub enum Kind {
     Read,
     /// Migrations at start.
     Migrate,
+    /// Shipping events, claiming deliveries and writing their outcome.
+    Outbox,
 }
 
-const KINDS: [(Kind, &str); 10] = [
+const KINDS: [(Kind, &str); 11] = [
     (Kind::Lease, "lease"),
     (Kind::Renew, "renew"),
     (Kind::Reclaim, "reclaim"),
@@ -47,9 +49,10 @@ const KINDS: [(Kind, &str); 10] = [
     (Kind::RateReturn, "rate_return"),
     (Kind::Read, "read"),
     (Kind::Migrate, "migrate"),
+    (Kind::Outbox, "outbox"),
 ];
 
-static TRIPS: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
+static TRIPS: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
 
 fn index(kind: Kind) -> usize {
     KINDS

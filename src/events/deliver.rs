@@ -275,6 +275,23 @@ async fn run(app: Arc<App>) {
             HashSet::new()
         }
     };
+    if let Some(cluster) = app.cluster.get() {
+        // Cluster mode: the database holds the deliveries; this node's
+        // workers take due ones from there (any node's events).
+        for ep in eps {
+            if disabled.contains(&ep.target) {
+                tracing::warn!(target = %ep.target, "endpoint disabled (it answered 410); its deliveries wait");
+                continue;
+            }
+            tokio::spawn(cluster_worker(
+                app.clone(),
+                cluster.clone(),
+                Arc::new(ep),
+                client.clone(),
+            ));
+        }
+        return;
+    }
     let mut queues: HashMap<String, mpsc::UnboundedSender<Job>> = HashMap::new();
     let eps: Vec<Arc<Endpoint>> = eps.into_iter().map(Arc::new).collect();
     for ep in &eps {
@@ -453,6 +470,109 @@ async fn worker(
     }
 }
 
+/// One endpoint's deliveries in cluster mode: takes the next due one from
+/// the database (a claim no other node holds), makes one try with the
+/// same signing and client as single-node mode, writes what it came to;
+/// when nothing is due, waits for this node's next shipment or a poll.
+async fn cluster_worker(
+    app: Arc<App>,
+    cluster: Arc<crate::cluster::Cluster>,
+    ep: Arc<Endpoint>,
+    client: HookClient,
+) {
+    let claim_ms = cluster.claim_ms(ep.timeout);
+    loop {
+        let now = app.clock.now_ms();
+        match cluster.claim_delivery(&ep.target, now, claim_ms).await {
+            Ok(Some(claimed)) => {
+                if !cluster_try(&app, &cluster, &ep, &client, claimed).await {
+                    // 410: this node sends nothing more to it.
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            // Logged by the cluster (once per outage); polled again.
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = cluster.outbox_shipped().notified() => {}
+            _ = tokio::time::sleep(CLUSTER_POLL) => {}
+        }
+    }
+}
+
+/// How often a cluster worker asks the database for due deliveries when
+/// nothing wakes it (other nodes' events are found within this).
+const CLUSTER_POLL: Duration = Duration::from_millis(500);
+
+/// One try of a claimed delivery, and its outcome written while the claim
+/// is still this node's (again and again while the database is down: the
+/// claim keeps another node from trying meanwhile until it expires).
+/// `false` when the endpoint answered 410 (disabled on this node).
+async fn cluster_try(
+    app: &App,
+    cluster: &crate::cluster::Cluster,
+    ep: &Endpoint,
+    client: &HookClient,
+    claimed: crate::cluster::outbox::Claimed,
+) -> bool {
+    let id = claimed.event_id;
+    // The body is the event's JSON, with this id (as shipped).
+    let outcome = match serde_json::from_slice::<super::Event>(&claimed.body) {
+        Ok(ev) => send(app, ep, client, &ev, claimed.body).await,
+        Err(e) => Outcome::Skipped(format!("the event does not parse: {e}")),
+    };
+    let now = app.clock.now_ms();
+    let gone = matches!(outcome, Outcome::Gone);
+    let mut state = after_try(claimed.state, outcome, &ep.retry, now);
+    if gone {
+        // Pending again for the others (each finds the 410 itself).
+        state.next_at_ms = now;
+        tracing::warn!(target = %ep.target, "endpoint answered 410: disabled on this node");
+        let write = DeliveryWrite {
+            endpoints: vec![(ep.target.clone(), gone_state(now))],
+            ..DeliveryWrite::default()
+        };
+        if let Err(e) = app.store.save_deliveries(write).await {
+            tracing::error!(error = %e, "saving the endpoint's state");
+        }
+    }
+    loop {
+        match cluster.record_delivery(&id, &ep.target, &state).await {
+            Ok(true) => break,
+            Ok(false) => {
+                tracing::warn!(event = %id, target = %ep.target,
+                    "cluster: a try outlived its claim; another node has the delivery");
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    !gone
+}
+
+/// One try of `ev` (whose stored bytes are `body`) to `ep`.
+async fn send(
+    app: &App,
+    ep: &Endpoint,
+    client: &HookClient,
+    ev: &super::Event,
+    body: Vec<u8>,
+) -> Outcome {
+    match &ep.channel {
+        Channel::Webhook { uri, secret } => {
+            post(app, client, uri, secret, &ev.id, body, ep.timeout).await
+        }
+        Channel::Email(m) => match tokio::time::timeout(ep.timeout, m.send(&app.store, ev)).await {
+            Ok(Ok(true)) => Outcome::Delivered(None),
+            Ok(Ok(false)) => Outcome::Skipped("no email address for this event".into()),
+            Ok(Err(e)) => Outcome::Failed(None, e),
+            Err(_) => Outcome::Failed(None, "timed out".into()),
+        },
+    }
+}
+
 /// What one try came to.
 enum Outcome {
     Delivered(Option<u16>),
@@ -485,20 +605,36 @@ async fn attempt(
         }
     };
     let (ev, body) = event;
-    let outcome = match &ep.channel {
-        Channel::Webhook { uri, secret } => {
-            post(app, client, uri, secret, &ev.id, body, ep.timeout).await
-        }
-        Channel::Email(m) => {
-            match tokio::time::timeout(ep.timeout, m.send(&app.store, &ev)).await {
-                Ok(Ok(true)) => Outcome::Delivered(None),
-                Ok(Ok(false)) => Outcome::Skipped("no email address for this event".into()),
-                Ok(Err(e)) => Outcome::Failed(None, e),
-                Err(_) => Outcome::Failed(None, "timed out".into()),
-            }
-        }
-    };
+    let outcome = send(app, ep, client, &ev, body).await;
     let now = app.clock.now_ms();
+    let gone = matches!(outcome, Outcome::Gone);
+    let state = after_try(state, outcome, &ep.retry, now);
+    if gone {
+        tracing::warn!(target = %ep.target, "endpoint answered 410: disabled");
+        let write = DeliveryWrite {
+            cursor: None,
+            deliveries: vec![(seq, ep.target.clone(), state.clone())],
+            endpoints: vec![(ep.target.clone(), gone_state(now))],
+        };
+        if let Err(e) = app.store.save_deliveries(write).await {
+            tracing::error!(error = %e, "saving the endpoint's state");
+        }
+        return None;
+    }
+    save(app, seq, &ep.target, &state).await;
+    Some(state)
+}
+
+/// What one try (made at `now`) makes of a delivery's state: delivered,
+/// skipped, or, when it failed, due again after the schedule's next wait
+/// (`retry[n - 1]` after the n-th try) and failed when the schedule has run
+/// out. A 410 leaves it pending (its endpoint is disabled).
+fn after_try(
+    mut state: DeliveryState,
+    outcome: Outcome,
+    retry: &[Duration],
+    now: i64,
+) -> DeliveryState {
     state.attempts += 1;
     state.updated_at_ms = now;
     match outcome {
@@ -514,35 +650,26 @@ async fn attempt(
         Outcome::Gone => {
             state.last_status = Some(410);
             state.last_error = Some("410 Gone: endpoint disabled".into());
-            tracing::warn!(target = %ep.target, "endpoint answered 410: disabled");
-            let write = DeliveryWrite {
-                cursor: None,
-                deliveries: vec![(seq, ep.target.clone(), state.clone())],
-                endpoints: vec![(
-                    ep.target.clone(),
-                    EndpointState {
-                        disabled: true,
-                        reason: "answered 410 Gone".into(),
-                        at_ms: now,
-                    },
-                )],
-            };
-            if let Err(e) = app.store.save_deliveries(write).await {
-                tracing::error!(error = %e, "saving the endpoint's state");
-            }
-            return None;
         }
         Outcome::Failed(code, why) => {
             state.last_status = code;
             state.last_error = Some(why);
-            match ep.retry.get(state.attempts as usize - 1) {
+            match retry.get(state.attempts as usize - 1) {
                 Some(wait) => state.next_at_ms = now.saturating_add(wait.as_millis() as i64),
                 None => state.status = DeliveryStatus::Failed,
             }
         }
     }
-    save(app, seq, &ep.target, &state).await;
-    Some(state)
+    state
+}
+
+/// The state of an endpoint that answered 410 at `now`.
+fn gone_state(now: i64) -> EndpointState {
+    EndpointState {
+        disabled: true,
+        reason: "answered 410 Gone".into(),
+        at_ms: now,
+    }
 }
 
 async fn save(app: &App, seq: u64, target: &str, state: &DeliveryState) {
@@ -601,5 +728,93 @@ async fn post(
         Ok(Ok(s)) if s.is_success() => Outcome::Delivered(Some(s.as_u16())),
         Ok(Ok(s)) if s == http::StatusCode::GONE => Outcome::Gone,
         Ok(Ok(s)) => Outcome::Failed(Some(s.as_u16()), format!("answered {s}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule() -> Vec<Duration> {
+        vec![Duration::from_secs(5), Duration::from_secs(300)]
+    }
+
+    #[test]
+    fn a_failed_try_waits_the_schedules_next_step_then_fails() {
+        let s = DeliveryState::pending(0);
+        let s = after_try(
+            s,
+            Outcome::Failed(Some(500), "answered 500".into()),
+            &schedule(),
+            1_000,
+        );
+        assert_eq!(s.status, DeliveryStatus::Pending);
+        assert_eq!(
+            (s.attempts, s.next_at_ms, s.updated_at_ms),
+            (1, 6_000, 1_000)
+        );
+        assert_eq!(s.last_status, Some(500));
+        let s = after_try(
+            s,
+            Outcome::Failed(None, "refused".into()),
+            &schedule(),
+            6_000,
+        );
+        assert_eq!((s.attempts, s.next_at_ms), (2, 306_000));
+        assert_eq!(s.last_status, None);
+        // The schedule has two waits: the third failure is the last.
+        let s = after_try(
+            s,
+            Outcome::Failed(Some(502), "answered 502".into()),
+            &schedule(),
+            306_000,
+        );
+        assert_eq!((s.status, s.attempts), (DeliveryStatus::Failed, 3));
+        assert_eq!(s.last_error.as_deref(), Some("answered 502"));
+    }
+
+    #[test]
+    fn delivered_skipped_and_gone() {
+        let failed = after_try(
+            DeliveryState::pending(0),
+            Outcome::Failed(Some(500), "answered 500".into()),
+            &schedule(),
+            10,
+        );
+        let s = after_try(
+            failed.clone(),
+            Outcome::Delivered(Some(204)),
+            &schedule(),
+            20,
+        );
+        assert_eq!(
+            (s.status, s.attempts, s.last_status),
+            (DeliveryStatus::Delivered, 2, Some(204))
+        );
+        assert_eq!(s.last_error, None);
+        let s = after_try(
+            failed.clone(),
+            Outcome::Skipped("no address".into()),
+            &schedule(),
+            20,
+        );
+        assert_eq!(s.status, DeliveryStatus::Skipped);
+        // 410: still pending (the endpoint is off; its deliveries wait).
+        let s = after_try(failed, Outcome::Gone, &schedule(), 20);
+        assert_eq!(
+            (s.status, s.last_status, s.attempts),
+            (DeliveryStatus::Pending, Some(410), 2)
+        );
+    }
+
+    #[test]
+    fn no_schedule_fails_at_the_first_failure() {
+        let s = after_try(
+            DeliveryState::pending(0),
+            Outcome::Failed(None, "timed out".into()),
+            &[],
+            1,
+        );
+        assert_eq!((s.status, s.attempts), (DeliveryStatus::Failed, 1));
     }
 }

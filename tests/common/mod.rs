@@ -2,6 +2,8 @@
 //! scripted one), and an HTTP client that talks to it over the wire.
 #![allow(dead_code)]
 
+pub mod hook;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
