@@ -33,6 +33,9 @@
 //!   (`Gate::updated`, `Gate::forget`) and the wallets.
 //! - **Audit** ([`audit`]): each node's audit entries are shipped to the
 //!   database once each; the audit API reads them back from there.
+//! - **Ledgers** ([`ledger`]): each node's key and account ledger entries
+//!   are shipped to the database once each (the local store keeps the
+//!   cursor); the ledger APIs read them back from there.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
@@ -47,6 +50,7 @@
 pub mod audit;
 pub mod config;
 pub mod lease;
+pub mod ledger;
 pub mod rate;
 pub mod schema;
 pub mod sync;
@@ -108,6 +112,12 @@ pub struct Cluster {
     last_seq: AtomicI64,
     /// This node's audit entries up to this local seq are in the database.
     audit_shipped: AtomicU64,
+    /// One ledger shipper at a time (the tick and the ledger reads both
+    /// ship): two would write the same entries, and backfill twice.
+    ledger_turn: tokio::sync::Mutex<()>,
+    /// The local store's entries from before the shipping marks are in
+    /// the database (read from the store once, then kept here).
+    ledger_backfilled: AtomicBool,
     /// Woken by NOTIFY (another node changed something) and by shutdown.
     wake: Notify,
     /// Set by shutdown: the tasks end after returning the leases.
@@ -379,6 +389,8 @@ impl Cluster {
             next_id: AtomicU64::new(0),
             last_seq: AtomicI64::new(0),
             audit_shipped: AtomicU64::new(0),
+            ledger_turn: tokio::sync::Mutex::new(()),
+            ledger_backfilled: AtomicBool::new(false),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
             db_down: AtomicBool::new(false),
@@ -910,6 +922,7 @@ impl Cluster {
             self.settle().await;
             self.push_pending().await;
             self.ship_audit().await;
+            self.ship_ledger().await;
             self.return_idle(Return::Scarce).await;
             self.return_rates(false).await;
             if notified {
@@ -1228,6 +1241,7 @@ impl Cluster {
             c.settle().await;
             c.push_pending().await;
             c.settle().await;
+            c.ship_ledger().await;
             c.return_idle(Return::All).await;
             c.return_rates(true).await;
             c.stopping.store(true, Ordering::Release);

@@ -24,6 +24,7 @@ mod subscriptions;
 #[cfg(test)]
 mod tests;
 mod thread;
+mod unshipped;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -48,6 +49,7 @@ pub use subscriptions::STALE_SUBSCRIPTION;
 pub use thread::MAX_BATCH_OPS;
 pub use thread::outbox::{AlertLevels, AuditQuery, DeliveryWrite, EventQuery};
 use thread::{AccountEdit, Op, StoreThread};
+pub use unshipped::{LedgerCursor, LocalLedgerEntry, Unshipped};
 
 /// The layout version written at creation and required at open.
 /// 2: the usage log moved from sled's `book` to the redb log.

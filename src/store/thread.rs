@@ -689,8 +689,10 @@ impl StoreThread {
             }
         }
         for (hash, entry) in &p.fees {
-            batch.insert(ledger_key(hash, entry.seq), encode_ledger(entry));
-            writes += 1;
+            let key = ledger_key(hash, entry.seq);
+            batch.insert(unshipped_mark(&key), &entry.at_ms.to_be_bytes());
+            batch.insert(key, encode_ledger(entry));
+            writes += 2;
         }
         for (key, delta) in &p.rollups {
             let mut sum = match self.book.get(key)? {
@@ -986,8 +988,10 @@ impl StoreThread {
         };
         self.note_key_credit(hash, &before, &acct, &entry);
         batch.insert(account_key(hash), encode_account(&acct, reset));
-        batch.insert(ledger_key(hash, entry.seq), encode_ledger(&entry));
-        let mut writes = 2;
+        let key = ledger_key(hash, entry.seq);
+        batch.insert(unshipped_mark(&key), &entry.at_ms.to_be_bytes());
+        batch.insert(key, encode_ledger(&entry));
+        let mut writes = 3;
         if let Some(idem) = &op.idempotency_key {
             batch.insert(idempotency_key(hash, idem), &entry.seq.to_be_bytes());
             writes += 1;
@@ -1152,11 +1156,10 @@ impl StoreThread {
         };
         self.note_account_credit(&before, &a, &entry);
         batch.insert(user_account_key(id), encode_user_account(&a));
-        batch.insert(
-            account_ledger_key(id, entry.seq),
-            encode_account_entry(&entry),
-        );
-        let mut writes = 2;
+        let key = account_ledger_key(id, entry.seq);
+        batch.insert(unshipped_mark(&key), &entry.at_ms.to_be_bytes());
+        batch.insert(key, encode_account_entry(&entry));
+        let mut writes = 3;
         if let Some(idem) = &op.idempotency_key {
             batch.insert(account_idempotency_key(id, idem), &entry.seq.to_be_bytes());
             writes += 1;
