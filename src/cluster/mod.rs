@@ -397,8 +397,10 @@ impl Cluster {
             _stop: stop_tx,
         });
         let _ = cluster.app.set(Arc::downgrade(app));
-        // Before any wallet is loaded: every wallet draws from leases.
+        // Before any wallet is loaded: every wallet draws from leases (and
+        // the store leaves the funds check of admin deducts to them).
         app.gate.wallets().set_leased();
+        app.store.set_funds_leased();
         let c = cluster.clone();
         let started = cluster
             .block_on(async move {

@@ -155,6 +155,11 @@ struct Counters {
     failing: AtomicBool,
     /// Test switch: every commit and flush fails as on a full disk.
     fault: AtomicBool,
+    /// Cluster mode: an account's funds are checked against its lease (the
+    /// hold the admin API takes before a deduct or a negative adjust), not
+    /// against this store's balance, which holds only this node's part of
+    /// the account's money.
+    funds_leased: AtomicBool,
     batches: AtomicU64,
     records_written: AtomicU64,
     last_batch_size: AtomicU64,
@@ -669,6 +674,15 @@ impl Store {
     pub fn set_write_fault(&self, on: bool) {
         self.inner.counters.fault.store(on, Ordering::Relaxed);
         self.inner.waker.unpark();
+    }
+
+    /// Cluster mode (once, at start): account deducts and negative adjusts
+    /// are not refused for this store's balance (see `Counters::funds_leased`).
+    pub fn set_funds_leased(&self) {
+        self.inner
+            .counters
+            .funds_leased
+            .store(true, Ordering::Release);
     }
 
     /// Queues a device binding: appends to `KeyRecord::devices` if absent.

@@ -1112,18 +1112,21 @@ impl StoreThread {
         }
         let before = a.clone();
         let too_big = || StoreError::Invalid("amount out of range".into());
+        // In cluster mode the lease held for it is the check (this store's
+        // balance is only this node's part of the money).
+        let checked = !a.unlimited && !self.counters.funds_leased.load(Ordering::Acquire);
         match op.kind {
             AccountCreditKind::Topup => {
                 a.balance = a.balance.checked_add(op.amount).ok_or_else(too_big)?;
             }
             AccountCreditKind::Adjust => {
-                if op.amount.0 < 0 && !a.unlimited && a.funds().0 < -op.amount.0 {
+                if op.amount.0 < 0 && checked && a.funds().0 < -op.amount.0 {
                     return Err(StoreError::Insufficient);
                 }
                 a.balance = a.balance.checked_add(op.amount).ok_or_else(too_big)?;
             }
             AccountCreditKind::Deduct => {
-                if !a.unlimited && a.funds() < op.amount {
+                if checked && a.funds() < op.amount {
                     return Err(StoreError::Insufficient);
                 }
                 a.charge(op.at_ms, op.amount);
