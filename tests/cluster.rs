@@ -1798,13 +1798,24 @@ async fn ledgers_are_the_same_on_every_node() {
         assert_eq!(s, 200, "{kind} via node {}: {v}", node + 1);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-
+    // A top-up with an idempotency key through node 1, retried through
+    // node 3: its money applies once cluster-wide, and so it is listed.
+    let once =
+        json!({"kind": "topup", "amount": "3", "reason": "once", "idempotency_key": "once-1"});
     let account_ledger = "/api/v1/accounts/acct-l/ledger";
+    let (s, v) = nodes[0].admin("POST", account, Some(once.clone())).await;
+    assert_eq!(s, 200, "{v}");
+    // (Listed through node 1 first: its entry is the one in the database.)
+    let (s, v) = nodes[0].admin("GET", account_ledger, None).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = nodes[2].admin("POST", account, Some(once)).await;
+    assert_eq!(s, 200, "{v}");
+
     let key_ledger = format!("/api/v1/keys/{hash}/ledger");
     let mut accounts = Vec::new();
     let mut keys = Vec::new();
     for node in &nodes {
-        accounts.push(ledger_of(node, account_ledger, 3).await);
+        accounts.push(ledger_of(node, account_ledger, 4).await);
         keys.push(ledger_of(node, &key_ledger, 2).await);
     }
     for i in 1..3 {
@@ -1831,6 +1842,7 @@ async fn ledgers_are_the_same_on_every_node() {
     assert_eq!(
         summary(&accounts[0]),
         vec![
+            ("topup".into(), "l-1".into(), p("3")),
             ("refund".into(), "l-2".into(), p("0.25")),
             ("deduct".into(), "l-2".into(), p("1.5")),
             ("topup".into(), "l-1".into(), p("10")),
@@ -1838,6 +1850,16 @@ async fn ledgers_are_the_same_on_every_node() {
         "{:?}",
         accounts[0]
     );
+    // Its money, once: 10 − 1.5 + 0.25 + 3 (the deduct settles on a tick).
+    let start = Instant::now();
+    loop {
+        let (_, v) = nodes[1].admin("GET", "/api/v1/accounts/acct-l", None).await;
+        if usd(&v["data"]["balance"]) == p("11.75") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         summary(&keys[0]),
         vec![
@@ -1914,11 +1936,12 @@ async fn ledgers_are_the_same_on_every_node() {
         .admin("POST", account, Some(credit("deduct", "0.125")))
         .await;
     assert_eq!(s, 200, "{v}");
-    let after = ledger_of(&nodes[0], account_ledger, 3).await;
+    let after = ledger_of(&nodes[0], account_ledger, 4).await;
     assert_eq!(
         summary(&after),
         vec![
             ("deduct".into(), "l-2".into(), p("0.125")),
+            ("topup".into(), "l-1".into(), p("3")),
             ("deduct".into(), "l-2".into(), p("1.5")),
             ("topup".into(), "l-1".into(), p("10")),
         ],
@@ -1929,7 +1952,7 @@ async fn ledgers_are_the_same_on_every_node() {
         .await
         .expect("count")
         .get(0);
-    assert_eq!(rows, 5, "each entry once");
+    assert_eq!(rows, 6, "each entry once");
 
     // The database unreachable: 503 in the API's error shape.
     pg.stop();

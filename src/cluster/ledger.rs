@@ -12,7 +12,9 @@
 //! store was wiped (its seqs start again, at a later time). Only the node
 //! that applied a credit has it in its ledger (other nodes get the money
 //! through the database, not an entry), so no entry is shipped by two
-//! nodes.
+//! nodes; except a credit with an idempotency key retried through another
+//! node, which applies its money once cluster-wide and is listed once: its
+//! id is the key or account and the idempotency key, without the node.
 //!
 //! The cursor is in the local store: every entry is written with a mark
 //! in its own batch, and a mark is removed once its entry is in the
@@ -36,15 +38,20 @@ use crate::store::{
 const SHIP_BATCH: usize = 500;
 
 /// An entry's id in `tollgate_ledger`: `node:scope:seq:at:subject` (the
-/// key's hash in hex, or the account id, last: node ids have no `:`).
+/// key's hash in hex, or the account id, last: node ids have no `:`). An
+/// entry with an idempotency key applied once cluster-wide whichever node
+/// it reached (the money's entry id says so too): `idem:scope:subject:key`,
+/// the account id length-prefixed (ids and idempotency keys may hold `:`).
 pub fn entry_id(node: &str, entry: &LocalLedgerEntry) -> String {
     match entry {
-        LocalLedgerEntry::Key(hash, e) => {
-            format!("{node}:key:{}:{}:{}", e.seq, e.at_ms, hex::encode(hash))
-        }
-        LocalLedgerEntry::Account(id, e) => {
-            format!("{node}:account:{}:{}:{id}", e.seq, e.at_ms)
-        }
+        LocalLedgerEntry::Key(hash, e) => match &e.idempotency_key {
+            Some(k) => format!("idem:key:{}:{k}", hex::encode(hash)),
+            None => format!("{node}:key:{}:{}:{}", e.seq, e.at_ms, hex::encode(hash)),
+        },
+        LocalLedgerEntry::Account(id, e) => match &e.idempotency_key {
+            Some(k) => format!("idem:account:{}:{id}:{k}", id.len()),
+            None => format!("{node}:account:{}:{}:{id}", e.seq, e.at_ms),
+        },
     }
 }
 
@@ -448,6 +455,14 @@ mod tests {
         )
     }
 
+    fn idempotent(mut e: LocalLedgerEntry, k: &str) -> LocalLedgerEntry {
+        match &mut e {
+            LocalLedgerEntry::Key(_, e) => e.idempotency_key = Some(k.to_owned()),
+            LocalLedgerEntry::Account(_, e) => e.idempotency_key = Some(k.to_owned()),
+        }
+        e
+    }
+
     fn account_entry(id: &str, seq: u64, at_ms: i64) -> LocalLedgerEntry {
         LocalLedgerEntry::Account(
             id.to_owned(),
@@ -494,9 +509,26 @@ mod tests {
             entry_id("n-1", &key_entry(1, 10)),
             // An account id that looks like the rest of an id.
             entry_id("n-1", &account_entry("1:10:a", 1, 10)),
+            entry_id("n-1", &idempotent(account_entry("a:b", 1, 10), "c")),
+            entry_id("n-1", &idempotent(account_entry("a", 1, 10), "b:c")),
+            entry_id("n-1", &idempotent(key_entry(1, 10), "b:c")),
         ];
         let distinct: std::collections::HashSet<&String> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+    }
+
+    #[test]
+    fn an_idempotent_credit_has_one_id_on_every_node() {
+        let a = idempotent(account_entry("acct", 1, 10), "pay-1");
+        let b = idempotent(account_entry("acct", 4, 99), "pay-1");
+        assert_eq!(entry_id("n-1", &a), "idem:account:4:acct:pay-1");
+        assert_eq!(entry_id("n-1", &a), entry_id("n-2", &b));
+        let k = idempotent(key_entry(2, 10), "t1");
+        assert_eq!(entry_id("n-1", &k), entry_id("n-3", &k));
+        assert_ne!(
+            entry_id("n-1", &k),
+            entry_id("n-1", &idempotent(key_entry(2, 10), "t2"))
+        );
     }
 
     #[test]
