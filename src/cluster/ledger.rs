@@ -67,7 +67,9 @@ fn account_kind(s: &str) -> Option<AccountCreditKind> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
 }
 
-/// A batch of entries, one array per column of `tollgate_ledger`.
+/// A batch of entries, one array per column of `tollgate_ledger` (the
+/// fields of the other scope NULL: a key's entry has no balance, an
+/// account's no limit).
 #[derive(Default)]
 struct Columns {
     ids: Vec<String>,
@@ -134,8 +136,10 @@ const SELECTED: &str = "node_id, local_seq, at_ms, kind, amount, reason, idempot
 /// Newest first; one order on every node (ties by node, then seq there).
 const NEWEST_FIRST: &str = "ORDER BY at_ms DESC, node_id DESC, local_seq DESC, id DESC";
 
-/// One row as read: the node that made it, and the entry's fields.
+/// One row as read: the node that made it, and the entry's fields (as
+/// in [`LedgerEntry`] and [`AccountLedgerEntry`]).
 struct Row {
+    /// The node that applied the entry (`seq` is its).
     node: String,
     seq: u64,
     at_ms: i64,

@@ -60,6 +60,7 @@ pub struct Unshipped {
     mark: IVec,
     /// Its value when read: the mark is removed only if it still holds it.
     stamp: IVec,
+    /// The entry to ship.
     pub entry: LocalLedgerEntry,
 }
 
