@@ -398,9 +398,10 @@ impl Cluster {
         });
         let _ = cluster.app.set(Arc::downgrade(app));
         // Before any wallet is loaded: every wallet draws from leases (and
-        // the store leaves the funds check of admin deducts to them).
+        // the store leaves the funds check of admin deducts to them, and
+        // marks ledger entries for shipping).
         app.gate.wallets().set_leased();
-        app.store.set_funds_leased();
+        app.store.set_clustered();
         let c = cluster.clone();
         let started = cluster
             .block_on(async move {

@@ -158,8 +158,9 @@ struct Counters {
     /// Cluster mode: an account's funds are checked against its lease (the
     /// hold the admin API takes before a deduct or a negative adjust), not
     /// against this store's balance, which holds only this node's part of
-    /// the account's money.
-    funds_leased: AtomicBool,
+    /// the account's money; and ledger entries are marked for shipping to
+    /// the database ([`unshipped`]), which a single node never reads.
+    clustered: AtomicBool,
     batches: AtomicU64,
     records_written: AtomicU64,
     last_batch_size: AtomicU64,
@@ -676,13 +677,11 @@ impl Store {
         self.inner.waker.unpark();
     }
 
-    /// Cluster mode (once, at start): account deducts and negative adjusts
-    /// are not refused for this store's balance (see `Counters::funds_leased`).
-    pub fn set_funds_leased(&self) {
-        self.inner
-            .counters
-            .funds_leased
-            .store(true, Ordering::Release);
+    /// Cluster mode (once, at start, before serving): account deducts and
+    /// negative adjusts are not refused for this store's balance, and
+    /// ledger entries are marked for shipping (see `Counters::clustered`).
+    pub fn set_clustered(&self) {
+        self.inner.counters.clustered.store(true, Ordering::Release);
     }
 
     /// Queues a device binding: appends to `KeyRecord::devices` if absent.

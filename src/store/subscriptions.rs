@@ -155,6 +155,7 @@ impl StoreThread {
         sub.version = stored.as_ref().map(|s| s.version + 1).unwrap_or(1);
         let mut batch = Batch::default();
         let mut entries = Vec::new();
+        let mut marks = 0;
         for m in &w.money {
             let (kind, amount, reason) = match m {
                 SubscriptionMoney::Grant {
@@ -195,7 +196,7 @@ impl StoreThread {
                 allowance_after: a.allowance,
             };
             let key = account_ledger_key(&a.id, entry.seq);
-            batch.insert(unshipped_mark(&key), &entry.at_ms.to_be_bytes());
+            marks += self.mark_unshipped(&mut batch, &key, entry.at_ms);
             batch.insert(key, encode_account_entry(&entry));
             entries.push(entry);
         }
@@ -217,7 +218,7 @@ impl StoreThread {
         a.updated_at = a.updated_at.max(w.at_ms);
         batch.insert(user_account_key(&a.id), encode_user_account(&a));
         batch.insert(skey, encode_sub(&sub));
-        let writes = 2 + 2 * entries.len() + usize::from(w.renewal_key.is_some());
+        let writes = 2 + entries.len() + marks + usize::from(w.renewal_key.is_some());
         self.note_subscription(stored.as_ref(), &sub, w.renewal_key.is_some());
         let staged = self.stage_outbox();
         staged.add_to(&mut batch);

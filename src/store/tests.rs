@@ -1093,6 +1093,13 @@ async fn ledger_entries_are_marked_until_shipped() {
             })
             .await
             .unwrap();
+        // A single node marks nothing.
+        store
+            .credit(hash(1), credit(LedgerKind::Topup, 1, None, 5))
+            .await
+            .unwrap();
+        assert!(store.unshipped_ledger(100).unwrap().is_empty());
+        store.set_clustered();
         store
             .credit(hash(1), credit(LedgerKind::Topup, 500, None, 10))
             .await
@@ -1134,7 +1141,7 @@ async fn ledger_entries_are_marked_until_shipped() {
             })
             .collect();
         seen.sort();
-        assert_eq!(seen, vec![(false, 1, 20), (true, 1, 10), (true, 2, 30)]);
+        assert_eq!(seen, vec![(false, 1, 20), (true, 2, 10), (true, 3, 30)]);
         // A page of one, then the rest.
         assert_eq!(store.unshipped_ledger(1).unwrap().len(), 1);
         store.ledger_shipped(&marked[..2]).unwrap();
@@ -1143,11 +1150,11 @@ async fn ledger_entries_are_marked_until_shipped() {
         assert_eq!(left[0].entry, marked[2].entry);
         // The full scan (the one-time backfill) still sees every entry.
         let (all, more) = store.ledger_page(&LedgerCursor::default(), 100).unwrap();
-        assert_eq!(all.len(), 3);
+        assert_eq!(all.len(), 4);
         assert!(more.is_none());
         let (first, more) = store.ledger_page(&LedgerCursor::default(), 1).unwrap();
         let (rest, end) = store.ledger_page(&more.unwrap(), 100).unwrap();
-        assert_eq!(first.len() + rest.len(), 3);
+        assert_eq!(first.len() + rest.len(), 4);
         assert!(end.is_none());
         assert!(!store.ledger_backfilled().unwrap());
         store.set_ledger_backfilled().unwrap();

@@ -7,13 +7,13 @@
 //! cursor: the cluster reads them ([`Store::unshipped_ledger`]), writes the
 //! entries to the database (idempotent per entry id), then removes them
 //! ([`Store::ledger_shipped`]). A restart ships only what is still marked,
-//! and a store made again from nothing starts with nothing marked. Without
-//! `[cluster]` the marks are never read: they are one small row per entry,
-//! so that a node that joins a cluster later ships everything it has.
+//! and a store made again from nothing starts with nothing marked. Marks
+//! are written in cluster mode only ([`Store::set_clustered`]): a single
+//! node's store is as it was.
 //!
-//! Entries written by a build without marks are shipped once by a full
-//! scan ([`Store::ledger_page`]), after which [`Store::set_ledger_backfilled`]
-//! records that it need not run again.
+//! Entries written without marks (by a build without them) are shipped
+//! once by a full scan ([`Store::ledger_page`]), after which
+//! [`Store::set_ledger_backfilled`] records that it need not run again.
 
 use std::ops::Bound;
 
