@@ -340,7 +340,11 @@ sync_interval = "1s"
         );
         let file = data.join("config.toml");
         std::fs::write(&file, config).expect("config written");
-        let log = std::fs::File::create(data.join("log")).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data.join("log"))
+            .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["serve", "--config"])
             .arg(&file)
@@ -357,7 +361,7 @@ sync_interval = "1s"
             .stderr(log)
             .spawn()
             .expect("the gateway binary starts");
-        Node { child, port, data }
+        (child, port)
     }
 
     /// Waits until the node listens; its log when it exits or takes too long.
@@ -2744,4 +2748,256 @@ async fn old_finished_events_are_pruned_from_the_database() {
         .await
         .expect("deliveries");
     assert_eq!(rows.len(), 2, "the pruned event's delivery went with it");
+}
+
+/// A ledger's entries as every node must list them: the whole list (in
+/// pages of two, to exercise `offset`), then checks that it is complete.
+async fn ledger_of(node: &Node, path: &str, want: usize) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let mut rows = Vec::new();
+        loop {
+            let (s, v) = node
+                .admin(
+                    "GET",
+                    &format!("{path}?offset={}&limit=2", rows.len()),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            let page = v["data"].as_array().cloned().unwrap_or_default();
+            let last = page.len() < 2;
+            rows.extend(page);
+            if last {
+                break;
+            }
+        }
+        if rows.len() >= want {
+            return rows;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{path} lists {} entries, not {want}: {rows:?}",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledgers_are_the_same_on_every_node() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let mut nodes = Node::start_all(&pg, &mock, &["l-1", "l-2", "l-3"]);
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-l"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "own", "limit": "1"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
+    known_everywhere(&nodes, &hash).await;
+    let start = Instant::now();
+    while nodes[1]
+        .admin("GET", "/api/v1/accounts/acct-l", None)
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "node 2 never saw the account"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The account: a top-up through node 1, a deduct and a refund through
+    // node 2; the key: a top-up through node 3, a deduct through node 2.
+    // (A few ms apart: newest first is by time.)
+    let credit = |kind: &str, amount: &str| json!({"kind": kind, "amount": amount, "reason": format!("{kind} test")});
+    let account = "/api/v1/accounts/acct-l/credits";
+    let key = format!("/api/v1/keys/{hash}/credits");
+    for (node, path, kind, amount) in [
+        (0, account, "topup", "10"),
+        (1, account, "deduct", "1.5"),
+        (1, account, "refund", "0.25"),
+        (2, key.as_str(), "topup", "2"),
+        (1, key.as_str(), "deduct", "0.5"),
+    ] {
+        let (s, v) = nodes[node]
+            .admin("POST", path, Some(credit(kind, amount)))
+            .await;
+        assert_eq!(s, 200, "{kind} via node {}: {v}", node + 1);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A top-up with an idempotency key through node 1, retried through
+    // node 3: its money applies once cluster-wide, and so it is listed.
+    let once =
+        json!({"kind": "topup", "amount": "3", "reason": "once", "idempotency_key": "once-1"});
+    let account_ledger = "/api/v1/accounts/acct-l/ledger";
+    let (s, v) = nodes[0].admin("POST", account, Some(once.clone())).await;
+    assert_eq!(s, 200, "{v}");
+    // (Listed through node 1 first: its entry is the one in the database.)
+    let (s, v) = nodes[0].admin("GET", account_ledger, None).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = nodes[2].admin("POST", account, Some(once)).await;
+    assert_eq!(s, 200, "{v}");
+
+    let key_ledger = format!("/api/v1/keys/{hash}/ledger");
+    let mut accounts = Vec::new();
+    let mut keys = Vec::new();
+    for node in &nodes {
+        accounts.push(ledger_of(node, account_ledger, 4).await);
+        keys.push(ledger_of(node, &key_ledger, 2).await);
+    }
+    for i in 1..3 {
+        assert_eq!(
+            accounts[i],
+            accounts[0],
+            "node {} lists another account ledger",
+            i + 1
+        );
+        assert_eq!(keys[i], keys[0], "node {} lists another key ledger", i + 1);
+    }
+    let summary = |rows: &[Value]| -> Vec<(String, String, Pico)> {
+        rows.iter()
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap_or("").to_owned(),
+                    e["node"].as_str().unwrap_or("").to_owned(),
+                    usd(&e["amount"]),
+                )
+            })
+            .collect()
+    };
+    let p = |s: &str| Pico::parse_usd(s).expect("amount");
+    assert_eq!(
+        summary(&accounts[0]),
+        vec![
+            ("topup".into(), "l-1".into(), p("3")),
+            ("refund".into(), "l-2".into(), p("0.25")),
+            ("deduct".into(), "l-2".into(), p("1.5")),
+            ("topup".into(), "l-1".into(), p("10")),
+        ],
+        "{:?}",
+        accounts[0]
+    );
+    // Its money, once: 10 − 1.5 + 0.25 + 3 (the deduct settles on a tick).
+    let start = Instant::now();
+    loop {
+        let (_, v) = nodes[1].admin("GET", "/api/v1/accounts/acct-l", None).await;
+        if usd(&v["data"]["balance"]) == p("11.75") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        summary(&keys[0]),
+        vec![
+            ("deduct".into(), "l-2".into(), p("0.5")),
+            ("topup".into(), "l-3".into(), p("2")),
+        ],
+        "{:?}",
+        keys[0]
+    );
+    // The shape of a single node's entries, and `node`.
+    for field in [
+        "seq",
+        "at",
+        "reason",
+        "balance_after",
+        "spent_after",
+        "allowance_after",
+    ] {
+        assert!(
+            accounts[0][0].get(field).is_some(),
+            "{field}: {}",
+            accounts[0][0]
+        );
+    }
+    for field in ["seq", "at", "limit_after", "usage_after"] {
+        assert!(keys[0][0].get(field).is_some(), "{field}: {}", keys[0][0]);
+    }
+    // Paging: one entry from the middle is the same on any node.
+    let (_, v) = nodes[2]
+        .admin("GET", &format!("{account_ledger}?offset=1&limit=1"), None)
+        .await;
+    assert_eq!(v["data"], json!([accounts[0][1].clone()]), "{v}");
+    // Unknown to the cluster: 404 as on one node.
+    let (s, v) = nodes[1]
+        .admin("GET", "/api/v1/accounts/acct-none/ledger", None)
+        .await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = nodes[1]
+        .admin(
+            "GET",
+            &format!("/api/v1/keys/{}/ledger", "0".repeat(64)),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    // Known but without entries: an empty list.
+    let (s, v) = nodes[2]
+        .admin(
+            "POST",
+            "/api/v1/accounts",
+            Some(json!({"id": "acct-empty"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin("GET", "/api/v1/accounts/acct-empty/ledger", None)
+        .await;
+    assert_eq!((s, v["data"].clone()), (200, json!([])), "{v}");
+
+    // A restarted node ships nothing twice. The database's copy of node 2's
+    // refund is removed first: a node that shipped its whole ledger again
+    // at start would put it back.
+    let db = pg.client().await;
+    let removed = db
+        .execute(
+            "DELETE FROM tollgate_ledger WHERE node_id = 'l-2' AND kind = 'refund'",
+            &[],
+        )
+        .await
+        .expect("delete");
+    assert_eq!(removed, 1);
+    nodes[1].terminate();
+    nodes[1].restart(&pg, &mock, "l-2", "");
+    let (s, v) = nodes[1]
+        .admin("POST", account, Some(credit("deduct", "0.125")))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let after = ledger_of(&nodes[0], account_ledger, 4).await;
+    assert_eq!(
+        summary(&after),
+        vec![
+            ("deduct".into(), "l-2".into(), p("0.125")),
+            ("topup".into(), "l-1".into(), p("3")),
+            ("deduct".into(), "l-2".into(), p("1.5")),
+            ("topup".into(), "l-1".into(), p("10")),
+        ],
+        "{after:?}"
+    );
+    let rows: i64 = db
+        .query_one("SELECT COUNT(*) FROM tollgate_ledger", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 6, "each entry once");
+
+    // The database unreachable: 503 in the API's error shape.
+    pg.stop();
+    let (s, v) = nodes[2].admin("GET", account_ledger, None).await;
+    common::assert_error(s, &v, 503, "database_unavailable");
+    pg.restart();
 }

@@ -362,11 +362,15 @@ struct EntryView<'a> {
     balance_after: Pico,
     spent_after: Pico,
     allowance_after: Pico,
+    /// Cluster mode: the node that applied the entry (`seq` is its).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
 }
 
 impl<'a> EntryView<'a> {
     fn new(e: &'a AccountLedgerEntry) -> EntryView<'a> {
         EntryView {
+            node: None,
             seq: e.seq,
             at: rfc3339(e.at_ms),
             kind: e.kind,
@@ -567,11 +571,29 @@ fn credit_answer(
     )
 }
 
-/// `GET /api/v1/accounts/{id}/ledger?offset=&limit=`, newest first.
-pub(super) fn ledger(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answer {
+/// `GET /api/v1/accounts/{id}/ledger?offset=&limit=`, newest first. In
+/// cluster mode: every node's entries, from the database.
+pub(super) async fn ledger(ctx: &Ctx<'_>, id: &str, query: Option<&str>) -> Answer {
     valid_id(id)?;
     let pairs = super::query_pairs(query)?;
     let (offset, limit) = super::offset_limit(&pairs)?;
+    if let Some(c) = super::cluster::of(ctx) {
+        let entries = c.account_ledger(id, offset, limit).await?;
+        if entries.is_empty()
+            && ctx.store.user_account(id).map_err(store_error)?.is_none()
+            && !c.account_known(id).await?
+        {
+            return Err(not_found());
+        }
+        let views: Vec<EntryView<'_>> = entries
+            .iter()
+            .map(|(node, e)| EntryView {
+                node: Some(node),
+                ..EntryView::new(e)
+            })
+            .collect();
+        return json(StatusCode::OK, &Data { data: views });
+    }
     let entries = ctx
         .store
         .account_ledger(id, offset, limit)

@@ -91,12 +91,7 @@ pub(crate) fn parse_credit(f: &Fields) -> Result<CreditRequest, ApiError> {
 }
 
 fn kind_str(k: LedgerKind) -> &'static str {
-    match k {
-        LedgerKind::Topup => "topup",
-        LedgerKind::Deduct => "deduct",
-        LedgerKind::Refund => "refund",
-        LedgerKind::DailyFee => "daily_fee",
-    }
+    k.as_str()
 }
 
 /// A ledger entry as shown.
@@ -110,11 +105,15 @@ pub(crate) struct EntryView<'a> {
     idempotency_key: Option<&'a str>,
     limit_after: Option<Pico>,
     usage_after: Pico,
+    /// Cluster mode: the node that applied the entry (`seq` is its).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
 }
 
 impl<'a> EntryView<'a> {
     fn new(e: &'a LedgerEntry) -> EntryView<'a> {
         EntryView {
+            node: None,
             seq: e.seq,
             at: rfc3339(e.at_ms),
             kind: kind_str(e.kind),
@@ -287,14 +286,32 @@ fn answer(outcome: &CreditOutcome, n: &Numbers) -> Result<http::Response<crate::
 }
 
 /// `GET /api/v1/keys/{hash}/ledger?offset=&limit=`, newest first. A
-/// deleted key's ledger stays readable while it has entries.
-pub(super) fn ledger(
+/// deleted key's ledger stays readable while it has entries. In cluster
+/// mode: every node's entries, from the database.
+pub(super) async fn ledger(
     ctx: &Ctx<'_>,
     hash: &KeyHash,
     query: Option<&str>,
 ) -> Result<http::Response<crate::Body>, ApiError> {
     let pairs = super::query_pairs(query)?;
     let (offset, limit) = super::offset_limit(&pairs)?;
+    if let Some(c) = super::cluster::of(ctx) {
+        let entries = c.key_ledger(hash, offset, limit).await?;
+        if entries.is_empty()
+            && ctx.store.key(hash).map_err(store_error)?.is_none()
+            && !c.key_known(hash).await?
+        {
+            return Err(key_not_found());
+        }
+        let views: Vec<EntryView<'_>> = entries
+            .iter()
+            .map(|(node, e)| EntryView {
+                node: Some(node),
+                ..EntryView::new(e)
+            })
+            .collect();
+        return json(StatusCode::OK, &Data { data: views });
+    }
     let entries = ctx.store.ledger(hash, offset, limit).map_err(store_error)?;
     if entries.is_empty() && ctx.store.key(hash).map_err(store_error)?.is_none() {
         return Err(key_not_found());

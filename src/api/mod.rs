@@ -361,7 +361,9 @@ where
             let hash = parse_hash(h)?;
             credits::credit(ctx, hash, &read_fields(&parts.headers, body).await?).await
         }
-        AdminCall::Ledger(h) if m == Method::GET => credits::ledger(ctx, &parse_hash(h)?, query),
+        AdminCall::Ledger(h) if m == Method::GET => {
+            credits::ledger(ctx, &parse_hash(h)?, query).await
+        }
         AdminCall::Usage(subject, view) if m == Method::GET => {
             reports::admin(ctx, subject, view, query).await
         }
@@ -379,7 +381,7 @@ where
         AdminCall::AccountCredits(id) if m == Method::POST => {
             accounts::credit(ctx, id, &read_fields(&parts.headers, body).await?).await
         }
-        AdminCall::AccountLedger(id) if m == Method::GET => accounts::ledger(ctx, id, query),
+        AdminCall::AccountLedger(id) if m == Method::GET => accounts::ledger(ctx, id, query).await,
         AdminCall::Payments if m == Method::GET => payments::list(ctx, query).await,
         AdminCall::Payments if m == Method::POST => {
             payments::manual(ctx, &read_fields(&parts.headers, body).await?).await

@@ -43,6 +43,9 @@
 //! - **Events** ([`outbox`]): each node's events are shipped to the
 //!   database once each, with a delivery per endpoint; any node delivers
 //!   any of them, one node at a time (a claim that expires).
+//! - **Ledgers** ([`ledger`]): each node's key and account ledger entries
+//!   are shipped to the database once each (the local store keeps the
+//!   cursor); the ledger APIs read them back from there.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
@@ -59,6 +62,7 @@ pub mod config;
 pub mod lease;
 pub mod payments;
 pub mod outbox;
+pub mod ledger;
 pub mod rate;
 pub mod schema;
 pub mod subscriptions;
@@ -124,6 +128,12 @@ pub struct Cluster {
     /// One pull at a time: the ticks and the subscription sweeper (which
     /// pulls before its pass) would otherwise apply one change twice.
     pulling: tokio::sync::Mutex<()>,
+    /// One ledger shipper at a time (the tick and the ledger reads both
+    /// ship): two would write the same entries, and backfill twice.
+    ledger_turn: tokio::sync::Mutex<()>,
+    /// The local store's entries from before the shipping marks are in
+    /// the database (read from the store once, then kept here).
+    ledger_backfilled: AtomicBool,
     /// Woken by NOTIFY (another node changed something) and by shutdown.
     wake: Notify,
     /// Woken when this node shipped events: its delivery workers look at
@@ -401,6 +411,8 @@ impl Cluster {
             last_seq: AtomicI64::new(0),
             audit_shipped: AtomicU64::new(0),
             pulling: tokio::sync::Mutex::new(()),
+            ledger_turn: tokio::sync::Mutex::new(()),
+            ledger_backfilled: AtomicBool::new(false),
             wake: Notify::new(),
             outbox_shipped: Notify::new(),
             shipping: tokio::sync::Mutex::new(()),
@@ -409,8 +421,11 @@ impl Cluster {
             _stop: stop_tx,
         });
         let _ = cluster.app.set(Arc::downgrade(app));
-        // Before any wallet is loaded: every wallet draws from leases.
+        // Before any wallet is loaded: every wallet draws from leases (and
+        // the store leaves the funds check of admin deducts to them, and
+        // marks ledger entries for shipping).
         app.gate.wallets().set_leased();
+        app.store.set_clustered();
         let c = cluster.clone();
         let started = cluster
             .block_on(async move {
@@ -935,6 +950,7 @@ impl Cluster {
             self.push_pending().await;
             self.ship_audit().await;
             self.ship_events().await;
+            self.ship_ledger().await;
             self.return_idle(Return::Scarce).await;
             self.return_rates(false).await;
             if notified {
@@ -1254,6 +1270,7 @@ impl Cluster {
             c.push_pending().await;
             c.settle().await;
             c.ship_events().await;
+            c.ship_ledger().await;
             c.return_idle(Return::All).await;
             c.return_rates(true).await;
             c.stopping.store(true, Ordering::Release);

@@ -13,6 +13,7 @@
 //! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
 //! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
 //! | `tollgate_rate_windows` | (key, minute, unit) | (version 4) requests (`rpm`) or tokens (`tpm`) the nodes took of a key's window of one UTC minute: `taken` ≤ the limit; `last_grant` is what the last take gave (so the statement can return it) |
+//! | `tollgate_ledger` | entry id | keys' and accounts' ledger entries, each shipped once by the node that made it (`node_id`, its `local_seq`): the ledger APIs read them in cluster mode |
 //!
 //! | `tollgate_audit` | entry id | (version 7) every node's audit entries, in `seq` order |
 //! | `tollgate_payments` | payment id | (version 8) a payment: `provider`, `account_id` or `key_hash` (hex), `amount` (picoUSD), `status`, `money_entry` (the `tollgate_entries` id that moved its money, NULL if none), `record` (the JSON the payments API shows), `created_ms`/`updated_ms` |
@@ -219,6 +220,33 @@ CREATE TABLE tollgate_deliveries (
 );
 CREATE INDEX tollgate_deliveries_due ON tollgate_deliveries (endpoint, next_attempt_ms)
     WHERE status = 'pending';
+"#,
+    // Keys' and accounts' ledgers ([`super::ledger`]); written by this
+    // feature only, so it applies after any other migration.
+    r#"
+CREATE TABLE tollgate_ledger (
+    id text PRIMARY KEY,
+    scope text NOT NULL CHECK (scope IN ('key', 'account')),
+    key_hash bytea,
+    account_id text,
+    node_id text NOT NULL,
+    local_seq bigint NOT NULL,
+    at_ms bigint NOT NULL,
+    kind text NOT NULL,
+    amount bigint NOT NULL,
+    reason text NOT NULL,
+    idempotency_key text,
+    limit_after bigint,
+    spent_after bigint NOT NULL,
+    balance_after bigint,
+    allowance_after bigint,
+    CHECK ((scope = 'key') = (key_hash IS NOT NULL AND account_id IS NULL)),
+    CHECK ((scope = 'account') = (account_id IS NOT NULL AND key_hash IS NULL))
+);
+CREATE INDEX tollgate_ledger_key ON tollgate_ledger
+    (key_hash, at_ms DESC, node_id DESC, local_seq DESC) WHERE key_hash IS NOT NULL;
+CREATE INDEX tollgate_ledger_account ON tollgate_ledger
+    (account_id, at_ms DESC, node_id DESC, local_seq DESC) WHERE account_id IS NOT NULL;
 "#,
 ];
 

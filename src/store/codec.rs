@@ -499,20 +499,11 @@ struct LedgerEntryDisk {
     spent_after: i64,
 }
 
-pub(super) fn kind_str(k: LedgerKind) -> &'static str {
-    match k {
-        LedgerKind::Topup => "topup",
-        LedgerKind::Deduct => "deduct",
-        LedgerKind::Refund => "refund",
-        LedgerKind::DailyFee => "daily_fee",
-    }
-}
-
 pub(super) fn encode_ledger(e: &LedgerEntry) -> Vec<u8> {
     let d = LedgerEntryDisk {
         seq: e.seq,
         at_ms: e.at_ms,
-        kind: kind_str(e.kind).to_owned(),
+        kind: e.kind.as_str().to_owned(),
         amount: e.amount.0,
         reason: e.reason.clone(),
         idempotency_key: e.idempotency_key.clone(),
@@ -525,13 +516,8 @@ pub(super) fn encode_ledger(e: &LedgerEntry) -> Vec<u8> {
 pub(super) fn decode_ledger(bytes: &[u8]) -> Result<LedgerEntry, StoreError> {
     let d: LedgerEntryDisk = serde_json::from_slice(bytes)
         .map_err(|e| StoreError::Corrupt(format!("ledger entry: {e}")))?;
-    let kind = match d.kind.as_str() {
-        "topup" => LedgerKind::Topup,
-        "deduct" => LedgerKind::Deduct,
-        "refund" => LedgerKind::Refund,
-        "daily_fee" => LedgerKind::DailyFee,
-        other => return Err(StoreError::Corrupt(format!("ledger kind {other:?}"))),
-    };
+    let kind = LedgerKind::parse(&d.kind)
+        .ok_or_else(|| StoreError::Corrupt(format!("ledger kind {:?}", d.kind)))?;
     Ok(LedgerEntry {
         seq: d.seq,
         at_ms: d.at_ms,

@@ -26,6 +26,7 @@
 //! | `book` | `T` u16 len, sid, `r` idempotency-key | u64 BE: the period the renewal paid |
 //! | `book` | `E` seq / `U` seq / `D` … | outbox events, audit entries, delivery state (see `events.rs`) |
 //! | `book` | `W` id | scoped admin token: name, scopes, SHA-256 (JSON; [`super::admin_tokens`]) |
+//! | `book` | `J` + the `l` or `L` key of a ledger entry | its `at_ms` (i64 BE): not yet shipped to the cluster's database ([`super::unshipped`]) |
 //!
 //! The usage records themselves, the batch index and the retention counts
 //! live in the redb log ([`super::log`]): sled held every inserted value
@@ -117,6 +118,18 @@ pub(super) fn account_idempotency_key(id: &str, idem: &str) -> Vec<u8> {
 }
 
 pub(super) const NEXT_BSEQ_KEY: &[u8] = b"mnext_bseq";
+
+/// The `J` mark of the ledger entry stored at `ledger_key` (a key's `l`
+/// row or an account's `L` row): written in the entry's batch, removed
+/// once the entry is in the cluster's database. Its value is the entry's
+/// `at_ms`, so that removing it cannot drop a newer entry written at the
+/// same key (a deleted account made again starts its seq at 1).
+pub(super) fn unshipped_mark(ledger_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + ledger_key.len());
+    k.push(b'J');
+    k.extend_from_slice(ledger_key);
+    k
+}
 
 pub(super) fn push_len_str(buf: &mut Vec<u8>, s: &str) {
     // Owner and plan names are short; longer ones are cut in the index only.

@@ -24,6 +24,7 @@ mod subscriptions;
 #[cfg(test)]
 mod tests;
 mod thread;
+mod unshipped;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -48,6 +49,7 @@ pub use subscriptions::STALE_SUBSCRIPTION;
 pub use thread::MAX_BATCH_OPS;
 pub use thread::outbox::{AlertLevels, AuditQuery, DeliveryWrite, EventQuery};
 use thread::{AccountEdit, Op, StoreThread};
+pub use unshipped::{LedgerCursor, LocalLedgerEntry, Unshipped};
 
 /// The layout version written at creation and required at open.
 /// 2: the usage log moved from sled's `book` to the redb log.
@@ -157,6 +159,12 @@ struct Counters {
     failing: AtomicBool,
     /// Test switch: every commit and flush fails as on a full disk.
     fault: AtomicBool,
+    /// Cluster mode: an account's funds are checked against its lease (the
+    /// hold the admin API takes before a deduct or a negative adjust), not
+    /// against this store's balance, which holds only this node's part of
+    /// the account's money; and ledger entries are marked for shipping to
+    /// the database ([`unshipped`]), which a single node never reads.
+    clustered: AtomicBool,
     batches: AtomicU64,
     records_written: AtomicU64,
     last_batch_size: AtomicU64,
@@ -671,6 +679,13 @@ impl Store {
     pub fn set_write_fault(&self, on: bool) {
         self.inner.counters.fault.store(on, Ordering::Relaxed);
         self.inner.waker.unpark();
+    }
+
+    /// Cluster mode (once, at start, before serving): account deducts and
+    /// negative adjusts are not refused for this store's balance, and
+    /// ledger entries are marked for shipping (see `Counters::clustered`).
+    pub fn set_clustered(&self) {
+        self.inner.counters.clustered.store(true, Ordering::Release);
     }
 
     /// Queues a device binding: appends to `KeyRecord::devices` if absent.

@@ -154,6 +154,29 @@ pub enum LedgerKind {
     DailyFee,
 }
 
+impl LedgerKind {
+    /// The kind's name, as stored and as the API shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Topup => "topup",
+            LedgerKind::Deduct => "deduct",
+            LedgerKind::Refund => "refund",
+            LedgerKind::DailyFee => "daily_fee",
+        }
+    }
+
+    /// The kind named `s` ([`LedgerKind::as_str`]).
+    pub fn parse(s: &str) -> Option<LedgerKind> {
+        Some(match s {
+            "topup" => LedgerKind::Topup,
+            "deduct" => LedgerKind::Deduct,
+            "refund" => LedgerKind::Refund,
+            "daily_fee" => LedgerKind::DailyFee,
+            _ => return None,
+        })
+    }
+}
+
 /// One credit operation, as applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LedgerEntry {

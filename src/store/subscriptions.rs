@@ -158,6 +158,7 @@ impl StoreThread {
         }
         let mut batch = Batch::default();
         let mut entries = Vec::new();
+        let mut marks = 0;
         for m in &w.money {
             let (kind, amount, reason) = match m {
                 SubscriptionMoney::Grant {
@@ -197,10 +198,9 @@ impl StoreThread {
                 spent_after: a.spent,
                 allowance_after: a.allowance,
             };
-            batch.insert(
-                account_ledger_key(&a.id, entry.seq),
-                encode_account_entry(&entry),
-            );
+            let key = account_ledger_key(&a.id, entry.seq);
+            marks += self.mark_unshipped(&mut batch, &key, entry.at_ms);
+            batch.insert(key, encode_account_entry(&entry));
             entries.push(entry);
         }
         if let Some(idem) = &w.renewal_key {
@@ -224,7 +224,7 @@ impl StoreThread {
         a.updated_at = a.updated_at.max(w.at_ms);
         batch.insert(user_account_key(&a.id), encode_user_account(&a));
         batch.insert(skey, encode_sub(&sub));
-        let writes = 2 + entries.len() + usize::from(w.renewal_key.is_some());
+        let writes = 2 + entries.len() + marks + usize::from(w.renewal_key.is_some());
         self.note_subscription(stored.as_ref(), &sub, w.renewal_key.is_some());
         let staged = self.stage_outbox();
         staged.add_to(&mut batch);

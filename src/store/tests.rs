@@ -1076,3 +1076,93 @@ async fn uncounted_log_batch_is_removed_at_open() {
     assert_eq!(store.usage(&hash(1), 0, 10).unwrap().len(), 2);
     assert_books_balance(&store, &hash(1));
 }
+
+#[tokio::test]
+async fn ledger_entries_are_marked_until_shipped() {
+    let dir = TempDir::new("unshipped");
+    {
+        let store = Store::open(&dir.0, 1).unwrap();
+        store
+            .create_key(key(1, None, None), account(Some(1_000)))
+            .await
+            .unwrap();
+        store
+            .create_user_account(AccountRecord {
+                id: "acct:1".into(),
+                ..AccountRecord::default()
+            })
+            .await
+            .unwrap();
+        // A single node marks nothing.
+        store
+            .credit(hash(1), credit(LedgerKind::Topup, 1, None, 5))
+            .await
+            .unwrap();
+        assert!(store.unshipped_ledger(100).unwrap().is_empty());
+        store.set_clustered();
+        store
+            .credit(hash(1), credit(LedgerKind::Topup, 500, None, 10))
+            .await
+            .unwrap();
+        store
+            .credit_user_account(
+                "acct:1",
+                AccountCreditOp {
+                    kind: AccountCreditKind::Topup,
+                    amount: Pico(700),
+                    reason: "test".into(),
+                    idempotency_key: None,
+                    at_ms: 20,
+                },
+            )
+            .await
+            .unwrap();
+        // A replay writes nothing, so marks nothing.
+        store
+            .credit(hash(1), credit(LedgerKind::Deduct, 5, Some("d"), 30))
+            .await
+            .unwrap();
+        store
+            .credit(hash(1), credit(LedgerKind::Deduct, 5, Some("d"), 31))
+            .await
+            .unwrap();
+        let marked = store.unshipped_ledger(100).unwrap();
+        let mut seen: Vec<(bool, u64, i64)> = marked
+            .iter()
+            .map(|u| match &u.entry {
+                LocalLedgerEntry::Key(h, e) => {
+                    assert_eq!(h, &hash(1));
+                    (true, e.seq, e.at_ms)
+                }
+                LocalLedgerEntry::Account(id, e) => {
+                    assert_eq!(id, "acct:1");
+                    (false, e.seq, e.at_ms)
+                }
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(seen, vec![(false, 1, 20), (true, 2, 10), (true, 3, 30)]);
+        // A page of one, then the rest.
+        assert_eq!(store.unshipped_ledger(1).unwrap().len(), 1);
+        store.ledger_shipped(&marked[..2]).unwrap();
+        let left = store.unshipped_ledger(100).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].entry, marked[2].entry);
+        // The full scan (the one-time backfill) still sees every entry.
+        let (all, more) = store.ledger_page(&LedgerCursor::default(), 100).unwrap();
+        assert_eq!(all.len(), 4);
+        assert!(more.is_none());
+        let (first, more) = store.ledger_page(&LedgerCursor::default(), 1).unwrap();
+        let (rest, end) = store.ledger_page(&more.unwrap(), 100).unwrap();
+        assert_eq!(first.len() + rest.len(), 4);
+        assert!(end.is_none());
+        assert!(!store.ledger_backfilled().unwrap());
+        store.set_ledger_backfilled().unwrap();
+        store.flush().await.unwrap();
+    }
+    // After a restart only what was not shipped is marked.
+    let store = Store::open(&dir.0, 1).unwrap();
+    let left = store.unshipped_ledger(100).unwrap();
+    assert_eq!(left.len(), 1);
+    assert!(store.ledger_backfilled().unwrap());
+}

@@ -475,6 +475,16 @@ impl StoreThread {
         }
     }
 
+    /// In cluster mode, marks the ledger entry stored at `key` for shipping
+    /// ([`super::unshipped`]), in the entry's own batch. Returns the writes.
+    pub(super) fn mark_unshipped(&self, batch: &mut Batch, key: &[u8], at_ms: i64) -> usize {
+        if !self.counters.clustered.load(Ordering::Acquire) {
+            return 0;
+        }
+        batch.insert(unshipped_mark(key), &at_ms.to_be_bytes());
+        1
+    }
+
     pub(super) fn write_count(&self, n: usize) {
         self.counters
             .sled_writes
@@ -689,7 +699,9 @@ impl StoreThread {
             }
         }
         for (hash, entry) in &p.fees {
-            batch.insert(ledger_key(hash, entry.seq), encode_ledger(entry));
+            let key = ledger_key(hash, entry.seq);
+            writes += self.mark_unshipped(&mut batch, &key, entry.at_ms);
+            batch.insert(key, encode_ledger(entry));
             writes += 1;
         }
         for (key, delta) in &p.rollups {
@@ -986,8 +998,9 @@ impl StoreThread {
         };
         self.note_key_credit(hash, &before, &acct, &entry);
         batch.insert(account_key(hash), encode_account(&acct, reset));
-        batch.insert(ledger_key(hash, entry.seq), encode_ledger(&entry));
-        let mut writes = 2;
+        let key = ledger_key(hash, entry.seq);
+        let mut writes = 2 + self.mark_unshipped(batch, &key, entry.at_ms);
+        batch.insert(key, encode_ledger(&entry));
         if let Some(idem) = &op.idempotency_key {
             batch.insert(idempotency_key(hash, idem), &entry.seq.to_be_bytes());
             writes += 1;
@@ -1108,18 +1121,21 @@ impl StoreThread {
         }
         let before = a.clone();
         let too_big = || StoreError::Invalid("amount out of range".into());
+        // In cluster mode the lease held for it is the check (this store's
+        // balance is only this node's part of the money).
+        let checked = !a.unlimited && !self.counters.clustered.load(Ordering::Acquire);
         match op.kind {
             AccountCreditKind::Topup => {
                 a.balance = a.balance.checked_add(op.amount).ok_or_else(too_big)?;
             }
             AccountCreditKind::Adjust => {
-                if op.amount.0 < 0 && !a.unlimited && a.funds().0 < -op.amount.0 {
+                if op.amount.0 < 0 && checked && a.funds().0 < -op.amount.0 {
                     return Err(StoreError::Insufficient);
                 }
                 a.balance = a.balance.checked_add(op.amount).ok_or_else(too_big)?;
             }
             AccountCreditKind::Deduct => {
-                if !a.unlimited && a.funds() < op.amount {
+                if checked && a.funds() < op.amount {
                     return Err(StoreError::Insufficient);
                 }
                 a.charge(op.at_ms, op.amount);
@@ -1152,11 +1168,9 @@ impl StoreThread {
         };
         self.note_account_credit(&before, &a, &entry);
         batch.insert(user_account_key(id), encode_user_account(&a));
-        batch.insert(
-            account_ledger_key(id, entry.seq),
-            encode_account_entry(&entry),
-        );
-        let mut writes = 2;
+        let key = account_ledger_key(id, entry.seq);
+        let mut writes = 2 + self.mark_unshipped(batch, &key, entry.at_ms);
+        batch.insert(key, encode_account_entry(&entry));
         if let Some(idem) = &op.idempotency_key {
             batch.insert(account_idempotency_key(id, idem), &entry.seq.to_be_bytes());
             writes += 1;
