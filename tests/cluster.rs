@@ -361,7 +361,7 @@ sync_interval = "1s"
             .stderr(log)
             .spawn()
             .expect("the gateway binary starts");
-        (child, port)
+        Node { child, port, data }
     }
 
     /// Waits until the node listens; its log when it exits or takes too long.
@@ -2008,28 +2008,31 @@ async fn subscription_where(node: &Node, sid: &str, want: impl Fn(&Value) -> boo
     }
 }
 
-/// The grants of `period` in the ledgers of all `nodes` (each node's own).
-async fn grants_of_period(nodes: &[Node], account: &str, period: u64) -> usize {
-    let mut n = 0;
+/// The grants of `period` in the account's ledger as each of `nodes`
+/// lists it (ledgers are cluster-wide: each lists every node's entries).
+async fn grants_of_period(nodes: &[Node], account: &str, period: u64) -> Vec<usize> {
+    let mut counts = Vec::new();
     for node in nodes {
         let (s, v) = node
             .admin("GET", &format!("/api/v1/accounts/{account}/ledger"), None)
             .await;
         assert_eq!(s, 200, "{v}");
-        n += v["data"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter(|e| {
-                e["kind"] == "grant"
-                    && e["reason"]
-                        .as_str()
-                        .is_some_and(|r| r.contains(&format!("period {period} grant")))
-            })
-            .count();
+        counts.push(
+            v["data"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|e| {
+                    e["kind"] == "grant"
+                        && e["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains(&format!("period {period} grant")))
+                })
+                .count(),
+        );
     }
-    n
+    counts
 }
 
 /// A subscription made through node 1 is known to every node; a renewal
@@ -2128,7 +2131,7 @@ async fn a_subscription_renews_once_over_three_nodes() {
     assert_eq!(lists[0], lists[1]);
     assert_eq!(lists[1], lists[2]);
     assert_eq!(claims(format!("grant:{sid}:g:1:")).await, 1);
-    assert_eq!(grants_of_period(&nodes, "acct-sub", 1).await, 1);
+    assert_eq!(grants_of_period(&nodes, "acct-sub", 1).await, [1, 1, 1]);
 
     // Node 1 down: renewed through node 2, the next period rolls elsewhere.
     nodes[0].terminate();
@@ -2153,7 +2156,7 @@ async fn a_subscription_renews_once_over_three_nodes() {
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(claims(format!("grant:{sid}:g:2:")).await, 1);
-    assert_eq!(grants_of_period(&later, "acct-sub", 2).await, 1);
+    assert_eq!(grants_of_period(&later, "acct-sub", 2).await, [1, 1]);
     for n in &mut later {
         n.terminate();
     }

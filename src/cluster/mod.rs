@@ -60,9 +60,9 @@
 pub mod audit;
 pub mod config;
 pub mod lease;
-pub mod payments;
-pub mod outbox;
 pub mod ledger;
+pub mod outbox;
+pub mod payments;
 pub mod rate;
 pub mod schema;
 pub mod subscriptions;
