@@ -57,8 +57,8 @@
 pub mod audit;
 pub mod config;
 pub mod lease;
-pub mod payments;
 pub mod outbox;
+pub mod payments;
 pub mod rate;
 pub mod schema;
 pub mod subscriptions;
@@ -267,6 +267,8 @@ pub struct Charge {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SettledAccount {
     pub balance: Pico,
+    /// What remains of the subscription period's grants (spent first).
+    pub allowance: Pico,
     pub spent: Pico,
     /// Σ the leases nodes hold on it now.
     pub leased: Pico,
@@ -279,6 +281,14 @@ pub struct SettledKey {
     pub usage: Pico,
     /// Its limit (the truth: a node's live limit may be a lease counter).
     pub limit: Option<Pico>,
+}
+
+/// Whether a settled charge on an account is taken from its allowance
+/// first (then its balance), as the local store charges it: usage and
+/// deducts are spending; a negative adjust is not (balance only, as
+/// `AccountCreditKind::Adjust`), nor is a refund (negative).
+fn draws_on_allowance(kind: &str, amount: i64) -> bool {
+    amount > 0 && kind != "adjust"
 }
 
 /// Refusal when the database is needed and unreachable.
@@ -869,15 +879,18 @@ impl Cluster {
             let c = pool.get().await.map_err(pool_error)?;
             let row = c
                 .query_opt(
-                    "SELECT balance, spent, leased FROM tollgate_accounts WHERE id = $1 AND NOT deleted",
+                    "SELECT balance, spent, leased, allowance FROM tollgate_accounts \
+                     WHERE id = $1 AND NOT deleted",
                     &[&id],
                 )
                 .await
-                .map_err(db).map(count(Kind::Read, 2))?;
+                .map_err(db)
+                .map(count(Kind::Read, 2))?;
             Ok(row.map(|r| SettledAccount {
                 balance: Pico(r.get(0)),
                 spent: Pico(r.get(1)),
                 leased: Pico(r.get(2)),
+                allowance: Pico(r.get(3)),
             }))
         })
         .await
@@ -1037,7 +1050,7 @@ impl Cluster {
                  $13::int4[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
                  $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[]) \
                  AS u(i, k, h, a, m, s, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15, r16, r17) \
-                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent",
+                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent, kind",
                 &[
                     &ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node, &r.model,
                     &r.upstream, &r.route, &r.stream, &r.status, &r.prompt, &r.cached,
@@ -1048,7 +1061,9 @@ impl Cluster {
             .await
             .map_err(db).map(count(Kind::Settle, 2))?;
         let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
-        let mut per_account: HashMap<String, (i64, i64)> = HashMap::new();
+        // Per account: Σ what is spent like usage (drawn from the allowance
+        // first), Σ the rest (balance only), Σ spent.
+        let mut per_account: HashMap<String, (i64, i64, i64)> = HashMap::new();
         // Charges no account paid: they come out of the key's own lease.
         let mut per_key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         for r in &rows {
@@ -1056,6 +1071,7 @@ impl Cluster {
             let account: Option<String> = r.get(1);
             let amount: i64 = r.get(2);
             let spent: i64 = r.get(3);
+            let kind: &str = r.get(4);
             // A record that cost nothing moves no money (no row to lock).
             if let Some(k) = &key
                 && spent != 0
@@ -1065,8 +1081,12 @@ impl Cluster {
             match (account, key) {
                 (Some(a), _) if amount != 0 || spent != 0 => {
                     let e = per_account.entry(a).or_default();
-                    e.0 += amount;
-                    e.1 += spent;
+                    if draws_on_allowance(kind, amount) {
+                        e.0 += amount;
+                    } else {
+                        e.1 += amount;
+                    }
+                    e.2 += spent;
                 }
                 (None, Some(k)) if amount > 0 => {
                     *per_key_lease.entry(k).or_default() += amount;
@@ -1101,13 +1121,35 @@ impl Cluster {
         let mut accounts: Vec<_> = per_account.into_iter().collect();
         // One lock order for every writer: no deadlock between nodes.
         accounts.sort();
-        for (account, (amount, spent)) in accounts {
+        for (account, (charged, credited, spent)) in accounts {
             let subject = Subject::Account(Arc::from(account.as_str()));
+            // The account's row first (the lock order of `lease_down`):
+            // the split is made on the allowance as committed.
+            let allowance: i64 = tx
+                .query_opt(
+                    "SELECT allowance FROM tollgate_accounts WHERE id = $1 FOR UPDATE",
+                    &[&account],
+                )
+                .await
+                .map_err(db)
+                .map(count(Kind::Settle, 2))?
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            let amount = charged + credited;
+            // Allowance first, then balance: Σ of the charges' parts is the
+            // part of their sum, since each of them is positive.
+            let from_allowance = crate::store::allowance_part(allowance, charged);
             let down = lease::lease_down(&tx, node, &subject, amount).await?;
             tx.execute(
-                "UPDATE tollgate_accounts SET balance = balance - $2, spent = spent + $3, \
-                 leased = leased - $4 WHERE id = $1",
-                &[&account, &amount, &spent, &down],
+                "UPDATE tollgate_accounts SET allowance = allowance - $5, balance = balance - $2, \
+                 spent = spent + $3, leased = leased - $4 WHERE id = $1",
+                &[
+                    &account,
+                    &(amount - from_allowance),
+                    &spent,
+                    &down,
+                    &from_allowance,
+                ],
             )
             .await
             .map_err(db)
@@ -1265,5 +1307,36 @@ impl Cluster {
                 "cluster: shutdown could not return every lease in time; they expire after lease_ttl"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::allowance_part;
+
+    #[test]
+    fn spending_draws_on_the_allowance_first() {
+        assert!(draws_on_allowance("usage", 5));
+        assert!(draws_on_allowance("deduct", 5));
+        // A negative adjust moves the balance only, as on one node.
+        assert!(!draws_on_allowance("adjust", 5));
+        assert!(!draws_on_allowance("usage", 0));
+        assert!(!draws_on_allowance("usage", -5));
+    }
+
+    #[test]
+    fn a_batch_splits_as_its_charges_would_one_by_one() {
+        // Charges of 3, 4 and 2 against an allowance of 5: one by one
+        // 3 + 2 + 0 from the allowance; as a batch min(9, 5) = 5.
+        let mut allowance = 5;
+        let mut from = 0;
+        for c in [3, 4, 2] {
+            let part = allowance_part(allowance, c);
+            allowance -= part;
+            from += part;
+        }
+        assert_eq!(from, 5);
+        assert_eq!(allowance_part(5, 3 + 4 + 2), from);
     }
 }

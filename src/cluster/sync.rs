@@ -211,6 +211,7 @@ impl Cluster {
                                  VALUES ($1, $2, false, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
                                  balance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.balance END, \
                                  spent = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.spent END, \
+                                 allowance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.allowance END, \
                                  record = excluded.record, deleted = false, overdraft = excluded.overdraft, \
                                  unlimited = excluded.unlimited, seq = excluded.seq, origin = excluded.origin",
                                 &[&id, &record, &a.overdraft.0, &a.unlimited, &seq, &node],
