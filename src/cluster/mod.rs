@@ -54,6 +54,7 @@
 //! All database work runs on this module's own runtime (one thread), so
 //! the per-core workers never own a database connection.
 
+pub mod allowance;
 pub mod audit;
 pub mod config;
 pub mod lease;
@@ -281,14 +282,6 @@ pub struct SettledKey {
     pub usage: Pico,
     /// Its limit (the truth: a node's live limit may be a lease counter).
     pub limit: Option<Pico>,
-}
-
-/// Whether a settled charge on an account is taken from its allowance
-/// first (then its balance), as the local store charges it: usage and
-/// deducts are spending; a negative adjust is not (balance only, as
-/// `AccountCreditKind::Adjust`), nor is a refund (negative).
-fn draws_on_allowance(kind: &str, amount: i64) -> bool {
-    amount > 0 && kind != "adjust"
 }
 
 /// Refusal when the database is needed and unreachable.
@@ -1050,7 +1043,7 @@ impl Cluster {
                  $13::int4[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
                  $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[]) \
                  AS u(i, k, h, a, m, s, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15, r16, r17) \
-                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent, kind",
+                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent, kind, at_ms",
                 &[
                     &ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node, &r.model,
                     &r.upstream, &r.route, &r.stream, &r.status, &r.prompt, &r.cached,
@@ -1061,9 +1054,9 @@ impl Cluster {
             .await
             .map_err(db).map(count(Kind::Settle, 2))?;
         let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
-        // Per account: Σ what is spent like usage (drawn from the allowance
-        // first), Σ the rest (balance only), Σ spent.
-        let mut per_account: HashMap<String, (i64, i64, i64)> = HashMap::new();
+        // Per account: what is spent like usage ((at_ms, amount), drawn
+        // from the allowance first), Σ the rest (balance only), Σ spent.
+        let mut per_account: HashMap<String, allowance::AccountCharges> = HashMap::new();
         // Charges no account paid: they come out of the key's own lease.
         let mut per_key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         for r in &rows {
@@ -1072,6 +1065,7 @@ impl Cluster {
             let amount: i64 = r.get(2);
             let spent: i64 = r.get(3);
             let kind: &str = r.get(4);
+            let at_ms: i64 = r.get(5);
             // A record that cost nothing moves no money (no row to lock).
             if let Some(k) = &key
                 && spent != 0
@@ -1081,12 +1075,12 @@ impl Cluster {
             match (account, key) {
                 (Some(a), _) if amount != 0 || spent != 0 => {
                     let e = per_account.entry(a).or_default();
-                    if draws_on_allowance(kind, amount) {
-                        e.0 += amount;
+                    if allowance::draws_on_allowance(kind, amount) {
+                        e.draws.push((at_ms, amount));
                     } else {
-                        e.1 += amount;
+                        e.other += amount;
                     }
-                    e.2 += spent;
+                    e.spent += spent;
                 }
                 (None, Some(k)) if amount > 0 => {
                     *per_key_lease.entry(k).or_default() += amount;
@@ -1120,35 +1114,47 @@ impl Cluster {
         let mut taken = Vec::with_capacity(per_account.len() + per_key_lease.len());
         let mut accounts: Vec<_> = per_account.into_iter().collect();
         // One lock order for every writer: no deadlock between nodes.
-        accounts.sort();
-        for (account, (charged, credited, spent)) in accounts {
+        accounts.sort_by(|a, b| a.0.cmp(&b.0));
+        for (account, charges) in accounts {
+            let allowance::AccountCharges {
+                mut draws,
+                other,
+                spent,
+            } = charges;
             let subject = Subject::Account(Arc::from(account.as_str()));
             // The account's row first (the lock order of `lease_down`):
             // the split is made on the allowance as committed.
-            let allowance: i64 = tx
+            let now = tx
                 .query_opt(
-                    "SELECT allowance FROM tollgate_accounts WHERE id = $1 FOR UPDATE",
+                    "SELECT allowance, allowance_lapsed, allowance_lapsed_at_ms \
+                     FROM tollgate_accounts WHERE id = $1 FOR UPDATE",
                     &[&account],
                 )
                 .await
                 .map_err(db)
                 .map(count(Kind::Settle, 2))?
-                .map(|r| r.get(0))
-                .unwrap_or(0);
-            let amount = charged + credited;
-            // Allowance first, then balance: Σ of the charges' parts is the
-            // part of their sum, since each of them is positive.
-            let from_allowance = crate::store::allowance_part(allowance, charged);
+                .map(|r| allowance::Allowance {
+                    allowance: r.get(0),
+                    lapsed: r.get(1),
+                    lapsed_at_ms: r.get(2),
+                })
+                .unwrap_or_default();
+            // In the order they were made, as one node commits them.
+            draws.sort_unstable();
+            let split = allowance::split(now, &draws);
+            let amount = draws.iter().map(|d| d.1).sum::<i64>() + other;
             let down = lease::lease_down(&tx, node, &subject, amount).await?;
             tx.execute(
-                "UPDATE tollgate_accounts SET allowance = allowance - $5, balance = balance - $2, \
+                "UPDATE tollgate_accounts SET allowance = allowance - $5, \
+                 allowance_lapsed = allowance_lapsed - $6, balance = balance - $2, \
                  spent = spent + $3, leased = leased - $4 WHERE id = $1",
                 &[
                     &account,
-                    &(amount - from_allowance),
+                    &(amount - split.from_allowance - split.from_lapsed),
                     &spent,
                     &down,
-                    &from_allowance,
+                    &split.from_allowance,
+                    &split.from_lapsed,
                 ],
             )
             .await
@@ -1307,36 +1313,5 @@ impl Cluster {
                 "cluster: shutdown could not return every lease in time; they expire after lease_ttl"
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::allowance_part;
-
-    #[test]
-    fn spending_draws_on_the_allowance_first() {
-        assert!(draws_on_allowance("usage", 5));
-        assert!(draws_on_allowance("deduct", 5));
-        // A negative adjust moves the balance only, as on one node.
-        assert!(!draws_on_allowance("adjust", 5));
-        assert!(!draws_on_allowance("usage", 0));
-        assert!(!draws_on_allowance("usage", -5));
-    }
-
-    #[test]
-    fn a_batch_splits_as_its_charges_would_one_by_one() {
-        // Charges of 3, 4 and 2 against an allowance of 5: one by one
-        // 3 + 2 + 0 from the allowance; as a batch min(9, 5) = 5.
-        let mut allowance = 5;
-        let mut from = 0;
-        for c in [3, 4, 2] {
-            let part = allowance_part(allowance, c);
-            allowance -= part;
-            from += part;
-        }
-        assert_eq!(from, 5);
-        assert_eq!(allowance_part(5, 3 + 4 + 2), from);
     }
 }

@@ -21,7 +21,7 @@
 //! | `tollgate_epay_orders` | out_trade_no | (version 8) epay orders made through any node, so a notification reaching another node finds its order |
 //! | `tollgate_events` | event id | (version 9) every node's events: type, the signed body, origin; `seq` is the listing order |
 //! | `tollgate_deliveries` | (event, endpoint) | (version 9) where each delivery stands, and which node holds it (`claimed_by` until `claim_until_ms`, the database's clock) |
-//! | `tollgate_accounts.allowance` | account id | (version 10) what remains of the subscription period's grants (picoUSD), spent before `balance`; free credit = `allowance + balance + overdraft − leased` |
+//! | `tollgate_accounts.allowance` | account id | (version 10) what remains of the subscription period's grants (picoUSD), spent before `balance`; free credit = `allowance + balance + overdraft − leased`; `allowance_lapsed`/`allowance_lapsed_at_ms`: what the last lapse took, and when (it pays for charges made before it, settled after) |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -225,9 +225,14 @@ CREATE INDEX tollgate_deliveries_due ON tollgate_deliveries (endpoint, next_atte
     // may follow any version): what remains of the subscription period's
     // grants, spent before the balance. Grants raise it and lapses zero it
     // once per claim id (`cluster::subscriptions`); settlement takes a
-    // charge from it first (`store::allowance_part`).
+    // charge from it first (`cluster::allowance`). `allowance_lapsed` is
+    // what the last lapse took (at `allowance_lapsed_at_ms`), which pays
+    // for charges made before it that are settled after it.
     r#"
-ALTER TABLE tollgate_accounts ADD COLUMN allowance bigint NOT NULL DEFAULT 0;
+ALTER TABLE tollgate_accounts
+    ADD COLUMN allowance bigint NOT NULL DEFAULT 0,
+    ADD COLUMN allowance_lapsed bigint NOT NULL DEFAULT 0,
+    ADD COLUMN allowance_lapsed_at_ms bigint NOT NULL DEFAULT 0;
 "#,
 ];
 

@@ -81,21 +81,39 @@ impl OnceClaim {
     }
 }
 
-/// The allowance after the moves of the claims made now, in order, and
-/// what each moved (new − old, the row's `amount`). `None` when a grant
-/// would take it out of range.
-pub fn apply_moves(mut allowance: i64, moves: &[AllowanceMove]) -> Option<(i64, Vec<i64>)> {
-    let mut moved = Vec::with_capacity(moves.len());
+/// What the moves of the claims made now do to an allowance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Moved {
+    /// The allowance after them.
+    pub allowance: i64,
+    /// What each moved (new − old: the claim row's `amount`).
+    pub each: Vec<i64>,
+    /// What the last lapse among them took (`allowance_lapsed`), if any.
+    pub lapsed: Option<i64>,
+}
+
+/// The moves of the claims made now, in order, on `allowance` (as the
+/// store applies them). `None` when a grant would take it out of range.
+pub fn apply_moves(mut allowance: i64, moves: &[AllowanceMove]) -> Option<Moved> {
+    let mut each = Vec::with_capacity(moves.len());
+    let mut lapsed = None;
     for m in moves {
         let after = match m {
             AllowanceMove::Keep => allowance,
             AllowanceMove::Raise(a) => allowance.checked_add(*a)?,
-            AllowanceMove::Lapse => 0,
+            AllowanceMove::Lapse => {
+                lapsed = Some(allowance.max(0));
+                0
+            }
         };
-        moved.push(after.checked_sub(allowance)?);
+        each.push(after.checked_sub(allowance)?);
         allowance = after;
     }
-    Some((allowance, moved))
+    Some(Moved {
+        allowance,
+        each,
+        lapsed,
+    })
 }
 
 /// The `tollgate_entries` id of a renewal's idempotency key.
@@ -220,11 +238,17 @@ impl Cluster {
                         .map(count(Kind::Change, 2))?;
                     // An account the database does not know has no money there.
                     if let Some(row) = row {
-                        let (after, moved) = apply_moves(row.get(0), &moves)
+                        let moved = apply_moves(row.get(0), &moves)
                             .ok_or_else(|| "the allowance would be out of range".to_owned())?;
+                        // A lapse keeps what it took, for the charges made
+                        // before it that are settled after (`cluster::allowance`).
                         tx.execute(
-                            "UPDATE tollgate_accounts SET allowance = $2 WHERE id = $1",
-                            &[&account, &after],
+                            "UPDATE tollgate_accounts SET allowance = $2, \
+                             allowance_lapsed = COALESCE($3, allowance_lapsed), \
+                             allowance_lapsed_at_ms = CASE WHEN $3::int8 IS NULL \
+                                 THEN allowance_lapsed_at_ms ELSE $4 END \
+                             WHERE id = $1",
+                            &[&account, &moved.allowance, &moved.lapsed, &at_ms],
                         )
                         .await
                         .map_err(db)
@@ -232,7 +256,7 @@ impl Cluster {
                         tx.execute(
                             "UPDATE tollgate_entries e SET amount = d.a \
                              FROM unnest($1::text[], $2::int8[]) AS d(i, a) WHERE e.id = d.i",
-                            &[&now_ids, &moved],
+                            &[&now_ids, &moved.each],
                         )
                         .await
                         .map_err(db)
@@ -315,22 +339,29 @@ mod tests {
     #[test]
     fn a_period_roll_lapses_then_grants() {
         use AllowanceMove::*;
+        let moved =
+            |a, m: &[AllowanceMove]| apply_moves(a, m).map(|m| (m.allowance, m.each, m.lapsed));
         // 3 left of the period's grant of 4: the lapse takes 3, the next
         // period's grant gives 4 (not 7: nothing carries over).
-        assert_eq!(apply_moves(3, &[Lapse, Raise(4)]), Some((4, vec![-3, 4])));
-        // Rollover (no lapse): the grant adds.
-        assert_eq!(apply_moves(3, &[Raise(4)]), Some((7, vec![4])));
-        // Several periods at once; a lapse of an allowance below zero
-        // (a grant given back after it was spent) brings it to zero.
         assert_eq!(
-            apply_moves(-1, &[Lapse, Raise(2), Lapse, Raise(2)]),
-            Some((2, vec![1, 2, -2, 2]))
+            moved(3, &[Lapse, Raise(4)]),
+            Some((4, vec![-3, 4], Some(3)))
         );
+        // Rollover (no lapse): the grant adds.
+        assert_eq!(moved(3, &[Raise(4)]), Some((7, vec![4], None)));
+        // Several periods at once (the last lapse is kept); a lapse of an
+        // allowance below zero (a grant given back after it was spent)
+        // brings it to zero and took nothing.
+        assert_eq!(
+            moved(-1, &[Lapse, Raise(2), Lapse, Raise(2)]),
+            Some((2, vec![1, 2, -2, 2], Some(2)))
+        );
+        assert_eq!(moved(-1, &[Lapse]), Some((0, vec![1], Some(0))));
         // Claims that move nothing move nothing.
-        assert_eq!(apply_moves(5, &[Keep]), Some((5, vec![0])));
+        assert_eq!(moved(5, &[Keep]), Some((5, vec![0], None)));
         // Undoing: allowance − Σ moved is where it started.
-        let (after, moved) = apply_moves(3, &[Lapse, Raise(4)]).unwrap();
-        assert_eq!(after - moved.iter().sum::<i64>(), 3);
+        let m = apply_moves(3, &[Lapse, Raise(4)]).unwrap();
+        assert_eq!(m.allowance - m.each.iter().sum::<i64>(), 3);
         assert_eq!(apply_moves(i64::MAX, &[Raise(1)]), None);
     }
 }
