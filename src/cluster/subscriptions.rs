@@ -271,7 +271,8 @@ impl Cluster {
     }
 
     /// Gives back claims this node made for a write that did not happen,
-    /// and undoes what they moved on the allowance (one statement).
+    /// and undoes what they moved on the allowance (one statement; a lapse
+    /// undone keeps nothing for late charges: its allowance is back).
     pub async fn unclaim(&self, ids: Vec<String>) {
         if ids.is_empty() {
             return;
@@ -283,11 +284,12 @@ impl Cluster {
                 let c = pool.get().await.map_err(pool_error)?;
                 c.execute(
                     "WITH gone AS (DELETE FROM tollgate_entries WHERE id = ANY($1) AND node_id = $2 \
-                     AND kind IN ('grant', 'lapse', 'renewal', 'subscribe') RETURNING account_id, amount), \
-                     per AS (SELECT account_id, SUM(amount)::bigint AS amount FROM gone \
-                     WHERE amount <> 0 GROUP BY account_id) \
-                     UPDATE tollgate_accounts a SET allowance = a.allowance - per.amount \
-                     FROM per WHERE a.id = per.account_id",
+                     AND kind IN ('grant', 'lapse', 'renewal', 'subscribe') RETURNING account_id, amount, kind), \
+                     per AS (SELECT account_id, SUM(amount)::bigint AS amount, \
+                     bool_or(kind = 'lapse') AS lapse FROM gone GROUP BY account_id) \
+                     UPDATE tollgate_accounts a SET allowance = a.allowance - per.amount, \
+                     allowance_lapsed = CASE WHEN per.lapse THEN 0 ELSE a.allowance_lapsed END \
+                     FROM per WHERE a.id = per.account_id AND (per.amount <> 0 OR per.lapse)",
                     &[&ids, &node],
                 )
                 .await

@@ -212,6 +212,8 @@ impl Cluster {
                                  balance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.balance END, \
                                  spent = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.spent END, \
                                  allowance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.allowance END, \
+                                 allowance_lapsed = CASE WHEN tollgate_accounts.deleted THEN 0 \
+                                     ELSE tollgate_accounts.allowance_lapsed END, \
                                  record = excluded.record, deleted = false, overdraft = excluded.overdraft, \
                                  unlimited = excluded.unlimited, seq = excluded.seq, origin = excluded.origin",
                                 &[&id, &record, &a.overdraft.0, &a.unlimited, &seq, &node],
