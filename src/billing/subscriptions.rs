@@ -779,12 +779,20 @@ impl<'a> Billing<'a> {
             SubscriptionMoney::Grant { marker, .. } => held.contains(&grant_entry_id(&sid, marker)),
             SubscriptionMoney::LapseAll { .. } => true,
         });
+        let lapses = w
+            .money
+            .iter()
+            .any(|m| matches!(m, SubscriptionMoney::LapseAll { .. }));
         match self.store.write_subscription(w).await {
             Ok(out) if !out.replayed => {
                 c.publish(crate::cluster::sync::Change::Subscription(
                     out.sub.id.clone(),
                 ))
                 .await;
+                if lapses {
+                    // This node's slice may come from the lapsed allowance.
+                    c.return_account(&out.account.id).await;
+                }
                 Ok(out)
             }
             other => {

@@ -1261,7 +1261,27 @@ impl Cluster {
             })
             .map(|h| h.value().clone())
             .collect();
-        for h in idle {
+        self.give_back_unused(idle).await;
+    }
+
+    /// A subscription change of `account` (this node's, or pulled) may
+    /// have lapsed its allowance: this node's unused slice of it was taken
+    /// from credit that may be gone, so it goes back now, and the next
+    /// request takes a slice of what the account has after the change.
+    pub async fn return_account(&self, account: &str) {
+        let subject = Subject::Account(Arc::from(account));
+        let held: Vec<Arc<Held>> = self
+            .leases
+            .get(&subject)
+            .map(|h| h.value().clone())
+            .into_iter()
+            .collect();
+        self.give_back_unused(held).await;
+    }
+
+    /// Gives the unused part of each lease back to the database.
+    async fn give_back_unused(&self, held: Vec<Arc<Held>>) {
+        for h in held {
             let back = {
                 let s = h.state.lock().unwrap_or_else(|e| e.into_inner());
                 h.holder.headroom().clamp(0, s.granted - s.revoked)
@@ -1272,11 +1292,13 @@ impl Cluster {
             let pool = self.pool.clone();
             let node = self.cfg.node_id.clone();
             let subject = h.subject.clone();
-            let given = async move {
-                let mut c = pool.get().await.map_err(pool_error)?;
-                lease::give_back(&mut c, &node, &subject, back).await
-            }
-            .await;
+            // On the cluster's runtime (a pull may run on another).
+            let given = self
+                .run(async move {
+                    let mut c = pool.get().await.map_err(pool_error)?;
+                    lease::give_back(&mut c, &node, &subject, back).await
+                })
+                .await;
             match given {
                 // Less given back than taken out (reclaimed meanwhile): the
                 // rest was not this node's any more, and stays out.

@@ -374,7 +374,11 @@ impl Cluster {
                 }
                 // After the accounts: a subscription's account is there.
                 for record in subs {
-                    apply_subscription(&app, &record).await?;
+                    if let Some(account) = apply_subscription(&app, &record).await? {
+                        // It may have lapsed the allowance this node's
+                        // slice came from.
+                        self.return_account(&account).await;
+                    }
                 }
                 for (hash, record, deleted, limit) in keys {
                     let Ok(hash) = <KeyHash>::try_from(hash.as_slice()) else {
@@ -548,8 +552,9 @@ async fn apply_account(app: &App, id: &str, record: &[u8], deleted: bool) -> Res
 
 /// Applies another node's subscription write to the local store (as it
 /// is, no money: that node applied it) and the account's live wallet (its
-/// subscription state, the plan's key template).
-async fn apply_subscription(app: &App, record: &str) -> Result<(), String> {
+/// subscription state, the plan's key template); returns its account
+/// (`None`: skipped).
+async fn apply_subscription(app: &App, record: &str) -> Result<Option<String>, String> {
     let sub: crate::store::SubscriptionRecord =
         serde_json::from_str(record).map_err(|e| format!("a subscription row: {e}"))?;
     if app
@@ -559,7 +564,7 @@ async fn apply_subscription(app: &App, record: &str) -> Result<(), String> {
         .is_none()
     {
         tracing::warn!(sub = %sub.id, account = %sub.account, "cluster: a subscription of an unknown account skipped");
-        return Ok(());
+        return Ok(None);
     }
     let at_ms = sub.updated_at;
     let out = app
@@ -578,7 +583,7 @@ async fn apply_subscription(app: &App, record: &str) -> Result<(), String> {
     wallets.changed(&out.account.id, |live| {
         live.set_subscription(out.account.subscription.as_ref(), wallets.plans())
     });
-    Ok(())
+    Ok(Some(out.account.id))
 }
 
 /// Applies another node's admin-token change to the local store and the
