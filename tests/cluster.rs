@@ -3065,3 +3065,66 @@ async fn an_unused_allowance_does_not_carry_over_cluster_wide() {
         n.terminate();
     }
 }
+
+/// The nodes' slices of an allowance that lapses go back to the account at
+/// once (each node gives its slice back when it sees the change), not
+/// after they are idle: no node spends credit that lapsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lapse_takes_back_the_slices_the_nodes_hold() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let mut nodes: Vec<Node> = ["g-1", "g-2", "g-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, DAILY))
+        .collect();
+    let grant = Pico::parse_usd("1").unwrap().0;
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-g"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-g/subscriptions",
+            Some(json!({"plan": "daily"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let sid = v["data"]["id"].as_str().expect("id").to_owned();
+    let key = create_key(&nodes[0], "g", "acct-g").await;
+    known_everywhere(&nodes, &key.1).await;
+    let db = pg.client().await;
+    // Each node serves some: each holds a slice (5% of 1 USD) of it.
+    let codes = spread(&nodes, std::slice::from_ref(&key), 9).await;
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    let (_, _, _, leased) = money_of(&db, "acct-g").await;
+    assert!(leased > 0, "the nodes hold slices");
+    let (s, v) = nodes[1]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/cancel"),
+            Some(json!({"at_period_end": false})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let canceled = Instant::now();
+    let (allowance, balance, spent, _) = leases_back(&db, "acct-g").await;
+    // Idle slices go back only after two sync intervals (2 s).
+    assert!(
+        canceled.elapsed() < Duration::from_millis(1500),
+        "the slices went back after {:?}",
+        canceled.elapsed()
+    );
+    assert_eq!(
+        (allowance, balance),
+        (0, 0),
+        "nothing charged past the lapse"
+    );
+    assert!(spent > 0 && spent < grant);
+    for n in &mut nodes {
+        assert_eq!(n.chat(&key.0, false).await, 402);
+        n.terminate();
+    }
+}
