@@ -1,7 +1,7 @@
 //! Many gateway nodes over one PostgreSQL: `[cluster]` in `config.toml`.
 //!
 //! PostgreSQL is the truth of keys and accounts (their records), of the
-//! money (an account's `balance` and `spent`, a key's `usage`) and of the
+//! money (an account's `allowance`, `balance` and `spent`, a key's `usage`) and of the
 //! usage records and ledger entries that moved it. Each node keeps its sled
 //! store as its local copy and journal, and its hot path in memory as in
 //! single-node mode: the gate and the wallets admit and reserve exactly as
@@ -10,7 +10,7 @@
 //!
 //! - **Leases** ([`lease`]): in cluster mode a wallet's `headroom` starts at
 //!   zero and grows only by slices this node took from the account's free
-//!   credit in the database (`balance + overdraft − leased`), with one
+//!   credit in the database (`allowance + balance + overdraft − leased`), with one
 //!   guarded statement. Σ leases never exceeds what remains, so no
 //!   interleaving of nodes overspends. A request that finds too little in
 //!   the lease waits for one round trip ([`Cluster::ensure_credit`]); near
@@ -20,8 +20,9 @@
 //!   with one guarded statement and admits against them in memory.
 //! - **Settlement**: every settled charge is queued here and written in
 //!   batches (usage/ledger entries inserted once per id, a key's `usage`,
-//!   the account's `balance`/`spent`, and the lease lowered by the same
-//!   amount, in one transaction). A retry never counts twice.
+//!   the account's `allowance` first then `balance` ([`allowance`]), its
+//!   `spent`, and the lease lowered by the same amount, in one
+//!   transaction). A retry never counts twice.
 //! - **Renewal and return**: each tick renews this node's leases, returns
 //!   the unused part of idle ones, and reclaims anyone's expired leases:
 //!   a node killed with SIGKILL gives its lease back after `lease_ttl`,
@@ -39,7 +40,9 @@
 //!   the records back from there.
 //! - **Subscriptions** ([`subscriptions`]): records shared through the
 //!   database like accounts; the lifecycle pass runs on one node at a
-//!   time (an advisory lock); each grant is claimed once cluster-wide.
+//!   time (an advisory lock); each grant and lapse is claimed once
+//!   cluster-wide and moves the database's allowance in its claim's
+//!   transaction.
 //! - **Events** ([`outbox`]): each node's events are shipped to the
 //!   database once each, with a delivery per endpoint; any node delivers
 //!   any of them, one node at a time (a claim that expires).
@@ -253,7 +256,8 @@ pub struct Charge {
     pub key: Option<KeyHash>,
     /// The account whose lease paid, if any.
     pub account: Option<Arc<str>>,
-    /// picoUSD taken from the balance (and from the lease).
+    /// picoUSD taken from the account (allowance first for usage and
+    /// deducts, then balance) and from the lease.
     pub amount: i64,
     /// picoUSD added to the account's lifetime spent.
     pub spent: i64,
