@@ -2125,6 +2125,23 @@ async fn a_subscription_renews_once_over_three_nodes() {
     assert_eq!(lists[1], lists[2]);
     assert_eq!(claims(format!("grant:{sid}:g:1:")).await, 1);
     assert_eq!(grants_of_period(&nodes, "acct-sub", 1).await, 1);
+    // The database's allowance is period 1's grant: period 0's lapsed
+    // once, period 1's was granted once.
+    let one_usd = Pico::parse_usd("1").unwrap().0;
+    let allowance = || {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT allowance FROM tollgate_accounts WHERE id = 'acct-sub'",
+                &[],
+            )
+            .await
+            .expect("account row")
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(allowance().await, one_usd);
+    assert_eq!(claims(format!("lapse:{sid}:0")).await, 1);
 
     // Node 1 down: renewed through node 2, the next period rolls elsewhere.
     nodes[0].terminate();
@@ -2150,6 +2167,8 @@ async fn a_subscription_renews_once_over_three_nodes() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(claims(format!("grant:{sid}:g:2:")).await, 1);
     assert_eq!(grants_of_period(&later, "acct-sub", 2).await, 1);
+    assert_eq!(allowance().await, one_usd);
+    assert_eq!(claims(format!("lapse:{sid}:1")).await, 1);
     for n in &mut later {
         n.terminate();
     }
