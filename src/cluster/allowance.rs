@@ -56,7 +56,8 @@ pub struct Split {
 /// Splits `charges` ((at_ms, amount), each positive and drawing on the
 /// allowance) as if each had been committed at its instant, one by one: a
 /// charge made before the last lapse from what it took, else from the
-/// allowance; what neither covers from the balance.
+/// allowance; what neither covers from the balance. Their order does not
+/// matter: of positive charges a pool covers min(Σ, pool) in any order.
 pub fn split(a: Allowance, charges: &[(i64, i64)]) -> Split {
     let (mut allowance, mut lapsed) = (a.allowance, a.lapsed);
     let mut s = Split::default();
@@ -108,6 +109,8 @@ mod tests {
                 from_balance: 4
             }
         );
+        // In another order, the same split.
+        assert_eq!(split(a, &[(3, 2), (1, 3), (2, 4)]), s);
         // Nothing left of it: all from the balance.
         let s = split(Allowance::default(), &[(1, 3)]);
         assert_eq!((s.from_allowance, s.from_balance), (0, 3));

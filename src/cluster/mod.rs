@@ -1121,7 +1121,7 @@ impl Cluster {
         accounts.sort_by(|a, b| a.0.cmp(&b.0));
         for (account, charges) in accounts {
             let allowance::AccountCharges {
-                mut draws,
+                draws,
                 other,
                 spent,
             } = charges;
@@ -1143,8 +1143,6 @@ impl Cluster {
                     lapsed_at_ms: r.get(2),
                 })
                 .unwrap_or_default();
-            // In the order they were made, as one node commits them.
-            draws.sort_unstable();
             let split = allowance::split(now, &draws);
             let amount = draws.iter().map(|d| d.1).sum::<i64>() + other;
             let down = lease::lease_down(&tx, node, &subject, amount).await?;
