@@ -2132,6 +2132,23 @@ async fn a_subscription_renews_once_over_three_nodes() {
     assert_eq!(lists[1], lists[2]);
     assert_eq!(claims(format!("grant:{sid}:g:1:")).await, 1);
     assert_eq!(grants_of_period(&nodes, "acct-sub", 1).await, [1, 1, 1]);
+    // The database's allowance is period 1's grant: period 0's lapsed
+    // once, period 1's was granted once.
+    let one_usd = Pico::parse_usd("1").unwrap().0;
+    let allowance = || {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT allowance FROM tollgate_accounts WHERE id = 'acct-sub'",
+                &[],
+            )
+            .await
+            .expect("account row")
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(allowance().await, one_usd);
+    assert_eq!(claims(format!("lapse:{sid}:0")).await, 1);
 
     // Node 1 down: renewed through node 2, the next period rolls elsewhere.
     nodes[0].terminate();
@@ -2157,6 +2174,8 @@ async fn a_subscription_renews_once_over_three_nodes() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(claims(format!("grant:{sid}:g:2:")).await, 1);
     assert_eq!(grants_of_period(&later, "acct-sub", 2).await, [1, 1]);
+    assert_eq!(allowance().await, one_usd);
+    assert_eq!(claims(format!("lapse:{sid}:1")).await, 1);
     for n in &mut later {
         n.terminate();
     }
@@ -3008,4 +3027,387 @@ async fn ledgers_are_the_same_on_every_node() {
     let (s, v) = nodes[2].admin("GET", account_ledger, None).await;
     common::assert_error(s, &v, 503, "database_unavailable");
     pg.restart();
+}
+
+/// A daily plan granting 0.004 USD (about 20 requests of the mock) per
+/// period, no rollover, and a sweeper that looks often.
+const ALLOWANCE: &str = r#"
+[limits]
+sweep_interval = "50ms"
+[plans.small]
+interval = "day"
+grant = "0.004"
+grace = "1d"
+"#;
+
+/// The database's money of an account: (allowance, balance, spent, leased).
+async fn money_of(db: &tokio_postgres::Client, account: &str) -> (i64, i64, i64, i64) {
+    let r = db
+        .query_one(
+            "SELECT allowance, balance, spent, leased FROM tollgate_accounts WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .expect("account row");
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+/// Waits until no node holds a lease on `account` (settled and returned:
+/// idle leases go back after two sync intervals).
+async fn leases_back(db: &tokio_postgres::Client, account: &str) -> (i64, i64, i64, i64) {
+    let start = Instant::now();
+    loop {
+        let m = money_of(db, account).await;
+        if m.3 == 0 {
+            return m;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "leases of {account} still out: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Σ the usage of `keys` as the database has it.
+async fn keys_usage(db: &tokio_postgres::Client, keys: &[(String, String)]) -> i64 {
+    let mut total = 0;
+    for (_, hash) in keys {
+        let h = hex::decode(hash).expect("hex hash");
+        total += db
+            .query_one("SELECT usage FROM tollgate_keys WHERE hash = $1", &[&h])
+            .await
+            .expect("key row")
+            .get::<_, i64>(0);
+    }
+    total
+}
+
+/// An account made on node 1 with `balance` (a top-up, when not zero),
+/// subscribed to `small`, with three keys; every node knows all of it.
+/// Returns the keys and the subscription id.
+async fn subscribed_account(
+    nodes: &[Node],
+    id: &str,
+    balance: &str,
+) -> (Vec<(String, String)>, String) {
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": id})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    if Pico::parse_usd(balance).unwrap() != Pico::ZERO {
+        let topup = json!({"amount": balance, "kind": "topup", "reason": "test"});
+        let (s, v) = nodes[0]
+            .admin(
+                "POST",
+                &format!("/api/v1/accounts/{id}/credits"),
+                Some(topup),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            &format!("/api/v1/accounts/{id}/subscriptions"),
+            Some(json!({"plan": "small"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let sid = v["data"]["id"].as_str().expect("id").to_owned();
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        keys.push(create_key(&nodes[0], &format!("{id}-{i}"), id).await);
+    }
+    for n in nodes {
+        subscription_where(n, &sid, |_| true).await;
+        for (_, hash) in &keys {
+            known_everywhere(std::slice::from_ref(n), hash).await;
+        }
+    }
+    (keys, sid)
+}
+
+/// Every node answers the account with these allowance and balance (the
+/// database's).
+async fn account_everywhere(nodes: &[Node], id: &str, allowance: i64, balance: i64) {
+    for n in nodes {
+        let (s, v) = n
+            .admin("GET", &format!("/api/v1/accounts/{id}"), None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(usd(&v["data"]["allowance"]), Pico(allowance), "{v}");
+        assert_eq!(usd(&v["data"]["balance"]), Pico(balance), "{v}");
+    }
+}
+
+/// Requests with the account's keys, spread over the nodes and sent
+/// concurrently; their statuses.
+async fn spread(nodes: &[Node], keys: &[(String, String)], n: usize) -> Vec<u16> {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(30));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let url = nodes[i % nodes.len()].url("/v1/chat/completions");
+        let auth = format!("Bearer {}", keys[(i / nodes.len()) % keys.len()].0);
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.expect("semaphore");
+            let body = json!({"model": "demo-chat", "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Say hello."}]});
+            send("POST", &url, &auth, Some(body)).await.0
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+/// Issue 18: a plan's grant is spendable on every node. An account with
+/// no balance is admitted up to its allowance over three nodes, then
+/// refused 402 everywhere; the allowance pays, the balance is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_allowance_is_spent_on_every_node_and_not_overspent() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["a-1", "a-2", "a-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, ALLOWANCE))
+        .collect();
+    let grant = Pico::parse_usd("0.004").unwrap().0;
+    let (keys, _) = subscribed_account(&nodes, "acct-allow", "0").await;
+    let db = pg.client().await;
+    assert_eq!(money_of(&db, "acct-allow").await, (grant, 0, 0, 0));
+    account_everywhere(&nodes, "acct-allow", grant, 0).await;
+
+    // Every node admits: each serves one request on the allowance.
+    for n in &nodes {
+        assert_eq!(n.chat(&keys[0].0, false).await, 200, "{}", n.log());
+    }
+    let codes = spread(&nodes, &keys, 240).await;
+    let admitted = codes.iter().filter(|c| **c == 200).count() + nodes.len();
+    assert!(
+        codes.iter().all(|c| [200, 402].contains(c)),
+        "unexpected answers: {codes:?}"
+    );
+    assert!(codes.contains(&402), "the allowance pays for ~20, not 240");
+    let (allowance, balance, spent, _) = leases_back(&db, "acct-allow").await;
+    eprintln!("{admitted} admitted on an allowance of {grant}: spent {spent}, {allowance} left");
+    assert!(admitted >= 10, "only {admitted} admitted");
+    assert_eq!(balance, 0, "the balance is not touched");
+    assert!((0..grant).contains(&allowance), "allowance {allowance}");
+    assert_eq!(spent, grant - allowance, "the allowance paid every charge");
+    assert_eq!(keys_usage(&db, &keys).await, spent);
+    account_everywhere(&nodes, "acct-allow", allowance, 0).await;
+    // What the burst's reservations left is spent one request at a time,
+    // on any node (each once the last one's lease is back), until what is
+    // left does not cover one: then every node refuses.
+    let mut more = 0;
+    loop {
+        leases_back(&db, "acct-allow").await;
+        let n = &nodes[more % nodes.len()];
+        match n.chat(&keys[1].0, false).await {
+            200 => more += 1,
+            402 => break,
+            other => panic!("answered {other}"),
+        }
+        assert!(more < 30, "admitted past the allowance");
+    }
+    let (allowance, balance, spent, _) = leases_back(&db, "acct-allow").await;
+    eprintln!("{more} more admitted: spent {spent}, {allowance} left");
+    assert_eq!((balance, spent), (0, grant - allowance));
+    assert!(allowance >= 0);
+    for n in &nodes {
+        assert_eq!(n.chat(&keys[2].0, false).await, 402);
+    }
+    // Refused, nothing charged (a slice a refused request took goes back).
+    assert_eq!(
+        leases_back(&db, "acct-allow").await,
+        (allowance, 0, spent, 0)
+    );
+}
+
+/// With a balance too, the allowance is spent first (on every node), and
+/// then the balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_allowance_is_spent_before_the_balance_cluster_wide() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["b-1", "b-2", "b-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, ALLOWANCE))
+        .collect();
+    let grant = Pico::parse_usd("0.004").unwrap().0;
+    let topped = Pico::parse_usd("1").unwrap().0;
+    let (keys, _) = subscribed_account(&nodes, "acct-both", "1").await;
+    let db = pg.client().await;
+    assert_eq!(money_of(&db, "acct-both").await, (grant, topped, 0, 0));
+    account_everywhere(&nodes, "acct-both", grant, topped).await;
+
+    // A few requests (less than the allowance): all of it from the allowance.
+    let codes = spread(&nodes, &keys, 6).await;
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    let (allowance, balance, spent, _) = leases_back(&db, "acct-both").await;
+    assert!(spent > 0 && spent < grant, "spent {spent}");
+    assert_eq!(balance, topped, "the balance waits for the allowance");
+    assert_eq!(allowance, grant - spent);
+    account_everywhere(&nodes, "acct-both", allowance, topped).await;
+
+    // Many more: the allowance runs out, then the balance pays the rest.
+    let codes = spread(&nodes, &keys, 90).await;
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    let (allowance, balance, spent, _) = leases_back(&db, "acct-both").await;
+    assert!(spent > grant, "spent {spent}");
+    assert_eq!(allowance, 0, "spent first, all of it");
+    assert_eq!(balance, topped + grant - spent);
+    assert_eq!(keys_usage(&db, &keys).await, spent);
+    account_everywhere(&nodes, "acct-both", 0, balance).await;
+}
+
+/// At the period's end the unused allowance lapses (no rollover): the
+/// next period's grant replaces it, once, whichever node rolls it, and a
+/// subscription that ends takes it away on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unused_allowance_does_not_carry_over_cluster_wide() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let ids = ["l-1", "l-2", "l-3"];
+    let mut nodes: Vec<Node> = ids
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, ALLOWANCE))
+        .collect();
+    let grant = Pico::parse_usd("0.004").unwrap().0;
+    let (keys, sid) = subscribed_account(&nodes, "acct-lapse", "0").await;
+    let (s, v) = nodes[1]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/renew"),
+            Some(json!({"idempotency_key": "paid-1"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let codes = spread(&nodes, &keys, 3).await;
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    let db = pg.client().await;
+    let (left, _, spent, _) = leases_back(&db, "acct-lapse").await;
+    assert_eq!(left, grant - spent);
+    assert!(left > 0);
+
+    // A day later, three nodes running: period 1's grant replaces what
+    // was left of period 0's (not added to it), once.
+    for n in &mut nodes {
+        n.terminate();
+    }
+    nodes = ids
+        .iter()
+        .map(|id| Node::start_later(&pg, &mock, id, ALLOWANCE, DAY_MS + 60_000))
+        .collect();
+    for n in &nodes {
+        subscription_where(n, &sid, |d| d["period"] == 1).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(money_of(&db, "acct-lapse").await, (grant, 0, spent, 0));
+    account_everywhere(&nodes, "acct-lapse", grant, 0).await;
+    let lapsed: Vec<(String, i64)> = db
+        .query(
+            "SELECT id, amount FROM tollgate_entries WHERE kind = 'lapse' AND account_id = 'acct-lapse'",
+            &[],
+        )
+        .await
+        .expect("lapses")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(lapsed, vec![(format!("lapse:{sid}:0"), -left)]);
+    // The new period's allowance is spendable.
+    assert_eq!(nodes[2].chat(&keys[0].0, false).await, 200);
+
+    // Canceled now (through node 3): the allowance lapses on every node.
+    let (s, v) = nodes[2]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/cancel"),
+            Some(json!({"at_period_end": false})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (allowance, balance, _, _) = leases_back(&db, "acct-lapse").await;
+    assert_eq!((allowance, balance), (0, 0));
+    for n in &nodes {
+        subscription_where(n, &sid, |d| d["status"] == "canceled").await;
+        assert_eq!(n.chat(&keys[1].0, false).await, 402);
+    }
+    for n in &mut nodes {
+        n.terminate();
+    }
+}
+
+/// The nodes' slices of an allowance that lapses go back to the account at
+/// once (each node gives its slice back when it sees the change), not
+/// after they are idle: no node spends credit that lapsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lapse_takes_back_the_slices_the_nodes_hold() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let mut nodes: Vec<Node> = ["g-1", "g-2", "g-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, DAILY))
+        .collect();
+    let grant = Pico::parse_usd("1").unwrap().0;
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-g"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-g/subscriptions",
+            Some(json!({"plan": "daily"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let sid = v["data"]["id"].as_str().expect("id").to_owned();
+    let key = create_key(&nodes[0], "g", "acct-g").await;
+    known_everywhere(&nodes, &key.1).await;
+    let db = pg.client().await;
+    // Each node serves some: each holds a slice (5% of 1 USD) of it.
+    let codes = spread(&nodes, std::slice::from_ref(&key), 9).await;
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    let (_, _, _, leased) = money_of(&db, "acct-g").await;
+    assert!(leased > 0, "the nodes hold slices");
+    let (s, v) = nodes[1]
+        .admin(
+            "POST",
+            &format!("/api/v1/subscriptions/{sid}/cancel"),
+            Some(json!({"at_period_end": false})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let canceled = Instant::now();
+    let (allowance, balance, spent, _) = leases_back(&db, "acct-g").await;
+    // Idle slices go back only after two sync intervals (2 s).
+    assert!(
+        canceled.elapsed() < Duration::from_millis(1500),
+        "the slices went back after {:?}",
+        canceled.elapsed()
+    );
+    assert_eq!(
+        (allowance, balance),
+        (0, 0),
+        "nothing charged past the lapse"
+    );
+    assert!(spent > 0 && spent < grant);
+    for n in &mut nodes {
+        assert_eq!(n.chat(&key.0, false).await, 402);
+        n.terminate();
+    }
 }

@@ -215,8 +215,8 @@ fn get_record(ctx: &Ctx<'_>, id: &str) -> Result<AccountRecord, ApiError> {
         .ok_or_else(not_found)
 }
 
-/// `GET /api/v1/accounts/{id}`, with, in cluster mode, the balance and
-/// spent as settled in the database (the same on every node).
+/// `GET /api/v1/accounts/{id}`, with, in cluster mode, the balance,
+/// allowance and spent as settled in the database (the same on every node).
 pub(super) fn get_settled(
     ctx: &Ctx<'_>,
     id: &str,
@@ -226,6 +226,7 @@ pub(super) fn get_settled(
     let mut v = view(ctx, &a)?;
     if let Some(s) = settled {
         v.balance = s.balance;
+        v.allowance = s.allowance;
         v.spent.total = s.spent;
         v.reserved = s.leased;
     }

@@ -95,8 +95,9 @@ pub(super) async fn account_credited(ctx: &Ctx<'_>, id: &str, entry: &AccountLed
             });
             return;
         }
-        // Grants and lapses belong to subscriptions, which are not
-        // distributed yet (README, "Running several nodes").
+        // Grants and lapses come from subscriptions only: they move the
+        // database's allowance in the transaction of their claim
+        // (`cluster::subscriptions`).
         _ => return,
     };
     c.publish(Change::Credit {

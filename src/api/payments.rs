@@ -322,7 +322,14 @@ async fn may_issue(ctx: &Ctx<'_>, id: &str, account: &str) -> Result<bool, ApiEr
     };
     let claim = format!("issue:{id}");
     let (held, _) = c
-        .claim_once(account, vec![(claim.clone(), "issue")], ctx.clock.now_ms())
+        .claim_once(
+            account,
+            vec![crate::cluster::subscriptions::OnceClaim::marker(
+                claim.clone(),
+                "issue",
+            )],
+            ctx.clock.now_ms(),
+        )
         .await
         .map_err(|e| crate::cluster::payments::unavailable(&e))?;
     Ok(held.contains(&claim))

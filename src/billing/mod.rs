@@ -279,9 +279,9 @@ impl LiveAccount {
             match self
                 .allowance
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
-                    Some(a - charge.min(a.max(0)))
+                    Some(a - crate::store::allowance_part(a, charge))
                 }) {
-                Ok(before) | Err(before) => charge.min(before.max(0)),
+                Ok(before) | Err(before) => crate::store::allowance_part(before, charge),
             }
         } else {
             0

@@ -436,6 +436,7 @@ impl<'a> Billing<'a> {
             sub.ended_at = Some(now);
             money.push(SubscriptionMoney::LapseAll {
                 reason: format!("{}: canceled", sub.plan),
+                period: sub.period,
             });
         }
         sub.updated_at = now;
@@ -585,6 +586,7 @@ impl<'a> Billing<'a> {
                     sub.ended_at = Some(until);
                     money.push(SubscriptionMoney::LapseAll {
                         reason: format!("{}: expired after grace", sub.plan),
+                        period: sub.period,
                     });
                     return Ok(());
                 }
@@ -598,6 +600,7 @@ impl<'a> Billing<'a> {
                 sub.ended_at = Some(end);
                 money.push(SubscriptionMoney::LapseAll {
                     reason: format!("{}: canceled at period end", sub.plan),
+                    period: sub.period,
                 });
                 return Ok(());
             }
@@ -605,6 +608,7 @@ impl<'a> Billing<'a> {
                 if !terms.plan.rollover {
                     money.push(SubscriptionMoney::LapseAll {
                         reason: format!("{}: period {} ended", sub.plan, sub.period),
+                        period: sub.period,
                     });
                 }
                 let next = match sub.next_plan.take() {
@@ -636,6 +640,7 @@ impl<'a> Billing<'a> {
                     sub.ended_at = Some(end);
                     money.push(SubscriptionMoney::LapseAll {
                         reason: format!("{}: trial ended", sub.plan),
+                        period: sub.period,
                     });
                     return Ok(());
                 }
@@ -692,24 +697,41 @@ impl<'a> Billing<'a> {
         &self,
         mut w: SubscriptionWrite,
     ) -> Result<SubscriptionOutcome, StoreError> {
-        use crate::cluster::subscriptions::{external_entry_id, grant_entry_id, renewal_entry_id};
+        use crate::cluster::subscriptions::{
+            AllowanceMove, OnceClaim, external_entry_id, grant_entry_id, lapse_entry_id,
+            renewal_entry_id,
+        };
         let Some(c) = self.cluster else {
             return self.store.write_subscription(w).await;
         };
         let sid = w.sub.id.clone();
-        let mut ids: Vec<(String, &'static str)> = w
+        let claim = |id: String, kind: &'static str, allowance: AllowanceMove| OnceClaim {
+            id,
+            kind,
+            allowance,
+        };
+        // In the money's order: the database's allowance moves as the
+        // store's does (a period's lapse before the next period's grant).
+        let mut ids: Vec<OnceClaim> = w
             .money
             .iter()
             .filter_map(|m| match m {
-                SubscriptionMoney::Grant { marker, amount, .. } if amount.0 > 0 => {
-                    Some((grant_entry_id(&sid, marker), "grant"))
-                }
+                SubscriptionMoney::Grant { marker, amount, .. } if amount.0 > 0 => Some(claim(
+                    grant_entry_id(&sid, marker),
+                    "grant",
+                    AllowanceMove::Raise(amount.0),
+                )),
+                SubscriptionMoney::LapseAll { period, .. } => Some(claim(
+                    lapse_entry_id(&sid, *period),
+                    "lapse",
+                    AllowanceMove::Lapse,
+                )),
                 _ => None,
             })
             .collect();
         let renewal = w.renewal_key.as_deref().map(|k| renewal_entry_id(&sid, k));
         if let Some(r) = &renewal {
-            ids.push((r.clone(), "renewal"));
+            ids.push(OnceClaim::marker(r.clone(), "renewal"));
         }
         // One subscription per provider subscription: a checkout event
         // reaching two nodes starts it once.
@@ -718,7 +740,7 @@ impl<'a> Billing<'a> {
             _ => None,
         };
         if let Some(e) = &external {
-            ids.push((e.clone(), "subscribe"));
+            ids.push(OnceClaim::marker(e.clone(), "subscribe"));
         }
         let (held, new) = c
             .claim_once(&w.sub.account, ids, w.at_ms)
@@ -757,12 +779,20 @@ impl<'a> Billing<'a> {
             SubscriptionMoney::Grant { marker, .. } => held.contains(&grant_entry_id(&sid, marker)),
             SubscriptionMoney::LapseAll { .. } => true,
         });
+        let lapses = w
+            .money
+            .iter()
+            .any(|m| matches!(m, SubscriptionMoney::LapseAll { .. }));
         match self.store.write_subscription(w).await {
             Ok(out) if !out.replayed => {
                 c.publish(crate::cluster::sync::Change::Subscription(
                     out.sub.id.clone(),
                 ))
                 .await;
+                if lapses {
+                    // This node's slice may come from the lapsed allowance.
+                    c.return_account(&out.account.id).await;
+                }
                 Ok(out)
             }
             other => {

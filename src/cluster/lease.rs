@@ -2,8 +2,9 @@
 //! statements that take, settle, renew, return and reclaim it.
 //!
 //! Σ leases ≤ what remains holds because the only statement that raises
-//! `leased` checks `balance + overdraft − leased ≥ grant` on the row it
-//! locks; settling moves a charge out of `balance` and the lease together.
+//! `leased` checks `allowance + balance + overdraft − leased ≥ grant` on
+//! the row it locks; settling moves a charge out of `allowance` (first,
+//! as on one node) and `balance`, and the lease, together.
 
 use deadpool_postgres::GenericClient;
 
@@ -45,7 +46,13 @@ impl Subject {
     /// free of it (not spent, not leased).
     fn money(&self) -> (&'static str, &'static str, &'static str) {
         match self {
-            Subject::Account(_) => ("tollgate_accounts", "id", "balance + overdraft - leased"),
+            // The allowance is spendable like the balance (and spent
+            // first); one below zero (a grant given back) counts as none.
+            Subject::Account(_) => (
+                "tollgate_accounts",
+                "id",
+                "GREATEST(allowance, 0) + balance + overdraft - leased",
+            ),
             Subject::Key(_) => ("tollgate_keys", "hash", "key_limit - usage - leased"),
             Subject::Slots(_) => ("tollgate_keys", "hash", "concurrency - slots_leased"),
         }

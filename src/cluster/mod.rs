@@ -1,7 +1,7 @@
 //! Many gateway nodes over one PostgreSQL: `[cluster]` in `config.toml`.
 //!
 //! PostgreSQL is the truth of keys and accounts (their records), of the
-//! money (an account's `balance` and `spent`, a key's `usage`) and of the
+//! money (an account's `allowance`, `balance` and `spent`, a key's `usage`) and of the
 //! usage records and ledger entries that moved it. Each node keeps its sled
 //! store as its local copy and journal, and its hot path in memory as in
 //! single-node mode: the gate and the wallets admit and reserve exactly as
@@ -10,7 +10,7 @@
 //!
 //! - **Leases** ([`lease`]): in cluster mode a wallet's `headroom` starts at
 //!   zero and grows only by slices this node took from the account's free
-//!   credit in the database (`balance + overdraft − leased`), with one
+//!   credit in the database (`allowance + balance + overdraft − leased`), with one
 //!   guarded statement. Σ leases never exceeds what remains, so no
 //!   interleaving of nodes overspends. A request that finds too little in
 //!   the lease waits for one round trip ([`Cluster::ensure_credit`]); near
@@ -20,8 +20,9 @@
 //!   with one guarded statement and admits against them in memory.
 //! - **Settlement**: every settled charge is queued here and written in
 //!   batches (usage/ledger entries inserted once per id, a key's `usage`,
-//!   the account's `balance`/`spent`, and the lease lowered by the same
-//!   amount, in one transaction). A retry never counts twice.
+//!   the account's `allowance` first then `balance` ([`allowance`]), its
+//!   `spent`, and the lease lowered by the same amount, in one
+//!   transaction). A retry never counts twice.
 //! - **Renewal and return**: each tick renews this node's leases, returns
 //!   the unused part of idle ones, and reclaims anyone's expired leases:
 //!   a node killed with SIGKILL gives its lease back after `lease_ttl`,
@@ -39,7 +40,9 @@
 //!   the records back from there.
 //! - **Subscriptions** ([`subscriptions`]): records shared through the
 //!   database like accounts; the lifecycle pass runs on one node at a
-//!   time (an advisory lock); each grant is claimed once cluster-wide.
+//!   time (an advisory lock); each grant and lapse is claimed once
+//!   cluster-wide and moves the database's allowance in its claim's
+//!   transaction.
 //! - **Events** ([`outbox`]): each node's events are shipped to the
 //!   database once each, with a delivery per endpoint; any node delivers
 //!   any of them, one node at a time (a claim that expires).
@@ -57,6 +60,7 @@
 //! All database work runs on this module's own runtime (one thread), so
 //! the per-core workers never own a database connection.
 
+pub mod allowance;
 pub mod audit;
 pub mod config;
 pub mod lease;
@@ -262,7 +266,8 @@ pub struct Charge {
     pub key: Option<KeyHash>,
     /// The account whose lease paid, if any.
     pub account: Option<Arc<str>>,
-    /// picoUSD taken from the balance (and from the lease).
+    /// picoUSD taken from the account (allowance first for usage and
+    /// deducts, then balance) and from the lease.
     pub amount: i64,
     /// picoUSD added to the account's lifetime spent.
     pub spent: i64,
@@ -277,6 +282,8 @@ pub struct Charge {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SettledAccount {
     pub balance: Pico,
+    /// What remains of the subscription period's grants (spent first).
+    pub allowance: Pico,
     pub spent: Pico,
     /// Σ the leases nodes hold on it now.
     pub leased: Pico,
@@ -884,15 +891,18 @@ impl Cluster {
             let c = pool.get().await.map_err(pool_error)?;
             let row = c
                 .query_opt(
-                    "SELECT balance, spent, leased FROM tollgate_accounts WHERE id = $1 AND NOT deleted",
+                    "SELECT balance, spent, leased, allowance FROM tollgate_accounts \
+                     WHERE id = $1 AND NOT deleted",
                     &[&id],
                 )
                 .await
-                .map_err(db).map(count(Kind::Read, 2))?;
+                .map_err(db)
+                .map(count(Kind::Read, 2))?;
             Ok(row.map(|r| SettledAccount {
                 balance: Pico(r.get(0)),
                 spent: Pico(r.get(1)),
                 leased: Pico(r.get(2)),
+                allowance: Pico(r.get(3)),
             }))
         })
         .await
@@ -1053,7 +1063,7 @@ impl Cluster {
                  $13::int4[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
                  $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[]) \
                  AS u(i, k, h, a, m, s, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15, r16, r17) \
-                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent",
+                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent, kind, at_ms",
                 &[
                     &ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node, &r.model,
                     &r.upstream, &r.route, &r.stream, &r.status, &r.prompt, &r.cached,
@@ -1064,7 +1074,9 @@ impl Cluster {
             .await
             .map_err(db).map(count(Kind::Settle, 2))?;
         let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
-        let mut per_account: HashMap<String, (i64, i64)> = HashMap::new();
+        // Per account: what is spent like usage ((at_ms, amount), drawn
+        // from the allowance first), Σ the rest (balance only), Σ spent.
+        let mut per_account: HashMap<String, allowance::AccountCharges> = HashMap::new();
         // Charges no account paid: they come out of the key's own lease.
         let mut per_key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         for r in &rows {
@@ -1072,6 +1084,8 @@ impl Cluster {
             let account: Option<String> = r.get(1);
             let amount: i64 = r.get(2);
             let spent: i64 = r.get(3);
+            let kind: &str = r.get(4);
+            let at_ms: i64 = r.get(5);
             // A record that cost nothing moves no money (no row to lock).
             if let Some(k) = &key
                 && spent != 0
@@ -1081,8 +1095,12 @@ impl Cluster {
             match (account, key) {
                 (Some(a), _) if amount != 0 || spent != 0 => {
                     let e = per_account.entry(a).or_default();
-                    e.0 += amount;
-                    e.1 += spent;
+                    if allowance::draws_on_allowance(kind, amount) {
+                        e.draws.push((at_ms, amount));
+                    } else {
+                        e.other += amount;
+                    }
+                    e.spent += spent;
                 }
                 (None, Some(k)) if amount > 0 => {
                     *per_key_lease.entry(k).or_default() += amount;
@@ -1116,14 +1134,46 @@ impl Cluster {
         let mut taken = Vec::with_capacity(per_account.len() + per_key_lease.len());
         let mut accounts: Vec<_> = per_account.into_iter().collect();
         // One lock order for every writer: no deadlock between nodes.
-        accounts.sort();
-        for (account, (amount, spent)) in accounts {
+        accounts.sort_by(|a, b| a.0.cmp(&b.0));
+        for (account, charges) in accounts {
+            let allowance::AccountCharges {
+                draws,
+                other,
+                spent,
+            } = charges;
             let subject = Subject::Account(Arc::from(account.as_str()));
+            // The account's row first (the lock order of `lease_down`):
+            // the split is made on the allowance as committed.
+            let now = tx
+                .query_opt(
+                    "SELECT allowance, allowance_lapsed, allowance_lapsed_at_ms \
+                     FROM tollgate_accounts WHERE id = $1 FOR UPDATE",
+                    &[&account],
+                )
+                .await
+                .map_err(db)
+                .map(count(Kind::Settle, 2))?
+                .map(|r| allowance::Allowance {
+                    allowance: r.get(0),
+                    lapsed: r.get(1),
+                    lapsed_at_ms: r.get(2),
+                })
+                .unwrap_or_default();
+            let split = allowance::split(now, &draws);
+            let amount = draws.iter().map(|d| d.1).sum::<i64>() + other;
             let down = lease::lease_down(&tx, node, &subject, amount).await?;
             tx.execute(
-                "UPDATE tollgate_accounts SET balance = balance - $2, spent = spent + $3, \
-                 leased = leased - $4 WHERE id = $1",
-                &[&account, &amount, &spent, &down],
+                "UPDATE tollgate_accounts SET allowance = allowance - $5, \
+                 allowance_lapsed = allowance_lapsed - $6, balance = balance - $2, \
+                 spent = spent + $3, leased = leased - $4 WHERE id = $1",
+                &[
+                    &account,
+                    &(amount - split.from_allowance - split.from_lapsed),
+                    &spent,
+                    &down,
+                    &split.from_allowance,
+                    &split.from_lapsed,
+                ],
             )
             .await
             .map_err(db)
@@ -1229,7 +1279,27 @@ impl Cluster {
             })
             .map(|h| h.value().clone())
             .collect();
-        for h in idle {
+        self.give_back_unused(idle).await;
+    }
+
+    /// A subscription change of `account` (this node's, or pulled) may
+    /// have lapsed its allowance: this node's unused slice of it was taken
+    /// from credit that may be gone, so it goes back now, and the next
+    /// request takes a slice of what the account has after the change.
+    pub async fn return_account(&self, account: &str) {
+        let subject = Subject::Account(Arc::from(account));
+        let held: Vec<Arc<Held>> = self
+            .leases
+            .get(&subject)
+            .map(|h| h.value().clone())
+            .into_iter()
+            .collect();
+        self.give_back_unused(held).await;
+    }
+
+    /// Gives the unused part of each lease back to the database.
+    async fn give_back_unused(&self, held: Vec<Arc<Held>>) {
+        for h in held {
             let back = {
                 let s = h.state.lock().unwrap_or_else(|e| e.into_inner());
                 h.holder.headroom().clamp(0, s.granted - s.revoked)
@@ -1240,11 +1310,13 @@ impl Cluster {
             let pool = self.pool.clone();
             let node = self.cfg.node_id.clone();
             let subject = h.subject.clone();
-            let given = async move {
-                let mut c = pool.get().await.map_err(pool_error)?;
-                lease::give_back(&mut c, &node, &subject, back).await
-            }
-            .await;
+            // On the cluster's runtime (a pull may run on another).
+            let given = self
+                .run(async move {
+                    let mut c = pool.get().await.map_err(pool_error)?;
+                    lease::give_back(&mut c, &node, &subject, back).await
+                })
+                .await;
             match given {
                 // Less given back than taken out (reclaimed meanwhile): the
                 // rest was not this node's any more, and stays out.

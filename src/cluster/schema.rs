@@ -13,8 +13,6 @@
 //! | `tollgate_key_leases` | (key, node) | (version 2) slices of the limit of keys no account pays for; `tollgate_keys.leased` = Σ of them |
 //! | `tollgate_slot_leases` | (key, node) | (version 3) slots of a key's `concurrency` a node holds; `tollgate_keys.slots_leased` = Σ of them |
 //! | `tollgate_rate_windows` | (key, minute, unit) | (version 4) requests (`rpm`) or tokens (`tpm`) the nodes took of a key's window of one UTC minute: `taken` ≤ the limit; `last_grant` is what the last take gave (so the statement can return it) |
-//! | `tollgate_ledger` | entry id | keys' and accounts' ledger entries, each shipped once by the node that made it (`node_id`, its `local_seq`): the ledger APIs read them in cluster mode |
-//!
 //! | `tollgate_audit` | entry id | (version 7) every node's audit entries, in `seq` order |
 //! | `tollgate_payments` | payment id | (version 8) a payment: `provider`, `account_id` or `key_hash` (hex), `amount` (picoUSD), `status`, `money_entry` (the `tollgate_entries` id that moved its money, NULL if none), `record` (the JSON the payments API shows), `created_ms`/`updated_ms` |
 //! | `tollgate_payment_refs` | (provider, reference) | (version 8) every provider reference a payment claimed (`evt:`, `cs:`, `pi:`, `order:`, `trade:`, `ref:`): unique, so a payment applies once cluster-wide |
@@ -22,6 +20,8 @@
 //! | `tollgate_epay_orders` | out_trade_no | (version 8) epay orders made through any node, so a notification reaching another node finds its order |
 //! | `tollgate_events` | event id | (version 9) every node's events: type, the signed body, origin; `seq` is the listing order |
 //! | `tollgate_deliveries` | (event, endpoint) | (version 9) where each delivery stands, and which node holds it (`claimed_by` until `claim_until_ms`, the database's clock) |
+//! | `tollgate_ledger` | entry id | (version 10) keys' and accounts' ledger entries, each shipped once by the node that made it (`node_id`, its `local_seq`): the ledger APIs read them in cluster mode |
+//! | `tollgate_accounts.allowance` | account id | (version 11) what remains of the subscription period's grants (picoUSD), spent before `balance`; free credit = `allowance + balance + overdraft − leased`; `allowance_lapsed`/`allowance_lapsed_at_ms`: what the last lapse took, and when (it pays for charges made before it, settled after) |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -247,6 +247,19 @@ CREATE INDEX tollgate_ledger_key ON tollgate_ledger
     (key_hash, at_ms DESC, node_id DESC, local_seq DESC) WHERE key_hash IS NOT NULL;
 CREATE INDEX tollgate_ledger_account ON tollgate_ledger
     (account_id, at_ms DESC, node_id DESC, local_seq DESC) WHERE account_id IS NOT NULL;
+"#,
+    // The allowance (depends on no other migration but the first, so it
+    // may follow any version): what remains of the subscription period's
+    // grants, spent before the balance. Grants raise it and lapses zero it
+    // once per claim id (`cluster::subscriptions`); settlement takes a
+    // charge from it first (`cluster::allowance`). `allowance_lapsed` is
+    // what the last lapse took (at `allowance_lapsed_at_ms`), which pays
+    // for charges made before it that are settled after it.
+    r#"
+ALTER TABLE tollgate_accounts
+    ADD COLUMN allowance bigint NOT NULL DEFAULT 0,
+    ADD COLUMN allowance_lapsed bigint NOT NULL DEFAULT 0,
+    ADD COLUMN allowance_lapsed_at_ms bigint NOT NULL DEFAULT 0;
 "#,
 ];
 

@@ -211,6 +211,9 @@ impl Cluster {
                                  VALUES ($1, $2, false, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
                                  balance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.balance END, \
                                  spent = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.spent END, \
+                                 allowance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.allowance END, \
+                                 allowance_lapsed = CASE WHEN tollgate_accounts.deleted THEN 0 \
+                                     ELSE tollgate_accounts.allowance_lapsed END, \
                                  record = excluded.record, deleted = false, overdraft = excluded.overdraft, \
                                  unlimited = excluded.unlimited, seq = excluded.seq, origin = excluded.origin",
                                 &[&id, &record, &a.overdraft.0, &a.unlimited, &seq, &node],
@@ -371,7 +374,11 @@ impl Cluster {
                 }
                 // After the accounts: a subscription's account is there.
                 for record in subs {
-                    apply_subscription(&app, &record).await?;
+                    if let Some(account) = apply_subscription(&app, &record).await? {
+                        // It may have lapsed the allowance this node's
+                        // slice came from.
+                        self.return_account(&account).await;
+                    }
                 }
                 for (hash, record, deleted, limit) in keys {
                     let Ok(hash) = <KeyHash>::try_from(hash.as_slice()) else {
@@ -545,8 +552,9 @@ async fn apply_account(app: &App, id: &str, record: &[u8], deleted: bool) -> Res
 
 /// Applies another node's subscription write to the local store (as it
 /// is, no money: that node applied it) and the account's live wallet (its
-/// subscription state, the plan's key template).
-async fn apply_subscription(app: &App, record: &str) -> Result<(), String> {
+/// subscription state, the plan's key template); returns its account
+/// (`None`: skipped).
+async fn apply_subscription(app: &App, record: &str) -> Result<Option<String>, String> {
     let sub: crate::store::SubscriptionRecord =
         serde_json::from_str(record).map_err(|e| format!("a subscription row: {e}"))?;
     if app
@@ -556,7 +564,7 @@ async fn apply_subscription(app: &App, record: &str) -> Result<(), String> {
         .is_none()
     {
         tracing::warn!(sub = %sub.id, account = %sub.account, "cluster: a subscription of an unknown account skipped");
-        return Ok(());
+        return Ok(None);
     }
     let at_ms = sub.updated_at;
     let out = app
@@ -575,7 +583,7 @@ async fn apply_subscription(app: &App, record: &str) -> Result<(), String> {
     wallets.changed(&out.account.id, |live| {
         live.set_subscription(out.account.subscription.as_ref(), wallets.plans())
     });
-    Ok(())
+    Ok(Some(out.account.id))
 }
 
 /// Applies another node's admin-token change to the local store and the

@@ -341,15 +341,24 @@ pub struct AccountRecord {
     pub subscription: Option<SubscriptionLink>,
 }
 
+/// How much of a charge of `charge` picoUSD comes out of an allowance of
+/// `allowance`: all of it that the allowance covers (none of a negative
+/// one, a refund, which goes to the balance); the rest comes out of the
+/// balance. The one rule of "allowance first, then balance": the store,
+/// the live wallet and the cluster's settlement all split by it.
+pub fn allowance_part(allowance: i64, charge: i64) -> i64 {
+    if charge > 0 {
+        charge.min(allowance.max(0))
+    } else {
+        0
+    }
+}
+
 impl AccountRecord {
     /// Charges `amount` (may be negative, a refund) at `at_ms`: allowance
     /// first, then balance; `spent` and the month's spent follow.
     pub fn charge(&mut self, at_ms: i64, amount: Pico) {
-        let from_allowance = if amount.0 > 0 {
-            amount.0.min(self.allowance.0.max(0))
-        } else {
-            0
-        };
+        let from_allowance = allowance_part(self.allowance.0, amount.0);
         self.allowance = Pico(self.allowance.0 - from_allowance);
         self.balance = Pico(self.balance.0.saturating_sub(amount.0 - from_allowance));
         self.spent = self.spent.saturating_add(amount);
@@ -571,7 +580,13 @@ pub enum SubscriptionMoney {
     },
     /// The whole unused allowance lapses (amount decided by the store
     /// thread, from the account as committed).
-    LapseAll { reason: String },
+    LapseAll {
+        reason: String,
+        /// The subscription's period when it lapses (the one that ended,
+        /// or the one it ended in): in cluster mode it names the lapse
+        /// once cluster-wide (`cluster::subscriptions::lapse_entry_id`).
+        period: u64,
+    },
 }
 
 /// What a `T` marker stands for: one grant of one kind in one period.
@@ -613,4 +628,32 @@ pub struct SubscriptionOutcome {
     pub entries: Vec<AccountLedgerEntry>,
     /// The renewal key had been used: nothing changed.
     pub replayed: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_charge_takes_the_allowance_first_then_the_balance() {
+        assert_eq!(allowance_part(10, 3), 3);
+        assert_eq!(allowance_part(2, 3), 2, "the rest from the balance");
+        assert_eq!(allowance_part(0, 3), 0);
+        assert_eq!(
+            allowance_part(-4, 3),
+            0,
+            "an allowance below zero covers nothing"
+        );
+        assert_eq!(allowance_part(10, -3), 0, "a refund goes to the balance");
+        let mut a = AccountRecord {
+            allowance: Pico(2),
+            balance: Pico(10),
+            ..AccountRecord::default()
+        };
+        a.charge(0, Pico(3));
+        assert_eq!(
+            (a.allowance, a.balance, a.spent),
+            (Pico(0), Pico(9), Pico(3))
+        );
+    }
 }

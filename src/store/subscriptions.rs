@@ -177,7 +177,7 @@ impl StoreThread {
                     batch.insert(mk, &[][..]);
                     (AccountCreditKind::Grant, *amount, reason)
                 }
-                SubscriptionMoney::LapseAll { reason } => {
+                SubscriptionMoney::LapseAll { reason, .. } => {
                     let amount = Pico(a.allowance.0.max(0));
                     if amount.0 == 0 {
                         continue;
