@@ -51,7 +51,9 @@
 //!   [`trips`] counts the round trips all of this costs, by kind.
 //! - **Faults**: with the database unreachable, a node serves from its
 //!   leases until they run out, then refuses paid requests with 503; queued
-//!   charges and admin changes are written when it is back. Leases not
+//!   charges and admin changes are written when it is back (the admin
+//!   changes wait in the local store, `store::unsent`, so a node killed
+//!   meanwhile writes them when it starts again). Leases not
 //!   renewed for `lease_ttl` stop being spent locally.
 //!
 //! All database work runs on this module's own runtime (one thread), so

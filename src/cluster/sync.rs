@@ -5,6 +5,12 @@
 //! A change carries no state of its own: it names what changed, and the
 //! record written is read from the local store when it is written, so a
 //! change retried after an outage writes the latest state, not a stale one.
+//!
+//! Until the database has it, a change is kept in the local store too
+//! ([`Change::encode`], `store::unsent`): a node killed or stopped during an
+//! outage writes it when it starts again. Every write of a change is
+//! idempotent (a credit is one entry id; the other kinds write the current
+//! record), so one written twice after a crash changes nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
