@@ -901,6 +901,84 @@ async fn database_outage_serves_from_the_lease_then_503_then_catches_up() {
     );
 }
 
+/// An account's balance as `node` reports it.
+async fn balance_of(node: &Node, account: &str) -> Pico {
+    let (s, v) = node
+        .admin("GET", &format!("/api/v1/accounts/{account}"), None)
+        .await;
+    assert_eq!(s, 200, "the node knows the account: {v}");
+    usd(&v["data"]["balance"])
+}
+
+/// Issue 18: admin writes answered while the database was down are kept
+/// in the node's store, not only in memory: node 1 makes an account, tops
+/// it up and makes a key for it, is SIGKILLed before the database is back,
+/// and once it runs again node 2 knows the key and the money, which is
+/// counted once however often node 1 restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_writes_made_while_the_database_is_down_survive_a_kill() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let mut nodes = Node::start_all(&pg, &mock, &["q-1", "q-2"]);
+    pg.stop();
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-q"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-q/credits",
+            Some(json!({"amount": "3", "kind": "topup", "reason": "offline"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (key, hash) = create_key(&nodes[0], "q", "acct-q").await;
+    // Killed before the database is back: nothing is written on the way out.
+    nodes[0].kill9();
+    pg.restart();
+    nodes[0].restart(&pg, &mock, "q-1", "");
+
+    known_everywhere(&nodes[1..], &hash).await;
+    let three = Pico::usd(3);
+    let start = Instant::now();
+    while balance_of(&nodes[1], "acct-q").await != three {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "node 2 never saw the top-up: {}",
+            nodes[0].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Killed and started again (the rows of the changes written may still
+    // be on its disk): written again at most, never counted twice.
+    nodes[0].kill9();
+    nodes[0].restart(&pg, &mock, "q-1", "");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        balance_of(&nodes[1], "acct-q").await,
+        three,
+        "credited once"
+    );
+    let db = pg.client().await;
+    let topups: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_entries WHERE account_id = 'acct-q' AND kind = 'topup'",
+            &[],
+        )
+        .await
+        .expect("entries")
+        .get(0);
+    assert_eq!(topups, 1);
+    // The key authenticates on node 2 and spends the money node 1 took.
+    assert_eq!(nodes[1].chat(&key, false).await, 200);
+    let (s, v) = nodes[1].admin("GET", "/api/v1/keys", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v.to_string().contains(&hash), "listed on node 2: {v}");
+}
+
 /// A key with its own limit and no account: the limit holds across the
 /// nodes (each takes slices of it), not once per node; a top-up on one node
 /// raises it for all.

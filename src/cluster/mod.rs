@@ -54,7 +54,9 @@
 //!   [`trips`] counts the round trips all of this costs, by kind.
 //! - **Faults**: with the database unreachable, a node serves from its
 //!   leases until they run out, then refuses paid requests with 503; queued
-//!   charges and admin changes are written when it is back. Leases not
+//!   charges and admin changes are written when it is back (the admin
+//!   changes wait in the local store, `store::unsent`, so a node killed
+//!   meanwhile writes them when it starts again). Leases not
 //!   renewed for `lease_ttl` stop being spent locally.
 //!
 //! All database work runs on this module's own runtime (one thread), so
@@ -121,8 +123,12 @@ pub struct Cluster {
     rates: DashMap<KeyHash, Arc<rate::RateHeld>>,
     /// Charges settled in memory, not yet in the database (oldest first).
     charges: Mutex<VecDeque<Charge>>,
-    /// Admin changes not yet written to the database (it was unreachable).
-    pending: Mutex<VecDeque<sync::Change>>,
+    /// Admin changes not yet written to the database (it was unreachable),
+    /// oldest first; each also kept in the local store (`store::unsent`).
+    pending: Mutex<VecDeque<sync::Unsent>>,
+    /// One writer of `pending` at a time (the ticks and `publish`): two
+    /// would write one change twice and take the other's off the queue.
+    pushing: tokio::sync::Mutex<()>,
     /// Source of this run's entry ids.
     next_id: AtomicU64,
     /// The last change number applied from the database.
@@ -414,6 +420,7 @@ impl Cluster {
             rates: DashMap::new(),
             charges: Mutex::new(VecDeque::new()),
             pending: Mutex::new(VecDeque::new()),
+            pushing: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(0),
             last_seq: AtomicI64::new(0),
             audit_shipped: AtomicU64::new(0),
@@ -446,6 +453,18 @@ impl Cluster {
                     );
                 }
                 drop(conn);
+                // Before the pull: a change this node made while the
+                // database was down (then was killed or stopped) is
+                // written first, so the pull does not undo it locally.
+                let kept = c.load_unsent()?;
+                if kept > 0 {
+                    let all = c.push_pending().await;
+                    tracing::info!(
+                        changes = kept,
+                        all,
+                        "cluster: changes kept from the last run written to the database"
+                    );
+                }
                 let n = c.pull().await?;
                 Ok::<_, String>((version, n))
             })

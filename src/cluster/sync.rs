@@ -5,11 +5,18 @@
 //! A change carries no state of its own: it names what changed, and the
 //! record written is read from the local store when it is written, so a
 //! change retried after an outage writes the latest state, not a stale one.
+//!
+//! Until the database has it, a change is kept in the local store too
+//! ([`Change::encode`], `store::unsent`): a node killed or stopped during an
+//! outage writes it when it starts again. Every write of a change is
+//! idempotent (a credit is one entry id; the other kinds write the current
+//! record), so one written twice after a crash changes nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::Cluster;
@@ -61,38 +68,194 @@ pub enum Change {
     },
 }
 
+/// The credit kinds a [`Change::Credit`] carries (`api::cluster`): a kept
+/// change names one of these, so decoding gives back the `&'static str`.
+const CREDIT_KINDS: [&str; 4] = ["topup", "refund", "adjust", "reversal"];
+
+/// A [`Change`] as the local store keeps it until the database has it
+/// (JSON, short tags: a few dozen bytes).
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "t")]
+enum Kept {
+    #[serde(rename = "k")]
+    Key { h: String },
+    #[serde(rename = "a")]
+    Account { id: String },
+    #[serde(rename = "w")]
+    AdminToken { id: String },
+    #[serde(rename = "s")]
+    Subscription { id: String },
+    #[serde(rename = "c")]
+    Credit {
+        id: String,
+        account: String,
+        kind: String,
+        amount: i64,
+        spent: i64,
+        at_ms: i64,
+    },
+}
+
+impl Change {
+    /// The bytes the local store keeps ([`crate::store::Store::keep_unsent`]).
+    pub fn encode(&self) -> Vec<u8> {
+        let kept = match self {
+            Change::Key(hash) => Kept::Key {
+                h: hex::encode(hash),
+            },
+            Change::Account(id) => Kept::Account { id: id.clone() },
+            Change::AdminToken(id) => Kept::AdminToken { id: id.clone() },
+            Change::Subscription(id) => Kept::Subscription { id: id.clone() },
+            Change::Credit {
+                id,
+                account,
+                kind,
+                amount,
+                spent,
+                at_ms,
+            } => Kept::Credit {
+                id: id.clone(),
+                account: account.clone(),
+                kind: (*kind).to_owned(),
+                amount: *amount,
+                spent: *spent,
+                at_ms: *at_ms,
+            },
+        };
+        serde_json::to_vec(&kept).expect("a change is plain strings and integers")
+    }
+
+    /// A change from the bytes [`Change::encode`] made.
+    pub fn decode(bytes: &[u8]) -> Result<Change, String> {
+        let kept: Kept =
+            serde_json::from_slice(bytes).map_err(|e| format!("a kept change: {e}"))?;
+        Ok(match kept {
+            Kept::Key { h } => Change::Key(
+                hex::decode(&h)
+                    .ok()
+                    .and_then(|b| KeyHash::try_from(b.as_slice()).ok())
+                    .ok_or_else(|| format!("a kept change: key hash {h:?}"))?,
+            ),
+            Kept::Account { id } => Change::Account(id),
+            Kept::AdminToken { id } => Change::AdminToken(id),
+            Kept::Subscription { id } => Change::Subscription(id),
+            Kept::Credit {
+                id,
+                account,
+                kind,
+                amount,
+                spent,
+                at_ms,
+            } => Change::Credit {
+                kind: CREDIT_KINDS
+                    .into_iter()
+                    .find(|k| *k == kind)
+                    .ok_or_else(|| format!("a kept change: credit kind {kind:?}"))?,
+                id,
+                account,
+                amount,
+                spent,
+                at_ms,
+            },
+        })
+    }
+}
+
+/// A change not yet in the database, and where the local store keeps it.
+#[derive(Debug)]
+pub(super) struct Unsent {
+    /// Its row in the local store (`None`: the store could not keep it;
+    /// it is then in memory only, as before issue 18).
+    seq: Option<u64>,
+    change: Change,
+}
+
 impl Cluster {
-    /// Writes an admin change to the database before the API answers; if
-    /// the database cannot take it now, it is kept and written on a later
-    /// tick (the answer stands: the local store has the change).
+    /// Writes an admin change to the database before the API answers,
+    /// after the changes still waiting, in order. It is first kept in the
+    /// local store (an awaited, flushed write right after the admin write
+    /// it belongs to), so that if the database cannot take it now it is
+    /// written on a later tick even after this node is killed or stopped
+    /// (the answer stands: the local store has the change).
     pub async fn publish(&self, change: Change) {
-        if let Err(e) = self.write_change(&change).await {
-            self.note_down(&e);
-            tracing::warn!(error = %e, ?change, "cluster: change kept to write when the database is back");
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push_back(change);
-        } else {
-            self.note_up();
+        let seq = self.keep(&change).await;
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(Unsent {
+                seq,
+                change: change.clone(),
+            });
+        if !self.push_pending().await {
+            tracing::warn!(
+                ?change,
+                "cluster: change kept to write when the database is back"
+            );
         }
     }
 
-    /// Writes the changes kept while the database was unreachable, in order.
-    pub(super) async fn push_pending(&self) {
+    /// Keeps `change` in the local store until the database has it.
+    async fn keep(&self, change: &Change) -> Option<u64> {
+        let app = self.app()?;
+        match app.store.keep_unsent(change.encode()).await {
+            Ok(seq) => Some(seq),
+            Err(e) => {
+                tracing::error!(error = %e, ?change, "cluster: the local store cannot keep a change for the database; it waits in memory only");
+                None
+            }
+        }
+    }
+
+    /// Queues the changes the local store kept from an earlier run (the
+    /// node was killed or stopped before the database had them), oldest
+    /// first; start-up writes them before it pulls.
+    pub(super) fn load_unsent(&self) -> Result<usize, String> {
+        let Some(app) = self.app() else {
+            return Ok(0);
+        };
+        let kept = app.store.unsent().map_err(|e| e.to_string())?;
+        let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let n = kept.len();
+        for (seq, bytes) in kept {
+            match Change::decode(&bytes) {
+                Ok(change) => q.push_back(Unsent {
+                    seq: Some(seq),
+                    change,
+                }),
+                // Left in the store, not dropped: a later build may read it.
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "cluster: a kept change does not decode; skipped")
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Writes the changes kept while the database was unreachable, in
+    /// order, one writer at a time; each leaves the local store once the
+    /// database has it. Whether all were written.
+    pub(super) async fn push_pending(&self) -> bool {
+        let _one = self.pushing.lock().await;
         loop {
             let next = self
                 .pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .front()
-                .cloned();
-            let Some(change) = next else {
-                return;
+                .map(|u| (u.seq, u.change.clone()));
+            let Some((seq, change)) = next else {
+                return true;
             };
             if let Err(e) = self.write_change(&change).await {
                 self.note_down(&e);
-                return;
+                return false;
+            }
+            self.note_up();
+            if let (Some(seq), Some(app)) = (seq, self.app())
+                && let Err(e) = app.store.sent(seq)
+            {
+                // Written again at the next start: harmless.
+                tracing::warn!(seq, error = %e, "cluster: a change written stays kept");
             }
             self.pending
                 .lock()
@@ -680,4 +843,42 @@ async fn apply_key(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_change_decodes_to_itself() {
+        let mut changes = vec![
+            Change::Key([7u8; 32]),
+            Change::Account("acct_1".into()),
+            Change::AdminToken("tok_9".into()),
+            Change::Subscription("sub_3".into()),
+        ];
+        for kind in CREDIT_KINDS {
+            changes.push(Change::Credit {
+                id: format!("credit:edge-1:0a0b:{kind}"),
+                account: "acct_1".into(),
+                kind,
+                amount: 5_000_000_000_000,
+                spent: -5_000_000_000_000,
+                at_ms: 1_764_000_000_000,
+            });
+        }
+        for change in changes {
+            let bytes = change.encode();
+            assert!(bytes.len() < 160, "{}", String::from_utf8_lossy(&bytes));
+            assert_eq!(Change::decode(&bytes), Ok(change));
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_kept_change_is_refused() {
+        assert!(Change::decode(b"").is_err());
+        assert!(Change::decode(br#"{"t":"k","h":"00"}"#).is_err());
+        assert!(Change::decode(br#"{"t":"c","id":"x","account":"a","kind":"grant","amount":1,"spent":0,"at_ms":0}"#).is_err());
+        assert!(Change::decode(br#"{"t":"z"}"#).is_err());
+    }
 }

@@ -27,6 +27,7 @@
 //! | `book` | `E` seq / `U` seq / `D` … | outbox events, audit entries, delivery state (see `events.rs`) |
 //! | `book` | `W` id | scoped admin token: name, scopes, SHA-256 (JSON; [`super::admin_tokens`]) |
 //! | `book` | `J` + the `l` or `L` key of a ledger entry | its `at_ms` (i64 BE): not yet shipped to the cluster's database ([`super::unshipped`]) |
+//! | `book` | `Y` seq (u64 BE) | an admin change not yet written to the cluster's database ([`super::unsent`]) |
 //!
 //! The usage records themselves, the batch index and the retention counts
 //! live in the redb log ([`super::log`]): sled held every inserted value

@@ -24,6 +24,7 @@ mod subscriptions;
 #[cfg(test)]
 mod tests;
 mod thread;
+mod unsent;
 mod unshipped;
 
 use std::path::Path;

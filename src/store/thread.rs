@@ -121,6 +121,9 @@ pub(super) enum Op {
     /// Another node's change applied here (cluster mode): its events were
     /// emitted where it was made (`super::cluster`).
     Replicated(Box<Op>),
+    /// An admin change kept until the cluster's database has it
+    /// (`super::unsent`); the answer is its seq.
+    KeepUnsent(Vec<u8>, oneshot::Sender<Result<u64, StoreError>>),
 }
 
 /// Adds a signed amount to an account at `at_ms`, rolling its limit period
@@ -231,6 +234,9 @@ pub(super) struct StoreThread {
     backoff: Duration,
     /// Events and audit entries being written with the ops.
     outbox: Outbox,
+    /// The seq of the next admin change kept for the cluster's database
+    /// (`super::unsent`): rises with each, never reused in a run.
+    pub(super) next_unsent: u64,
 }
 
 /// Queues `result` to be answered after the flush, or the flush's error.
@@ -257,6 +263,7 @@ impl StoreThread {
         outbox: Outbox,
     ) -> std::io::Result<(Sender<Op>, JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel();
+        let next_unsent = super::unsent::next_unsent_seq(&book).map_err(std::io::Error::other)?;
         let thread = StoreThread {
             db,
             keys,
@@ -271,6 +278,7 @@ impl StoreThread {
             unflushed: Vec::new(),
             mark: Watermark::default(),
             backoff: RETRY_MIN,
+            next_unsent,
             outbox,
         };
         let handle = std::thread::Builder::new()
@@ -469,6 +477,13 @@ impl StoreThread {
             }
             Op::AdminToken(op, tx) => {
                 let r = self.commit_pending().and_then(|()| self.admin_token(op));
+                self.replies.push(reply_after_flush(tx, r));
+                true
+            }
+            Op::KeepUnsent(change, tx) => {
+                let r = self
+                    .commit_pending()
+                    .and_then(|()| self.keep_unsent(&change));
                 self.replies.push(reply_after_flush(tx, r));
                 true
             }
