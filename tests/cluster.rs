@@ -1092,32 +1092,21 @@ async fn a_keys_own_limit_is_global() {
     assert_eq!(usd(&k["data"]["limit"]), limit, "{k}");
 }
 
-/// A key's concurrency holds across the nodes: never more of its requests
-/// in flight at the upstream than it allows, whichever nodes they reach.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrency_is_global() {
-    let Some(pg) = Pg::start() else {
-        return;
-    };
-    // Streams of 16 chunks 10 ms apart: long enough to overlap.
-    let mock = MockUpstream::start(MockOptions {
+/// Streams of 16 chunks 10 ms apart: long enough to overlap.
+fn slow_mock() -> MockUpstream {
+    MockUpstream::start(MockOptions {
         chunks: 16,
         chunk_delay: Duration::from_millis(10),
         ..MockOptions::default()
     })
-    .expect("mock upstream");
-    let nodes = Node::start_all(&pg, &mock, &["c-1", "c-2", "c-3"]);
-    let (s, v) = nodes[0]
-        .admin(
-            "POST",
-            "/api/v1/keys",
-            Some(json!({"name": "two", "concurrency": 2})),
-        )
-        .await;
-    assert_eq!(s, 201, "{v}");
-    let key = v["key"].as_str().expect("key").to_owned();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    .expect("mock upstream")
+}
 
+/// Races `key` with 3 rounds of 45 streams spread over `nodes` and checks
+/// that never more than `allowed` are in flight at the upstream, that
+/// some are served and the rest refused 429, and that every slot comes
+/// back once the key is idle.
+async fn in_flight_holds(pg: &Pg, nodes: &[Node], mock: MockUpstream, key: &str, allowed: u64) {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch = {
         let done = done.clone();
@@ -1138,7 +1127,7 @@ async fn concurrency_is_global() {
         let mut tasks = Vec::new();
         for i in 0..45 {
             let url = nodes[(i + round) % 3].url("/v1/chat/completions");
-            let key = key.clone();
+            let key = key.to_owned();
             tasks.push(tokio::spawn(async move {
                 let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
                     "messages": [{"role": "user", "content": "Say hello."}]});
@@ -1162,8 +1151,8 @@ async fn concurrency_is_global() {
         codes.len()
     );
     assert!(
-        peak <= 2,
-        "{peak} in flight for a key allowed 2, over three nodes"
+        peak <= allowed,
+        "{peak} in flight for a key allowed {allowed}, over three nodes"
     );
     assert!(ok >= 4, "only {ok} served");
     assert!(
@@ -1183,6 +1172,70 @@ async fn concurrency_is_global() {
         .expect("slots")
         .get(0);
     assert_eq!(slots, 0, "idle slots are returned");
+}
+
+/// A key's concurrency holds across the nodes: never more of its requests
+/// in flight at the upstream than it allows, whichever nodes they reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrency_is_global() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = slow_mock();
+    let nodes = Node::start_all(&pg, &mock, &["c-1", "c-2", "c-3"]);
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "two", "concurrency": 2})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    in_flight_holds(&pg, &nodes, mock, &key, 2).await;
+}
+
+/// A concurrency that comes only from the subscription plan's template
+/// (the key has none of its own) holds across the nodes too: each node
+/// counts its slots against the plan's, taken from the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plans_concurrency_is_global() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = slow_mock();
+    let plan = "[plans.pair]\ninterval = \"day\"\ngrant = \"100\"\nconcurrency = 2\n";
+    let nodes: Vec<Node> = ["t-1", "t-2", "t-3"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, plan))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-pair"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-pair/subscriptions",
+            Some(json!({"plan": "pair"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let sid = v["data"]["id"].as_str().expect("id").to_owned();
+    let (key, hash) = create_key(&nodes[0], "pair-key", "acct-pair").await;
+    for n in &nodes {
+        subscription_where(n, &sid, |_| true).await;
+        known_everywhere(std::slice::from_ref(n), &hash).await;
+    }
+    let (_, v) = nodes[1]
+        .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+        .await;
+    assert!(
+        v["data"]["concurrency"].is_null(),
+        "the key has no concurrency of its own: {v}"
+    );
+    in_flight_holds(&pg, &nodes, mock, &key, 2).await;
 }
 
 /// TLS to the database: with `sslmode=require` the node speaks TLS and

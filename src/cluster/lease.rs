@@ -54,6 +54,9 @@ impl Subject {
                 "GREATEST(allowance, 0) + balance + overdraft - leased",
             ),
             Subject::Key(_) => ("tollgate_keys", "hash", "key_limit - usage - leased"),
+            // A key's own `concurrency`, else the cap the taking node
+            // passes (a subscription plan's template: every node derives
+            // the same from the same plan; see [`free_of`]).
             Subject::Slots(_) => ("tollgate_keys", "hash", "concurrency - slots_leased"),
         }
     }
@@ -73,6 +76,18 @@ impl Subject {
             Subject::Key(_) => ("tollgate_key_leases", "hash"),
             Subject::Slots(_) => ("tollgate_slot_leases", "hash"),
         }
+    }
+}
+
+/// What is free of `subject`, as SQL: [`Subject::money`]'s expression,
+/// except that a key's slots are counted against `cap` (statement
+/// parameter `param`) when the key has no `concurrency` of its own.
+fn free_of(subject: &Subject, free: &'static str, param: usize, cap: Option<i64>) -> String {
+    match (subject, cap) {
+        (Subject::Slots(_), Some(_)) => {
+            format!("COALESCE(concurrency, ${param}::int8) - slots_leased")
+        }
+        _ => free.to_owned(),
     }
 }
 
@@ -110,14 +125,19 @@ pub struct Grant {
 /// Takes a slice of `subject`'s free credit for this node: at least `min`,
 /// up to the sized slice. `None` when not even `min` is free (or the
 /// subject is unknown to the database, or has no limit).
+///
+/// `cap`: for [`Subject::Slots`], the concurrency that applies when the key
+/// has none of its own (its plan's template); `None` otherwise.
 pub async fn take(
     c: &mut deadpool_postgres::Client,
     cfg: &ClusterConfig,
     subject: &Subject,
     need: i64,
     min: i64,
+    cap: Option<i64>,
 ) -> Result<Option<Grant>, String> {
     let (table, col, free) = subject.money();
+    let cap = cap.filter(|_| matches!(subject, Subject::Slots(_)));
     let (leases, lcol) = subject.leases();
     let leased = subject.leased();
     let id = Id::of(subject);
@@ -126,15 +146,19 @@ pub async fn take(
         .await
         .map_err(db)
         .map(count(Kind::Lease, 1))?;
+    let free_sql = free_of(subject, free, 2, cap);
+    let select = format!(
+        "SELECT {free_sql} FROM {table} WHERE {col} = $1 AND NOT deleted AND {free_sql} IS NOT NULL FOR UPDATE"
+    );
+    let select_params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match &cap {
+        Some(cap) => vec![id.sql(), cap],
+        None => vec![id.sql()],
+    };
     let Some(row) = tx
-        .query_opt(
-            &format!(
-                "SELECT {free} FROM {table} WHERE {col} = $1 AND NOT deleted AND {free} IS NOT NULL FOR UPDATE"
-            ),
-            &[id.sql()],
-        )
+        .query_opt(&select, &select_params)
         .await
-        .map_err(db).map(count(Kind::Lease, 2))?
+        .map_err(db)
+        .map(count(Kind::Lease, 2))?
     else {
         return Ok(None);
     };
@@ -149,15 +173,19 @@ pub async fn take(
         return Ok(None);
     }
     // The one statement that raises `leased`, guarded on the locked row.
+    let free_sql = free_of(subject, free, 3, cap);
+    let update = format!(
+        "UPDATE {table} SET {leased} = {leased} + $2 WHERE {col} = $1 AND {free_sql} >= $2 RETURNING {free_sql}"
+    );
+    let update_params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match &cap {
+        Some(cap) => vec![id.sql(), &amount, cap],
+        None => vec![id.sql(), &amount],
+    };
     let updated = tx
-        .query_opt(
-            &format!(
-                "UPDATE {table} SET {leased} = {leased} + $2 WHERE {col} = $1 AND {free} >= $2 RETURNING {free}"
-            ),
-            &[id.sql(), &amount],
-        )
+        .query_opt(&update, &update_params)
         .await
-        .map_err(db).map(count(Kind::Lease, 2))?;
+        .map_err(db)
+        .map(count(Kind::Lease, 2))?;
     let Some(updated) = updated else {
         return Ok(None);
     };

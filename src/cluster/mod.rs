@@ -616,12 +616,13 @@ impl Cluster {
         self.ensure_key(key, want.0, cap).await
     }
 
-    /// Before a request takes a concurrency slot: a key with its own
-    /// `concurrency` holds slots of it taken from the database, so that
-    /// the requests in flight on all nodes together never exceed it. When
-    /// none is free the gate refuses (429) as it always does.
+    /// Before a request takes a concurrency slot: a key with a
+    /// `concurrency` (its own, or its subscription plan's template) holds
+    /// slots of it taken from the database, so that the requests in flight
+    /// on all nodes together never exceed it. When none is free the gate
+    /// refuses (429) as it always does.
     pub async fn ensure_slot(&self, key: &Arc<LiveKey>, policy: &Policy) -> Result<(), ApiError> {
-        if policy.own_record().concurrency.is_none() {
+        if policy.record.concurrency.is_none() {
             return Ok(());
         }
         let Some(held) = self.held(Subject::Slots(key.hash), Holder::Slots(key.clone())) else {
@@ -740,16 +741,22 @@ impl Cluster {
         let cfg = self.cfg.clone();
         let pool = self.pool.clone();
         let subject = held.subject.clone();
+        // Slots: the concurrency that applies (the key's own, else its
+        // plan's template), for a key with none of its own in the database.
+        let slot_cap = match &held.holder {
+            Holder::Slots(k) => k.policy().record.concurrency.map(i64::from),
+            _ => None,
+        };
         let asked = mono_ms();
         let grant = self
             .run(async move {
                 let mut c = pool.get().await.map_err(pool_error)?;
-                match lease::take(&mut c, &cfg, &subject, need, min).await {
+                match lease::take(&mut c, &cfg, &subject, need, min, slot_cap).await {
                     // Once more on a failed statement (a lock timeout, a
                     // connection the server closed): an outage fails twice.
                     Err(_) => {
                         let mut c = pool.get().await.map_err(pool_error)?;
-                        lease::take(&mut c, &cfg, &subject, need, min).await
+                        lease::take(&mut c, &cfg, &subject, need, min, slot_cap).await
                     }
                     ok => ok,
                 }
