@@ -1092,6 +1092,106 @@ async fn a_keys_own_limit_is_global() {
     assert_eq!(usd(&k["data"]["limit"]), limit, "{k}");
 }
 
+/// A key with its own limit whose account pays: the account has far more
+/// than the key may spend, and the key's limit still holds across the
+/// nodes (each node holds a slice of the key's limit besides the
+/// account's), with the account charged exactly what the key spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keys_own_limit_holds_when_its_account_pays() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes = Node::start_all(&pg, &mock, &["q-1", "q-2", "q-3"]);
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-q"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let topup = json!({"amount": "5", "kind": "topup", "reason": "test"});
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts/acct-q/credits", Some(topup))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "capped", "owner": "acct-q", "limit": "0.004"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
+    known_everywhere(&nodes, &hash).await;
+
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(40));
+    let mut tasks = Vec::new();
+    for i in 0..240 {
+        let url = nodes[i % 3].url("/v1/chat/completions");
+        let key = key.clone();
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.expect("semaphore");
+            let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Say hello."}]});
+            send("POST", &url, &format!("Bearer {key}"), Some(body))
+                .await
+                .0
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.expect("task"));
+    }
+    let admitted = codes.iter().filter(|c| **c == 200).count();
+    assert!(
+        codes.iter().all(|c| *c == 200 || *c == 402),
+        "served or 402: {codes:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let limit = Pico::parse_usd("0.004").unwrap();
+    let (s, k) = nodes[1]
+        .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+        .await;
+    assert_eq!(s, 200, "{k}");
+    let usage = usd(&k["data"]["usage"]);
+    eprintln!(
+        "{admitted} of 240 admitted on a key limited to {limit} (its account pays): usage {usage}"
+    );
+    assert!(
+        usage <= limit,
+        "a key limit of {limit} spent {usage} over three nodes"
+    );
+    assert!(admitted >= 8, "only {admitted} admitted");
+    assert!(
+        admitted <= 25,
+        "{admitted} admitted: the key's limit was not global"
+    );
+    // The account paid exactly what the key spent, and the key's slices
+    // are all back once it is idle.
+    let db = pg.client().await;
+    let h = hex::decode(&hash).expect("hex");
+    let row = db
+        .query_one(
+            "SELECT k.usage, (SELECT COALESCE(SUM(spent), 0)::bigint FROM tollgate_entries \
+             WHERE key_hash = $1), a.spent, a.balance FROM tollgate_keys k, tollgate_accounts a \
+             WHERE k.hash = $1 AND a.id = 'acct-q'",
+            &[&h],
+        )
+        .await
+        .expect("rows");
+    let (db_usage, entries, spent, balance): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(db_usage, usage.0);
+    assert_eq!(db_usage, entries, "usage = Σ records");
+    assert_eq!(spent, db_usage, "the account paid what the key spent");
+    assert_eq!(
+        balance,
+        Pico::parse_usd("5").unwrap().0 - spent,
+        "balance = top-up − spent"
+    );
+}
+
 /// Streams of 16 chunks 10 ms apart: long enough to overlap.
 fn slow_mock() -> MockUpstream {
     MockUpstream::start(MockOptions {

@@ -606,14 +606,25 @@ impl Cluster {
         if let Some(owner) = policy.record.owner.as_deref()
             && let Some(wallet) = app.gate.wallets().of(owner, now_ms)?
         {
-            // The account pays; the key's own limit stays a per-node cap.
-            return self.ensure_wallet(&wallet, want.0, cap).await;
+            // The account pays; a key with its own limit also holds a
+            // slice of that limit, so the limit holds across the nodes
+            // too (settlement lowers both leases by the charge).
+            self.ensure_wallet(&wallet, want.0, cap).await?;
+            if policy.record.limit_reset.is_some() {
+                return Ok(());
+            }
+            return self.ensure_key(key, want.0, cap).await;
         }
         if policy.record.limit_reset.is_some() {
             // Limits that start again each period are per node (README).
             return Ok(());
         }
         self.ensure_key(key, want.0, cap).await
+    }
+
+    /// Whether this node holds a lease of `hash`'s own limit.
+    fn holds_key_lease(&self, hash: &[u8]) -> bool {
+        KeyHash::try_from(hash).is_ok_and(|h| self.leases.get(&Subject::Key(h)).is_some())
     }
 
     /// Before a request takes a concurrency slot: a key with a
@@ -1103,7 +1114,8 @@ impl Cluster {
         // Per account: what is spent like usage ((at_ms, amount), drawn
         // from the allowance first), Σ the rest (balance only), Σ spent.
         let mut per_account: HashMap<String, allowance::AccountCharges> = HashMap::new();
-        // Charges no account paid: they come out of the key's own lease.
+        // Charges out of a key's own lease: those no account paid, and
+        // those of a key with its own limit under an account.
         let mut per_key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         for r in &rows {
             let key: Option<Vec<u8>> = r.get(0);
@@ -1119,7 +1131,7 @@ impl Cluster {
                 *per_key.entry(k.clone()).or_default() += spent;
             }
             match (account, key) {
-                (Some(a), _) if amount != 0 || spent != 0 => {
+                (Some(a), k) if amount != 0 || spent != 0 => {
                     let e = per_account.entry(a).or_default();
                     if allowance::draws_on_allowance(kind, amount) {
                         e.draws.push((at_ms, amount));
@@ -1127,6 +1139,15 @@ impl Cluster {
                         e.other += amount;
                     }
                     e.spent += spent;
+                    // A key with its own limit under an account: the
+                    // charge comes out of the key's lease too, when this
+                    // node holds one.
+                    if let Some(k) = k
+                        && amount > 0
+                        && self.holds_key_lease(&k)
+                    {
+                        *per_key_lease.entry(k).or_default() += amount;
+                    }
                 }
                 (None, Some(k)) if amount > 0 => {
                     *per_key_lease.entry(k).or_default() += amount;
