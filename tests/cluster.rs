@@ -979,6 +979,29 @@ async fn admin_writes_made_while_the_database_is_down_survive_a_kill() {
     assert!(v.to_string().contains(&hash), "listed on node 2: {v}");
 }
 
+/// `n` streamed chats with `key`, spread over `nodes`, at most 40 at once
+/// (like the clients of the outside check): each answer's status.
+async fn streams(nodes: &[Node], key: &str, n: usize) -> Vec<u16> {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(40));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let url = nodes[i % nodes.len()].url("/v1/chat/completions");
+        let auth = format!("Bearer {key}");
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.expect("semaphore");
+            let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Say hello."}]});
+            send("POST", &url, &auth, Some(body)).await.0
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
 /// A key with its own limit and no account: the limit holds across the
 /// nodes (each takes slices of it), not once per node; a top-up on one node
 /// raises it for all.
@@ -1001,29 +1024,7 @@ async fn a_keys_own_limit_is_global() {
     let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    // At most 40 at once, like the clients of the outside check.
-    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(40));
-    let race = |n: usize| {
-        let mut tasks = Vec::new();
-        for i in 0..n {
-            let url = nodes[i % 3].url("/v1/chat/completions");
-            let key = key.clone();
-            let sem = sem.clone();
-            tasks.push(tokio::spawn(async move {
-                let _p = sem.acquire_owned().await.expect("semaphore");
-                let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
-                    "messages": [{"role": "user", "content": "Say hello."}]});
-                send("POST", &url, &format!("Bearer {key}"), Some(body))
-                    .await
-                    .0
-            }));
-        }
-        tasks
-    };
-    let mut codes = Vec::new();
-    for t in race(240) {
-        codes.push(t.await.expect("task"));
-    }
+    let codes = streams(&nodes, &key, 240).await;
     let admitted = codes.iter().filter(|c| **c == 200).count();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let limit = Pico::parse_usd("0.004").unwrap();
@@ -1071,10 +1072,7 @@ async fn a_keys_own_limit_is_global() {
         .await;
     assert_eq!(s, 200, "{v}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut more = Vec::new();
-    for t in race(120) {
-        more.push(t.await.expect("task"));
-    }
+    let more = streams(&nodes, &key, 120).await;
     let admitted_more = more.iter().filter(|c| **c == 200).count();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (s, k) = nodes[0]
@@ -1124,25 +1122,7 @@ async fn a_keys_own_limit_holds_when_its_account_pays() {
     let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
     known_everywhere(&nodes, &hash).await;
 
-    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(40));
-    let mut tasks = Vec::new();
-    for i in 0..240 {
-        let url = nodes[i % 3].url("/v1/chat/completions");
-        let key = key.clone();
-        let sem = sem.clone();
-        tasks.push(tokio::spawn(async move {
-            let _p = sem.acquire_owned().await.expect("semaphore");
-            let body = json!({"model": "demo-chat", "stream": true, "max_tokens": 16,
-                "messages": [{"role": "user", "content": "Say hello."}]});
-            send("POST", &url, &format!("Bearer {key}"), Some(body))
-                .await
-                .0
-        }));
-    }
-    let mut codes = Vec::new();
-    for t in tasks {
-        codes.push(t.await.expect("task"));
-    }
+    let codes = streams(&nodes, &key, 240).await;
     let admitted = codes.iter().filter(|c| **c == 200).count();
     assert!(
         codes.iter().all(|c| *c == 200 || *c == 402),
