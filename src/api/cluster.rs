@@ -64,11 +64,11 @@ pub(super) async fn account_credited(ctx: &Ctx<'_>, id: &str, entry: &AccountLed
         None => c.entry_id("credit"),
     };
     let amount = entry.amount.0;
-    let (kind, add, spent) = match entry.kind {
-        AccountCreditKind::Topup => ("topup", amount, 0),
-        AccountCreditKind::Refund => ("refund", amount, -amount),
-        AccountCreditKind::Adjust if amount > 0 => ("adjust", amount, 0),
-        AccountCreditKind::Reversal => ("reversal", -amount, 0),
+    let (add, spent) = match entry.kind {
+        AccountCreditKind::Topup => (amount, 0),
+        AccountCreditKind::Refund => (amount, -amount),
+        AccountCreditKind::Adjust if amount > 0 => (amount, 0),
+        AccountCreditKind::Reversal => (-amount, 0),
         AccountCreditKind::Adjust => {
             c.charge_account(Charge {
                 id: entry_id,
@@ -103,7 +103,7 @@ pub(super) async fn account_credited(ctx: &Ctx<'_>, id: &str, entry: &AccountLed
     c.publish(Change::Credit {
         id: entry_id,
         account: id.to_owned(),
-        kind,
+        kind: entry.kind.as_str(),
         amount: add,
         spent,
         at_ms: entry.at_ms,

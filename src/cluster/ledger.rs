@@ -55,18 +55,6 @@ pub fn entry_id(node: &str, entry: &LocalLedgerEntry) -> String {
     }
 }
 
-/// An account ledger kind's name, as the API shows it (its serde name).
-fn account_kind_str(k: AccountCreditKind) -> String {
-    match serde_json::to_value(k) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => format!("{k:?}").to_lowercase(),
-    }
-}
-
-fn account_kind(s: &str) -> Option<AccountCreditKind> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
-}
-
 /// A batch of entries, one array per column of `tollgate_ledger` (the
 /// fields of the other scope NULL: a key's entry has no balance, an
 /// account's no limit).
@@ -114,7 +102,7 @@ impl Columns {
                     c.scopes.push("account");
                     c.keys.push(None);
                     c.accounts.push(Some(id.clone()));
-                    c.kinds.push(account_kind_str(e.kind));
+                    c.kinds.push(e.kind.as_str().to_owned());
                     c.amounts.push(e.amount.0);
                     c.reasons.push(e.reason.clone());
                     c.idems.push(e.idempotency_key.clone());
@@ -381,7 +369,7 @@ impl Cluster {
             .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let Some(kind) = account_kind(&r.kind) else {
+            let Some(kind) = AccountCreditKind::parse(&r.kind) else {
                 tracing::warn!(kind = %r.kind, "cluster: an account ledger row of an unknown kind");
                 continue;
             };
@@ -537,19 +525,15 @@ mod tests {
 
     #[test]
     fn account_kinds_round_trip_by_their_api_names() {
-        for k in [
-            AccountCreditKind::Topup,
-            AccountCreditKind::Deduct,
-            AccountCreditKind::Refund,
-            AccountCreditKind::Adjust,
-            AccountCreditKind::Reversal,
-            AccountCreditKind::Grant,
-            AccountCreditKind::Lapse,
-        ] {
-            assert_eq!(account_kind(&account_kind_str(k)), Some(k));
+        for k in AccountCreditKind::ALL {
+            assert_eq!(AccountCreditKind::parse(k.as_str()), Some(k));
+            // The name is the one the API shows (serde's).
+            assert_eq!(
+                serde_json::to_value(k).expect("serializes"),
+                serde_json::Value::String(k.as_str().to_owned())
+            );
         }
-        assert_eq!(account_kind_str(AccountCreditKind::Topup), "topup");
-        assert_eq!(account_kind("nope"), None);
+        assert_eq!(AccountCreditKind::parse("nope"), None);
         for k in [
             LedgerKind::Topup,
             LedgerKind::Deduct,

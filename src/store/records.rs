@@ -404,6 +404,36 @@ pub enum AccountCreditKind {
     Lapse,
 }
 
+impl AccountCreditKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [AccountCreditKind; 7] = [
+        AccountCreditKind::Topup,
+        AccountCreditKind::Deduct,
+        AccountCreditKind::Refund,
+        AccountCreditKind::Adjust,
+        AccountCreditKind::Reversal,
+        AccountCreditKind::Grant,
+        AccountCreditKind::Lapse,
+    ];
+
+    /// Its name, as the API shows it (its serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountCreditKind::Topup => "topup",
+            AccountCreditKind::Deduct => "deduct",
+            AccountCreditKind::Refund => "refund",
+            AccountCreditKind::Adjust => "adjust",
+            AccountCreditKind::Reversal => "reversal",
+            AccountCreditKind::Grant => "grant",
+            AccountCreditKind::Lapse => "lapse",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AccountCreditKind> {
+        AccountCreditKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
 /// One entry of an account's ledger.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AccountLedgerEntry {
