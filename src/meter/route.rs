@@ -165,10 +165,24 @@ fn already_canonical(raw: &str) -> bool {
     let Some(rest) = raw.strip_prefix("/v1/") else {
         return false;
     };
-    !rest.is_empty()
-        && rest
-            .split('/')
-            .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && seg.bytes().all(unreserved))
+    // One pass over the bytes (no per-segment search): each segment is
+    // non-empty, unreserved, and not `.` or `..`.
+    let dot_segment = |len: usize, dots: usize| len == 0 || (dots == len && len <= 2);
+    let (mut len, mut dots) = (0, 0);
+    for &b in rest.as_bytes() {
+        if b == b'/' {
+            if dot_segment(len, dots) {
+                return false;
+            }
+            (len, dots) = (0, 0);
+        } else if unreserved(b) {
+            len += 1;
+            dots += usize::from(b == b'.');
+        } else {
+            return false;
+        }
+    }
+    !dot_segment(len, dots)
 }
 
 fn classify_slow(raw_path: &str) -> Result<(Endpoint, Canonical), ApiError> {
@@ -318,6 +332,11 @@ mod tests {
         assert!(!already_canonical("/v1/chat//completions"));
         assert!(!already_canonical("/v1/chat/completions/"));
         assert!(!already_canonical("/v1/./chat"));
+        assert!(!already_canonical("/v1/chat/.."));
+        assert!(!already_canonical("/v1/"));
+        assert!(!already_canonical("/v1/chat%2Fx"));
+        assert!(already_canonical("/v1/.../x"));
+        assert!(already_canonical("/v1/a.b/c"));
     }
 
     fn canon(raw: &str) -> (Endpoint, String) {

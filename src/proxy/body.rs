@@ -176,11 +176,13 @@ impl HttpBody for MeteredBody {
             match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        this.last_frame = Instant::now();
+                        // One clock read per frame serves both.
+                        let now = Instant::now();
+                        this.last_frame = now;
                         if let Some(s) = this.settlement.as_mut()
                             && s.ttfb.is_none()
                         {
-                            s.ttfb = Some(s.started.elapsed());
+                            s.ttfb = Some(now.saturating_duration_since(s.started));
                         }
                         let out = this.meter.on_frame(data);
                         if !out.is_empty() {
