@@ -50,7 +50,9 @@
 //!   are shipped to the database once each (the local store keeps the
 //!   cursor); the ledger APIs read them back from there.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
-//!   in cluster mode the usage and report APIs read them back from there.
+//!   in cluster mode the usage and report APIs read them back from there,
+//!   the sums from hourly rollups added in the same transaction
+//!   ([`rollups`], which also prunes old records one node at a time).
 //!   [`trips`] counts the round trips all of this costs, by kind.
 //! - **Faults**: with the database unreachable, a node serves from its
 //!   leases until they run out, then refuses paid requests with 503; queued
