@@ -317,6 +317,11 @@ async fn sweeper(
             if let Err(e) = app.store.prune_usage_before(before).await {
                 tracing::warn!(error = %e, "pruning old usage records failed");
             }
+            // The database's records too (one node at a time; their
+            // rollups stay).
+            if let Some(c) = app.cluster.get() {
+                c.prune_usage_before(before).await;
+            }
         }
         let event_days = app.live().config.storage.event_retention_days;
         if event_days > 0 {

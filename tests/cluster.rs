@@ -3622,3 +3622,520 @@ async fn a_lapse_takes_back_the_slices_the_nodes_hold() {
         n.terminate();
     }
 }
+
+/// A second model, priced apart, so that the rollups have several models.
+const MINI: &str = "[models.\"demo-mini\"]\ninput = \"1.00\"\noutput = \"3.00\"\n";
+
+/// The database's hourly rollups and the same sums over its usage
+/// records, one line per (key, hour, model): equal when every record was
+/// added once.
+async fn rollups_and_records(db: &tokio_postgres::Client) -> (Vec<String>, Vec<String>) {
+    let line = |r: &tokio_postgres::Row| {
+        let h: Vec<u8> = r.get(0);
+        let sums: Vec<String> = (3..13).map(|i| r.get::<_, i64>(i).to_string()).collect();
+        format!(
+            "{} {} {} {}",
+            hex::encode(h),
+            r.get::<_, i64>(1),
+            r.get::<_, String>(2),
+            sums.join(" ")
+        )
+    };
+    let rolled = db
+        .query(
+            "SELECT key_hash, hour, model, requests, prompt_tokens, cached_tokens, completion_tokens, \
+             reasoning_tokens, cost, latency_ms, errors, estimated, cache_write_tokens \
+             FROM tollgate_usage_rollups ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await
+        .expect("rollups");
+    let records = db
+        .query(
+            "SELECT key_hash, div(at_ms, 3600000)::int8, model, COUNT(*)::int8, \
+             SUM(prompt_tokens)::int8, SUM(cached_tokens)::int8, SUM(completion_tokens)::int8, \
+             SUM(reasoning_tokens)::int8, SUM(cost)::int8, SUM(latency_ms)::int8, \
+             COUNT(*) FILTER (WHERE status >= 400)::int8, COUNT(*) FILTER (WHERE estimated)::int8, \
+             SUM(cache_write_tokens)::int8 FROM tollgate_entries WHERE model IS NOT NULL \
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await
+        .expect("records");
+    (
+        rolled.iter().map(line).collect(),
+        records.iter().map(line).collect(),
+    )
+}
+
+/// Waits until the database holds `n` usage records.
+async fn records_reach(db: &tokio_postgres::Client, n: i64) {
+    let start = Instant::now();
+    loop {
+        let have: i64 = db
+            .query_one(
+                "SELECT COUNT(*) FROM tollgate_entries WHERE kind = 'usage'",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if have >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "only {have} of {n} records reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `n` chat completions over `nodes` and `keys` in turn, half of them
+/// streamed, the model alternating between demo-chat and demo-mini.
+async fn mixed_traffic(nodes: &[Node], keys: &[(String, String)], n: usize) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(12));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let url = nodes[i % nodes.len()].url("/v1/chat/completions");
+        let auth = format!("Bearer {}", keys[i % keys.len()].0);
+        let model = if (i / 2) % 2 == 0 {
+            "demo-chat"
+        } else {
+            "demo-mini"
+        };
+        let body = json!({"model": model, "stream": i % 3 == 0, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Say hello."}]});
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await.expect("semaphore");
+            send("POST", &url, &auth, Some(body)).await.0
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 200, "every request served");
+    }
+}
+
+/// The report answers that sum over a range, as one node gives them for
+/// `[start, end)` (Unix seconds): what must not change with where the
+/// sums come from.
+async fn reports_of(node: &Node, keys: &[(String, String)], start: i64, end: i64) -> Vec<Value> {
+    let range = format!("start={start}&end={end}");
+    let mut paths = vec![
+        format!("/api/v1/usage?{range}"),
+        format!("/api/v1/owners/team-r/usage?{range}"),
+    ];
+    for (_, hash) in keys {
+        paths.push(format!("/api/v1/keys/{hash}/usage?{range}"));
+        paths.push(format!(
+            "/api/v1/keys/{hash}/usage/chart?granularity=hour&{range}"
+        ));
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        let (s, mut v) = node.admin("GET", &p, None).await;
+        assert_eq!(s, 200, "{p}: {v}");
+        // A listing of records, not a sum: it shows what is still stored.
+        if let Some(d) = v["data"].as_object_mut() {
+            d.remove("recent_logs");
+        }
+        out.push(v);
+    }
+    let (s, b) = node
+        .admin("GET", "/api/v1/admin/billing/status", None)
+        .await;
+    assert_eq!(s, 200, "{b}");
+    out.push(b["all_time"].clone());
+    out
+}
+
+/// Issue 18: the database keeps hourly usage rollups, added in the
+/// settle transaction for the records it inserted only. Three nodes (an
+/// hour apart on their clocks, so the records fall in three hours) settle
+/// two keys' traffic on two models at once, a batch is written again
+/// (three connections at once, then once more) through the settle path's
+/// insert: the rollups are exactly Σ of the records, and every node's
+/// reports equal those sums.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_rollups_are_the_records_sums_on_every_node() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| Node::start_later(&pg, &mock, &format!("ro-{i}"), MINI, i * 3_600_000))
+        .collect();
+    let mut keys = Vec::new();
+    for i in 0..2 {
+        keys.push(create_key(&nodes[0], &format!("r{i}"), "team-r").await);
+    }
+    for (_, hash) in &keys {
+        known_everywhere(&nodes, hash).await;
+    }
+    let n = 48;
+    mixed_traffic(&nodes, &keys, n).await;
+    let db = pg.client().await;
+    records_reach(&db, n as i64).await;
+
+    // A batch written again: six records already there (changed, so a
+    // second count would show) and three new ones, from three
+    // connections at once and then once more.
+    let old: Vec<(String, Vec<u8>, i64)> = db
+        .query(
+            "SELECT id, key_hash, at_ms FROM tollgate_entries WHERE kind = 'usage' ORDER BY id LIMIT 6",
+            &[],
+        )
+        .await
+        .expect("records")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let now = old[0].2;
+    let mut batch: Vec<(String, Vec<u8>, i64)> = old;
+    for i in 0..3 {
+        batch.push((
+            format!("u:replay:{i}"),
+            hex::decode(&keys[0].1).expect("hex"),
+            now,
+        ));
+    }
+    let charges: Vec<tollgate::cluster::Charge> = batch
+        .iter()
+        .map(|(id, hash, at_ms)| {
+            let key = tollgate::store::KeyHash::try_from(hash.as_slice()).expect("hash");
+            let record = tollgate::store::UsageRecord {
+                at_ms: *at_ms,
+                key,
+                model: "demo-chat".into(),
+                upstream: "mock".into(),
+                route: "chat".into(),
+                stream: false,
+                status: 200,
+                prompt_tokens: 1000,
+                cached_tokens: 0,
+                completion_tokens: 1000,
+                reasoning_tokens: 0,
+                cost: Pico(7_000_000),
+                reserved: Pico(7_000_000),
+                latency_ms: 5,
+                ttfb_ms: 1,
+                request_id: id.clone(),
+                client_ip: "127.0.0.1".into(),
+                estimated: false,
+                daily_fee: Pico::ZERO,
+                account: None,
+                cache_write_tokens: 0,
+            };
+            tollgate::cluster::Charge {
+                id: id.clone(),
+                kind: "usage",
+                key: Some(key),
+                account: None,
+                amount: 0,
+                spent: 0,
+                at_ms: *at_ms,
+                record: Some(Box::new(record)),
+            }
+        })
+        .collect();
+    let charges = Arc::new(charges);
+    let cfg: tokio_postgres::Config = pg.url().parse().expect("url");
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+        cfg,
+        tokio_postgres::NoTls,
+    ))
+    .max_size(3)
+    .build()
+    .expect("pool");
+    let mut inserted = Vec::new();
+    for round in 0..2 {
+        let tasks: Vec<_> = (0..if round == 0 { 3 } else { 1 })
+            .map(|_| {
+                let (pool, charges) = (pool.clone(), charges.clone());
+                tokio::spawn(async move {
+                    let mut c = pool.get().await.expect("connection");
+                    let tx = c.transaction().await.expect("transaction");
+                    let rows = tollgate::cluster::rollups::insert_entries(&tx, "ro-x", &charges)
+                        .await
+                        .expect("insert");
+                    tx.commit().await.expect("commit");
+                    rows.len()
+                })
+            })
+            .collect();
+        for t in tasks {
+            inserted.push(t.await.expect("task"));
+        }
+    }
+    inserted.sort();
+    assert_eq!(inserted, [0, 0, 0, 3], "each new record inserted once");
+
+    let (rolled, records) = rollups_and_records(&db).await;
+    assert_eq!(rolled, records, "rollups = Σ records");
+    assert!(rolled.len() >= 6, "2 keys × 2 models × 3 hours: {rolled:?}");
+
+    // Every node's reports: the same answers, and the records' sums.
+    let start = now / 1000 - 2 * 86_400;
+    let end = now / 1000 + 86_400;
+    let first = reports_of(&nodes[0], &keys, start, end).await;
+    for node in &nodes[1..] {
+        let these = reports_of(node, &keys, start, end).await;
+        // The billing status's all-time sums end at each node's own now
+        // (the clocks differ by hours here): all but that one.
+        let n = these.len() - 1;
+        for (i, (a, b)) in these[..n].iter().zip(&first[..n]).enumerate() {
+            assert_eq!(a, b, "report {i}");
+        }
+    }
+    let (count, cost): (i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT COUNT(*), SUM(cost)::int8 FROM tollgate_entries WHERE model IS NOT NULL",
+                &[],
+            )
+            .await
+            .expect("sums");
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(count, n as i64 + 3);
+    let gateway = &first[0]["data"]["summary"];
+    assert_eq!(gateway["total_requests"], count, "{gateway}");
+    assert_eq!(usd(&gateway["total_cost"]), Pico(cost), "{gateway}");
+    let models: Vec<&str> = first[0]["data"]["by_model"]
+        .as_array()
+        .expect("by model")
+        .iter()
+        .filter_map(|m| m["model"].as_str())
+        .collect();
+    assert_eq!(models.len(), 2, "{models:?}");
+    let hours: usize = first[3]["data"]["data"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter(|p| p["requests"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert_eq!(
+        hours, 3,
+        "the key's records fall in three hours: {}",
+        first[3]
+    );
+}
+
+/// A node that prunes usage records older than `days`
+/// (`storage.usage_retention_days`), its clock `offset_ms` ahead, sweeping
+/// every second: started once to write its config, stopped, and started
+/// again with the setting added.
+fn start_retaining(pg: &Pg, mock: &MockUpstream, id: &str, days: u32, offset_ms: i64) -> Node {
+    let sweep = "[limits]\nsweep_interval = \"1s\"\n";
+    let mut node = Node::spawn_later(&pg.url(), mock, id, sweep, offset_ms);
+    node.kill9();
+    let file = node.data.join("config.toml");
+    let config = std::fs::read_to_string(&file).expect("config");
+    let config = config.replace(
+        "flush_ms = 10\n",
+        &format!("flush_ms = 10\nusage_retention_days = {days}\n"),
+    );
+    std::fs::write(&file, config).expect("config written");
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(node.data.join("log"))
+        .expect("log file");
+    node.child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
+        .env("TOLLGATE_TEST_UPSTREAM_KEY", common::UPSTREAM_KEY)
+        .env("TOLLGATE_POSTGRES_URL", pg.url())
+        .env("TOLLGATE_CLOCK_OFFSET_MS", offset_ms.to_string())
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("the gateway binary starts");
+    if let Err(log) = node.ready() {
+        panic!("node {id} did not start: {log}");
+    }
+    node
+}
+
+/// Issue 18: retention in the database. Records made three days before
+/// a node's clock with `usage_retention_days = 1` are pruned from
+/// `tollgate_entries` by it (but each node's last settled batch, which the
+/// node could still write again), the ledger's rows stay, and the reports
+/// over those days answer as before on every node, from the rollups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_usage_records_are_pruned_and_their_totals_kept() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes: Vec<Node> = ["rp-1", "rp-2"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, MINI))
+        .collect();
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts",
+            Some(json!({"id": "team-r", "email": "r@example.com"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let topup = json!({"amount": "5", "kind": "topup", "reason": "test", "idempotency_key": "r1"});
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts/team-r/credits", Some(topup))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let mut keys = Vec::new();
+    for i in 0..2 {
+        keys.push(create_key(&nodes[0], &format!("p{i}"), "team-r").await);
+    }
+    for (_, hash) in &keys {
+        known_everywhere(&nodes, hash).await;
+    }
+    let db = pg.client().await;
+    // Two rounds, so that each node settles more than one batch.
+    for _ in 0..2 {
+        mixed_traffic(&nodes, &keys, 16).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    records_reach(&db, 32).await;
+    let ledger_rows = "SELECT COUNT(*) FROM tollgate_entries WHERE kind <> 'usage'";
+    let others: i64 = db.query_one(ledger_rows, &[]).await.expect("rows").get(0);
+    assert!(others >= 1, "the top-up's row");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let (start, end) = (now - 86_400, now + 3_600);
+    let before = reports_of(&nodes[0], &keys, start, end).await;
+    let (rolled, _) = rollups_and_records(&db).await;
+
+    let pruner = start_retaining(&pg, &mock, "rp-3", 1, 3 * DAY_MS);
+    let prunable = "SELECT COUNT(*) FROM tollgate_entries e \
+         LEFT JOIN tollgate_usage_settled s ON s.node_id = e.node_id \
+         WHERE e.kind = 'usage' AND (s.oldest_ms IS NULL OR e.at_ms < s.oldest_ms)";
+    let started = Instant::now();
+    loop {
+        let left: i64 = db.query_one(prunable, &[]).await.expect("count").get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{left} old records not pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_entries WHERE kind = 'usage'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert!(
+        kept < 32,
+        "pruned but each node's last batch: {kept} of 32 kept"
+    );
+    let now_others: i64 = db.query_one(ledger_rows, &[]).await.expect("rows").get(0);
+    assert_eq!(now_others, others, "ledger and claim rows are never pruned");
+    let (rolled_after, _) = rollups_and_records(&db).await;
+    assert_eq!(rolled_after, rolled, "the rollups keep the totals");
+    for node in nodes.iter().chain([&pruner]) {
+        let after = reports_of(node, &keys, start, end).await;
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            assert_eq!(a, b, "report {i} after pruning");
+        }
+    }
+    // The logs list what is still stored.
+    let (s, l) = nodes[1]
+        .admin(
+            "GET",
+            &format!("/api/v1/keys/{}/usage/logs?page_size=100", keys[0].1),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{l}");
+    let h = hex::decode(&keys[0].1).expect("hex");
+    let rows: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_entries WHERE kind = 'usage' AND key_hash = $1",
+            &[&h],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(l["data"]["total"], rows, "{l}");
+}
+
+/// Measures the gateway report's read over 200,000 usage records (20
+/// keys, 2 models, 30 days): the sums from the records, as before the
+/// rollups, and from the rollups. Not a check: run it by name with
+/// `--ignored --nocapture` to see the numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_report_reads_over_200k_records() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let node = Node::start(&pg, &mock, "m-1");
+    let db = pg.client().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let from = now - 30 * DAY_MS;
+    db.execute(
+        "INSERT INTO tollgate_entries (id, kind, key_hash, amount, spent, node_id, at_ms, model, \
+         status, prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, \
+         reasoning_tokens, cost, latency_ms, estimated) \
+         SELECT 'm' || i, 'usage', sha256(('k' || (i % 20))::bytea), 100, 100, 'm-x', \
+         $1::int8 + i::int8 * 12960, CASE WHEN i % 2 = 0 THEN 'demo-chat' ELSE 'demo-mini' END, 200, \
+         7, 0, 0, 16, 0, 100, 5, false FROM generate_series(1, 200000) AS i",
+        &[&from],
+    )
+    .await
+    .expect("records");
+    // The rollups of those records, as the migration makes them.
+    db.batch_execute(
+        "INSERT INTO tollgate_usage_rollups SELECT key_hash, div(at_ms, 3600000)::int8, model, \
+         COUNT(*), SUM(prompt_tokens), SUM(cached_tokens), SUM(completion_tokens), \
+         SUM(reasoning_tokens), SUM(cost), SUM(latency_ms), 0, 0, 0 FROM tollgate_entries \
+         WHERE model IS NOT NULL GROUP BY 1, 2, 3; ANALYZE",
+    )
+    .await
+    .expect("rollups");
+    let (first_hour, end_hour) = (from / 3_600_000, now / 3_600_000 + 1);
+    let old = "SELECT div(at_ms, 3600000)::int8, model, COUNT(*)::int8, SUM(cost)::int8 \
+         FROM tollgate_entries WHERE model IS NOT NULL AND at_ms >= $1 AND at_ms < $2 GROUP BY 1, 2";
+    let new = "SELECT hour, model, SUM(requests)::int8, SUM(cost)::int8 FROM tollgate_usage_rollups \
+         WHERE hour >= $1 AND hour < $2 GROUP BY 1, 2";
+    let time = |sql: &'static str, a: i64, b: i64| {
+        let db = &db;
+        async move {
+            let mut best = Duration::MAX;
+            let mut rows = 0;
+            for _ in 0..5 {
+                let t = Instant::now();
+                rows = db.query(sql, &[&a, &b]).await.expect("read").len();
+                best = best.min(t.elapsed());
+            }
+            (best, rows)
+        }
+    };
+    let (t_old, r_old) = time(old, first_hour * 3_600_000, end_hour * 3_600_000).await;
+    let (t_new, r_new) = time(new, first_hour, end_hour).await;
+    assert_eq!(r_old, r_new);
+    eprintln!(
+        "gateway report over 30 days, 200000 records: records {t_old:?}, rollups {t_new:?} ({r_new} hour×model rows)"
+    );
+    // And through the API, on the node (reads the rollups).
+    let t = Instant::now();
+    let (s, v) = node.admin("GET", "/api/v1/usage", None).await;
+    assert_eq!(s, 200, "{v}");
+    eprintln!("GET /api/v1/usage (30 days): {:?}", t.elapsed());
+}

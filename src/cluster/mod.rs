@@ -50,7 +50,9 @@
 //!   are shipped to the database once each (the local store keeps the
 //!   cursor); the ledger APIs read them back from there.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
-//!   in cluster mode the usage and report APIs read them back from there.
+//!   in cluster mode the usage and report APIs read them back from there,
+//!   the sums from hourly rollups added in the same transaction
+//!   ([`rollups`], which also prunes old records one node at a time).
 //!   [`trips`] counts the round trips all of this costs, by kind.
 //! - **Faults**: with the database unreachable, a node serves from its
 //!   leases until they run out, then refuses paid requests with 503; queued
@@ -70,6 +72,7 @@ pub mod ledger;
 pub mod outbox;
 pub mod payments;
 pub mod rate;
+pub mod rollups;
 pub mod schema;
 pub mod subscriptions;
 pub mod sync;
@@ -1069,7 +1072,8 @@ impl Cluster {
         }
     }
 
-    /// One transaction: the entries (new ones only), the keys' usage, the
+    /// One transaction: the entries (new ones only) and their records'
+    /// rollups (`rollups::insert_entries`), the keys' usage, the
     /// accounts' balance and spent, and this node's leases lowered by what
     /// was charged. Returns by how much each account's lease went down.
     async fn write_charges(&self, batch: &[Charge]) -> Result<Vec<(Subject, i64)>, String> {
@@ -1079,37 +1083,8 @@ impl Cluster {
             .await
             .map_err(db)
             .map(count(Kind::Settle, 1))?;
-        let ids: Vec<&str> = batch.iter().map(|c| c.id.as_str()).collect();
-        let kinds: Vec<&str> = batch.iter().map(|c| c.kind).collect();
-        let keys: Vec<Option<Vec<u8>>> = batch.iter().map(|c| c.key.map(|k| k.to_vec())).collect();
-        let accounts: Vec<Option<&str>> = batch.iter().map(|c| c.account.as_deref()).collect();
-        let amounts: Vec<i64> = batch.iter().map(|c| c.amount).collect();
-        let spents: Vec<i64> = batch.iter().map(|c| c.spent).collect();
-        let ats: Vec<i64> = batch.iter().map(|c| c.at_ms).collect();
         let node = self.cfg.node_id.as_str();
-        let r = usage::RecordColumns::of(batch);
-        let rows = tx
-            .query(
-                "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms, \
-                 model, upstream, route, stream, status, prompt_tokens, cached_tokens, cache_write_tokens, \
-                 completion_tokens, reasoning_tokens, cost, reserved, latency_ms, ttfb_ms, request_id, \
-                 client_ip, estimated) \
-                 SELECT i, k, h, a, m, s, $8, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, \
-                 r15, r16, r17 FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], \
-                 $5::int8[], $6::int8[], $7::int8[], $9::text[], $10::text[], $11::text[], $12::bool[], \
-                 $13::int4[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
-                 $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[]) \
-                 AS u(i, k, h, a, m, s, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15, r16, r17) \
-                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent, kind, at_ms",
-                &[
-                    &ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node, &r.model,
-                    &r.upstream, &r.route, &r.stream, &r.status, &r.prompt, &r.cached,
-                    &r.cache_write, &r.completion, &r.reasoning, &r.cost, &r.reserved,
-                    &r.latency, &r.ttfb, &r.request_id, &r.client_ip, &r.estimated,
-                ],
-            )
-            .await
-            .map_err(db).map(count(Kind::Settle, 2))?;
+        let rows = rollups::insert_entries(&tx, node, batch).await?;
         let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
         // Per account: what is spent like usage ((at_ms, amount), drawn
         // from the allowance first), Σ the rest (balance only), Σ spent.

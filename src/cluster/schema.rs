@@ -22,6 +22,8 @@
 //! | `tollgate_deliveries` | (event, endpoint) | (version 9) where each delivery stands, and which node holds it (`claimed_by` until `claim_until_ms`, the database's clock) |
 //! | `tollgate_ledger` | entry id | (version 10) keys' and accounts' ledger entries, each shipped once by the node that made it (`node_id`, its `local_seq`): the ledger APIs read them in cluster mode |
 //! | `tollgate_accounts.allowance` | account id | (version 11) what remains of the subscription period's grants (picoUSD), spent before `balance`; free credit = `allowance + balance + overdraft − leased`; `allowance_lapsed`/`allowance_lapsed_at_ms`: what the last lapse took, and when (it pays for charges made before it, settled after) |
+//! | `tollgate_usage_rollups` | (key, hour, model) | (version 12) Σ of the key's usage records of one UTC hour and model (the store's rollup fields), added in the transaction that inserts the records (new ones only): the reports read them, and they outlive the records retention prunes |
+//! | `tollgate_usage_settled` | node id | (version 12) the oldest record time of the node's last settled batch: retention keeps those rows |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -260,6 +262,46 @@ ALTER TABLE tollgate_accounts
     ADD COLUMN allowance bigint NOT NULL DEFAULT 0,
     ADD COLUMN allowance_lapsed bigint NOT NULL DEFAULT 0,
     ADD COLUMN allowance_lapsed_at_ms bigint NOT NULL DEFAULT 0;
+"#,
+    // Usage rollups and retention ([`super::rollups`]; depends on
+    // version 5's record columns only). The rollups are filled from the
+    // records already there, once, here: the records a node of this build
+    // settles from now on are added in the transaction that inserts them.
+    // `tollgate_usage_settled` is each node's oldest record time in its
+    // last settled batch: retention leaves those rows (a batch whose commit
+    // the node did not see is written again, and must find its ids).
+    r#"
+CREATE TABLE tollgate_usage_rollups (
+    key_hash bytea NOT NULL,
+    hour bigint NOT NULL,
+    model text NOT NULL,
+    requests bigint NOT NULL,
+    prompt_tokens bigint NOT NULL,
+    cached_tokens bigint NOT NULL,
+    completion_tokens bigint NOT NULL,
+    reasoning_tokens bigint NOT NULL,
+    cost bigint NOT NULL,
+    latency_ms bigint NOT NULL,
+    errors bigint NOT NULL,
+    estimated bigint NOT NULL,
+    cache_write_tokens bigint NOT NULL,
+    PRIMARY KEY (key_hash, hour, model)
+);
+CREATE INDEX tollgate_usage_rollups_hour ON tollgate_usage_rollups (hour);
+CREATE TABLE tollgate_usage_settled (
+    node_id text PRIMARY KEY,
+    oldest_ms bigint NOT NULL
+);
+CREATE INDEX tollgate_entries_records_at ON tollgate_entries (at_ms) WHERE model IS NOT NULL;
+LOCK TABLE tollgate_entries IN SHARE MODE;
+INSERT INTO tollgate_usage_rollups
+SELECT key_hash, div(at_ms, 3600000)::int8, model, COUNT(*)::int8,
+    COALESCE(SUM(prompt_tokens), 0)::int8, COALESCE(SUM(cached_tokens), 0)::int8,
+    COALESCE(SUM(completion_tokens), 0)::int8, COALESCE(SUM(reasoning_tokens), 0)::int8,
+    COALESCE(SUM(cost), 0)::int8, COALESCE(SUM(latency_ms), 0)::int8,
+    COUNT(*) FILTER (WHERE status >= 400)::int8, COUNT(*) FILTER (WHERE estimated)::int8,
+    COALESCE(SUM(cache_write_tokens), 0)::int8
+FROM tollgate_entries WHERE model IS NOT NULL AND key_hash IS NOT NULL GROUP BY 1, 2, 3;
 "#,
 ];
 

@@ -1,7 +1,9 @@
 //! Usage records in the database: written with their charges (one row of
-//! `tollgate_entries` per record, inserted once per id), and read back by
-//! the usage and report APIs in cluster mode, so that every node answers
-//! the same whichever node served the requests.
+//! `tollgate_entries` per record, inserted once per id, and added to the
+//! hourly rollups in the same transaction: `super::rollups`), and read back
+//! by the usage and report APIs in cluster mode, so that every node answers
+//! the same whichever node served the requests: the sums from the rollups,
+//! the listings and counts from the records.
 //!
 //! The reads return what the local store returns (hourly sums by model,
 //! records newest first), so the reports fold them exactly as they fold
@@ -10,7 +12,6 @@
 use super::schema::{db, pool as pool_error};
 use super::trips::{Kind, count};
 use super::{Charge, Cluster, database_unavailable};
-use crate::clock::HOUR_MS;
 use crate::error::ApiError;
 use crate::money::Pico;
 use crate::store::{KeyHash, Rollup, UsageRecord};
@@ -82,12 +83,18 @@ impl<'a> RecordColumns<'a> {
     }
 }
 
-/// The sums of a rollup, as the statements below select them.
-const SUMS: &str = "COUNT(*)::int8, COALESCE(SUM(prompt_tokens), 0)::int8, \
+/// The sums of a rollup over usage records (`super::rollups` adds them
+/// to the rollups table in this order).
+pub(super) const SUMS: &str = "COUNT(*)::int8, COALESCE(SUM(prompt_tokens), 0)::int8, \
      COALESCE(SUM(cached_tokens), 0)::int8, COALESCE(SUM(completion_tokens), 0)::int8, \
      COALESCE(SUM(reasoning_tokens), 0)::int8, COALESCE(SUM(cost), 0)::int8, \
      COALESCE(SUM(latency_ms), 0)::int8, COUNT(*) FILTER (WHERE status >= 400)::int8, \
      COUNT(*) FILTER (WHERE estimated)::int8, COALESCE(SUM(cache_write_tokens), 0)::int8";
+
+/// The same sums over rows of `tollgate_usage_rollups`.
+const ROLLED: &str = "SUM(requests)::int8, SUM(prompt_tokens)::int8, SUM(cached_tokens)::int8, \
+     SUM(completion_tokens)::int8, SUM(reasoning_tokens)::int8, SUM(cost)::int8, \
+     SUM(latency_ms)::int8, SUM(errors)::int8, SUM(estimated)::int8, SUM(cache_write_tokens)::int8";
 
 /// A rollup from the sums starting at column `at`.
 fn rollup(r: &tokio_postgres::Row, at: usize) -> Rollup {
@@ -137,7 +144,8 @@ fn record(r: &tokio_postgres::Row) -> Option<UsageRecord> {
 impl Cluster {
     /// Hourly sums by model of the usage records of `keys` (`None`: of
     /// every key, deleted ones too) in hours `[first_hour, end_hour)`: what
-    /// the store's rollups hold on a single node.
+    /// the store's rollups hold on a single node, read from the database's
+    /// rollups (which keep the sums of records retention pruned).
     pub async fn usage_rollups(
         &self,
         keys: Option<&[KeyHash]>,
@@ -145,21 +153,17 @@ impl Cluster {
         end_hour: i64,
     ) -> Result<Vec<(i64, String, Rollup)>, ApiError> {
         let keys: Option<Vec<Vec<u8>>> = keys.map(|k| k.iter().map(|h| h.to_vec()).collect());
-        let (from, to) = (
-            first_hour.saturating_mul(HOUR_MS),
-            end_hour.saturating_mul(HOUR_MS),
-        );
         let pool = self.pool.clone();
         self.read(async move {
             let c = pool.get().await.map_err(pool_error)?;
             let rows = c
                 .query(
                     &format!(
-                        "SELECT div(at_ms, {HOUR_MS})::int8, model, {SUMS} FROM tollgate_entries \
-                         WHERE model IS NOT NULL AND at_ms >= $2 AND at_ms < $3 \
+                        "SELECT hour, model, {ROLLED} FROM tollgate_usage_rollups \
+                         WHERE hour >= $2 AND hour < $3 \
                          AND ($1::bytea[] IS NULL OR key_hash = ANY($1)) GROUP BY 1, 2"
                     ),
-                    &[&keys, &from, &to],
+                    &[&keys, &first_hour, &end_hour],
                 )
                 .await
                 .map_err(db)
@@ -173,26 +177,22 @@ impl Cluster {
     }
 
     /// Each key's sums over hours `[first_hour, end_hour)` (keys with
-    /// records in the range only).
+    /// records in the range only), from the rollups.
     pub async fn usage_by_key(
         &self,
         first_hour: i64,
         end_hour: i64,
     ) -> Result<Vec<(KeyHash, Rollup)>, ApiError> {
-        let (from, to) = (
-            first_hour.saturating_mul(HOUR_MS),
-            end_hour.saturating_mul(HOUR_MS),
-        );
         let pool = self.pool.clone();
         self.read(async move {
             let c = pool.get().await.map_err(pool_error)?;
             let rows = c
                 .query(
                     &format!(
-                        "SELECT key_hash, {SUMS} FROM tollgate_entries WHERE model IS NOT NULL \
-                         AND at_ms >= $1 AND at_ms < $2 GROUP BY 1"
+                        "SELECT key_hash, {ROLLED} FROM tollgate_usage_rollups \
+                         WHERE hour >= $1 AND hour < $2 GROUP BY 1"
                     ),
-                    &[&from, &to],
+                    &[&first_hour, &end_hour],
                 )
                 .await
                 .map_err(db)
