@@ -89,7 +89,7 @@ fn free_of(
     free: &'static str,
     param: usize,
     cap: Option<i64>,
-    period: Option<i64>,
+    period: Option<super::period::At>,
 ) -> String {
     match (subject, cap, period) {
         (Subject::Slots(_), Some(_), _) => {
@@ -155,7 +155,7 @@ pub async fn take(
     need: i64,
     min: i64,
     cap: Option<i64>,
-    period: Option<i64>,
+    period: Option<super::period::At>,
 ) -> Result<Option<Grant>, String> {
     let (table, col, free) = subject.money();
     let cap = cap.filter(|_| matches!(subject, Subject::Slots(_)));

@@ -297,7 +297,7 @@ pub struct SettledAccount {
 }
 
 /// A key's settled numbers, as the database has them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettledKey {
     /// Σ its settled charges.
     pub usage: Pico,
@@ -307,6 +307,8 @@ pub struct SettledKey {
     pub period: i64,
     /// What it spent in that period (a `limit_reset` key's).
     pub period_usage: Pico,
+    /// The kind of that period (`None`: none yet).
+    pub period_kind: Option<String>,
 }
 
 impl SettledKey {
@@ -316,7 +318,8 @@ impl SettledKey {
         match reset {
             None => self.usage,
             Some(p) => Pico(period::spent_in(
-                p.id(now_ms),
+                period::At::of(p, now_ms),
+                self.period_kind.as_deref(),
                 self.period,
                 self.period_usage.0,
                 self.usage.0,
@@ -777,7 +780,7 @@ impl Cluster {
                 .policy()
                 .record
                 .limit_reset
-                .map(|p| p.id(app.clock.now_ms())),
+                .map(|p| period::At::of(p, app.clock.now_ms())),
             _ => None,
         };
         let asked = mono_ms();
@@ -979,7 +982,7 @@ impl Cluster {
             let c = pool.get().await.map_err(pool_error)?;
             let row = c
                 .query_opt(
-                    "SELECT usage, key_limit, period, period_usage FROM tollgate_keys \
+                    "SELECT usage, key_limit, period, period_usage, period_kind FROM tollgate_keys \
                      WHERE hash = $1 AND NOT deleted",
                     &[&hash],
                 )
@@ -991,6 +994,7 @@ impl Cluster {
                 limit: r.get::<_, Option<i64>>(1).map(Pico),
                 period: r.get(2),
                 period_usage: Pico(r.get(3)),
+                period_kind: r.get(4),
             }))
         })
         .await
@@ -1144,7 +1148,7 @@ impl Cluster {
         let mut per_key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
         // (key, period of the charge, amount) of keys whose limit starts
         // again each period ([`period::settle`]).
-        let mut per_period: Vec<(Vec<u8>, i64, i64)> = Vec::new();
+        let mut per_period: Vec<(Vec<u8>, period::At, i64)> = Vec::new();
         let mut resets: HashMap<Vec<u8>, Option<crate::clock::Period>> = HashMap::new();
         for r in &rows {
             let key: Option<Vec<u8>> = r.get(0);
@@ -1162,7 +1166,7 @@ impl Cluster {
                     .entry(k.clone())
                     .or_insert_with(|| self.limit_reset_of(k));
                 if let Some(p) = reset {
-                    per_period.push((k.clone(), p.id(at_ms), spent));
+                    per_period.push((k.clone(), period::At::of(p, at_ms), spent));
                 }
             }
             match (account, key) {

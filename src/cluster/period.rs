@@ -24,27 +24,61 @@ use deadpool_postgres::GenericClient;
 
 use super::schema::db;
 use super::trips::{Kind, count};
+use crate::clock::Period;
 
-/// What `period_usage` becomes when a statement rolls the row to a later
-/// period: zero, except on a row that never had one (period 0, a key that
-/// got its `limit_reset` after it was used): then what it spent so far
-/// keeps counting in this period, as the store's `ResetChange::Enter` does.
-const ROLLED: &str = "CASE WHEN period = 0 THEN usage ELSE 0 END";
+/// A period as the database counts it: its kind (`limit_reset`) and id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct At {
+    /// `daily`, `weekly`, `monthly`: ids of different kinds do not compare.
+    pub kind: &'static str,
+    /// [`Period::id`].
+    pub id: i64,
+}
 
-/// Rolls `hash`'s row to `period` when it is in an earlier one, inside the
-/// caller's transaction (it takes the row's lock, the subject-first lock
-/// order of `lease`).
-pub async fn roll(tx: &impl GenericClient, hash: &[u8], period: i64) -> Result<(), String> {
-    tx.execute(
+impl At {
+    /// The period of `reset` that contains `at_ms`.
+    pub fn of(reset: Period, at_ms: i64) -> At {
+        At {
+            kind: reset.as_str(),
+            id: reset.id(at_ms),
+        }
+    }
+}
+
+/// Whether a row (`period_kind`, `period`, with the statement's `$k`, `$p`
+/// as the period seen) is to be rolled: a later period of its kind, or
+/// another kind (its `limit_reset` changed).
+const LATER: &str = "(period_kind IS DISTINCT FROM $k OR period < $p)";
+
+/// What `period_usage` becomes when rolled: zero for a later period of the
+/// same kind; on a change of kind what counts keeps counting, and on a row
+/// that never had a period (a key that got its `limit_reset` after it was
+/// used) what it spent so far, as the store's `ResetChange::Enter` does.
+const ROLLED: &str = "CASE WHEN period_kind IS NULL THEN usage \
+     WHEN period_kind <> $k THEN period_usage ELSE 0 END";
+
+/// `sql` with the placeholders of [`LATER`] and [`ROLLED`] numbered.
+fn numbered(sql: &str, k: usize, p: usize) -> String {
+    sql.replace("$k", &format!("${k}::text"))
+        .replace("$p", &format!("${p}::int8"))
+}
+
+/// Rolls `hash`'s row to `at` when it is not in it yet, inside the caller's
+/// transaction (it takes the row's lock, the subject-first lock order of
+/// `lease`). A node whose clock is behind the row's period rolls nothing.
+pub async fn roll(tx: &impl GenericClient, hash: &[u8], at: At) -> Result<(), String> {
+    let sql = numbered(
         &format!(
-            "UPDATE tollgate_keys SET period_usage = {ROLLED}, period = $2 \
-             WHERE hash = $1 AND period < $2"
+            "UPDATE tollgate_keys SET period_usage = {ROLLED}, period = $p, period_kind = $k \
+             WHERE hash = $1 AND {LATER}"
         ),
-        &[&hash, &period],
-    )
-    .await
-    .map_err(db)
-    .map(count(Kind::Lease, 2))?;
+        2,
+        3,
+    );
+    tx.execute(&sql, &[&hash, &at.kind, &at.id])
+        .await
+        .map_err(db)
+        .map(count(Kind::Lease, 2))?;
     Ok(())
 }
 
@@ -52,52 +86,50 @@ pub async fn roll(tx: &impl GenericClient, hash: &[u8], period: i64) -> Result<(
 pub const FREE: &str = "key_limit - period_usage - leased";
 
 /// Counts settled charges into their keys' periods, inside the settlement's
-/// transaction, before it adds them to `usage` (a roll from period 0 takes
-/// the usage before this batch): `charges` is (key, period id, amount).
+/// transaction, before it adds them to `usage` (a roll from no period takes
+/// the usage before this batch): `charges` is (key, period, amount).
 /// Periods in order, one statement per period, so a batch that spans a
 /// boundary rolls each key once, forward.
-pub async fn settle(
-    tx: &impl GenericClient,
-    charges: &[(Vec<u8>, i64, i64)],
-) -> Result<(), String> {
-    let mut per: BTreeMap<i64, BTreeMap<&[u8], i64>> = BTreeMap::new();
-    for (hash, period, amount) in charges {
-        *per.entry(*period)
+pub async fn settle(tx: &impl GenericClient, charges: &[(Vec<u8>, At, i64)]) -> Result<(), String> {
+    let mut per: BTreeMap<(&str, i64), BTreeMap<&[u8], i64>> = BTreeMap::new();
+    for (hash, at, amount) in charges {
+        *per.entry((at.kind, at.id))
             .or_default()
             .entry(hash.as_slice())
             .or_default() += amount;
     }
-    for (period, keys) in per {
+    for ((kind, id), keys) in per {
         let (hs, cs): (Vec<&[u8]>, Vec<i64>) = keys.into_iter().unzip();
-        // A refund (negative) gives back, not below zero, as on one node.
-        tx.execute(
+        // A refund (negative) gives back, not below zero, as on one node;
+        // a charge of an ended period counts in `usage` only.
+        let sql = numbered(
             &format!(
                 "UPDATE tollgate_keys k SET \
-                 period_usage = GREATEST(CASE WHEN $2::int8 > k.period THEN {ROLLED} + d.c \
-                     WHEN $2::int8 = k.period THEN k.period_usage + d.c \
-                     ELSE k.period_usage END, 0), \
-                 period = GREATEST(k.period, $2::int8) \
-                 FROM UNNEST($1::bytea[], $3::int8[]) AS d(h, c) WHERE k.hash = d.h"
+                 period_usage = GREATEST(CASE WHEN {LATER} THEN {ROLLED} + d.c \
+                     WHEN period = $p THEN period_usage + d.c ELSE period_usage END, 0), \
+                 period = CASE WHEN {LATER} THEN $p ELSE period END, period_kind = $k \
+                 FROM UNNEST($1::bytea[], $2::int8[]) AS d(h, c) WHERE k.hash = d.h"
             ),
-            &[&hs, &period, &cs],
-        )
-        .await
-        .map_err(db)
-        .map(count(Kind::Settle, 2))?;
+            3,
+            4,
+        );
+        tx.execute(&sql, &[&hs, &cs, &kind, &id])
+            .await
+            .map_err(db)
+            .map(count(Kind::Settle, 2))?;
     }
     Ok(())
 }
 
-/// What counts against a `limit_reset` key's limit in the period `now_id`,
-/// from its row (`period`, `period_usage`, `usage`): a row not rolled yet
-/// to `now_id` has spent nothing in it (or, never rolled, its usage).
-pub fn spent_in(now_id: i64, period: i64, period_usage: i64, usage: i64) -> i64 {
-    if period >= now_id {
-        period_usage
-    } else if period == 0 {
-        usage
-    } else {
-        0
+/// What counts against a `limit_reset` key's limit in the period `now`,
+/// from its row (`period_kind`, `period`, `period_usage`, `usage`), as the
+/// next statement that sees `now` would leave it.
+pub fn spent_in(now: At, kind: Option<&str>, period: i64, period_usage: i64, usage: i64) -> i64 {
+    match kind {
+        None => usage,
+        Some(k) if k != now.kind => period_usage,
+        Some(_) if period >= now.id => period_usage,
+        Some(_) => 0,
     }
 }
 
@@ -107,11 +139,26 @@ mod tests {
 
     #[test]
     fn a_period_not_rolled_yet_has_spent_nothing() {
-        assert_eq!(spent_in(100, 100, 7, 50), 7);
-        assert_eq!(spent_in(101, 100, 7, 50), 0);
+        let now = At {
+            kind: "daily",
+            id: 100,
+        };
+        let d = Some("daily");
+        assert_eq!(spent_in(now, d, 100, 7, 50), 7);
+        assert_eq!(spent_in(At { id: 101, ..now }, d, 100, 7, 50), 0);
         // This node's clock behind the database's: the newer period counts.
-        assert_eq!(spent_in(99, 100, 7, 50), 7);
+        assert_eq!(spent_in(At { id: 99, ..now }, d, 100, 7, 50), 7);
         // Never rolled (the reset came after the key was used).
-        assert_eq!(spent_in(100, 0, 0, 50), 50);
+        assert_eq!(spent_in(now, None, 0, 0, 50), 50);
+        // Another kind (the reset changed): what counts keeps counting.
+        assert_eq!(spent_in(now, Some("weekly"), 3000, 7, 50), 7);
+    }
+
+    #[test]
+    fn placeholders_are_numbered() {
+        assert_eq!(
+            numbered(LATER, 2, 3),
+            "(period_kind IS DISTINCT FROM $2::text OR period < $3::int8)"
+        );
     }
 }

@@ -22,7 +22,7 @@
 //! | `tollgate_deliveries` | (event, endpoint) | (version 9) where each delivery stands, and which node holds it (`claimed_by` until `claim_until_ms`, the database's clock) |
 //! | `tollgate_ledger` | entry id | (version 10) keys' and accounts' ledger entries, each shipped once by the node that made it (`node_id`, its `local_seq`): the ledger APIs read them in cluster mode |
 //! | `tollgate_accounts.allowance` | account id | (version 11) what remains of the subscription period's grants (picoUSD), spent before `balance`; free credit = `allowance + balance + overdraft − leased`; `allowance_lapsed`/`allowance_lapsed_at_ms`: what the last lapse took, and when (it pays for charges made before it, settled after) |
-//! | `tollgate_keys.period` | key hash | (version 12) `period`, `period_usage`: a `limit_reset` key's spend in the UTC period `period` (`cluster::period`); its free credit = `key_limit − period_usage − leased` |
+//! | `tollgate_keys.period` | key hash | (version 12) `period_kind`, `period`, `period_usage`: a `limit_reset` key's spend in the UTC period `period` of its kind (`cluster::period`); its free credit = `key_limit − period_usage − leased` |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -263,12 +263,13 @@ ALTER TABLE tollgate_accounts
     ADD COLUMN allowance_lapsed_at_ms bigint NOT NULL DEFAULT 0;
 "#,
     // A key's own limit that starts again each UTC period (`limit_reset`):
-    // `period` is the id of the period `period_usage` counts (0: none seen
-    // yet); the first statement that sees a later period (a take, a
+    // `period` is the id of the period of kind `period_kind` that
+    // `period_usage` counts (NULL: none seen yet); the first statement that sees a later period (a take, a
     // settlement) rolls it under the row's lock, once. Depends on the
     // first migration only.
     r#"
 ALTER TABLE tollgate_keys
+    ADD COLUMN period_kind text,
     ADD COLUMN period bigint NOT NULL DEFAULT 0,
     ADD COLUMN period_usage bigint NOT NULL DEFAULT 0;
 "#,
