@@ -15,6 +15,10 @@
 //!   interleaving of nodes overspends. A request that finds too little in
 //!   the lease waits for one round trip ([`Cluster::ensure_credit`]); near
 //!   the end, slices shrink to the request, so the last cent is exact.
+//! - **Periods** ([`period`]): a key's own limit that starts again each
+//!   UTC period is leased the same way, of what the database counts the
+//!   key spent in the current period; a period rolls once, under the row's
+//!   lock, in the first statement that sees it.
 //! - **Rate windows** ([`rate`]): a key's rpm and tpm count per UTC
 //!   minute over all nodes; a node takes shares of the minute's window
 //!   with one guarded statement and admits against them in memory.
