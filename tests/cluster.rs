@@ -4139,3 +4139,122 @@ async fn measure_report_reads_over_200k_records() {
     assert_eq!(s, 200, "{v}");
     eprintln!("GET /api/v1/usage (30 days): {:?}", t.elapsed());
 }
+
+/// Races a key limited to 0.004 USD a day (`limit_reset` daily; paid for
+/// by `owner`'s account when given) over three nodes, then over three
+/// nodes a day later: each day at most the limit is spent cluster-wide,
+/// every node shows the same `limit_remaining`, and the key's usage in the
+/// database is Σ its records.
+async fn a_daily_limit_race(owner: Option<&str>, ids: [&str; 3]) {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let mut nodes = Node::start_all(&pg, &mock, &ids);
+    let mut spec = json!({"name": "daily", "limit": "0.004", "limit_reset": "daily"});
+    if let Some(owner) = owner {
+        let (s, v) = nodes[0]
+            .admin("POST", "/api/v1/accounts", Some(json!({"id": owner})))
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let topup = json!({"amount": "5", "kind": "topup", "reason": "test"});
+        let (s, v) = nodes[0]
+            .admin(
+                "POST",
+                &format!("/api/v1/accounts/{owner}/credits"),
+                Some(topup),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        spec["owner"] = json!(owner);
+    }
+    let (s, v) = nodes[0].admin("POST", "/api/v1/keys", Some(spec)).await;
+    assert_eq!(s, 201, "{v}");
+    let key = v["key"].as_str().expect("key").to_owned();
+    let hash = v["data"]["hash"].as_str().expect("hash").to_owned();
+    known_everywhere(&nodes, &hash).await;
+    let limit = Pico::parse_usd("0.004").unwrap();
+    let db = pg.client().await;
+    let h = hex::decode(&hash).expect("hex");
+    let mut before = Pico::ZERO;
+    for day in 0..2 {
+        if day == 1 {
+            // A day later, three nodes running: the limit starts again.
+            for n in &mut nodes {
+                n.terminate();
+            }
+            nodes = ids
+                .iter()
+                .map(|id| Node::start_later(&pg, &mock, id, "", DAY_MS + 60_000))
+                .collect();
+            known_everywhere(&nodes, &hash).await;
+        }
+        let codes = streams(&nodes, &key, 240).await;
+        let admitted = codes.iter().filter(|c| **c == 200).count();
+        assert!(
+            codes.iter().all(|c| *c == 200 || *c == 402),
+            "served or 402: {codes:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut views = Vec::new();
+        for n in &nodes {
+            let (s, k) = n.admin("GET", &format!("/api/v1/keys/{hash}"), None).await;
+            assert_eq!(s, 200, "{k}");
+            views.push((usd(&k["data"]["usage"]), usd(&k["data"]["limit_remaining"])));
+        }
+        let (usage, remaining) = views[0];
+        let today = Pico(usage.0 - before.0);
+        eprintln!(
+            "day {day}: {admitted} of 240 admitted on a key limited to {limit} a day: \
+             {today} spent today, {remaining} remaining"
+        );
+        assert!(
+            views.iter().all(|v| *v == views[0]),
+            "every node shows the same: {views:?}"
+        );
+        assert!(
+            today <= limit,
+            "a daily limit of {limit} spent {today} in a day over three nodes"
+        );
+        assert!(admitted >= 8, "day {day}: only {admitted} admitted");
+        assert_eq!(remaining, Pico(limit.0 - today.0), "limit_remaining");
+        let row = db
+            .query_one(
+                "SELECT usage, period_usage, (SELECT COALESCE(SUM(spent), 0)::bigint \
+                 FROM tollgate_entries WHERE key_hash = $1) FROM tollgate_keys WHERE hash = $1",
+                &[&h],
+            )
+            .await
+            .expect("row");
+        let (db_usage, period_usage, entries): (i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2));
+        assert_eq!(db_usage, usage.0, "usage is the database's");
+        assert_eq!(db_usage, entries, "usage = Σ records");
+        assert_eq!(period_usage, today.0, "the period's usage");
+        if let Some(owner) = owner {
+            let spent: i64 = db
+                .query_one(
+                    "SELECT spent FROM tollgate_accounts WHERE id = $1",
+                    &[&owner],
+                )
+                .await
+                .expect("account")
+                .get(0);
+            assert_eq!(spent, db_usage, "the account paid what the key spent");
+        }
+        before = usage;
+    }
+}
+
+/// A key's own limit that starts again each day holds across the nodes,
+/// each day (no account).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daily_key_limit_is_global() {
+    a_daily_limit_race(None, ["d-1", "d-2", "d-3"]).await;
+}
+
+/// The same when an account pays for the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_daily_key_limit_is_global_when_its_account_pays() {
+    a_daily_limit_race(Some("acct-d"), ["e-1", "e-2", "e-3"]).await;
+}

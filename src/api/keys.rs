@@ -619,12 +619,12 @@ pub(super) fn get_settled(
     let mut numbers = Numbers::live(&live);
     if let Some(s) = settled {
         numbers.spent = s.usage;
-        // A lifetime limit is the database's (here it may count a lease).
-        if policy.own_record().limit_reset.is_none() {
-            numbers.limit = s.limit;
-            numbers.period_spent = s.usage;
-            numbers.remaining = s.limit.map(|l| Pico(l.0.saturating_sub(s.usage.0).max(0)));
-        }
+        // The limit and what counts against it (lifetime, or in the
+        // period) are the database's (here the limit may count a lease).
+        let counted = s.counted(policy.record.limit_reset, now);
+        numbers.limit = s.limit;
+        numbers.period_spent = counted;
+        numbers.remaining = s.limit.map(|l| Pico(l.0.saturating_sub(counted.0).max(0)));
     }
     let view = KeyView::new(ctx, policy.own_record(), &numbers, now)?;
     json(StatusCode::OK, &Data { data: view })

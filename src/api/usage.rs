@@ -121,15 +121,15 @@ async fn answer(
             let policy = live.policy();
             let rec = &policy.record;
             let mut n = live.numbers();
-            // Cluster mode: a lifetime limit and what counts against it are
-            // the database's (here the live limit may count a lease).
+            // Cluster mode: the limit and what counts against it (lifetime,
+            // or in the period) are the database's (here the live limit
+            // may count a lease).
             if let Some(s) = super::cluster::key_usage(ctx, &live.hash).await? {
+                let counted = s.counted(rec.limit_reset, now);
                 n.spent = s.usage;
-                if policy.own_record().limit_reset.is_none() {
-                    n.limit = s.limit;
-                    n.period_spent = s.usage;
-                    n.remaining = s.limit.map(|l| Pico(l.0.saturating_sub(s.usage.0).max(0)));
-                }
+                n.limit = s.limit;
+                n.period_spent = counted;
+                n.remaining = s.limit.map(|l| Pico(l.0.saturating_sub(counted.0).max(0)));
             }
             let data = TokenUsage {
                 object: "token_usage",

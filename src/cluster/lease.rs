@@ -81,12 +81,21 @@ impl Subject {
 
 /// What is free of `subject`, as SQL: [`Subject::money`]'s expression,
 /// except that a key's slots are counted against `cap` (statement
-/// parameter `param`) when the key has no `concurrency` of its own.
-fn free_of(subject: &Subject, free: &'static str, param: usize, cap: Option<i64>) -> String {
-    match (subject, cap) {
-        (Subject::Slots(_), Some(_)) => {
+/// parameter `param`) when the key has no `concurrency` of its own, and a
+/// key's limit that starts again each period (`period`) against what it
+/// spent in the period ([`super::period::FREE`]).
+fn free_of(
+    subject: &Subject,
+    free: &'static str,
+    param: usize,
+    cap: Option<i64>,
+    period: Option<super::period::At>,
+) -> String {
+    match (subject, cap, period) {
+        (Subject::Slots(_), Some(_), _) => {
             format!("COALESCE(concurrency, ${param}::int8) - slots_leased")
         }
+        (Subject::Key(_), _, Some(_)) => super::period::FREE.to_owned(),
         _ => free.to_owned(),
     }
 }
@@ -95,6 +104,14 @@ fn free_of(subject: &Subject, free: &'static str, param: usize, cap: Option<i64>
 enum Id {
     Text(String),
     Bytes(Vec<u8>),
+}
+
+/// A key's hash (the only subject a period applies to).
+fn id_bytes(id: &Id) -> &[u8] {
+    match id {
+        Id::Bytes(b) => b,
+        Id::Text(t) => t.as_bytes(),
+    }
 }
 
 impl Id {
@@ -128,6 +145,9 @@ pub struct Grant {
 ///
 /// `cap`: for [`Subject::Slots`], the concurrency that applies when the key
 /// has none of its own (its plan's template); `None` otherwise.
+/// `period`: for a [`Subject::Key`] whose limit starts again each period,
+/// the id of the period at this node's clock (the row is rolled to it
+/// first, [`super::period::roll`]); `None` otherwise.
 pub async fn take(
     c: &mut deadpool_postgres::Client,
     cfg: &ClusterConfig,
@@ -135,6 +155,7 @@ pub async fn take(
     need: i64,
     min: i64,
     cap: Option<i64>,
+    period: Option<super::period::At>,
 ) -> Result<Option<Grant>, String> {
     let (table, col, free) = subject.money();
     let cap = cap.filter(|_| matches!(subject, Subject::Slots(_)));
@@ -146,7 +167,11 @@ pub async fn take(
         .await
         .map_err(db)
         .map(count(Kind::Lease, 1))?;
-    let free_sql = free_of(subject, free, 2, cap);
+    let period = period.filter(|_| matches!(subject, Subject::Key(_)));
+    if let Some(p) = period {
+        super::period::roll(&tx, id_bytes(&id), p).await?;
+    }
+    let free_sql = free_of(subject, free, 2, cap, period);
     let select = format!(
         "SELECT {free_sql} FROM {table} WHERE {col} = $1 AND NOT deleted AND {free_sql} IS NOT NULL FOR UPDATE"
     );
@@ -173,7 +198,7 @@ pub async fn take(
         return Ok(None);
     }
     // The one statement that raises `leased`, guarded on the locked row.
-    let free_sql = free_of(subject, free, 3, cap);
+    let free_sql = free_of(subject, free, 3, cap, period);
     let update = format!(
         "UPDATE {table} SET {leased} = {leased} + $2 WHERE {col} = $1 AND {free_sql} >= $2 RETURNING {free_sql}"
     );

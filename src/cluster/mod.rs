@@ -15,6 +15,10 @@
 //!   interleaving of nodes overspends. A request that finds too little in
 //!   the lease waits for one round trip ([`Cluster::ensure_credit`]); near
 //!   the end, slices shrink to the request, so the last cent is exact.
+//! - **Periods** ([`period`]): a key's own limit that starts again each
+//!   UTC period is leased the same way, of what the database counts the
+//!   key spent in the current period; a period rolls once, under the row's
+//!   lock, in the first statement that sees it.
 //! - **Rate windows** ([`rate`]): a key's rpm and tpm count per UTC
 //!   minute over all nodes; a node takes shares of the minute's window
 //!   with one guarded statement and admits against them in memory.
@@ -71,6 +75,7 @@ pub mod lease;
 pub mod ledger;
 pub mod outbox;
 pub mod payments;
+pub mod period;
 pub mod rate;
 pub mod rollups;
 pub mod schema;
@@ -299,12 +304,35 @@ pub struct SettledAccount {
 }
 
 /// A key's settled numbers, as the database has them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettledKey {
     /// Σ its settled charges.
     pub usage: Pico,
     /// Its limit (the truth: a node's live limit may be a lease counter).
     pub limit: Option<Pico>,
+    /// The id of the period `period_usage` counts (0: none yet).
+    pub period: i64,
+    /// What it spent in that period (a `limit_reset` key's).
+    pub period_usage: Pico,
+    /// The kind of that period (`None`: none yet).
+    pub period_kind: Option<String>,
+}
+
+impl SettledKey {
+    /// What counts against its limit at `now_ms` under `reset` (lifetime
+    /// usage without one), as the gate counts it on one node.
+    pub fn counted(&self, reset: Option<crate::clock::Period>, now_ms: i64) -> Pico {
+        match reset {
+            None => self.usage,
+            Some(p) => Pico(period::spent_in(
+                period::At::of(p, now_ms),
+                self.period_kind.as_deref(),
+                self.period,
+                self.period_usage.0,
+                self.usage.0,
+            )),
+        }
+    }
 }
 
 /// Refusal when the database is needed and unreachable.
@@ -613,15 +641,10 @@ impl Cluster {
             // slice of that limit, so the limit holds across the nodes
             // too (settlement lowers both leases by the charge).
             self.ensure_wallet(&wallet, want.0, cap).await?;
-            if policy.record.limit_reset.is_some() {
-                return Ok(());
-            }
             return self.ensure_key(key, want.0, cap).await;
         }
-        if policy.record.limit_reset.is_some() {
-            // Limits that start again each period are per node (README).
-            return Ok(());
-        }
+        // A limit that starts again each period is leased the same way,
+        // of what the key spent in the period ([`period`]).
         self.ensure_key(key, want.0, cap).await
     }
 
@@ -683,8 +706,7 @@ impl Cluster {
     }
 
     /// An admin deduct from a key's own credit: leased like a request of
-    /// the key would be (nothing when an account pays for the key or its
-    /// limit starts again each period: then its limit is this node's).
+    /// the key would be (nothing when an account pays for the key).
     pub async fn ensure_key_own(
         &self,
         gate: &crate::gate::Gate,
@@ -692,9 +714,6 @@ impl Cluster {
         amount: i64,
     ) -> Result<(), ApiError> {
         let policy = key.policy();
-        if policy.record.limit_reset.is_some() {
-            return Ok(());
-        }
         if let Some(owner) = policy.record.owner.as_deref()
             && gate.wallets().of(owner, gate.clock().now_ms())?.is_some()
         {
@@ -761,16 +780,26 @@ impl Cluster {
             Holder::Slots(k) => k.policy().record.concurrency.map(i64::from),
             _ => None,
         };
+        // A key's limit that starts again each period: the period at this
+        // node's clock, which the take rolls the database's row to.
+        let period = match (&held.holder, self.app()) {
+            (Holder::Key(k), Some(app)) => k
+                .policy()
+                .record
+                .limit_reset
+                .map(|p| period::At::of(p, app.clock.now_ms())),
+            _ => None,
+        };
         let asked = mono_ms();
         let grant = self
             .run(async move {
                 let mut c = pool.get().await.map_err(pool_error)?;
-                match lease::take(&mut c, &cfg, &subject, need, min, slot_cap).await {
+                match lease::take(&mut c, &cfg, &subject, need, min, slot_cap, period).await {
                     // Once more on a failed statement (a lock timeout, a
                     // connection the server closed): an outage fails twice.
                     Err(_) => {
                         let mut c = pool.get().await.map_err(pool_error)?;
-                        lease::take(&mut c, &cfg, &subject, need, min, slot_cap).await
+                        lease::take(&mut c, &cfg, &subject, need, min, slot_cap, period).await
                     }
                     ok => ok,
                 }
@@ -960,7 +989,8 @@ impl Cluster {
             let c = pool.get().await.map_err(pool_error)?;
             let row = c
                 .query_opt(
-                    "SELECT usage, key_limit FROM tollgate_keys WHERE hash = $1 AND NOT deleted",
+                    "SELECT usage, key_limit, period, period_usage, period_kind FROM tollgate_keys \
+                     WHERE hash = $1 AND NOT deleted",
                     &[&hash],
                 )
                 .await
@@ -969,6 +999,9 @@ impl Cluster {
             Ok(row.map(|r| SettledKey {
                 usage: Pico(r.get(0)),
                 limit: r.get::<_, Option<i64>>(1).map(Pico),
+                period: r.get(2),
+                period_usage: Pico(r.get(3)),
+                period_kind: r.get(4),
             }))
         })
         .await
@@ -1092,6 +1125,10 @@ impl Cluster {
         // Charges out of a key's own lease: those no account paid, and
         // those of a key with its own limit under an account.
         let mut per_key_lease: HashMap<Vec<u8>, i64> = HashMap::new();
+        // (key, period of the charge, amount) of keys whose limit starts
+        // again each period ([`period::settle`]).
+        let mut per_period: Vec<(Vec<u8>, period::At, i64)> = Vec::new();
+        let mut resets: HashMap<Vec<u8>, Option<crate::clock::Period>> = HashMap::new();
         for r in &rows {
             let key: Option<Vec<u8>> = r.get(0);
             let account: Option<String> = r.get(1);
@@ -1104,6 +1141,12 @@ impl Cluster {
                 && spent != 0
             {
                 *per_key.entry(k.clone()).or_default() += spent;
+                let reset = *resets
+                    .entry(k.clone())
+                    .or_insert_with(|| self.limit_reset_of(k));
+                if let Some(p) = reset {
+                    per_period.push((k.clone(), period::At::of(p, at_ms), spent));
+                }
             }
             match (account, key) {
                 (Some(a), k) if amount != 0 || spent != 0 => {
@@ -1144,6 +1187,9 @@ impl Cluster {
             .await
             .map_err(db)
             .map(count(Kind::Settle, 2))?;
+            // Before `usage` moves: a row rolled from no period takes the
+            // usage before this batch.
+            period::settle(&tx, &per_period).await?;
             tx.execute(
                 "UPDATE tollgate_keys k SET usage = k.usage + d.c \
                  FROM UNNEST($1::bytea[], $2::int8[]) AS d(h, c) WHERE k.hash = d.h",
@@ -1223,6 +1269,17 @@ impl Cluster {
         }
         tx.commit().await.map_err(db).map(count(Kind::Settle, 1))?;
         Ok(taken)
+    }
+
+    /// The `limit_reset` of a key, as the gate rolls it (its policy in
+    /// memory, else its record in the store).
+    fn limit_reset_of(&self, hash: &[u8]) -> Option<crate::clock::Period> {
+        let hash = KeyHash::try_from(hash).ok()?;
+        let app = self.app()?;
+        if let Some(k) = app.gate.peek(&hash) {
+            return k.policy().record.limit_reset;
+        }
+        app.store.key(&hash).ok().flatten()?.0.limit_reset
     }
 
     /// Renews this node's leases. One that no longer exists (reclaimed

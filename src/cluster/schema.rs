@@ -24,6 +24,7 @@
 //! | `tollgate_accounts.allowance` | account id | (version 11) what remains of the subscription period's grants (picoUSD), spent before `balance`; free credit = `allowance + balance + overdraft − leased`; `allowance_lapsed`/`allowance_lapsed_at_ms`: what the last lapse took, and when (it pays for charges made before it, settled after) |
 //! | `tollgate_usage_rollups` | (key, hour, model) | (version 12) Σ of the key's usage records of one UTC hour and model (the store's rollup fields), added in the transaction that inserts the records (new ones only): the reports read them, and they outlive the records retention prunes |
 //! | `tollgate_usage_settled` | node id | (version 12) the oldest record time of the node's last settled batch: retention keeps those rows |
+//! | `tollgate_keys.period` | key hash | (version 13) `period_kind`, `period`, `period_usage`: a `limit_reset` key's spend in the UTC period `period` of its kind (`cluster::period`); its free credit = `key_limit − period_usage − leased` |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -302,6 +303,17 @@ SELECT key_hash, div(at_ms, 3600000)::int8, model, COUNT(*)::int8,
     COUNT(*) FILTER (WHERE status >= 400)::int8, COUNT(*) FILTER (WHERE estimated)::int8,
     COALESCE(SUM(cache_write_tokens), 0)::int8
 FROM tollgate_entries WHERE model IS NOT NULL AND key_hash IS NOT NULL GROUP BY 1, 2, 3;
+"#,
+    // A key's own limit that starts again each UTC period (`limit_reset`):
+    // `period` is the id of the period of kind `period_kind` that
+    // `period_usage` counts (NULL: none seen yet); the first statement that sees a later period (a take, a
+    // settlement) rolls it under the row's lock, once. Depends on the
+    // first migration only.
+    r#"
+ALTER TABLE tollgate_keys
+    ADD COLUMN period_kind text,
+    ADD COLUMN period bigint NOT NULL DEFAULT 0,
+    ADD COLUMN period_usage bigint NOT NULL DEFAULT 0;
 "#,
 ];
 

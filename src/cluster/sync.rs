@@ -293,6 +293,8 @@ impl Cluster {
                          concurrency = excluded.concurrency, \
                          usage = CASE WHEN tollgate_keys.deleted AND NOT excluded.deleted THEN 0 \
                              ELSE tollgate_keys.usage END, \
+                         period_usage = CASE WHEN tollgate_keys.deleted AND NOT excluded.deleted THEN 0 \
+                             ELSE tollgate_keys.period_usage END, \
                          record = CASE WHEN excluded.deleted THEN tollgate_keys.record ELSE excluded.record END, \
                          deleted = excluded.deleted, key_limit = excluded.key_limit, \
                          seq = excluded.seq, origin = excluded.origin",

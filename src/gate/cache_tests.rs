@@ -464,3 +464,37 @@ fn rate_shares_cap_rpm_and_tpm() {
     drop(held);
     assert_eq!(key.share_free(Unit::Tokens, now), 100);
 }
+
+/// Cluster mode: a key whose limit is a lease counter keeps only what is
+/// unused of its lease over a period's end; what it spent in the old
+/// period does not become new credit on this node (the database hands out
+/// the new period's).
+#[test]
+fn a_leased_limit_does_not_grow_at_a_period_roll() {
+    let f = fixture("leased-roll");
+    let gate = &f.gate;
+    let clock = gate.clock().clone();
+    let target = parse_rfc3339("2026-11-23T23:59:30Z").expect("time");
+    let now = clock.now_ms();
+    if target > now {
+        clock.advance(Duration::from_millis((target - now) as u64));
+    } else {
+        clock.step_back(Duration::from_millis((now - target) as u64));
+    }
+    let (mut rec, mut acct) = record(1, clock.now_ms());
+    rec.limit_reset = Some(Period::Daily);
+    acct.limit = Some(Pico(1_000));
+    f.insert([(rec, acct)]);
+    let key = gate.lookup(&hash_of(1), clock.now_ms()).unwrap().unwrap();
+    assert!(key.lease_start());
+    key.lease_add(500);
+    let policy = key.policy();
+    let r = gate.reserve(&key, &policy, &flat(300, 10)).expect("fits");
+    r.reservation.settle(Pico(300), 10);
+    assert_eq!(key.lease_headroom(), 200);
+    clock.advance(Duration::from_secs(60));
+    let n = gate.numbers_now(&key);
+    assert_eq!(n.period_spent, Pico::ZERO, "a new day");
+    assert_eq!(key.lease_headroom(), 200, "only the unused lease");
+    assert!(gate.reserve(&key, &policy, &flat(300, 10)).is_err());
+}

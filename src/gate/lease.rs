@@ -28,7 +28,10 @@ impl LiveKey {
                 .limit
                 .compare_exchange(cur, committed, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.leased.store(true, Ordering::Release);
+                    return true;
+                }
                 Err(actual) => cur = actual,
             }
         }

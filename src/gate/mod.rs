@@ -161,6 +161,10 @@ pub struct LiveKey {
     /// Cluster mode: the slots of the key's `concurrency` this node holds
     /// (`lease.rs`); `u32::MAX` (no cap of its own) on a single node.
     slots: AtomicU32,
+    /// Cluster mode: `limit` is a lease counter (`lease.rs`), so a period
+    /// roll lowers it with `committed` (the new period's credit is the
+    /// database's to hand out, not what this node spent in the old one).
+    leased: AtomicBool,
     /// Cluster mode: this node's shares of the key's rpm and tpm windows
     /// (`share.rs`), made on first use; never made on a single node, whose
     /// rpm and tpm stay its own.
@@ -432,6 +436,7 @@ impl LiveKey {
             device_lock: Mutex::new(()),
             expiry_announced: AtomicBool::new(false),
             slots: AtomicU32::new(u32::MAX),
+            leased: AtomicBool::new(false),
             rate_share: OnceLock::new(),
             policy: RwLock::new(Arc::new(Policy::compile(record))),
         }
@@ -498,6 +503,11 @@ impl LiveKey {
         {
             let old = self.period_spent.swap(0, Ordering::AcqRel);
             self.outside_period.fetch_add(old, Ordering::AcqRel);
+            if self.leased.load(Ordering::Acquire) {
+                // A lease counter keeps what is unused of the lease, no
+                // more: limit first, so in between less is admissible.
+                self.limit.fetch_sub(old, Ordering::AcqRel);
+            }
             self.committed.fetch_sub(old, Ordering::AcqRel);
         }
     }
