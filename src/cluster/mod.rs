@@ -52,6 +52,9 @@
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there.
 //!   [`trips`] counts the round trips all of this costs, by kind.
+//! - **Import** ([`import`]): `tollgate cluster import` copies a stopped
+//!   single node's store into the database once, so a node can grow into
+//!   a cluster.
 //! - **Faults**: with the database unreachable, a node serves from its
 //!   leases until they run out, then refuses paid requests with 503; queued
 //!   charges and admin changes are written when it is back (the admin
@@ -65,6 +68,7 @@
 pub mod allowance;
 pub mod audit;
 pub mod config;
+pub mod import;
 pub mod lease;
 pub mod ledger;
 pub mod outbox;
@@ -317,6 +321,96 @@ pub fn database_unavailable() -> ApiError {
 
 /// TLS to the database: the server's certificate is always verified,
 /// against the public roots and `cluster.ca_file` (a private CA).
+/// Inserts `batch` into `tollgate_entries`, each once per id (records
+/// with their fields); returns the rows that were new (key, account,
+/// amount, spent, kind, at_ms). Settlement moves their money; the import
+/// (`import`) writes records whose money its copy already holds.
+async fn insert_charge_rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    node: &str,
+    batch: &[Charge],
+) -> Result<Vec<tokio_postgres::Row>, String> {
+    let ids: Vec<&str> = batch.iter().map(|c| c.id.as_str()).collect();
+    let kinds: Vec<&str> = batch.iter().map(|c| c.kind).collect();
+    let keys: Vec<Option<Vec<u8>>> = batch.iter().map(|c| c.key.map(|k| k.to_vec())).collect();
+    let accounts: Vec<Option<&str>> = batch.iter().map(|c| c.account.as_deref()).collect();
+    let amounts: Vec<i64> = batch.iter().map(|c| c.amount).collect();
+    let spents: Vec<i64> = batch.iter().map(|c| c.spent).collect();
+    let ats: Vec<i64> = batch.iter().map(|c| c.at_ms).collect();
+    let r = usage::RecordColumns::of(batch);
+    tx.query(
+                "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms, \
+                 model, upstream, route, stream, status, prompt_tokens, cached_tokens, cache_write_tokens, \
+                 completion_tokens, reasoning_tokens, cost, reserved, latency_ms, ttfb_ms, request_id, \
+                 client_ip, estimated) \
+                 SELECT i, k, h, a, m, s, $8, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, \
+                 r15, r16, r17 FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], \
+                 $5::int8[], $6::int8[], $7::int8[], $9::text[], $10::text[], $11::text[], $12::bool[], \
+                 $13::int4[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
+                 $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[]) \
+                 AS u(i, k, h, a, m, s, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15, r16, r17) \
+                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent, kind, at_ms",
+                &[
+                    &ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node, &r.model,
+                    &r.upstream, &r.route, &r.stream, &r.status, &r.prompt, &r.cached,
+                    &r.cache_write, &r.completion, &r.reasoning, &r.cost, &r.reserved,
+                    &r.latency, &r.ttfb, &r.request_id, &r.client_ip, &r.estimated,
+                ],
+            )
+            .await
+            .map_err(db).map(count(Kind::Settle, 2))
+}
+
+/// The database's connection settings: `cfg`'s URL, a 3 s connect
+/// timeout unless it names one, and the node as the application.
+fn pg_config(cfg: &ClusterConfig) -> Result<tokio_postgres::Config, String> {
+    let url = cfg.postgres_url()?;
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
+        format!(
+            "cluster: {}: not a valid PostgreSQL URL: {e}",
+            cfg.postgres_url_env
+        )
+    })?;
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(3));
+    }
+    pg.application_name(format!("tollgate {}", cfg.node_id));
+    Ok(pg)
+}
+
+/// The TLS connector `pg`'s `sslmode` asks for (`None`: plain TCP).
+fn tls_for(
+    cfg: &ClusterConfig,
+    pg: &tokio_postgres::Config,
+) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, String> {
+    match pg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => Ok(None),
+        _ => tls_connector(cfg).map(Some),
+    }
+}
+
+/// A pool of up to `size` connections (built inside a Tokio runtime).
+fn pool_for(
+    pg: &tokio_postgres::Config,
+    tls: &Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    size: usize,
+) -> Result<Pool, String> {
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let mgr = match tls {
+        Some(t) => Manager::from_config(pg.clone(), t.clone(), manager_config),
+        None => Manager::from_config(pg.clone(), NoTls, manager_config),
+    };
+    Pool::builder(mgr)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(3)))
+        .create_timeout(Some(Duration::from_secs(3)))
+        .build()
+        .map_err(|e| format!("cluster: the connection pool: {e}"))
+}
+
 fn tls_connector(cfg: &ClusterConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -349,17 +443,7 @@ impl Cluster {
     /// store before the node serves; then starts the background work.
     /// Blocks (called once at start, outside any runtime).
     pub fn start(cfg: &ClusterConfig, app: &Arc<App>) -> Result<Arc<Cluster>, String> {
-        let url = cfg.postgres_url()?;
-        let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
-            format!(
-                "cluster: {}: not a valid PostgreSQL URL: {e}",
-                cfg.postgres_url_env
-            )
-        })?;
-        if pg.get_connect_timeout().is_none() {
-            pg.connect_timeout(Duration::from_secs(3));
-        }
-        pg.application_name(format!("tollgate {}", cfg.node_id));
+        let pg = pg_config(cfg)?;
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -385,26 +469,10 @@ impl Cluster {
             .recv()
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cluster: its runtime: {e}"))?;
-        let tls = match pg.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => None,
-            _ => Some(tls_connector(cfg)?),
-        };
-        let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let mgr = match &tls {
-            Some(t) => Manager::from_config(pg.clone(), t.clone(), manager_config),
-            None => Manager::from_config(pg.clone(), NoTls, manager_config),
-        };
+        let tls = tls_for(cfg, &pg)?;
         let pool = {
             let _enter = rt.enter();
-            Pool::builder(mgr)
-                .max_size(cfg.pool_size)
-                .runtime(deadpool_postgres::Runtime::Tokio1)
-                .wait_timeout(Some(Duration::from_secs(3)))
-                .create_timeout(Some(Duration::from_secs(3)))
-                .build()
-                .map_err(|e| format!("cluster: the connection pool: {e}"))?
+            pool_for(&pg, &tls, cfg.pool_size)?
         };
         let mut boot = [0u8; 6];
         getrandom::fill(&mut boot).map_err(|e| format!("cluster: random source: {e}"))?;
@@ -1079,37 +1147,8 @@ impl Cluster {
             .await
             .map_err(db)
             .map(count(Kind::Settle, 1))?;
-        let ids: Vec<&str> = batch.iter().map(|c| c.id.as_str()).collect();
-        let kinds: Vec<&str> = batch.iter().map(|c| c.kind).collect();
-        let keys: Vec<Option<Vec<u8>>> = batch.iter().map(|c| c.key.map(|k| k.to_vec())).collect();
-        let accounts: Vec<Option<&str>> = batch.iter().map(|c| c.account.as_deref()).collect();
-        let amounts: Vec<i64> = batch.iter().map(|c| c.amount).collect();
-        let spents: Vec<i64> = batch.iter().map(|c| c.spent).collect();
-        let ats: Vec<i64> = batch.iter().map(|c| c.at_ms).collect();
         let node = self.cfg.node_id.as_str();
-        let r = usage::RecordColumns::of(batch);
-        let rows = tx
-            .query(
-                "INSERT INTO tollgate_entries (id, kind, key_hash, account_id, amount, spent, node_id, at_ms, \
-                 model, upstream, route, stream, status, prompt_tokens, cached_tokens, cache_write_tokens, \
-                 completion_tokens, reasoning_tokens, cost, reserved, latency_ms, ttfb_ms, request_id, \
-                 client_ip, estimated) \
-                 SELECT i, k, h, a, m, s, $8, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, \
-                 r15, r16, r17 FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::text[], \
-                 $5::int8[], $6::int8[], $7::int8[], $9::text[], $10::text[], $11::text[], $12::bool[], \
-                 $13::int4[], $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
-                 $20::int8[], $21::int8[], $22::int8[], $23::text[], $24::text[], $25::bool[]) \
-                 AS u(i, k, h, a, m, s, t, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15, r16, r17) \
-                 ON CONFLICT (id) DO NOTHING RETURNING key_hash, account_id, amount, spent, kind, at_ms",
-                &[
-                    &ids, &kinds, &keys, &accounts, &amounts, &spents, &ats, &node, &r.model,
-                    &r.upstream, &r.route, &r.stream, &r.status, &r.prompt, &r.cached,
-                    &r.cache_write, &r.completion, &r.reasoning, &r.cost, &r.reserved,
-                    &r.latency, &r.ttfb, &r.request_id, &r.client_ip, &r.estimated,
-                ],
-            )
-            .await
-            .map_err(db).map(count(Kind::Settle, 2))?;
+        let rows = insert_charge_rows(&tx, node, batch).await?;
         let mut per_key: HashMap<Vec<u8>, i64> = HashMap::new();
         // Per account: what is spent like usage ((at_ms, amount), drawn
         // from the allowance first), Σ the rest (balance only), Σ spent.

@@ -22,6 +22,7 @@
 //! | `tollgate_deliveries` | (event, endpoint) | (version 9) where each delivery stands, and which node holds it (`claimed_by` until `claim_until_ms`, the database's clock) |
 //! | `tollgate_ledger` | entry id | (version 10) keys' and accounts' ledger entries, each shipped once by the node that made it (`node_id`, its `local_seq`): the ledger APIs read them in cluster mode |
 //! | `tollgate_accounts.allowance` | account id | (version 11) what remains of the subscription period's grants (picoUSD), spent before `balance`; free credit = `allowance + balance + overdraft − leased`; `allowance_lapsed`/`allowance_lapsed_at_ms`: what the last lapse took, and when (it pays for charges made before it, settled after) |
+//! | `tollgate_imports` | fingerprint | (version 12) each single-node store copied in by `tollgate cluster import`: the SHA-256 of what it copied, so running it again changes nothing |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -260,6 +261,18 @@ ALTER TABLE tollgate_accounts
     ADD COLUMN allowance bigint NOT NULL DEFAULT 0,
     ADD COLUMN allowance_lapsed bigint NOT NULL DEFAULT 0,
     ADD COLUMN allowance_lapsed_at_ms bigint NOT NULL DEFAULT 0;
+"#,
+    // Single-node stores copied in (`cluster::import`; depends on no other
+    // migration but those it writes into, so it may follow any version):
+    // one row per store imported, by the fingerprint of what was copied,
+    // written in the import's own transaction.
+    r#"
+CREATE TABLE tollgate_imports (
+    fingerprint text PRIMARY KEY,
+    node_id text NOT NULL,
+    at_ms bigint NOT NULL,
+    summary text NOT NULL
+);
 "#,
 ];
 
