@@ -3912,3 +3912,62 @@ async fn a_single_nodes_store_is_imported_into_the_cluster() {
         "a refused import writes nothing"
     );
 }
+
+/// An endpoint that answers 410 to one node is disabled on every node:
+/// after the first try (of whichever node), events made on both nodes
+/// reach it no more, their deliveries stay pending, and the database
+/// records the endpoint as disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_disables_the_endpoint_on_every_node() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let hook = Hook::start_slow(Arc::new(|_, _| (410, Duration::ZERO))).await;
+    let extra = hook_config(&hook, r#"["1s", "1s", "1s"]"#, "5s");
+    let nodes: Vec<Node> = ["g-1", "g-2"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, &extra))
+        .collect();
+    let key = |i: usize| json!({"name": format!("gone-{i}")});
+    let (s, v) = nodes[0].admin("POST", "/api/v1/keys", Some(key(0))).await;
+    assert_eq!(s, 201, "{v}");
+    let start = Instant::now();
+    while hook.got().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(15), "no try");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Events from both nodes after the 410, each node's deliverer polling.
+    for i in 1..5 {
+        let (s, v) = nodes[i % 2]
+            .admin("POST", "/api/v1/keys", Some(key(i)))
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let tries = hook.got();
+    assert_eq!(
+        tries.len(),
+        1,
+        "one try in all, then disabled everywhere: {tries:?}"
+    );
+    let db = pg.client().await;
+    let disabled: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_disabled_endpoints WHERE endpoint LIKE 'webhook:%'",
+            &[],
+        )
+        .await
+        .expect("disabled endpoints")
+        .get(0);
+    assert_eq!(disabled, 1);
+    let pending: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_deliveries WHERE status = 'pending'",
+            &[],
+        )
+        .await
+        .expect("deliveries")
+        .get(0);
+    assert_eq!(pending, 5, "every delivery waits");
+}

@@ -45,7 +45,8 @@
 //!   transaction.
 //! - **Events** ([`outbox`]): each node's events are shipped to the
 //!   database once each, with a delivery per endpoint; any node delivers
-//!   any of them, one node at a time (a claim that expires).
+//!   any of them, one node at a time (a claim that expires); an endpoint
+//!   that answers 410 to one node is disabled for all ([`endpoints`]).
 //! - **Ledgers** ([`ledger`]): each node's key and account ledger entries
 //!   are shipped to the database once each (the local store keeps the
 //!   cursor); the ledger APIs read them back from there.
@@ -68,6 +69,7 @@
 pub mod allowance;
 pub mod audit;
 pub mod config;
+pub mod endpoints;
 pub mod import;
 pub mod lease;
 pub mod ledger;

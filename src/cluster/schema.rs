@@ -23,6 +23,7 @@
 //! | `tollgate_ledger` | entry id | (version 10) keys' and accounts' ledger entries, each shipped once by the node that made it (`node_id`, its `local_seq`): the ledger APIs read them in cluster mode |
 //! | `tollgate_accounts.allowance` | account id | (version 11) what remains of the subscription period's grants (picoUSD), spent before `balance`; free credit = `allowance + balance + overdraft − leased`; `allowance_lapsed`/`allowance_lapsed_at_ms`: what the last lapse took, and when (it pays for charges made before it, settled after) |
 //! | `tollgate_imports` | fingerprint | (version 12) each single-node store copied in by `tollgate cluster import`: the SHA-256 of what it copied, so running it again changes nothing |
+//! | `tollgate_disabled_endpoints` | endpoint | (version 13) a webhook endpoint that answered 410 on some node: every node's deliverer skips it |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -272,6 +273,16 @@ CREATE TABLE tollgate_imports (
     node_id text NOT NULL,
     at_ms bigint NOT NULL,
     summary text NOT NULL
+);
+"#,
+    // Webhook endpoints disabled by a 410 (`cluster::endpoints`; depends
+    // on no other migration): no node claims a delivery to one.
+    r#"
+CREATE TABLE tollgate_disabled_endpoints (
+    endpoint text PRIMARY KEY,
+    node_id text NOT NULL,
+    at_ms bigint NOT NULL,
+    reason text NOT NULL
 );
 "#,
 ];
