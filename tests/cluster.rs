@@ -3971,3 +3971,79 @@ async fn a_410_disables_the_endpoint_on_every_node() {
         .get(0);
     assert_eq!(pending, 5, "every delivery waits");
 }
+
+/// The payments of `account` in a stopped node's store, and its account
+/// ledger's kinds.
+fn local_payments(node: &Node, account: &str) -> (usize, Vec<String>) {
+    let store =
+        tollgate::store::Store::open(&node.data.join("store"), 10).expect("the store opens");
+    let payments = store
+        .all_payments()
+        .filter(|p| {
+            p.as_ref()
+                .is_ok_and(|p| p.account.as_deref() == Some(account))
+        })
+        .count();
+    let kinds = store
+        .account_ledger(account, 0, 100)
+        .expect("ledger")
+        .iter()
+        .map(|e| e.kind.as_str().to_owned())
+        .collect();
+    (payments, kinds)
+}
+
+/// A node killed after a payment's database transaction and before its
+/// store copy (here: started again on a fresh store with its node_id)
+/// takes the copy on the provider's retry, once, even with the retry sent
+/// twice at once; the money moves no second time; another node answering
+/// a replay takes no copy (it never had one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_restores_a_payments_missing_store_copy() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let mut first = Node::start_with(&pg, &mock, "c-1", STRIPE);
+    let mut other = Node::start_with(&pg, &mock, "c-2", STRIPE);
+    let (s, v) = first
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-c"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let event = paid_session(
+        "evt_c",
+        "checkout.session.completed",
+        "cs_c",
+        "acct-c",
+        1000,
+    );
+    let (s, v) = deliver(&first, &event).await;
+    assert_eq!((s, v["replayed"].clone()), (200, json!(false)), "{v}");
+    first.terminate();
+    // The same node, without the store copy.
+    let mut again = Node::start_with(&pg, &mock, "c-1", STRIPE);
+    let (s, v) = again.admin("GET", "/api/v1/accounts/acct-c", None).await;
+    assert_eq!(s, 200, "{v}");
+    let (a, b) = tokio::join!(deliver(&again, &event), deliver(&again, &event));
+    for (s, v) in [a, b] {
+        assert_eq!((s, v["replayed"].clone()), (200, json!(true)), "{v}");
+    }
+    let (s, v) = deliver(&other, &event).await;
+    assert_eq!((s, v["replayed"].clone()), (200, json!(true)), "{v}");
+    let ten = Pico::parse_usd("10").unwrap();
+    for n in [&again, &other] {
+        assert_eq!(balance_of(n, "acct-c").await, ten, "credited once");
+    }
+    again.terminate();
+    other.terminate();
+    assert_eq!(
+        local_payments(&again, "acct-c"),
+        (1, vec!["topup".to_owned()]),
+        "the copy, once"
+    );
+    assert_eq!(
+        local_payments(&other, "acct-c"),
+        (0, vec![]),
+        "no copy elsewhere"
+    );
+}
