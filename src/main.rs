@@ -52,8 +52,24 @@ enum Command {
         #[arg(long, default_value = "config.toml")]
         config: PathBuf,
     },
+    /// Cluster maintenance (see README "Running several nodes").
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     #[command(flatten)]
     Admin(tollgate::cli::AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Copy a stopped single node's store (`storage.path`) into the
+    /// cluster's database (`[cluster]`): once, refusing different data.
+    Import {
+        /// The configuration file (its `storage.path` and `[cluster]`).
+        #[arg(long, default_value = "config.toml")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,6 +102,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Cluster {
+            cmd: ClusterCmd::Import { config },
+        } => tollgate::cluster::import::run(&config),
         Command::Admin(cmd) => tollgate::cli::run(cmd),
     }
 }

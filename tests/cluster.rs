@@ -4258,3 +4258,428 @@ async fn a_daily_key_limit_is_global() {
 async fn a_daily_key_limit_is_global_when_its_account_pays() {
     a_daily_limit_race(Some("acct-d"), ["e-1", "e-2", "e-3"]).await;
 }
+
+/// A node without `[cluster]` on `data`'s store (with Stripe), for the
+/// import; its config file is `data/single.toml`.
+fn single_node(mock: &MockUpstream, data: PathBuf) -> Node {
+    let port = free_port();
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace = "1s"
+[storage]
+path = "{store}"
+flush_ms = 10
+[admin]
+token_env = "TOLLGATE_ADMIN_TOKEN"
+[[upstreams]]
+name = "mock"
+base_url = "{mock}"
+api_key_env = "TOLLGATE_TEST_UPSTREAM_KEY"
+models = ["demo-*"]
+[models."demo-chat"]
+input = "2.50"
+output = "10.00"
+{STRIPE}
+"#,
+        store = path(&data.join("store")),
+        mock = mock.base_url(),
+    );
+    let file = data.join("single.toml");
+    std::fs::write(&file, &config).expect("config written");
+    // The same store, with the cluster's database: what the import reads.
+    let cluster = format!(
+        "{config}[cluster]\npostgres_url_env = \"TOLLGATE_POSTGRES_URL\"\nnode_id = \"single\"\n"
+    );
+    std::fs::write(data.join("import.toml"), cluster).expect("config written");
+    let log = std::fs::File::create(data.join("log")).expect("log file");
+    let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN)
+        .env("TOLLGATE_TEST_UPSTREAM_KEY", common::UPSTREAM_KEY)
+        .env("TOLLGATE_TEST_STRIPE_WHSEC", WHSEC)
+        .env("TOLLGATE_TEST_STRIPE_SK", "sk_test_tollgate")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("the gateway binary starts");
+    let mut node = Node { child, port, data };
+    if let Err(log) = node.ready() {
+        panic!("the single node did not start: {log}");
+    }
+    node
+}
+
+/// `tollgate cluster import --config data/import.toml`: (exit code, output).
+fn import(pg: &Pg, data: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["cluster", "import", "--config"])
+        .arg(data.join("import.toml"))
+        .env("TOLLGATE_POSTGRES_URL", pg.url())
+        .output()
+        .expect("the import runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Every row of the tables the import writes, as text: equal before and
+/// after a second import means it changed nothing.
+async fn imported_rows(db: &tokio_postgres::Client) -> Vec<String> {
+    let mut all = Vec::new();
+    for t in [
+        "tollgate_accounts",
+        "tollgate_keys",
+        "tollgate_admin_tokens",
+        "tollgate_subscriptions",
+        "tollgate_payments",
+        "tollgate_payment_refs",
+        "tollgate_ledger",
+        "tollgate_entries",
+        "tollgate_imports",
+    ] {
+        let rows = db
+            .query(&format!("SELECT t::text FROM {t} t ORDER BY 1"), &[])
+            .await
+            .expect(t);
+        all.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+    }
+    all
+}
+
+/// A single node's store moves into a cluster: after `tollgate cluster
+/// import`, two nodes on fresh stores serve its keys and show its
+/// balances, usage, ledgers and payments; a Stripe event and a manual
+/// payment it had applied are replays there; a second import changes
+/// nothing; the import refuses while the node runs and when the database
+/// holds different data for the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_nodes_store_is_imported_into_the_cluster() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let mut single = single_node(&mock, common::temp_dir("import-single"));
+    let (s, v) = single
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-i"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let topup = json!({"kind": "topup", "amount": "5", "reason": "t", "idempotency_key": "i-1"});
+    let (s, v) = single
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-i/credits",
+            Some(topup.clone()),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (paid_key, paid_hash) = create_key(&single, "paid", "acct-i").await;
+    let (s, v) = single
+        .admin(
+            "POST",
+            "/api/v1/keys",
+            Some(json!({"name": "own", "limit": "2", "rpm": 1000})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let own_key = v["key"].as_str().expect("key").to_owned();
+    let own_hash = v["data"]["hash"].as_str().expect("hash").to_owned();
+    let (s, v) = single
+        .admin(
+            "POST",
+            "/api/v1/admin/tokens",
+            Some(json!({"name": "ops", "scopes": ["keys:read"]})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let scoped = v["token"].as_str().expect("token").to_owned();
+    let event = paid_session(
+        "evt_imp",
+        "checkout.session.completed",
+        "cs_imp",
+        "acct-i",
+        700,
+    );
+    let (s, v) = deliver(&single, &event).await;
+    assert_eq!((s, v["replayed"].clone()), (200, json!(false)), "{v}");
+    let manual =
+        json!({"account": "acct-i", "amount": "1", "reference": "wire-imp", "kind": "topup"});
+    let (s, v) = single
+        .admin("POST", "/api/v1/payments", Some(manual.clone()))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    for key in [&paid_key, &own_key, &paid_key] {
+        assert_eq!(single.chat(key, false).await, 200);
+    }
+    // What the single node shows, to compare with the cluster.
+    let path_of = |p: &str| p.to_owned();
+    let shown = [
+        path_of("/api/v1/accounts/acct-i"),
+        format!("/api/v1/keys/{paid_hash}"),
+        format!("/api/v1/keys/{own_hash}"),
+    ];
+    let mut before = Vec::new();
+    for p in &shown {
+        let (s, v) = single.admin("GET", p, None).await;
+        assert_eq!(s, 200, "{v}");
+        before.push(v);
+    }
+    let (_, ledger_before) = single
+        .admin("GET", "/api/v1/accounts/acct-i/ledger", None)
+        .await;
+    let (_, usage_before) = single
+        .admin("GET", &format!("/api/v1/keys/{paid_hash}/usage"), None)
+        .await;
+
+    // Refused while the node runs on the store: nothing written.
+    let (code, out) = import(&pg, &single.data);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("stop it first"), "{out}");
+    single.terminate();
+
+    let (code, out) = import(&pg, &single.data);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("imported 1 accounts, 2 keys, 1 admin tokens"),
+        "{out}"
+    );
+    let db = pg.client().await;
+    let rows = imported_rows(&db).await;
+    let (code, out) = import(&pg, &single.data);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already imported"), "{out}");
+    assert_eq!(
+        imported_rows(&db).await,
+        rows,
+        "a second import changes nothing"
+    );
+
+    let nodes: Vec<Node> = ["imp-1", "imp-2"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, STRIPE))
+        .collect();
+    for n in &nodes {
+        for (p, want) in shown.iter().zip(&before) {
+            let (s, v) = n.admin("GET", p, None).await;
+            assert_eq!(s, 200, "{p}: {v}");
+            for field in ["balance", "allowance", "usage", "limit"] {
+                if !want["data"][field].is_null() {
+                    assert_eq!(
+                        usd(&v["data"][field]),
+                        usd(&want["data"][field]),
+                        "{p} {field}: {v} vs {want}"
+                    );
+                }
+            }
+        }
+        let (_, v) = n.admin("GET", "/api/v1/accounts/acct-i/ledger", None).await;
+        let kinds = |v: &Value| -> Vec<(Value, Value)> {
+            v["data"]
+                .as_array()
+                .expect("entries")
+                .iter()
+                .map(|e| (e["kind"].clone(), e["amount"].clone()))
+                .collect()
+        };
+        assert_eq!(kinds(&v), kinds(&ledger_before), "{v}");
+        let (_, v) = n
+            .admin("GET", &format!("/api/v1/keys/{paid_hash}/usage"), None)
+            .await;
+        assert_eq!(
+            v["data"]["totals"], usage_before["data"]["totals"],
+            "{v} vs {usage_before}"
+        );
+        let (_, v) = n.admin("GET", "/api/v1/payments", None).await;
+        assert_eq!(v["data"].as_array().map(Vec::len), Some(2), "{v}");
+        // The scoped admin token authenticates.
+        let (s, _) = send(
+            "GET",
+            &n.url(&format!("/api/v1/keys/{own_hash}")),
+            &format!("Bearer {scoped}"),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let balance = usd(&before[0]["data"]["balance"]);
+    // Replays stay replays: the Stripe event, the manual reference, the
+    // top-up's idempotency key.
+    let (s, v) = deliver(&nodes[0], &event).await;
+    assert_eq!((s, v["replayed"].clone()), (200, json!(true)), "{v}");
+    let (s, v) = nodes[1]
+        .admin("POST", "/api/v1/payments", Some(manual))
+        .await;
+    assert_eq!(s, 200, "a replay: {v}");
+    let (s, v) = nodes[1]
+        .admin("POST", "/api/v1/accounts/acct-i/credits", Some(topup))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for n in &nodes {
+        assert_eq!(balance_of(n, "acct-i").await, balance, "no money twice");
+    }
+    // The keys are served.
+    assert_eq!(nodes[0].chat(&paid_key, false).await, 200);
+    assert_eq!(nodes[1].chat(&own_key, false).await, 200);
+
+    // Another store with a different account of the same id is refused.
+    let mut other = single_node(&mock, common::temp_dir("import-other"));
+    let (s, v) = other
+        .admin(
+            "POST",
+            "/api/v1/accounts",
+            Some(json!({"id": "acct-i", "email": "x@example.com"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    other.terminate();
+    let rows = imported_rows(&db).await;
+    let (code, out) = import(&pg, &other.data);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("different account \"acct-i\""), "{out}");
+    assert_eq!(
+        imported_rows(&db).await,
+        rows,
+        "a refused import writes nothing"
+    );
+}
+
+/// An endpoint that answers 410 to one node is disabled on every node:
+/// after the first try (of whichever node), events made on both nodes
+/// reach it no more, their deliveries stay pending, and the database
+/// records the endpoint as disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_disables_the_endpoint_on_every_node() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let hook = Hook::start_slow(Arc::new(|_, _| (410, Duration::ZERO))).await;
+    let extra = hook_config(&hook, r#"["1s", "1s", "1s"]"#, "5s");
+    let nodes: Vec<Node> = ["g-1", "g-2"]
+        .iter()
+        .map(|id| Node::start_with(&pg, &mock, id, &extra))
+        .collect();
+    let key = |i: usize| json!({"name": format!("gone-{i}")});
+    let (s, v) = nodes[0].admin("POST", "/api/v1/keys", Some(key(0))).await;
+    assert_eq!(s, 201, "{v}");
+    let start = Instant::now();
+    while hook.got().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(15), "no try");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Events from both nodes after the 410, each node's deliverer polling.
+    for i in 1..5 {
+        let (s, v) = nodes[i % 2]
+            .admin("POST", "/api/v1/keys", Some(key(i)))
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let tries = hook.got();
+    assert_eq!(
+        tries.len(),
+        1,
+        "one try in all, then disabled everywhere: {tries:?}"
+    );
+    let db = pg.client().await;
+    let disabled: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_disabled_endpoints WHERE endpoint LIKE 'webhook:%'",
+            &[],
+        )
+        .await
+        .expect("disabled endpoints")
+        .get(0);
+    assert_eq!(disabled, 1);
+    let pending: i64 = db
+        .query_one(
+            "SELECT COUNT(*) FROM tollgate_deliveries WHERE status = 'pending'",
+            &[],
+        )
+        .await
+        .expect("deliveries")
+        .get(0);
+    assert_eq!(pending, 5, "every delivery waits");
+}
+
+/// The payments of `account` in a stopped node's store, and its account
+/// ledger's kinds.
+fn local_payments(node: &Node, account: &str) -> (usize, Vec<String>) {
+    let store =
+        tollgate::store::Store::open(&node.data.join("store"), 10).expect("the store opens");
+    let payments = store
+        .all_payments()
+        .filter(|p| {
+            p.as_ref()
+                .is_ok_and(|p| p.account.as_deref() == Some(account))
+        })
+        .count();
+    let kinds = store
+        .account_ledger(account, 0, 100)
+        .expect("ledger")
+        .iter()
+        .map(|e| e.kind.as_str().to_owned())
+        .collect();
+    (payments, kinds)
+}
+
+/// A node killed after a payment's database transaction and before its
+/// store copy (here: started again on a fresh store with its node_id)
+/// takes the copy on the provider's retry, once, even with the retry sent
+/// twice at once; the money moves no second time; another node answering
+/// a replay takes no copy (it never had one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_restores_a_payments_missing_store_copy() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let mut first = Node::start_with(&pg, &mock, "c-1", STRIPE);
+    let mut other = Node::start_with(&pg, &mock, "c-2", STRIPE);
+    let (s, v) = first
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-c"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let event = paid_session(
+        "evt_c",
+        "checkout.session.completed",
+        "cs_c",
+        "acct-c",
+        1000,
+    );
+    let (s, v) = deliver(&first, &event).await;
+    assert_eq!((s, v["replayed"].clone()), (200, json!(false)), "{v}");
+    first.terminate();
+    // The same node, without the store copy.
+    let mut again = Node::start_with(&pg, &mock, "c-1", STRIPE);
+    let (s, v) = again.admin("GET", "/api/v1/accounts/acct-c", None).await;
+    assert_eq!(s, 200, "{v}");
+    let (a, b) = tokio::join!(deliver(&again, &event), deliver(&again, &event));
+    for (s, v) in [a, b] {
+        assert_eq!((s, v["replayed"].clone()), (200, json!(true)), "{v}");
+    }
+    let (s, v) = deliver(&other, &event).await;
+    assert_eq!((s, v["replayed"].clone()), (200, json!(true)), "{v}");
+    let ten = Pico::parse_usd("10").unwrap();
+    for n in [&again, &other] {
+        assert_eq!(balance_of(n, "acct-c").await, ten, "credited once");
+    }
+    again.terminate();
+    other.terminate();
+    assert_eq!(
+        local_payments(&again, "acct-c"),
+        (1, vec!["topup".to_owned()]),
+        "the copy, once"
+    );
+    assert_eq!(
+        local_payments(&other, "acct-c"),
+        (0, vec![]),
+        "no copy elsewhere"
+    );
+}

@@ -157,6 +157,54 @@ fn row(r: &tokio_postgres::Row) -> Row {
     }
 }
 
+/// `entries` made by `node`, each inserted once per id (in `c`'s
+/// transaction when it is one): `tollgate cluster import` writes a
+/// store's ledgers with it.
+pub(super) async fn insert_entries(
+    c: &impl deadpool_postgres::GenericClient,
+    node: &str,
+    entries: &[LocalLedgerEntry],
+) -> Result<u64, String> {
+    insert_columns(c, node, &Columns::of(node, entries.iter())).await
+}
+
+async fn insert_columns(
+    conn: &impl deadpool_postgres::GenericClient,
+    node: &str,
+    c: &Columns,
+) -> Result<u64, String> {
+    conn.execute(
+        "INSERT INTO tollgate_ledger (id, scope, key_hash, account_id, node_id, local_seq, \
+         at_ms, kind, amount, reason, idempotency_key, limit_after, spent_after, \
+         balance_after, allowance_after) \
+         SELECT i, sc, h, a, $5, s, t, k, m, r, ik, la, sa, ba, aa FROM UNNEST($1::text[], \
+         $2::text[], $3::bytea[], $4::text[], $6::int8[], $7::int8[], $8::text[], \
+         $9::int8[], $10::text[], $11::text[], $12::int8[], $13::int8[], $14::int8[], \
+         $15::int8[]) AS u(i, sc, h, a, s, t, k, m, r, ik, la, sa, ba, aa) \
+         ORDER BY i ON CONFLICT (id) DO NOTHING",
+        &[
+            &c.ids,
+            &c.scopes,
+            &c.keys,
+            &c.accounts,
+            &node,
+            &c.seqs,
+            &c.ats,
+            &c.kinds,
+            &c.amounts,
+            &c.reasons,
+            &c.idems,
+            &c.limits,
+            &c.spents,
+            &c.balances,
+            &c.allowances,
+        ],
+    )
+    .await
+    .map_err(db)
+    .map(count(Kind::Settle, 2))
+}
+
 impl Cluster {
     /// Writes this node's ledger entries not yet in the database (the
     /// settle tick, shutdown, and each ledger read). One shipper at a time.
@@ -253,36 +301,7 @@ impl Cluster {
         let node = self.cfg.node_id.clone();
         self.run(async move {
             let conn = pool.get().await.map_err(pool_error)?;
-            conn.execute(
-                "INSERT INTO tollgate_ledger (id, scope, key_hash, account_id, node_id, local_seq, \
-                 at_ms, kind, amount, reason, idempotency_key, limit_after, spent_after, \
-                 balance_after, allowance_after) \
-                 SELECT i, sc, h, a, $5, s, t, k, m, r, ik, la, sa, ba, aa FROM UNNEST($1::text[], \
-                 $2::text[], $3::bytea[], $4::text[], $6::int8[], $7::int8[], $8::text[], \
-                 $9::int8[], $10::text[], $11::text[], $12::int8[], $13::int8[], $14::int8[], \
-                 $15::int8[]) AS u(i, sc, h, a, s, t, k, m, r, ik, la, sa, ba, aa) \
-                 ORDER BY i ON CONFLICT (id) DO NOTHING",
-                &[
-                    &c.ids,
-                    &c.scopes,
-                    &c.keys,
-                    &c.accounts,
-                    &node,
-                    &c.seqs,
-                    &c.ats,
-                    &c.kinds,
-                    &c.amounts,
-                    &c.reasons,
-                    &c.idems,
-                    &c.limits,
-                    &c.spents,
-                    &c.balances,
-                    &c.allowances,
-                ],
-            )
-            .await
-            .map_err(db)
-            .map(count(Kind::Settle, 2))
+            insert_columns(&conn, &node, &c).await
         })
         .await
     }

@@ -49,7 +49,8 @@
 //!   transaction.
 //! - **Events** ([`outbox`]): each node's events are shipped to the
 //!   database once each, with a delivery per endpoint; any node delivers
-//!   any of them, one node at a time (a claim that expires).
+//!   any of them, one node at a time (a claim that expires); an endpoint
+//!   that answers 410 to one node is disabled for all ([`endpoints`]).
 //! - **Ledgers** ([`ledger`]): each node's key and account ledger entries
 //!   are shipped to the database once each (the local store keeps the
 //!   cursor); the ledger APIs read them back from there.
@@ -58,6 +59,9 @@
 //!   the sums from hourly rollups added in the same transaction
 //!   ([`rollups`], which also prunes old records one node at a time).
 //!   [`trips`] counts the round trips all of this costs, by kind.
+//! - **Import** ([`import`]): `tollgate cluster import` copies a stopped
+//!   single node's store into the database once, so a node can grow into
+//!   a cluster.
 //! - **Faults**: with the database unreachable, a node serves from its
 //!   leases until they run out, then refuses paid requests with 503; queued
 //!   charges and admin changes are written when it is back (the admin
@@ -71,6 +75,8 @@
 pub mod allowance;
 pub mod audit;
 pub mod config;
+pub mod endpoints;
+pub mod import;
 pub mod lease;
 pub mod ledger;
 pub mod outbox;
@@ -346,8 +352,56 @@ pub fn database_unavailable() -> ApiError {
     .with_retry_after(1)
 }
 
-/// TLS to the database: the server's certificate is always verified,
-/// against the public roots and `cluster.ca_file` (a private CA).
+/// The database's connection settings: `cfg`'s URL, a 3 s connect
+/// timeout unless it names one, and the node as the application.
+fn pg_config(cfg: &ClusterConfig) -> Result<tokio_postgres::Config, String> {
+    let url = cfg.postgres_url()?;
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
+        format!(
+            "cluster: {}: not a valid PostgreSQL URL: {e}",
+            cfg.postgres_url_env
+        )
+    })?;
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(3));
+    }
+    pg.application_name(format!("tollgate {}", cfg.node_id));
+    Ok(pg)
+}
+
+/// The TLS connector `pg`'s `sslmode` asks for (`None`: plain TCP).
+fn tls_for(
+    cfg: &ClusterConfig,
+    pg: &tokio_postgres::Config,
+) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, String> {
+    match pg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => Ok(None),
+        _ => tls_connector(cfg).map(Some),
+    }
+}
+
+/// A pool of up to `size` connections (built inside a Tokio runtime).
+fn pool_for(
+    pg: &tokio_postgres::Config,
+    tls: &Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    size: usize,
+) -> Result<Pool, String> {
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let mgr = match tls {
+        Some(t) => Manager::from_config(pg.clone(), t.clone(), manager_config),
+        None => Manager::from_config(pg.clone(), NoTls, manager_config),
+    };
+    Pool::builder(mgr)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(3)))
+        .create_timeout(Some(Duration::from_secs(3)))
+        .build()
+        .map_err(|e| format!("cluster: the connection pool: {e}"))
+}
+
 fn tls_connector(cfg: &ClusterConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -380,17 +434,7 @@ impl Cluster {
     /// store before the node serves; then starts the background work.
     /// Blocks (called once at start, outside any runtime).
     pub fn start(cfg: &ClusterConfig, app: &Arc<App>) -> Result<Arc<Cluster>, String> {
-        let url = cfg.postgres_url()?;
-        let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
-            format!(
-                "cluster: {}: not a valid PostgreSQL URL: {e}",
-                cfg.postgres_url_env
-            )
-        })?;
-        if pg.get_connect_timeout().is_none() {
-            pg.connect_timeout(Duration::from_secs(3));
-        }
-        pg.application_name(format!("tollgate {}", cfg.node_id));
+        let pg = pg_config(cfg)?;
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -416,26 +460,10 @@ impl Cluster {
             .recv()
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cluster: its runtime: {e}"))?;
-        let tls = match pg.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => None,
-            _ => Some(tls_connector(cfg)?),
-        };
-        let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let mgr = match &tls {
-            Some(t) => Manager::from_config(pg.clone(), t.clone(), manager_config),
-            None => Manager::from_config(pg.clone(), NoTls, manager_config),
-        };
+        let tls = tls_for(cfg, &pg)?;
         let pool = {
             let _enter = rt.enter();
-            Pool::builder(mgr)
-                .max_size(cfg.pool_size)
-                .runtime(deadpool_postgres::Runtime::Tokio1)
-                .wait_timeout(Some(Duration::from_secs(3)))
-                .create_timeout(Some(Duration::from_secs(3)))
-                .build()
-                .map_err(|e| format!("cluster: the connection pool: {e}"))?
+            pool_for(&pg, &tls, cfg.pool_size)?
         };
         let mut boot = [0u8; 6];
         getrandom::fill(&mut boot).map_err(|e| format!("cluster: random source: {e}"))?;

@@ -50,10 +50,12 @@ const PRUNE_MAX: i64 = 10_000;
 
 /// Takes the next due delivery of endpoint `$1` (due at `$2` on the
 /// gateway's clock) for node `$3`, for `$4` ms: one row nobody holds, or
-/// whose holder's claim expired; rows another node is taking are skipped.
+/// whose holder's claim expired; rows another node is taking are skipped,
+/// and none while the endpoint is disabled (`cluster::endpoints`).
 pub const CLAIM: &str = "WITH due AS ( \
      SELECT event_id, endpoint FROM tollgate_deliveries \
      WHERE endpoint = $1 AND status = 'pending' AND next_attempt_ms <= $2 \
+     AND NOT EXISTS (SELECT 1 FROM tollgate_disabled_endpoints x WHERE x.endpoint = $1) \
      AND (claimed_by IS NULL OR claim_until_ms IS NULL \
           OR claim_until_ms < (extract(epoch FROM clock_timestamp()) * 1000)::bigint) \
      ORDER BY next_attempt_ms, event_id LIMIT 1 \

@@ -237,6 +237,24 @@ async fn record_in(
 }
 
 impl Cluster {
+    /// The node that wrote payment `id` to the database, if it is there.
+    pub async fn payment_origin(&self, id: &str) -> Result<Option<String>, String> {
+        let pool = self.pool.clone();
+        let id = id.to_owned();
+        self.run(async move {
+            let c = pool.get().await.map_err(pool_error)?;
+            c.query_opt(
+                "SELECT node_id FROM tollgate_payments WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(db)
+            .map(count(Kind::Read, 2))
+            .map(|r| r.map(|r| r.get(0)))
+        })
+        .await
+    }
+
     /// A new payment over `refs`, applied once cluster-wide in one
     /// transaction (the module docs); `money` is the entry id its money
     /// moves under.

@@ -25,6 +25,8 @@
 //! | `tollgate_usage_rollups` | (key, hour, model) | (version 12) Σ of the key's usage records of one UTC hour and model (the store's rollup fields), added in the transaction that inserts the records (new ones only): the reports read them, and they outlive the records retention prunes |
 //! | `tollgate_usage_settled` | node id | (version 12) the oldest record time of the node's last settled batch: retention keeps those rows |
 //! | `tollgate_keys.period` | key hash | (version 13) `period_kind`, `period`, `period_usage`: a `limit_reset` key's spend in the UTC period `period` of its kind (`cluster::period`); its free credit = `key_limit − period_usage − leased` |
+//! | `tollgate_imports` | fingerprint | (version 14) each single-node store copied in by `tollgate cluster import`: the SHA-256 of what it copied, so running it again changes nothing |
+//! | `tollgate_disabled_endpoints` | endpoint | (version 15) a webhook endpoint that answered 410 on some node: every node's deliverer skips it |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -314,6 +316,27 @@ ALTER TABLE tollgate_keys
     ADD COLUMN period_kind text,
     ADD COLUMN period bigint NOT NULL DEFAULT 0,
     ADD COLUMN period_usage bigint NOT NULL DEFAULT 0;
+    // Single-node stores copied in (`cluster::import`; depends on no other
+    // migration but those it writes into, so it may follow any version):
+    // one row per store imported, by the fingerprint of what was copied,
+    // written in the import's own transaction.
+    r#"
+CREATE TABLE tollgate_imports (
+    fingerprint text PRIMARY KEY,
+    node_id text NOT NULL,
+    at_ms bigint NOT NULL,
+    summary text NOT NULL
+);
+"#,
+    // Webhook endpoints disabled by a 410 (`cluster::endpoints`; depends
+    // on no other migration): no node claims a delivery to one.
+    r#"
+CREATE TABLE tollgate_disabled_endpoints (
+    endpoint text PRIMARY KEY,
+    node_id text NOT NULL,
+    at_ms bigint NOT NULL,
+    reason text NOT NULL
+);
 "#,
 ];
 

@@ -657,7 +657,7 @@ async fn notify(tx: &deadpool_postgres::Transaction<'_>, seq: i64) -> Result<(),
 
 /// An account record without this node's money: the database keeps the
 /// money in its own columns.
-fn profile_only(a: &AccountRecord) -> AccountRecord {
+pub(super) fn profile_only(a: &AccountRecord) -> AccountRecord {
     AccountRecord {
         balance: Pico::ZERO,
         allowance: Pico::ZERO,

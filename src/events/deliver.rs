@@ -509,7 +509,7 @@ const CLUSTER_POLL: Duration = Duration::from_millis(500);
 /// One try of a claimed delivery, and its outcome written while the claim
 /// is still this node's (again and again while the database is down: the
 /// claim keeps another node from trying meanwhile until it expires).
-/// `false` when the endpoint answered 410 (disabled on this node).
+/// `false` when the endpoint answered 410 (disabled on every node).
 async fn cluster_try(
     app: &App,
     cluster: &crate::cluster::Cluster,
@@ -527,9 +527,15 @@ async fn cluster_try(
     let gone = matches!(outcome, Outcome::Gone);
     let mut state = after_try(claimed.state, outcome, &ep.retry, now);
     if gone {
-        // Pending again for the others (each finds the 410 itself).
+        // Pending, as on one node: no node claims it while the endpoint
+        // is disabled (in the database, for every node).
         state.next_at_ms = now;
-        tracing::warn!(target = %ep.target, "endpoint answered 410: disabled on this node");
+        tracing::warn!(target = %ep.target, "endpoint answered 410: disabled on every node");
+        while let Err(e) = cluster.disable_endpoint(&ep.target, now).await {
+            // Until the database has it, this node's claim keeps others off.
+            tracing::warn!(target = %ep.target, error = %e, "cluster: the disabled endpoint not recorded yet");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         let write = DeliveryWrite {
             endpoints: vec![(ep.target.clone(), gone_state(now))],
             ..DeliveryWrite::default()

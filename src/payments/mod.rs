@@ -106,6 +106,9 @@ impl PaymentCtx<'_> {
         op: PaymentOp,
     ) -> Result<PaymentOutcome, StoreError> {
         use crate::cluster::payments::Claim;
+        // A replay of a new payment: its references and credit, for the
+        // store copy a node killed after the database's transaction lacks.
+        let mut replay_copy = None;
         let (claim, local) = match op {
             PaymentOp::Record {
                 refs,
@@ -115,6 +118,7 @@ impl PaymentCtx<'_> {
                 // The provider's own ids name the money movement: the
                 // same payment reaching two nodes moves it once.
                 let money = money_reference(&refs);
+                replay_copy = Some((refs.clone(), credit.clone()));
                 let claim = c
                     .claim_payment(refs.clone(), *payment, credit, money)
                     .await
@@ -167,6 +171,9 @@ impl PaymentCtx<'_> {
         };
         let db_record = match claim {
             Claim::Replay(p) => {
+                if let Some((refs, credit)) = replay_copy {
+                    self.catch_up(c, refs, credit, &p).await;
+                }
                 return Ok(PaymentOutcome {
                     payment: Some(p),
                     replayed: true,
@@ -175,29 +182,10 @@ impl PaymentCtx<'_> {
             }
             Claim::New { payment, .. } | Claim::Refunded(payment) => payment,
         };
-        let mut applied = Applied::Nothing;
-        if let Some(op) = local {
-            match self.store.payment_op(op).await {
-                Ok(out) if !out.replayed => {
-                    self.follow(&out.applied);
-                    if let Applied::Key { hash, .. } = &out.applied {
-                        c.publish(crate::cluster::sync::Change::Key(*hash)).await;
-                    }
-                    if let Some(local) = &out.payment {
-                        c.payment_kept(&db_record, local).await;
-                    }
-                    applied = out.applied;
-                }
-                Ok(_) => {}
-                // The database has the payment and its money: the local
-                // mirror missing it is logged, not answered as a failure
-                // (a retry would be a replay).
-                Err(e) => tracing::warn!(
-                    payment = %db_record.id, error = %e,
-                    "cluster: a payment applied in the database was not mirrored in the local store"
-                ),
-            }
-        }
+        let applied = match local {
+            Some(op) => self.mirror(c, op, &db_record).await,
+            None => Applied::Nothing,
+        };
         let out = PaymentOutcome {
             payment: Some(db_record),
             replayed: false,
@@ -205,6 +193,72 @@ impl PaymentCtx<'_> {
         };
         log_recorded(&out);
         Ok(out)
+    }
+
+    /// This node's store (and memory, and the key's record in the
+    /// database) follows what the database applied: `op` on the store.
+    async fn mirror(
+        &self,
+        c: &crate::cluster::Cluster,
+        op: PaymentOp,
+        db_record: &PaymentRecord,
+    ) -> Applied {
+        match self.store.payment_op(op).await {
+            Ok(out) if !out.replayed => {
+                self.follow(&out.applied);
+                if let Applied::Key { hash, .. } = &out.applied {
+                    c.publish(crate::cluster::sync::Change::Key(*hash)).await;
+                }
+                if let Some(local) = &out.payment {
+                    c.payment_kept(db_record, local).await;
+                }
+                out.applied
+            }
+            Ok(_) => Applied::Nothing,
+            // The database has the payment and its money: the local
+            // mirror missing it is logged, not answered as a failure
+            // (a retry would be a replay).
+            Err(e) => {
+                tracing::warn!(
+                    payment = %db_record.id, error = %e,
+                    "cluster: a payment applied in the database was not mirrored in the local store"
+                );
+                Applied::Nothing
+            }
+        }
+    }
+
+    /// A replay of a payment this node applied in the database but whose
+    /// store copy it lacks (it was killed between the two): the copy is
+    /// taken now, so its store, ledger and outbox catch up. Once: the
+    /// store's references make a second copy a replay there; and only by
+    /// the node that made the payment (another never had the copy).
+    async fn catch_up(
+        &self,
+        c: &crate::cluster::Cluster,
+        refs: Vec<String>,
+        credit: Option<PaymentCredit>,
+        db_record: &PaymentRecord,
+    ) {
+        if !matches!(self.store.payment(&db_record.id), Ok(None)) {
+            return;
+        }
+        match c.payment_origin(&db_record.id).await {
+            Ok(Some(node)) if node == c.node_id() => {}
+            _ => return,
+        }
+        // The credit the database applied (none when it needed attention).
+        let credit = credit.filter(|_| db_record.status == PaymentStatus::Succeeded);
+        tracing::warn!(
+            payment = %db_record.id,
+            "cluster: a payment this node applied in the database lacked its store copy; taken now"
+        );
+        let op = PaymentOp::Record {
+            refs,
+            payment: Box::new(db_record.clone()),
+            credit,
+        };
+        self.mirror(c, op, db_record).await;
     }
 
     fn follow(&self, applied: &Applied) {

@@ -46,7 +46,7 @@ pub use payments::{
     PaymentQuery, PaymentRecord, PaymentStatus, PaymentTarget,
 };
 pub use records::*;
-pub use subscriptions::STALE_SUBSCRIPTION;
+pub use subscriptions::{AppliedMarker, STALE_SUBSCRIPTION};
 pub use thread::MAX_BATCH_OPS;
 pub use thread::outbox::{AlertLevels, AuditQuery, DeliveryWrite, EventQuery};
 use thread::{AccountEdit, Op, StoreThread};

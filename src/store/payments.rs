@@ -629,6 +629,32 @@ impl Store {
         }
     }
 
+    /// Every provider reference claimed in this store, as (provider,
+    /// reference, payment id): what `tollgate cluster import` claims in
+    /// the database, so that a provider's retry stays a replay.
+    pub fn payment_refs(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let bad = || StoreError::Corrupt("payment reference".into());
+        let mut out = Vec::new();
+        for item in self.inner.book.scan_prefix([b'Q']) {
+            let (k, v) = item?;
+            let len = k
+                .get(1..3)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                .ok_or_else(bad)?;
+            let provider = k
+                .get(3..3 + len)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or_else(bad)?;
+            let reference = k
+                .get(3 + len..)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or_else(bad)?;
+            let id = std::str::from_utf8(&v).map_err(|_| bad())?;
+            out.push((provider.to_owned(), reference.to_owned(), id.to_owned()));
+        }
+        Ok(out)
+    }
+
     /// Every payment, oldest first.
     pub fn all_payments(&self) -> impl Iterator<Item = Result<PaymentRecord, StoreError>> + '_ {
         self.inner.book.scan_prefix([b'P']).map(|item| {

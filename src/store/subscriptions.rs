@@ -67,6 +67,42 @@ impl Store {
         Ok(self.inner.book.contains_key(grant_marker_key(sid, m))?)
     }
 
+    /// Every `T` marker (applied grants and renewal keys), with its
+    /// subscription: what `tollgate cluster import` claims in the
+    /// database so that no node applies them again.
+    pub fn subscription_markers(&self) -> Result<Vec<(String, AppliedMarker)>, StoreError> {
+        let bad = || StoreError::Corrupt("subscription marker".into());
+        let mut out = Vec::new();
+        for item in self.inner.book.scan_prefix([b'T']) {
+            let (k, _) = item?;
+            let len = k
+                .get(1..3)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+                .ok_or_else(bad)?;
+            let sid = k
+                .get(3..3 + len)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or_else(bad)?
+                .to_owned();
+            let rest = k.get(3 + len..).ok_or_else(bad)?;
+            let marker = match rest.split_first() {
+                Some((b'r', idem)) => {
+                    AppliedMarker::Renewal(std::str::from_utf8(idem).map_err(|_| bad())?.to_owned())
+                }
+                Some((&tag, tail)) if tail.len() >= 8 => AppliedMarker::Grant(SubscriptionMarker {
+                    tag,
+                    period: u64::from_be_bytes(tail[..8].try_into().map_err(|_| bad())?),
+                    extra: std::str::from_utf8(&tail[8..])
+                        .map_err(|_| bad())?
+                        .to_owned(),
+                }),
+                _ => return Err(bad()),
+            };
+            out.push((sid, marker));
+        }
+        Ok(out)
+    }
+
     /// Applies a subscription write atomically (see the module docs).
     /// `Exists`: a create for an account with a live subscription, or an
     /// id taken; `NotFound`: no such account or subscription; `Invalid`:
@@ -238,4 +274,13 @@ impl StoreThread {
             replayed: false,
         })
     }
+}
+
+/// A `T` marker as read back ([`Store::subscription_markers`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppliedMarker {
+    /// A grant that was applied.
+    Grant(SubscriptionMarker),
+    /// A renewal's idempotency key that was consumed.
+    Renewal(String),
 }
