@@ -316,6 +316,7 @@ ALTER TABLE tollgate_keys
     ADD COLUMN period_kind text,
     ADD COLUMN period bigint NOT NULL DEFAULT 0,
     ADD COLUMN period_usage bigint NOT NULL DEFAULT 0;
+"#,
     // Single-node stores copied in (`cluster::import`; depends on no other
     // migration but those it writes into, so it may follow any version):
     // one row per store imported, by the fingerprint of what was copied,
@@ -401,4 +402,24 @@ pub fn db(e: tokio_postgres::Error) -> String {
 /// A pool error (no connection, timed out) as text.
 pub fn pool(e: deadpool_postgres::PoolError) -> String {
     format!("database unreachable: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+
+    /// Each migration is SQL only: a merge that loses a string's end glues
+    /// the next migration's Rust comment and `r#"` into this one's text
+    /// (it compiles, and fails only on a database).
+    #[test]
+    fn migrations_hold_sql_only() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            let version = i + 1;
+            assert!(!m.contains("r#\""), "migration {version} holds Rust source");
+            assert!(
+                !m.lines().any(|l| l.trim_start().starts_with("//")),
+                "migration {version} holds a Rust comment"
+            );
+        }
+    }
 }
