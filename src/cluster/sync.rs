@@ -308,12 +308,7 @@ impl Cluster {
                 .await
             }
             Change::AdminToken(id) => {
-                let local = app
-                    .store
-                    .admin_tokens()
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .find(|t| &t.id == id);
+                let local = app.store.admin_token(id).map_err(|e| e.to_string())?;
                 let record = match &local {
                     Some(t) => serde_json::to_vec(t).map_err(|e| e.to_string())?,
                     None => Vec::new(),
@@ -762,10 +757,9 @@ async fn apply_admin_token(
 ) -> Result<(), String> {
     let known = app
         .store
-        .admin_tokens()
+        .admin_token(id)
         .map_err(|e| e.to_string())?
-        .into_iter()
-        .any(|t| t.id == id);
+        .is_some();
     if deleted {
         if known {
             app.store

@@ -108,6 +108,18 @@ impl Store {
         Ok(out)
     }
 
+    /// One stored admin token, by its id (one read of its row).
+    pub fn admin_token(&self, id: &str) -> Result<Option<AdminTokenRecord>, StoreError> {
+        self.inner
+            .book
+            .get(row_key(id))?
+            .map(|v| {
+                serde_json::from_slice(&v)
+                    .map_err(|_| StoreError::Corrupt("admin token record".into()))
+            })
+            .transpose()
+    }
+
     /// Stores a new admin token, durably before it returns.
     pub async fn put_admin_token(&self, rec: AdminTokenRecord) -> Result<(), StoreError> {
         self.call(|tx| Op::AdminToken(AdminTokenOp::Put(Box::new(rec)), tx))
@@ -152,6 +164,10 @@ mod tests {
             assert!(!store.delete_admin_token("tok_2").await.unwrap());
         }
         let store = Store::open(&dir, 1).unwrap();
+        // By id, exactly: a deleted token and a prefix of an id are none.
+        assert_eq!(store.admin_token("tok_1").unwrap(), Some(rec.clone()));
+        assert_eq!(store.admin_token("tok_2").unwrap(), None);
+        assert_eq!(store.admin_token("tok_").unwrap(), None);
         assert_eq!(store.admin_tokens().unwrap(), vec![rec]);
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
