@@ -224,10 +224,15 @@ impl Store {
     /// version, spawns the store thread. Reads no keys: the key count is a
     /// stored counter.
     pub fn open_with(path: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
-        // A quarter of the budget for sled (keys, accounts, rollups: small),
-        // the rest for the log's page cache.
+        // Three quarters of the budget for sled (keys, accounts, ledger,
+        // rollups: a key missing from its cache costs a read on the
+        // request's path), a quarter for the log's page cache. The log is
+        // written, seldom read, and redb drops its whole page cache each
+        // time the file grows (`PagedCachedFile::resize`): a big log cache
+        // showed as a saw-tooth of ~45 MB in resident memory under load
+        // (issue 17's soak check), not as faster reads.
         let budget = opts.cache_mb.max(4) * 1024 * 1024;
-        let db = open_db(path, budget / 4)?;
+        let db = open_db(path, budget / 4 * 3)?;
         let meta = db.open_tree("meta")?;
         let keys = db.open_tree("keys")?;
         let owners = db.open_tree("owners")?;
@@ -262,7 +267,7 @@ impl Store {
         let next_bseq = next_batch_seq(&book)?;
         let log = Arc::new(log::Log::open(
             path,
-            (budget - budget / 4) as usize,
+            (budget - budget / 4 * 3) as usize,
             next_bseq,
         )?);
         let (tx, handle) = StoreThread::spawn(
