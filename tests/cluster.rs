@@ -4683,3 +4683,133 @@ async fn a_replay_restores_a_payments_missing_store_copy() {
         "no copy elsewhere"
     );
 }
+
+/// The hashes and usages of a key list's page, as a node lists them.
+async fn key_page(node: &Node, query: &str) -> Vec<(String, Value)> {
+    let (s, v) = node
+        .admin("GET", &format!("/api/v1/keys?{query}"), None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|k| {
+            (
+                k["hash"].as_str().expect("hash").to_owned(),
+                k["usage"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// The key and account lists read the database in cluster mode: what one
+/// node made is listed by the others at once, with the database's money
+/// (a key spent through node 3 shows its usage in node 2's list, an
+/// account its balance), in the same order and pages on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_and_account_lists_read_the_database() {
+    let Some(pg) = Pg::start() else {
+        return;
+    };
+    let mock = mock();
+    let nodes = Node::start_all(&pg, &mock, &["li-1", "li-2", "li-3"]);
+    let (s, v) = nodes[0]
+        .admin("POST", "/api/v1/accounts", Some(json!({"id": "acct-li"})))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = nodes[0]
+        .admin(
+            "POST",
+            "/api/v1/accounts/acct-li/credits",
+            Some(json!({"kind": "topup", "amount": "5", "reason": "list test"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let mut made = Vec::new();
+    for i in 0..5 {
+        made.push(create_key(&nodes[0], &format!("li-{i}"), "acct-li").await);
+    }
+    // Listed by every node the moment node 1 answered.
+    for n in &nodes {
+        let page = key_page(n, "owner=acct-li&limit=100").await;
+        let hashes: Vec<&str> = page.iter().map(|(h, _)| h.as_str()).collect();
+        let want: Vec<&str> = made.iter().map(|(_, h)| h.as_str()).collect();
+        assert_eq!(hashes, want, "oldest first, every key, on every node");
+    }
+    // Spend through node 3 only.
+    let (key, hash) = &made[0];
+    known_everywhere(&nodes, hash).await;
+    for _ in 0..4 {
+        assert_eq!(nodes[2].chat(key, false).await, 200);
+    }
+    // Once the batch is written, every node's list shows the database's
+    // usage and balance, equal to the single reads.
+    let start = Instant::now();
+    loop {
+        let (_, one) = nodes[2]
+            .admin("GET", &format!("/api/v1/keys/{hash}"), None)
+            .await;
+        let usage = one["data"]["usage"].clone();
+        let (_, acct) = nodes[2]
+            .admin("GET", "/api/v1/accounts/acct-li", None)
+            .await;
+        let balance = acct["data"]["balance"].clone();
+        let mut same = usage != json!("0") && usage != json!(0);
+        for n in &nodes {
+            let page = key_page(n, "owner=acct-li&limit=100").await;
+            same &= page[0].1 == usage;
+            let (s, v) = n.admin("GET", "/api/v1/accounts?limit=100", None).await;
+            assert_eq!(s, 200, "{v}");
+            let listed = v["data"]
+                .as_array()
+                .expect("data")
+                .iter()
+                .find(|a| a["id"] == "acct-li")
+                .cloned()
+                .expect("the account is listed");
+            same &= listed["balance"] == balance;
+        }
+        if same {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the lists never showed the database's usage {usage} and balance {balance}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Pages of two: the same pages on every node, together the whole list.
+    let mut pages = Vec::new();
+    for n in &nodes {
+        let mut all = Vec::new();
+        for offset in [0, 2, 4] {
+            let page = key_page(n, &format!("owner=acct-li&limit=2&offset={offset}")).await;
+            all.extend(page.into_iter().map(|(h, _)| h));
+        }
+        pages.push(all);
+    }
+    let want: Vec<String> = made.iter().map(|(_, h)| h.clone()).collect();
+    for p in &pages {
+        assert_eq!(p, &want);
+    }
+    // A disabled key leaves the default list everywhere, and is in it with
+    // include_disabled.
+    let (s, v) = nodes[1]
+        .admin(
+            "PATCH",
+            &format!("/api/v1/keys/{}", made[4].1),
+            Some(json!({"disabled": true})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    for n in &nodes {
+        assert_eq!(key_page(n, "owner=acct-li&limit=100").await.len(), 4);
+        assert_eq!(
+            key_page(n, "owner=acct-li&limit=100&include_disabled=true")
+                .await
+                .len(),
+            5
+        );
+    }
+}

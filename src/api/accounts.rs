@@ -118,6 +118,15 @@ struct AccountView<'a> {
 
 fn view<'a>(ctx: &Ctx<'_>, a: &'a AccountRecord) -> Result<AccountView<'a>, ApiError> {
     let keys = ctx.store.owner_keys(&a.id).map_err(store_error)?.len();
+    view_with(ctx, a, keys)
+}
+
+/// [`view`] with the number of keys known.
+fn view_with<'a>(
+    ctx: &Ctx<'_>,
+    a: &'a AccountRecord,
+    keys: usize,
+) -> Result<AccountView<'a>, ApiError> {
     // The live wallet has what the store has not yet committed.
     let (balance, allowance, reserved, spent, period) = match ctx.gate.wallets().peek(&a.id) {
         Some(live) => {
@@ -225,22 +234,34 @@ pub(super) fn get_settled(
     let a = get_record(ctx, id)?;
     let mut v = view(ctx, &a)?;
     if let Some(s) = settled {
-        v.balance = s.balance;
-        v.allowance = s.allowance;
-        v.spent.total = s.spent;
-        v.reserved = s.leased;
+        v.settle(s);
     }
     json(StatusCode::OK, &Data { data: v })
 }
 
-/// `GET /api/v1/accounts?offset=&limit=&email=`, in id order.
-pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
+impl AccountView<'_> {
+    /// The money as settled in the database (cluster mode).
+    fn settle(&mut self, s: crate::cluster::SettledAccount) {
+        self.balance = s.balance;
+        self.allowance = s.allowance;
+        self.spent.total = s.spent;
+        self.reserved = s.leased;
+    }
+}
+
+/// `GET /api/v1/accounts?offset=&limit=&email=`, in id order; in cluster
+/// mode from the database (every node lists the same accounts, with the
+/// database's money and key counts).
+pub(super) async fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
     let pairs = super::query_pairs(query)?;
     let (offset, limit) = super::offset_limit(&pairs)?;
     let email = pairs
         .iter()
         .find(|(k, _)| k == "email")
         .map(|(_, v)| v.as_str());
+    if let Some(listed) = super::cluster::listed_accounts(ctx, offset, limit, email).await? {
+        return list_settled(ctx, listed);
+    }
     let all = ctx
         .store
         .user_accounts(offset, limit, email)
@@ -249,6 +270,32 @@ pub(super) fn list(ctx: &Ctx<'_>, query: Option<&str>) -> Answer {
         .iter()
         .map(|a| view(ctx, a))
         .collect::<Result<Vec<_>, _>>()?;
+    json(StatusCode::OK, &Data { data: views })
+}
+
+/// The cluster's account list: each profile from the database, over this
+/// node's record when it has one (its period's spend and subscription,
+/// as [`get_settled`] shows them), with the database's money.
+fn list_settled(ctx: &Ctx<'_>, listed: Vec<crate::cluster::lists::ListedAccount>) -> Answer {
+    let mut records = Vec::with_capacity(listed.len());
+    for l in listed {
+        let record = match ctx.store.user_account(&l.record.id).map_err(store_error)? {
+            Some(mut local) => {
+                crate::cluster::sync::take_profile(&mut local, l.record);
+                local
+            }
+            None => l.record,
+        };
+        records.push((record, l.settled, l.keys));
+    }
+    let views = records
+        .iter()
+        .map(|(a, settled, keys)| {
+            let mut v = view_with(ctx, a, *keys)?;
+            v.settle(*settled);
+            Ok(v)
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     json(StatusCode::OK, &Data { data: views })
 }
 

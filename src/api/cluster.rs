@@ -165,3 +165,27 @@ pub(super) fn key_credited(
         c.key_credited(key, entry);
     }
 }
+
+/// The keys `q` asks for from the database, in cluster mode.
+pub(super) async fn listed_keys(
+    ctx: &Ctx<'_>,
+    q: &crate::store::KeyQuery,
+) -> Result<Option<Vec<crate::cluster::lists::ListedKey>>, ApiError> {
+    match of(ctx) {
+        Some(c) => c.list_keys(q).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A page of accounts from the database, in cluster mode.
+pub(super) async fn listed_accounts(
+    ctx: &Ctx<'_>,
+    offset: usize,
+    limit: usize,
+    email: Option<&str>,
+) -> Result<Option<Vec<crate::cluster::lists::ListedAccount>>, ApiError> {
+    match of(ctx) {
+        Some(c) => c.list_accounts(offset, limit, email).await.map(Some),
+        None => Ok(None),
+    }
+}

@@ -558,8 +558,10 @@ pub(super) async fn create_key(
     Ok((record, account, key))
 }
 
-/// `GET /api/v1/keys?offset=&limit=&owner=&include_disabled=`
-pub(super) fn list(
+/// `GET /api/v1/keys?offset=&limit=&owner=&include_disabled=`, oldest
+/// first; in cluster mode from the database (every node lists the same
+/// keys, with the database's `usage`).
+pub(super) async fn list(
     ctx: &Ctx<'_>,
     query: Option<&str>,
 ) -> Result<http::Response<crate::Body>, ApiError> {
@@ -590,8 +592,11 @@ pub(super) fn list(
             _ => {}
         }
     }
-    let rows = ctx.store.keys(&q).map_err(store_error)?;
     let now = ctx.clock.now_ms();
+    if let Some(listed) = super::cluster::listed_keys(ctx, &q).await? {
+        return list_settled(ctx, &listed, now);
+    }
+    let rows = ctx.store.keys(&q).map_err(store_error)?;
     // Listing must not pull every key into the gate's memory: rows use the
     // stored account (at most `storage.flush_ms` behind the live numbers).
     let numbers: Vec<Numbers> = rows
@@ -602,6 +607,33 @@ pub(super) fn list(
         .iter()
         .zip(&numbers)
         .map(|((rec, _), n)| KeyView::new(ctx, rec, n, now))
+        .collect::<Result<Vec<_>, _>>()?;
+    json(StatusCode::OK, &Data { data: views })
+}
+
+/// The cluster's key list: each key's record and settled numbers from the
+/// database, its period's numbers from this node's store (as
+/// [`get_settled`] has them from the gate; a key this node has not pulled
+/// yet counts nothing in its period).
+fn list_settled(
+    ctx: &Ctx<'_>,
+    listed: &[crate::cluster::lists::ListedKey],
+    now: i64,
+) -> Result<http::Response<crate::Body>, ApiError> {
+    let numbers = listed
+        .iter()
+        .map(|k| {
+            let acct = match ctx.store.key(&k.record.hash).map_err(store_error)? {
+                Some((_, acct)) => acct,
+                None => new_account(k.settled.limit, &k.record, now),
+            };
+            Ok(Numbers::stored(&k.record, &acct, now).settled(&k.record, &k.settled, now))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let views = listed
+        .iter()
+        .zip(&numbers)
+        .map(|(k, n)| KeyView::new(ctx, &k.record, n, now))
         .collect::<Result<Vec<_>, _>>()?;
     json(StatusCode::OK, &Data { data: views })
 }
@@ -618,13 +650,7 @@ pub(super) fn get_settled(
     let policy = live.policy();
     let mut numbers = Numbers::live(&live);
     if let Some(s) = settled {
-        numbers.spent = s.usage;
-        // The limit and what counts against it (lifetime, or in the
-        // period) are the database's (here the limit may count a lease).
-        let counted = s.counted(policy.record.limit_reset, now);
-        numbers.limit = s.limit;
-        numbers.period_spent = counted;
-        numbers.remaining = s.limit.map(|l| Pico(l.0.saturating_sub(counted.0).max(0)));
+        numbers = numbers.settled(policy.own_record(), &s, now);
     }
     let view = KeyView::new(ctx, policy.own_record(), &numbers, now)?;
     json(StatusCode::OK, &Data { data: view })
@@ -834,6 +860,24 @@ impl Numbers {
             in_flight: n.in_flight,
             remaining: n.remaining,
         }
+    }
+
+    /// With the database's settled numbers (cluster mode): its lifetime
+    /// `usage`, the database's limit (a node's live limit may be a lease
+    /// counter) and what counts against it at `now_ms` (lifetime, or in
+    /// the period of its `limit_reset`), and what remains of it.
+    pub fn settled(
+        mut self,
+        rec: &KeyRecord,
+        s: &crate::cluster::SettledKey,
+        now_ms: i64,
+    ) -> Numbers {
+        self.spent = s.usage;
+        let counted = s.counted(rec.limit_reset, now_ms);
+        self.limit = s.limit;
+        self.period_spent = counted;
+        self.remaining = s.limit.map(|l| Pico(l.0.saturating_sub(counted.0).max(0)));
+        self
     }
 
     /// From the stored account; a period that has ended counts as 0, as the

@@ -341,7 +341,7 @@ where
 {
     let m = &parts.method;
     match call {
-        AdminCall::Keys if m == Method::GET => keys::list(ctx, query),
+        AdminCall::Keys if m == Method::GET => keys::list(ctx, query).await,
         AdminCall::Keys if m == Method::POST => {
             keys::create(ctx, &read_fields(&parts.headers, body).await?).await
         }
@@ -367,7 +367,7 @@ where
         AdminCall::Usage(subject, view) if m == Method::GET => {
             reports::admin(ctx, subject, view, query).await
         }
-        AdminCall::Accounts if m == Method::GET => accounts::list(ctx, query),
+        AdminCall::Accounts if m == Method::GET => accounts::list(ctx, query).await,
         AdminCall::Accounts if m == Method::POST => {
             accounts::create(ctx, &read_fields(&parts.headers, body).await?).await
         }

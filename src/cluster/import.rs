@@ -356,6 +356,14 @@ async fn write(tx: &Transaction<'_>, node: &str, s: &Snapshot) -> Result<i64, St
             &a.id,
         )
         .await?;
+        // The fields the account list filters and orders by.
+        tx.execute(
+            "UPDATE tollgate_accounts SET email = $2, created_ms = $3 \
+             WHERE id = $1 AND created_ms IS NULL",
+            &[&a.id, &a.email, &a.created_at],
+        )
+        .await
+        .map_err(db)?;
     }
     for (rec, acct) in &s.keys {
         seq = next_seq(tx).await?;
@@ -382,6 +390,15 @@ async fn write(tx: &Transaction<'_>, node: &str, s: &Snapshot) -> Result<i64, St
             &hex::encode(rec.hash),
         )
         .await?;
+        // The fields the key list filters and orders by.
+        let l = super::lists::KeyColumns::of(rec);
+        tx.execute(
+            "UPDATE tollgate_keys SET owner = $2, disabled = $3, created_ms = $4 \
+             WHERE hash = $1 AND created_ms IS NULL",
+            &[&rec.hash.to_vec(), &l.owner, &l.disabled, &l.created_ms],
+        )
+        .await
+        .map_err(db)?;
     }
     for t in &s.tokens {
         seq = next_seq(tx).await?;

@@ -54,6 +54,8 @@
 //! - **Ledgers** ([`ledger`]): each node's key and account ledger entries
 //!   are shipped to the database once each (the local store keeps the
 //!   cursor); the ledger APIs read them back from there.
+//! - **Lists** ([`lists`]): in cluster mode the key and account lists
+//!   read the database, with its money.
 //! - **Usage** ([`usage`]): each usage record is written with its charge;
 //!   in cluster mode the usage and report APIs read them back from there,
 //!   the sums from hourly rollups added in the same transaction
@@ -79,6 +81,7 @@ pub mod endpoints;
 pub mod import;
 pub mod lease;
 pub mod ledger;
+pub mod lists;
 pub mod outbox;
 pub mod payments;
 pub mod period;
@@ -503,6 +506,13 @@ impl Cluster {
         let started = cluster
             .block_on(async move {
                 let version = schema::migrate(&c.pool).await?;
+                let filled = c.fill_list_columns().await?;
+                if filled > 0 {
+                    tracing::info!(
+                        rows = filled,
+                        "cluster: list columns of earlier rows filled"
+                    );
+                }
                 let conn = c.pool.get().await.map_err(pool_error)?;
                 let old = lease::reclaim_node(&conn, &c.cfg.node_id).await?;
                 if old > 0 {

@@ -27,6 +27,7 @@
 //! | `tollgate_keys.period` | key hash | (version 13) `period_kind`, `period`, `period_usage`: a `limit_reset` key's spend in the UTC period `period` of its kind (`cluster::period`); its free credit = `key_limit − period_usage − leased` |
 //! | `tollgate_imports` | fingerprint | (version 14) each single-node store copied in by `tollgate cluster import`: the SHA-256 of what it copied, so running it again changes nothing |
 //! | `tollgate_disabled_endpoints` | endpoint | (version 15) a webhook endpoint that answered 410 on some node: every node's deliverer skips it |
+//! | `tollgate_keys.owner`, `.disabled`, `.created_ms`; `tollgate_accounts.email`, `.created_ms` | key hash, account id | (version 16) copies of the record's fields the key and account lists filter and order by (`super::lists`) |
 //!
 //! `seq` on accounts and keys comes from `tollgate_change_seq`, taken under
 //! [`CHANGE_LOCK`] so that seq order is commit order: a node that has seen
@@ -338,6 +339,20 @@ CREATE TABLE tollgate_disabled_endpoints (
     at_ms bigint NOT NULL,
     reason text NOT NULL
 );
+"#,
+    // What the key and account lists filter and order by
+    // ([`super::lists`]), beside the records (which SQL cannot read):
+    // written with every change; NULL `created_ms` is a row written by an
+    // earlier build, which start-up fills in. Depends on the first
+    // migration only.
+    r#"
+ALTER TABLE tollgate_keys
+    ADD COLUMN owner text, ADD COLUMN disabled boolean, ADD COLUMN created_ms bigint;
+CREATE INDEX tollgate_keys_listed ON tollgate_keys (created_ms, hash) WHERE NOT deleted;
+CREATE INDEX tollgate_keys_owner ON tollgate_keys (owner, created_ms, hash) WHERE NOT deleted;
+ALTER TABLE tollgate_accounts ADD COLUMN email text, ADD COLUMN created_ms bigint;
+CREATE INDEX tollgate_accounts_listed ON tollgate_accounts ((id COLLATE "C")) WHERE NOT deleted;
+CREATE INDEX tollgate_accounts_email ON tollgate_accounts (email) WHERE NOT deleted;
 "#,
 ];
 

@@ -287,10 +287,19 @@ impl Cluster {
                         ),
                         None => (Vec::new(), None, true, None),
                     };
+                    let listed = local.as_ref().map(|(rec, _)| super::lists::KeyColumns::of(rec));
+                    let (owner, disabled, created_ms) = match &listed {
+                        Some(l) => (l.owner.as_deref(), Some(l.disabled), Some(l.created_ms)),
+                        None => (None, None, None),
+                    };
                     tx.execute(
-                        "INSERT INTO tollgate_keys (hash, record, deleted, key_limit, seq, origin, concurrency) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (hash) DO UPDATE SET \
+                        "INSERT INTO tollgate_keys (hash, record, deleted, key_limit, seq, origin, concurrency, \
+                         owner, disabled, created_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (hash) DO UPDATE SET \
                          concurrency = excluded.concurrency, \
+                         owner = CASE WHEN excluded.deleted THEN tollgate_keys.owner ELSE excluded.owner END, \
+                         disabled = CASE WHEN excluded.deleted THEN tollgate_keys.disabled ELSE excluded.disabled END, \
+                         created_ms = CASE WHEN excluded.deleted THEN tollgate_keys.created_ms ELSE excluded.created_ms END, \
                          usage = CASE WHEN tollgate_keys.deleted AND NOT excluded.deleted THEN 0 \
                              ELSE tollgate_keys.usage END, \
                          period_usage = CASE WHEN tollgate_keys.deleted AND NOT excluded.deleted THEN 0 \
@@ -298,7 +307,10 @@ impl Cluster {
                          record = CASE WHEN excluded.deleted THEN tollgate_keys.record ELSE excluded.record END, \
                          deleted = excluded.deleted, key_limit = excluded.key_limit, \
                          seq = excluded.seq, origin = excluded.origin",
-                        &[&hash.to_vec(), &record, &deleted, &limit, &seq, &node, &concurrency],
+                        &[
+                            &hash.to_vec(), &record, &deleted, &limit, &seq, &node, &concurrency,
+                            &owner, &disabled, &created_ms,
+                        ],
                     )
                     .await
                     .map_err(db).map(count(Kind::Change, 2))?;
@@ -367,8 +379,10 @@ impl Cluster {
                         Some(a) => {
                             let record = Store::encode_account_record(&profile_only(a));
                             tx.execute(
-                                "INSERT INTO tollgate_accounts (id, record, deleted, overdraft, unlimited, seq, origin) \
-                                 VALUES ($1, $2, false, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET \
+                                "INSERT INTO tollgate_accounts (id, record, deleted, overdraft, unlimited, seq, origin, \
+                                 email, created_ms) \
+                                 VALUES ($1, $2, false, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET \
+                                 email = excluded.email, created_ms = excluded.created_ms, \
                                  balance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.balance END, \
                                  spent = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.spent END, \
                                  allowance = CASE WHEN tollgate_accounts.deleted THEN 0 ELSE tollgate_accounts.allowance END, \
@@ -376,7 +390,10 @@ impl Cluster {
                                      ELSE tollgate_accounts.allowance_lapsed END, \
                                  record = excluded.record, deleted = false, overdraft = excluded.overdraft, \
                                  unlimited = excluded.unlimited, seq = excluded.seq, origin = excluded.origin",
-                                &[&id, &record, &a.overdraft.0, &a.unlimited, &seq, &node],
+                                &[
+                                    &id, &record, &a.overdraft.0, &a.unlimited, &seq, &node,
+                                    &a.email, &a.created_at,
+                                ],
                             )
                             .await
                             .map_err(db).map(count(Kind::Change, 2))?;
@@ -664,6 +681,20 @@ pub(super) fn profile_only(a: &AccountRecord) -> AccountRecord {
     }
 }
 
+/// An account's profile from another node's record (`theirs`: what
+/// [`profile_only`] left), over this node's record, which keeps its money
+/// and subscription.
+pub fn take_profile(a: &mut AccountRecord, theirs: AccountRecord) {
+    a.email = theirs.email;
+    a.name = theirs.name;
+    a.overdraft = theirs.overdraft;
+    a.unlimited = theirs.unlimited;
+    a.low_balance_alert = theirs.low_balance_alert;
+    a.metadata = theirs.metadata;
+    a.status = theirs.status;
+    a.updated_at = theirs.updated_at;
+}
+
 /// Applies another node's account change to the local store and wallets.
 async fn apply_account(app: &App, id: &str, record: &[u8], deleted: bool) -> Result<(), String> {
     let local = app.store.user_account(id).map_err(|e| e.to_string())?;
@@ -692,14 +723,7 @@ async fn apply_account(app: &App, id: &str, record: &[u8], deleted: bool) -> Res
             let a = app
                 .store
                 .update_user_account(id, move |a| {
-                    a.email = t.email;
-                    a.name = t.name;
-                    a.overdraft = t.overdraft;
-                    a.unlimited = t.unlimited;
-                    a.low_balance_alert = t.low_balance_alert;
-                    a.metadata = t.metadata;
-                    a.status = t.status;
-                    a.updated_at = t.updated_at;
+                    take_profile(a, t);
                     Ok(())
                 })
                 .await
