@@ -92,13 +92,20 @@ impl<'a> Reader<'a> {
     }
 
     pub(super) fn str(&mut self) -> Result<String, StoreError> {
-        let len = usize::try_from(self.u64()?).map_err(|_| self.corrupt())?;
+        let len = self.u64()?;
+        let s = self.bytes(len)?;
+        String::from_utf8(s.to_vec()).map_err(|_| self.corrupt())
+    }
+
+    /// The next `len` bytes.
+    pub(super) fn bytes(&mut self, len: u64) -> Result<&'a [u8], StoreError> {
+        let len = usize::try_from(len).map_err(|_| self.corrupt())?;
         if len > self.bytes.len() {
             return Err(self.corrupt());
         }
         let (s, rest) = self.bytes.split_at(len);
         self.bytes = rest;
-        String::from_utf8(s.to_vec()).map_err(|_| self.corrupt())
+        Ok(s)
     }
 
     pub(super) fn hash(&mut self) -> Result<KeyHash, StoreError> {
@@ -134,7 +141,6 @@ impl<'a> Reader<'a> {
         Ok(f)
     }
 
-    #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
@@ -394,6 +400,56 @@ pub(super) fn decode_batch_index(bytes: &[u8]) -> Result<BatchIndex, StoreError>
         min_at,
         max_at,
         keys,
+    })
+}
+
+/// One usage batch as the tail keeps it in sled (see [`super::log`]):
+/// its number, each key's encoded records, its encoded index.
+pub(super) struct TailBatch {
+    pub(super) bseq: u64,
+    pub(super) values: Vec<(KeyHash, Vec<u8>)>,
+    pub(super) index: Vec<u8>,
+}
+
+/// Encodes a batch for the tail: format byte, the number of values, each
+/// value as hash + length + bytes, then the index as length + bytes.
+pub(super) fn encode_tail<'a>(
+    values: impl ExactSizeIterator<Item = (&'a KeyHash, &'a [u8])>,
+    index: &[u8],
+) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut w = Writer(&mut buf);
+    w.u8(FORMAT);
+    w.u64(values.len() as u64);
+    for (hash, v) in values {
+        w.0.extend_from_slice(hash);
+        w.u64(v.len() as u64);
+        w.0.extend_from_slice(v);
+    }
+    w.u64(index.len() as u64);
+    w.0.extend_from_slice(index);
+    buf
+}
+
+pub(super) fn decode_tail(bseq: u64, bytes: &[u8]) -> Result<TailBatch, StoreError> {
+    let mut r = Reader::new(bytes, "usage log tail");
+    r.format()?;
+    let n = r.u64()?;
+    let mut values = Vec::with_capacity(n.min(65_536) as usize);
+    for _ in 0..n {
+        let hash = r.hash()?;
+        let len = r.u64()?;
+        values.push((hash, r.bytes(len)?.to_vec()));
+    }
+    let len = r.u64()?;
+    let index = r.bytes(len)?.to_vec();
+    if !r.is_empty() {
+        return Err(StoreError::Corrupt("usage log tail: trailing bytes".into()));
+    }
+    Ok(TailBatch {
+        bseq,
+        values,
+        index,
     })
 }
 

@@ -28,6 +28,7 @@
 //! | `book` | `W` id | scoped admin token: name, scopes, SHA-256 (JSON; [`super::admin_tokens`]) |
 //! | `book` | `J` + the `l` or `L` key of a ledger entry | its `at_ms` (i64 BE): not yet shipped to the cluster's database ([`super::unshipped`]) |
 //! | `book` | `Y` seq (u64 BE) | an admin change not yet written to the cluster's database ([`super::unsent`]) |
+//! | `book` | `Z` bseq (u64 BE) chunk (u32 BE) | the log's tail: a usage batch not yet durable in the log, in chunks of 16 KB ([`super::log`]) |
 //!
 //! The usage records themselves, the batch index and the retention counts
 //! live in the redb log ([`super::log`]): sled held every inserted value
@@ -119,6 +120,38 @@ pub(super) fn account_idempotency_key(id: &str, idem: &str) -> Vec<u8> {
 }
 
 pub(super) const NEXT_BSEQ_KEY: &[u8] = b"mnext_bseq";
+
+/// Tail values are cut into chunks of this size: sled writes a value over
+/// a quarter of its segment as a file of its own.
+pub(super) const TAIL_CHUNK: usize = 16 * 1024;
+
+/// The `Z` row of one chunk of a tail batch.
+pub(super) fn tail_key(bseq: u64, chunk: u32) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = b'Z';
+    k[1..9].copy_from_slice(&bseq.to_be_bytes());
+    k[9..].copy_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+/// The tail's batches, each with its chunks joined, in batch order.
+pub(super) fn read_tail(book: &Tree) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    for item in book.scan_prefix([b'Z']) {
+        let (k, v) = item?;
+        let bseq = k
+            .get(1..9)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+            .filter(|_| k.len() == 13)
+            .ok_or_else(|| StoreError::Corrupt("usage log tail key".into()))?;
+        match out.last_mut() {
+            Some((b, buf)) if *b == bseq => buf.extend_from_slice(&v),
+            _ => out.push((bseq, v.to_vec())),
+        }
+    }
+    Ok(out)
+}
 
 /// The `J` mark of the ledger entry stored at `ledger_key` (a key's `l`
 /// row or an account's `L` row): written in the entry's batch, removed

@@ -11,12 +11,24 @@
 //!
 //! # Crash rule
 //!
-//! A batch is written here first (one durable redb transaction), then the
-//! sled batch that counts it, which also stores the next batch number.
-//! At open, every log batch at or above sled's next batch number was never
-//! counted and is removed. Retention removes records and raises `pruned`
-//! in one transaction here, so removed + stored always equals what sled
-//! counted.
+//! A batch is written here first (one redb transaction), then the sled
+//! batch that counts it, which also stores the next batch number. At open,
+//! every log batch at or above sled's next batch number was never counted
+//! and is removed. Retention removes records and raises `pruned` in one
+//! transaction here, so removed + stored always equals what sled counted.
+//!
+//! # The tail
+//!
+//! A durable redb commit with quick repair costs ~2.5 ms of CPU whatever
+//! its size: it saves the allocator state (~600 KB for a 4 GiB region).
+//! At one commit per flush window (50 a second) that was a tenth of the
+//! gateway's CPU under load. So most batches are committed here without
+//! durability ([`Log::write`] with `durable = false`: written, seen by
+//! readers, lost by a crash), and their records also go into the sled
+//! batch that counts them, as the tail (`Z` rows, [`super::layout`]). About
+//! once a second a durable commit makes every earlier batch durable here
+//! and its sled batch removes the tail. At open, [`Log::restore`] writes
+//! the tail's batches back before anything reads the log.
 
 use std::path::Path;
 
@@ -62,7 +74,7 @@ pub(super) struct Log {
 pub(super) struct LogBatch<'a> {
     pub bseq: u64,
     pub values: Vec<(&'a KeyHash, &'a [u8])>,
-    pub index: Vec<u8>,
+    pub index: &'a [u8],
 }
 
 /// A change to one batch made by retention.
@@ -105,8 +117,7 @@ impl Log {
     }
 
     fn drop_uncounted(&self, next_bseq: u64) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write().map_err(err)?;
-        tx.set_quick_repair(true);
+        let tx = self.begin(true)?;
         {
             let mut batches = tx.open_table(BATCHES).map_err(err)?;
             let _ = tx.open_table(PRUNED).map_err(err)?;
@@ -133,15 +144,46 @@ impl Log {
         tx.commit().map_err(err)
     }
 
-    /// Writes one batch durably (fsync before returning). Rewriting a batch
-    /// number replaces it, so a retried batch is written once.
-    pub(super) fn write(&self, b: &LogBatch<'_>) -> Result<(), StoreError> {
+    /// Starts a write transaction: durable ones (fsync before commit
+    /// returns) save the allocator state, so that opening after a crash
+    /// does not walk the whole file (10.7 s on 4.2 M records without it;
+    /// see README, issue 17); the others are seen by readers at once and
+    /// become durable with the next durable commit.
+    fn begin(&self, durable: bool) -> Result<redb::WriteTransaction, StoreError> {
         let mut tx = self.db.begin_write().map_err(err)?;
-        tx.set_durability(Durability::Immediate);
-        // Each commit saves the allocator state, so that opening after a
-        // crash does not walk the whole file (10.7 s on 4.2 M records
-        // without it; see README, issue 17).
-        tx.set_quick_repair(true);
+        if durable {
+            tx.set_durability(Durability::Immediate);
+            tx.set_quick_repair(true);
+        } else {
+            tx.set_durability(Durability::None);
+        }
+        Ok(tx)
+    }
+
+    /// Writes one batch, durably or not (see the tail, above). Rewriting a
+    /// batch number replaces it, so a retried batch is written once.
+    pub(super) fn write(&self, b: &LogBatch<'_>, durable: bool) -> Result<(), StoreError> {
+        let tx = self.begin(durable)?;
+        Self::put(&tx, b)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Writes the tail's batches back (they may or may not be here), in
+    /// one durable commit, which also makes every earlier batch durable.
+    pub(super) fn restore(&self, batches: &[LogBatch<'_>]) -> Result<(), StoreError> {
+        let tx = self.begin(true)?;
+        for b in batches {
+            Self::put(&tx, b)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Makes every batch written so far durable: an empty durable commit.
+    pub(super) fn make_durable(&self) -> Result<(), StoreError> {
+        self.begin(true)?.commit().map_err(err)
+    }
+
+    fn put(tx: &redb::WriteTransaction, b: &LogBatch<'_>) -> Result<(), StoreError> {
         {
             let mut usage = tx.open_table(USAGE).map_err(err)?;
             for (hash, v) in &b.values {
@@ -150,9 +192,9 @@ impl Log {
                     .map_err(err)?;
             }
             let mut batches = tx.open_table(BATCHES).map_err(err)?;
-            batches.insert(b.bseq, b.index.as_slice()).map_err(err)?;
+            batches.insert(b.bseq, b.index).map_err(err)?;
         }
-        tx.commit().map_err(err)
+        Ok(())
     }
 
     /// A key's usage records, newest first, skipping `offset`.
@@ -232,18 +274,14 @@ impl Log {
             .map(|v| v.value().to_vec()))
     }
 
-    /// Applies retention edits and raises the pruned counts, atomically.
+    /// Applies retention edits and raises the pruned counts, atomically
+    /// and durably.
     pub(super) fn prune(
         &self,
         edits: &[PruneEdit],
         pruned: &[(KeyHash, u64)],
     ) -> Result<(), StoreError> {
-        let mut tx = self.db.begin_write().map_err(err)?;
-        tx.set_durability(Durability::Immediate);
-        // Each commit saves the allocator state, so that opening after a
-        // crash does not walk the whole file (10.7 s on 4.2 M records
-        // without it; see README, issue 17).
-        tx.set_quick_repair(true);
+        let tx = self.begin(true)?;
         {
             let mut usage = tx.open_table(USAGE).map_err(err)?;
             let mut batches = tx.open_table(BATCHES).map_err(err)?;

@@ -270,6 +270,7 @@ impl Store {
             (budget - budget / 4 * 3) as usize,
             next_bseq,
         )?);
+        restore_tail(&db, &book, &log)?;
         let (tx, handle) = StoreThread::spawn(
             db.clone(),
             log.clone(),
@@ -736,6 +737,41 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// Writes the batches of sled's tail back into the log (a crash lost
+/// those the log had not made durable), durably, then empties the tail.
+/// Every tail batch was counted: it was written in the sled batch that
+/// counted it.
+fn restore_tail(db: &sled::Db, book: &sled::Tree, log: &log::Log) -> Result<(), StoreError> {
+    let tail = read_tail(book)?;
+    if tail.is_empty() {
+        return Ok(());
+    }
+    let batches = tail
+        .iter()
+        .map(|(bseq, bytes)| codec::decode_tail(*bseq, bytes))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<log::LogBatch<'_>> = batches
+        .iter()
+        .map(|b| log::LogBatch {
+            bseq: b.bseq,
+            values: b.values.iter().map(|(h, v)| (h, v.as_slice())).collect(),
+            index: &b.index,
+        })
+        .collect();
+    log.restore(&views)?;
+    let mut remove = sled::Batch::default();
+    for item in book.scan_prefix([b'Z']) {
+        remove.remove(item?.0);
+    }
+    book.apply_batch(remove)?;
+    db.flush()?;
+    tracing::info!(
+        batches = batches.len(),
+        "usage log batches restored from the tail"
+    );
+    Ok(())
 }
 
 /// Opens sled, waiting up to 2 s for its file lock: after a `Store` in

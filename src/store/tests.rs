@@ -462,8 +462,18 @@ async fn a_batch_writes_per_key_not_per_record() {
     assert_eq!(after.batches - before.batches, 1);
     assert_eq!(after.records_written - before.records_written, 3_000);
     // 3 accounts + 3×2 key rollups + 2 gateway rollups + 1 batch number
-    // (the 3 usage values and the batch index go to the log).
-    assert_eq!(after.sled_writes - before.sled_writes, 12);
+    // (the 3 usage values and the batch index go to the log), and, the
+    // log's commit not being durable yet, the tail's chunks: the same
+    // values, 16 KB a row.
+    // (On a machine so slow that a second passed since the open, the
+    // commit was durable and there is no tail.)
+    let tail = read_tail(&store.inner.book).unwrap();
+    assert!(tail.len() <= 1, "one batch at most in the tail");
+    let chunks: u64 = tail
+        .iter()
+        .map(|(_, v)| v.len().div_ceil(TAIL_CHUNK) as u64)
+        .sum();
+    assert_eq!(after.sled_writes - before.sled_writes, 12 + chunks);
     for k in 0..3 {
         assert_eq!(store.key(&hash(k)).unwrap().unwrap().1.spent, Pico(1_000));
         assert_books_balance(&store, &hash(k));
@@ -1056,15 +1066,19 @@ async fn uncounted_log_batch_is_removed_at_open() {
         put_usage(&mut buf, &usage(1, 2_000, "m", 10, 1));
         let value = finish_usage_batch(1, &buf);
         let h = hash(1);
-        log.write(&log::LogBatch {
-            bseq: next,
-            values: vec![(&h, value.as_slice())],
-            index: encode_batch_index(&BatchIndex {
-                min_at: 2_000,
-                max_at: 2_000,
-                keys: vec![(h, 1)],
-            }),
-        })
+        let index = encode_batch_index(&BatchIndex {
+            min_at: 2_000,
+            max_at: 2_000,
+            keys: vec![(h, 1)],
+        });
+        log.write(
+            &log::LogBatch {
+                bseq: next,
+                values: vec![(&h, value.as_slice())],
+                index: &index,
+            },
+            true,
+        )
         .unwrap();
         assert_eq!(log.usage(&h, 0, 10).unwrap().len(), 2);
     }
@@ -1075,6 +1089,80 @@ async fn uncounted_log_batch_is_removed_at_open() {
     store.flush().await.unwrap();
     assert_eq!(store.usage(&hash(1), 0, 10).unwrap().len(), 2);
     assert_books_balance(&store, &hash(1));
+}
+
+/// A batch the log lost in a crash (committed without durability) is
+/// written back from sled's tail at the next open: the books balance, the
+/// record reads, and the tail is gone.
+#[tokio::test]
+async fn a_batch_the_log_lost_is_restored_from_the_tail() {
+    let dir = TempDir::new("tail");
+    {
+        let store = Store::open(&dir.0, 2).unwrap();
+        store
+            .create_key(key(1, None, None), account(None))
+            .await
+            .unwrap();
+        for i in 0..3 {
+            store.record(usage(1, 1_000 + i, "m", 10, i as u64));
+            store.flush().await.unwrap();
+        }
+        assert_eq!(store.usage(&hash(1), 0, 10).unwrap().len(), 3);
+    }
+    {
+        // As if killed: the last batch is in sled's tail, not in the log.
+        let db = open_db(&dir.0, 1 << 20).unwrap();
+        let book = db.open_tree("book").unwrap();
+        let last = next_batch_seq(&book).unwrap() - 1;
+        assert!(
+            read_tail(&book).unwrap().is_empty(),
+            "a clean close empties the tail"
+        );
+        let log = log::Log::open(&dir.0, 1 << 20, last + 1).unwrap();
+        let (bseq, idx) = log.batches(last, 1).unwrap().pop().unwrap();
+        assert_eq!(bseq, last);
+        let h = hash(1);
+        let value = log.value(&h, bseq).unwrap().unwrap();
+        let index = encode_batch_index(&idx);
+        let enc = encode_tail([(&h, value.as_slice())].into_iter(), &index);
+        // Cut in two chunks, to read them joined.
+        let (a, b) = enc.split_at(enc.len() / 2);
+        book.insert(tail_key(bseq, 0), a).unwrap();
+        book.insert(tail_key(bseq, 1), b).unwrap();
+        db.flush().unwrap();
+        log.prune(
+            &[log::PruneEdit::Drop {
+                bseq,
+                keys: vec![h],
+            }],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(log.usage(&h, 0, 10).unwrap().len(), 2, "the batch is lost");
+    }
+    let store = Store::open(&dir.0, 2).unwrap();
+    assert_eq!(store.usage(&hash(1), 0, 10).unwrap().len(), 3);
+    assert_books_balance(&store, &hash(1));
+    assert!(read_tail(&store.inner.book).unwrap().is_empty());
+}
+
+#[test]
+fn tail_batches_round_trip_and_refuse_garbage() {
+    let (h1, h2) = (hash(1), hash(2));
+    let enc = encode_tail(
+        [(&h1, b"one".as_slice()), (&h2, b"".as_slice())].into_iter(),
+        b"idx",
+    );
+    let t = decode_tail(7, &enc).unwrap();
+    assert_eq!(t.bseq, 7);
+    assert_eq!(t.values, vec![(h1, b"one".to_vec()), (h2, Vec::new())]);
+    assert_eq!(t.index, b"idx");
+    for cut in 0..enc.len() {
+        assert!(decode_tail(7, &enc[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut longer = enc.clone();
+    longer.push(0);
+    assert!(decode_tail(7, &longer).is_err());
 }
 
 #[tokio::test]

@@ -44,6 +44,14 @@ const PRUNE_SLACK_MS: i64 = 3_600_000;
 /// Log batches retention reads and edits per log transaction.
 const PRUNE_CHUNK: usize = 1024;
 
+/// How often the usage log gets a durable commit; the batches between
+/// are committed without durability and kept in sled's tail meanwhile
+/// (see [`super::log`]).
+const LOG_DURABLE_EVERY: Duration = Duration::from_secs(1);
+
+/// A durable log commit comes sooner when the tail holds this much.
+const TAIL_MAX_BYTES: usize = 8 << 20;
+
 /// A reply sent once the batch it belongs to is flushed (or failed to).
 pub(super) type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 
@@ -237,6 +245,12 @@ pub(super) struct StoreThread {
     /// The seq of the next admin change kept for the cluster's database
     /// (`super::unsent`): rises with each, never reused in a run.
     pub(super) next_unsent: u64,
+    /// Batches in sled's tail (`Z` rows), not yet durable in the log:
+    /// their numbers and chunk counts.
+    tail: Vec<(u64, u32)>,
+    tail_bytes: usize,
+    /// When the log last had a durable commit.
+    log_durable_at: Instant,
 }
 
 /// Queues `result` to be answered after the flush, or the flush's error.
@@ -280,6 +294,9 @@ impl StoreThread {
             backoff: RETRY_MIN,
             next_unsent,
             outbox,
+            tail: Vec::new(),
+            tail_bytes: 0,
+            log_durable_at: Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("tollgate-store".into())
@@ -346,7 +363,31 @@ impl StoreThread {
             }
             self.finish_batch(ops);
         }
-        // Every sender is gone and everything received is flushed.
+        // Every sender is gone and everything received is flushed; make
+        // the log durable so that the next open has no tail to restore.
+        if let Err(e) = self.settle_tail() {
+            tracing::warn!(error = %e, "usage log tail kept for the next open");
+        }
+    }
+
+    /// Makes the log durable and empties sled's tail.
+    fn settle_tail(&mut self) -> Result<(), StoreError> {
+        if self.tail.is_empty() {
+            return Ok(());
+        }
+        self.log.make_durable()?;
+        let mut batch = Batch::default();
+        for (bseq, chunks) in &self.tail {
+            for c in 0..*chunks {
+                batch.remove(tail_key(*bseq, c).as_slice());
+            }
+        }
+        self.book.apply_batch(batch)?;
+        self.db.flush()?;
+        self.tail.clear();
+        self.tail_bytes = 0;
+        self.log_durable_at = Instant::now();
+        Ok(())
     }
 
     /// Takes one op into the batch; `true` if someone awaits its flush.
@@ -693,14 +734,40 @@ impl StoreThread {
                 (*hash, finish_usage_batch(kb.count, &kb.records))
             })
             .collect();
-        self.log.write(&LogBatch {
-            bseq,
-            values: values.iter().map(|(h, v)| (h, v.as_slice())).collect(),
-            index: encode_batch_index(&index),
-        })?;
-        drop(values);
+        let index = encode_batch_index(&index);
+        let durable =
+            self.log_durable_at.elapsed() >= LOG_DURABLE_EVERY || self.tail_bytes >= TAIL_MAX_BYTES;
+        self.log.write(
+            &LogBatch {
+                bseq,
+                values: values.iter().map(|(h, v)| (h, v.as_slice())).collect(),
+                index: &index,
+            },
+            durable,
+        )?;
         let mut batch = Batch::default();
         let mut writes = 0usize;
+        // Durable: every earlier batch is durable in the log now, and the
+        // tail goes. Not: this batch joins the tail, counted and kept in
+        // one sled batch.
+        let mut tail_add = None;
+        if durable {
+            for (b, chunks) in &self.tail {
+                for c in 0..*chunks {
+                    batch.remove(tail_key(*b, c).as_slice());
+                }
+            }
+        } else {
+            let enc = encode_tail(values.iter().map(|(h, v)| (h, v.as_slice())), &index);
+            let mut chunks = 0u32;
+            for (c, chunk) in enc.chunks(TAIL_CHUNK).enumerate() {
+                batch.insert(tail_key(bseq, c as u32).as_slice(), chunk);
+                chunks += 1;
+            }
+            writes += chunks as usize;
+            tail_add = Some((bseq, chunks, enc.len()));
+        }
+        drop(values);
         for (hash, kb) in &p.keys {
             if let Some((acct, reset)) = &kb.acct {
                 batch.insert(account_key(hash), encode_account(acct, *reset));
@@ -735,6 +802,17 @@ impl StoreThread {
         let result = self.book.apply_batch(batch);
         self.write_count(writes);
         result?;
+        match tail_add {
+            Some((b, chunks, bytes)) => {
+                self.tail.push((b, chunks));
+                self.tail_bytes += bytes;
+            }
+            None => {
+                self.tail.clear();
+                self.tail_bytes = 0;
+                self.log_durable_at = Instant::now();
+            }
+        }
         self.outbox_written(staged);
         Ok(())
     }
@@ -1254,7 +1332,9 @@ impl StoreThread {
     fn prune(&mut self, before_ms: i64) -> Result<u64, StoreError> {
         // What is pruned must already be counted on disk: a batch sled
         // lost in a crash is removed from the log at open, and its records
-        // must not have raised a pruned count.
+        // must not have raised a pruned count. And no tail may be left to
+        // restore over what retention removes.
+        self.settle_tail()?;
         self.db.flush()?;
         let stop_after = before_ms.saturating_add(PRUNE_SLACK_MS);
         let mut removed = 0u64;
