@@ -151,6 +151,10 @@ pub struct RuntimeConfig {
     pub workers: usize,
     /// Pin worker `i` to core `i` (per-core mode).
     pub pin_cores: bool,
+    /// Per-core mode: a worker with at most one request in flight polls
+    /// for this long after its last event before it sleeps (0 = never;
+    /// see `proxy::spin`).
+    pub spin_us: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -159,6 +163,7 @@ impl Default for RuntimeConfig {
             mode: RuntimeMode::PerCore,
             workers: 0,
             pin_cores: false,
+            spin_us: 100,
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::clock::Clock;
 use crate::config::{Config, RuntimeMode};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
+use crate::proxy::spin::Spin;
 use crate::proxy::{Routing, WorkerProxy};
 use crate::server::{self, Listener};
 use crate::store::Store;
@@ -103,6 +104,7 @@ impl Gateway {
         let workers = config.runtime.worker_count();
         let mode = config.runtime.mode;
         let pin = config.runtime.pin_cores;
+        let spin_window = Duration::from_micros(config.runtime.spin_us);
         let listen = config.server.listen;
         let sweep_every = config.limits.sweep_interval.0;
         let retention_days = config.storage.usage_retention_days;
@@ -184,7 +186,11 @@ impl Gateway {
                                 if i == 0 {
                                     tokio::spawn(sweeper(app.clone(), rx.clone(), sweep_every, retention_days));
                                 }
-                                let proxy = Arc::new(WorkerProxy::new(&app.live()));
+                                let spin = Spin::new(spin_window);
+                                if let Some(spin) = &spin {
+                                    tokio::spawn(spin.clone().run());
+                                }
+                                let proxy = Arc::new(WorkerProxy::new(&app.live(), spin));
                                 server::run(app, proxy, Listener { listener, tls, connections }, rx).await;
                             });
                         })
@@ -221,7 +227,9 @@ impl Gateway {
                                 sweep_every,
                                 retention_days,
                             ));
-                            let proxy = Arc::new(WorkerProxy::new(&app.live()));
+                            // A multi-thread runtime's idle workers steal
+                            // instead: no spinner.
+                            let proxy = Arc::new(WorkerProxy::new(&app.live(), None));
                             server::run(
                                 app,
                                 proxy,

@@ -81,6 +81,7 @@ pub async fn run(
         }
         let _ = stream.set_nodelay(true);
         let conn_guard = ConnGuard(l.connections.clone());
+        let spin_guard = proxy.spin.as_ref().map(crate::proxy::spin::Spin::connect);
         let app = app.clone();
         let proxy = proxy.clone();
         let builder = builder.clone();
@@ -88,6 +89,7 @@ pub async fn run(
         let tls = l.tls.clone();
         tokio::spawn(async move {
             let _guard = conn_guard;
+            let _spin_guard = spin_guard;
             let ip = peer.ip();
             // hyper's header_read_timeout starts only once `auto` has chosen
             // HTTP/1: a connection that sends nothing, or part of the h2

@@ -17,6 +17,7 @@ use tokio::time::Sleep;
 
 use super::h1pool::UpstreamBody;
 use super::settle::Settlement;
+use super::spin::InFlight;
 use crate::BoxError;
 use crate::config::OnClientDisconnect;
 use crate::meter::{Endpoint, Framing, Meter};
@@ -55,6 +56,9 @@ pub struct MeteredBody {
     /// Armed the first time the upstream makes us wait; re-armed from
     /// `last_frame` only when it fires, so frames cost no timer update.
     idle: Option<Pin<Box<Sleep>>>,
+    /// The request on its worker's spinner (see [`super::spin`]): each
+    /// frame is an event, the end releases it.
+    in_flight: Option<InFlight>,
 }
 
 enum Tail {
@@ -85,7 +89,14 @@ impl MeteredBody {
             idle_timeout,
             last_frame: Instant::now(),
             idle: None,
+            in_flight: None,
         }
+    }
+
+    /// Tells the worker's spinner about this body's frames and its end.
+    pub fn spinning(mut self, in_flight: Option<InFlight>) -> MeteredBody {
+        self.in_flight = in_flight;
+        self
     }
 
     fn settle(&mut self) {
@@ -184,6 +195,9 @@ impl HttpBody for MeteredBody {
                         {
                             s.ttfb = Some(now.saturating_duration_since(s.started));
                         }
+                        if let Some(g) = &this.in_flight {
+                            g.poke();
+                        }
                         let out = this.meter.on_frame(data);
                         if !out.is_empty() {
                             this.ready.push_back(out);
@@ -209,6 +223,7 @@ impl HttpBody for MeteredBody {
                     }
                     this.tail = Some(Tail::End);
                     this.settle();
+                    this.in_flight = None;
                 }
                 Poll::Pending => {
                     if this.ready.is_empty() {

@@ -20,6 +20,7 @@ pub(crate) mod h1pool;
 mod headers;
 pub mod routing;
 mod settle;
+pub mod spin;
 mod worker;
 
 use std::net::IpAddr;
@@ -57,6 +58,7 @@ pub async fn handle(
     let live = app.live();
     let proxy = worker.for_live(&live);
     let mut call = Call {
+        in_flight: worker.spin.as_ref().map(spin::Spin::enter),
         app,
         live: &live,
         proxy: &proxy,
@@ -136,6 +138,8 @@ struct Call<'a> {
     /// Time spent waiting for the upstream's answer head (excluded from
     /// the gateway's own time in `server-timing`).
     upstream_wait: std::time::Duration,
+    /// This request on its worker's spinner, until its answer ends.
+    in_flight: Option<spin::InFlight>,
 }
 
 /// The inspected request: what reservation and forwarding need.
@@ -427,6 +431,10 @@ impl Call<'_> {
                 s.reach = Reach::Sent;
             }
             let sent = Instant::now();
+            if let Some(g) = &self.in_flight {
+                // The answer is often a few tens of µs away.
+                g.poke();
+            }
             let outcome = match link {
                 // Plain HTTP/1 takes the origin form and a Host header.
                 Link::Plain { pool, host } => {
@@ -589,7 +597,8 @@ impl Call<'_> {
             inject_usage,
             settlement,
             up.stream_idle_timeout,
-        );
+        )
+        .spinning(self.in_flight.take());
         Response::from_parts(head, BodyExt::boxed_unsync(metered))
     }
 

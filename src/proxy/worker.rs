@@ -9,17 +9,21 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::Proxy;
+use super::spin::Spin;
 use crate::reload::Live;
 
 pub struct WorkerProxy {
     /// The clients for the last routing this worker served.
     current: ArcSwap<Proxy>,
+    /// This worker's spinner (per-core mode, `runtime.spin_us` > 0).
+    pub spin: Option<Arc<Spin>>,
 }
 
 impl WorkerProxy {
-    pub fn new(live: &Live) -> WorkerProxy {
+    pub fn new(live: &Live, spin: Option<Arc<Spin>>) -> WorkerProxy {
         WorkerProxy {
             current: ArcSwap::from_pointee(Proxy::new(live.routing.clone())),
+            spin,
         }
     }
 
