@@ -595,8 +595,10 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
+/// Where the first CRLF starts. `memchr` for the LF, then a look back:
+/// `memmem::find` builds a searcher on every call, once per chunk here.
 fn crlf(buf: &[u8]) -> Option<usize> {
-    memchr::memmem::find(buf, b"\r\n")
+    memchr::memchr_iter(b'\n', buf).find_map(|i| (i > 0 && buf[i - 1] == b'\r').then(|| i - 1))
 }
 
 /// One step of reading a body out of `buf`.
@@ -863,6 +865,16 @@ impl HttpBody for H1Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crlf_finds_the_first_pair_only() {
+        assert_eq!(crlf(b"1a\r\nxyz\r\n"), Some(2));
+        assert_eq!(crlf(b"\n\r\n"), Some(1));
+        assert_eq!(crlf(b"a\nb\rc\r\n"), Some(5));
+        assert_eq!(crlf(b"\r"), None);
+        assert_eq!(crlf(b"\n"), None);
+        assert_eq!(crlf(b""), None);
+    }
 
     #[test]
     fn chunk_sizes_parse_with_extensions_and_refuse_garbage() {
